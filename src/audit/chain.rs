@@ -1,0 +1,136 @@
+//! Hashing and verifying the chain. Shared by the writer and `claw-secrets audit verify`.
+
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const HASH_FIELD: &str = ",\"hash\":\"";
+/// `,"hash":"` + 64 hex digits + `"}`.
+const HASH_SUFFIX_LEN: usize = HASH_FIELD.len() + 64 + 2;
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Appends the `hash` field to a serialized record `body` (a JSON object without it) and
+/// returns the finished line (without newline) and its hash.
+pub(crate) fn seal_line(body: &[u8]) -> (Vec<u8>, String) {
+    debug_assert_eq!(body.last(), Some(&b'}'));
+    let hash = hex(&Sha256::digest(body));
+    let mut line = Vec::with_capacity(body.len() + HASH_SUFFIX_LEN);
+    line.extend_from_slice(&body[..body.len() - 1]);
+    line.extend_from_slice(HASH_FIELD.as_bytes());
+    line.extend_from_slice(hash.as_bytes());
+    line.extend_from_slice(b"\"}");
+    (line, hash)
+}
+
+/// What a line claims about itself, once its own hash has been checked.
+#[derive(Debug)]
+pub(crate) struct CheckedLine {
+    pub seq: u64,
+    pub prev: String,
+    pub hash: String,
+}
+
+/// Checks a line's own hash and extracts its chain fields.
+pub(crate) fn check_line(line: &[u8]) -> Result<CheckedLine, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "not UTF-8".to_owned())?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not a JSON record ({e})"))?;
+    let field = |k: &str| value.get(k).ok_or_else(|| format!("missing field {k:?}"));
+    let seq = field("seq")?.as_u64().ok_or("seq is not a number")?;
+    let prev = field("prev")?
+        .as_str()
+        .ok_or("prev is not a string")?
+        .to_owned();
+    let hash = field("hash")?
+        .as_str()
+        .ok_or("hash is not a string")?
+        .to_owned();
+    if text.len() < HASH_SUFFIX_LEN || !text[text.len() - HASH_SUFFIX_LEN..].starts_with(HASH_FIELD)
+    {
+        return Err("the hash field is not the record's last field".to_owned());
+    }
+    let mut body = text.as_bytes()[..text.len() - HASH_SUFFIX_LEN].to_vec();
+    body.push(b'}');
+    let actual = hex(&Sha256::digest(&body));
+    if actual != hash {
+        return Err("its content does not match its hash (the record was edited)".to_owned());
+    }
+    Ok(CheckedLine { seq, prev, hash })
+}
+
+/// A log whose chain holds from the first record to the last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub records: u64,
+    /// The last record's hash: anchor it elsewhere to detect a truncated tail later.
+    pub head: String,
+}
+
+/// The first record at which the chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {reason}")]
+pub struct VerifyFailure {
+    /// 1-based line number.
+    pub line: u64,
+    pub reason: String,
+}
+
+/// Walks the whole log and checks every link.
+pub fn verify(path: &Path) -> Result<VerifyReport, VerifyFailure> {
+    let file = std::fs::File::open(path).map_err(|e| VerifyFailure {
+        line: 0,
+        reason: format!("cannot open {}: {e}", path.display()),
+    })?;
+    let mut reader = BufReader::new(file);
+    let mut prev_hash = GENESIS.to_owned();
+    let mut prev_seq = 0u64;
+    let mut line_no = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| VerifyFailure {
+                line: line_no + 1,
+                reason: format!("read error: {e}"),
+            })?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let fail = |reason: String| VerifyFailure {
+            line: line_no,
+            reason,
+        };
+        if buf.last() != Some(&b'\n') {
+            return Err(fail(
+                "the record is cut short (no newline): a crash during a write; starting the server repairs it"
+                    .to_owned(),
+            ));
+        }
+        buf.pop();
+        let checked = check_line(&buf).map_err(fail)?;
+        if checked.prev != prev_hash {
+            return Err(fail(format!(
+                "its prev hash does not match line {}'s hash: a record before it was edited, removed or reordered",
+                line_no - 1
+            )));
+        }
+        if checked.seq != prev_seq + 1 {
+            return Err(fail(format!(
+                "sequence number {} follows {}: records were removed or reordered",
+                checked.seq, prev_seq
+            )));
+        }
+        prev_hash = checked.hash;
+        prev_seq = checked.seq;
+    }
+    Ok(VerifyReport {
+        records: prev_seq,
+        head: prev_hash,
+    })
+}

@@ -1,0 +1,317 @@
+//! The writer thread: owns the file, chains records, and group-commits them.
+
+use jiff::Timestamp;
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+use super::chain::{GENESIS, check_line, seal_line};
+use super::{AuditError, AuditEvent, Decision};
+
+/// Most records made durable by one sync; bounds the latency a burst adds to its last member.
+const MAX_BATCH: usize = 1024;
+/// Audit records are small (names are at most 253 bytes); the tail read at start-up looks this
+/// far back for the last complete record.
+const TAIL_WINDOW: u64 = 64 * 1024;
+
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    time: Timestamp,
+    #[serde(flatten)]
+    event: &'a AuditEvent,
+    prev: &'a str,
+}
+
+struct Pending {
+    event: AuditEvent,
+    done: oneshot::Sender<Result<u64, AuditError>>,
+}
+
+/// What start-up found at the end of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// The log was empty or ended on a complete record.
+    Clean { records: u64 },
+    /// A record cut short by a crash was removed, and a `repair` record says so.
+    Repaired {
+        discarded_bytes: u64,
+        at_offset: u64,
+    },
+}
+
+/// Handle to the audit log. Cloning shares the one writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Pending>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+struct ChainState {
+    file: File,
+    len: u64,
+    seq: u64,
+    prev: String,
+    path: PathBuf,
+}
+
+impl ChainState {
+    fn open(path: &Path, node: &str) -> Result<(Self, Recovery), AuditError> {
+        let open_err = |reason: String| AuditError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| open_err(e.to_string()))?;
+        let len = file.metadata().map_err(|e| open_err(e.to_string()))?.len();
+        let start = len.saturating_sub(TAIL_WINDOW);
+        let mut tail = Vec::new();
+        file.seek(SeekFrom::Start(start))
+            .and_then(|_| file.read_to_end(&mut tail))
+            .map_err(|e| open_err(e.to_string()))?;
+
+        // Everything after the last newline is a record the crash cut short.
+        let complete_end = match tail.iter().rposition(|b| *b == b'\n') {
+            Some(i) => start + i as u64 + 1,
+            None if start == 0 => 0,
+            None => return Err(open_err("no complete record in the last 64 KiB".to_owned())),
+        };
+        let cut_short = len - complete_end;
+
+        let (seq, prev) = if complete_end == 0 {
+            (0, GENESIS.to_owned())
+        } else {
+            let body_end = (complete_end - 1 - start) as usize;
+            let line_start = tail[..body_end]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            let checked = check_line(&tail[line_start..body_end]).map_err(|why| {
+                open_err(format!(
+                    "its last complete record is corrupt ({why}); run `claw-secrets audit verify` and move the file aside to start a new log"
+                ))
+            })?;
+            (checked.seq, checked.hash)
+        };
+
+        let mut state = ChainState {
+            file,
+            len: complete_end,
+            seq,
+            prev,
+            path: path.to_owned(),
+        };
+        if cut_short == 0 {
+            return Ok((state, Recovery::Clean { records: seq }));
+        }
+        state
+            .file
+            .set_len(complete_end)
+            .map_err(|e| open_err(format!("could not cut off the partial record: {e}")))?;
+        let repair = AuditEvent {
+            node: node.to_owned(),
+            subject: "system:claw-secrets".to_owned(),
+            workload: None,
+            command: "audit.repair".to_owned(),
+            namespace: None,
+            name: None,
+            version: None,
+            decision: Decision::Repair,
+            reason: format!(
+                "discarded {cut_short} bytes of a record cut short by a crash at offset {complete_end}; it was never acknowledged"
+            ),
+            request_id: None,
+        };
+        state
+            .write_batch(std::slice::from_ref(&repair))
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok((
+            state,
+            Recovery::Repaired {
+                discarded_bytes: cut_short,
+                at_offset: complete_end,
+            },
+        ))
+    }
+
+    /// Appends and syncs `events`; on any failure the file is cut back so the chain stays whole.
+    fn write_batch(&mut self, events: &[AuditEvent]) -> Result<u64, AuditError> {
+        let mut bytes = Vec::with_capacity(events.len() * 384);
+        let mut seq = self.seq;
+        let mut prev = self.prev.clone();
+        for event in events {
+            seq += 1;
+            let body = serde_json::to_vec(&Line {
+                seq,
+                time: Timestamp::now(),
+                event,
+                prev: &prev,
+            })
+            .expect("audit record serializes");
+            let (line, hash) = seal_line(&body);
+            bytes.extend_from_slice(&line);
+            bytes.push(b'\n');
+            prev = hash;
+        }
+        let result = self
+            .file
+            .seek(SeekFrom::Start(self.len))
+            .and_then(|_| self.file.write_all(&bytes))
+            .and_then(|_| self.file.sync_data());
+        if let Err(e) = result {
+            // Leave no partial batch behind: the next batch must chain onto a complete record.
+            let _ = self.file.set_len(self.len);
+            return Err(AuditError::Write {
+                path: self.path.display().to_string(),
+                reason: e.to_string(),
+            });
+        }
+        self.len += bytes.len() as u64;
+        self.seq = seq;
+        self.prev = prev;
+        Ok(seq)
+    }
+}
+
+impl AuditLog {
+    /// Opens (creating if needed, mode 0600) the log at `path`, repairs a record a crash cut
+    /// short, and starts the writer thread.
+    pub fn open(path: &Path, node: &str) -> Result<(AuditLog, Recovery), AuditError> {
+        let (mut state, recovery) = ChainState::open(path, node)?;
+        let (tx, rx) = mpsc::channel::<Pending>();
+        std::thread::Builder::new()
+            .name("audit-writer".to_owned())
+            .spawn(move || {
+                // Ends when every AuditLog handle is dropped.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(p) => batch.push(p),
+                            Err(_) => break,
+                        }
+                    }
+                    let (events, waiters): (Vec<_>, Vec<_>) =
+                        batch.into_iter().map(|p| (p.event, p.done)).unzip();
+                    match state.write_batch(&events) {
+                        Ok(last_seq) => {
+                            let first_seq = last_seq + 1 - waiters.len() as u64;
+                            for (i, w) in waiters.into_iter().enumerate() {
+                                let _ = w.send(Ok(first_seq + i as u64));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "audit write failed; refusing the accesses it would have recorded");
+                            for w in waiters {
+                                let _ = w.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| AuditError::Open {
+                path: path.display().to_string(),
+                reason: format!("could not start the writer thread: {e}"),
+            })?;
+        Ok((
+            AuditLog {
+                tx,
+                path: path.to_owned(),
+            },
+            recovery,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records `event` durably; returns its sequence number. Only then may the access be answered.
+    pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Pending { event, done })
+            .map_err(|_| AuditError::Stopped)?;
+        wait.await.map_err(|_| AuditError::Stopped)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::verify;
+    use super::*;
+
+    fn event(name: &str) -> AuditEvent {
+        AuditEvent {
+            node: "n".into(),
+            subject: "admin".into(),
+            workload: None,
+            command: "secret.get".into(),
+            namespace: Some("default".into()),
+            name: Some(name.into()),
+            version: Some(1),
+            decision: Decision::Allow,
+            reason: "ok".into(),
+            request_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn chain_verifies_and_survives_reopen_and_partial_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, rec) = AuditLog::open(&path, "n").unwrap();
+        assert_eq!(rec, Recovery::Clean { records: 0 });
+        for i in 0..10 {
+            assert_eq!(log.append(event(&format!("s{i}"))).await.unwrap(), i + 1);
+        }
+        drop(log);
+        assert_eq!(verify(&path).unwrap().records, 10);
+
+        // A crash mid-write leaves half a record.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"seq":11,"time":"2026-"#).unwrap();
+        drop(f);
+        assert!(verify(&path).is_err());
+        let (log, rec) = AuditLog::open(&path, "n").unwrap();
+        assert!(
+            matches!(
+                rec,
+                Recovery::Repaired {
+                    discarded_bytes: 23,
+                    ..
+                }
+            ),
+            "{rec:?}"
+        );
+        assert_eq!(log.append(event("after")).await.unwrap(), 12);
+        drop(log);
+        let report = verify(&path).unwrap();
+        assert_eq!(report.records, 12);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.lines()
+                .nth(10)
+                .unwrap()
+                .contains("\"decision\":\"repair\"")
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! Dev mode's identities: bearer tokens listed (as SHA-256 hashes) in `tokens.json`.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::SystemTime;
+use zeroize::Zeroizing;
+
+use crate::domain::{Namespace, Workload};
+use crate::invoke::Caller;
+use crate::store::{StoreError, write_private_file_atomic};
+
+/// One entry of the tokens file. Only the token's hash is stored, so the file grants nothing
+/// by itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenEntry {
+    pub sha256: String,
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<Namespace>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("tokens file {path} is invalid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A new random bearer token: `cst_` and 32 random bytes, base64url.
+pub fn generate_token() -> Zeroizing<String> {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    getrandom::getrandom(bytes.as_mut()).expect("the OS random number generator is available");
+    Zeroizing::new(format!("cst_{}", URL_SAFE_NO_PAD.encode(bytes.as_ref())))
+}
+
+fn read_file(path: &Path) -> Result<TokensFile, TokenError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| TokenError::Invalid {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokensFile::default()),
+        Err(e) => Err(StoreError::io(path, e).into()),
+    }
+}
+
+/// Adds a token for `entry` (its `sha256` is filled in) and returns the token itself.
+pub fn add_token(path: &Path, mut entry: TokenEntry) -> Result<Zeroizing<String>, TokenError> {
+    let mut file = read_file(path)?;
+    let token = generate_token();
+    entry.sha256 = hash_token(&token);
+    file.tokens.push(entry);
+    write_private_file_atomic(path, &serde_json::to_vec_pretty(&file).expect("json"))?;
+    Ok(token)
+}
+
+/// Resolves bearer tokens to callers; picks up edits to the tokens file without a restart.
+pub struct TokenStore {
+    path: PathBuf,
+    state: RwLock<(Option<SystemTime>, HashMap<String, TokenEntry>)>,
+}
+
+impl TokenStore {
+    pub fn open(path: &Path) -> Result<Self, TokenError> {
+        let store = TokenStore {
+            path: path.to_owned(),
+            state: RwLock::new((None, HashMap::new())),
+        };
+        store.reload_if_changed()?;
+        Ok(store)
+    }
+
+    fn reload_if_changed(&self) -> Result<(), TokenError> {
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if self.state.read().unwrap().0 == mtime && mtime.is_some() {
+            return Ok(());
+        }
+        let file = read_file(&self.path)?;
+        let map = file
+            .tokens
+            .into_iter()
+            .map(|e| (e.sha256.clone(), e))
+            .collect();
+        *self.state.write().unwrap() = (mtime, map);
+        Ok(())
+    }
+
+    pub fn has_admin(&self) -> bool {
+        self.state.read().unwrap().1.values().any(|e| e.admin)
+    }
+
+    /// The caller a token stands for, or `None` for an unknown token.
+    pub fn authenticate(&self, token: &str) -> Option<Caller> {
+        if let Err(e) = self.reload_if_changed() {
+            // Keep serving with the tokens already loaded; an edit in progress must not lock
+            // everyone out.
+            tracing::warn!(error = %e, "tokens file could not be reloaded");
+        }
+        // Looking up by hash: the comparison is on a digest the caller cannot steer, so it
+        // leaks nothing about stored tokens through timing.
+        let state = self.state.read().unwrap();
+        let entry = state.1.get(&hash_token(token))?;
+        Some(Caller {
+            subject: entry.subject.clone(),
+            namespace: entry.namespace.clone(),
+            workload: entry.workload.clone(),
+            admin: entry.admin,
+        })
+    }
+}

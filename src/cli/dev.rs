@@ -1,0 +1,246 @@
+//! `claw-secrets dev`: the whole node.invoke API on one machine.
+
+use clap::Args;
+use std::fs;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use super::{ClientConfig, client_config_path};
+use crate::audit::{AuditLog, Recovery};
+use crate::backends::local::LocalBackend;
+use crate::backends::local::tokens::{TokenEntry, TokenStore, add_token};
+use crate::crypto::Keyring;
+use crate::domain::Namespace;
+use crate::invoke::Dispatcher;
+use crate::store::{Store, create_private_dir, write_private_file_atomic};
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the encrypted store, master key, tokens and audit log live.
+    #[arg(long, env = "CLAW_SECRETS_DATA_DIR", default_value_os_t = super::default_data_dir())]
+    data_dir: PathBuf,
+    /// Address to listen on. Keep it on loopback: dev mode speaks plain HTTP.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// This node's id (default: the one saved in the data dir, first derived from the hostname).
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+pub fn run(args: DevArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Holds an exclusive lock on the data dir for the server's lifetime, so two servers never
+/// write one store. The kernel releases it when the process dies, even by kill -9.
+struct DataDirLock(#[allow(dead_code)] fs::File);
+
+fn lock_data_dir(dir: &Path) -> Result<DataDirLock, String> {
+    let path = dir.join("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a valid, owned file descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(format!(
+            "another claw-secrets server is using {}; stop it or pass another --data-dir",
+            dir.display()
+        ));
+    }
+    Ok(DataDirLock(file))
+}
+
+fn load_or_create_keyring(path: &Path) -> Result<(Keyring, bool), String> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let bytes = zeroize::Zeroizing::new(bytes);
+            Keyring::from_json(&bytes)
+                .map(|k| (k, false))
+                .map_err(|e| format!("{}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ring = Keyring::generate().map_err(|e| e.to_string())?;
+            write_private_file_atomic(path, &ring.to_json()).map_err(|e| e.to_string())?;
+            Ok((ring, true))
+        }
+        Err(e) => Err(format!("cannot read master key {}: {e}", path.display())),
+    }
+}
+
+/// A node id from the hostname, made a valid DNS label.
+fn default_node_id() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let label: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(50)
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() {
+        "dev".to_owned()
+    } else {
+        format!("dev-{label}")
+    }
+}
+
+fn node_id(data_dir: &Path, requested: Option<String>) -> Result<String, String> {
+    let path = data_dir.join("node-id");
+    let id = match requested {
+        Some(id) => id,
+        None => match fs::read_to_string(&path) {
+            Ok(s) => s.trim().to_owned(),
+            Err(_) => default_node_id(),
+        },
+    };
+    if Namespace::parse(&id).is_err() {
+        return Err(format!(
+            "node id {id:?} must be a DNS-1123 label (lowercase letters, digits and '-', at most 63)"
+        ));
+    }
+    write_private_file_atomic(&path, format!("{id}\n").as_bytes()).map_err(|e| e.to_string())?;
+    Ok(id)
+}
+
+async fn serve(args: DevArgs) -> Result<(), String> {
+    let data_dir = args.data_dir;
+    create_private_dir(&data_dir).map_err(|e| e.to_string())?;
+    let _lock = lock_data_dir(&data_dir)?;
+    let data_dir = data_dir.canonicalize().unwrap_or(data_dir);
+
+    let key_path = data_dir.join("master.key");
+    let (keyring, new_key) = load_or_create_keyring(&key_path)?;
+    let tokens_path = data_dir.join("tokens.json");
+    let admin_token_path = data_dir.join("admin.token");
+    let tokens = TokenStore::open(&tokens_path).map_err(|e| e.to_string())?;
+    if !tokens.has_admin() || !admin_token_path.exists() {
+        let token = add_token(
+            &tokens_path,
+            TokenEntry {
+                sha256: String::new(),
+                subject: "admin".to_owned(),
+                namespace: None,
+                workload: None,
+                admin: true,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        write_private_file_atomic(
+            &admin_token_path,
+            format!("{}\n", token.as_str()).as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    let tokens = TokenStore::open(&tokens_path).map_err(|e| e.to_string())?;
+    let node_id = node_id(&data_dir, args.node_id)?;
+
+    let audit_path = data_dir.join("audit.log");
+    let (audit, recovery) = AuditLog::open(&audit_path, &node_id).map_err(|e| e.to_string())?;
+    if let Recovery::Repaired {
+        discarded_bytes,
+        at_offset,
+    } = recovery
+    {
+        tracing::warn!(
+            discarded_bytes,
+            at_offset,
+            "audit log ended in a record cut short by a crash; repaired and recorded"
+        );
+    }
+    let (store, report) = Store::open(&data_dir).map_err(|e| e.to_string())?;
+    for q in &report.quarantined {
+        tracing::error!(file = %q.display(), "unreadable store entry quarantined");
+    }
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening beyond loopback: dev mode speaks plain HTTP, so bearer tokens and secrets cross the network unencrypted");
+    }
+
+    let client_config = ClientConfig {
+        addr: format!("http://{addr}"),
+        node_id: node_id.clone(),
+        token_file: admin_token_path.clone(),
+        data_dir: data_dir.clone(),
+    };
+    let config_path = client_config_path();
+    if let Some(parent) = config_path.parent() {
+        create_private_dir(parent).map_err(|e| e.to_string())?;
+    }
+    write_private_file_atomic(
+        &config_path,
+        &serde_json::to_vec_pretty(&client_config).expect("json"),
+    )
+    .map_err(|e| e.to_string())?;
+
+    let backend = LocalBackend::new(Arc::new(store), keyring, tokens);
+    let dispatcher = Arc::new(Dispatcher::new(backend, audit, node_id.clone()));
+
+    println!("claw-secrets dev: node {node_id} listening on http://{addr}");
+    println!("  data dir:    {}", data_dir.display());
+    println!(
+        "  master key:  {}{}",
+        key_path.display(),
+        if new_key { " (created)" } else { "" }
+    );
+    println!("  admin token: {}", admin_token_path.display());
+    println!("  audit log:   {}", audit_path.display());
+    println!(
+        "  stored:      {} secrets, {} configs",
+        report.secrets, report.configs
+    );
+    println!(
+        "Try it (the CLI finds this server through {}):",
+        config_path.display()
+    );
+    println!(
+        "  claw-secrets invoke {node_id} secret.create '{{\"name\":\"db.password\",\"data\":{{\"password\":\"s3cret\"}}}}'"
+    );
+    println!("  claw-secrets invoke {node_id} secret.get '{{\"name\":\"db.password\"}}'");
+    println!("Ctrl-C stops the server.");
+
+    crate::invoke::serve(listener, dispatcher, shutdown_signal())
+        .await
+        .map_err(|e| format!("server failed: {e}"))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

@@ -1,0 +1,61 @@
+//! The `claw-secrets` command line: wiring only; behaviour lives in the layers below.
+
+mod audit;
+mod dev;
+mod invoke;
+mod paths;
+mod token;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+pub use paths::{ClientConfig, client_config_path, default_data_dir};
+
+/// Secrets and configuration manager for Clawbernetes nodes.
+///
+/// Start a local server with `claw-secrets dev`, then call it with
+/// `claw-secrets invoke local secret.create '{"name":"db.password","data":{"password":"s3cret"}}'`.
+#[derive(Debug, Parser)]
+#[command(name = "claw-secrets", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Run the node.invoke API on this machine, backed by an encrypted local store.
+    Dev(dev::DevArgs),
+    /// Call a node's node.invoke API: `claw-secrets invoke <node-id> <command> '<json params>'`.
+    Invoke(invoke::InvokeArgs),
+    /// Work with audit logs.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Manage dev-mode bearer tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+}
+
+/// Logs go to stderr; `CLAW_SECRETS_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+fn init_logging() {
+    let filter = std::env::var("CLAW_SECRETS_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Dev(args) => {
+            init_logging();
+            dev::run(args)
+        }
+        Commands::Invoke(args) => invoke::run(args),
+        Commands::Audit(cmd) => audit::run(cmd),
+        Commands::Token(cmd) => token::run(cmd),
+    }
+}

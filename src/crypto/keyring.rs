@@ -1,0 +1,238 @@
+//! Master keys and the keyring: one active key that seals, retired keys that can still open.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use super::{CryptoError, random_bytes};
+
+/// Names a master key inside envelopes, so a retired key can be found again. Not secret.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct KeyId(String);
+
+impl KeyId {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(s: &str) -> Result<Self, CryptoError> {
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !ok {
+            return Err(CryptoError::InvalidKeyring(format!(
+                "key id {s:?} must be 1-64 characters of letters, digits and '-'"
+            )));
+        }
+        Ok(KeyId(s.to_owned()))
+    }
+
+    /// A fresh id: `k-` and 16 random hex digits.
+    pub fn generate() -> Result<Self, CryptoError> {
+        let mut b = [0u8; 8];
+        random_bytes(&mut b)?;
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        Ok(KeyId(format!("k-{hex}")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for KeyId {
+    type Error = CryptoError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        KeyId::parse(&s)
+    }
+}
+
+impl From<KeyId> for String {
+    fn from(k: KeyId) -> String {
+        k.0
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// 32 random bytes and their id. Zeroized on drop; `Debug` shows the id only.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct MasterKey {
+    #[zeroize(skip)]
+    id: KeyId,
+    bytes: [u8; 32],
+}
+
+impl MasterKey {
+    pub fn generate() -> Result<Self, CryptoError> {
+        let mut bytes = [0u8; 32];
+        random_bytes(&mut bytes)?;
+        Ok(MasterKey {
+            id: KeyId::generate()?,
+            bytes,
+        })
+    }
+
+    pub fn from_bytes(id: KeyId, bytes: [u8; 32]) -> Self {
+        MasterKey { id, bytes }
+    }
+
+    pub fn id(&self) -> &KeyId {
+        &self.id
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.bytes
+    }
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MasterKey")
+            .field("id", &self.id)
+            .field("bytes", &"[redacted]")
+            .finish()
+    }
+}
+
+/// The active key seals every new write; every key in the ring can open what it sealed.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    active: KeyId,
+    keys: BTreeMap<KeyId, MasterKey>,
+}
+
+/// The keyring as stored (dev mode: a 0600 file; Kubernetes: a Secret's data).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct KeyringFile {
+    active: KeyId,
+    keys: Vec<KeyFileEntry>,
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+#[serde(deny_unknown_fields)]
+struct KeyFileEntry {
+    #[zeroize(skip)]
+    id: KeyId,
+    /// Base64 of the 32 key bytes.
+    key: String,
+}
+
+impl Keyring {
+    /// A keyring with one freshly generated key.
+    pub fn generate() -> Result<Self, CryptoError> {
+        Ok(Keyring::with_active(MasterKey::generate()?))
+    }
+
+    pub fn with_active(key: MasterKey) -> Self {
+        let active = key.id().clone();
+        Keyring {
+            active: active.clone(),
+            keys: BTreeMap::from([(active, key)]),
+        }
+    }
+
+    pub fn active(&self) -> &MasterKey {
+        &self.keys[&self.active]
+    }
+
+    pub fn get(&self, id: &KeyId) -> Option<&MasterKey> {
+        self.keys.get(id)
+    }
+
+    pub fn key_ids(&self) -> impl Iterator<Item = &KeyId> {
+        self.keys.keys()
+    }
+
+    /// Makes `key` the active key; the previous one is retired (opens, never seals).
+    pub fn rotate_to(&mut self, key: MasterKey) {
+        self.active = key.id().clone();
+        self.keys.insert(key.id().clone(), key);
+    }
+
+    /// Serializes the keyring, key bytes included, into a zeroizing buffer.
+    pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
+        let file = KeyringFile {
+            active: self.active.clone(),
+            keys: self
+                .keys
+                .values()
+                .map(|k| KeyFileEntry {
+                    id: k.id.clone(),
+                    key: B64.encode(k.bytes),
+                })
+                .collect(),
+        };
+        Zeroizing::new(serde_json::to_vec_pretty(&file).expect("keyring serializes"))
+    }
+
+    pub fn from_json(json: &[u8]) -> Result<Self, CryptoError> {
+        // Error texts from serde could quote a value; keep only the position.
+        let file: KeyringFile = serde_json::from_slice(json).map_err(|e| {
+            CryptoError::InvalidKeyring(format!(
+                "not a keyring document (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
+        let mut keys = BTreeMap::new();
+        for entry in &file.keys {
+            let decoded = Zeroizing::new(B64.decode(entry.key.as_bytes()).map_err(|_| {
+                CryptoError::InvalidKeyring(format!("key {} is not base64", entry.id))
+            })?);
+            let bytes: [u8; 32] = decoded.as_slice().try_into().map_err(|_| {
+                CryptoError::InvalidKeyring(format!("key {} is not 32 bytes", entry.id))
+            })?;
+            let key = MasterKey::from_bytes(entry.id.clone(), bytes);
+            if keys.insert(entry.id.clone(), key).is_some() {
+                return Err(CryptoError::InvalidKeyring(format!(
+                    "key {} appears twice",
+                    entry.id
+                )));
+            }
+        }
+        if !keys.contains_key(&file.active) {
+            return Err(CryptoError::InvalidKeyring(format!(
+                "active key {} is not among the keys",
+                file.active
+            )));
+        }
+        Ok(Keyring {
+            active: file.active.clone(),
+            keys,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyring_round_trips_and_keeps_retired_keys() {
+        let mut ring = Keyring::generate().unwrap();
+        let first = ring.active().id().clone();
+        ring.rotate_to(MasterKey::generate().unwrap());
+        let json = ring.to_json();
+        let back = Keyring::from_json(&json).unwrap();
+        assert_eq!(back.active().id(), ring.active().id());
+        assert_eq!(
+            back.get(&first).unwrap().bytes(),
+            ring.get(&first).unwrap().bytes()
+        );
+        assert!(!format!("{back:?}").contains(&B64.encode(back.active().bytes())));
+    }
+}

@@ -1,0 +1,40 @@
+//! Sealing secret data at rest. The design is written down in `docs/crypto.md`:
+//!
+//! - every write derives a fresh key: HKDF-SHA256(master key, random salt, identity);
+//! - ChaCha20-Poly1305 encrypts, with the envelope header and the secret's identity as AAD,
+//!   so a blob opened under another name, namespace, kind, version or key fails;
+//! - the envelope is versioned, and a keyring keeps retired master keys able to decrypt.
+
+mod envelope;
+mod keyring;
+mod seal;
+
+pub use envelope::{ALGORITHM_HKDF_SHA256_CHACHA20POLY1305, Envelope, FORMAT_V1};
+pub use keyring::{KeyId, Keyring, MasterKey};
+pub use seal::{SecretIdentity, open, seal};
+
+/// Why sealing or opening failed. Messages never contain plaintext or key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("envelope is malformed: {0}")]
+    MalformedEnvelope(&'static str),
+    #[error("envelope format {0} is not supported by this build (it reads format 1)")]
+    UnsupportedFormat(u8),
+    #[error("envelope algorithm {0} is not supported by this build")]
+    UnsupportedAlgorithm(u8),
+    #[error("master key {0:?} is not in the keyring; restore the keyring that sealed this secret")]
+    UnknownKey(String),
+    #[error(
+        "authentication failed: the blob was tampered with, sealed under another key, or belongs to another secret or version"
+    )]
+    AuthenticationFailed,
+    #[error("keyring is invalid: {0}")]
+    InvalidKeyring(String),
+    #[error("the operating system's random number generator failed: {0}")]
+    Random(String),
+}
+
+/// Fills `buf` from the OS CSPRNG.
+pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<(), CryptoError> {
+    getrandom::getrandom(buf).map_err(|e| CryptoError::Random(e.to_string()))
+}

@@ -1,0 +1,275 @@
+//! Seal and open: the only code that turns plaintext into ciphertext and back.
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use hkdf::Hkdf;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::envelope::{NONCE_LEN, SALT_LEN, TAG_LEN};
+use super::{CryptoError, Envelope, Keyring, MasterKey, random_bytes};
+use crate::domain::{DataKey, Kind, Name, Namespace, SecretData, SecretValue, Version};
+
+/// Everything a ciphertext is bound to. Opening under any other identity fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretIdentity<'a> {
+    pub kind: Kind,
+    pub namespace: &'a Namespace,
+    pub name: &'a Name,
+    pub version: Version,
+}
+
+impl SecretIdentity<'_> {
+    /// Unambiguous encoding: every variable-length field is length-prefixed, so no two
+    /// identities share an encoding (`a/bc` vs `ab/c`).
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.name.as_str().len());
+        for field in [
+            self.kind.as_str().as_bytes(),
+            self.namespace.as_str().as_bytes(),
+            self.name.as_str().as_bytes(),
+        ] {
+            out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            out.extend_from_slice(field);
+        }
+        out.extend_from_slice(&self.version.get().to_be_bytes());
+        out
+    }
+}
+
+/// Domain separation: these labels make keys and AADs of this format useless anywhere else.
+const KDF_INFO_LABEL: &[u8] = b"claw-secrets/v1/secret-key\0";
+const AAD_LABEL: &[u8] = b"claw-secrets/v1/aad\0";
+
+fn derive_key(master: &MasterKey, salt: &[u8; SALT_LEN], identity: &[u8]) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(Some(salt), master.bytes());
+    let mut info = Vec::with_capacity(KDF_INFO_LABEL.len() + identity.len());
+    info.extend_from_slice(KDF_INFO_LABEL);
+    info.extend_from_slice(identity);
+    let mut okm = Zeroizing::new([0u8; 32]);
+    hk.expand(&info, okm.as_mut())
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    okm
+}
+
+fn aad(envelope: &Envelope, identity: &[u8]) -> Vec<u8> {
+    let header = envelope.header();
+    let mut aad = Vec::with_capacity(AAD_LABEL.len() + header.len() + identity.len());
+    aad.extend_from_slice(AAD_LABEL);
+    aad.extend_from_slice(&header);
+    aad.extend_from_slice(identity);
+    aad
+}
+
+/// Plaintext encoding: entry count, then each key and value, all u32-length-prefixed. The exact
+/// size is computed first so the buffer never reallocates (a reallocation would leave an
+/// unzeroized copy of the plaintext behind).
+fn encode_plaintext(data: &SecretData) -> Zeroizing<Vec<u8>> {
+    let size = 4 + data
+        .iter()
+        .map(|(k, v)| 8 + k.as_str().len() + v.expose().len())
+        .sum::<usize>();
+    let mut buf = Zeroizing::new(Vec::with_capacity(size + TAG_LEN));
+    buf.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    for (k, v) in data.iter() {
+        for field in [k.as_str().as_bytes(), v.expose().as_bytes()] {
+            buf.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            buf.extend_from_slice(field);
+        }
+    }
+    buf
+}
+
+fn decode_plaintext(buf: &[u8]) -> Result<SecretData, CryptoError> {
+    const BAD: CryptoError = CryptoError::MalformedEnvelope("decrypted data is not well formed");
+    fn take<'b>(buf: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
+        if buf.len() < n {
+            return None;
+        }
+        let (head, tail) = buf.split_at(n);
+        *buf = tail;
+        Some(head)
+    }
+    fn take_len(buf: &mut &[u8]) -> Option<usize> {
+        take(buf, 4).map(|b| u32::from_be_bytes(b.try_into().unwrap()) as usize)
+    }
+    let mut rest = buf;
+    let count = take_len(&mut rest).ok_or(BAD)?;
+    let mut map = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        let klen = take_len(&mut rest).ok_or(BAD)?;
+        let key = take(&mut rest, klen).ok_or(BAD)?;
+        let vlen = take_len(&mut rest).ok_or(BAD)?;
+        let value = take(&mut rest, vlen).ok_or(BAD)?;
+        let key = std::str::from_utf8(key).map_err(|_| BAD)?;
+        let key = DataKey::parse(key).map_err(|_| BAD)?;
+        let value = SecretValue::new(std::str::from_utf8(value).map_err(|_| BAD)?.to_owned());
+        map.insert(key, value);
+    }
+    if !rest.is_empty() {
+        return Err(BAD);
+    }
+    SecretData::parse(map).map_err(|_| BAD)
+}
+
+/// Seals `data` for `identity` under the keyring's active key, with a fresh salt and nonce.
+pub fn seal(
+    keyring: &Keyring,
+    identity: &SecretIdentity<'_>,
+    data: &SecretData,
+) -> Result<Envelope, CryptoError> {
+    let master = keyring.active();
+    let mut salt = [0u8; SALT_LEN];
+    let mut nonce = [0u8; NONCE_LEN];
+    random_bytes(&mut salt)?;
+    // The key is unique per write (fresh salt), so the nonce could be fixed; a random one costs
+    // nothing and keeps us safe even if a salt ever repeated.
+    random_bytes(&mut nonce)?;
+    let id_bytes = identity.encode();
+    let key = derive_key(master, &salt, &id_bytes);
+    let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_ref()));
+
+    let mut envelope = Envelope {
+        key_id: master.id().clone(),
+        salt,
+        nonce,
+        ciphertext: Vec::new(),
+    };
+    let aad = aad(&envelope, &id_bytes);
+    let mut buf = encode_plaintext(data);
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buf)
+        .map_err(|_| CryptoError::AuthenticationFailed)?;
+    // `buf` now holds ciphertext only; moving it out leaves no plaintext behind.
+    let mut ciphertext = std::mem::take(&mut *buf);
+    ciphertext.extend_from_slice(&tag);
+    envelope.ciphertext = ciphertext;
+    Ok(envelope)
+}
+
+/// Opens an envelope sealed for exactly `identity`, with whichever keyring key sealed it.
+pub fn open(
+    keyring: &Keyring,
+    identity: &SecretIdentity<'_>,
+    envelope: &Envelope,
+) -> Result<SecretData, CryptoError> {
+    let master = keyring
+        .get(&envelope.key_id)
+        .ok_or_else(|| CryptoError::UnknownKey(envelope.key_id.to_string()))?;
+    let id_bytes = identity.encode();
+    let key = derive_key(master, &envelope.salt, &id_bytes);
+    let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_ref()));
+    let aad = aad(envelope, &id_bytes);
+    let split = envelope
+        .ciphertext
+        .len()
+        .checked_sub(TAG_LEN)
+        .ok_or(CryptoError::MalformedEnvelope("shorter than its tag"))?;
+    let (ct, tag) = envelope.ciphertext.split_at(split);
+    let mut buf = Zeroizing::new(ct.to_vec());
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&envelope.nonce),
+            &aad,
+            &mut buf,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| CryptoError::AuthenticationFailed)?;
+    decode_plaintext(&buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(json: &str) -> SecretData {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn ident<'a>(ns: &'a Namespace, name: &'a Name, v: u64) -> SecretIdentity<'a> {
+        SecretIdentity {
+            kind: Kind::Secret,
+            namespace: ns,
+            name,
+            version: Version::new(v).unwrap(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let ring = Keyring::generate().unwrap();
+        let ns = Namespace::default_namespace();
+        let name = Name::parse("db.password").unwrap();
+        let d = data(r#"{"username":"admin","password":"s3cret","empty":""}"#);
+        let env = seal(&ring, &ident(&ns, &name, 1), &d).unwrap();
+        let bytes = env.to_bytes();
+        let back = Envelope::from_bytes(&bytes).unwrap();
+        assert_eq!(open(&ring, &ident(&ns, &name, 1), &back).unwrap(), d);
+    }
+
+    #[test]
+    fn same_data_twice_gives_different_ciphertexts() {
+        let ring = Keyring::generate().unwrap();
+        let ns = Namespace::default_namespace();
+        let name = Name::parse("x").unwrap();
+        let d = data(r#"{"k":"v"}"#);
+        let a = seal(&ring, &ident(&ns, &name, 1), &d).unwrap().to_bytes();
+        let b = seal(&ring, &ident(&ns, &name, 1), &d).unwrap().to_bytes();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn tampering_wrong_key_and_swapped_identity_all_fail() {
+        let ring = Keyring::generate().unwrap();
+        let ns = Namespace::default_namespace();
+        let other_ns = Namespace::parse("prod").unwrap();
+        let name = Name::parse("db.password").unwrap();
+        let other = Name::parse("db.passwore").unwrap();
+        let d = data(r#"{"password":"s3cret"}"#);
+        let env = seal(&ring, &ident(&ns, &name, 3), &d).unwrap();
+
+        // Every single-byte flip anywhere in the envelope is detected.
+        let bytes = env.to_bytes();
+        for i in 0..bytes.len() {
+            let mut t = bytes.clone();
+            t[i] ^= 0x01;
+            let opened =
+                Envelope::from_bytes(&t).and_then(|e| open(&ring, &ident(&ns, &name, 3), &e));
+            assert!(opened.is_err(), "flip at byte {i} went unnoticed");
+        }
+        // Wrong key with the same id (a keyring from another installation).
+        let foreign =
+            Keyring::with_active(MasterKey::from_bytes(ring.active().id().clone(), [7u8; 32]));
+        assert!(matches!(
+            open(&foreign, &ident(&ns, &name, 3), &env),
+            Err(CryptoError::AuthenticationFailed)
+        ));
+        // Unknown key id.
+        assert!(matches!(
+            open(&Keyring::generate().unwrap(), &ident(&ns, &name, 3), &env),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        // Another name, namespace, version or kind.
+        assert!(open(&ring, &ident(&ns, &other, 3), &env).is_err());
+        assert!(open(&ring, &ident(&other_ns, &name, 3), &env).is_err());
+        assert!(open(&ring, &ident(&ns, &name, 2), &env).is_err());
+        let as_config = SecretIdentity {
+            kind: Kind::Config,
+            ..ident(&ns, &name, 3)
+        };
+        assert!(open(&ring, &as_config, &env).is_err());
+    }
+
+    #[test]
+    fn retired_keys_still_open() {
+        let mut ring = Keyring::generate().unwrap();
+        let ns = Namespace::default_namespace();
+        let name = Name::parse("x").unwrap();
+        let d = data(r#"{"k":"v"}"#);
+        let env = seal(&ring, &ident(&ns, &name, 1), &d).unwrap();
+        ring.rotate_to(MasterKey::generate().unwrap());
+        assert_eq!(open(&ring, &ident(&ns, &name, 1), &env).unwrap(), d);
+        let newer = seal(&ring, &ident(&ns, &name, 2), &d).unwrap();
+        assert_eq!(newer.key_id(), ring.active().id());
+    }
+}

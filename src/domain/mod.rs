@@ -1,0 +1,50 @@
+//! The vocabulary of the product: values here can only exist if they are valid.
+//!
+//! Nothing in this layer knows about files, HTTP or Kubernetes.
+
+mod data;
+mod error;
+mod name;
+mod version;
+
+pub use data::{ConfigData, DataKey, MAX_DATA_BYTES, SecretData, SecretValue};
+pub use error::{DomainError, ErrorCode};
+pub use name::{MAX_NAME_LEN, Name, NamePrefix, Namespace, Workload, WorkloadSet};
+pub use version::Version;
+
+/// Which of the two kinds of object a name refers to. Part of every secret's crypto identity,
+/// so a secret blob can never be opened as if it were something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Secret,
+    Config,
+}
+
+impl Kind {
+    /// The Kubernetes kind name; stable, because it is bound into ciphertexts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Secret => "ClawSecret",
+            Kind::Config => "ClawConfig",
+        }
+    }
+}
+
+/// Where an object lives: its namespace and name. In dev mode every object is in one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub namespace: Namespace,
+    pub name: Name,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: Namespace, name: Name) -> Self {
+        Self { namespace, name }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}

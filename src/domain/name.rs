@@ -1,0 +1,326 @@
+//! Names of secrets and configs, namespaces and workloads, each parsed once into a type that
+//! can only hold a valid value.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+use super::DomainError;
+
+/// The longest name the seed allows.
+pub const MAX_NAME_LEN: usize = 253;
+
+/// The rule, as the seed states it; quoted in every rejection.
+const NAME_RULE: &str = "names are 1-253 characters of lowercase letters, digits, '-', '_' and '.'";
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')
+}
+
+/// The name of a secret or a config: 1-253 characters of `[a-z0-9._-]`, exactly as the seed says.
+///
+/// Note that the seed allows names Kubernetes object names cannot hold (`_`, a leading `.`); the
+/// Kubernetes layer maps them to object names, never the other way round.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Name(String);
+
+impl Name {
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        if s.is_empty() {
+            return Err(DomainError::new(format!("name is empty: {NAME_RULE}")));
+        }
+        if s.len() > MAX_NAME_LEN {
+            return Err(DomainError::new(format!(
+                "name is {} characters long: {NAME_RULE}",
+                s.chars().count()
+            )));
+        }
+        if let Some(bad) = s.chars().find(|c| !is_name_char(*c)) {
+            return Err(DomainError::new(format!(
+                "name {s:?} contains {bad:?}: {NAME_RULE}"
+            )));
+        }
+        Ok(Name(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Name::parse(&s)
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> String {
+        n.0
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// A `prefix` filter for the list commands: what a name may start with, so 0-253 characters
+/// of the name alphabet. An empty prefix lists everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamePrefix(String);
+
+impl NamePrefix {
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        if s.len() > MAX_NAME_LEN {
+            return Err(DomainError::new(format!(
+                "prefix is longer than {MAX_NAME_LEN} characters, so no name can match it: {NAME_RULE}"
+            )));
+        }
+        if let Some(bad) = s.chars().find(|c| !is_name_char(*c)) {
+            return Err(DomainError::new(format!(
+                "prefix {s:?} contains {bad:?}, which no name can contain: {NAME_RULE}"
+            )));
+        }
+        Ok(NamePrefix(s.to_owned()))
+    }
+
+    pub fn matches(&self, name: &Name) -> bool {
+        name.as_str().starts_with(&self.0)
+    }
+}
+
+/// Shared rule for DNS-1123 names (labels and subdomains) as Kubernetes defines them.
+fn parse_dns1123(what: &str, s: &str, max: usize, allow_dots: bool) -> Result<String, DomainError> {
+    let rule = if allow_dots {
+        format!(
+            "{what} must be a DNS-1123 subdomain: 1-{max} characters of lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+        )
+    } else {
+        format!(
+            "{what} must be a DNS-1123 label: 1-{max} characters of lowercase letters, digits and '-', starting and ending with a letter or digit"
+        )
+    };
+    let ok_char = |c: char| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (allow_dots && c == '.')
+    };
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if s.is_empty()
+        || s.len() > max
+        || !s.chars().all(ok_char)
+        || !alnum(s.chars().next())
+        || !alnum(s.chars().last())
+    {
+        return Err(DomainError::new(format!("{what} {s:?} is invalid: {rule}")));
+    }
+    Ok(s.to_owned())
+}
+
+/// A Kubernetes namespace (DNS-1123 label). Dev mode keeps everything in `default`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Namespace(String);
+
+impl Namespace {
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        parse_dns1123("namespace", s, 63, false).map(Namespace)
+    }
+
+    pub fn default_namespace() -> Self {
+        Namespace("default".to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Namespace {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Namespace::parse(&s)
+    }
+}
+
+impl From<Namespace> for String {
+    fn from(n: Namespace) -> String {
+        n.0
+    }
+}
+
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// A workload: in Kubernetes, the name of the ServiceAccount it runs as, so it follows the
+/// ServiceAccount naming rule (DNS-1123 subdomain).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Workload(String);
+
+impl Workload {
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        parse_dns1123("workload", s, 253, true).map(Workload)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Workload {
+    type Error = DomainError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Workload::parse(&s)
+    }
+}
+
+impl From<Workload> for String {
+    fn from(n: Workload) -> String {
+        n.0
+    }
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// The `allowed_workloads` of a secret: empty means every workload of the namespace may read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<Workload>", into = "Vec<Workload>")]
+pub struct WorkloadSet(BTreeSet<Workload>);
+
+impl WorkloadSet {
+    /// More than this many entries is almost certainly a mistake (use a namespace instead).
+    pub const MAX_ENTRIES: usize = 256;
+
+    pub fn parse(list: Vec<Workload>) -> Result<Self, DomainError> {
+        if list.len() > Self::MAX_ENTRIES {
+            return Err(DomainError::new(format!(
+                "allowed_workloads has {} entries; at most {} are allowed",
+                list.len(),
+                Self::MAX_ENTRIES
+            )));
+        }
+        Ok(WorkloadSet(list.into_iter().collect()))
+    }
+
+    /// Whether `workload` may read a secret guarded by this set.
+    pub fn permits(&self, workload: &Workload) -> bool {
+        self.0.is_empty() || self.0.contains(workload)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Workload> {
+        self.0.iter()
+    }
+}
+
+impl TryFrom<Vec<Workload>> for WorkloadSet {
+    type Error = DomainError;
+    fn try_from(list: Vec<Workload>) -> Result<Self, Self::Error> {
+        WorkloadSet::parse(list)
+    }
+}
+
+impl From<WorkloadSet> for Vec<Workload> {
+    fn from(s: WorkloadSet) -> Vec<Workload> {
+        s.0.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_names_are_accepted() {
+        for ok in [
+            "db.password",
+            "app.settings",
+            "external.openai",
+            "a",
+            "under_score",
+            ".leading-dot",
+            "trailing-",
+            "..",
+            &"x".repeat(253),
+        ] {
+            assert!(Name::parse(ok).is_ok(), "{ok:?} should be valid");
+        }
+    }
+
+    #[test]
+    fn names_outside_the_rule_are_rejected_with_the_rule() {
+        for bad in [
+            "",
+            "Upper",
+            "sp ace",
+            "slash/x",
+            "ü",
+            "colon:x",
+            &"x".repeat(254),
+        ] {
+            let err = Name::parse(bad).unwrap_err();
+            assert!(err.message().contains("1-253 characters"), "{err}");
+        }
+    }
+
+    #[test]
+    fn prefix_may_be_empty_but_not_foreign() {
+        assert!(
+            NamePrefix::parse("")
+                .unwrap()
+                .matches(&Name::parse("x").unwrap())
+        );
+        assert!(
+            NamePrefix::parse("db.")
+                .unwrap()
+                .matches(&Name::parse("db.x").unwrap())
+        );
+        assert!(
+            !NamePrefix::parse("db.")
+                .unwrap()
+                .matches(&Name::parse("dbx").unwrap())
+        );
+        assert!(NamePrefix::parse("DB").is_err());
+    }
+
+    #[test]
+    fn workloads_follow_service_account_rules() {
+        assert!(Workload::parse("api-server").is_ok());
+        assert!(Workload::parse("-x").is_err());
+        assert!(Workload::parse("a_b").is_err());
+        let set = WorkloadSet::parse(vec![Workload::parse("api-server").unwrap()]).unwrap();
+        assert!(set.permits(&Workload::parse("api-server").unwrap()));
+        assert!(!set.permits(&Workload::parse("worker").unwrap()));
+        assert!(WorkloadSet::default().permits(&Workload::parse("worker").unwrap()));
+    }
+}

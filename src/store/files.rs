@@ -1,0 +1,117 @@
+//! Crash-safe file primitives: a write is a temp file, fsync, rename, fsync of the directory,
+//! so after a crash a file holds either its old or its new content, never a mix.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{OpenReport, StoreError};
+
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// Creates `dir` (and parents) with mode 0700, or tightens an existing one to 0700.
+pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StoreError::io(dir, e))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| StoreError::io(dir, e))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
+}
+
+/// Atomically replaces `dir/name` with `bytes` (mode 0600), durably.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut suffix = [0u8; 8];
+    getrandom::getrandom(&mut suffix)
+        .map_err(|e| StoreError::io(dir, std::io::Error::other(e.to_string())))?;
+    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!("{TEMP_PREFIX}{suffix}"));
+    let target = dir.join(name);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &target)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::io(&target, e));
+    }
+    fsync_dir(dir)
+}
+
+/// Writes a private file (a key or a token) atomically; `path`'s parent must exist.
+pub fn write_private_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| StoreError::io(path, std::io::Error::other("not a file path")))?;
+    write_atomic(dir, name, bytes)
+}
+
+/// Removes `dir/name` if present and makes the removal durable.
+pub(super) fn remove_durably(dir: &Path, name: &str) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Ok(()) => fsync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(&path, e)),
+    }
+}
+
+/// Loads every entry file of `dir`. Interrupted temp files are removed (their writes were
+/// never acknowledged); unreadable files are moved aside to `quarantine`, never deleted.
+pub(super) fn load_dir<K: Ord, V>(
+    dir: &Path,
+    quarantine: &Path,
+    report: &mut OpenReport,
+    parse: impl Fn(&[u8]) -> Result<(K, V), String>,
+) -> Result<BTreeMap<K, V>, StoreError> {
+    let mut out = BTreeMap::new();
+    let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+        paths.push(entry.path());
+    }
+    paths.sort();
+    for path in paths {
+        let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if file_name.starts_with(TEMP_PREFIX) {
+            fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            report.removed_temp_files += 1;
+            continue;
+        }
+        let bytes = fs::read(&path).map_err(|e| StoreError::io(&path, e))?;
+        match parse(&bytes) {
+            Ok((k, v)) => {
+                out.insert(k, v);
+            }
+            Err(why) => {
+                create_private_dir(quarantine)?;
+                let to = quarantine.join(file_name);
+                tracing::error!(file = %path.display(), reason = %why, moved_to = %to.display(),
+                    "store entry is unreadable; moved to quarantine");
+                fs::rename(&path, &to).map_err(|e| StoreError::io(&path, e))?;
+                report.quarantined.push(to);
+            }
+        }
+    }
+    if report.removed_temp_files > 0 {
+        fsync_dir(dir)?;
+    }
+    Ok(out)
+}
