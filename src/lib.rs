@@ -16,4 +16,5 @@ pub mod cli;
 pub mod crypto;
 pub mod domain;
 pub mod invoke;
+pub mod k8s;
 pub mod store;

@@ -34,6 +34,9 @@ enum Commands {
     /// Manage dev-mode bearer tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Print the ClawSecret and ClawConfig CustomResourceDefinitions as YAML
+    /// (`claw-secrets crd | kubectl apply -f -`).
+    Crd,
 }
 
 /// Logs go to stderr; `CLAW_SECRETS_LOG` (or `RUST_LOG`) sets the filter, default `info`.
@@ -58,5 +61,9 @@ pub fn main() -> ExitCode {
         Commands::Invoke(args) => invoke::run(args),
         Commands::Audit(cmd) => audit::run(cmd),
         Commands::Token(cmd) => token::run(cmd),
+        Commands::Crd => {
+            print!("{}", crate::k8s::crd::crds_yaml());
+            ExitCode::SUCCESS
+        }
     }
 }

@@ -1,0 +1,221 @@
+//! The `ClawSecret` and `ClawConfig` custom resources (group `clawbernetes.io`).
+//!
+//! The YAML under `crds/` is generated from these types by `claw-secrets crd` and checked
+//! against them by a test. Field descriptions come from the doc comments below, so they are
+//! what `kubectl explain` shows: write them for the user.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// API group of both resources.
+pub const GROUP: &str = "clawbernetes.io";
+
+/// An encrypted secret delivered to Clawbernetes nodes.
+///
+/// Write plaintext into `data`; the operator seals it (ChaCha20-Poly1305, per-write key from
+/// HKDF-SHA256) into `sealed`, removes `data`, and moves `status.version` forward. Writing
+/// `data` again rotates the secret.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "clawbernetes.io",
+    version = "v1alpha1",
+    kind = "ClawSecret",
+    plural = "clawsecrets",
+    shortname = "csec",
+    category = "claw",
+    namespaced,
+    status = "ClawSecretStatus",
+    doc = "An encrypted secret delivered to Clawbernetes nodes: write plaintext into spec.data, and the operator seals it into spec.sealed and removes the plaintext.",
+    printcolumn(
+        name = "Version",
+        type_ = "integer",
+        json_path = ".status.version",
+        description = "Current version of the secret"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Sealed and deliverable"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("has(self.data) || has(self.sealed)").message("give data (plaintext to be sealed) or sealed"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.sealed) || !has(self.sealed) || self.sealed.version >= oldSelf.sealed.version").message("sealed.version only moves forward"))]
+#[serde(rename_all = "camelCase")]
+pub struct ClawSecretSpec {
+    /// The secret's name as node.invoke knows it, when that name cannot be an object name
+    /// (underscores, a leading or trailing '.' or '-'); such objects are named "cs--" and a
+    /// hash of it. Defaults to the object's name. 1-253 characters of a-z, 0-9, '-', '_', '.'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9._-]+$"))]
+    pub name: Option<String>,
+
+    /// Plaintext key/value data to seal. The operator encrypts it into `sealed` and removes
+    /// it from the object within seconds; set it again to rotate the secret. Keys are 1-253
+    /// characters of letters, digits, '-', '_' and '.'; keys plus values are at most 1 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<BTreeMap<String, String>>,
+
+    /// Workloads (ServiceAccount names in this namespace) that may read the secret. Empty
+    /// means every workload of the namespace may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        inner(regex(pattern = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"))
+    )]
+    pub allowed_workloads: Vec<String>,
+
+    /// Deliver the secret only to nodes whose labels match all of these. Absent: every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// The sealed data, written by the operator (or a node agent on rotation). Ciphertext only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<SealedData>,
+}
+
+/// Ciphertext of one version of a secret, as the operator wrote it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SealedData {
+    /// The version these bytes were sealed for; bound into the ciphertext, so the bytes cannot
+    /// be replayed as another version. Only moves forward.
+    #[schemars(range(min = 1))]
+    pub version: u64,
+    /// Id of the master key that sealed them (an entry of the operator's keyring).
+    #[schemars(length(min = 1, max = 64))]
+    pub key_id: String,
+    /// Base64 of the versioned envelope (format, algorithm, key id, salt, nonce, ciphertext).
+    pub envelope: String,
+}
+
+/// What the operator observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClawSecretStatus {
+    /// The current version: 1 after the first seal, one more after each rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready is True once the secret is sealed and deliverable; otherwise its reason and
+    /// message say what is wrong and how to fix it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Plain (unencrypted) configuration delivered to Clawbernetes nodes.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "clawbernetes.io",
+    version = "v1alpha1",
+    kind = "ClawConfig",
+    plural = "clawconfigs",
+    shortname = "ccfg",
+    category = "claw",
+    namespaced,
+    status = "ClawConfigStatus",
+    doc = "Plain (unencrypted) configuration delivered to Clawbernetes nodes; immutable configs cannot be changed after creation.",
+    printcolumn(
+        name = "Immutable",
+        type_ = "boolean",
+        json_path = ".spec.immutable",
+        description = "Whether the data can still change"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Accepted and deliverable"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("!has(oldSelf.immutable) || !oldSelf.immutable || (has(self.immutable) && self.immutable)").message("immutable cannot be set back to false"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.immutable) || !oldSelf.immutable || self.data == oldSelf.data").message("the data of an immutable ClawConfig cannot be changed; delete it and create it again"))]
+#[serde(rename_all = "camelCase")]
+pub struct ClawConfigSpec {
+    /// The config's name as node.invoke knows it, when that name cannot be an object name;
+    /// defaults to the object's name. 1-253 characters of a-z, 0-9, '-', '_', '.'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9._-]+$"))]
+    pub name: Option<String>,
+
+    /// Key/value settings, stored and delivered in clear (use a ClawSecret for anything
+    /// sensitive). Keys are 1-253 characters of letters, digits, '-', '_' and '.'.
+    pub data: BTreeMap<String, String>,
+
+    /// If true, the data cannot be changed after creation, and immutable cannot be set back
+    /// to false. The config can still be deleted.
+    #[serde(default)]
+    pub immutable: bool,
+
+    /// Deliver the config only to nodes whose labels match all of these. Absent: every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClawConfigStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready is True once the config is accepted; otherwise the reason says what is wrong.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition, shaped like metav1.Condition.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// The condition's type, e.g. Ready.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    /// A CamelCase reason, e.g. Sealed, InvalidName, ImmutableViolation.
+    pub reason: String,
+    /// What happened and, when something is wrong, what to do. Never contains secret values.
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The metadata.generation the condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Both CRDs as one multi-document YAML stream: what `claw-secrets crd` prints.
+pub fn crds_yaml() -> String {
+    use kube::CustomResourceExt;
+    let mut out = String::from("# Generated by `claw-secrets crd`; do not edit by hand.\n");
+    for crd in [ClawSecret::crd(), ClawConfig::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd).expect("CRDs serialize to YAML"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_crds_match_the_generator() {
+        let committed = include_str!("../../crds/crds.yaml");
+        assert!(
+            committed == super::crds_yaml(),
+            "crds/crds.yaml is out of date: regenerate it with `cargo run -- crd > crds/crds.yaml` and commit it"
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! The Kubernetes layer: CRD types and the mapping of seed names to object names. The
+//! operator, node agent and Kubernetes identity checks build on these.
+
+pub mod crd;
+pub mod names;
