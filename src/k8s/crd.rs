@@ -94,6 +94,8 @@ pub struct SealedData {
     pub key_id: String,
     /// Base64 of the versioned envelope (format, algorithm, key id, salt, nonce, ciphertext).
     pub envelope: String,
+    /// When this version was sealed (RFC 3339): the secret's updatedAt.
+    pub sealed_at: String,
 }
 
 /// What the operator observed.
@@ -169,6 +171,13 @@ pub struct ClawConfigSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClawConfigStatus {
+    /// When the operator first saw the current data (RFC 3339): the config's updatedAt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+    /// SHA-256 (hex) of the data the operator accepted; an immutable config whose data no
+    /// longer matches it is refused (ImmutableViolation) and nodes keep the accepted data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_data_hash: Option<String>,
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -1,5 +1,7 @@
 //! The Kubernetes layer: CRD types and the mapping of seed names to object names. The
 //! operator, node agent and Kubernetes identity checks build on these.
 
+pub mod convert;
 pub mod crd;
+pub mod keyring;
 pub mod names;

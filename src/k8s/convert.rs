@@ -1,0 +1,263 @@
+//! From custom resources to the domain and store types, checking every rule on the way:
+//! an object the API server accepted is not trusted to be valid (older servers skip CEL, and
+//! the schema cannot express every rule).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use jiff::Timestamp;
+use kube::ResourceExt;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+use super::crd::{ClawConfig, ClawSecret};
+use super::names::object_name;
+use crate::crypto::Envelope;
+use crate::domain::{
+    ConfigData, DataKey, Name, Namespace, ObjectKey, SecretData, SecretValue, Version, Workload,
+    WorkloadSet,
+};
+use crate::store::{ConfigRecord, SecretRecord};
+
+/// Why an object cannot be used; `reason` is the CamelCase condition reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn invalid(reason: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// The seed name and namespace of an object, checked against its object name so that no
+/// object can stand in for another name.
+fn key_of(
+    kind: &str,
+    spec_name: Option<&String>,
+    object: &str,
+    namespace: Option<String>,
+) -> Result<ObjectKey, Invalid> {
+    let namespace = namespace
+        .ok_or_else(|| invalid("InvalidName", format!("{kind} {object} has no namespace")))?;
+    let namespace =
+        Namespace::parse(&namespace).map_err(|e| invalid("InvalidName", e.to_string()))?;
+    let name = Name::parse(spec_name.map_or(object, String::as_str))
+        .map_err(|e| invalid("InvalidName", e.to_string()))?;
+    let expected = object_name(&name);
+    if expected != object {
+        return Err(invalid(
+            "InvalidName",
+            format!(
+                "spec.name {:?} belongs in an object named {expected:?}, not {object:?}; rename the object or remove spec.name",
+                name.as_str()
+            ),
+        ));
+    }
+    Ok(ObjectKey::new(namespace, name))
+}
+
+pub fn secret_key(obj: &ClawSecret) -> Result<ObjectKey, Invalid> {
+    key_of(
+        "ClawSecret",
+        obj.spec.name.as_ref(),
+        &obj.name_any(),
+        obj.namespace(),
+    )
+}
+
+pub fn config_key(obj: &ClawConfig) -> Result<ObjectKey, Invalid> {
+    key_of(
+        "ClawConfig",
+        obj.spec.name.as_ref(),
+        &obj.name_any(),
+        obj.namespace(),
+    )
+}
+
+/// Plaintext `spec.data` of a ClawSecret, parsed by the same rules as `secret.create`.
+/// Messages name keys, never values.
+pub fn secret_data(map: &BTreeMap<String, String>) -> Result<SecretData, Invalid> {
+    let mut entries = BTreeMap::new();
+    for (k, v) in map {
+        let key = DataKey::parse(k).map_err(|e| invalid("InvalidData", e.to_string()))?;
+        entries.insert(key, SecretValue::new(v.clone()));
+    }
+    SecretData::parse(entries).map_err(|e| invalid("InvalidData", e.to_string()))
+}
+
+pub fn config_data(map: &BTreeMap<String, String>) -> Result<ConfigData, Invalid> {
+    let mut entries = BTreeMap::new();
+    for (k, v) in map {
+        let key = DataKey::parse(k).map_err(|e| invalid("InvalidData", e.to_string()))?;
+        entries.insert(key, v.clone());
+    }
+    ConfigData::parse(entries).map_err(|e| invalid("InvalidData", e.to_string()))
+}
+
+pub fn workloads(list: &[String]) -> Result<WorkloadSet, Invalid> {
+    let parsed = list
+        .iter()
+        .map(|w| Workload::parse(w))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("InvalidWorkloads", e.to_string()))?;
+    WorkloadSet::parse(parsed).map_err(|e| invalid("InvalidWorkloads", e.to_string()))
+}
+
+/// SHA-256 (hex) of a config's data in a canonical form (sorted keys, JSON).
+pub fn data_hash(map: &BTreeMap<String, String>) -> String {
+    let canonical = serde_json::to_vec(map).expect("a string map serializes");
+    Sha256::digest(&canonical)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn parse_time(s: &str, what: &str) -> Result<Timestamp, Invalid> {
+    s.parse().map_err(|_| {
+        invalid(
+            "InvalidSealedData",
+            format!("{what} {s:?} is not an RFC 3339 time"),
+        )
+    })
+}
+
+fn created_at(meta: &kube::api::ObjectMeta) -> Timestamp {
+    meta.creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or_else(Timestamp::now)
+}
+
+/// The store record a node keeps for a sealed ClawSecret; `None` while it is not sealed yet.
+pub fn secret_record(obj: &ClawSecret) -> Result<Option<SecretRecord>, Invalid> {
+    let key = secret_key(obj)?;
+    let Some(sealed) = &obj.spec.sealed else {
+        return Ok(None);
+    };
+    let version = Version::new(sealed.version)
+        .ok_or_else(|| invalid("InvalidSealedData", "sealed.version must be at least 1"))?;
+    let bytes = B64
+        .decode(sealed.envelope.as_bytes())
+        .map_err(|_| invalid("InvalidSealedData", "sealed.envelope is not base64"))?;
+    let envelope = Envelope::from_bytes(&bytes)
+        .map_err(|e| invalid("InvalidSealedData", format!("sealed.envelope: {e}")))?;
+    if envelope.key_id().as_str() != sealed.key_id {
+        return Err(invalid(
+            "InvalidSealedData",
+            "sealed.keyId does not match the key id inside the envelope",
+        ));
+    }
+    Ok(Some(SecretRecord {
+        key,
+        version,
+        created_at: created_at(&obj.metadata),
+        updated_at: parse_time(&sealed.sealed_at, "sealed.sealedAt")?,
+        allowed_workloads: workloads(&obj.spec.allowed_workloads)?,
+        envelope,
+        last_write: None,
+    }))
+}
+
+/// The store record a node keeps for a ClawConfig.
+pub fn config_record(obj: &ClawConfig) -> Result<ConfigRecord, Invalid> {
+    let key = config_key(obj)?;
+    let created = created_at(&obj.metadata);
+    let updated = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.updated_at.as_deref())
+        .map(|t| parse_time(t, "status.updatedAt"))
+        .transpose()?
+        .unwrap_or(created);
+    Ok(ConfigRecord {
+        key,
+        data: config_data(&obj.spec.data)?,
+        immutable: obj.spec.immutable,
+        created_at: created,
+        updated_at: updated,
+        last_write: None,
+    })
+}
+
+/// Whether a node with `labels` should hold an object with this `nodeSelector`.
+pub fn selects(
+    selector: Option<&BTreeMap<String, String>>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::crd::ClawSecretSpec;
+
+    fn secret(object: &str, spec_name: Option<&str>) -> ClawSecret {
+        let mut s = ClawSecret::new(
+            object,
+            ClawSecretSpec {
+                name: spec_name.map(str::to_owned),
+                data: None,
+                allowed_workloads: vec![],
+                node_selector: None,
+                sealed: None,
+            },
+        );
+        s.metadata.namespace = Some("default".into());
+        s
+    }
+
+    #[test]
+    fn object_names_must_match_their_seed_names() {
+        assert_eq!(
+            secret_key(&secret("db.password", None))
+                .unwrap()
+                .name
+                .as_str(),
+            "db.password"
+        );
+        let hashed = object_name(&Name::parse("under_score").unwrap());
+        assert_eq!(
+            secret_key(&secret(&hashed, Some("under_score")))
+                .unwrap()
+                .name
+                .as_str(),
+            "under_score"
+        );
+        // An object may not claim another name than the one its object name stands for.
+        let err = secret_key(&secret("db.password", Some("other"))).unwrap_err();
+        assert_eq!(err.reason, "InvalidName");
+        let err = secret_key(&secret(&hashed, Some("under_scorf"))).unwrap_err();
+        assert_eq!(err.reason, "InvalidName");
+    }
+
+    #[test]
+    fn invalid_data_names_the_key_not_the_value() {
+        let map = BTreeMap::from([("bad key".to_owned(), "canary-value".to_owned())]);
+        let err = secret_data(&map).unwrap_err();
+        assert!(err.message.contains("bad key") && !err.message.contains("canary"));
+        assert!(secret_data(&BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn node_selectors_match_all_labels() {
+        let labels = BTreeMap::from([("gpu".to_owned(), "true".to_owned())]);
+        assert!(selects(None, &labels));
+        assert!(selects(
+            Some(&BTreeMap::from([("gpu".into(), "true".into())])),
+            &labels
+        ));
+        assert!(!selects(
+            Some(&BTreeMap::from([("gpu".into(), "false".into())])),
+            &labels
+        ));
+        assert!(!selects(
+            Some(&BTreeMap::from([("zone".into(), "a".into())])),
+            &labels
+        ));
+    }
+}

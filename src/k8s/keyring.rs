@@ -1,0 +1,123 @@
+//! The master keyring in Kubernetes: a Secret in the operator's namespace, created by the
+//! operator on first start. Agents read it and keep a 0600 copy in their data directory so
+//! they can open secrets while the API server is unreachable (see docs/crypto.md).
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use std::collections::BTreeMap;
+use zeroize::Zeroizing;
+
+use crate::crypto::Keyring;
+
+/// The data key inside the Secret that holds the keyring document.
+pub const KEYRING_KEY: &str = "keyring.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("reading master key Secret {namespace}/{name}: {source}")]
+    Api {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "master key Secret {namespace}/{name} does not exist; start the operator first (it creates it) or name an existing Secret"
+    )]
+    Missing { namespace: String, name: String },
+    #[error(
+        "master key Secret {namespace}/{name} has no {KEYRING_KEY} entry or it is invalid: {reason}"
+    )]
+    Invalid {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+}
+
+fn parse(secret: &Secret, namespace: &str, name: &str) -> Result<Keyring, KeyringError> {
+    let invalid = |reason: String| KeyringError::Invalid {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        reason,
+    };
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(KEYRING_KEY))
+        .ok_or_else(|| invalid("missing".to_owned()))?;
+    Keyring::from_json(&bytes.0).map_err(|e| invalid(e.to_string()))
+}
+
+/// Reads the keyring Secret; `Ok(None)` if it does not exist.
+pub async fn load(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Keyring>, KeyringError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(|source| KeyringError::Api {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            source,
+        })?;
+    secret.map(|s| parse(&s, namespace, name)).transpose()
+}
+
+/// Reads the keyring Secret, creating it with a fresh key if it does not exist. Safe for
+/// several replicas at once: creation is atomic, and the loser reads the winner's key.
+pub async fn load_or_create(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(Keyring, bool), KeyringError> {
+    if let Some(ring) = load(client, namespace, name).await? {
+        return Ok((ring, false));
+    }
+    let ring = Keyring::generate().map_err(|e| KeyringError::Invalid {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let json = Zeroizing::new(ring.to_json().to_vec());
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/name".to_owned(),
+                "claw-secrets".to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(
+            KEYRING_KEY.to_owned(),
+            ByteString(json.to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok((ring, true)),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            let ring =
+                load(client, namespace, name)
+                    .await?
+                    .ok_or_else(|| KeyringError::Missing {
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                    })?;
+            Ok((ring, false))
+        }
+        Err(source) => Err(KeyringError::Api {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            source,
+        }),
+    }
+}
