@@ -228,19 +228,9 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     println!("  claw-secrets invoke {node_id} secret.get '{{\"name\":\"db.password\"}}'");
     println!("Ctrl-C stops the server.");
 
-    crate::invoke::serve(listener, dispatcher, shutdown_signal())
+    crate::invoke::serve(listener, dispatcher, super::shutdown_signal())
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     tracing::info!("stopped cleanly");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down: finishing requests in flight");
 }

@@ -1,5 +1,6 @@
 //! The `claw-secrets` command line: wiring only; behaviour lives in the layers below.
 
+mod agent;
 mod audit;
 mod dev;
 mod invoke;
@@ -34,6 +35,8 @@ enum Commands {
     /// Manage dev-mode bearer tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Run the node agent: mirror this node's secrets and configs, serve node.invoke.
+    Agent(agent::AgentArgs),
     /// Print the ClawSecret and ClawConfig CustomResourceDefinitions as YAML
     /// (`claw-secrets crd | kubectl apply -f -`).
     Crd,
@@ -61,9 +64,24 @@ pub fn main() -> ExitCode {
         Commands::Invoke(args) => invoke::run(args),
         Commands::Audit(cmd) => audit::run(cmd),
         Commands::Token(cmd) => token::run(cmd),
+        Commands::Agent(args) => {
+            init_logging();
+            agent::run_cli(args)
+        }
         Commands::Crd => {
             print!("{}", crate::k8s::crd::crds_yaml());
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Completes on Ctrl-C or SIGTERM (what a pod gets on deletion).
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
 }

@@ -16,6 +16,26 @@ pub struct Caller {
     pub workload: Option<Workload>,
     /// Dev mode's admin token: every command, every namespace.
     pub admin: bool,
+    /// Groups, uid and extra attributes from the authenticator (Kubernetes: TokenReview), passed
+    /// unchanged to authorization checks made on the caller's own identity.
+    pub groups: Vec<String>,
+    pub uid: Option<String>,
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl Caller {
+    /// A caller with a subject and nothing else (no namespace, workload, groups or admin).
+    pub fn named(subject: impl Into<String>) -> Self {
+        Caller {
+            subject: subject.into(),
+            namespace: None,
+            workload: None,
+            admin: false,
+            groups: Vec::new(),
+            uid: None,
+            extra: Default::default(),
+        }
+    }
 }
 
 /// A client-chosen key that makes retrying a write safe: 1-128 printable ASCII characters.

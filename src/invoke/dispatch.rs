@@ -51,12 +51,7 @@ impl<B: Backend> Dispatcher<B> {
                 if let Ok(req) = &parsed
                     && Command::is_secret_command(&req.command)
                 {
-                    let anonymous = Caller {
-                        subject: "anonymous".to_owned(),
-                        namespace: None,
-                        workload: None,
-                        admin: false,
-                    };
+                    let anonymous = Caller::named("anonymous");
                     let target = Command::parse(&req.command, req.params.as_deref())
                         .ok()
                         .map(|c| Target {

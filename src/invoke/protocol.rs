@@ -129,6 +129,19 @@ pub struct SecretMeta {
     pub allowed_workloads: WorkloadSet,
 }
 
+impl SecretMeta {
+    pub fn of(r: &crate::store::SecretRecord) -> Self {
+        SecretMeta {
+            name: r.key.name.clone(),
+            namespace: r.key.namespace.clone(),
+            version: r.version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            allowed_workloads: r.allowed_workloads.clone(),
+        }
+    }
+}
+
 /// `secret.get`: the metadata and the decrypted data.
 #[derive(Debug, Serialize)]
 pub struct SecretView {
@@ -145,6 +158,18 @@ pub struct ConfigMeta {
     pub immutable: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+impl ConfigMeta {
+    pub fn of(r: &crate::store::ConfigRecord) -> Self {
+        ConfigMeta {
+            name: r.key.name.clone(),
+            namespace: r.key.namespace.clone(),
+            immutable: r.immutable,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -159,6 +159,7 @@ pub fn secret_record(obj: &ClawSecret) -> Result<Option<SecretRecord>, Invalid> 
         allowed_workloads: workloads(&obj.spec.allowed_workloads)?,
         envelope,
         last_write: None,
+        origin: obj.metadata.uid.clone(),
     }))
 }
 
@@ -180,6 +181,7 @@ pub fn config_record(obj: &ClawConfig) -> Result<ConfigRecord, Invalid> {
         created_at: created,
         updated_at: updated,
         last_write: None,
+        origin: obj.metadata.uid.clone(),
     })
 }
 

@@ -1,7 +1,9 @@
 //! The Kubernetes layer: CRD types and the mapping of seed names to object names. The
 //! operator, node agent and Kubernetes identity checks build on these.
 
+pub mod agent;
 pub mod convert;
 pub mod crd;
+pub mod identity;
 pub mod keyring;
 pub mod names;

@@ -154,10 +154,12 @@ impl Store {
         self.configs.read().unwrap().keys().cloned().collect()
     }
 
-    /// Durably writes `record`, then makes it visible. Refuses to replace a newer version.
+    /// Durably writes `record`, then makes it visible. Refuses to replace a newer version of
+    /// the same object (same origin); a recreated object starts its own history.
     /// Callers serialize writes to the same key; concurrent readers see the old or new record.
     pub fn put_secret(&self, record: SecretRecord) -> Result<Arc<SecretRecord>, StoreError> {
         if let Some(stored) = self.secret(&record.key)
+            && stored.origin == record.origin
             && stored.version > record.version
         {
             return Err(StoreError::Stale {

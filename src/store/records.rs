@@ -28,6 +28,9 @@ pub struct SecretRecord {
     pub allowed_workloads: WorkloadSet,
     pub envelope: Envelope,
     pub last_write: Option<WriteMark>,
+    /// The uid of the Kubernetes object this entry mirrors (None in dev mode): a new object
+    /// under the same name starts a new version history.
+    pub origin: Option<String>,
 }
 
 /// A stored config: plain data (the seed: configs are not encrypted).
@@ -39,6 +42,8 @@ pub struct ConfigRecord {
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     pub last_write: Option<WriteMark>,
+    /// The uid of the Kubernetes object this entry mirrors (None in dev mode).
+    pub origin: Option<String>,
 }
 
 const FILE_FORMAT: u32 = 1;
@@ -57,6 +62,8 @@ struct SecretFile {
     envelope: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_write: Option<WriteMark>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -71,6 +78,8 @@ struct ConfigFile {
     updated_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_write: Option<WriteMark>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
 }
 
 fn check_format(format: u32) -> Result<(), String> {
@@ -94,6 +103,7 @@ impl SecretRecord {
             allowed_workloads: self.allowed_workloads.clone(),
             envelope: B64.encode(self.envelope.to_bytes()),
             last_write: self.last_write.clone(),
+            origin: self.origin.clone(),
         };
         serde_json::to_vec(&file).expect("secret record serializes")
     }
@@ -114,6 +124,7 @@ impl SecretRecord {
             allowed_workloads: file.allowed_workloads,
             envelope,
             last_write: file.last_write,
+            origin: file.origin,
         })
     }
 }
@@ -129,6 +140,7 @@ impl ConfigRecord {
             created_at: self.created_at,
             updated_at: self.updated_at,
             last_write: self.last_write.clone(),
+            origin: self.origin.clone(),
         };
         serde_json::to_vec(&file).expect("config record serializes")
     }
@@ -146,6 +158,7 @@ impl ConfigRecord {
             created_at: file.created_at,
             updated_at: file.updated_at,
             last_write: file.last_write,
+            origin: file.origin,
         })
     }
 }

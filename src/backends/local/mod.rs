@@ -138,27 +138,6 @@ fn store_error(e: StoreError) -> InvokeError {
     }
 }
 
-fn secret_meta(r: &SecretRecord) -> SecretMeta {
-    SecretMeta {
-        name: r.key.name.clone(),
-        namespace: r.key.namespace.clone(),
-        version: r.version,
-        created_at: r.created_at,
-        updated_at: r.updated_at,
-        allowed_workloads: r.allowed_workloads.clone(),
-    }
-}
-
-fn config_meta(r: &ConfigRecord) -> ConfigMeta {
-    ConfigMeta {
-        name: r.key.name.clone(),
-        namespace: r.key.namespace.clone(),
-        immutable: r.immutable,
-        created_at: r.created_at,
-        updated_at: r.updated_at,
-    }
-}
-
 /// Runs blocking store I/O off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -218,7 +197,7 @@ impl LocalBackend {
         if let Some(existing) = self.store.secret(&key) {
             target.version = Some(existing.version);
             if self.is_replay(&existing.last_write, &write)? && existing.version == Version::FIRST {
-                return Ok(Payload::SecretMeta(secret_meta(&existing)));
+                return Ok(Payload::SecretMeta(SecretMeta::of(&existing)));
             }
             return Err(InvokeError::new(
                 ErrorCode::AlreadyExists,
@@ -253,10 +232,11 @@ impl LocalBackend {
             allowed_workloads: c.allowed_workloads,
             envelope,
             last_write: self.mark(&write),
+            origin: None,
         };
         let store = self.store.clone();
         let stored = blocking(move || store.put_secret(record)).await?;
-        Ok(Payload::SecretMeta(secret_meta(&stored)))
+        Ok(Payload::SecretMeta(SecretMeta::of(&stored)))
     }
 
     fn secret_get(
@@ -304,7 +284,7 @@ impl LocalBackend {
             ))
         })?;
         Ok(Payload::Secret(SecretView {
-            meta: secret_meta(&record),
+            meta: SecretMeta::of(&record),
             data,
         }))
     }
@@ -328,7 +308,7 @@ impl LocalBackend {
             .ok_or_else(|| not_found(Kind::Secret, &key))?;
         target.version = Some(existing.version);
         if self.is_replay(&existing.last_write, &write)? {
-            return Ok(Payload::SecretMeta(secret_meta(&existing)));
+            return Ok(Payload::SecretMeta(SecretMeta::of(&existing)));
         }
         let version = existing.version.next();
         target.version = Some(version);
@@ -352,12 +332,13 @@ impl LocalBackend {
             allowed_workloads: existing.allowed_workloads.clone(),
             envelope,
             last_write: self.mark(&write),
+            origin: None,
         };
         let store = self.store.clone();
         let stored = blocking(move || store.put_secret(record)).await?;
         tracing::info!(namespace = %stored.key.namespace, name = %stored.key.name,
             version = stored.version.get(), "secret rotated");
-        Ok(Payload::SecretMeta(secret_meta(&stored)))
+        Ok(Payload::SecretMeta(SecretMeta::of(&stored)))
     }
 
     async fn secret_delete(
@@ -406,7 +387,7 @@ impl LocalBackend {
                         .as_ref()
                         .is_some_and(|w| r.allowed_workloads.permits(w))
             })
-            .map(|r| secret_meta(r))
+            .map(|r| SecretMeta::of(r))
             .collect();
         Ok(Payload::SecretList { secrets })
     }
@@ -426,7 +407,7 @@ impl LocalBackend {
         let _guard = self.write_lock.lock().await;
         if let Some(existing) = self.store.config(&key) {
             if self.is_replay(&existing.last_write, &write)? {
-                return Ok(Payload::ConfigMeta(config_meta(&existing)));
+                return Ok(Payload::ConfigMeta(ConfigMeta::of(&existing)));
             }
             return Err(InvokeError::new(
                 ErrorCode::AlreadyExists,
@@ -445,10 +426,11 @@ impl LocalBackend {
             created_at: at,
             updated_at: at,
             last_write: self.mark(&write),
+            origin: None,
         };
         let store = self.store.clone();
         let stored = blocking(move || store.put_config(record)).await?;
-        Ok(Payload::ConfigMeta(config_meta(&stored)))
+        Ok(Payload::ConfigMeta(ConfigMeta::of(&stored)))
     }
 
     fn config_get(
@@ -466,7 +448,7 @@ impl LocalBackend {
             .config(&key)
             .ok_or_else(|| not_found(Kind::Config, &key))?;
         Ok(Payload::Config(ConfigView {
-            meta: config_meta(&record),
+            meta: ConfigMeta::of(&record),
             data: record.data.clone(),
         }))
     }
@@ -489,7 +471,7 @@ impl LocalBackend {
             .config(&key)
             .ok_or_else(|| not_found(Kind::Config, &key))?;
         if self.is_replay(&existing.last_write, &write)? {
-            return Ok(Payload::ConfigMeta(config_meta(&existing)));
+            return Ok(Payload::ConfigMeta(ConfigMeta::of(&existing)));
         }
         if existing.immutable {
             return Err(InvokeError::new(
@@ -507,10 +489,11 @@ impl LocalBackend {
             created_at: existing.created_at,
             updated_at: now(),
             last_write: self.mark(&write),
+            origin: None,
         };
         let store = self.store.clone();
         let stored = blocking(move || store.put_config(record)).await?;
-        Ok(Payload::ConfigMeta(config_meta(&stored)))
+        Ok(Payload::ConfigMeta(ConfigMeta::of(&stored)))
     }
 
     async fn config_delete(
@@ -550,7 +533,7 @@ impl LocalBackend {
             .store
             .list_configs(&ns, &c.prefix)
             .iter()
-            .map(|r| config_meta(r))
+            .map(|r| ConfigMeta::of(r))
             .collect();
         Ok(Payload::ConfigList { configs })
     }

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use zeroize::Zeroizing;
 
 use crate::domain::{Namespace, Workload};
@@ -81,7 +81,36 @@ pub fn add_token(path: &Path, mut entry: TokenEntry) -> Result<Zeroizing<String>
 /// Resolves bearer tokens to callers; picks up edits to the tokens file without a restart.
 pub struct TokenStore {
     path: PathBuf,
-    state: RwLock<(Option<SystemTime>, HashMap<String, TokenEntry>)>,
+    state: RwLock<(Option<FileStamp>, HashMap<String, TokenEntry>)>,
+}
+
+/// What tells one version of the tokens file from another. The mtime alone does not: file
+/// systems stamp new files from a coarse clock, so two writes within one tick (a few ms) share
+/// an mtime. The length is compared too, and a file changed within the last few seconds is
+/// re-read on every check until its mtime is safely in the past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    mtime: SystemTime,
+    len: u64,
+}
+
+impl FileStamp {
+    const SETTLE: Duration = Duration::from_secs(2);
+
+    fn of(path: &Path) -> Option<FileStamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            mtime: meta.modified().ok()?,
+            len: meta.len(),
+        })
+    }
+
+    /// Whether a later write could no longer share this stamp's mtime.
+    fn settled(&self) -> bool {
+        SystemTime::now()
+            .duration_since(self.mtime)
+            .is_ok_and(|age| age > Self::SETTLE)
+    }
 }
 
 impl TokenStore {
@@ -95,10 +124,11 @@ impl TokenStore {
     }
 
     fn reload_if_changed(&self) -> Result<(), TokenError> {
-        let mtime = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        if self.state.read().unwrap().0 == mtime && mtime.is_some() {
+        let stamp = FileStamp::of(&self.path);
+        if let Some(s) = stamp
+            && self.state.read().unwrap().0 == stamp
+            && s.settled()
+        {
             return Ok(());
         }
         let file = read_file(&self.path)?;
@@ -107,7 +137,7 @@ impl TokenStore {
             .into_iter()
             .map(|e| (e.sha256.clone(), e))
             .collect();
-        *self.state.write().unwrap() = (mtime, map);
+        *self.state.write().unwrap() = (stamp, map);
         Ok(())
     }
 
@@ -127,10 +157,10 @@ impl TokenStore {
         let state = self.state.read().unwrap();
         let entry = state.1.get(&hash_token(token))?;
         Some(Caller {
-            subject: entry.subject.clone(),
             namespace: entry.namespace.clone(),
             workload: entry.workload.clone(),
             admin: entry.admin,
+            ..Caller::named(entry.subject.clone())
         })
     }
 }
