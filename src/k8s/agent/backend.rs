@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, Keyring, SecretIdentity};
-use crate::domain::{ErrorCode, Kind, Namespace, ObjectKey, SecretData, Version};
+use crate::domain::{ErrorCode, Kind, Name, Namespace, ObjectKey, SecretData, Version};
 use crate::invoke::{
     Backend, Caller, Command, ConfigCreate, ConfigMeta, ConfigUpdate, ConfigView, Deleted,
     InvokeError, ListParams, NameParams, Payload, SecretCreate, SecretMeta, SecretRotate,
@@ -32,6 +32,8 @@ use crate::k8s::crd::{ClawConfig, ClawConfigSpec, ClawSecret, ClawSecretSpec, Se
 use crate::k8s::identity::KubeIdentity;
 use crate::k8s::names::object_name;
 use crate::store::{Store, WriteMark};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 /// Annotation that carries the idempotency mark of the last write made through node.invoke.
 pub const LAST_WRITE_ANNOTATION: &str = "clawbernetes.io/last-write";
@@ -41,6 +43,9 @@ pub type KeyringSlot = Arc<RwLock<Option<Keyring>>>;
 
 pub struct KubeBackend {
     client: kube::Client,
+    /// Publishes AccessDenied Events; repeats are folded into a series by the recorder, so a
+    /// caller hammering a secret cannot flood the API server.
+    recorder: Recorder,
     identity: KubeIdentity,
     store: Arc<Store>,
     keyring: KeyringSlot,
@@ -118,8 +123,18 @@ fn now() -> Timestamp {
 }
 
 impl KubeBackend {
-    pub fn new(client: kube::Client, store: Arc<Store>, keyring: KeyringSlot) -> Self {
+    pub fn new(
+        client: kube::Client,
+        store: Arc<Store>,
+        keyring: KeyringSlot,
+        node_name: &str,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "claw-secrets-agent".to_owned(),
+            instance: Some(node_name.to_owned()),
+        };
         KubeBackend {
+            recorder: Recorder::new(client.clone(), reporter),
             identity: KubeIdentity::new(client.clone()),
             client,
             store,
@@ -285,14 +300,40 @@ impl KubeBackend {
         if !workload_may_read {
             // Not a permitted workload: reading values needs the custom verb `reveal`. Checked
             // before the existence of the secret is revealed.
-            self.require(
-                caller,
-                "reveal",
-                "clawsecrets",
-                &key.namespace,
-                Some(&object_name(&key.name)),
-            )
-            .await?;
+            let object = object_name(&key.name);
+            let allowed = self
+                .identity
+                .allowed(
+                    caller,
+                    "reveal",
+                    "clawsecrets",
+                    &key.namespace,
+                    Some(&object),
+                )
+                .await?;
+            if !allowed {
+                let own_namespace = caller.namespace.as_ref() == Some(&key.namespace);
+                let why = match (&caller.workload, &record) {
+                    (Some(w), Some(_)) if own_namespace => format!(
+                        "workload {:?} is not in the secret's allowed_workloads",
+                        w.as_str()
+                    ),
+                    (Some(_), _) if !own_namespace => {
+                        "workloads may only read secrets of their own namespace".to_owned()
+                    }
+                    _ => "reading values needs RBAC verb \"reveal\" on clawsecrets in group clawbernetes.io"
+                        .to_owned(),
+                };
+                return Err(InvokeError::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "{} may not read secret {:?} in namespace {:?}: {why}",
+                        caller.subject,
+                        key.name.as_str(),
+                        key.namespace.as_str()
+                    ),
+                ));
+            }
         }
         let record = record.ok_or_else(|| not_found("secret", &key))?;
         t.version = Some(record.version);
@@ -706,6 +747,40 @@ impl KubeBackend {
     }
 }
 
+impl KubeBackend {
+    /// Records a denial as an Event on the object, in the background: the answer to the caller
+    /// does not wait for it, and the audit log (written first) is the record of truth.
+    fn access_denied_event(
+        &self,
+        kind: &str,
+        ns: &Namespace,
+        name: &Name,
+        action: &str,
+        subject: &str,
+    ) {
+        let reference = ObjectReference {
+            api_version: Some(format!("{}/v1alpha1", crate::k8s::crd::GROUP)),
+            kind: Some(kind.to_owned()),
+            namespace: Some(ns.to_string()),
+            name: Some(object_name(name)),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "AccessDenied".to_owned(),
+            note: Some(format!("{subject} was denied {action}")),
+            action: "Authorize".to_owned(),
+            secondary: None,
+        };
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::debug!(error = %e, "AccessDenied event not published");
+            }
+        });
+    }
+}
+
 impl Backend for KubeBackend {
     async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, InvokeError> {
         self.identity.authenticate(bearer).await
@@ -719,6 +794,12 @@ impl Backend for KubeBackend {
     ) -> (Target, Result<Payload, InvokeError>) {
         let mut target = Target::default();
         let t = &mut target;
+        let kind = if Command::is_secret_command(command.name()) {
+            "ClawSecret"
+        } else {
+            "ClawConfig"
+        };
+        let action = command.name();
         let result = match command {
             Command::SecretCreate(c) => self.secret_create(caller, c, write, t).await,
             Command::SecretGet(c) => self.secret_get(caller, c, t).await,
@@ -731,6 +812,12 @@ impl Backend for KubeBackend {
             Command::ConfigDelete(c) => self.config_delete(caller, c, t).await,
             Command::ConfigList(c) => self.config_list(caller, c, t).await,
         };
+        if let Err(e) = &result
+            && e.code == ErrorCode::PermissionDenied
+            && let (Some(ns), Some(name)) = (&target.namespace, &target.name)
+        {
+            self.access_denied_event(kind, ns, name, action, &caller.subject);
+        }
         (target, result)
     }
 }

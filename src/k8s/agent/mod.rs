@@ -151,7 +151,7 @@ pub async fn run(
         )),
     ];
 
-    let backend = KubeBackend::new(client, store, keyring);
+    let backend = KubeBackend::new(client, store, keyring, &config.node_name);
     let dispatcher = Arc::new(Dispatcher::new(backend, audit, config.node_name.clone()));
     let served = crate::invoke::serve(listener, dispatcher, shutdown).await;
     for task in background {
