@@ -109,6 +109,13 @@ impl Command {
     pub fn parse(command: &str, params: Option<&RawValue>) -> Result<Command, InvokeError> {
         let raw = params.map_or("{}", RawValue::get);
         fn p<'a, T: Deserialize<'a>>(command: &str, raw: &'a str) -> Result<T, InvokeError> {
+            // serde's derived structs also accept an array of their fields in order; the
+            // protocol's params are an object with named fields, nothing else.
+            if !raw.trim_start().starts_with('{') {
+                return Err(InvokeError::invalid(format!(
+                    "params of {command} must be a JSON object of named parameters"
+                )));
+            }
             let de = &mut serde_json::Deserializer::from_str(raw);
             let value = serde_path_to_error::deserialize(de).map_err(|e| {
                 let path = e.path().to_string();

@@ -5,6 +5,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
@@ -70,12 +72,35 @@ fn read_file(path: &Path) -> Result<TokensFile, TokenError> {
 
 /// Adds a token for `entry` (its `sha256` is filled in) and returns the token itself.
 pub fn add_token(path: &Path, mut entry: TokenEntry) -> Result<Zeroizing<String>, TokenError> {
+    // Read, add, write back: two `token create` runs at once would each drop the other's
+    // token, so the whole update holds an exclusive lock on a file beside the tokens file.
+    let _lock = lock_beside(path)?;
     let mut file = read_file(path)?;
     let token = generate_token();
     entry.sha256 = hash_token(&token);
     file.tokens.push(entry);
     write_private_file_atomic(path, &serde_json::to_vec_pretty(&file).expect("json"))?;
     Ok(token)
+}
+
+/// Takes an exclusive lock on `<path>.lock` (created 0600 if needed), held until the returned
+/// file is dropped. The tokens file itself cannot carry the lock: every write replaces it.
+fn lock_beside(path: &Path) -> Result<std::fs::File, TokenError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| StoreError::io(&lock_path, e))?;
+    // SAFETY: flock on a valid descriptor we own; the kernel releases it when the file closes.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(StoreError::io(&lock_path, std::io::Error::last_os_error()).into());
+    }
+    Ok(file)
 }
 
 /// Resolves bearer tokens to callers; picks up edits to the tokens file without a restart.
