@@ -178,6 +178,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
         tracing::error!(file = %q.display(), "unreadable store entry quarantined");
     }
 
+    let shutdown = super::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -228,7 +229,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     println!("  claw-secrets invoke {node_id} secret.get '{{\"name\":\"db.password\"}}'");
     println!("Ctrl-C stops the server.");
 
-    crate::invoke::serve(listener, dispatcher, super::shutdown_signal())
+    crate::invoke::serve(listener, dispatcher, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     tracing::info!("stopped cleanly");

@@ -75,13 +75,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Completes on Ctrl-C or SIGTERM (what a pod gets on deletion).
-pub(crate) async fn shutdown_signal() {
+/// Completes on Ctrl-C or SIGTERM (what a pod gets on deletion). The handlers are installed
+/// when this is called, not when it is first polled, so a signal that arrives while the server
+/// is still printing its banner is not lost. Call it inside the runtime.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("shutting down: finishing requests in flight");
     }
-    tracing::info!("shutting down: finishing requests in flight");
 }
