@@ -352,10 +352,10 @@ fn table() -> Vec<Case> {
             404,
         ),
     ];
-    // Over 3 MiB: refused as too large before it is read (HTTP 413).
-    big_value.push_str(&"y".repeat(2 * 1024 * 1024));
+    // Over 7 MiB: refused as too large before it is read (HTTP 413).
+    big_value.push_str(&"y".repeat(6 * 1024 * 1024));
     cases.push(case(
-        "body over 3 MiB",
+        "body over 7 MiB",
         create(json!({"name": "x", "data": {"k": big_value}})),
         "INVALID_ARGUMENT",
         413,

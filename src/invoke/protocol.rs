@@ -8,9 +8,10 @@ use crate::domain::{
     ConfigData, DomainError, ErrorCode, Name, Namespace, SecretData, Version, WorkloadSet,
 };
 
-/// The largest request body accepted: 1 MiB of data plus room for JSON escaping and the
-/// envelope fields. Larger bodies are refused before they are read into memory.
-pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// The largest request body accepted. Data is limited to 1 MiB, but JSON may spell each byte of
+/// it in up to 6 (`\u0001`), so a body has room for a fully escaped 1 MiB plus the request's
+/// other fields. Larger bodies are refused before they are read into memory.
+pub const MAX_BODY_BYTES: usize = 7 * 1024 * 1024;
 
 /// A request as it arrives. `params` stays raw until the command is known, so each command
 /// parses exactly its own parameters (and secret values never pass through a generic `Value`).
