@@ -4,6 +4,7 @@ mod agent;
 mod audit;
 mod dev;
 mod invoke;
+mod operator;
 mod paths;
 mod token;
 
@@ -37,6 +38,9 @@ enum Commands {
     Token(token::TokenCommand),
     /// Run the node agent: mirror this node's secrets and configs, serve node.invoke.
     Agent(agent::AgentArgs),
+    /// Run the operator: seal ClawSecrets, guard ClawConfigs, keep their status and Events
+    /// (leader-elected; run several replicas for failover).
+    Operator(operator::OperatorArgs),
     /// Print the ClawSecret and ClawConfig CustomResourceDefinitions as YAML
     /// (`claw-secrets crd | kubectl apply -f -`).
     Crd,
@@ -67,6 +71,10 @@ pub fn main() -> ExitCode {
         Commands::Agent(args) => {
             init_logging();
             agent::run_cli(args)
+        }
+        Commands::Operator(args) => {
+            init_logging();
+            operator::run_cli(args)
         }
         Commands::Crd => {
             print!("{}", crate::k8s::crd::crds_yaml());

@@ -4,6 +4,8 @@
 pub mod agent;
 pub mod convert;
 pub mod crd;
+pub mod events;
 pub mod identity;
 pub mod keyring;
 pub mod names;
+pub mod operator;

@@ -1,0 +1,95 @@
+//! `claw-secrets operator`: the cluster operator (a Deployment; replicas elect a leader).
+
+use clap::Args;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::k8s::operator::{LeaseConfig, OperatorConfig, run};
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// Namespace of the operator: where the leader Lease and the master key Secret live.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "claw-secrets")]
+    namespace: String,
+    /// Name of the master key Secret (created on first start if absent).
+    #[arg(long, default_value = "claw-secrets-master-key")]
+    master_key_secret: String,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "claw-secrets-operator")]
+    lease_name: String,
+    /// How long a leader's Lease lasts without renewal before a standby may take over.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    lease_duration_seconds: u64,
+    /// This replica's identity in the Lease; must be unique per replica. Default: HOSTNAME-PID.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Reconcile only the ClawSecrets and ClawConfigs of this namespace (default: every
+    /// namespace).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "claw-secrets-operator".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+pub fn run_cli(args: OperatorArgs) -> ExitCode {
+    let config = OperatorConfig {
+        lease: LeaseConfig {
+            namespace: args.namespace.clone(),
+            name: args.lease_name,
+            identity: args
+                .identity
+                .filter(|i| !i.is_empty())
+                .unwrap_or_else(default_identity),
+            duration: Duration::from_secs(args.lease_duration_seconds),
+        },
+        namespace: args.namespace,
+        master_key_secret: args.master_key_secret,
+        metrics_addr: args.metrics_addr,
+        watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: no Kubernetes credentials (KUBECONFIG or in-cluster): {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(identity = %config.lease.identity, namespace = %config.namespace,
+            "claw-secrets operator starting");
+        match run(client, config, super::shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "operator stopped");
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    // Whatever is still running (a reconcile cut short by a lost Lease) must not outlive the
+    // decision to stop.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}

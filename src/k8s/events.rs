@@ -1,0 +1,46 @@
+//! Audit Events on ClawSecrets and ClawConfigs (`kubectl describe` shows them).
+//!
+//! Reasons used by this project: `Created`, `Rotated`, `Deleted` (operator, Normal),
+//! `ImmutableViolation` and invalid-object reasons such as `InvalidData` (operator, Warning),
+//! `AccessDenied` (node agents, Warning). Notes name objects, versions and key ids, never values.
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+/// `reportingController` of the operator's Events.
+pub const OPERATOR_CONTROLLER: &str = "claw-secrets-operator";
+
+/// Who reports: a controller name (e.g. [`OPERATOR_CONTROLLER`]) and the instance (pod name).
+pub fn reporter(controller: &str, instance: &str) -> Reporter {
+    Reporter {
+        controller: controller.to_owned(),
+        instance: Some(instance.to_owned()),
+    }
+}
+
+/// Publishes one Event about `regarding`.
+///
+/// Every call creates its own Event object: a seal, a rotation or a deletion is a distinct
+/// happening with its own note (version, key id), so it must not be folded into the series of
+/// an earlier one, which is what a long-lived [`Recorder`] does with repeats of the same reason
+/// within a few minutes. Callers that want repeats folded (e.g. denials) keep a `Recorder`.
+pub async fn emit(
+    client: &kube::Client,
+    reporter: &Reporter,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) -> Result<(), kube::Error> {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    Recorder::new(client.clone(), reporter.clone())
+        .publish(&event, regarding)
+        .await
+}

@@ -1,0 +1,124 @@
+//! The operator's one error type. Every failure has a short `metric_label()`, so errors are
+//! counted by kind (`claw_secrets_operator_errors_total{error=...}`).
+//!
+//! Objects that are merely invalid are not errors: they are reported on their own status and
+//! the controller moves on (see `secrets.rs` and `configs.rs`).
+
+use kube::runtime::finalizer;
+
+use crate::crypto::CryptoError;
+use crate::k8s::keyring::KeyringError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[source] kube::Error),
+
+    /// Another writer changed the object since it was read; retried shortly with fresh data.
+    #[error("{kind} {namespace}/{name} changed while it was being reconciled; retrying")]
+    Conflict {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
+
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
+
+    #[error("{0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+
+    #[error("sealing {namespace}/{name} failed: {source}")]
+    Seal {
+        namespace: String,
+        name: String,
+        #[source]
+        source: CryptoError,
+    },
+
+    #[error(
+        "lost the leader Lease {namespace}/{name}: {reason}; exiting so that no two replicas act at once (the Deployment restarts this one as a standby)"
+    )]
+    LeaseLost {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+
+    #[error("cannot serve metrics and health checks on {addr}: {source}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The error inside the finalizer wrapper, if any: what actually failed.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Finalizer(e) => match e.as_ref() {
+                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+                    inner.root()
+                }
+                _ => self,
+            },
+            _ => self,
+        }
+    }
+
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self.root() {
+            Error::Kube(_) => "kube",
+            Error::Conflict { .. } => "conflict",
+            Error::Keyring(_) => "keyring",
+            Error::Finalizer(_) => "finalizer",
+            Error::Seal { .. } => "seal",
+            Error::LeaseLost { .. } => "lease_lost",
+            Error::Serve { .. } => "serve",
+        }
+    }
+
+    /// Every label `metric_label` can return, so metrics can be pre-declared.
+    pub const METRIC_LABELS: [&'static str; 7] = [
+        "kube",
+        "conflict",
+        "keyring",
+        "finalizer",
+        "seal",
+        "lease_lost",
+        "serve",
+    ];
+
+    pub fn is_conflict(&self) -> bool {
+        matches!(self.root(), Error::Conflict { .. })
+    }
+}
+
+/// HTTP 409 from the API server: a `resourceVersion` precondition failed or the object exists.
+pub(crate) fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_see_through_the_finalizer_wrapper() {
+        let conflict = || Error::Conflict {
+            kind: "ClawSecret",
+            namespace: "ns".into(),
+            name: "a".into(),
+        };
+        let wrapped = Error::Finalizer(Box::new(finalizer::Error::ApplyFailed(conflict())));
+        assert_eq!(wrapped.metric_label(), "conflict");
+        assert!(wrapped.is_conflict());
+        let finalizer_only = Error::Finalizer(Box::new(finalizer::Error::UnnamedObject));
+        assert_eq!(finalizer_only.metric_label(), "finalizer");
+        for e in [conflict(), wrapped, finalizer_only] {
+            assert!(Error::METRIC_LABELS.contains(&e.metric_label()));
+        }
+    }
+}

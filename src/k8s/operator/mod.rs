@@ -1,0 +1,371 @@
+//! The operator: one leader-elected replica seals ClawSecrets, accepts (or refuses) ClawConfig
+//! data, keeps their status and emits their audit Events. See docs/operator.md.
+//!
+//! - `leader.rs`: the Lease; nothing below runs unless this replica holds it.
+//! - `secrets.rs`, `configs.rs`: the two reconcilers.
+//! - `conditions.rs`: status conditions; `metrics.rs` and `http.rs`: `/metrics`, `/healthz`,
+//!   `/readyz`; `error.rs`: the error type.
+
+mod conditions;
+mod configs;
+mod error;
+mod http;
+mod leader;
+mod metrics;
+mod secrets;
+
+pub use error::Error;
+pub use leader::LeaseConfig;
+
+use futures::StreamExt;
+use kube::Resource;
+use kube::api::Api;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{EventType, Reporter};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::watcher;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+use crate::crypto::Keyring;
+use crate::k8s::crd::{ClawConfig, ClawSecret};
+use crate::k8s::events;
+use http::Health;
+use leader::LeaderElector;
+use metrics::{Metrics, ObjectKind, Outcome};
+
+/// The finalizer both kinds carry, so that a deletion is seen (and audited) before the object
+/// is gone.
+pub const FINALIZER: &str = "clawbernetes.io/cleanup";
+
+/// How often a healthy object is looked at again without any change (a safety net against
+/// missed watch events; it writes nothing when nothing changed).
+const RESYNC: Duration = Duration::from_secs(3600);
+
+/// Reconciliations in flight at once, per kind.
+const CONCURRENCY: u16 = 32;
+
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Where the master key Secret lives (and the Lease, see `lease`).
+    pub namespace: String,
+    pub master_key_secret: String,
+    pub lease: LeaseConfig,
+    pub metrics_addr: SocketAddr,
+    /// Reconcile only this namespace's objects; `None`: every namespace.
+    pub watch_namespace: Option<String>,
+}
+
+/// What both reconcilers share.
+pub(crate) struct Context {
+    client: kube::Client,
+    keyring: Keyring,
+    /// `namespace/name` of the master key Secret, for messages.
+    keyring_secret: String,
+    reporter: Reporter,
+    metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for the error back-off; cleared on success.
+    failures: Mutex<HashMap<(ObjectKind, String, String), u32>>,
+}
+
+impl Context {
+    /// Publishes an Event; a failure is logged and otherwise ignored (the status and the
+    /// object are the record of truth, and a terminating namespace refuses new Events).
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let regarding = obj.object_ref(&());
+        if let Err(e) = events::emit(
+            &self.client,
+            &self.reporter,
+            &regarding,
+            type_,
+            reason,
+            action,
+            note,
+        )
+        .await
+        {
+            tracing::warn!(
+                kind = %K::kind(&()),
+                namespace = regarding.namespace.as_deref().unwrap_or_default(),
+                name = regarding.name.as_deref().unwrap_or_default(),
+                reason, error = %e, "could not publish an Event"
+            );
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<(ObjectKind, String, String), u32>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Which controller an object type belongs to.
+trait Kinded {
+    const KIND: ObjectKind;
+}
+
+impl Kinded for ClawSecret {
+    const KIND: ObjectKind = ObjectKind::Secret;
+}
+
+impl Kinded for ClawConfig {
+    const KIND: ObjectKind = ObjectKind::Config;
+}
+
+fn failure_key<K: Resource + Kinded>(obj: &K) -> (ObjectKind, String, String) {
+    (
+        K::KIND,
+        obj.meta().namespace.clone().unwrap_or_default(),
+        obj.meta().name.clone().unwrap_or_default(),
+    )
+}
+
+/// Runs `reconcile` under the finalizer (Apply or Cleanup), counting the outcome.
+async fn finalized<K, F, Fut>(
+    api: &Api<K>,
+    obj: Arc<K>,
+    ctx: &Context,
+    reconcile: F,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()> + Kinded + Clone + DeserializeOwned + Serialize + Debug,
+    F: FnOnce(finalizer::Event<K>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    let started = Instant::now();
+    let key = failure_key(obj.as_ref());
+    let result = finalizer(api, FINALIZER, obj, reconcile)
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+    let outcome = match &result {
+        Ok(_) => {
+            ctx.failures().remove(&key);
+            Outcome::Success
+        }
+        Err(e) if e.is_conflict() => Outcome::Conflict,
+        Err(e) => {
+            ctx.metrics.error(K::KIND, e);
+            Outcome::Error
+        }
+    };
+    ctx.metrics.reconciled(K::KIND, outcome, started.elapsed());
+    result
+}
+
+/// Retry after a failure: soon after a conflict (the fresh object is already on its way),
+/// otherwise 5 s doubling per consecutive failure of the same object, up to 5 minutes.
+fn error_policy<K: Resource + Kinded>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = failure_key(obj.as_ref());
+    if error.is_conflict() {
+        tracing::debug!(kind = K::KIND.label(), namespace = %key.1, name = %key.2, "conflict; retrying");
+        return Action::requeue(Duration::from_millis(500));
+    }
+    let failures = {
+        let mut map = ctx.failures();
+        let n = map.entry(key.clone()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(failures);
+    tracing::warn!(kind = K::KIND.label(), namespace = %key.1, name = %key.2,
+        error = %error, retry_in_s = delay.as_secs(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(6);
+    (Duration::from_secs(5) * 2u32.pow(exp)).min(Duration::from_secs(300))
+}
+
+/// A future that completes once `stop` turns true.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs the operator until `shutdown` completes (then releases the Lease and returns `Ok`),
+/// or until leadership is lost or something fatal happens (`Err`: exit non-zero).
+pub async fn run(
+    client: kube::Client,
+    config: OperatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::new(metrics.clone()));
+    let serve_error = |source| Error::Serve {
+        addr: config.metrics_addr,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(serve_error)?;
+    let addr = listener.local_addr().map_err(serve_error)?;
+    tracing::info!(metrics_addr = %addr, "serving /metrics, /healthz and /readyz");
+    let server = tokio::spawn(http::serve(
+        listener,
+        health.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let mut elector = LeaderElector::new(client.clone(), config.lease.clone());
+    let leading = tokio::select! {
+        () = elector.acquire(|| health.set_ready(true)) => true,
+        () = stopped(stop_rx.clone()) => false,
+    };
+    let result = if leading {
+        health.set_ready(false);
+        metrics.set_leader(true);
+        let result = tokio::select! {
+            r = lead(client, &config, metrics.clone(), health.clone(), stop_rx.clone()) => r,
+            lost = elector.hold() => Err(lost),
+        };
+        metrics.set_leader(false);
+        health.set_ready(false);
+        if !matches!(result, Err(Error::LeaseLost { .. })) {
+            elector.release().await;
+        }
+        result
+    } else {
+        Ok(())
+    };
+    server.abort();
+    result
+}
+
+/// The leader's work: the master keyring, then both controllers until shutdown.
+async fn lead(
+    client: kube::Client,
+    config: &OperatorConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let keyring = tokio::select! {
+        r = load_keyring(&client, config) => r?,
+        () = stopped(stop.clone()) => return Ok(()),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        keyring,
+        keyring_secret: format!("{}/{}", config.namespace, config.master_key_secret),
+        reporter: events::reporter(events::OPERATOR_CONTROLLER, &config.lease.identity),
+        metrics,
+        failures: Mutex::default(),
+    });
+
+    let secrets = Controller::new(
+        scoped_api::<ClawSecret>(&client, config),
+        watcher::Config::default().any_semantic(),
+    )
+    .with_config(controller::Config::default().concurrency(CONCURRENCY))
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(secrets::reconcile, error_policy, ctx.clone())
+    .for_each(|r| async move { log_result("ClawSecret", r) });
+    let configs = Controller::new(
+        scoped_api::<ClawConfig>(&client, config),
+        watcher::Config::default().any_semantic(),
+    )
+    .with_config(controller::Config::default().concurrency(CONCURRENCY))
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(configs::reconcile, error_policy, ctx)
+    .for_each(|r| async move { log_result("ClawConfig", r) });
+
+    health.set_ready(true);
+    tracing::info!(
+        namespaces = config.watch_namespace.as_deref().unwrap_or("all"),
+        "controllers running"
+    );
+    futures::future::join(secrets, configs).await;
+    tracing::info!("controllers stopped");
+    Ok(())
+}
+
+fn scoped_api<K>(client: &kube::Client, config: &OperatorConfig) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match &config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The master keyring, created on first start. Retries while the API server is unreachable;
+/// an unreadable keyring is fatal (it needs a human).
+async fn load_keyring(client: &kube::Client, config: &OperatorConfig) -> Result<Keyring, Error> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match crate::k8s::keyring::load_or_create(
+            client,
+            &config.namespace,
+            &config.master_key_secret,
+        )
+        .await
+        {
+            Ok((keyring, created)) => {
+                let active = keyring.active().id().to_string();
+                if created {
+                    tracing::info!(namespace = %config.namespace, secret = %config.master_key_secret,
+                        key_id = %active, "created the master key Secret (first start)");
+                } else {
+                    tracing::info!(namespace = %config.namespace, secret = %config.master_key_secret,
+                        key_id = %active, keys = keyring.key_ids().count(), "loaded the master keyring");
+                }
+                return Ok(keyring);
+            }
+            Err(e @ crate::k8s::keyring::KeyringError::Api { .. }) => {
+                tracing::warn!(error = %e, "cannot read the master key Secret yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn log_result<K: Resource>(
+    kind: &str,
+    result: Result<
+        (kube::runtime::reflector::ObjectRef<K>, Action),
+        controller::Error<Error, watcher::Error>,
+    >,
+) {
+    match result {
+        // Failed reconciliations are logged by `error_policy`.
+        Ok(_) | Err(controller::Error::ReconcilerFailed(..)) => {}
+        Err(controller::Error::ObjectNotFound(obj)) => {
+            tracing::debug!(kind, object = %obj, "object gone before its reconciliation");
+        }
+        Err(e) => tracing::warn!(kind, error = %e, "watching failed; retrying"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(4), Duration::from_secs(40));
+        assert_eq!(backoff(50), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,496 @@
+//! ClawSecret reconciliation: seal plaintext `spec.data` into `spec.sealed` (removing the
+//! plaintext in the same write), move the version forward, and report on `status`.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::Event as Finalizer;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::conditions::{self, READY};
+use super::error::{Error, is_conflict};
+use super::metrics::ObjectKind;
+use super::{Context, RESYNC};
+use crate::crypto::{self, KeyId, Keyring, SecretIdentity};
+use crate::domain::{Kind, ObjectKey, Version};
+use crate::k8s::convert::{self, Invalid};
+use crate::k8s::crd::{ClawSecret, ClawSecretStatus, SealedData};
+
+/// kubectl's client-side apply keeps the applied manifest, plaintext included, here.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+pub(super) async fn reconcile(obj: Arc<ClawSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<ClawSecret> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let (ctx, api) = (&ctx, &api);
+    super::finalized(api, obj, ctx, move |event| async move {
+        match event {
+            Finalizer::Apply(obj) => apply(obj, ctx, api).await,
+            Finalizer::Cleanup(obj) => cleanup(&obj, ctx).await,
+        }
+    })
+    .await
+}
+
+async fn apply(
+    obj: Arc<ClawSecret>,
+    ctx: &Context,
+    api: &Api<ClawSecret>,
+) -> Result<Action, Error> {
+    let key = match convert::secret_key(&obj)
+        .and_then(|key| convert::workloads(&obj.spec.allowed_workloads).map(|_| key))
+    {
+        Ok(key) => key,
+        Err(invalid) => return write_status(&obj, ctx, api, Err(invalid)).await,
+    };
+    if let Some(plain) = &obj.spec.data {
+        return match seal_plaintext(&obj, plain, &key, ctx, api).await? {
+            // The status follows from the watch event of this very write: writing it now,
+            // from here, would race that event's reconciliation (a 409 for one of them).
+            Ok(()) => Ok(Action::requeue(RESYNC)),
+            Err(invalid) => write_status(&obj, ctx, api, Err(invalid)).await,
+        };
+    }
+    let verdict = verdict(&obj, &ctx.keyring, &ctx.keyring_secret);
+    write_status(&obj, ctx, api, verdict).await
+}
+
+/// The version the next seal gets: one more than any version the object has carried.
+fn next_version(obj: &ClawSecret) -> Version {
+    let current = obj
+        .spec
+        .sealed
+        .as_ref()
+        .map(|s| s.version)
+        .max(obj.status.as_ref().and_then(|s| s.version))
+        .unwrap_or(0);
+    Version::new(current.saturating_add(1)).expect("at least 1")
+}
+
+/// Seals `spec.data` and writes the result in one patch that also removes the plaintext.
+/// `Ok(Err(_))`: the data (or the write) is invalid; it is reported on the status.
+async fn seal_plaintext(
+    obj: &ClawSecret,
+    plain: &BTreeMap<String, String>,
+    key: &ObjectKey,
+    ctx: &Context,
+    api: &Api<ClawSecret>,
+) -> Result<Result<(), Invalid>, Error> {
+    let data = match convert::secret_data(plain) {
+        Ok(d) => d,
+        Err(invalid) => return Ok(Err(invalid)),
+    };
+    let version = next_version(obj);
+    let identity = SecretIdentity {
+        kind: Kind::Secret,
+        namespace: &key.namespace,
+        name: &key.name,
+        version,
+    };
+    let envelope = crypto::seal(&ctx.keyring, &identity, &data).map_err(|source| Error::Seal {
+        namespace: key.namespace.to_string(),
+        name: key.name.to_string(),
+        source,
+    })?;
+    drop(data);
+    let sealed = SealedData {
+        version: version.get(),
+        key_id: envelope.key_id().to_string(),
+        envelope: B64.encode(envelope.to_bytes()),
+        sealed_at: Timestamp::now().to_string(),
+    };
+    let name = obj.name_any();
+    let updated = match api
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&seal_patch(obj, &sealed)),
+        )
+        .await
+    {
+        Ok(updated) => updated,
+        Err(e) if is_conflict(&e) => {
+            return Err(Error::Conflict {
+                kind: "ClawSecret",
+                namespace: key.namespace.to_string(),
+                name,
+            });
+        }
+        // The server refuses the object itself (too large once sealed, say): say so on the
+        // status rather than retrying forever. The patch holds no plaintext, so neither can
+        // the server's message about it.
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 413 | 422) => {
+            return Ok(Err(Invalid {
+                reason: "SealRejected",
+                message: format!(
+                    "the API server refused the sealed data ({} {}): {}",
+                    s.code, s.reason, s.message
+                ),
+            }));
+        }
+        Err(e) => return Err(Error::Kube(e)),
+    };
+    let created = version == Version::FIRST;
+    ctx.metrics.sealed(created);
+    tracing::info!(namespace = %key.namespace, name = %key.name, version = version.get(),
+        key_id = %sealed.key_id, "sealed; plaintext removed from the object");
+    let (reason, note) = if created {
+        (
+            "Created",
+            format!(
+                "version 1 sealed with master key {}; plaintext removed from the object",
+                sealed.key_id
+            ),
+        )
+    } else {
+        (
+            "Rotated",
+            format!(
+                "rotated to version {} sealed with master key {}; plaintext removed from the object",
+                sealed.version, sealed.key_id
+            ),
+        )
+    };
+    ctx.event(&updated, EventType::Normal, reason, "Seal", note)
+        .await;
+    Ok(Ok(()))
+}
+
+/// The merge patch that stores `sealed` and removes the plaintext, guarded by the object's
+/// resourceVersion so that an edit made since it was read is never overwritten (409 instead).
+fn seal_patch(obj: &ClawSecret, sealed: &SealedData) -> Value {
+    let mut patch = json!({
+        "metadata": { "resourceVersion": obj.resource_version() },
+        "spec": { "data": null, "sealed": sealed },
+    });
+    if let Some(applied) = obj.annotations().get(LAST_APPLIED) {
+        patch["metadata"]["annotations"] = json!({ LAST_APPLIED: scrub_last_applied(applied) });
+    }
+    patch
+}
+
+/// kubectl's last-applied annotation without `spec.data`; `None` (remove the annotation) when
+/// it cannot be read, since it may hold plaintext. kubectl recreates it on the next apply.
+fn scrub_last_applied(applied: &str) -> Option<String> {
+    let mut manifest: Value = serde_json::from_str(applied).ok()?;
+    if let Some(spec) = manifest.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.remove("data");
+    }
+    serde_json::to_string(&manifest).ok()
+}
+
+/// What a secret without plaintext is: sealed and deliverable, or why not.
+struct Ready {
+    version: u64,
+    key_id: String,
+}
+
+fn verdict(obj: &ClawSecret, keyring: &Keyring, keyring_secret: &str) -> Result<Ready, Invalid> {
+    let invalid = |reason, message: String| Invalid { reason, message };
+    let Some(record) = convert::secret_record(obj)? else {
+        return Err(invalid(
+            "NotSealed",
+            "the secret has neither data nor sealed: set spec.data to the plaintext to seal".into(),
+        ));
+    };
+    let sealed = obj
+        .spec
+        .sealed
+        .as_ref()
+        .expect("a record comes from sealed");
+    let current = obj.status.as_ref().and_then(|s| s.version).unwrap_or(0);
+    if record.version.get() < current {
+        return Err(invalid(
+            "VersionRegressed",
+            format!(
+                "spec.sealed is version {} but version {current} was already current; versions only move forward: write spec.data to seal a new version",
+                record.version.get()
+            ),
+        ));
+    }
+    let known = KeyId::parse(&sealed.key_id)
+        .ok()
+        .is_some_and(|id| keyring.get(&id).is_some());
+    if !known {
+        return Err(invalid(
+            "UnknownKey",
+            format!(
+                "sealed with master key {:?}, which is not in the keyring ({keyring_secret}); restore the keyring that sealed it, or write spec.data to seal the secret again",
+                sealed.key_id
+            ),
+        ));
+    }
+    Ok(Ready {
+        version: record.version.get(),
+        key_id: sealed.key_id.clone(),
+    })
+}
+
+fn desired_status(
+    obj: &ClawSecret,
+    verdict: &Result<Ready, Invalid>,
+    now: Timestamp,
+) -> ClawSecretStatus {
+    let current = obj.status.clone().unwrap_or_default();
+    let generation = obj.meta().generation;
+    let (version, ready) = match verdict {
+        Ok(r) => (
+            Some(r.version.max(current.version.unwrap_or(0))),
+            conditions::condition(
+                &current.conditions,
+                READY,
+                true,
+                "Sealed",
+                format!("version {} sealed with key {}", r.version, r.key_id),
+                generation,
+                now,
+            ),
+        ),
+        Err(invalid) => (
+            current.version,
+            conditions::condition(
+                &current.conditions,
+                READY,
+                false,
+                invalid.reason,
+                invalid.message.clone(),
+                generation,
+                now,
+            ),
+        ),
+    };
+    ClawSecretStatus {
+        version,
+        observed_generation: generation,
+        conditions: conditions::with(current.conditions, ready),
+    }
+}
+
+/// Writes the status when it changed (guarded by resourceVersion), and publishes a Warning
+/// Event when the object newly became not Ready.
+async fn write_status(
+    obj: &ClawSecret,
+    ctx: &Context,
+    api: &Api<ClawSecret>,
+    verdict: Result<Ready, Invalid>,
+) -> Result<Action, Error> {
+    let current = obj.status.clone().unwrap_or_default();
+    let desired = desired_status(obj, &verdict, Timestamp::now());
+    if desired == current {
+        return Ok(next_action(&verdict));
+    }
+    let name = obj.name_any();
+    let patch = json!({
+        "metadata": { "resourceVersion": obj.resource_version() },
+        "status": desired,
+    });
+    match api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if is_conflict(&e) => {
+            return Err(Error::Conflict {
+                kind: "ClawSecret",
+                namespace: obj.namespace().unwrap_or_default(),
+                name,
+            });
+        }
+        Err(e) => return Err(Error::Kube(e)),
+    }
+    if let Err(invalid) = &verdict {
+        let ready = conditions::find(&desired.conditions, READY).expect("just set");
+        if conditions::ready_changed(&current.conditions, ready) {
+            ctx.metrics.rejected(ObjectKind::Secret, invalid.reason);
+            tracing::warn!(namespace = %obj.namespace().unwrap_or_default(), %name,
+                reason = invalid.reason, message = %invalid.message, "ClawSecret is not ready");
+            ctx.event(
+                obj,
+                EventType::Warning,
+                invalid.reason,
+                "Validate",
+                invalid.message.clone(),
+            )
+            .await;
+        }
+    }
+    Ok(next_action(&verdict))
+}
+
+/// A broken object waits for its next change instead of being retried in a loop.
+fn next_action(verdict: &Result<Ready, Invalid>) -> Action {
+    match verdict {
+        Ok(_) => Action::requeue(RESYNC),
+        Err(_) => Action::await_change(),
+    }
+}
+
+async fn cleanup(obj: &ClawSecret, ctx: &Context) -> Result<Action, Error> {
+    let version = obj
+        .spec
+        .sealed
+        .as_ref()
+        .map(|s| s.version)
+        .max(obj.status.as_ref().and_then(|s| s.version));
+    let note = match version {
+        Some(v) => format!("deleted at version {v}; nodes remove their copies"),
+        None => "deleted before it was sealed".to_owned(),
+    };
+    tracing::info!(namespace = %obj.namespace().unwrap_or_default(), name = %obj.name_any(),
+        "ClawSecret deleted");
+    ctx.event(obj, EventType::Normal, "Deleted", "Delete", note)
+        .await;
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::crd::ClawSecretSpec;
+
+    fn secret(data: Option<&str>) -> ClawSecret {
+        let mut s = ClawSecret::new(
+            "db.password",
+            ClawSecretSpec {
+                name: None,
+                data: data.map(|v| BTreeMap::from([("password".to_owned(), v.to_owned())])),
+                allowed_workloads: vec![],
+                node_selector: None,
+                sealed: None,
+            },
+        );
+        s.metadata.namespace = Some("team-a".into());
+        s.metadata.generation = Some(3);
+        s.metadata.resource_version = Some("42".into());
+        s
+    }
+
+    fn sealed_with(keyring: &Keyring, obj: &mut ClawSecret, version: u64) {
+        let key = convert::secret_key(obj).unwrap();
+        let data = convert::secret_data(&BTreeMap::from([("k".into(), "v".into())])).unwrap();
+        let version = Version::new(version).unwrap();
+        let env = crypto::seal(
+            keyring,
+            &SecretIdentity {
+                kind: Kind::Secret,
+                namespace: &key.namespace,
+                name: &key.name,
+                version,
+            },
+            &data,
+        )
+        .unwrap();
+        obj.spec.sealed = Some(SealedData {
+            version: version.get(),
+            key_id: env.key_id().to_string(),
+            envelope: B64.encode(env.to_bytes()),
+            sealed_at: "2025-01-01T00:00:00Z".into(),
+        });
+    }
+
+    #[test]
+    fn versions_only_move_forward() {
+        let mut s = secret(Some("x"));
+        assert_eq!(next_version(&s).get(), 1);
+        s.status = Some(ClawSecretStatus {
+            version: Some(4),
+            ..Default::default()
+        });
+        assert_eq!(next_version(&s).get(), 5);
+        let ring = Keyring::generate().unwrap();
+        sealed_with(&ring, &mut s, 7);
+        assert_eq!(next_version(&s).get(), 8);
+    }
+
+    #[test]
+    fn the_seal_patch_removes_plaintext_everywhere_and_is_guarded() {
+        let mut s = secret(Some("canary-7f3a"));
+        s.metadata.annotations = Some(BTreeMap::from([(
+            LAST_APPLIED.to_owned(),
+            serde_json::to_string(&json!({
+                "apiVersion": "clawbernetes.io/v1alpha1", "kind": "ClawSecret",
+                "metadata": {"name": "db.password"},
+                "spec": {"data": {"password": "canary-7f3a"}, "allowedWorkloads": ["api"]},
+            }))
+            .unwrap(),
+        )]));
+        let sealed = SealedData {
+            version: 1,
+            key_id: "k-1".into(),
+            envelope: "AAAA".into(),
+            sealed_at: "2025-01-01T00:00:00Z".into(),
+        };
+        let patch = seal_patch(&s, &sealed);
+        let text = patch.to_string();
+        assert!(!text.contains("canary"), "{text}");
+        assert_eq!(patch["metadata"]["resourceVersion"], "42");
+        assert!(patch["spec"]["data"].is_null());
+        assert_eq!(patch["spec"]["sealed"]["keyId"], "k-1");
+        let applied: Value = serde_json::from_str(
+            patch["metadata"]["annotations"][LAST_APPLIED]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(applied["spec"], json!({"allowedWorkloads": ["api"]}));
+        // An annotation that cannot be read is dropped rather than kept.
+        assert_eq!(scrub_last_applied("{not json canary"), None);
+        // Objects created without kubectl apply get no annotation in the patch.
+        let plain = seal_patch(&secret(Some("x")), &sealed);
+        assert!(plain["metadata"].get("annotations").is_none());
+    }
+
+    #[test]
+    fn status_reports_sealed_versions_and_why_not() {
+        let ring = Keyring::generate().unwrap();
+        let now: Timestamp = "2025-01-02T00:00:00Z".parse().unwrap();
+        let mut s = secret(None);
+        let v = verdict(&s, &ring, "ns/key");
+        assert_eq!(v.as_ref().err().unwrap().reason, "NotSealed");
+
+        sealed_with(&ring, &mut s, 2);
+        let v = verdict(&s, &ring, "ns/key");
+        let status = desired_status(&s, &v, now);
+        assert_eq!(status.version, Some(2));
+        assert_eq!(status.observed_generation, Some(3));
+        let ready = &status.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Sealed")
+        );
+        assert!(ready.message.starts_with("version 2 sealed with key k-"));
+        // The same verdict again is the same status: nothing to write.
+        s.status = Some(status.clone());
+        let later: Timestamp = "2025-01-03T00:00:00Z".parse().unwrap();
+        assert_eq!(desired_status(&s, &v, later), status);
+
+        // A key the keyring does not have.
+        let other = Keyring::generate().unwrap();
+        let err = verdict(&s, &other, "ns/key").err().unwrap();
+        assert_eq!(err.reason, "UnknownKey");
+        let broken = desired_status(&s, &Err(err), later);
+        assert_eq!(broken.version, Some(2), "the version is kept");
+        assert_eq!(broken.conditions[0].status, "False");
+        assert_eq!(broken.conditions[0].last_transition_time, later.to_string());
+
+        // Going back to an older version is refused.
+        s.status.as_mut().unwrap().version = Some(5);
+        assert_eq!(
+            verdict(&s, &ring, "ns/key").err().unwrap().reason,
+            "VersionRegressed"
+        );
+
+        // A tampered envelope.
+        s.spec.sealed.as_mut().unwrap().envelope = "not base64!".into();
+        assert_eq!(
+            verdict(&s, &ring, "ns/key").err().unwrap().reason,
+            "InvalidSealedData"
+        );
+    }
+}

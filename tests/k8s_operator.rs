@@ -1,0 +1,1051 @@
+//! Cluster tests of `claw-secrets operator` against a real kube-apiserver (see
+//! docs/control-plane.md): sealing, rotation, malformed objects, the CRDs' CEL rules, config
+//! immutability in the reconcile loop, leader election with failover, deletion, and the
+//! metrics and health endpoints.
+//!
+//! Each test has its own namespace and runs its own operator process(es) (the real binary),
+//! restricted to that namespace with `--watch-namespace` so tests running side by side never
+//! reconcile each other's objects; the Lease and the master key Secret live there too.
+//!
+//! Waits poll with a generous timeout; nothing asserts how fast anything happened.
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use serde_json::{Value, json};
+
+use claw_secrets::k8s::convert::data_hash;
+use claw_secrets::k8s::crd::{ClawConfig, ClawConfigSpec, ClawSecret, ClawSecretSpec};
+
+use control_plane::TestEnv;
+
+const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
+const MASTER_KEY: &str = "claw-secrets-master-key";
+const LEASE: &str = "claw-secrets-operator";
+/// A guard against waiting forever; never a performance assertion.
+const PATIENCE: Duration = Duration::from_secs(45);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+/// Installs both CRDs once per test binary, from the Rust types (`crds/crds.yaml` is checked
+/// against them by a unit test), and waits until they are served.
+fn install_crds() {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = DONE.get_or_init(|| {
+        // Every test has its own runtime; do this once on a runtime of its own.
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let client = control_plane::control_plane().client().await;
+                let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+                for crd in [ClawSecret::crd(), ClawConfig::crd()] {
+                    let name = crd.name_any();
+                    api.patch(
+                        &name,
+                        &PatchParams::apply("claw-secrets-operator-tests").force(),
+                        &Patch::Apply(&crd),
+                    )
+                    .await
+                    .map_err(|e| format!("the API server refused CRD {name}: {e}"))?;
+                }
+                let secrets: Api<ClawSecret> = Api::all(client.clone());
+                let configs: Api<ClawConfig> = Api::all(client);
+                let deadline = Instant::now() + PATIENCE;
+                loop {
+                    let established = futures::future::join_all(
+                        ["clawsecrets.clawbernetes.io", "clawconfigs.clawbernetes.io"]
+                            .map(|n| api.get(n)),
+                    )
+                    .await
+                    .into_iter()
+                    .all(|crd| {
+                        crd.ok()
+                            .and_then(|c| c.status)
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                    let lp = ListParams::default().limit(1);
+                    if established
+                        && secrets.list(&lp).await.is_ok()
+                        && configs.list(&lp).await.is_ok()
+                    {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        return Err("the CRDs were not established in time".to_owned());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err("installing the CRDs panicked".to_owned()))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+async fn setup(hint: &str) -> TestEnv {
+    let env = control_plane::test_env(hint).await;
+    install_crds();
+    env
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A `claw-secrets operator` process confined to the test's namespace; SIGKILLed when dropped.
+struct Operator {
+    identity: String,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Operator {
+    fn start(env: &TestEnv, identity: &str, lease_seconds: u32) -> Operator {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("{}-{identity}.log", env.namespace));
+        let file = std::fs::File::create(&log).expect("operator log file");
+        let child = Command::new(BIN)
+            .arg("operator")
+            .args(["--namespace", &env.namespace])
+            .args(["--watch-namespace", &env.namespace])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--identity", identity])
+            .args(["--lease-duration-seconds", &lease_seconds.to_string()])
+            .env("KUBECONFIG", &env.kubeconfig)
+            // Everything the operator logs, at every level of its own code, is checked for
+            // plaintext by the tests that use canaries.
+            .env("CLAW_SECRETS_LOG", "info,claw_secrets=trace")
+            .env_remove("RUST_LOG")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("WATCH_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log fd"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {BIN} operator: {e}"));
+        Operator {
+            identity: identity.to_owned(),
+            port,
+            log,
+            child: Some(child),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `GET path` on the metrics port: `(status, body)`, or `None` if nothing answers.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.port, path)
+    }
+
+    fn is_leader(&self) -> bool {
+        self.get("/metrics")
+            .is_some_and(|(_, body)| body.lines().any(|l| l == "claw_secrets_operator_leader 1"))
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child, not reaped yet.
+            unsafe {
+                libc::kill(i32::try_from(child.id()).expect("pid"), signal);
+            }
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- operator {} ({}):\n{}",
+                self.identity,
+                self.log.display(),
+                self.log_tail()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET (the endpoints are plain text, and the test should not depend on
+/// the operator's own HTTP stack).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// Polls `check` every 100 ms until it returns `Ok`; fails with `what` and the last state
+/// (and the operators' logs, printed by their `Drop`) after [`PATIENCE`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {PATIENCE:?} waiting for {what}; last state: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> ClawSecret {
+    ClawSecret::new(
+        name,
+        ClawSecretSpec {
+            name: None,
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            allowed_workloads: vec![],
+            node_selector: None,
+            sealed: None,
+        },
+    )
+}
+
+fn config(name: &str, data: &[(&str, &str)], immutable: bool) -> ClawConfig {
+    ClawConfig::new(
+        name,
+        ClawConfigSpec {
+            name: None,
+            data: data
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            immutable,
+            node_selector: None,
+        },
+    )
+}
+
+/// The Ready condition as `(status, reason, message)`.
+fn ready_of(
+    conditions: Option<&Vec<claw_secrets::k8s::crd::Condition>>,
+) -> Option<(String, String, String)> {
+    conditions?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn secret_ready(s: &ClawSecret) -> Option<(String, String, String)> {
+    ready_of(s.status.as_ref().map(|s| &s.conditions))
+}
+
+fn config_ready(c: &ClawConfig) -> Option<(String, String, String)> {
+    ready_of(c.status.as_ref().map(|s| &s.conditions))
+}
+
+/// Waits until ClawSecret `name` is sealed at `version` and Ready; returns it.
+async fn sealed_at(api: &Api<ClawSecret>, name: &str, version: u64) -> ClawSecret {
+    eventually(&format!("ClawSecret {name} sealed at version {version}"), || async {
+        let s = api.get(name).await.map_err(|e| e.to_string())?;
+        let sealed = s.spec.sealed.as_ref().map(|x| x.version);
+        let status = s.status.as_ref().and_then(|x| x.version);
+        let ready = secret_ready(&s);
+        let done = s.spec.data.is_none()
+            && sealed == Some(version)
+            && status == Some(version)
+            && ready.as_ref().is_some_and(|r| r.0 == "True" && r.1 == "Sealed");
+        if done {
+            Ok(s)
+        } else {
+            Err(format!(
+                "data present: {}, sealed: {sealed:?}, status.version: {status:?}, ready: {ready:?}",
+                s.spec.data.is_some()
+            ))
+        }
+    })
+    .await
+}
+
+/// The object exactly as the API server stores it (all fields, annotations included), as JSON.
+async fn raw_json(client: &Client, ns: &str, name: &str) -> String {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &ApiResource::erase::<ClawSecret>(&()));
+    serde_json::to_string(&api.get(name).await.expect("get raw object")).expect("json")
+}
+
+/// Every Event of the namespace, from both Event APIs, as JSON.
+async fn all_events_json(client: &Client, ns: &str) -> String {
+    let v1: Api<Event> = Api::namespaced(client.clone(), ns);
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), ns);
+    let a = v1.list(&ListParams::default()).await.expect("list events");
+    let b = core
+        .list(&ListParams::default())
+        .await
+        .expect("list core events");
+    format!(
+        "{}\n{}",
+        serde_json::to_string(&a.items).unwrap(),
+        serde_json::to_string(&b.items).unwrap()
+    )
+}
+
+/// Events about `object` with `reason`, as `(type, note)`.
+async fn events_for(
+    client: &Client,
+    ns: &str,
+    object: &str,
+    reason: &str,
+) -> Vec<(String, String)> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
+        })
+        .map(|e| (e.type_.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+async fn wait_event(
+    client: &Client,
+    ns: &str,
+    object: &str,
+    reason: &str,
+) -> Vec<(String, String)> {
+    eventually(&format!("a {reason} Event on {object}"), || async {
+        let found = events_for(client, ns, object, reason).await;
+        if found.is_empty() {
+            Err("none yet".to_owned())
+        } else {
+            Ok(found)
+        }
+    })
+    .await
+}
+
+fn kubectl() -> Option<PathBuf> {
+    let local = control_plane::bin_dir().join("kubectl");
+    if local.is_file() {
+        return Some(local);
+    }
+    Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| PathBuf::from("kubectl"))
+}
+
+/// `kubectl apply -f -` (client-side apply, which copies the manifest, plaintext included,
+/// into the last-applied annotation: the operator must scrub it).
+fn kubectl_apply(kubectl: &Path, kubeconfig: &Path, ns: &str, manifest: &Value) {
+    let mut child = Command::new(kubectl)
+        .args(["apply", "-n", ns, "-f", "-"])
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn api_code(r: Result<impl std::fmt::Debug, kube::Error>) -> (u16, String) {
+    match r {
+        Err(kube::Error::Api(s)) => (s.code, s.message),
+        other => panic!("expected the API server to refuse, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// Plaintext in, ciphertext out: sealed at version 1, rotated to 2, deleted with an Event; the
+/// canaries appear nowhere (object, kubectl's annotation, status, Events, operator log); the
+/// master key Secret was created; /metrics, /healthz and /readyz answer.
+#[tokio::test]
+async fn seals_rotates_and_deletes_a_secret_without_leaking_plaintext() {
+    let env = setup("op-seal").await;
+    let ns = env.namespace.as_str();
+    let client = env.client.clone();
+    let api: Api<ClawSecret> = env.api();
+    let op = Operator::start(&env, "op-seal", 15);
+    let canary = format!("canary-{}", control_plane::unique_namespace("v1"));
+    let canary2 = format!("canary2-{}", control_plane::unique_namespace("v2"));
+
+    // Version 1, applied the way users do (kubectl apply, last-applied annotation and all).
+    let manifest = json!({
+        "apiVersion": "clawbernetes.io/v1alpha1",
+        "kind": "ClawSecret",
+        "metadata": { "name": "db.password" },
+        "spec": { "data": { "password": canary, "user": "admin" }, "allowedWorkloads": ["api"] },
+    });
+    match kubectl() {
+        Some(k) => kubectl_apply(&k, &env.kubeconfig, ns, &manifest),
+        None => {
+            eprintln!(
+                "no kubectl: creating through the API (the last-applied path is not covered)"
+            );
+            api.create(
+                &PostParams::default(),
+                &serde_json::from_value(manifest).unwrap(),
+            )
+            .await
+            .expect("create ClawSecret");
+        }
+    }
+    let v1 = sealed_at(&api, "db.password", 1).await;
+    let sealed = v1.spec.sealed.as_ref().unwrap();
+    let ready = secret_ready(&v1).unwrap();
+    assert_eq!(
+        ready.2,
+        format!("version 1 sealed with key {}", sealed.key_id)
+    );
+    assert!(
+        v1.finalizers()
+            .iter()
+            .any(|f| f == "clawbernetes.io/cleanup")
+    );
+    let created = wait_event(&client, ns, "db.password", "Created").await;
+    assert_eq!(created[0].0, "Normal");
+    assert!(created[0].1.contains("version 1") && created[0].1.contains(&sealed.key_id));
+
+    // The master key Secret exists where the operator lives, holding the key that sealed it.
+    let key_secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(MASTER_KEY)
+        .await
+        .expect("the operator created the master key Secret");
+    let ring = String::from_utf8(key_secret.data.unwrap()["keyring.json"].0.clone()).unwrap();
+    assert!(ring.contains(&sealed.key_id));
+
+    // Rotation: new plaintext, version 2, Rotated.
+    api.patch(
+        "db.password",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "data": { "password": canary2 } } })),
+    )
+    .await
+    .expect("set new data");
+    let v2 = sealed_at(&api, "db.password", 2).await;
+    assert_ne!(v2.spec.sealed.as_ref().unwrap().envelope, sealed.envelope);
+    let rotated = wait_event(&client, ns, "db.password", "Rotated").await;
+    assert!(rotated[0].1.contains("version 2"), "{rotated:?}");
+
+    // Nowhere in clear: the stored object (annotations, managed fields, status), any Event,
+    // the operator's log.
+    let object = raw_json(&client, ns, "db.password").await;
+    let events = all_events_json(&client, ns).await;
+    for c in [&canary, &canary2] {
+        assert!(
+            !object.contains(c.as_str()),
+            "plaintext left in the object: {object}"
+        );
+        assert!(
+            !events.contains(c.as_str()),
+            "plaintext in an Event: {events}"
+        );
+        assert!(
+            !op.log_text().contains(c.as_str()),
+            "plaintext in the operator log"
+        );
+    }
+    assert!(
+        object.contains("last-applied-configuration") || kubectl().is_none(),
+        "kubectl's annotation is scrubbed, not removed: {object}"
+    );
+
+    // Versions never go down: the server refuses an older sealed version.
+    let (code, _) = api_code(
+        api.patch(
+            "db.password",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "sealed": { "version": 1 } } })),
+        )
+        .await,
+    );
+    assert_eq!(code, 422);
+
+    // Deletion: a Deleted Event, and the object goes (the finalizer is removed).
+    api.delete("db.password", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("db.password to disappear", || async {
+        match api
+            .get_opt("db.password")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None => Ok(()),
+            Some(s) => Err(format!("still there, finalizers {:?}", s.finalizers())),
+        }
+    })
+    .await;
+    let deleted = wait_event(&client, ns, "db.password", "Deleted").await;
+    assert!(deleted[0].1.contains("version 2"), "{deleted:?}");
+
+    // Endpoints.
+    assert_eq!(op.get("/healthz").map(|r| r.0), Some(200));
+    assert_eq!(op.get("/readyz").map(|r| r.0), Some(200));
+    let (status, metrics) = op.get("/metrics").expect("/metrics answers");
+    assert_eq!(status, 200);
+    let sample = |line: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample {line} in\n{metrics}"))
+    };
+    assert!(
+        sample(
+            "claw_secrets_operator_reconciliations_total{kind=\"ClawSecret\",result=\"success\"}"
+        ) >= 3
+    );
+    assert_eq!(
+        sample("claw_secrets_operator_seals_total{event=\"created\"}"),
+        1
+    );
+    assert_eq!(
+        sample("claw_secrets_operator_seals_total{event=\"rotated\"}"),
+        1
+    );
+    assert_eq!(sample("claw_secrets_operator_leader"), 1);
+    for c in [&canary, &canary2] {
+        assert!(!metrics.contains(c.as_str()));
+    }
+    env.cleanup().await;
+}
+
+/// A malformed object is reported on its own status (with a reason that says what is wrong)
+/// and never holds up the others.
+#[tokio::test]
+async fn malformed_objects_are_reported_and_do_not_stall_others() {
+    let env = setup("op-malformed").await;
+    let ns = env.namespace.as_str();
+    let client = env.client.clone();
+    let secrets: Api<ClawSecret> = env.api();
+    let configs: Api<ClawConfig> = env.api();
+    let op = Operator::start(&env, "op-malformed", 15);
+    let canary = format!("canary-{}", control_plane::unique_namespace("bad"));
+
+    // A data key the seed does not allow (the schema does not constrain map keys).
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("bad-key", &[("bad key", &canary)]),
+        )
+        .await
+        .expect("create bad-key");
+    // spec.name that does not belong to this object name.
+    let mut mismatch = secret("mismatch", &[("password", "x")]);
+    mismatch.spec.name = Some("someone.else".to_owned());
+    secrets
+        .create(&PostParams::default(), &mismatch)
+        .await
+        .expect("create mismatch");
+    // A sealed secret whose envelope is garbage.
+    let forged = ClawSecret::new(
+        "forged",
+        ClawSecretSpec {
+            name: None,
+            data: None,
+            allowed_workloads: vec![],
+            node_selector: None,
+            sealed: Some(claw_secrets::k8s::crd::SealedData {
+                version: 1,
+                key_id: "k-0000000000000000".to_owned(),
+                envelope: "bm90IGFuIGVudmVsb3Bl".to_owned(),
+                sealed_at: "2025-01-01T00:00:00Z".to_owned(),
+            }),
+        },
+    );
+    secrets
+        .create(&PostParams::default(), &forged)
+        .await
+        .expect("create forged");
+    // A config with a bad key.
+    configs
+        .create(
+            &PostParams::default(),
+            &config("bad-config", &[("no/slash", "v")], false),
+        )
+        .await
+        .expect("create bad-config");
+    // ... and valid objects created after them.
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("good", &[("password", "fine")]),
+        )
+        .await
+        .expect("create good");
+    configs
+        .create(
+            &PostParams::default(),
+            &config("good-config", &[("mode", "fast")], false),
+        )
+        .await
+        .expect("create good-config");
+
+    sealed_at(&secrets, "good", 1).await;
+    eventually("good-config accepted", || async {
+        let c = configs
+            .get("good-config")
+            .await
+            .map_err(|e| e.to_string())?;
+        match config_ready(&c) {
+            Some(r) if r.0 == "True" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    for (name, reason, mentions) in [
+        ("bad-key", "InvalidData", "bad key"),
+        ("mismatch", "InvalidName", "someone.else"),
+        ("forged", "InvalidSealedData", "envelope"),
+    ] {
+        let (status, why, message) = eventually(&format!("{name} reported"), || async {
+            let s = secrets.get(name).await.map_err(|e| e.to_string())?;
+            secret_ready(&s).ok_or_else(|| "no Ready condition yet".to_owned())
+        })
+        .await;
+        assert_eq!(
+            (status.as_str(), why.as_str()),
+            ("False", reason),
+            "{name}: {message}"
+        );
+        assert!(message.contains(mentions), "{name}: {message}");
+        let warned = wait_event(&client, ns, name, reason).await;
+        assert_eq!(warned[0].0, "Warning");
+    }
+    let c = configs.get("bad-config").await.unwrap();
+    let (status, why, _) = config_ready(&c).expect("bad-config reported");
+    assert_eq!((status.as_str(), why.as_str()), ("False", "InvalidData"));
+    assert!(c.status.unwrap().accepted_data_hash.is_none());
+
+    // The unsealable plaintext stays where the user put it, but goes nowhere else.
+    let bad = secrets.get("bad-key").await.unwrap();
+    let status_json = serde_json::to_string(&bad.status).unwrap();
+    assert!(!status_json.contains(&canary));
+    assert!(!all_events_json(&client, ns).await.contains(&canary));
+    assert!(!op.log_text().contains(&canary));
+
+    // Fixing the object is all it takes.
+    secrets
+        .patch(
+            "bad-key",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "data": { "bad key": null, "good_key": "v" } } })),
+        )
+        .await
+        .expect("fix bad-key");
+    sealed_at(&secrets, "bad-key", 1).await;
+    env.cleanup().await;
+}
+
+/// The CRDs' validation in the real API server (no operator involved).
+#[tokio::test]
+async fn the_api_server_enforces_the_crd_rules() {
+    let env = setup("op-cel").await;
+    let secrets: Api<ClawSecret> = env.api();
+    let configs: Api<ClawConfig> = env.api();
+    let pp = PatchParams::default();
+
+    configs
+        .create(
+            &PostParams::default(),
+            &config("frozen", &[("mode", "fast")], true),
+        )
+        .await
+        .expect("create an immutable config");
+    let (code, message) = api_code(
+        configs
+            .patch(
+                "frozen",
+                &pp,
+                &Patch::Merge(json!({ "spec": { "data": { "mode": "slow" } } })),
+            )
+            .await,
+    );
+    assert_eq!(code, 422, "{message}");
+    assert!(message.contains("immutable"), "{message}");
+    let (code, message) = api_code(
+        configs
+            .patch(
+                "frozen",
+                &pp,
+                &Patch::Merge(json!({ "spec": { "immutable": false } })),
+            )
+            .await,
+    );
+    assert_eq!(code, 422, "{message}");
+    // Deleting it is still allowed.
+    configs
+        .delete("frozen", &DeleteParams::default())
+        .await
+        .expect("delete an immutable config");
+
+    let mut upper = secret("upper", &[("k", "v")]);
+    upper.spec.name = Some("Upper".to_owned());
+    let (code, message) = api_code(secrets.create(&PostParams::default(), &upper).await);
+    assert_eq!(code, 422, "{message}");
+
+    let mut empty = secret("empty", &[]);
+    empty.spec.data = None;
+    let (code, message) = api_code(secrets.create(&PostParams::default(), &empty).await);
+    assert_eq!(code, 422, "{message}");
+
+    let mut sealed = secret("sealed", &[]);
+    sealed.spec.data = None;
+    sealed.spec.sealed = Some(claw_secrets::k8s::crd::SealedData {
+        version: 3,
+        key_id: "k-0000000000000000".to_owned(),
+        envelope: "AAAA".to_owned(),
+        sealed_at: "2025-01-01T00:00:00Z".to_owned(),
+    });
+    secrets
+        .create(&PostParams::default(), &sealed)
+        .await
+        .expect("create a sealed secret");
+    let (code, message) = api_code(
+        secrets
+            .patch(
+                "sealed",
+                &pp,
+                &Patch::Merge(json!({ "spec": { "sealed": { "version": 2 } } })),
+            )
+            .await,
+    );
+    assert_eq!(code, 422, "{message}");
+    assert!(message.contains("only moves forward"), "{message}");
+    secrets
+        .patch(
+            "sealed",
+            &pp,
+            &Patch::Merge(json!({ "spec": { "sealed": { "version": 4 } } })),
+        )
+        .await
+        .expect("a higher version is fine");
+    env.cleanup().await;
+}
+
+/// Config data is accepted into status.acceptedDataHash (what node agents deliver); a mutable
+/// config's new data is accepted again; data written over a config the operator accepted as
+/// immutable is refused with ImmutableViolation and the accepted hash stays.
+#[tokio::test]
+async fn configs_are_accepted_and_immutability_holds_in_the_loop() {
+    let env = setup("op-config").await;
+    let ns = env.namespace.as_str();
+    let client = env.client.clone();
+    let configs: Api<ClawConfig> = env.api();
+    let _op = Operator::start(&env, "op-config", 15);
+
+    let accepted = |name: &'static str, hash: String| {
+        let configs = configs.clone();
+        async move {
+            eventually(&format!("{name} accepted with hash {hash}"), || async {
+                let c = configs.get(name).await.map_err(|e| e.to_string())?;
+                let status = c.status.clone().unwrap_or_default();
+                let ready = config_ready(&c);
+                if status.accepted_data_hash.as_deref() == Some(hash.as_str())
+                    && ready
+                        .as_ref()
+                        .is_some_and(|r| r.0 == "True" && r.1 == "Accepted")
+                {
+                    Ok(c)
+                } else {
+                    Err(format!("{status:?}"))
+                }
+            })
+            .await
+        }
+    };
+
+    // Mutable: each new data is accepted, updatedAt moves.
+    let first = BTreeMap::from([("mode".to_owned(), "fast".to_owned())]);
+    configs
+        .create(
+            &PostParams::default(),
+            &config("app.settings", &[("mode", "fast")], false),
+        )
+        .await
+        .expect("create");
+    let c1 = accepted("app.settings", data_hash(&first)).await;
+    let second = BTreeMap::from([("mode".to_owned(), "slow".to_owned())]);
+    configs
+        .patch(
+            "app.settings",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "data": { "mode": "slow" } } })),
+        )
+        .await
+        .expect("update");
+    let c2 = accepted("app.settings", data_hash(&second)).await;
+    let (t1, t2) = (
+        c1.status.unwrap().updated_at.unwrap(),
+        c2.status.unwrap().updated_at.unwrap(),
+    );
+    assert!(t2 > t1, "updatedAt moves with the data: {t1} -> {t2}");
+
+    // Immutable: accepted, and remembered as such.
+    configs
+        .create(
+            &PostParams::default(),
+            &config("frozen", &[("mode", "fast")], true),
+        )
+        .await
+        .expect("create immutable");
+    let frozen = accepted("frozen", data_hash(&first)).await;
+    let remembered = frozen
+        .status
+        .unwrap()
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Immutable" && c.status == "True");
+    assert!(
+        remembered,
+        "the operator records that it accepted the config as immutable"
+    );
+
+    // A server without CEL would let new data through; here CEL refuses it (see the CEL
+    // test), so simulate the loophole: a mutable config the operator has accepted as
+    // immutable (status forged) gets new data and immutable: true in one write, which CEL
+    // allows because the previous object was mutable.
+    configs
+        .create(
+            &PostParams::default(),
+            &config("loophole", &[("mode", "fast")], false),
+        )
+        .await
+        .expect("create loophole");
+    let loophole = accepted("loophole", data_hash(&first)).await;
+    let mut conditions = loophole.status.clone().unwrap().conditions;
+    conditions.push(claw_secrets::k8s::crd::Condition {
+        type_: "Immutable".to_owned(),
+        status: "True".to_owned(),
+        reason: "AcceptedAsImmutable".to_owned(),
+        message: "forged by the test".to_owned(),
+        last_transition_time: "2025-01-01T00:00:00Z".to_owned(),
+        observed_generation: None,
+    });
+    configs
+        .patch_status(
+            "loophole",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "conditions": conditions } })),
+        )
+        .await
+        .expect("forge status");
+    configs
+        .patch(
+            "loophole",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "immutable": true, "data": { "mode": "slow" } } })),
+        )
+        .await
+        .expect("CEL lets a mutable config change data and become immutable at once");
+    let refused = eventually("loophole refused", || async {
+        let c = configs.get("loophole").await.map_err(|e| e.to_string())?;
+        match config_ready(&c) {
+            Some(r) if r.1 == "ImmutableViolation" && r.2.contains("data of an immutable") => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        refused.status.unwrap().accepted_data_hash,
+        Some(data_hash(&first)),
+        "nodes keep the accepted data"
+    );
+    let warned = wait_event(&client, ns, "loophole", "ImmutableViolation").await;
+    assert_eq!(warned[0].0, "Warning");
+
+    // Deleting a config: Deleted Event, object gone.
+    configs
+        .delete("app.settings", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_event(&client, ns, "app.settings", "Deleted").await;
+    eventually("app.settings to disappear", || async {
+        match configs
+            .get_opt("app.settings")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            None => Ok(()),
+            Some(_) => Err("still there".to_owned()),
+        }
+    })
+    .await;
+    env.cleanup().await;
+}
+
+/// Two replicas: exactly one leads (holds the Lease, reports leader 1), both are ready; the
+/// leader is SIGKILLed and the standby takes over and seals new secrets; a SIGTERMed leader
+/// releases the Lease and exits 0.
+#[tokio::test]
+async fn one_leader_at_a_time_and_failover() {
+    let env = setup("op-leader").await;
+    let secrets: Api<ClawSecret> = env.api();
+    let leases: Api<Lease> = env.api();
+    let lease_seconds = 4;
+    let mut a = Operator::start(&env, "replica-a", lease_seconds);
+    let mut b = Operator::start(&env, "replica-b", lease_seconds);
+
+    let holder = || async {
+        leases
+            .get_opt(LEASE)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default()
+    };
+    let first = eventually("one replica to lead, the other to stand by", || async {
+        let h = holder().await;
+        let ready = |op: &Operator| op.get("/readyz").is_some_and(|r| r.0 == 200);
+        let leaders = [&a, &b].iter().filter(|op| op.is_leader()).count();
+        if (h == "replica-a" || h == "replica-b") && ready(&a) && ready(&b) && leaders == 1 {
+            Ok(h)
+        } else {
+            Err(format!("holder {h:?}, leaders {leaders}"))
+        }
+    })
+    .await;
+    let (leader, standby) = if first == "replica-a" {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(leader.is_leader() && !standby.is_leader());
+    secrets
+        .create(&PostParams::default(), &secret("before", &[("k", "v")]))
+        .await
+        .unwrap();
+    let before = sealed_at(&secrets, "before", 1).await;
+
+    // The leader dies without a word: the standby waits out the lease, then takes over.
+    leader.kill();
+    let second = eventually("the standby to take over", || async {
+        let h = holder().await;
+        if h == standby.identity && standby.is_leader() {
+            Ok(h)
+        } else {
+            Err(format!("holder {h:?}"))
+        }
+    })
+    .await;
+    assert_ne!(second, first);
+    secrets
+        .create(&PostParams::default(), &secret("after", &[("k", "v")]))
+        .await
+        .unwrap();
+    let after = sealed_at(&secrets, "after", 1).await;
+    assert_eq!(
+        after.spec.sealed.unwrap().key_id,
+        before.spec.sealed.unwrap().key_id,
+        "the new leader uses the same master key"
+    );
+    let lease = leases.get(LEASE).await.unwrap().spec.unwrap();
+    assert!(lease.lease_transitions.unwrap_or(0) >= 1, "{lease:?}");
+
+    // A clean shutdown releases the Lease at once and exits 0.
+    standby.signal(libc::SIGTERM);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = standby.exited() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        standby.log_tail()
+    );
+    assert_eq!(holder().await, "", "the Lease was released");
+    env.cleanup().await;
+}
