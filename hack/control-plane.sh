@@ -12,10 +12,19 @@
 #                                              --parent-pid, a watchdog tears everything down (and
 #                                              removes DIR) as soon as that process is gone.
 #   hack/control-plane.sh down DIR             stop what `up DIR` started and remove DIR
+#   hack/control-plane.sh stop-apiserver DIR   stop only kube-apiserver (etcd and DIR stay), to test
+#                                              clients through an API server outage
+#   hack/control-plane.sh start-apiserver DIR [--timeout SECS]
+#                                              start kube-apiserver again with the arguments `up`
+#                                              used (same port, same etcd data) and wait for /readyz
 #   hack/control-plane.sh gc [ROOT]            remove leftovers of dead test runs under ROOT
 #                                              (default ${TMPDIR:-/tmp}; dirs claw-secrets-cp-*)
 #   hack/control-plane.sh bin-dir              print the bin dir (does not build)
 #   hack/control-plane.sh versions             print the pinned versions
+#
+# `up` also writes DIR/tokens.csv, the API server's --token-auth-file: two human test users
+# with random bearer tokens, `alice` and `bob` (lines `TOKEN,USER,UID,"GROUPS"`; both in group
+# claw-secrets-test:humans, neither granted anything). Tests grant them access with RBAC.
 #
 # Environment:
 #   CLAW_K8S_BIN    bin dir to build into / run from
@@ -197,7 +206,8 @@ recorded_pid() {
 }
 
 # kill_recorded DIR NAME...: stop the recorded processes, SIGTERM first (all at once), then
-# SIGKILL whatever is still there after 10 seconds.
+# SIGKILL whatever is still there after KILL_GRACE seconds (default 10), and wait for that to
+# take effect.
 kill_recorded() {
     local dir="$1" name pid i
     shift
@@ -206,7 +216,7 @@ kill_recorded() {
         pid="$(recorded_pid "$dir" "$name")" || continue
         kill -TERM "$pid" 2>/dev/null && pids+=("$name")
     done
-    for ((i = 0; i < 100 && ${#pids[@]} > 0; i++)); do
+    for ((i = 0; i < ${KILL_GRACE:-10} * 10 && ${#pids[@]} > 0; i++)); do
         local -a left=()
         for name in "${pids[@]}"; do
             recorded_pid "$dir" "$name" >/dev/null && left+=("$name")
@@ -216,6 +226,15 @@ kill_recorded() {
     done
     for name in "${pids[@]}"; do
         pid="$(recorded_pid "$dir" "$name")" && kill -KILL "$pid" 2>/dev/null
+    done
+    # SIGKILL is not instant either: wait (up to 5 seconds) until they are gone.
+    for ((i = 0; i < 50 && ${#pids[@]} > 0; i++)); do
+        local -a left=()
+        for name in "${pids[@]}"; do
+            recorded_pid "$dir" "$name" >/dev/null && left+=("$name")
+        done
+        pids=("${left[@]}")
+        ((${#pids[@]} == 0)) || sleep 0.1
     done
     return 0
 }
@@ -285,6 +304,18 @@ EOF
         openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null
         rm -f ./*.csr ./*.srl ./*.ext
     ) || die "certificate generation failed (is openssl installed?)"
+}
+
+# gen_tokens DIR: the static token file (--token-auth-file) with the human test users.
+gen_tokens() {
+    local dir="$1" user
+    (
+        umask 077
+        for user in alice bob; do
+            printf '%s,%s,%s,"claw-secrets-test:humans"\n' "$(openssl rand -hex 24)" "$user" "uid-$user"
+        done >"$dir/tokens.csv.tmp"
+        mv "$dir/tokens.csv.tmp" "$dir/tokens.csv"
+    ) || die "token file generation failed"
 }
 
 write_kubeconfig() { # DIR PORT
@@ -378,6 +409,7 @@ cmd_up() {
 
     local start=$SECONDS attempt
     gen_certs "$dir/pki"
+    gen_tokens "$dir"
     for attempt in 1 2 3; do
         if start_servers "$dir" "$bin" "$timeout"; then
             break
@@ -424,45 +456,106 @@ start_servers() {
         sleep 0.1
     done
 
-    start_bg "$dir" kube-apiserver "$bin/kube-apiserver" \
-        --etcd-servers="http://127.0.0.1:$etcd_port" \
-        --bind-address=127.0.0.1 \
-        --advertise-address=127.0.0.1 \
-        --secure-port="$api_port" \
-        --tls-cert-file="$pki/serving.crt" \
-        --tls-private-key-file="$pki/serving.key" \
-        --client-ca-file="$pki/ca.crt" \
-        --authorization-mode=RBAC \
-        --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-        --service-account-key-file="$pki/sa.pub" \
-        --service-account-signing-key-file="$pki/sa.key" \
-        --service-cluster-ip-range=10.0.0.0/24 \
-        --allow-privileged=true \
-        --disable-admission-plugins=ServiceAccount \
-        --profiling=false \
+    # The arguments are saved so that `start-apiserver` can bring the same server back.
+    local -a api_args=(
+        "$bin/kube-apiserver"
+        --etcd-servers="http://127.0.0.1:$etcd_port"
+        --bind-address=127.0.0.1
+        --advertise-address=127.0.0.1
+        --secure-port="$api_port"
+        --tls-cert-file="$pki/serving.crt"
+        --tls-private-key-file="$pki/serving.key"
+        --client-ca-file="$pki/ca.crt"
+        --token-auth-file="$dir/tokens.csv"
+        --authorization-mode=RBAC
+        --service-account-issuer=https://kubernetes.default.svc.cluster.local
+        --service-account-key-file="$pki/sa.pub"
+        --service-account-signing-key-file="$pki/sa.key"
+        --service-cluster-ip-range=10.0.0.0/24
+        --allow-privileged=true
+        --disable-admission-plugins=ServiceAccount
+        --profiling=false
         --v=1
+    )
+    printf '%s\0' "${api_args[@]}" >"$dir/kube-apiserver.args"
+    printf '%s\n' "$api_port" >"$dir/kube-apiserver.port"
+    start_bg "$dir" kube-apiserver "${api_args[@]}"
 
-    local code
+    if wait_apiserver_ready "$dir" "$api_port" "$deadline"; then
+        APISERVER_PORT="$api_port"
+        return 0
+    fi
+    stop_servers "$dir"
+    return 1
+}
+
+# wait_apiserver_ready DIR PORT DEADLINE: wait (until $SECONDS reaches DEADLINE) for /readyz of
+# the kube-apiserver recorded in DIR; non-zero, with the last log lines, if it exits or times out.
+wait_apiserver_ready() {
+    local dir="$1" port="$2" deadline="$3" pki="$1/pki" code
     while ((SECONDS < deadline)); do
         if ! alive "$dir" etcd || ! alive "$dir" kube-apiserver; then
             log "a server exited early; last log lines:"
             tail -n 15 "$dir/etcd.log" "$dir/kube-apiserver.log" >&2 || true
-            stop_servers "$dir"
             return 1
         fi
         code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 \
             --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
-            "https://127.0.0.1:$api_port/readyz" 2>/dev/null || true)"
-        if [[ "$code" == 200 ]]; then
-            APISERVER_PORT="$api_port"
-            return 0
-        fi
+            "https://127.0.0.1:$port/readyz" 2>/dev/null || true)"
+        [[ "$code" == 200 ]] && return 0
         sleep 0.25
     done
-    log "kube-apiserver not ready after ${timeout}s; last log lines:"
+    log "kube-apiserver not ready after waiting; last log lines:"
     tail -n 15 "$dir/kube-apiserver.log" >&2 || true
-    stop_servers "$dir"
     return 1
+}
+
+# check_up DIR: DIR holds a control plane that `up` finished starting.
+check_up() {
+    local dir="$1"
+    [[ -n "$dir" ]] || die "usage: $0 stop-apiserver|start-apiserver DIR"
+    [[ -f "$dir/$MARKER" ]] || die "$dir was not created by '$0 up'"
+    [[ -f "$dir/kube-apiserver.args" && -f "$dir/kube-apiserver.port" ]] ||
+        die "$dir has no saved kube-apiserver arguments (started by an older '$0 up'?)"
+    alive "$dir" etcd || die "etcd of $dir is not running"
+}
+
+# stop-apiserver DIR: stop kube-apiserver only; etcd, its data and DIR stay.
+cmd_stop_apiserver() {
+    local dir="${1:-}"
+    check_up "$dir"
+    # It stops listening at once, but open watches keep a stopping kube-apiserver alive long
+    # after that: do not wait the full grace period for them.
+    KILL_GRACE=3 kill_recorded "$dir" kube-apiserver
+    alive "$dir" kube-apiserver && die "kube-apiserver of $dir did not stop"
+    log "kube-apiserver of $dir stopped (etcd still running)"
+}
+
+# start-apiserver DIR [--timeout SECS]: start kube-apiserver with the saved arguments (same
+# port, same etcd) and wait for /readyz.
+cmd_start_apiserver() {
+    local dir="" timeout=120
+    while (($#)); do
+        case "$1" in
+        --timeout) timeout="${2:?--timeout needs seconds}"; shift 2 ;;
+        --timeout=*) timeout="${1#*=}"; shift ;;
+        -*) die "unknown option $1" ;;
+        *) [[ -z "$dir" ]] || die "only one DIR"; dir="$1"; shift ;;
+        esac
+    done
+    check_up "$dir"
+    local port
+    port="$(cat "$dir/kube-apiserver.port")"
+    if alive "$dir" kube-apiserver; then
+        log "kube-apiserver of $dir is already running"
+        return 0
+    fi
+    local -a api_args=()
+    mapfile -d '' api_args <"$dir/kube-apiserver.args"
+    start_bg "$dir" kube-apiserver "${api_args[@]}"
+    wait_apiserver_ready "$dir" "$port" "$((SECONDS + timeout))" ||
+        die "kube-apiserver of $dir did not come back on port $port (log: $dir/kube-apiserver.log)"
+    log "kube-apiserver of $dir running again: https://127.0.0.1:$port"
 }
 
 cmd_down() {
@@ -494,6 +587,8 @@ main() {
     install) cmd_install "$@" ;;
     up) cmd_up "$@" ;;
     down) cmd_down "$@" ;;
+    stop-apiserver) cmd_stop_apiserver "$@" ;;
+    start-apiserver) cmd_start_apiserver "$@" ;;
     gc) cmd_gc "$@" ;;
     bin-dir) bin_dir ;;
     versions) printf 'kubernetes %s\netcd %s\nhelm %s\n' "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION" ;;

@@ -8,9 +8,12 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use kube::api::{Api, PostParams};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::domain::{ErrorCode, Namespace, Workload};
@@ -27,13 +30,91 @@ const MAX_CACHED: usize = 10_000;
 
 struct Reviewed {
     caller: Caller,
-    at: Instant,
+    /// When this process reviewed the token; `None` for a review loaded from disk, which is
+    /// only used while the API server is unreachable.
+    at: Option<Instant>,
     usable_until: Instant,
+    /// `usable_until` on the wall clock, for a token with a known expiry (only those are kept
+    /// on disk).
+    usable_until_wall: Option<SystemTime>,
 }
 
 pub struct KubeIdentity {
     client: kube::Client,
     cache: Mutex<HashMap<[u8; 32], Reviewed>>,
+    persisted: Option<Arc<ReviewFile>>,
+}
+
+/// Token reviews kept on disk (the agent's data dir), so that an agent restarted while the API
+/// server is down still accepts the tokens it had verified before (DESIGN.md: an agent serves
+/// reads within 100 ms of start with the API server down). Holds SHA-256 digests of tokens,
+/// never tokens, and only reviews of tokens with a known expiry, each until that expiry.
+struct ReviewFile {
+    path: PathBuf,
+    /// Snapshots are numbered so that a slower write never replaces a newer snapshot.
+    next: AtomicU64,
+    written: Mutex<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewFileContents {
+    format: u32,
+    reviews: Vec<PersistedReview>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PersistedReview {
+    /// Hex SHA-256 of the token.
+    digest: String,
+    username: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    extra: BTreeMap<String, Vec<String>>,
+    /// Unix seconds.
+    usable_until: u64,
+}
+
+const REVIEW_FILE_FORMAT: u32 = 1;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The caller an authenticated user stands for.
+fn caller_of(
+    username: String,
+    groups: Vec<String>,
+    uid: Option<String>,
+    extra: BTreeMap<String, Vec<String>>,
+) -> Caller {
+    let (namespace, workload) = match service_account(&username) {
+        Some((ns, w)) => (Some(ns), Some(w)),
+        None => (None, None),
+    };
+    Caller {
+        namespace,
+        workload,
+        groups,
+        uid,
+        extra,
+        ..Caller::named(username)
+    }
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> InvokeError {
@@ -64,6 +145,95 @@ impl KubeIdentity {
         KubeIdentity {
             client,
             cache: Mutex::new(HashMap::new()),
+            persisted: None,
+        }
+    }
+
+    /// Keeps token reviews in `path` across restarts, and loads the unexpired ones kept there.
+    /// They are used only while the API server cannot be reached.
+    pub fn with_review_file(mut self, path: PathBuf) -> Self {
+        let now = SystemTime::now();
+        let instant = Instant::now();
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<ReviewFileContents>(&bytes) {
+                Ok(contents) if contents.format == REVIEW_FILE_FORMAT => {
+                    let mut cache = self.cache.lock().unwrap();
+                    for r in contents.reviews {
+                        let until = UNIX_EPOCH + Duration::from_secs(r.usable_until);
+                        let (Some(digest), Ok(left)) =
+                            (unhex32(&r.digest), until.duration_since(now))
+                        else {
+                            continue;
+                        };
+                        cache.insert(
+                            digest,
+                            Reviewed {
+                                caller: caller_of(r.username, r.groups, r.uid, r.extra),
+                                at: None,
+                                usable_until: instant + left.min(STALE_FOR),
+                                usable_until_wall: Some(until),
+                            },
+                        );
+                    }
+                }
+                Ok(_) | Err(_) => tracing::warn!(path = %path.display(),
+                    "saved token reviews are unreadable; ignoring them"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read saved token reviews")
+            }
+        }
+        self.persisted = Some(Arc::new(ReviewFile {
+            path,
+            next: AtomicU64::new(1),
+            written: Mutex::new(0),
+        }));
+        self
+    }
+
+    /// Writes the reviews worth keeping (unexpired, with a known expiry) to the review file.
+    async fn save_reviews(&self) {
+        let Some(file) = self.persisted.clone() else {
+            return;
+        };
+        let now = SystemTime::now();
+        let (bytes, number) = {
+            let cache = self.cache.lock().unwrap();
+            let reviews = cache
+                .iter()
+                .filter_map(|(digest, r)| {
+                    let until = r.usable_until_wall.filter(|u| *u > now)?;
+                    Some(PersistedReview {
+                        digest: hex(digest),
+                        username: r.caller.subject.clone(),
+                        groups: r.caller.groups.clone(),
+                        uid: r.caller.uid.clone(),
+                        extra: r.caller.extra.clone(),
+                        usable_until: until.duration_since(UNIX_EPOCH).ok()?.as_secs(),
+                    })
+                })
+                .collect();
+            let contents = ReviewFileContents {
+                format: REVIEW_FILE_FORMAT,
+                reviews,
+            };
+            (
+                serde_json::to_vec(&contents).expect("reviews serialize"),
+                file.next.fetch_add(1, Ordering::Relaxed),
+            )
+        };
+        let written = tokio::task::spawn_blocking(move || {
+            let mut last = file.written.lock().unwrap();
+            if *last < number {
+                crate::store::write_private_file_atomic(&file.path, &bytes)?;
+                *last = number;
+            }
+            Ok::<_, crate::store::StoreError>(())
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(error = %e, "could not save token reviews; after a restart, callers need the API server again");
         }
     }
 
@@ -78,7 +248,7 @@ impl KubeIdentity {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = Instant::now();
         if let Some(hit) = self.cache.lock().unwrap().get(&digest)
-            && now.duration_since(hit.at) < FRESH_FOR
+            && hit.at.is_some_and(|at| now.duration_since(at) < FRESH_FOR)
         {
             return Ok(hit.caller.clone());
         }
@@ -106,45 +276,53 @@ impl KubeIdentity {
         let user = match (status.authenticated, status.user) {
             (Some(true), Some(user)) => user,
             _ => {
-                self.cache.lock().unwrap().remove(&digest);
+                let forgotten = self.cache.lock().unwrap().remove(&digest);
+                if forgotten.is_some_and(|r| r.usable_until_wall.is_some()) {
+                    self.save_reviews().await;
+                }
                 return Err(InvokeError::new(
                     ErrorCode::Unauthenticated,
                     "the bearer token was rejected by the API server (TokenReview)",
                 ));
             }
         };
-        let username = user.username.unwrap_or_default();
-        let (namespace, workload) = match service_account(&username) {
-            Some((ns, w)) => (Some(ns), Some(w)),
-            None => (None, None),
-        };
-        let caller = Caller {
-            namespace,
-            workload,
-            groups: user.groups.unwrap_or_default(),
-            uid: user.uid,
-            extra: user.extra.unwrap_or_default(),
-            ..Caller::named(username)
-        };
-        let stale_limit = now + STALE_FOR;
-        let usable_until = jwt_expiry(token)
-            .and_then(|exp| exp.duration_since(SystemTime::now()).ok())
-            .map_or(now + FRESH_FOR, |left| (now + left).min(stale_limit));
-        let mut cache = self.cache.lock().unwrap();
-        if cache.len() >= MAX_CACHED {
-            cache.retain(|_, r| now < r.usable_until);
-            if cache.len() >= MAX_CACHED {
-                cache.clear();
-            }
-        }
-        cache.insert(
-            digest,
-            Reviewed {
-                caller: caller.clone(),
-                at: now,
-                usable_until,
-            },
+        let caller = caller_of(
+            user.username.unwrap_or_default(),
+            user.groups.unwrap_or_default(),
+            user.uid,
+            user.extra.unwrap_or_default(),
         );
+        let wall_now = SystemTime::now();
+        let left = jwt_expiry(token)
+            .and_then(|exp| exp.duration_since(wall_now).ok())
+            .map(|left| left.min(STALE_FOR));
+        let usable_until = left.map_or(now + FRESH_FOR, |left| now + left);
+        let usable_until_wall = left.map(|left| wall_now + left);
+        let new_on_disk = {
+            let mut cache = self.cache.lock().unwrap();
+            if cache.len() >= MAX_CACHED {
+                cache.retain(|_, r| now < r.usable_until);
+                if cache.len() >= MAX_CACHED {
+                    cache.clear();
+                }
+            }
+            let previous = cache.insert(
+                digest,
+                Reviewed {
+                    caller: caller.clone(),
+                    at: Some(now),
+                    usable_until,
+                    usable_until_wall,
+                },
+            );
+            // Saved when first seen (or seen as someone else); re-reviews change nothing the
+            // file needs.
+            usable_until_wall.is_some()
+                && previous.is_none_or(|p| p.caller != caller || p.usable_until_wall.is_none())
+        };
+        if new_on_disk {
+            self.save_reviews().await;
+        }
         Ok(caller)
     }
 
@@ -197,6 +375,56 @@ mod tests {
         assert_eq!((ns.as_str(), w.as_str()), ("prod", "api-server"));
         assert!(service_account("alice@example.com").is_none());
         assert!(service_account("system:serviceaccount:prod").is_none());
+    }
+
+    /// A client for a server that is not there: every review fails to connect.
+    fn unreachable_client() -> kube::Client {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn saved_reviews_serve_a_restart_while_the_api_server_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token-reviews.json");
+        let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        let entry = |token: &str, until: SystemTime| PersistedReview {
+            digest: hex(&Sha256::digest(token.as_bytes())),
+            username: "system:serviceaccount:prod:api".to_owned(),
+            groups: vec!["system:serviceaccounts".to_owned()],
+            uid: Some("u-1".to_owned()),
+            extra: BTreeMap::new(),
+            usable_until: until.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+        };
+        let contents = ReviewFileContents {
+            format: REVIEW_FILE_FORMAT,
+            reviews: vec![entry("known", in_an_hour), entry("expired", an_hour_ago)],
+        };
+        std::fs::write(&path, serde_json::to_vec(&contents).unwrap()).unwrap();
+
+        let identity = KubeIdentity::new(unreachable_client()).with_review_file(path.clone());
+        let caller = identity.authenticate(Some("known")).await.unwrap();
+        assert_eq!(caller.subject, "system:serviceaccount:prod:api");
+        assert_eq!(
+            caller.workload.map(|w| w.to_string()).as_deref(),
+            Some("api")
+        );
+        assert_eq!(caller.groups, vec!["system:serviceaccounts".to_owned()]);
+        for token in ["expired", "never-seen"] {
+            let err = identity.authenticate(Some(token)).await.unwrap_err();
+            assert_eq!(err.code, ErrorCode::Unavailable, "{token}");
+        }
+        let raw = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !raw.contains("\"known\""),
+            "the file holds digests, never tokens"
+        );
+
+        // A damaged file is ignored, not fatal.
+        std::fs::write(&path, b"{not json").unwrap();
+        let identity = KubeIdentity::new(unreachable_client()).with_review_file(path);
+        assert!(identity.authenticate(Some("known")).await.is_err());
     }
 
     #[test]

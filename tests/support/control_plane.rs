@@ -20,6 +20,8 @@
 //! - `KUBECONFIG_E2E=/path/to/kubeconfig`: use that cluster (e.g. kind) and start nothing.
 //! - `CLAW_K8S_BIN=/dir`: where `etcd` and `kube-apiserver` are (default: the cache that
 //!   `hack/control-plane.sh install` builds into).
+//! - `CLAW_TEST_TOKEN_ALICE` / `CLAW_TEST_TOKEN_BOB`: bearer tokens of two human users of an
+//!   external cluster (a local control plane makes its own, see [`ControlPlane::user_token`]).
 //!
 //! Missing binaries are a test failure with instructions, never a silent skip.
 #![allow(dead_code)] // every test target uses a different subset
@@ -74,6 +76,77 @@ impl ControlPlane {
     /// How long starting the control plane took (zero for an external cluster).
     pub fn startup_time(&self) -> Duration {
         self.startup
+    }
+
+    /// The bearer token of a human test user (`alice` or `bob`), authenticated by the API
+    /// server's static token file (`hack/control-plane.sh up` writes `DIR/tokens.csv`; both
+    /// users are in group `claw-secrets-test:humans` and are granted nothing). For an external
+    /// cluster, `CLAW_TEST_TOKEN_<USER>` must hold a token of such a user.
+    pub fn user_token(&self, user: &str) -> Result<String, String> {
+        let Some(dir) = &self.state_dir else {
+            let var = format!("CLAW_TEST_TOKEN_{}", user.to_ascii_uppercase());
+            return std::env::var(&var)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "the external cluster in {KUBECONFIG_E2E} has no known token for the human \
+                         test user {user:?}: set {var} to the bearer token of a user named {user} \
+                         who has no RBAC grants (e.g. from a static token file)"
+                    )
+                });
+        };
+        let path = dir.join("tokens.csv");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        text.lines()
+            .filter_map(|l| {
+                let mut fields = l.splitn(3, ',');
+                Some((fields.next()?, fields.next()?))
+            })
+            .find(|(_, u)| *u == user)
+            .map(|(token, _)| token.to_owned())
+            .ok_or_else(|| format!("{} has no user {user:?}", path.display()))
+    }
+
+    /// Stops kube-apiserver only (etcd and its data stay), with `hack/control-plane.sh
+    /// stop-apiserver`. An external cluster cannot be stopped: `Err` says so.
+    pub fn stop_apiserver(&self) -> Result<(), String> {
+        self.apiserver_script("stop-apiserver")
+    }
+
+    /// Starts kube-apiserver again after [`ControlPlane::stop_apiserver`]: same port, same etcd
+    /// data, same arguments; returns once it is ready.
+    pub fn start_apiserver(&self) -> Result<(), String> {
+        self.apiserver_script("start-apiserver")
+    }
+
+    fn apiserver_script(&self, command: &str) -> Result<(), String> {
+        let Some(dir) = &self.state_dir else {
+            return Err(format!(
+                "`{command}` needs the local control plane: the cluster in {KUBECONFIG_E2E} is \
+                 not ours to stop and start"
+            ));
+        };
+        let script = repo_root().join("hack/control-plane.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(command)
+            .arg(dir)
+            .env(CLAW_K8S_BIN, bin_dir())
+            .output()
+            .map_err(|e| format!("running {}: {e}", script.display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{} {command} {}` failed ({}):\n{}",
+                script.display(),
+                dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     }
 
     /// A new client for this cluster, bound to the current tokio runtime.

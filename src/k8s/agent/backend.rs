@@ -43,8 +43,9 @@ pub type KeyringSlot = Arc<RwLock<Option<Keyring>>>;
 
 pub struct KubeBackend {
     client: kube::Client,
-    /// Publishes AccessDenied Events; repeats are folded into a series by the recorder, so a
-    /// caller hammering a secret cannot flood the API server.
+    /// Publishes AccessDenied Events; repeats (same object, caller and command) are folded
+    /// into a series by the recorder, so a caller hammering a secret cannot flood the API
+    /// server.
     recorder: Recorder,
     identity: KubeIdentity,
     store: Arc<Store>,
@@ -140,6 +141,13 @@ impl KubeBackend {
             store,
             keyring,
         }
+    }
+
+    /// Keeps token reviews in `path` across restarts, so callers verified before can still read
+    /// after a restart while the API server is down (see [`KubeIdentity::with_review_file`]).
+    pub fn with_review_file(mut self, path: std::path::PathBuf) -> Self {
+        self.identity = self.identity.with_review_file(path);
+        self
     }
 
     fn keyring(&self) -> Result<Keyring, InvokeError> {
@@ -756,8 +764,9 @@ impl KubeBackend {
         ns: &Namespace,
         name: &Name,
         action: &str,
-        subject: &str,
+        caller: &Caller,
     ) {
+        let subject = &caller.subject;
         let reference = ObjectReference {
             api_version: Some(format!("{}/v1alpha1", crate::k8s::crd::GROUP)),
             kind: Some(kind.to_owned()),
@@ -765,12 +774,31 @@ impl KubeBackend {
             name: Some(object_name(name)),
             ..ObjectReference::default()
         };
+        // The recorder folds Events with the same regarding object, action and related object
+        // into one series and keeps the first note, so the command and the caller go into those
+        // fields: otherwise every later denial on the object, by anyone, would only raise the
+        // count of the first one and be shown under its subject.
+        let caller_ref = match (&caller.namespace, &caller.workload) {
+            (Some(ns), Some(workload)) => ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("ServiceAccount".to_owned()),
+                namespace: Some(ns.to_string()),
+                name: Some(workload.to_string()),
+                ..ObjectReference::default()
+            },
+            _ => ObjectReference {
+                api_version: Some("rbac.authorization.k8s.io/v1".to_owned()),
+                kind: Some("User".to_owned()),
+                name: Some(subject.clone()),
+                ..ObjectReference::default()
+            },
+        };
         let event = Event {
             type_: EventType::Warning,
             reason: "AccessDenied".to_owned(),
             note: Some(format!("{subject} was denied {action}")),
-            action: "Authorize".to_owned(),
-            secondary: None,
+            action: action.to_owned(),
+            secondary: Some(caller_ref),
         };
         let recorder = self.recorder.clone();
         tokio::spawn(async move {
@@ -816,7 +844,7 @@ impl Backend for KubeBackend {
             && e.code == ErrorCode::PermissionDenied
             && let (Some(ns), Some(name)) = (&target.namespace, &target.name)
         {
-            self.access_denied_event(kind, ns, name, action, &caller.subject);
+            self.access_denied_event(kind, ns, name, action, caller);
         }
         (target, result)
     }

@@ -3,8 +3,9 @@
 //! `node.invoke` on the node: reads from the store, writes through the API server.
 //!
 //! Start-up order matters for the "serve reads within 100 ms, API server down" target: the
-//! store, the cached keyring and the audit log are local, so the server listens before the
-//! agent has talked to the API server at all; syncing and key refresh run in the background.
+//! store, the cached keyring, the saved token reviews and the audit log are local, so the
+//! server listens before the agent has talked to the API server at all; syncing and key
+//! refresh run in the background.
 
 mod backend;
 mod sync;
@@ -151,7 +152,8 @@ pub async fn run(
         )),
     ];
 
-    let backend = KubeBackend::new(client, store, keyring, &config.node_name);
+    let backend = KubeBackend::new(client, store, keyring, &config.node_name)
+        .with_review_file(config.data_dir.join("token-reviews.json"));
     let dispatcher = Arc::new(Dispatcher::new(backend, audit, config.node_name.clone()));
     let served = crate::invoke::serve(listener, dispatcher, shutdown).await;
     for task in background {

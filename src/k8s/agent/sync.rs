@@ -272,3 +272,139 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .await
         .expect("store task does not panic")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+
+    use crate::crypto::{self, Keyring, SecretIdentity};
+    use crate::domain::{Kind, Name, Namespace, Version};
+    use crate::k8s::crd::{ClawSecretSpec, SealedData};
+
+    fn key() -> ObjectKey {
+        ObjectKey::new(
+            Namespace::parse("prod").unwrap(),
+            Name::parse("db").unwrap(),
+        )
+    }
+
+    /// A ClawSecret `prod/db` with object uid `uid`, sealed as `version` of `value`.
+    fn sealed(keyring: &Keyring, uid: &str, version: u64, value: &str) -> ClawSecret {
+        let key = key();
+        let data = convert::secret_data(&[("password".into(), value.into())].into()).unwrap();
+        let identity = SecretIdentity {
+            kind: Kind::Secret,
+            namespace: &key.namespace,
+            name: &key.name,
+            version: Version::new(version).unwrap(),
+        };
+        let envelope = crypto::seal(keyring, &identity, &data).unwrap();
+        let mut obj = ClawSecret::new(
+            "db",
+            ClawSecretSpec {
+                name: None,
+                data: None,
+                allowed_workloads: vec![],
+                node_selector: None,
+                sealed: Some(SealedData {
+                    version,
+                    key_id: envelope.key_id().to_string(),
+                    envelope: B64.encode(envelope.to_bytes()),
+                    sealed_at: "2025-01-01T00:00:00Z".into(),
+                }),
+            },
+        );
+        obj.metadata.namespace = Some("prod".into());
+        obj.metadata.uid = Some(uid.into());
+        obj
+    }
+
+    /// The stored version, origin and decrypted value of `prod/db`.
+    fn stored(store: &Store, keyring: &Keyring) -> Option<(u64, String, String)> {
+        let r = store.secret(&key())?;
+        let data = crypto::open(
+            keyring,
+            &SecretIdentity {
+                kind: Kind::Secret,
+                namespace: &r.key.namespace,
+                name: &r.key.name,
+                version: r.version,
+            },
+            &r.envelope,
+        )
+        .unwrap();
+        Some((
+            r.version.get(),
+            r.origin.clone().unwrap_or_default(),
+            data.get("password").unwrap().expose().to_owned(),
+        ))
+    }
+
+    #[test]
+    fn an_older_version_never_replaces_the_stored_one_but_a_recreated_object_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let labels = Labels::new();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let v = |version: u64, uid: &str, value: &str| {
+            Some((version, uid.to_owned(), value.to_owned()))
+        };
+
+        assert_eq!(
+            apply(&sealed(&keyring, "uid-1", 2, "two"), &labels, &store),
+            Some(key())
+        );
+        assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
+
+        // An older version of the same object (a stale watch event, a re-list from a lagging
+        // API server) is ignored, and the key still counts as present (no sweep).
+        assert_eq!(
+            apply(&sealed(&keyring, "uid-1", 1, "one"), &labels, &store),
+            Some(key())
+        );
+        assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
+
+        // Also after a restart (the store reopened from disk).
+        drop(store);
+        let (store, _) = Store::open(dir.path()).unwrap();
+        apply(&sealed(&keyring, "uid-1", 1, "one"), &labels, &store);
+        assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
+
+        // Newer versions move it forward.
+        apply(&sealed(&keyring, "uid-1", 3, "three"), &labels, &store);
+        assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
+
+        // A recreated object (new uid) starts its own history at version 1.
+        apply(&sealed(&keyring, "uid-2", 1, "fresh"), &labels, &store);
+        assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
+        // ... and the old object's versions no longer count.
+        apply(&sealed(&keyring, "uid-1", 3, "three"), &labels, &store);
+        assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
+    }
+
+    #[test]
+    fn a_deselected_or_deleted_object_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let gpu = Labels::from([("gpu".to_owned(), "true".to_owned())]);
+        let mut obj = sealed(&keyring, "uid-1", 1, "one");
+        apply(&obj, &gpu, &store);
+        assert!(store.secret(&key()).is_some());
+
+        obj.spec.node_selector = Some([("gpu".to_owned(), "false".to_owned())].into());
+        assert_eq!(apply(&obj, &gpu, &store), None);
+        assert!(store.secret(&key()).is_none());
+
+        obj.spec.node_selector = None;
+        apply(&obj, &gpu, &store);
+        assert!(store.secret(&key()).is_some());
+        obj.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+        );
+        assert_eq!(apply(&obj, &gpu, &store), None);
+        assert!(store.secret(&key()).is_none());
+    }
+}

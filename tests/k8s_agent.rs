@@ -1,0 +1,1313 @@
+//! The node agent against a real kube-apiserver (issue 4): several `claw-secrets agent`
+//! processes, each with its own Node object, store and port, driven over `POST /v1/invoke` with
+//! real bearer tokens (ServiceAccount tokens from TokenRequest, human users from the API
+//! server's static token file), checked by TokenReview and SubjectAccessReview.
+//!
+//! Needs the control plane binaries (`bash hack/control-plane.sh install`); see
+//! docs/control-plane.md. Tests that stop the API server, run the operator (it reconciles every
+//! namespace) or measure latency take the control plane for themselves; the others share it.
+//!
+//! Latency figures are printed, never asserted: run
+//! `cargo test --test k8s_agent latency -- --nocapture` (and `... burst -- --nocapture`) and
+//! look for lines starting with `LATENCY:`.
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::StreamExt;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
+use cluster::{Agent, Cluster, GPU, PATIENCE, eventually, random_hex};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// Polls `agent` until `secret.get` of `ns/name` answers `version` with `data`.
+async fn wait_secret(agent: &Agent, token: &str, ns: &str, name: &str, version: u64, data: &Value) {
+    eventually(
+        &format!("{name} v{version} on {}", agent.node),
+        PATIENCE,
+        || async {
+            let got = agent.get_secret(token, ns, name).await.result()?;
+            if got["version"] == json!(version) && &got["data"] == data {
+                Ok(())
+            } else {
+                Err(format!(
+                    "version {} (data {})",
+                    got["version"],
+                    if &got["data"] == data {
+                        "as expected"
+                    } else {
+                        "differs"
+                    }
+                ))
+            }
+        },
+    )
+    .await;
+}
+
+/// Polls `agent` until `secret.get` of `ns/name` answers NOT_FOUND (HTTP 404).
+async fn wait_secret_gone(agent: &Agent, token: &str, ns: &str, name: &str) {
+    eventually(
+        &format!("{name} to be gone from {}", agent.node),
+        PATIENCE,
+        || async {
+            let reply = agent.get_secret(token, ns, name).await;
+            match reply.code() {
+                Some("NOT_FOUND") => Ok(reply),
+                _ => Err(format!("{}: {}", reply.status, reply.body)),
+            }
+        },
+    )
+    .await
+    .expect_error("NOT_FOUND", "secret.get of a removed secret");
+}
+
+/// Polls `agent` until `config.get` of `ns/name` answers `data`.
+async fn wait_config(agent: &Agent, token: &str, ns: &str, name: &str, data: &Value) {
+    eventually(
+        &format!("config {name} with the expected data on {}", agent.node),
+        PATIENCE,
+        || async {
+            let got = agent
+                .invoke(
+                    Some(token),
+                    "config.get",
+                    json!({ "name": name, "namespace": ns }),
+                )
+                .await
+                .result()?;
+            if &got["data"] == data {
+                Ok(())
+            } else {
+                Err(format!("data {}", got["data"]))
+            }
+        },
+    )
+    .await;
+}
+
+fn secret_data() -> Value {
+    json!({ "password": format!("pw-{}", random_hex(12)), "user": "app" })
+}
+
+/// Whether some audit record says `subject` was denied `command` on `name` in `ns` (`name`
+/// `None`: a list).
+fn audited_denial(
+    audit: &[Value],
+    subject: &str,
+    command: &str,
+    ns: &str,
+    name: Option<&str>,
+) -> bool {
+    audit.iter().any(|r| {
+        r["decision"] == json!("deny")
+            && r["subject"] == json!(subject)
+            && r["command"] == json!(command)
+            && r["namespace"] == json!(ns)
+            && name.is_none_or(|n| r["name"] == json!(n))
+    })
+}
+
+/// Median, min and max of some durations, in milliseconds.
+fn summary(samples: &[Duration]) -> String {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    format!(
+        "median {:.0} ms, min {:.0} ms, max {:.0} ms (n={})",
+        ms[ms.len() / 2],
+        ms[0],
+        ms[ms.len() - 1],
+        ms.len()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Three nodes: create, rotate, delete (one node down), nodeSelector
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn secrets_reach_every_selected_node_and_leave_on_delete() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("multinode").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let [a, b, mut node_c] = c.three_agents().await;
+
+    // Created through node-a, readable through every node (node-c included).
+    let v1 = secret_data();
+    let created = a
+        .invoke(
+            Some(&alice),
+            "secret.create",
+            json!({ "name": "db.password", "namespace": ns, "data": v1 }),
+        )
+        .await
+        .payload("secret.create via node-a");
+    assert_eq!(created["version"], json!(1), "{created}");
+    for agent in [&node_c, &b, &a] {
+        wait_secret(agent, &alice, &ns, "db.password", 1, &v1).await;
+    }
+
+    // Rotated through node-b: version 2 with the new data reaches all three.
+    let v2 = secret_data();
+    let rotated = b
+        .invoke(
+            Some(&alice),
+            "secret.rotate",
+            json!({ "name": "db.password", "namespace": ns, "newData": v2 }),
+        )
+        .await
+        .payload("secret.rotate via node-b");
+    assert_eq!(rotated["version"], json!(2), "{rotated}");
+    for agent in [&a, &b, &node_c] {
+        wait_secret(agent, &alice, &ns, "db.password", 2, &v2).await;
+    }
+
+    // Deleted through node-a while node-c is stopped: node-c still holds its copy while down,
+    // and drops it once it is back (the re-list sweeps what it did not see).
+    node_c.terminate();
+    assert!(
+        node_c.stored_secret(&ns, "db.password").is_some(),
+        "node-c's store should hold the secret before the delete"
+    );
+    let deleted = a
+        .invoke(
+            Some(&alice),
+            "secret.delete",
+            json!({ "name": "db.password", "namespace": ns }),
+        )
+        .await
+        .payload("secret.delete via node-a");
+    assert_eq!(deleted["deleted"], json!(true), "{deleted}");
+    let gone = c.secrets().get_opt("db.password").await.unwrap();
+    assert!(
+        gone.is_none_or(|s| s.metadata.deletion_timestamp.is_some()),
+        "the ClawSecret is deleted (or being deleted) in the API server"
+    );
+    for agent in [&a, &b] {
+        wait_secret_gone(agent, &alice, &ns, "db.password").await;
+        assert!(agent.stored_secret(&ns, "db.password").is_none());
+    }
+    assert!(
+        node_c.stored_secret(&ns, "db.password").is_some(),
+        "node-c was down: its file is still there until it restarts"
+    );
+    node_c.restart().await;
+    wait_secret_gone(&node_c, &alice, &ns, "db.password").await;
+    assert!(
+        node_c.stored_secret(&ns, "db.password").is_none(),
+        "node-c's data dir still has a file for the deleted secret"
+    );
+
+    // nodeSelector (set with the kube API): only the selected nodes keep the secret.
+    let gpu = secret_data();
+    a.invoke(
+        Some(&alice),
+        "secret.create",
+        json!({ "name": "gpu.token", "namespace": ns, "data": gpu }),
+    )
+    .await
+    .payload("secret.create gpu.token");
+    for agent in [&a, &b, &node_c] {
+        wait_secret(agent, &alice, &ns, "gpu.token", 1, &gpu).await;
+    }
+    c.secrets()
+        .patch(
+            "gpu.token",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "nodeSelector": { GPU: "true" } } })),
+        )
+        .await
+        .expect("setting spec.nodeSelector");
+    // node-c (no gpu label) drops it: an admin with `reveal` gets NOT_FOUND, not a denial.
+    wait_secret_gone(&node_c, &alice, &ns, "gpu.token").await;
+    assert!(node_c.stored_secret(&ns, "gpu.token").is_none());
+    for agent in [&a, &b] {
+        let got = agent
+            .get_secret(&alice, &ns, "gpu.token")
+            .await
+            .payload("secret.get on a selected node");
+        assert_eq!(got["data"], gpu);
+        assert!(agent.stored_secret(&ns, "gpu.token").is_some());
+    }
+    // Labels decide, as they change: node-c gains the label and receives it, node-a loses it
+    // and drops it.
+    cluster::label_node(&c.client(), &node_c.node, &[(GPU, "true")]).await;
+    wait_secret(&node_c, &alice, &ns, "gpu.token", 1, &gpu).await;
+    cluster::label_node(&c.client(), &a.node, &[(GPU, "false")]).await;
+    wait_secret_gone(&a, &alice, &ns, "gpu.token").await;
+    assert!(a.stored_secret(&ns, "gpu.token").is_none());
+    let got = b
+        .get_secret(&alice, &ns, "gpu.token")
+        .await
+        .payload("node-b still selected");
+    assert_eq!(got["data"], gpu);
+
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Access matrix with real tokens
+// ---------------------------------------------------------------------------------------------
+
+/// Flips the `sub` claim of a JWT, keeping its signature: a forged token.
+fn tamper(token: &str) -> String {
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    assert_eq!(parts.len(), 3, "a ServiceAccount token is a JWS");
+    let payload = URL_SAFE_NO_PAD
+        .decode(&parts[1])
+        .expect("base64url payload");
+    let mut claims: Value = serde_json::from_slice(&payload).expect("JSON claims");
+    let sub = claims["sub"].as_str().expect("sub").to_owned();
+    claims["sub"] = Value::String(sub.replace(":app", ":admin"));
+    parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+    parts.join(".")
+}
+
+#[tokio::test]
+async fn access_matrix_with_real_tokens() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("access").await;
+    let other_env = control_plane::test_env("access-other").await;
+    let client = c.client();
+    let ns = c.ns().to_owned();
+    let ns2 = other_env.namespace.clone();
+    let alice = c.alice().await;
+    let bob = c.user_token("bob");
+    let app = cluster::service_account_token(&client, &ns, "app").await;
+    let other = cluster::service_account_token(&client, &ns, "other").await;
+    let foreign = cluster::service_account_token(&client, &ns2, "app").await;
+    let sa = |n: &str, w: &str| format!("system:serviceaccount:{n}:{w}");
+    let (app_subject, other_subject, foreign_subject) =
+        (sa(&ns, "app"), sa(&ns, "other"), sa(&ns2, "app"));
+    let agent = c.agent("a", &[]).await;
+    let denied = "PERMISSION_DENIED";
+
+    // A secret only workload `app` may read.
+    let data = secret_data();
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.create",
+            json!({ "name": "db", "namespace": ns, "data": data, "allowed_workloads": ["app"] }),
+        )
+        .await
+        .payload("alice creates db");
+
+    // Workloads reading.
+    let got = agent
+        .get_secret(&app, &ns, "db")
+        .await
+        .payload("allowed workload reads");
+    assert_eq!(got["data"], data);
+    let got = agent
+        .invoke(Some(&app), "secret.get", json!({ "name": "db" }))
+        .await
+        .payload("allowed workload reads from its own namespace by default");
+    assert_eq!(got["data"], data);
+    let msg = agent
+        .get_secret(&other, &ns, "db")
+        .await
+        .expect_error(denied, "workload not in allowed_workloads");
+    assert!(msg.contains("allowed_workloads"), "{msg}");
+    agent
+        .get_secret(&foreign, &ns, "db")
+        .await
+        .expect_error(denied, "workload of another namespace");
+
+    // Workloads writing without RBAC.
+    agent
+        .invoke(
+            Some(&app),
+            "secret.create",
+            json!({ "name": "app.made", "namespace": ns, "data": secret_data() }),
+        )
+        .await
+        .expect_error(denied, "workload creates");
+    agent
+        .invoke(
+            Some(&app),
+            "secret.rotate",
+            json!({ "name": "db", "namespace": ns, "newData": secret_data() }),
+        )
+        .await
+        .expect_error(denied, "workload rotates");
+    agent
+        .invoke(
+            Some(&app),
+            "secret.delete",
+            json!({ "name": "db", "namespace": ns }),
+        )
+        .await
+        .expect_error(denied, "workload deletes");
+    agent
+        .invoke(Some(&app), "secret.list", json!({ "namespace": ns }))
+        .await
+        .expect_error(denied, "workload lists");
+    agent
+        .invoke(
+            Some(&app),
+            "config.get",
+            json!({ "name": "anything", "namespace": ns }),
+        )
+        .await
+        .expect_error(denied, "workload reads a config without RBAC");
+
+    // RBAC is what decides: a workload granted `create` may create.
+    let ci = cluster::service_account_token(&client, &ns, "ci").await;
+    cluster::grant(
+        &client,
+        &ns,
+        cluster::service_account_subject(&ns, "ci"),
+        "ci",
+        &["create"],
+        &[],
+    )
+    .await;
+    agent
+        .invoke(
+            Some(&ci),
+            "secret.create",
+            json!({ "name": "ci.made", "namespace": ns, "data": secret_data() }),
+        )
+        .await
+        .payload("workload with RBAC create");
+
+    // Human with a Role: everything.
+    let made = secret_data();
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.create",
+            json!({ "name": "alice.made", "namespace": ns, "data": made }),
+        )
+        .await
+        .payload("alice creates");
+    let rotated = secret_data();
+    let meta = agent
+        .invoke(
+            Some(&alice),
+            "secret.rotate",
+            json!({ "name": "alice.made", "namespace": ns, "newData": rotated }),
+        )
+        .await
+        .payload("alice rotates");
+    assert_eq!(meta["version"], json!(2));
+    let got = agent
+        .get_secret(&alice, &ns, "alice.made")
+        .await
+        .payload("alice reveals");
+    assert_eq!(got["data"], rotated);
+    let got = agent
+        .get_secret(&alice, &ns, "db")
+        .await
+        .payload("alice reveals a secret limited to a workload");
+    assert_eq!(got["data"], data);
+    let listed = agent
+        .invoke(Some(&alice), "secret.list", json!({ "namespace": ns }))
+        .await
+        .payload("alice lists");
+    let names: Vec<&str> = listed["secrets"]
+        .as_array()
+        .expect("secrets array")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"db") && names.contains(&"alice.made"),
+        "{listed}"
+    );
+    assert!(
+        !listed
+            .to_string()
+            .contains(data["password"].as_str().unwrap()),
+        "a list never carries values"
+    );
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.delete",
+            json!({ "name": "alice.made", "namespace": ns }),
+        )
+        .await
+        .payload("alice deletes");
+    agent
+        .invoke(
+            Some(&alice),
+            "config.create",
+            json!({ "name": "alice.config", "namespace": ns, "data": { "mode": "fast" } }),
+        )
+        .await
+        .payload("alice creates a config");
+
+    // Human without grants: nothing, although the agent's own credentials (cluster-admin here)
+    // could do all of it.
+    for verb in ["reveal", "list", "create", "update", "delete"] {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some("clawbernetes.io".to_owned()),
+                    resource: Some("clawsecrets".to_owned()),
+                    verb: Some(verb.to_owned()),
+                    namespace: Some(ns.clone()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let status = Api::<SelfSubjectAccessReview>::all(client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .expect("SelfSubjectAccessReview")
+            .status
+            .expect("status");
+        assert!(status.allowed, "the agent's own identity may {verb}");
+    }
+    agent
+        .get_secret(&bob, &ns, "db")
+        .await
+        .expect_error(denied, "bob reads");
+    agent
+        .invoke(Some(&bob), "secret.list", json!({ "namespace": ns }))
+        .await
+        .expect_error(denied, "bob lists");
+    agent
+        .invoke(
+            Some(&bob),
+            "secret.create",
+            json!({ "name": "bob.made", "namespace": ns, "data": secret_data() }),
+        )
+        .await
+        .expect_error(denied, "bob creates");
+    agent
+        .invoke(
+            Some(&bob),
+            "secret.rotate",
+            json!({ "name": "db", "namespace": ns, "newData": secret_data() }),
+        )
+        .await
+        .expect_error(denied, "bob rotates");
+    agent
+        .invoke(
+            Some(&bob),
+            "secret.delete",
+            json!({ "name": "db", "namespace": ns }),
+        )
+        .await
+        .expect_error(denied, "bob deletes");
+    agent
+        .invoke(
+            Some(&bob),
+            "config.create",
+            json!({ "name": "bob.config", "namespace": ns, "data": { "mode": "x" } }),
+        )
+        .await
+        .expect_error(denied, "bob creates a config");
+    agent
+        .invoke(Some(&bob), "config.list", json!({ "namespace": ns }))
+        .await
+        .expect_error(denied, "bob lists configs");
+    // ... and none of it happened.
+    let db = c.secrets().get("db").await.expect("db still exists");
+    assert_eq!(db.spec.sealed.as_ref().map(|s| s.version), Some(1));
+    assert!(c.secrets().get_opt("bob.made").await.unwrap().is_none());
+    assert!(c.secrets().get_opt("app.made").await.unwrap().is_none());
+    assert!(c.configs().get_opt("bob.config").await.unwrap().is_none());
+    let got = agent.get_secret(&app, &ns, "db").await.payload("db intact");
+    assert_eq!(
+        (got["version"].clone(), got["data"].clone()),
+        (json!(1), data.clone())
+    );
+
+    // No token, a forged token, garbage: UNAUTHENTICATED (HTTP 401).
+    let get_db = json!({ "name": "db", "namespace": ns });
+    agent
+        .invoke(None, "secret.get", get_db.clone())
+        .await
+        .expect_error("UNAUTHENTICATED", "no token");
+    agent
+        .invoke(Some(""), "secret.get", get_db.clone())
+        .await
+        .expect_error("UNAUTHENTICATED", "empty token");
+    agent
+        .invoke(Some(&tamper(&app)), "secret.get", get_db.clone())
+        .await
+        .expect_error("UNAUTHENTICATED", "tampered token");
+    agent
+        .invoke(Some("not-a-token"), "secret.get", get_db.clone())
+        .await
+        .expect_error("UNAUTHENTICATED", "garbage token");
+
+    // Every denial is in the audit log, with the caller's subject.
+    let audit = agent.audit();
+    let expected: Vec<(&str, &str, Option<&str>)> = vec![
+        (&other_subject, "secret.get", Some("db")),
+        (&foreign_subject, "secret.get", Some("db")),
+        (&app_subject, "secret.create", Some("app.made")),
+        (&app_subject, "secret.rotate", Some("db")),
+        (&app_subject, "secret.delete", Some("db")),
+        (&app_subject, "secret.list", None),
+        ("bob", "secret.get", Some("db")),
+        ("bob", "secret.list", None),
+        ("bob", "secret.create", Some("bob.made")),
+        ("bob", "secret.rotate", Some("db")),
+        ("bob", "secret.delete", Some("db")),
+        ("anonymous", "secret.get", Some("db")),
+    ];
+    for (subject, command, name) in &expected {
+        assert!(
+            audited_denial(&audit, subject, command, &ns, *name),
+            "no audit record of the denial of {command} {name:?} to {subject}; audit log:\n{}",
+            audit
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let anonymous = audit
+        .iter()
+        .filter(|r| r["subject"] == json!("anonymous") && r["decision"] == json!("deny"))
+        .count();
+    assert!(anonymous >= 4, "each unauthenticated attempt is recorded");
+    assert!(
+        audit.iter().any(|r| r["decision"] == json!("allow")
+            && r["subject"] == json!(app_subject)
+            && r["command"] == json!("secret.get")),
+        "allowed reads are audited too"
+    );
+    let values = [
+        data["password"].as_str().unwrap(),
+        made["password"].as_str().unwrap(),
+        rotated["password"].as_str().unwrap(),
+    ];
+    let raw = std::fs::read_to_string(agent.data_dir().join("audit.log")).unwrap();
+    for v in values {
+        assert!(!raw.contains(v), "a secret value is in the audit log");
+    }
+
+    // Denials naming an existing object are Events on it.
+    let on_db: Vec<(&str, &str)> = vec![
+        (&other_subject, "secret.get"),
+        (&foreign_subject, "secret.get"),
+        (&app_subject, "secret.rotate"),
+        (&app_subject, "secret.delete"),
+        ("bob", "secret.get"),
+        ("bob", "secret.rotate"),
+        ("bob", "secret.delete"),
+    ];
+    eventually("AccessDenied Events on db", PATIENCE, || async {
+        let events = cluster::access_denied_events(&client, &ns, "db").await;
+        let notes: Vec<String> = events.iter().filter_map(|e| e.note.clone()).collect();
+        let missing: Vec<String> = on_db
+            .iter()
+            .filter(|(subject, action)| {
+                !notes
+                    .iter()
+                    .any(|n| n.contains(&format!("{subject} ")) && n.contains(action))
+            })
+            .map(|(s, a)| format!("{s} {a}"))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("missing {missing:?}; notes {notes:?}"))
+        }
+    })
+    .await;
+    // Each names the command as its action and the caller as its related object, so that
+    // denials of different callers or commands are not folded into one another's series.
+    for e in cluster::access_denied_events(&client, &ns, "db").await {
+        assert_eq!(e.type_.as_deref(), Some("Warning"));
+        let note = e.note.clone().unwrap_or_default();
+        assert!(
+            !values.iter().any(|v| note.contains(v)),
+            "a value in an Event"
+        );
+        let (subject, action) = note
+            .split_once(" was denied ")
+            .expect("note names who and what");
+        assert_eq!(e.action.as_deref(), Some(action), "{e:?}");
+        let related = e.related.clone().expect("the caller as the related object");
+        match subject.strip_prefix("system:serviceaccount:") {
+            Some(rest) => {
+                let (sa_ns, sa) = rest.split_once(':').unwrap();
+                assert_eq!(related.kind.as_deref(), Some("ServiceAccount"), "{e:?}");
+                assert_eq!(related.namespace.as_deref(), Some(sa_ns), "{e:?}");
+                assert_eq!(related.name.as_deref(), Some(sa), "{e:?}");
+            }
+            None => {
+                assert_eq!(related.kind.as_deref(), Some("User"), "{e:?}");
+                assert_eq!(related.name.as_deref(), Some(subject), "{e:?}");
+            }
+        }
+    }
+
+    other_env.cleanup().await;
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Immutable configs through node.invoke
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn immutable_config_cannot_be_updated_through_node_invoke() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("immutable").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let agent = c.agent("a", &[]).await;
+
+    let meta = agent
+        .invoke(
+            Some(&alice),
+            "config.create",
+            json!({ "name": "app.settings", "namespace": ns, "data": { "mode": "fast" }, "immutable": true }),
+        )
+        .await
+        .payload("config.create immutable");
+    assert_eq!(meta["immutable"], json!(true), "{meta}");
+    let msg = agent
+        .invoke(
+            Some(&alice),
+            "config.update",
+            json!({ "name": "app.settings", "namespace": ns, "data": { "mode": "slow" } }),
+        )
+        .await
+        .expect_error(
+            "FAILED_PRECONDITION",
+            "config.update of an immutable config",
+        );
+    assert!(msg.contains("immutable"), "{msg}");
+    agent
+        .invoke(
+            Some(&alice),
+            "config.update",
+            json!({ "name": "app.settings", "namespace": ns, "data": { "mode": "slow" }, "immutable": true }),
+        )
+        .await
+        .expect_error(
+            "FAILED_PRECONDITION",
+            "config.update of an immutable config, immutable repeated",
+        );
+    let obj = c.configs().get("app.settings").await.unwrap();
+    assert!(obj.spec.immutable);
+    assert_eq!(obj.spec.data.get("mode").map(String::as_str), Some("fast"));
+
+    // The same update of a mutable config goes through: the refusal is about immutability.
+    agent
+        .invoke(
+            Some(&alice),
+            "config.create",
+            json!({ "name": "app.flags", "namespace": ns, "data": { "mode": "fast", "old": "1" } }),
+        )
+        .await
+        .payload("config.create mutable");
+    agent
+        .invoke(
+            Some(&alice),
+            "config.update",
+            json!({ "name": "app.flags", "namespace": ns, "data": { "mode": "slow" } }),
+        )
+        .await
+        .payload("config.update of a mutable config");
+    let obj = c.configs().get("app.flags").await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&obj.spec.data).unwrap(),
+        json!({ "mode": "slow" }),
+        "the data is replaced whole"
+    );
+
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Versions only move forward
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn versions_only_move_forward() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("versions").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let [a, b, mut node_c] = c.three_agents().await;
+
+    let v1 = secret_data();
+    a.invoke(
+        Some(&alice),
+        "secret.create",
+        json!({ "name": "api.key", "namespace": ns, "data": v1 }),
+    )
+    .await
+    .payload("create");
+    let sealed_v1 = c
+        .secrets()
+        .get("api.key")
+        .await
+        .unwrap()
+        .spec
+        .sealed
+        .expect("sealed by the agent");
+    assert_eq!(sealed_v1.version, 1);
+    let v2 = secret_data();
+    a.invoke(
+        Some(&alice),
+        "secret.rotate",
+        json!({ "name": "api.key", "namespace": ns, "newData": v2 }),
+    )
+    .await
+    .payload("rotate");
+    for agent in [&a, &b, &node_c] {
+        wait_secret(agent, &alice, &ns, "api.key", 2, &v2).await;
+    }
+
+    // The API server refuses to move spec.sealed.version back (CEL), whatever the patch.
+    let err = c
+        .secrets()
+        .patch(
+            "api.key",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "sealed": sealed_v1 } })),
+        )
+        .await
+        .expect_err("lowering sealed.version must be refused");
+    match &err {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert!(s.message.contains("only moves forward"), "{}", s.message);
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    let mut obj = c.secrets().get("api.key").await.unwrap();
+    obj.spec.sealed = Some(sealed_v1.clone());
+    let err = c
+        .secrets()
+        .replace("api.key", &PostParams::default(), &obj)
+        .await
+        .expect_err("a replace lowering sealed.version must be refused");
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 422),
+        "{err}"
+    );
+    assert_eq!(
+        c.secrets()
+            .get("api.key")
+            .await
+            .unwrap()
+            .spec
+            .sealed
+            .map(|s| s.version),
+        Some(2)
+    );
+    for agent in [&a, &b, &node_c] {
+        let got = agent
+            .get_secret(&alice, &ns, "api.key")
+            .await
+            .payload("still version 2");
+        assert_eq!(got["version"], json!(2));
+    }
+
+    // A recreated object (new uid) starts its own history: version 1 replaces a node's stored
+    // version 2 of the old object, even on a node that was down through delete and create.
+    node_c.terminate();
+    a.invoke(
+        Some(&alice),
+        "secret.delete",
+        json!({ "name": "api.key", "namespace": ns }),
+    )
+    .await
+    .payload("delete");
+    let v1b = secret_data();
+    b.invoke(
+        Some(&alice),
+        "secret.create",
+        json!({ "name": "api.key", "namespace": ns, "data": v1b }),
+    )
+    .await
+    .payload("create again");
+    for agent in [&a, &b] {
+        wait_secret(agent, &alice, &ns, "api.key", 1, &v1b).await;
+    }
+    let (_, stale) = node_c
+        .stored_secret(&ns, "api.key")
+        .expect("node-c (down) still holds the old object's copy");
+    assert_eq!(stale["version"], json!(2));
+    node_c.restart().await;
+    wait_secret(&node_c, &alice, &ns, "api.key", 1, &v1b).await;
+
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. API server outage
+// ---------------------------------------------------------------------------------------------
+
+/// Starts the API server again if a test stopped it and then failed, so that the other tests
+/// of this binary do not fail for it.
+struct RestartApiServer(bool);
+
+impl Drop for RestartApiServer {
+    fn drop(&mut self) {
+        if self.0
+            && let Err(e) = control_plane::control_plane().start_apiserver()
+        {
+            eprintln!("could not start the API server again: {e}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn api_server_outage_reads_continue_and_writes_are_unavailable() {
+    let _lock = cluster::exclusive().await;
+    if control_plane::control_plane().is_external() {
+        eprintln!(
+            "SKIPPED api_server_outage_reads_continue_and_writes_are_unavailable: it stops and \
+             starts kube-apiserver, which only works on the local control plane (unset {})",
+            control_plane::KUBECONFIG_E2E
+        );
+        return;
+    }
+    let c = Cluster::new("outage").await;
+    let ns = c.ns().to_owned();
+    let cp = c.cp();
+    let alice = c.alice().await;
+    let app = cluster::service_account_token(&c.client(), &ns, "app").await;
+    let [a, b, mut node_c] = c.three_agents().await;
+
+    let v1 = secret_data();
+    a.invoke(
+        Some(&alice),
+        "secret.create",
+        json!({ "name": "db", "namespace": ns, "data": v1, "allowed_workloads": ["app"] }),
+    )
+    .await
+    .payload("create");
+    // The workload reads through every node before the outage (its token is reviewed there).
+    for agent in [&a, &b, &node_c] {
+        wait_secret(agent, &app, &ns, "db", 1, &v1).await;
+    }
+
+    let mut restart = RestartApiServer(true);
+    let stopping = Instant::now();
+    cp.stop_apiserver().expect("stop-apiserver");
+    eprintln!(
+        "kube-apiserver stopped in {:.1} s",
+        stopping.elapsed().as_secs_f64()
+    );
+
+    // Reads keep working from every node's store.
+    for agent in [&a, &b, &node_c] {
+        let got = agent
+            .get_secret(&app, &ns, "db")
+            .await
+            .payload("read during the outage");
+        assert_eq!(got["data"], v1);
+    }
+    // Writes need the API server: UNAVAILABLE (HTTP 503).
+    a.invoke(
+        Some(&app),
+        "secret.create",
+        json!({ "name": "during.outage", "namespace": ns, "data": secret_data() }),
+    )
+    .await
+    .expect_error("UNAVAILABLE", "create during the outage");
+    b.invoke(
+        Some(&alice),
+        "secret.rotate",
+        json!({ "name": "db", "namespace": ns, "newData": secret_data() }),
+    )
+    .await
+    .expect_error("UNAVAILABLE", "rotate during the outage");
+    node_c
+        .invoke(
+            Some(&alice),
+            "config.create",
+            json!({ "name": "during.outage", "namespace": ns, "data": { "k": "v" } }),
+        )
+        .await
+        .expect_error("UNAVAILABLE", "config.create during the outage");
+
+    // A new agent process on node-c's data dir, API server still down, answers reads.
+    node_c.kill();
+    node_c.spawn();
+    let spawned = node_c.spawned_at;
+    node_c.wait_healthy().await;
+    let first = eventually(
+        "the restarted node-c to answer a read with the API server down",
+        PATIENCE,
+        || async {
+            let reply = node_c.get_secret(&app, &ns, "db").await;
+            reply.result().map(|p| (spawned.elapsed(), p))
+        },
+    )
+    .await;
+    assert_eq!(first.1["data"], v1);
+    println!(
+        "LATENCY: agent restarted with the API server down: first successful secret.get {:.0} ms after spawn",
+        first.0.as_secs_f64() * 1000.0
+    );
+
+    cp.start_apiserver().expect("start-apiserver");
+    restart.0 = false;
+
+    // After the outage, a rotation through one node reaches all of them (the retry is safe:
+    // same idempotency key).
+    let v2 = secret_data();
+    let body = serde_json::to_vec(&json!({
+        "nodeId": b.node,
+        "command": "secret.rotate",
+        "params": { "name": "db", "namespace": ns, "newData": v2 },
+        "idempotencyKey": format!("rotate-after-outage-{}", random_hex(4)),
+    }))
+    .unwrap();
+    let meta = eventually(
+        "a rotation through node-b once the API server is back",
+        PATIENCE,
+        || async { b.post(Some(&alice), body.clone()).await.result() },
+    )
+    .await;
+    assert_eq!(meta["version"], json!(2));
+    for agent in [&a, &b, &node_c] {
+        wait_secret(agent, &app, &ns, "db", 2, &v2).await;
+    }
+
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Config delivery with the operator
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn configs_reach_every_node_once_the_operator_accepts_them() {
+    let _lock = cluster::exclusive().await;
+    cluster::operator_available().unwrap_or_else(|e| panic!("this test needs the operator: {e}"));
+    let c = Cluster::new("configs").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let [a, b, node_c] = c.three_agents().await;
+
+    // Without the operator nothing accepts a config, so no node gets it. Proven by ordering:
+    // a later config accepted by hand arrives on node-c through the same watch, after which the
+    // unaccepted one must still be absent.
+    let settings = json!({ "mode": "fast", "level": "3" });
+    a.invoke(
+        Some(&alice),
+        "config.create",
+        json!({ "name": "app.settings", "namespace": ns, "data": settings }),
+    )
+    .await
+    .payload("config.create via node-a");
+    let marker = json!({ "k": "v" });
+    a.invoke(
+        Some(&alice),
+        "config.create",
+        json!({ "name": "marker", "namespace": ns, "data": marker }),
+    )
+    .await
+    .payload("config.create marker");
+    let hash = claw_secrets::k8s::convert::data_hash(&[("k".to_owned(), "v".to_owned())].into());
+    c.configs()
+        .patch_status(
+            "marker",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "acceptedDataHash": hash } })),
+        )
+        .await
+        .expect("accepting the marker by hand");
+    for agent in [&a, &b, &node_c] {
+        wait_config(agent, &alice, &ns, "marker", &marker).await;
+        agent
+            .invoke(
+                Some(&alice),
+                "config.get",
+                json!({ "name": "app.settings", "namespace": ns }),
+            )
+            .await
+            .expect_error("NOT_FOUND", "an unaccepted config is not delivered");
+        assert!(agent.stored_config(&ns, "app.settings").is_none());
+    }
+
+    let mut operator = cluster::Operator::start(
+        &c.env.kubeconfig,
+        &c.master_key,
+        &format!("claw-test-{}", c.suffix()),
+        Some(&ns),
+    )
+    .await;
+    for agent in [&node_c, &b, &a] {
+        wait_config(agent, &alice, &ns, "app.settings", &settings).await;
+    }
+    operator.assert_running();
+    let obj = c.configs().get("app.settings").await.unwrap();
+    assert_eq!(
+        obj.status.and_then(|s| s.accepted_data_hash),
+        Some(claw_secrets::k8s::convert::data_hash(&obj.spec.data)),
+        "delivered once the operator accepted it"
+    );
+
+    // An update (mutable config) through node-b reaches all three; removed keys go too.
+    let updated = json!({ "mode": "slow", "extra": "1" });
+    b.invoke(
+        Some(&alice),
+        "config.update",
+        json!({ "name": "app.settings", "namespace": ns, "data": updated }),
+    )
+    .await
+    .payload("config.update via node-b");
+    for agent in [&a, &b, &node_c] {
+        wait_config(agent, &alice, &ns, "app.settings", &updated).await;
+    }
+
+    // An immutable config is delivered the same way.
+    let pinned = json!({ "model": "llama" });
+    node_c
+        .invoke(
+            Some(&alice),
+            "config.create",
+            json!({ "name": "pinned", "namespace": ns, "data": pinned, "immutable": true }),
+        )
+        .await
+        .payload("config.create immutable via node-c");
+    for agent in [&a, &b, &node_c] {
+        wait_config(agent, &alice, &ns, "pinned", &pinned).await;
+    }
+    operator.assert_running();
+
+    c.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency (printed, never asserted)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn latency_one_secret_create_to_all_nodes() {
+    let _lock = cluster::exclusive().await;
+    let c = Cluster::new("latency").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let agents = c.three_agents().await;
+
+    let mut all = Vec::new();
+    let mut per_node: Vec<Vec<Duration>> = vec![Vec::new(); agents.len()];
+    for i in 0..5 {
+        let name = format!("latency-{i}");
+        let data = secret_data();
+        let start = Instant::now();
+        agents[0]
+            .invoke(
+                Some(&alice),
+                "secret.create",
+                json!({ "name": name, "namespace": ns, "data": data }),
+            )
+            .await
+            .payload("create");
+        let mut pending: Vec<usize> = (0..agents.len()).collect();
+        while !pending.is_empty() {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{name} did not reach every node"
+            );
+            let mut left = Vec::new();
+            for &i in &pending {
+                if agents[i].get_secret(&alice, &ns, &name).await.is_ok() {
+                    per_node[i].push(start.elapsed());
+                } else {
+                    left.push(i);
+                }
+            }
+            pending = left;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        all.push(start.elapsed());
+    }
+    for (agent, samples) in agents.iter().zip(&per_node) {
+        println!(
+            "LATENCY: one secret, secret.create via {} -> readable on {}: {}",
+            agents[0].node,
+            agent.node,
+            summary(samples)
+        );
+    }
+    println!(
+        "LATENCY: one secret, secret.create via node.invoke -> readable on all 3 agents: {}",
+        summary(&all)
+    );
+
+    c.cleanup().await;
+}
+
+#[tokio::test]
+async fn latency_burst_of_1000_secrets_sealed_by_the_operator() {
+    const N: usize = 1000;
+    let _lock = cluster::exclusive().await;
+    cluster::operator_available().unwrap_or_else(|e| panic!("this test needs the operator: {e}"));
+    let c = Cluster::new("burst").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let agents = c.three_agents().await;
+    let mut operator = cluster::Operator::start(
+        &c.env.kubeconfig,
+        &c.master_key,
+        &format!("claw-test-{}", c.suffix()),
+        Some(&ns),
+    )
+    .await;
+
+    let start = Instant::now();
+    let api = c.secrets();
+    let results: Vec<Result<(), String>> = futures::stream::iter(0..N)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let obj = ClawSecret::new(
+                    &format!("burst-{i:04}"),
+                    ClawSecretSpec {
+                        name: None,
+                        data: Some(
+                            [(
+                                "token".to_owned(),
+                                format!("burst-value-{i}-{}", random_hex(4)),
+                            )]
+                            .into(),
+                        ),
+                        allowed_workloads: vec![],
+                        node_selector: None,
+                        sealed: None,
+                    },
+                );
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("burst-{i:04}: {e}"))
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let applied = start.elapsed();
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(errors.is_empty(), "creating the burst: {errors:?}");
+    println!(
+        "LATENCY: burst: {N} ClawSecrets with plaintext spec.data created through the API in {:.1} s",
+        applied.as_secs_f64()
+    );
+
+    // The operator: all N sealed (spec.sealed set, plaintext gone). Each agent: all N in its
+    // store (listed by an admin through node.invoke).
+    let mut sealed_at: Option<Duration> = None;
+    let mut sealed_count = 0;
+    let mut done: Vec<Option<Duration>> = vec![None; agents.len()];
+    let mut last = vec![0usize; agents.len()];
+    while sealed_at.is_none() || done.iter().any(Option::is_none) {
+        operator.assert_running();
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the burst did not reach every node: {sealed_count} sealed, {last:?} of {N} listed"
+        );
+        if sealed_at.is_none() {
+            sealed_count = api
+                .list(&ListParams::default())
+                .await
+                .expect("listing the burst")
+                .items
+                .iter()
+                .filter(|s| s.spec.sealed.is_some() && s.spec.data.is_none())
+                .count();
+            if sealed_count == N {
+                sealed_at = Some(start.elapsed());
+            }
+        }
+        for (i, agent) in agents.iter().enumerate() {
+            if done[i].is_some() {
+                continue;
+            }
+            let listed = agent
+                .invoke(Some(&alice), "secret.list", json!({ "namespace": ns }))
+                .await
+                .payload("secret.list");
+            last[i] = listed["secrets"].as_array().map_or(0, Vec::len);
+            if last[i] == N {
+                done[i] = Some(start.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "LATENCY: burst: all {N} sealed by the operator (spec.sealed set, spec.data removed): {:.1} s after the first create",
+        sealed_at.unwrap().as_secs_f64()
+    );
+    for (agent, t) in agents.iter().zip(&done) {
+        println!(
+            "LATENCY: burst: all {N} sealed and in the store of {}: {:.1} s after the first create",
+            agent.node,
+            t.unwrap().as_secs_f64()
+        );
+        assert_eq!(
+            agent.stored_secret_count(&ns),
+            N,
+            "files in {}'s store",
+            agent.node
+        );
+    }
+    println!(
+        "LATENCY: burst: {N} ClawSecrets applied at once -> sealed and present on all 3 agents: {:.1} s",
+        done.iter().flatten().max().unwrap().as_secs_f64()
+    );
+    // Spot check: a value the operator sealed opens on a node.
+    let got = agents[2]
+        .get_secret(&alice, &ns, "burst-0042")
+        .await
+        .payload("a sealed burst secret");
+    assert!(
+        got["data"]["token"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("burst-value-42-")),
+        "{got}"
+    );
+    let sealed = api.get("burst-0042").await.unwrap();
+    assert!(
+        sealed.spec.data.is_none(),
+        "the operator removed the plaintext"
+    );
+
+    // Leave nothing behind for the agents of later tests to mirror.
+    api.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .expect("deleting the burst");
+    eventually("the burst to be deleted", PATIENCE, || async {
+        let left = api
+            .list(&ListParams::default().limit(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        if left.items.is_empty() {
+            Ok(())
+        } else {
+            Err("objects left".to_owned())
+        }
+    })
+    .await;
+    drop(operator);
+    c.cleanup().await;
+}

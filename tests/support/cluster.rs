@@ -1,0 +1,984 @@
+//! Fixtures for cluster tests of the agent and operator: CRDs, the master key, Nodes,
+//! ServiceAccount tokens, RBAC grants, and `claw-secrets agent` / `claw-secrets operator`
+//! child processes that are killed when dropped (a failing test leaves nothing running).
+//!
+//! Include after the control plane:
+//!
+//! ```ignore
+//! #[path = "support/control_plane.rs"]
+//! mod control_plane;
+//! #[path = "support/cluster.rs"]
+//! mod cluster;
+//! ```
+#![allow(dead_code)] // every test target uses a different subset
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
+
+use crate::control_plane::{self, ControlPlane, TestEnv};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
+
+/// Guard against hanging forever while waiting for something that should happen; never a
+/// performance assertion (the machine is shared with builds).
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Name of the master key Secret every agent and operator of this test process uses.
+pub const MASTER_KEY_NAME: &str = "claw-secrets-master-key";
+
+// ---------------------------------------------------------------------------------------------
+// Test isolation
+// ---------------------------------------------------------------------------------------------
+
+static CLUSTER_LOCK: RwLock<()> = RwLock::const_new(());
+
+/// For tests that may share the control plane with other tests running at the same time.
+pub async fn shared() -> RwLockReadGuard<'static, ()> {
+    CLUSTER_LOCK.read().await
+}
+
+/// For tests that must have the control plane to themselves: they stop the API server, run an
+/// operator (which reconciles every namespace), or measure latency.
+pub async fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    CLUSTER_LOCK.write().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Polling
+// ---------------------------------------------------------------------------------------------
+
+/// Calls `check` until it returns `Ok`, every 50 ms, for at most `timeout`; then fails the test
+/// with `what` and the last `Err`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last state: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// `n` random bytes as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    getrandom::getrandom(&mut b).expect("OS RNG");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster objects
+// ---------------------------------------------------------------------------------------------
+
+/// A test's namespace plus what every agent test needs: CRDs installed, the master key Secret.
+pub struct Cluster {
+    pub env: TestEnv,
+    /// `NAMESPACE/NAME` of the master key Secret (for `--master-key-secret`).
+    pub master_key: String,
+    /// Node objects this test created (cluster-scoped: not removed with the namespace).
+    nodes: std::sync::Mutex<Vec<String>>,
+}
+
+impl Cluster {
+    pub async fn new(hint: &str) -> Cluster {
+        let env = control_plane::test_env(hint).await;
+        install_crds(&env.client).await;
+        let master_key = ensure_master_key(&env.client).await;
+        Cluster {
+            env,
+            master_key,
+            nodes: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Deletes the test's Nodes and namespace (optional on the local control plane, which
+    /// disappears with the test process; on an external cluster the namespace of a test that
+    /// panicked is deleted when its `TestEnv` drops, but its Nodes are left behind).
+    pub async fn cleanup(self) {
+        let nodes: Vec<String> = std::mem::take(&mut *self.nodes.lock().unwrap());
+        let api = Api::<Node>::all(self.client());
+        for node in nodes {
+            let _ = api.delete(&node, &kube::api::DeleteParams::default()).await;
+        }
+        self.env.cleanup().await;
+    }
+
+    pub fn cp(&self) -> &'static ControlPlane {
+        control_plane::control_plane()
+    }
+
+    pub fn client(&self) -> Client {
+        self.env.client.clone()
+    }
+
+    pub fn ns(&self) -> &str {
+        &self.env.namespace
+    }
+
+    /// A short suffix unique to this test, for cluster-scoped names (Nodes).
+    pub fn suffix(&self) -> String {
+        let ns = self.ns();
+        ns[ns.len().saturating_sub(8)..].to_owned()
+    }
+
+    pub fn secrets(&self) -> Api<ClawSecret> {
+        self.env.api()
+    }
+
+    pub fn configs(&self) -> Api<ClawConfig> {
+        self.env.api()
+    }
+
+    /// The token of the human test user `user` (see [`ControlPlane::user_token`]).
+    pub fn user_token(&self, user: &str) -> String {
+        self.cp().user_token(user).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Grants `alice` every verb the agent checks, on secrets and configs of this namespace,
+    /// and returns her token.
+    pub async fn alice(&self) -> String {
+        grant(
+            &self.client(),
+            self.ns(),
+            user_subject("alice"),
+            "alice",
+            &["reveal", "get", "list", "create", "update", "delete"],
+            &["get", "list", "create", "update", "delete"],
+        )
+        .await;
+        self.user_token("alice")
+    }
+
+    /// Starts an agent for a new Node named `node-<letter>-<suffix>` with `labels`.
+    pub async fn agent(&self, letter: &str, labels: &[(&str, &str)]) -> Agent {
+        let node = format!("node-{letter}-{}", self.suffix());
+        create_node(&self.client(), &node, labels).await;
+        self.nodes.lock().unwrap().push(node.clone());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("claw-agent-{node}-"))
+            .tempdir()
+            .expect("temp dir");
+        Agent::start(&self.env.kubeconfig, &node, dir, &self.master_key).await
+    }
+
+    /// node-a (zone a, gpu), node-b (zone b, gpu), node-c (zone c, no gpu).
+    pub async fn three_agents(&self) -> [Agent; 3] {
+        let (a, b, c) = tokio::join!(
+            self.agent("a", &[(ZONE, "a"), (GPU, "true")]),
+            self.agent("b", &[(ZONE, "b"), (GPU, "true")]),
+            self.agent("c", &[(ZONE, "c")]),
+        );
+        [a, b, c]
+    }
+}
+
+pub const ZONE: &str = "claw-secrets.test/zone";
+pub const GPU: &str = "claw-secrets.test/gpu";
+
+/// Applies both CRDs (server-side apply; idempotent) and waits until they are served.
+pub async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [ClawSecret::crd(), ClawConfig::crd()] {
+        let name = crd.metadata.name.clone().expect("CRD name");
+        api.patch(
+            &name,
+            &PatchParams::apply("claw-secrets-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        eventually(
+            &format!("CRD {name} to be established"),
+            PATIENCE,
+            || async {
+                let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                established
+                    .then_some(())
+                    .ok_or_else(|| "not established".to_owned())
+            },
+        )
+        .await;
+    }
+    // Established is reported a moment before the resource is served everywhere.
+    let secrets: Api<ClawSecret> = Api::all(client.clone());
+    let configs: Api<ClawConfig> = Api::all(client.clone());
+    eventually("the CRDs to be served", PATIENCE, || async {
+        secrets
+            .list(&ListParams::default().limit(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        configs
+            .list(&ListParams::default().limit(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await;
+}
+
+static MASTER_KEY_NAMESPACE: OnceLock<String> = OnceLock::new();
+
+/// The namespace holding this process's master key Secret.
+pub fn master_key_namespace() -> &'static str {
+    MASTER_KEY_NAMESPACE.get_or_init(|| control_plane::unique_namespace("keys"))
+}
+
+/// Creates (once per process) the master key Secret all agents and operators of this test
+/// process share, as the operator would; returns `NAMESPACE/NAME`.
+pub async fn ensure_master_key(client: &Client) -> String {
+    let ns = master_key_namespace();
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(ns.to_owned()),
+            labels: Some(
+                [(
+                    control_plane::TEST_NAMESPACE_LABEL.to_owned(),
+                    "true".to_owned(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    ignore_exists(
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await,
+        "master key namespace",
+    );
+    let ring = claw_secrets::crypto::Keyring::generate().expect("keyring");
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(MASTER_KEY_NAME.to_owned()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(
+            claw_secrets::k8s::keyring::KEYRING_KEY.to_owned(),
+            ByteString(ring.to_json().to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    ignore_exists(
+        Api::<Secret>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &secret)
+            .await,
+        "master key Secret",
+    );
+    format!("{ns}/{MASTER_KEY_NAME}")
+}
+
+#[track_caller]
+fn ignore_exists<T>(r: Result<T, kube::Error>, what: &str) {
+    match r {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating {what}: {e}"),
+    }
+}
+
+/// Creates a Node object (nothing runs it: there is no kubelet) with `labels`.
+pub async fn create_node(client: &Client, name: &str, labels: &[(&str, &str)]) {
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    };
+    Api::<Node>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap_or_else(|e| panic!("creating Node {name}: {e}"));
+}
+
+/// Sets (merges) labels on a Node.
+pub async fn label_node(client: &Client, name: &str, labels: &[(&str, &str)]) {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
+        .collect();
+    Api::<Node>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": labels } })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("labelling Node {name}: {e}"));
+}
+
+/// Creates ServiceAccount `sa` in `ns` (if needed) and mints a one-hour token for it with the
+/// TokenRequest API (default audience: the API server's, which TokenReview checks).
+pub async fn service_account_token(client: &Client, ns: &str, sa: &str) -> String {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let account = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(sa.to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    };
+    ignore_exists(
+        api.create(&PostParams::default(), &account).await,
+        "ServiceAccount",
+    );
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    let minted = api
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{sa}: {e}"));
+    minted.status.expect("TokenRequest status").token
+}
+
+pub fn user_subject(name: &str) -> Subject {
+    Subject {
+        kind: "User".to_owned(),
+        api_group: Some("rbac.authorization.k8s.io".to_owned()),
+        name: name.to_owned(),
+        namespace: None,
+    }
+}
+
+pub fn service_account_subject(ns: &str, name: &str) -> Subject {
+    Subject {
+        kind: "ServiceAccount".to_owned(),
+        api_group: None,
+        name: name.to_owned(),
+        namespace: Some(ns.to_owned()),
+    }
+}
+
+/// A Role in `ns` granting `secret_verbs` on clawsecrets and `config_verbs` on clawconfigs
+/// (group clawbernetes.io), bound to `subject`.
+pub async fn grant(
+    client: &Client,
+    ns: &str,
+    subject: Subject,
+    role: &str,
+    secret_verbs: &[&str],
+    config_verbs: &[&str],
+) {
+    let rule = |resource: &str, verbs: &[&str]| PolicyRule {
+        api_groups: Some(vec!["clawbernetes.io".to_owned()]),
+        resources: Some(vec![resource.to_owned()]),
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    };
+    let mut rules = Vec::new();
+    if !secret_verbs.is_empty() {
+        rules.push(rule("clawsecrets", secret_verbs));
+    }
+    if !config_verbs.is_empty() {
+        rules.push(rule("clawconfigs", config_verbs));
+    }
+    let name = format!("claw-test-{role}");
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        ..ObjectMeta::default()
+    };
+    ignore_exists(
+        Api::<Role>::namespaced(client.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &Role {
+                    metadata: meta.clone(),
+                    rules: Some(rules),
+                },
+            )
+            .await,
+        "Role",
+    );
+    ignore_exists(
+        Api::<RoleBinding>::namespaced(client.clone(), ns)
+            .create(
+                &PostParams::default(),
+                &RoleBinding {
+                    metadata: meta,
+                    role_ref: RoleRef {
+                        api_group: "rbac.authorization.k8s.io".to_owned(),
+                        kind: "Role".to_owned(),
+                        name,
+                    },
+                    subjects: Some(vec![subject]),
+                },
+            )
+            .await,
+        "RoleBinding",
+    );
+}
+
+/// The `AccessDenied` Events recorded on the object `object` in `ns`.
+pub async fn access_denied_events(client: &Client, ns: &str, object: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("listing Events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("AccessDenied")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// node.invoke over HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// One answer of `POST /v1/invoke`.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn is_ok(&self) -> bool {
+        self.status == 200 && self.body["ok"] == json!(true)
+    }
+
+    /// The error code, or `None` on success.
+    pub fn code(&self) -> Option<&str> {
+        (!self.is_ok()).then(|| self.body["error"]["code"].as_str().unwrap_or("?"))
+    }
+
+    /// The payload; fails the test (with `what` and the answer) otherwise.
+    #[track_caller]
+    pub fn payload(&self, what: &str) -> Value {
+        assert!(
+            self.is_ok(),
+            "{what}: expected success, got HTTP {}: {}",
+            self.status,
+            self.body
+        );
+        self.body["payload"].clone()
+    }
+
+    /// Asserts a failure with `code` and the HTTP status paired with it; returns the message.
+    #[track_caller]
+    pub fn expect_error(&self, code: &str, what: &str) -> String {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "{what}: expected {code}, got HTTP {}: {}",
+            self.status,
+            self.body
+        );
+        assert_eq!(
+            self.status,
+            http_status_of(code),
+            "{what}: HTTP status does not match {code}: {}",
+            self.body
+        );
+        let message = self.body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(!message.is_empty(), "{what}: empty error message");
+        message
+    }
+
+    /// `Ok(payload)` or `Err("CODE: message")`, for polling.
+    pub fn result(&self) -> Result<Value, String> {
+        if self.is_ok() {
+            Ok(self.body["payload"].clone())
+        } else {
+            Err(format!(
+                "HTTP {} {}: {}",
+                self.status,
+                self.body["error"]["code"].as_str().unwrap_or("?"),
+                self.body["error"]["message"].as_str().unwrap_or_default()
+            ))
+        }
+    }
+}
+
+/// The HTTP status DESIGN.md pairs with each error code.
+pub fn http_status_of(code: &str) -> u16 {
+    match code {
+        "INVALID_ARGUMENT" => 400,
+        "UNAUTHENTICATED" => 401,
+        "PERMISSION_DENIED" => 403,
+        "NOT_FOUND" => 404,
+        "ALREADY_EXISTS" | "CONFLICT" => 409,
+        "FAILED_PRECONDITION" => 412,
+        "INTERNAL" => 500,
+        "UNAVAILABLE" => 503,
+        other => panic!("not a protocol error code: {other:?}"),
+    }
+}
+
+fn http_client() -> HttpClient<HttpConnector, Full<Bytes>> {
+    // No pooled connections: agents are stopped and restarted on the same port.
+    HttpClient::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
+}
+
+async fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(u16, Bytes), String> {
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let resp = tokio::time::timeout(PATIENCE, http_client().request(req))
+        .await
+        .map_err(|_| format!("{method} {url}: no answer in {PATIENCE:?}"))?
+        .map_err(|e| format!("{method} {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{method} {url}: reading the body: {e}"))?
+        .to_bytes();
+    Ok((status, bytes))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent process
+// ---------------------------------------------------------------------------------------------
+
+/// A `claw-secrets agent` child process; killed when dropped. Its data dir (a temp dir) outlives
+/// restarts and is removed with the `Agent`.
+pub struct Agent {
+    pub node: String,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    master_key: String,
+    child: Option<Child>,
+    /// When the current process was spawned.
+    pub spawned_at: Instant,
+}
+
+impl Agent {
+    /// Spawns the agent and waits until it answers `GET /healthz`.
+    pub async fn start(
+        kubeconfig: &Path,
+        node: &str,
+        dir: tempfile::TempDir,
+        master_key: &str,
+    ) -> Agent {
+        let mut agent = Agent {
+            node: node.to_owned(),
+            port: free_port(),
+            dir,
+            kubeconfig: kubeconfig.to_owned(),
+            master_key: master_key.to_owned(),
+            child: None,
+            spawned_at: Instant::now(),
+        };
+        agent.spawn();
+        agent.wait_healthy().await;
+        agent
+    }
+
+    /// The data dir (`--data-dir`): store, cached keyring, audit log.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Spawns the process (same node, port and data dir as before).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent {} is running", self.node);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("agent log");
+        let child = Command::new(BIN)
+            .arg("agent")
+            .arg("--node-name")
+            .arg(&self.node)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--master-key-secret")
+            .arg(&self.master_key)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("CLAW_SECRETS_LOG", "info")
+            .env_remove("RUST_LOG")
+            .env_remove("NODE_NAME")
+            .env_remove("CLAW_SECRETS_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {BIN} agent: {e}"));
+        self.spawned_at = Instant::now();
+        self.child = Some(child);
+    }
+
+    /// Waits until `GET /healthz` answers; fails the test if the process exits first.
+    pub async fn wait_healthy(&mut self) {
+        let url = format!("{}/healthz", self.addr());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok((200, _)) = http("GET", &url, None, Vec::new()).await {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "agent {} exited ({status}) before serving; log:\n{}",
+                    self.node,
+                    self.log_tail(40)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {} not serving after {PATIENCE:?}; log:\n{}",
+                self.node,
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM (what a pod gets), and wait for the process to exit (SIGKILL after 30 s).
+    pub fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = i32::try_from(child.id()).expect("pid");
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Spawns the process again and waits until it serves.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        self.wait_healthy().await;
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// `POST /v1/invoke` with `nodeId` set to this agent's node.
+    pub async fn invoke(&self, token: Option<&str>, command: &str, params: Value) -> Reply {
+        let body = json!({
+            "nodeId": self.node,
+            "command": command,
+            "params": params,
+        });
+        self.post(token, serde_json::to_vec(&body).expect("json"))
+            .await
+    }
+
+    /// `POST /v1/invoke` with a raw body.
+    pub async fn post(&self, token: Option<&str>, body: Vec<u8>) -> Reply {
+        let url = format!("{}/v1/invoke", self.addr());
+        let (status, bytes) = http("POST", &url, token, body)
+            .await
+            .unwrap_or_else(|e| panic!("agent {}: {e}; log:\n{}", self.node, self.log_tail(20)));
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            panic!(
+                "agent {} answered HTTP {status} with a non-JSON body ({e}): {:?}",
+                self.node,
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        Reply { status, body }
+    }
+
+    /// `secret.get` of `ns/name`.
+    pub async fn get_secret(&self, token: &str, ns: &str, name: &str) -> Reply {
+        self.invoke(
+            Some(token),
+            "secret.get",
+            json!({ "name": name, "namespace": ns }),
+        )
+        .await
+    }
+
+    /// The audit log's records, parsed.
+    pub fn audit(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.data_dir().join("audit.log")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("an audit record is JSON"))
+            .collect()
+    }
+
+    /// The store file holding secret `ns/name`, parsed, if there is one.
+    pub fn stored_secret(&self, ns: &str, name: &str) -> Option<(PathBuf, Value)> {
+        stored_entry(&self.data_dir().join("secrets"), ns, name)
+    }
+
+    /// The store file holding config `ns/name`, parsed, if there is one.
+    pub fn stored_config(&self, ns: &str, name: &str) -> Option<(PathBuf, Value)> {
+        stored_entry(&self.data_dir().join("configs"), ns, name)
+    }
+
+    /// How many secret files of namespace `ns` the store holds.
+    pub fn stored_secret_count(&self, ns: &str) -> usize {
+        entries(&self.data_dir().join("secrets"))
+            .filter(|(_, v)| v["namespace"] == json!(ns))
+            .count()
+    }
+}
+
+fn entries(dir: &Path) -> impl Iterator<Item = (PathBuf, Value)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| {
+            let v = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+            Some((p, v))
+        })
+}
+
+fn stored_entry(dir: &Path, ns: &str, name: &str) -> Option<(PathBuf, Value)> {
+    entries(dir).find(|(_, v)| v["namespace"] == json!(ns) && v["name"] == json!(name))
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of agent {} ({}):\n{}",
+                self.node,
+                self.log_path().display(),
+                self.log_tail(30)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator process
+// ---------------------------------------------------------------------------------------------
+
+/// Whether this build has `claw-secrets operator` (it is being written alongside these tests).
+pub fn operator_available() -> Result<(), String> {
+    let out = Command::new(BIN)
+        .args(["operator", "--help"])
+        .output()
+        .map_err(|e| format!("running {BIN}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`claw-secrets operator --help` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A `claw-secrets operator` child process; killed when dropped.
+pub struct Operator {
+    child: Option<Child>,
+    log: PathBuf,
+    pub metrics_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    /// Starts an operator using the master key Secret `master_key` (`NAMESPACE/NAME`) and the
+    /// Lease `lease`, reconciling only `watch_namespace` if given, and waits for `/readyz`.
+    pub async fn start(
+        kubeconfig: &Path,
+        master_key: &str,
+        lease: &str,
+        watch_namespace: Option<&str>,
+    ) -> Operator {
+        let (ns, name) = master_key.split_once('/').expect("NAMESPACE/NAME");
+        let dir = tempfile::Builder::new()
+            .prefix("claw-operator-")
+            .tempdir()
+            .expect("temp dir");
+        let log_path = dir.path().join("operator.log");
+        let log = std::fs::File::create(&log_path).expect("operator log");
+        let metrics_port = free_port();
+        let mut command = Command::new(BIN);
+        command
+            .arg("operator")
+            .arg("--namespace")
+            .arg(ns)
+            .arg("--master-key-secret")
+            .arg(name)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--lease-name")
+            .arg(lease);
+        if let Some(watch) = watch_namespace {
+            command.arg("--watch-namespace").arg(watch);
+        }
+        let child = command
+            .env("KUBECONFIG", kubeconfig)
+            .env("CLAW_SECRETS_LOG", "info")
+            .env_remove("RUST_LOG")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("POD_NAME")
+            .env_remove("WATCH_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {BIN} operator: {e}"));
+        let mut operator = Operator {
+            child: Some(child),
+            log: log_path,
+            metrics_port,
+            _dir: dir,
+        };
+        let url = format!("http://127.0.0.1:{metrics_port}/readyz");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok((200, _)) = http("GET", &url, None, Vec::new()).await {
+                break;
+            }
+            operator.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "the operator is not ready after {PATIENCE:?}; log:\n{}",
+                operator.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        operator
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Fails the test if the operator has exited.
+    #[track_caller]
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            panic!(
+                "the operator exited ({status}); log:\n{}",
+                self.log_tail(40)
+            );
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of the operator ({}):\n{}",
+                self.log.display(),
+                self.log_tail(30)
+            );
+        }
+    }
+}
