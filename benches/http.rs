@@ -1,0 +1,845 @@
+//! `secret.get` through the HTTP adapter with every read audited (DESIGN.md "Targets":
+//! >= 20,000 requests/s and p99 <= 2 ms; keep-alive, loopback, 2 cores).
+//!
+//!     cargo bench --bench http
+//!     BENCH_CONNECTIONS=24 BENCH_SECONDS=30 cargo bench --bench http
+//!
+//! The real server runs in-process: a temporary data dir, `Store`, `LocalBackend` with an
+//! admin token, `Dispatcher` with the real on-disk `AuditLog` (every `secret.get` is
+//! fdatasync'ed before it is answered, group-committed), served by `claw_secrets::invoke::serve`
+//! on 127.0.0.1:0 in its own tokio runtime. One secret with a 1 KiB value is created, then N
+//! keep-alive HTTP/1.1 connections each run a closed request/response loop (no pipelining)
+//! of `secret.get` for a warm-up period and then for a fixed, measured duration. Each
+//! request's latency is recorded. The load generator is raw tokio `TcpStream`s in a second
+//! runtime in the same process: client and server share the machine's cores. Being a closed
+//! loop, it sends less while the server stalls, so its tail latencies are a lower bound
+//! (coordinated omission), as with wrk.
+//!
+//! Correctness checks printed with the figures: every answer is HTTP 200 with `"ok":true`,
+//! the audit log grew by exactly one record per answer, and its hash chain verifies.
+//!
+//! Environment:
+//! - BENCH_CONNECTIONS     comma-separated connection counts, one run each (default
+//!   1,8,16,24,32,64: the target is a throughput and a latency at one operating point, so the
+//!   default shows where the knee is rather than one point)
+//! - BENCH_SECONDS         measured seconds per run (default 10)
+//! - BENCH_WARMUP_SECONDS  warm-up seconds per run, not measured (default 3; the tokens file
+//!   is re-read on every request for 2 s after it changes, and it was just written)
+//! - BENCH_SERVER_THREADS  server runtime worker threads (default: available cores)
+//! - BENCH_CLIENT_THREADS  load-generator worker threads (default 1)
+//! - BENCH_TMPDIR          where the in-process server's data dir is made (default: the system
+//!   temp dir, on disk here; /dev/shm shows the figures without the cost of fdatasync)
+//! - BENCH_ADDR + BENCH_DATA_DIR  drive an external `claw-secrets dev` (listening on
+//!   BENCH_ADDR, with BENCH_DATA_DIR as its data dir: admin.token and audit.log are read from
+//!   there) instead of the in-process server.
+//!
+//! Without `--bench` (as `cargo test --all-targets` runs it) it makes a few requests on two
+//! connections and checks the answers and the audit count, asserting nothing about time.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use claw_secrets::audit::AuditLog;
+use claw_secrets::backends::local::LocalBackend;
+use claw_secrets::backends::local::tokens::{TokenEntry, TokenStore, add_token};
+use claw_secrets::crypto::Keyring;
+use claw_secrets::invoke::Dispatcher;
+use claw_secrets::store::Store;
+
+const SECRET_NAME: &str = "bench.secret";
+const VALUE_LEN: usize = 1024;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not valid")),
+        Err(_) => default,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server under test
+
+struct Server {
+    addr: SocketAddr,
+    token: String,
+    audit_path: PathBuf,
+    /// Stops the in-process server (None for an external one).
+    shutdown: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+fn start_in_process(server_threads: usize) -> Server {
+    // BENCH_TMPDIR=/dev/shm puts the store and audit log on tmpfs, where fdatasync costs
+    // nothing: the difference to a disk run is what durability costs.
+    let dir = match std::env::var_os("BENCH_TMPDIR") {
+        Some(parent) => tempfile::tempdir_in(parent),
+        None => tempfile::tempdir(),
+    }
+    .expect("temp dir");
+    let data_dir = dir.path().to_owned();
+    let node_id = "bench-node";
+    let tokens_path = data_dir.join("tokens.json");
+    let token = add_token(
+        &tokens_path,
+        TokenEntry {
+            sha256: String::new(),
+            subject: "admin".to_owned(),
+            namespace: None,
+            workload: None,
+            admin: true,
+        },
+    )
+    .expect("admin token");
+    let tokens = TokenStore::open(&tokens_path).expect("tokens");
+    let audit_path = data_dir.join("audit.log");
+    let (audit, _) = AuditLog::open(&audit_path, node_id).expect("audit log");
+    let (store, _) = Store::open(&data_dir).expect("store");
+    let backend = LocalBackend::new(
+        Arc::new(store),
+        Keyring::generate().expect("keyring"),
+        tokens,
+    );
+    let dispatcher = Arc::new(Dispatcher::new(backend, audit, node_id.to_owned()));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(server_threads)
+        .thread_name("bench-server")
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("bench-srv-main".to_owned())
+        .spawn(move || {
+            runtime
+                .block_on(claw_secrets::invoke::serve(listener, dispatcher, async {
+                    let _ = stop_rx.await;
+                }))
+                .expect("server");
+        })
+        .expect("server thread");
+    Server {
+        addr,
+        token: token.as_str().to_owned(),
+        audit_path,
+        shutdown: Some((stop_tx, thread)),
+        _data_dir: Some(dir),
+    }
+}
+
+fn external(addr: &str, data_dir: &Path) -> Server {
+    let token = std::fs::read_to_string(data_dir.join("admin.token"))
+        .expect("BENCH_DATA_DIR/admin.token is readable");
+    Server {
+        addr: addr.parse().expect("BENCH_ADDR is host:port"),
+        token: token.trim().to_owned(),
+        audit_path: data_dir.join("audit.log"),
+        shutdown: None,
+        _data_dir: None,
+    }
+}
+
+impl Server {
+    fn stop(self) {
+        if let Some((tx, thread)) = self.shutdown {
+            let _ = tx.send(());
+            thread.join().expect("server thread");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 keep-alive client: one request, one response, repeat
+
+fn request_bytes(addr: SocketAddr, token: &str, body: &str) -> Arc<[u8]> {
+    format!(
+        "POST /v1/invoke HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+    .into()
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Conn {
+    async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(8192),
+        })
+    }
+
+    async fn fill(&mut self) -> std::io::Result<()> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(8192);
+        }
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sends `req` and reads one response; returns its status and body.
+    async fn round_trip(&mut self, req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        self.stream.write_all(req).await?;
+        self.buf.clear();
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill().await?;
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end]).map_err(|_| bad("head not UTF-8"))?;
+        let status: u16 = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no status line"))?;
+        let mut content_length = None;
+        for line in head.split("\r\n").skip(1) {
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    content_length = v.trim().parse::<usize>().ok();
+                } else if k.eq_ignore_ascii_case("connection") && v.trim() == "close" {
+                    return Err(bad("server asked to close the connection"));
+                }
+            }
+        }
+        let len = content_length.ok_or_else(|| bad("response without content-length"))?;
+        while self.buf.len() < head_end + len {
+            self.fill().await?;
+        }
+        if self.buf.len() > head_end + len {
+            return Err(bad("more bytes than one response (nothing was pipelined)"));
+        }
+        Ok((status, self.buf[head_end..].to_vec()))
+    }
+}
+
+/// Whether an answer is a successful invoke response (`"ok":true` comes right after the id).
+fn answer_ok(status: u16, body: &[u8]) -> bool {
+    status == 200 && find(&body[..body.len().min(96)], br#""ok":true"#).is_some()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generation
+
+#[derive(Default)]
+struct ConnResult {
+    /// Latencies of the measured requests, in nanoseconds.
+    latencies: Vec<u64>,
+    /// Answers received (any status), warm-up included: each one is an audited access.
+    answers: u64,
+    /// Answers that were not HTTP 200 with `"ok":true`, plus I/O failures.
+    errors: u64,
+    /// Requests whose answer never arrived (I/O failure); their audit status is unknown.
+    lost: u64,
+    first_error: Option<String>,
+}
+
+struct Phase {
+    warm_end: Instant,
+    end: Instant,
+    max_requests: Option<u64>,
+}
+
+async fn drive(addr: SocketAddr, req: Arc<[u8]>, phase: Arc<Phase>) -> ConnResult {
+    let mut r = ConnResult::default();
+    let mut conn = None;
+    let mut sent = 0u64;
+    loop {
+        let now = Instant::now();
+        if now >= phase.end || phase.max_requests.is_some_and(|m| sent >= m) {
+            break;
+        }
+        let c = match &mut conn {
+            Some(c) => c,
+            None => match Conn::connect(addr).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    r.errors += 1;
+                    r.first_error.get_or_insert(format!("connect: {e}"));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        sent += 1;
+        let start = Instant::now();
+        match c.round_trip(&req).await {
+            Ok((status, body)) => {
+                let took = start.elapsed();
+                r.answers += 1;
+                if start >= phase.warm_end {
+                    r.latencies.push(took.as_nanos() as u64);
+                }
+                if !answer_ok(status, &body) {
+                    r.errors += 1;
+                    r.first_error.get_or_insert_with(|| {
+                        format!("HTTP {status}: {}", String::from_utf8_lossy(&body))
+                    });
+                }
+            }
+            Err(e) => {
+                r.errors += 1;
+                r.lost += 1;
+                r.first_error.get_or_insert(format!("i/o: {e}"));
+                conn = None;
+            }
+        }
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring the machine: CPU time per thread group, system-wide busy time, audit syncs
+
+/// CPU ticks (user + system) per thread name, and the audit writer's write syscalls.
+#[derive(Default, Clone)]
+struct ThreadSnapshot {
+    ticks: BTreeMap<String, u64>,
+    audit_writes: u64,
+}
+
+fn thread_snapshot() -> ThreadSnapshot {
+    let mut snap = ThreadSnapshot::default();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return snap;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        // Fields after the comm: state is field 3; utime and stime are fields 14 and 15.
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let ticks = fields
+            .get(11)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+        if comm == "audit-writer" {
+            // One write(2) per group commit: the batch is written with one write_all, then
+            // fdatasync'ed.
+            if let Ok(io) = std::fs::read_to_string(dir.join("io")) {
+                snap.audit_writes += io
+                    .lines()
+                    .find_map(|l| l.strip_prefix("syscw: "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        let group = if comm.starts_with("bench-server") {
+            "server runtime"
+        } else if comm.starts_with("bench-client") {
+            "load generator"
+        } else if comm == "audit-writer" {
+            "audit writer"
+        } else {
+            "other threads"
+        };
+        *snap.ticks.entry(group.to_owned()).or_default() += ticks;
+    }
+    snap
+}
+
+/// CPU ticks (user + system) of every other process on the machine, by pid, with its name.
+fn process_snapshot() -> BTreeMap<u32, (String, u64)> {
+    let me = std::process::id();
+    let mut out = BTreeMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Some((comm, ticks)) = std::fs::read_to_string(p.path().join("stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+        {
+            out.insert(pid, (comm, ticks));
+        }
+    }
+    out
+}
+
+/// The name and utime + stime of a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat line.
+fn parse_stat(stat: &str) -> Option<(String, u64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let comm = stat[open + 1..close].to_owned();
+    // Fields after the comm start with the state (field 3); utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((comm, ticks))
+}
+
+/// (busy, total) jiffies over all CPUs, from /proc/stat.
+fn system_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Audit records in the log, and how many of them are allowed `secret.get`s.
+fn audit_counts(path: &Path) -> (u64, u64) {
+    let Ok(file) = std::fs::File::open(path) else {
+        return (0, 0);
+    };
+    let mut records = 0;
+    let mut gets = 0;
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.expect("audit log readable");
+        records += 1;
+        if find(&line, br#""command":"secret.get""#).is_some()
+            && find(&line, br#""decision":"allow""#).is_some()
+        {
+            gets += 1;
+        }
+    }
+    (records, gets)
+}
+
+/// What the disk under the audit log gives: 400-byte appends, each followed by fdatasync, for
+/// one second (nothing else of the server is running). One group commit costs about this.
+fn fdatasync_probe(dir: &Path) {
+    use std::io::Write;
+    let probe = tempfile::tempdir_in(dir).expect("probe dir");
+    let mut file = std::fs::File::create(probe.path().join("probe")).expect("probe file");
+    let record = [b'x'; 400];
+    let mut lat = Vec::new();
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let t = Instant::now();
+        file.write_all(&record).expect("probe write");
+        file.sync_data().expect("probe fdatasync");
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    lat.sort_unstable();
+    let mean = lat.iter().sum::<u64>() / lat.len() as u64;
+    println!(
+        "disk            400-byte append + fdatasync, alone: {:.0}/s, mean {}, p50 {}, p99 {}",
+        lat.len() as f64,
+        ms(mean),
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+    );
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.3} ms", ns as f64 / 1e6)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct RunConfig {
+    connections: usize,
+    warmup: Duration,
+    measured: Duration,
+    max_requests: Option<u64>,
+    verbose: bool,
+}
+
+struct RunResult {
+    connections: usize,
+    rps: f64,
+    p50: u64,
+    p99: u64,
+    errors: u64,
+    audit_match: bool,
+    /// CPU other processes used during the measured window: a disturbed run shows here.
+    other_cores: f64,
+}
+
+fn run(client: &tokio::runtime::Runtime, server: &Server, cfg: &RunConfig) -> RunResult {
+    let get_body = format!(
+        r#"{{"nodeId":"local","command":"secret.get","params":{{"name":"{SECRET_NAME}"}}}}"#
+    );
+    let req = request_bytes(server.addr, &server.token, &get_body);
+    let (audit_before, gets_before) = audit_counts(&server.audit_path);
+
+    let start = Instant::now();
+    let phase = Arc::new(Phase {
+        warm_end: start + cfg.warmup,
+        end: start + cfg.warmup + cfg.measured,
+        max_requests: cfg.max_requests,
+    });
+    let (results, window) = client.block_on(async {
+        let tasks: Vec<_> = (0..cfg.connections)
+            .map(|_| tokio::spawn(drive(server.addr, req.clone(), phase.clone())))
+            .collect();
+        // Snapshots at the edges of the measured window.
+        tokio::time::sleep_until(phase.warm_end.into()).await;
+        let t0 = (
+            Instant::now(),
+            thread_snapshot(),
+            system_cpu(),
+            process_snapshot(),
+        );
+        tokio::time::sleep_until(phase.end.into()).await;
+        let t1 = (
+            Instant::now(),
+            thread_snapshot(),
+            system_cpu(),
+            process_snapshot(),
+        );
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.expect("connection task"));
+        }
+        (results, (t0, t1))
+    });
+    // Requests started before the end may finish after it; the rate counts them over the time
+    // until the last one finished.
+    let measured_wall = start.elapsed().saturating_sub(cfg.warmup);
+
+    let mut latencies: Vec<u64> = Vec::new();
+    let (mut answers, mut errors, mut lost) = (0, 0, 0);
+    let mut first_error = None;
+    for r in results {
+        latencies.extend_from_slice(&r.latencies);
+        answers += r.answers;
+        errors += r.errors;
+        lost += r.lost;
+        if first_error.is_none() {
+            first_error = r.first_error;
+        }
+    }
+    latencies.sort_unstable();
+    let n = latencies.len() as u64;
+    let rps = n as f64 / measured_wall.as_secs_f64();
+    let mean = latencies
+        .iter()
+        .sum::<u64>()
+        .checked_div(n)
+        .unwrap_or_default();
+    let (p50, p90, p99, p999) = (
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.90),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+    );
+    let max = latencies.last().copied().unwrap_or(0);
+
+    // Every answer was sent only after its audit record was fdatasync'ed, so by now the log
+    // holds all of them.
+    let (audit_after, gets_after) = audit_counts(&server.audit_path);
+    let audit_delta = audit_after - audit_before;
+    let gets_delta = gets_after - gets_before;
+    let audit_match = lost == 0 && audit_delta == answers && gets_delta == answers - errors;
+
+    let mut other_cores = 0.0;
+    if cfg.verbose {
+        let ((w0, th0, sys0, pr0), (w1, th1, sys1, pr1)) = window;
+        let secs = (w1 - w0).as_secs_f64();
+        let hz = clock_ticks_per_second();
+        println!(
+            "\n== {} keep-alive connections: {:.1} s warm-up, {:.1} s measured ==",
+            cfg.connections,
+            cfg.warmup.as_secs_f64(),
+            measured_wall.as_secs_f64()
+        );
+        println!("requests/s      {rps:.0}  ({n} measured requests)");
+        println!(
+            "latency         mean {}  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            ms(mean),
+            ms(p50),
+            ms(p90),
+            ms(p99),
+            ms(p999),
+            ms(max)
+        );
+        println!(
+            "errors          {errors}{}",
+            first_error
+                .as_deref()
+                .map(|e| format!(" (first: {})", &e[..e.len().min(300)]))
+                .unwrap_or_default()
+        );
+        println!(
+            "audit           {audit_delta} records written for {answers} answers \
+             ({gets_delta} allowed secret.get) incl. warm-up: {}",
+            if audit_match {
+                "exactly one per answer"
+            } else {
+                "MISMATCH"
+            }
+        );
+        let syncs = th1.audit_writes.saturating_sub(th0.audit_writes);
+        if syncs > 0 {
+            println!(
+                "group commits   {syncs} in the window ({:.0}/s), {:.1} records per fdatasync on average",
+                syncs as f64 / secs,
+                n as f64 / syncs as f64
+            );
+        }
+        let (busy, total) = (sys1.0 - sys0.0, sys1.1 - sys0.1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if total > 0 {
+            println!(
+                "machine CPU     {:.0}% busy of {cores} cores (all processes)",
+                100.0 * busy as f64 / total as f64
+            );
+        }
+        let mut parts = Vec::new();
+        let mut ours = 0.0;
+        for (group, t1) in &th1.ticks {
+            let t0 = th0.ticks.get(group).copied().unwrap_or(0);
+            let cpu = (t1 - t0) as f64 / hz;
+            ours += cpu;
+            parts.push(format!(
+                "{group} {:.2} cores ({:.1} us/req)",
+                cpu / secs,
+                cpu * 1e6 / n.max(1) as f64
+            ));
+        }
+        println!("this process    {}", parts.join(", "));
+        // Other processes (a process started in the window counts from zero), busiest first.
+        let mut others: Vec<(f64, String)> = pr1
+            .iter()
+            .map(|(pid, (comm, t1))| {
+                let t0 = pr0.get(pid).map_or(0, |(_, t)| *t);
+                (t1.saturating_sub(t0) as f64 / hz / secs, comm.clone())
+            })
+            .filter(|(cores, _)| *cores > 0.0)
+            .collect();
+        others.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+        let others_total: f64 = others.iter().map(|o| o.0).sum();
+        let busiest: Vec<String> = others
+            .iter()
+            .take(3)
+            .map(|(c, name)| format!("{name} {c:.2}"))
+            .collect();
+        println!(
+            "other processes {others_total:.2} cores (busiest: {}); load average now {}",
+            busiest.join(", "),
+            load_average()
+        );
+        if total > 0 {
+            // /proc/stat counts jiffies per CPU: busy/total is the busy fraction of all cores.
+            let all = busy as f64 / total as f64 * cores as f64;
+            println!(
+                "kernel, not attributed to a thread (softirq: loopback TCP, block I/O completions): {:.2} cores",
+                (all - ours / secs - others_total).max(0.0)
+            );
+        }
+        other_cores = others_total;
+    }
+    RunResult {
+        connections: cfg.connections,
+        rps,
+        p50,
+        p99,
+        errors,
+        audit_match,
+        other_cores,
+    }
+}
+
+fn create_secret(client: &tokio::runtime::Runtime, server: &Server) {
+    let value: String = (0..VALUE_LEN)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let body = format!(
+        r#"{{"nodeId":"local","command":"secret.create","params":{{"name":"{SECRET_NAME}","data":{{"value":"{value}"}}}}}}"#
+    );
+    let req = request_bytes(server.addr, &server.token, &body);
+    let (status, answer) = client.block_on(async {
+        let mut c = Conn::connect(server.addr).await.expect("connect");
+        c.round_trip(&req).await.expect("secret.create")
+    });
+    let text = String::from_utf8_lossy(&answer);
+    // An external server may hold the secret from an earlier run.
+    assert!(
+        answer_ok(status, &answer) || text.contains("ALREADY_EXISTS"),
+        "secret.create failed: HTTP {status}: {text}"
+    );
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let server_threads = env_or("BENCH_SERVER_THREADS", cores).max(1);
+    let client_threads = env_or("BENCH_CLIENT_THREADS", 1usize).max(1);
+
+    let server = match (std::env::var("BENCH_ADDR"), std::env::var("BENCH_DATA_DIR")) {
+        (Ok(addr), Ok(dir)) if bench => external(&addr, Path::new(&dir)),
+        _ => start_in_process(server_threads),
+    };
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(client_threads)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    create_secret(&client, &server);
+
+    if !bench {
+        // Smoke run: a few requests on two connections; correctness only, never time.
+        let r = run(
+            &client,
+            &server,
+            &RunConfig {
+                connections: 2,
+                warmup: Duration::ZERO,
+                measured: Duration::from_secs(30),
+                max_requests: Some(10),
+                verbose: false,
+            },
+        );
+        assert_eq!(r.errors, 0, "smoke run had errors");
+        assert!(
+            r.audit_match,
+            "audit log does not hold one record per answer"
+        );
+        server.stop();
+        println!("http bench: smoke run ok (run `cargo bench --bench http` to measure)");
+        return;
+    }
+
+    let connections: Vec<usize> = std::env::var("BENCH_CONNECTIONS")
+        .unwrap_or_else(|_| "1,8,16,24,32,64".to_owned())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("BENCH_CONNECTIONS is a comma-separated list of numbers")
+        })
+        .collect();
+    let measured = Duration::from_secs_f64(env_or("BENCH_SECONDS", 10.0));
+    let warmup = Duration::from_secs_f64(env_or("BENCH_WARMUP_SECONDS", 3.0));
+    println!(
+        "http bench: secret.get of a {VALUE_LEN}-byte secret, POST /v1/invoke, HTTP/1.1 keep-alive on {}, \
+         every read audited (fdatasync, group commit) to {}",
+        server.addr,
+        server.audit_path.display()
+    );
+    if server.shutdown.is_some() {
+        println!(
+            "server: in-process, {server_threads} tokio worker threads; load generator: {client_threads} tokio \
+             worker thread(s) in the same process; {cores} cores shared by both"
+        );
+    } else {
+        println!(
+            "server: external (BENCH_ADDR); load generator: {client_threads} tokio worker thread(s); {cores} cores"
+        );
+    }
+
+    println!("load average    {} (before the runs)", load_average());
+    fdatasync_probe(
+        server
+            .audit_path
+            .parent()
+            .expect("audit log has a directory"),
+    );
+
+    let mut summary = Vec::new();
+    for &c in &connections {
+        summary.push(run(
+            &client,
+            &server,
+            &RunConfig {
+                connections: c.max(1),
+                warmup,
+                measured,
+                max_requests: None,
+                verbose: true,
+            },
+        ));
+    }
+    if server.shutdown.is_some() {
+        match claw_secrets::audit::verify(&server.audit_path) {
+            Ok(r) => println!("\naudit chain     verifies: {} records", r.records),
+            Err(e) => println!("\naudit chain     BROKEN: {e}"),
+        }
+    }
+    println!("\nsummary (target: >= 20000 req/s and p99 <= 2 ms)");
+    println!(
+        "connections   req/s     p50        p99        errors  audit==answers  other processes"
+    );
+    for r in &summary {
+        println!(
+            "{:<13} {:<9.0} {:<10} {:<10} {:<7} {:<15} {:.2} cores",
+            r.connections,
+            r.rps,
+            ms(r.p50),
+            ms(r.p99),
+            r.errors,
+            if r.audit_match { "yes" } else { "NO" },
+            r.other_cores
+        );
+    }
+    server.stop();
+}
