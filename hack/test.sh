@@ -23,5 +23,6 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
-step "cargo test --all-targets"
-cargo test --all-targets --locked
+step "cargo test --all-targets --no-fail-fast"
+# --no-fail-fast: one failing target must not hide the results of the others.
+cargo test --all-targets --locked --no-fail-fast
