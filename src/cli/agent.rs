@@ -9,20 +9,22 @@ use crate::k8s::agent::{AgentConfig, run};
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// The Node this agent serves; also its node id for node.invoke.
+    /// The Node this agent serves, also its node id for node.invoke (required; in a pod, set
+    /// NODE_NAME from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// Where the node's encrypted store, cached keyring and audit log live.
+    /// Where the node's encrypted store, cached keyring, saved token reviews and audit log
+    /// live: the only place the agent writes.
     #[arg(
         long,
         env = "CLAW_SECRETS_DATA_DIR",
         default_value = "/var/lib/claw-secrets"
     )]
     data_dir: PathBuf,
-    /// Address for node.invoke.
+    /// Address for node.invoke (plain HTTP).
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
-    /// The master key Secret, as NAMESPACE/NAME.
+    /// The master key Secret the operator creates, as NAMESPACE/NAME.
     #[arg(long, default_value = "claw-secrets/claw-secrets-master-key")]
     master_key_secret: String,
 }

@@ -20,13 +20,15 @@ use crate::store::{Store, create_private_dir, write_private_file_atomic};
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// Where the encrypted store, master key, tokens and audit log live.
+    /// Where the encrypted store, master key, tokens and audit log live (the default is
+    /// $XDG_DATA_HOME/claw-secrets/dev when XDG_DATA_HOME is set).
     #[arg(long, env = "CLAW_SECRETS_DATA_DIR", default_value_os_t = super::default_data_dir())]
     data_dir: PathBuf,
     /// Address to listen on. Keep it on loopback: dev mode speaks plain HTTP.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// This node's id (default: the one saved in the data dir, first derived from the hostname).
+    /// This node's id, saved in the data dir (default: the saved one; on first start
+    /// dev-<hostname>). `local` always reaches this node too.
     #[arg(long)]
     node_id: Option<String>,
 }

@@ -2,6 +2,7 @@
 
 mod agent;
 mod audit;
+mod completions;
 mod dev;
 mod invoke;
 mod operator;
@@ -15,10 +16,26 @@ pub use paths::{ClientConfig, client_config_path, default_data_dir};
 
 /// Secrets and configuration manager for Clawbernetes nodes.
 ///
-/// Start a local server with `claw-secrets dev`, then call it with
-/// `claw-secrets invoke local secret.create '{"name":"db.password","data":{"password":"s3cret"}}'`.
+/// Encrypted secrets (versioned, scoped to the workloads allowed to read them, every access
+/// written to a hash-chained audit log) and plain configs, served through the node.invoke API.
+///
+/// One binary, two shapes. `claw-secrets dev` runs the whole API on one machine on an embedded
+/// encrypted store: no cluster needed. In Kubernetes, `claw-secrets operator` (a Deployment)
+/// and `claw-secrets agent` (a DaemonSet, one per node) serve the same API from ClawSecret and
+/// ClawConfig custom resources; `claw-secrets crd` prints those resources' definitions.
+///
+/// Logs go to stderr; CLAW_SECRETS_LOG (else RUST_LOG; any tracing filter, default `info`) sets
+/// the level. No level ever logs a secret's value.
 #[derive(Debug, Parser)]
-#[command(name = "claw-secrets", version, about, long_about)]
+#[command(
+    name = "claw-secrets",
+    version,
+    max_term_width = 100,
+    after_help = r#"Quick start:
+  claw-secrets dev                 # terminal 1: a local server on 127.0.0.1:7070
+  claw-secrets invoke local secret.create '{"name":"db.password","data":{"password":"s3cret"}}'
+  claw-secrets help <command>      # more: README.md and docs/ in the source repository"#
+)]
 struct Cli {
     #[command(subcommand)]
     command: Commands,
@@ -26,24 +43,102 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Commands {
-    /// Run the node.invoke API on this machine, backed by an encrypted local store.
+    /// Run the node.invoke API on this machine, backed by an encrypted local store
+    ///
+    /// Runs the whole node.invoke API on this machine: encrypted secrets and plain configs in a
+    /// local store, bearer-token access and a hash-chained audit log. No cluster needed. It
+    /// speaks plain HTTP, so keep it on loopback. Ctrl-C (or SIGTERM) stops it cleanly.
+    ///
+    /// State lives in the data directory (--data-dir): master.key (the master key), admin.token,
+    /// tokens.json (token hashes), audit.log, node-id and the encrypted store; keys and tokens
+    /// are files of mode 0600. One server at a time may use a data directory. On start it also
+    /// writes $XDG_CONFIG_HOME/claw-secrets/dev.json (default ~/.config/claw-secrets/dev.json),
+    /// holding the address and the admin token's path, never the token, so that
+    /// `claw-secrets invoke` finds this server.
+    #[command(after_help = "Examples:
+  claw-secrets dev
+  claw-secrets dev --node-id node-1 --data-dir /tmp/claw-dev --listen 127.0.0.1:7071")]
     Dev(dev::DevArgs),
-    /// Call a node's node.invoke API: `claw-secrets invoke <node-id> <command> '<json params>'`.
+    /// Call a node's node.invoke API and print the answer
+    ///
+    /// Calls a node's node.invoke API: `claw-secrets invoke <node-id> <command> '<json params>'`.
+    /// On success it prints the payload as JSON on stdout and exits 0; on failure it prints
+    /// `CODE: message` on stderr (e.g. NOT_FOUND, PERMISSION_DENIED) and exits 1, or 2 for a
+    /// usage error. It keeps no state of its own.
+    #[command(after_help = r#"Examples:
+  claw-secrets invoke local secret.create '{"name":"db.password","data":{"password":"s3cret"}}'
+  claw-secrets invoke local secret.get '{"name":"db.password"}'
+  claw-secrets invoke local config.list '{"prefix":"app."}'
+  claw-secrets invoke local secret.rotate - < params.json   # params from stdin, not shell history"#)]
     Invoke(invoke::InvokeArgs),
-    /// Work with audit logs.
-    #[command(subcommand)]
+    /// Work with audit logs (see `claw-secrets audit verify --help`)
+    #[command(
+        subcommand,
+        after_help = "Example:\n  claw-secrets audit verify ~/.local/share/claw-secrets/dev/audit.log"
+    )]
     Audit(audit::AuditCommand),
-    /// Manage dev-mode bearer tokens.
-    #[command(subcommand)]
+    /// Manage dev-mode bearer tokens (see `claw-secrets token create --help`)
+    #[command(
+        subcommand,
+        after_help = "Example:\n  claw-secrets token create --workload api-server"
+    )]
     Token(token::TokenCommand),
-    /// Run the node agent: mirror this node's secrets and configs, serve node.invoke.
+    /// Run the per-node agent: mirror this node's secrets and configs, serve node.invoke
+    ///
+    /// Runs the node agent (in Kubernetes, a DaemonSet: one per node). It mirrors the
+    /// ClawSecrets and ClawConfigs selected for this node into an encrypted local store and
+    /// serves node.invoke on --listen: reads come from the local store, so they keep working
+    /// while the API server is down; writes go through the API server as the caller. Callers
+    /// are authenticated with TokenReview and authorized with SubjectAccessReview, or by the
+    /// secret's allowed_workloads for a workload reading its own namespace's secret.
+    ///
+    /// State lives in --data-dir and nowhere else: the encrypted store, a cached copy of the
+    /// master keyring (to start without the API server), saved token reviews and this node's
+    /// audit log (audit.log); a read-only root filesystem is fine. The master keyring itself
+    /// is read from the Secret the operator creates. Kubernetes credentials come from
+    /// KUBECONFIG, else the in-cluster ServiceAccount.
+    #[command(after_help = "Examples:
+  claw-secrets agent --node-name \"$NODE_NAME\"   # in a pod: NODE_NAME from the downward API
+  claw-secrets agent --node-name node-a --data-dir /tmp/claw-agent-a --listen 127.0.0.1:7443")]
     Agent(agent::AgentArgs),
     /// Run the operator: seal ClawSecrets, guard ClawConfigs, keep their status and Events
-    /// (leader-elected; run several replicas for failover).
+    ///
+    /// Runs the operator (in Kubernetes, a Deployment). It seals the plaintext data of every
+    /// ClawSecret with the master key and removes the plaintext in the same write, moves a
+    /// secret's version forward on every change, refuses data changes to immutable
+    /// ClawConfigs, and keeps status conditions and Events on both. Replicas elect a leader
+    /// through a Lease; run two or more for failover.
+    ///
+    /// State lives in the cluster, not on disk: the master key Secret (--master-key-secret in
+    /// --namespace, created on first start if absent) and the leader Lease. It serves
+    /// /metrics, /healthz and /readyz on --metrics-addr. Kubernetes credentials come from
+    /// KUBECONFIG, else the in-cluster ServiceAccount. Two operators must never reconcile the
+    /// same namespaces with different master keys.
+    #[command(after_help = "Examples:
+  claw-secrets operator         # in a pod: POD_NAMESPACE and POD_NAME from the downward API
+  claw-secrets operator --metrics-addr 127.0.0.1:8080 --watch-namespace team-a")]
     Operator(operator::OperatorArgs),
     /// Print the ClawSecret and ClawConfig CustomResourceDefinitions as YAML
-    /// (`claw-secrets crd | kubectl apply -f -`).
+    ///
+    /// Prints the ClawSecret and ClawConfig CustomResourceDefinitions (API group
+    /// clawbernetes.io) as YAML on stdout, generated from the types this binary was built with;
+    /// they match crds/crds.yaml in the source. Apply them before starting the operator and
+    /// the agents. It reads and writes nothing else and needs no cluster.
+    #[command(after_help = "Examples:
+  claw-secrets crd | kubectl apply -f -
+  claw-secrets crd > crds.yaml")]
     Crd,
+    /// Print a shell completion script for bash, zsh, fish, powershell or elvish
+    ///
+    /// Prints a completion script for SHELL on stdout, covering every subcommand and flag. It
+    /// writes no files: redirect the output to where your shell loads completions from (see
+    /// the examples), then start a new shell.
+    #[command(after_help = r#"Examples:
+  claw-secrets completions bash > ~/.local/share/bash-completion/completions/claw-secrets
+  claw-secrets completions zsh > ~/.zfunc/_claw-secrets   # with fpath+=(~/.zfunc) before compinit
+  claw-secrets completions fish > ~/.config/fish/completions/claw-secrets.fish
+  source <(claw-secrets completions bash)                 # this bash session only"#)]
+    Completions(completions::CompletionsArgs),
 }
 
 /// Logs go to stderr; `CLAW_SECRETS_LOG` (or `RUST_LOG`) sets the filter, default `info`.
@@ -80,6 +175,7 @@ pub fn main() -> ExitCode {
             print!("{}", crate::k8s::crd::crds_yaml());
             ExitCode::SUCCESS
         }
+        Commands::Completions(args) => completions::run(args),
     }
 }
 
@@ -96,5 +192,46 @@ pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send 
             _ = term.recv() => {},
         }
         tracing::info!("shutting down: finishing requests in flight");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every argument of every subcommand says what it is for, and every subcommand has a
+    /// one-line summary (`--help` shows defaults and env vars next to it).
+    #[test]
+    fn every_argument_and_subcommand_is_documented() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() {
+                missing.push(format!("{path}: no about"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}: no doc comment"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &format!("{path} {}", sub.get_name()), missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        let mut cmd = Cli::command();
+        cmd.build();
+        walk(&cmd, "claw-secrets", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
 }

@@ -21,10 +21,12 @@ pub struct OperatorArgs {
     /// Name of the leader election Lease.
     #[arg(long, default_value = "claw-secrets-operator")]
     lease_name: String,
-    /// How long a leader's Lease lasts without renewal before a standby may take over.
+    /// How long a leader's Lease lasts without renewal before a standby may take over (2 to
+    /// 3600).
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
     lease_duration_seconds: u64,
-    /// This replica's identity in the Lease; must be unique per replica. Default: HOSTNAME-PID.
+    /// This replica's identity in the Lease; must be unique per replica (default:
+    /// HOSTNAME-PID).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// Reconcile only the ClawSecrets and ClawConfigs of this namespace (default: every

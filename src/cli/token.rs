@@ -7,19 +7,35 @@ use crate::domain::{Namespace, Workload};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create a bearer token for a workload (read-only, scoped by allowed_workloads) or an admin,
-    /// and print it. The running server picks it up at once.
+    /// Create a dev-mode bearer token for a workload or an admin, and print it
+    ///
+    /// Creates a bearer token for `claw-secrets dev`, prints it on stdout and adds its SHA-256
+    /// (never the token itself) to <data-dir>/tokens.json; a running dev server accepts it at
+    /// once, no restart needed. A workload token may only read, in its own namespace: configs,
+    /// and the secrets whose allowed_workloads are empty or name the workload. An admin token
+    /// may run every command in every namespace. The token is printed once and stored nowhere:
+    /// keep it.
+    ///
+    /// Dev mode only. In Kubernetes, callers use their ServiceAccount tokens (for example
+    /// `kubectl create token api-server -n team-a`) and RBAC instead.
+    #[command(after_help = r#"Examples:
+  export API_TOKEN=$(claw-secrets token create --workload api-server)
+  claw-secrets invoke local secret.get '{"name":"db.password"}' --token "$API_TOKEN"
+  claw-secrets token create --workload worker --namespace team-a
+  claw-secrets token create --admin --data-dir /tmp/claw-dev"#)]
     Create {
-        /// The dev server's data directory.
+        /// The dev server's data directory: pass the same --data-dir as `claw-secrets dev`
+        /// (this command does not read CLAW_SECRETS_DATA_DIR).
         #[arg(long, default_value_os_t = super::default_data_dir())]
         data_dir: PathBuf,
-        /// The workload the token stands for (checked against allowed_workloads).
+        /// The workload name the token stands for, matched against each secret's
+        /// allowed_workloads; required unless --admin.
         #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
         workload: Option<String>,
         /// The workload's namespace.
         #[arg(long, default_value = "default")]
         namespace: String,
-        /// Create an admin token instead (every command).
+        /// Create an admin token instead: it may run every command, in every namespace.
         #[arg(long)]
         admin: bool,
     },
