@@ -18,4 +18,4 @@ pub use protocol::{
     ConfigMeta, ConfigView, Deleted, ErrorBody, InvokeError, InvokeRequest, InvokeResponse,
     MAX_BODY_BYTES, Payload, SecretMeta, SecretView,
 };
-pub use server::{router, serve};
+pub use server::{FORWARDED_AUTHORIZATION, router, serve};

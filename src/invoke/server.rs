@@ -49,16 +49,30 @@ async fn invoke<B: Backend>(
             return r;
         }
     };
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let resp = dispatcher.handle(bearer, &bytes).await;
+    let resp = dispatcher.handle(bearer_token(&headers), &bytes).await;
     json_response(&resp)
+}
+
+/// The header that carries the caller's bearer token when `Authorization` cannot: the API
+/// server's pod proxy authenticates the caller with `Authorization` and removes it before
+/// forwarding, so `claw-secrets invoke` sends the same token in this header as well
+/// (docs/architecture.md, "Invoking through the API server"). It is checked exactly like
+/// `Authorization` (TokenReview in Kubernetes), so it grants nothing that header would not.
+pub const FORWARDED_AUTHORIZATION: &str = "x-claw-secrets-authorization";
+
+/// The bearer token of `Authorization`, else of [`FORWARDED_AUTHORIZATION`].
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let bearer = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+    };
+    bearer(header::AUTHORIZATION.as_str()).or_else(|| bearer(FORWARDED_AUTHORIZATION))
 }
 
 /// Serves on `listener` until `shutdown` completes, finishing in-flight requests.
@@ -70,4 +84,46 @@ pub async fn serve<B: Backend>(
     axum::serve(listener, router(dispatcher))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_forwarded_header_carries_a_token_when_authorization_does_not() {
+        assert_eq!(
+            bearer_token(&headers(&[("authorization", "Bearer a")])),
+            Some("a")
+        );
+        assert_eq!(
+            bearer_token(&headers(&[("x-claw-secrets-authorization", "Bearer f")])),
+            Some("f")
+        );
+        assert_eq!(
+            bearer_token(&headers(&[("X-Claw-Secrets-Authorization", "bearer f ")])),
+            Some("f")
+        );
+        // Authorization wins when both are sent (a direct call).
+        assert_eq!(
+            bearer_token(&headers(&[
+                ("authorization", "Bearer a"),
+                ("x-claw-secrets-authorization", "Bearer f"),
+            ])),
+            Some("a")
+        );
+        assert_eq!(bearer_token(&headers(&[])), None);
+        assert_eq!(
+            bearer_token(&headers(&[("x-claw-secrets-authorization", "Basic Zm9v")])),
+            None
+        );
+    }
 }
