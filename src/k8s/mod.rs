@@ -9,3 +9,4 @@ pub mod identity;
 pub mod keyring;
 pub mod names;
 pub mod operator;
+pub mod proxy;
