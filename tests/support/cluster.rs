@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -188,6 +189,12 @@ impl Cluster {
 
     /// Starts an agent for a new Node named `node-<letter>-<suffix>` with `labels`.
     pub async fn agent(&self, letter: &str, labels: &[(&str, &str)]) -> Agent {
+        self.agent_on(letter, labels, Ipv4Addr::LOCALHOST.into())
+            .await
+    }
+
+    /// Like [`Cluster::agent`], listening on `ip` (the API server's pod proxy refuses loopback).
+    pub async fn agent_on(&self, letter: &str, labels: &[(&str, &str)], ip: IpAddr) -> Agent {
         let node = format!("node-{letter}-{}", self.suffix());
         create_node(&self.client(), &node, labels).await;
         self.nodes.lock().unwrap().push(node.clone());
@@ -195,7 +202,7 @@ impl Cluster {
             .prefix(&format!("claw-agent-{node}-"))
             .tempdir()
             .expect("temp dir");
-        Agent::start(&self.env.kubeconfig, &node, dir, &self.master_key).await
+        Agent::start_on(&self.env.kubeconfig, &node, dir, &self.master_key, ip).await
     }
 
     /// node-a (zone a, gpu), node-b (zone b, gpu), node-c (zone c, no gpu).
@@ -610,6 +617,8 @@ async fn http(
 /// restarts and is removed with the `Agent`.
 pub struct Agent {
     pub node: String,
+    /// The address it listens on (loopback unless started with [`Agent::start_on`]).
+    pub ip: IpAddr,
     pub port: u16,
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
@@ -627,8 +636,27 @@ impl Agent {
         dir: tempfile::TempDir,
         master_key: &str,
     ) -> Agent {
+        Agent::start_on(
+            kubeconfig,
+            node,
+            dir,
+            master_key,
+            Ipv4Addr::LOCALHOST.into(),
+        )
+        .await
+    }
+
+    /// Like [`Agent::start`], listening on `ip`.
+    pub async fn start_on(
+        kubeconfig: &Path,
+        node: &str,
+        dir: tempfile::TempDir,
+        master_key: &str,
+        ip: IpAddr,
+    ) -> Agent {
         let mut agent = Agent {
             node: node.to_owned(),
+            ip,
             port: free_port(),
             dir,
             kubeconfig: kubeconfig.to_owned(),
@@ -651,7 +679,7 @@ impl Agent {
     }
 
     pub fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", SocketAddr::new(self.ip, self.port))
     }
 
     /// Spawns the process (same node, port and data dir as before).
@@ -669,7 +697,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(SocketAddr::new(self.ip, self.port).to_string())
             .arg("--master-key-secret")
             .arg(&self.master_key)
             .env("KUBECONFIG", &self.kubeconfig)

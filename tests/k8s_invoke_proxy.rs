@@ -1,0 +1,885 @@
+//! `claw-secrets invoke <node> ...` against a real kube-apiserver: the node id is a Node name,
+//! the CLI finds that Node's agent pod and calls it through the API server's pod proxy with the
+//! caller's own kubeconfig, forwarding the caller's bearer token in
+//! `X-Claw-Secrets-Authorization` for the agent to check (TokenReview, then the caller's own
+//! RBAC). docs/architecture.md, "Invoking through the API server".
+//!
+//! There is no kubelet in the test control plane, so each test runs a `claw-secrets agent`
+//! process and creates the Pod object a DaemonSet would have made for it: scheduled on the
+//! agent's Node (`spec.nodeName`), its status patched to Running with the agent's address as
+//! pod IP. The API server refuses to proxy to loopback and link-local addresses, so the agent
+//! listens on the first other IPv4 address of this host (`CLAW_TEST_AGENT_IP` overrides it,
+//! e.g. with the Docker bridge address for kind).
+//!
+//! Latency figures are printed, never asserted: `cargo test --test k8s_invoke_proxy latency --
+//! --nocapture`, lines starting with `LATENCY:`.
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+use cluster::{Agent, BIN, Cluster, PATIENCE, eventually, random_hex};
+use control_plane::TestEnv;
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------------
+
+/// The address the agents listen on: `CLAW_TEST_AGENT_IP`, else the first IPv4 address of this
+/// host that is up and neither loopback nor link-local.
+fn agent_ip() -> IpAddr {
+    if let Some(ip) = std::env::var("CLAW_TEST_AGENT_IP")
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
+        return ip
+            .parse()
+            .unwrap_or_else(|e| panic!("CLAW_TEST_AGENT_IP={ip:?} is not an IP address: {e}"));
+    }
+    let mut found = None;
+    // SAFETY: getifaddrs hands out a list we only read, and free exactly once.
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        assert_eq!(
+            libc::getifaddrs(&mut list),
+            0,
+            "getifaddrs: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut cur = list;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null()
+                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
+                && ifa.ifa_flags & (libc::IFF_UP as u32) != 0
+            {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() {
+                    found = Some(ip);
+                    break;
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    IpAddr::V4(found.expect(
+        "this host has no IPv4 address other than loopback and link-local, and the API server \
+         refuses to proxy to those: give the host one, or set CLAW_TEST_AGENT_IP to an address \
+         of this host that the API server can reach",
+    ))
+}
+
+const AGENT_LABELS: [(&str, &str); 2] = [
+    ("app.kubernetes.io/name", "claw-secrets"),
+    ("app.kubernetes.io/component", "agent"),
+];
+
+/// The ClusterRole `name` as deploy/rbac/agent.yaml defines it, applied to the cluster (so the
+/// tests check the shipped manifest, not a copy).
+async fn apply_cluster_role(client: &kube::Client, name: &str) {
+    let path = control_plane::repo_root().join("deploy/rbac/agent.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/rbac/agent.yaml");
+    let role: ClusterRole = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).expect("YAML"))
+        .filter(|v| v["kind"] == "ClusterRole" && v["metadata"]["name"] == name)
+        .map(|v| serde_yaml::from_value(v).expect("a ClusterRole"))
+        .next()
+        .unwrap_or_else(|| panic!("{} defines no ClusterRole {name}", path.display()));
+    Api::<ClusterRole>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("claw-secrets-tests").force(),
+            &Patch::Apply(&role),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying ClusterRole {name}: {e}"));
+}
+
+/// Binds the ClusterRole `role` to `subject` in namespace `ns`.
+async fn bind(client: &kube::Client, ns: &str, role: &str, subject: Subject) {
+    let binding = RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(format!("{role}-{}", subject.name)),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "ClusterRole".to_owned(),
+            name: role.to_owned(),
+        },
+        subjects: Some(vec![subject]),
+    };
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap_or_else(|e| panic!("binding {role} in {ns}: {e}"));
+}
+
+/// A Role in `ns` that lets `subject` list pods, and nothing else (so finding the agent works
+/// and only the proxy is refused).
+async fn grant_pod_list(client: &kube::Client, ns: &str, subject: Subject) {
+    let name = format!("pod-lister-{}", subject.name);
+    let meta = ObjectMeta {
+        name: Some(name.clone()),
+        ..ObjectMeta::default()
+    };
+    Api::<Role>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &Role {
+                metadata: meta.clone(),
+                rules: Some(vec![PolicyRule {
+                    api_groups: Some(vec![String::new()]),
+                    resources: Some(vec!["pods".to_owned()]),
+                    verbs: vec!["list".to_owned()],
+                    ..PolicyRule::default()
+                }]),
+            },
+        )
+        .await
+        .expect("Role");
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &RoleBinding {
+                metadata: meta,
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".to_owned(),
+                    kind: "Role".to_owned(),
+                    name,
+                },
+                subjects: Some(vec![subject]),
+            },
+        )
+        .await
+        .expect("RoleBinding");
+}
+
+/// Creates the Pod a DaemonSet would have made for `agent` in `ns`: on its Node, with its
+/// node.invoke port named `invoke`, and (no kubelet here) its status set to Running at the
+/// agent's address. `running: false` leaves it Pending with no IP.
+async fn agent_pod(client: &kube::Client, ns: &str, agent: &Agent, running: bool) -> String {
+    let name = format!("claw-secrets-agent-{}", random_hex(3));
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some(
+                AGENT_LABELS
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(agent.node.clone()),
+            containers: vec![Container {
+                name: "agent".to_owned(),
+                image: Some("claw-secrets:test".to_owned()),
+                ports: Some(vec![ContainerPort {
+                    name: Some("invoke".to_owned()),
+                    container_port: i32::from(agent.port),
+                    ..ContainerPort::default()
+                }]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("creating Pod {ns}/{name}: {e}"));
+    if running {
+        let ip = agent.ip.to_string();
+        pods.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{ "ip": ip }],
+                "conditions": [{ "type": "Ready", "status": "True" }],
+            }})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("setting the status of Pod {ns}/{name}: {e}"));
+    }
+    name
+}
+
+/// A kubeconfig for the test cluster that authenticates with `token` (a ServiceAccount's or a
+/// static user's), written to `dir/<name>.kubeconfig`.
+fn kubeconfig_with_token(dir: &Path, name: &str, token: &str) -> PathBuf {
+    let admin = control_plane::control_plane().kubeconfig();
+    let mut kc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(admin).expect("kubeconfig"))
+            .expect("kubeconfig YAML");
+    let current = kc["current-context"]
+        .as_str()
+        .expect("current-context")
+        .to_owned();
+    let cluster = kc["contexts"]
+        .as_sequence()
+        .and_then(|s| s.iter().find(|c| c["name"].as_str() == Some(&current)))
+        .map(|c| c["context"]["cluster"].clone())
+        .expect("the current context's cluster");
+    let yaml = |v: Value| serde_yaml::to_value(v).expect("YAML");
+    kc["users"] = yaml(json!([{ "name": name, "user": { "token": token } }]));
+    kc["contexts"] = yaml(json!([{
+        "name": name,
+        "context": { "cluster": cluster, "user": name, "namespace": "default" },
+    }]));
+    kc["current-context"] = yaml(json!(name));
+    let path = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&kc).expect("YAML")).expect("write kubeconfig");
+    path
+}
+
+/// One run of the CLI.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    #[track_caller]
+    fn payload(&self, what: &str) -> Value {
+        assert_eq!(self.code, Some(0), "{what}: {self:#?}");
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{what}: {e}: {self:#?}"))
+    }
+
+    /// Asserts exit 1 with `CODE: ...` on stderr; returns stderr.
+    #[track_caller]
+    fn failure(&self, code: &str, what: &str) -> &str {
+        assert_eq!(self.code, Some(1), "{what}: {self:#?}");
+        assert!(
+            self.stderr.starts_with(&format!("{code}: ")),
+            "{what}: expected {code}: {self:#?}"
+        );
+        &self.stderr
+    }
+}
+
+/// Everything a test needs: the secrets namespace (in `c`), a separate agents namespace, one
+/// agent on its Node with its Pod, and a home directory for the CLI (no dev.json, no
+/// ~/.kube/config).
+struct Setup {
+    c: Cluster,
+    agents: TestEnv,
+    agent: Agent,
+    pod: String,
+    home: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new(hint: &str) -> Setup {
+        let c = Cluster::new(hint).await;
+        let agents = control_plane::test_env(&format!("{hint}-agents")).await;
+        let agent = c.agent_on("x", &[], agent_ip()).await;
+        let pod = agent_pod(&c.client(), &agents.namespace, &agent, true).await;
+        // A leftover of a rolling update on the same Node, Pending: never chosen.
+        agent_pod(&c.client(), &agents.namespace, &agent, false).await;
+        for role in ["claw-secrets-invoker", "claw-secrets-editor"] {
+            apply_cluster_role(&c.client(), role).await;
+        }
+        let home = tempfile::Builder::new()
+            .prefix("claw-invoke-home-")
+            .tempdir()
+            .expect("temp dir");
+        Setup {
+            c,
+            agents,
+            agent,
+            pod,
+            home,
+        }
+    }
+
+    fn ns(&self) -> &str {
+        self.c.ns()
+    }
+
+    fn node(&self) -> &str {
+        &self.agent.node
+    }
+
+    /// A ServiceAccount of the secrets namespace: its token and a kubeconfig using it.
+    async fn service_account(&self, name: &str) -> (String, PathBuf) {
+        let token = cluster::service_account_token(&self.c.client(), self.ns(), name).await;
+        let kubeconfig = kubeconfig_with_token(self.home.path(), name, &token);
+        (token, kubeconfig)
+    }
+
+    fn sa_subject(&self, name: &str) -> Subject {
+        cluster::service_account_subject(self.ns(), name)
+    }
+
+    /// `claw-secrets ARGS` with `KUBECONFIG=kubeconfig` (if any), the agents' namespace in
+    /// `CLAW_SECRETS_AGENT_NAMESPACE`, and `env`; nothing else from this process's environment
+    /// that the CLI reads.
+    fn cli(&self, kubeconfig: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> Run {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("invoke")
+            .args(args)
+            .env("HOME", self.home.path())
+            .env("XDG_CONFIG_HOME", self.home.path().join("config"))
+            .env("CLAW_SECRETS_AGENT_NAMESPACE", &self.agents.namespace)
+            .env_remove("KUBECONFIG")
+            .env_remove("CLAW_SECRETS_ADDR")
+            .env_remove("CLAW_SECRETS_TOKEN")
+            .stdin(Stdio::null());
+        if let Some(kc) = kubeconfig {
+            cmd.env("KUBECONFIG", kc);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("running claw-secrets invoke");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `invoke <this node> COMMAND PARAMS` through the API server as the user of `kubeconfig`.
+    fn via_proxy(&self, kubeconfig: &Path, command: &str, params: &Value) -> Run {
+        self.cli(
+            Some(kubeconfig),
+            &[],
+            &[self.node(), command, &params.to_string()],
+        )
+    }
+
+    async fn cleanup(self) {
+        let Setup {
+            c, agents, agent, ..
+        } = self;
+        drop(agent);
+        agents.cleanup().await;
+        c.cleanup().await;
+    }
+}
+
+fn audited(agent: &Agent, subject: &str, command: &str, decision: &str, name: &str) -> bool {
+    agent.audit().iter().any(|r| {
+        r["subject"] == json!(subject)
+            && r["command"] == json!(command)
+            && r["decision"] == json!(decision)
+            && r["name"] == json!(name)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the API server
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn invoke_goes_through_the_api_server_as_the_caller() {
+    let _lock = cluster::shared().await;
+    let s = Setup::new("proxy").await;
+    let ns = s.ns().to_owned();
+    let client = s.c.client();
+
+    // The deployer ServiceAccount: the invoker role where the agents run, the editor role where
+    // its secrets live.
+    let (token, kubeconfig) = s.service_account("deployer").await;
+    bind(
+        &client,
+        &s.agents.namespace,
+        "claw-secrets-invoker",
+        s.sa_subject("deployer"),
+    )
+    .await;
+    bind(
+        &client,
+        &ns,
+        "claw-secrets-editor",
+        s.sa_subject("deployer"),
+    )
+    .await;
+    let subject = format!("system:serviceaccount:{ns}:deployer");
+
+    let data = json!({ "password": format!("pw-{}", random_hex(8)) });
+    let created = s
+        .via_proxy(
+            &kubeconfig,
+            "secret.create",
+            &json!({ "name": "db.password", "namespace": ns, "data": data,
+                     "allowed_workloads": ["deployer"] }),
+        )
+        .payload("secret.create through the API server");
+    assert_eq!(created["version"], json!(1), "{created}");
+    assert!(
+        s.c.secrets()
+            .get_opt("db.password")
+            .await
+            .unwrap()
+            .is_some(),
+        "the agent created the ClawSecret"
+    );
+    let got = eventually("secret.get through the API server", PATIENCE, || async {
+        let run = s.via_proxy(
+            &kubeconfig,
+            "secret.get",
+            &json!({ "name": "db.password", "namespace": ns }),
+        );
+        if run.code == Some(0) {
+            Ok(run.payload("secret.get"))
+        } else {
+            Err(format!("{run:?}"))
+        }
+    })
+    .await;
+    assert_eq!(got["data"], data, "{got}");
+    assert_eq!(got["version"], json!(1), "{got}");
+
+    // The agent saw the caller, not the API server and not itself.
+    assert!(
+        audited(&s.agent, &subject, "secret.create", "allow", "db.password"),
+        "audit log: {:#?}",
+        s.agent.audit()
+    );
+    assert!(audited(
+        &s.agent,
+        &subject,
+        "secret.get",
+        "allow",
+        "db.password"
+    ));
+
+    // --addr still goes straight to the agent, kubeconfig or not.
+    let direct = s.cli(
+        Some(&kubeconfig),
+        &[],
+        &[
+            s.node(),
+            "secret.get",
+            &json!({ "name": "db.password", "namespace": ns }).to_string(),
+            "--addr",
+            &s.agent.addr(),
+            "--token",
+            &token,
+        ],
+    );
+    assert_eq!(direct.payload("secret.get with --addr")["data"], data);
+    // So does $CLAW_SECRETS_ADDR.
+    let direct = s.cli(
+        Some(&kubeconfig),
+        &[
+            ("CLAW_SECRETS_ADDR", &s.agent.addr()),
+            ("CLAW_SECRETS_TOKEN", &token),
+        ],
+        &[
+            s.node(),
+            "secret.list",
+            &json!({ "namespace": ns }).to_string(),
+        ],
+    );
+    assert_eq!(
+        direct.payload("secret.list with CLAW_SECRETS_ADDR")["secrets"][0]["name"],
+        json!("db.password")
+    );
+
+    // --kubeconfig and --agent-namespace as flags instead of the environment.
+    let run = s.cli(
+        None,
+        &[("CLAW_SECRETS_AGENT_NAMESPACE", "")],
+        &[
+            s.node(),
+            "secret.list",
+            &json!({ "namespace": ns }).to_string(),
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--agent-namespace",
+            &s.agents.namespace,
+        ],
+    );
+    assert_eq!(
+        run.payload("secret.list with --kubeconfig")["secrets"][0]["name"],
+        json!("db.password")
+    );
+
+    // A Node without an agent.
+    let missing = format!("node-nowhere-{}", s.c.suffix());
+    let run = s.cli(
+        Some(&kubeconfig),
+        &[],
+        &[&missing, "secret.get", r#"{"name":"db.password"}"#],
+    );
+    let err = run.failure("NOT_FOUND", "a Node without an agent");
+    assert!(
+        err.contains(&format!("no claw-secrets agent on node \"{missing}\"")),
+        "{err}"
+    );
+    // Not a Node name at all: a usage error.
+    let run = s.cli(Some(&kubeconfig), &[], &["Node_X", "secret.list"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("not a Node name"), "{run:?}");
+
+    // The agent's port, wrong: the API server cannot reach it.
+    let run = s.cli(
+        Some(&kubeconfig),
+        &[],
+        &[s.node(), "secret.list", "{}", "--agent-port", "1"],
+    );
+    let err = run.failure("UNAVAILABLE", "a wrong --agent-port");
+    assert!(
+        err.contains(&s.pod) && err.contains("could not reach"),
+        "{err}"
+    );
+
+    // An admin kubeconfig with a client certificate has no token to forward: say what to do.
+    let admin = control_plane::control_plane().kubeconfig();
+    let run = s.cli(Some(admin), &[], &[s.node(), "secret.list"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("client certificate") && run.stderr.contains("--token"),
+        "{run:?}"
+    );
+    // With a token for the agent it works: the API server lets the admin through, the agent
+    // authorizes the token's owner.
+    let run = s.cli(
+        Some(admin),
+        &[("CLAW_SECRETS_TOKEN", &token)],
+        &[
+            s.node(),
+            "secret.get",
+            &json!({ "name": "db.password", "namespace": ns }).to_string(),
+        ],
+    );
+    assert_eq!(
+        run.payload("admin kubeconfig + CLAW_SECRETS_TOKEN")["data"],
+        data
+    );
+
+    s.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_api_server_and_the_agent_each_refuse_callers_without_rights() {
+    let _lock = cluster::shared().await;
+    let s = Setup::new("proxy-deny").await;
+    let ns = s.ns().to_owned();
+    let client = s.c.client();
+    let agents_ns = s.agents.namespace.clone();
+
+    // A secret only `deployer` may read, created directly on the agent.
+    let (deployer, _) = s.service_account("deployer").await;
+    bind(
+        &client,
+        &ns,
+        "claw-secrets-editor",
+        s.sa_subject("deployer"),
+    )
+    .await;
+    let data = json!({ "token": format!("t-{}", random_hex(8)) });
+    s.agent
+        .invoke(
+            Some(&deployer),
+            "secret.create",
+            json!({ "name": "api.token", "namespace": ns, "data": data,
+                    "allowed_workloads": ["deployer"] }),
+        )
+        .await
+        .payload("secret.create directly");
+    let get = json!({ "name": "api.token", "namespace": ns });
+
+    // No rights in the agents' namespace at all: finding the agent is refused.
+    let (stranger_token, stranger) = s.service_account("stranger").await;
+    bind(
+        &client,
+        &ns,
+        "claw-secrets-editor",
+        s.sa_subject("stranger"),
+    )
+    .await;
+    let run = s.via_proxy(&stranger, "secret.get", &get);
+    let err = run.failure("PERMISSION_DENIED", "no pods list");
+    assert!(
+        err.contains("`list` on `pods`") && err.contains("claw-secrets-invoker"),
+        "{err}"
+    );
+    assert!(
+        !run.stderr.contains(&stranger_token),
+        "the token is never printed"
+    );
+
+    // May list pods but not use the proxy: the API server refuses the call itself, and the
+    // agent never hears of it.
+    let (_, lister) = s.service_account("lister").await;
+    grant_pod_list(&client, &agents_ns, s.sa_subject("lister")).await;
+    bind(&client, &ns, "claw-secrets-editor", s.sa_subject("lister")).await;
+    let run = s.via_proxy(&lister, "secret.get", &get);
+    let err = run.failure("PERMISSION_DENIED", "no pods/proxy");
+    assert!(
+        err.contains("pods/proxy") && err.contains("the API server refused"),
+        "{err}"
+    );
+    let lister_subject = format!("system:serviceaccount:{ns}:lister");
+    assert!(
+        !s.agent
+            .audit()
+            .iter()
+            .any(|r| r["subject"] == json!(lister_subject)),
+        "the agent was never called"
+    );
+
+    // May reach the agent, but has no rights on clawsecrets: the agent refuses, on the caller's
+    // identity (the agent itself could read and write all of it).
+    let (intruder_token, intruder) = s.service_account("intruder").await;
+    bind(
+        &client,
+        &agents_ns,
+        "claw-secrets-invoker",
+        s.sa_subject("intruder"),
+    )
+    .await;
+    let intruder_subject = format!("system:serviceaccount:{ns}:intruder");
+    let run = s.via_proxy(&intruder, "secret.get", &get);
+    let err = run.failure("PERMISSION_DENIED", "intruder reads");
+    assert!(err.contains(&intruder_subject), "{err}");
+    assert!(!run.stdout.contains(data["token"].as_str().unwrap()));
+    assert!(
+        !run.stderr.contains(&intruder_token),
+        "the token is never printed"
+    );
+    let run = s.via_proxy(
+        &intruder,
+        "secret.create",
+        &json!({ "name": "planted", "namespace": ns, "data": { "k": "v" } }),
+    );
+    run.failure("PERMISSION_DENIED", "intruder writes");
+    assert!(s.c.secrets().get_opt("planted").await.unwrap().is_none());
+    assert!(
+        audited(
+            &s.agent,
+            &intruder_subject,
+            "secret.get",
+            "deny",
+            "api.token"
+        ),
+        "audit log: {:#?}",
+        s.agent.audit()
+    );
+    assert!(audited(
+        &s.agent,
+        &intruder_subject,
+        "secret.create",
+        "deny",
+        "planted"
+    ));
+
+    // A human (static token user) with the invoker role and nothing else: the same.
+    let alice_token = s.c.user_token("alice");
+    let alice = kubeconfig_with_token(s.home.path(), "alice", &alice_token);
+    bind(
+        &client,
+        &agents_ns,
+        "claw-secrets-invoker",
+        cluster::user_subject("alice"),
+    )
+    .await;
+    let run = s.via_proxy(&alice, "secret.get", &get);
+    let err = run.failure("PERMISSION_DENIED", "alice reads");
+    assert!(
+        err.contains("alice may not read secret \"api.token\""),
+        "{err}"
+    );
+    assert!(audited(
+        &s.agent,
+        "alice",
+        "secret.get",
+        "deny",
+        "api.token"
+    ));
+
+    // The owner reads it through the proxy once it has the invoker role too.
+    bind(
+        &client,
+        &agents_ns,
+        "claw-secrets-invoker",
+        s.sa_subject("deployer"),
+    )
+    .await;
+    let deployer_kc = kubeconfig_with_token(s.home.path(), "deployer", &deployer);
+    let got = eventually(
+        "deployer's secret.get through the API server",
+        PATIENCE,
+        || async {
+            let run = s.via_proxy(&deployer_kc, "secret.get", &get);
+            if run.code == Some(0) {
+                Ok(run.payload("secret.get"))
+            } else {
+                Err(format!("{run:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(got["data"], data);
+
+    s.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency (printed, never asserted)
+// ---------------------------------------------------------------------------------------------
+
+fn median_ms(samples: &mut [Duration]) -> String {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "median {:.1} ms, min {:.1} ms, max {:.1} ms (n={})",
+        ms(samples[samples.len() / 2]),
+        ms(samples[0]),
+        ms(samples[samples.len() - 1]),
+        samples.len()
+    )
+}
+
+#[tokio::test]
+async fn latency_of_invoke_through_the_api_server_and_directly() {
+    let _lock = cluster::exclusive().await;
+    let s = Setup::new("proxy-latency").await;
+    let ns = s.ns().to_owned();
+    let client = s.c.client();
+    let (token, kubeconfig) = s.service_account("deployer").await;
+    bind(
+        &client,
+        &s.agents.namespace,
+        "claw-secrets-invoker",
+        s.sa_subject("deployer"),
+    )
+    .await;
+    bind(
+        &client,
+        &ns,
+        "claw-secrets-editor",
+        s.sa_subject("deployer"),
+    )
+    .await;
+    s.agent
+        .invoke(
+            Some(&token),
+            "secret.create",
+            json!({ "name": "bench", "namespace": ns, "data": { "k": "v" } }),
+        )
+        .await
+        .payload("secret.create");
+    let params = json!({ "name": "bench", "namespace": ns });
+    eventually("the secret on the agent", PATIENCE, || async {
+        s.agent
+            .get_secret(&token, &ns, "bench")
+            .await
+            .result()
+            .map(|_| ())
+    })
+    .await;
+
+    // In process: one request, the Pod already found, connections kept alive.
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let user_client = kube::Client::try_from(config).unwrap();
+    let locator = claw_secrets::k8s::proxy::AgentLocator {
+        namespace: s.agents.namespace.clone(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let pod = claw_secrets::k8s::proxy::find_agent(&user_client, s.node(), &locator)
+        .await
+        .expect("the agent pod");
+    let find = started.elapsed();
+    assert_eq!(pod.name, s.pod);
+    let body = serde_json::to_vec(&json!({
+        "nodeId": s.node(), "command": "secret.get", "params": params,
+    }))
+    .unwrap();
+    let direct = claw_secrets::invoke::InvokeClient::new(&s.agent.addr(), &token).unwrap();
+    let (mut proxied, mut straight) = (Vec::new(), Vec::new());
+    for i in 0..60 {
+        let t = Instant::now();
+        let resp = claw_secrets::k8s::proxy::post_invoke(&user_client, &pod, &token, body.clone())
+            .await
+            .expect("through the proxy");
+        let d = t.elapsed();
+        assert_eq!(resp["ok"], json!(true), "{resp}");
+        let t = Instant::now();
+        let (status, _) = direct.post(body.clone()).await.expect("direct");
+        let e = t.elapsed();
+        assert_eq!(status, 200);
+        if i >= 10 {
+            proxied.push(d);
+            straight.push(e);
+        }
+    }
+    println!(
+        "LATENCY: in process, secret.get through the API server's pod proxy: {}",
+        median_ms(&mut proxied)
+    );
+    println!(
+        "LATENCY: in process, secret.get straight to the agent: {}",
+        median_ms(&mut straight)
+    );
+    println!(
+        "LATENCY: in process, finding the agent pod (one pods list): {:.1} ms",
+        find.as_secs_f64() * 1000.0
+    );
+
+    // The CLI, end to end (a process, the kubeconfig, the pods list, the proxied call).
+    let (mut cli_proxy, mut cli_direct) = (Vec::new(), Vec::new());
+    for _ in 0..11 {
+        let t = Instant::now();
+        s.via_proxy(&kubeconfig, "secret.get", &params)
+            .payload("secret.get through the API server");
+        cli_proxy.push(t.elapsed());
+        let t = Instant::now();
+        s.cli(
+            None,
+            &[],
+            &[
+                s.node(),
+                "secret.get",
+                &params.to_string(),
+                "--addr",
+                &s.agent.addr(),
+                "--token",
+                &token,
+            ],
+        )
+        .payload("secret.get with --addr");
+        cli_direct.push(t.elapsed());
+    }
+    println!(
+        "LATENCY: claw-secrets invoke (whole CLI run) through the API server: {}",
+        median_ms(&mut cli_proxy)
+    );
+    println!(
+        "LATENCY: claw-secrets invoke (whole CLI run) with --addr: {}",
+        median_ms(&mut cli_direct)
+    );
+
+    s.cleanup().await;
+}
