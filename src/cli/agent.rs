@@ -2,7 +2,7 @@
 
 use clap::Args;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::k8s::agent::{AgentConfig, run};
@@ -27,9 +27,48 @@ pub struct AgentArgs {
     /// The master key Secret the operator creates, as NAMESPACE/NAME.
     #[arg(long, default_value = "claw-secrets/claw-secrets-master-key")]
     master_key_secret: String,
+    /// Prepare --data-dir for an agent running as UID:GID, then exit: create it if missing and
+    /// make UID:GID its owner. For an init container running as root with only CAP_CHOWN, so
+    /// that the agent itself runs as that non-root user on a hostPath directory (which the
+    /// kubelet creates owned by root).
+    #[arg(long, value_name = "UID:GID")]
+    prepare_data_dir: Option<String>,
+}
+
+/// `--prepare-data-dir`: create `dir` (0700) if missing and hand it to `owner`. No chmod of an
+/// existing directory: root without CAP_FOWNER may not, and the agent sets 0700 itself.
+fn prepare_data_dir(dir: &Path, owner: &str) -> ExitCode {
+    let parsed = owner
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)));
+    let Some((uid, gid)) = parsed else {
+        eprintln!("usage error: --prepare-data-dir must be UID:GID (numbers), not {owner:?}");
+        return ExitCode::from(2);
+    };
+    let prepared = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| std::os::unix::fs::chown(dir, Some(uid), Some(gid)))
+    };
+    match prepared {
+        Ok(()) => {
+            eprintln!("data dir {} prepared for {uid}:{gid}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: preparing {} for {uid}:{gid}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub fn run_cli(args: AgentArgs) -> ExitCode {
+    if let Some(owner) = &args.prepare_data_dir {
+        return prepare_data_dir(&args.data_dir, owner);
+    }
     let Some((ns, name)) = args.master_key_secret.split_once('/') else {
         eprintln!("usage error: --master-key-secret must be NAMESPACE/NAME");
         return ExitCode::from(2);
