@@ -1,0 +1,2125 @@
+//! The Helm chart (`charts/claw-secrets`) and the examples (`examples/`), with the real `helm`
+//! and `kubectl` against a real kube-apiserver (docs/control-plane.md):
+//!
+//! - without a cluster: the chart's CRDs are the repository's, byte for byte; `helm lint` and
+//!   `helm template` pass with the defaults and with every option set
+//!   (`charts/claw-secrets/ci/all-options-values.yaml`); the schema refuses misspelt keys at
+//!   every level; every value is documented; the rendered pods are hardened, get the flags the
+//!   binary takes and one master key name; the chart's RBAC is `deploy/rbac/` exactly; the
+//!   agent's init container prepares a data dir for real.
+//! - with the API server: every object of the every-option rendering is accepted by a
+//!   server-side dry run (all but the ServiceMonitor when its CRD is absent: it is then
+//!   checked by `helm template` only); `helm install` of a release, then the operator and an
+//!   agent run as local processes with the tokens of the ServiceAccounts the chart created and
+//!   the flags and environment its Deployment and DaemonSet give them: a ClawSecret is sealed,
+//!   node.invoke creates, reads, rotates and deletes, and what lies outside their roles is
+//!   refused; `kubectl apply -f examples/` and each example reaching Ready; `helm upgrade` to an
+//!   existing master key Secret and `helm uninstall`, leaving only what is kept by design.
+//!
+//! Not proven here (no container runtime, no kubelet): that the image runs, that pods start,
+//! that the probes, hostPath, hostPort, securityContext and NetworkPolicy behave on a node.
+//! `hack/kind-e2e.sh` is the path for those.
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
+use cluster::{BIN, PATIENCE, eventually, random_hex};
+
+// ---------------------------------------------------------------------------------------------
+// Paths, tools and commands
+// ---------------------------------------------------------------------------------------------
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> PathBuf {
+    repo().join("charts/claw-secrets")
+}
+
+fn all_options() -> PathBuf {
+    chart().join("ci/all-options-values.yaml")
+}
+
+/// `helm` or `kubectl`: from the control plane's binary cache (`hack/control-plane.sh
+/// install` builds both), else from PATH. Missing is a failure with instructions.
+fn tool(name: &str) -> PathBuf {
+    let cached = control_plane::bin_dir().join(name);
+    if cached.is_file() {
+        return cached;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is needed: neither {} nor PATH has it. Build it with \
+                 `bash hack/control-plane.sh install` (needs Go), or install it",
+                cached.display()
+            )
+        })
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(program: &Path, args: &[&str], envs: &[(&str, &Path)]) -> Run {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .env_remove("KUBECONFIG");
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `helm ARGS`, with its config, cache and data under target/tmp (never the user's).
+fn helm(args: &[&str]) -> Run {
+    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("k8s-helm-home");
+    let (config, cache, data) = (home.join("config"), home.join("cache"), home.join("data"));
+    run(
+        &tool("helm"),
+        args,
+        &[
+            ("HELM_CONFIG_HOME", &config),
+            ("HELM_CACHE_HOME", &cache),
+            ("HELM_DATA_HOME", &data),
+        ],
+    )
+}
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> Run {
+    let mut all = vec!["--kubeconfig", kubeconfig.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    run(&tool("kubectl"), &all, &[])
+}
+
+/// The stdout of a command that must succeed.
+#[track_caller]
+fn must(r: Run, what: &str) -> String {
+    assert!(
+        r.ok,
+        "{what} failed:\n--- stderr\n{}\n--- stdout\n{}",
+        r.stderr, r.stdout
+    );
+    r.stdout
+}
+
+/// `helm template RELEASE charts/claw-secrets -n NAMESPACE EXTRA...`
+fn template(release: &str, namespace: &str, extra: &[&str]) -> Run {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        release,
+        chart.to_str().expect("utf-8 path"),
+        "--namespace",
+        namespace,
+    ];
+    args.extend_from_slice(extra);
+    helm(&args)
+}
+
+#[track_caller]
+fn render(release: &str, namespace: &str, extra: &[&str]) -> Vec<Value> {
+    docs(&must(
+        template(release, namespace, extra),
+        &format!("helm template {extra:?}"),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifests
+// ---------------------------------------------------------------------------------------------
+
+/// The documents of a YAML stream, as JSON values (empty documents dropped).
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("not YAML: {e}\n{yaml}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// (kind, namespace or "", name) of an object.
+type Id = (String, String, String);
+
+fn id(v: &Value) -> Id {
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    (s("/kind"), s("/metadata/namespace"), s("/metadata/name"))
+}
+
+fn ids(objects: &[Value]) -> BTreeSet<Id> {
+    objects.iter().map(id).collect()
+}
+
+#[track_caller]
+fn the<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = objects.iter().filter(|o| o["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "expected one {kind}, found {}", found.len());
+    found[0]
+}
+
+#[track_caller]
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} among {:?}", ids(objects)))
+}
+
+fn pod_spec(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| s.as_str().expect("a string").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The value of `--flag=VALUE` in `args`.
+#[track_caller]
+fn flag(args: &[String], name: &str) -> String {
+    let prefix = format!("{name}=");
+    args.iter()
+        .find_map(|a| a.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name}=... in {args:?}"))
+        .to_owned()
+}
+
+/// The command line and environment a container of the chart would run with, for a local
+/// process: `--flag=` values replaced as given (each must be in the chart's args), `extra`
+/// appended, and the downward API's fields filled in from `downward`.
+#[track_caller]
+fn local_command(
+    container: &Value,
+    replace: &[(&str, String)],
+    extra: &[String],
+    downward: &BTreeMap<&str, String>,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let mut args = strings(&container["args"]);
+    for (name, value) in replace {
+        let prefix = format!("{name}=");
+        let arg = args
+            .iter_mut()
+            .find(|a| a.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("the chart does not pass {name}: {:?}", container["args"]));
+        *arg = format!("{name}={value}");
+    }
+    args.extend(extra.iter().cloned());
+    let env = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let name = e["name"].as_str().expect("env name").to_owned();
+            let value = if let Some(v) = e["value"].as_str() {
+                v.to_owned()
+            } else {
+                let path = e["valueFrom"]["fieldRef"]["fieldPath"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("env {name}: neither value nor fieldRef: {e}"));
+                downward
+                    .get(path)
+                    .unwrap_or_else(|| panic!("env {name}: no test value for field {path}"))
+                    .clone()
+            };
+            (name, value)
+        })
+        .collect();
+    (args, env)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Without a cluster: the chart's files and what it renders
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn chart_crds_are_the_repository_crds() {
+    let entries: Vec<String> = std::fs::read_dir(chart().join("crds"))
+        .expect("charts/claw-secrets/crds/")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        ["crds.yaml"],
+        "charts/claw-secrets/crds/ must hold exactly crds.yaml"
+    );
+    let ours = std::fs::read(chart().join("crds/crds.yaml")).expect("chart CRDs");
+    let theirs = std::fs::read(repo().join("crds/crds.yaml")).expect("repository CRDs");
+    assert!(
+        ours == theirs,
+        "charts/claw-secrets/crds/crds.yaml differs from crds/crds.yaml: copy it \
+         (`cp crds/crds.yaml charts/claw-secrets/crds/crds.yaml`) and commit both"
+    );
+}
+
+#[test]
+fn chart_app_version_is_the_crate_version() {
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
+            .expect("Chart.yaml");
+    assert_eq!(chart["apiVersion"], "v2");
+    assert_eq!(chart["name"], "claw-secrets");
+    assert_eq!(
+        chart["appVersion"],
+        env!("CARGO_PKG_VERSION"),
+        "Chart.yaml appVersion must be the crate version (Cargo.toml)"
+    );
+}
+
+#[test]
+fn lint_and_template_pass_with_defaults_and_every_option() {
+    let chart = chart();
+    let chart = chart.to_str().unwrap();
+    let options = all_options();
+    let options = options.to_str().unwrap();
+    must(helm(&["lint", "--strict", chart]), "helm lint (defaults)");
+    must(
+        helm(&["lint", "--strict", chart, "-f", options]),
+        "helm lint (every option)",
+    );
+
+    let defaults = render("claw-secrets", "claw-secrets", &[]);
+    let kinds: BTreeSet<&str> = defaults
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "DaemonSet",
+            "Deployment",
+        ]),
+        "what the defaults create (no ServiceMonitor, no NetworkPolicy)"
+    );
+
+    let every = render("r", "ops", &["-f", options]);
+    the(&every, "ServiceMonitor");
+    let policies: Vec<&Value> = every
+        .iter()
+        .filter(|o| o["kind"] == "NetworkPolicy")
+        .collect();
+    assert_eq!(policies.len(), 2, "agent and operator NetworkPolicies");
+    let monitor = the(&every, "ServiceMonitor");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    let agent = the(&every, "DaemonSet");
+    let operator = the(&every, "Deployment");
+    for workload in [agent, operator] {
+        let spec = pod_spec(workload);
+        assert_eq!(
+            spec["containers"][0]["image"],
+            "registry.example.com/mirror/claw-secrets@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+        );
+        assert_eq!(spec["imagePullSecrets"], json!([{"name": "regcred"}]));
+        assert_eq!(spec["securityContext"]["runAsUser"], 10001);
+        assert!(spec["tolerations"].is_array() && spec["nodeSelector"].is_object());
+        assert!(spec["affinity"].is_object() && spec["priorityClassName"].is_string());
+    }
+    assert_eq!(operator["spec"]["replicas"], 3);
+    let agent_container = &pod_spec(agent)["containers"][0];
+    assert_eq!(agent_container["ports"][0]["containerPort"], 7444);
+    assert_eq!(agent_container["ports"][0]["hostPort"], 17443);
+    assert_eq!(
+        pod_spec(agent)["volumes"][0]["hostPath"]["path"],
+        "/var/lib/claw-all"
+    );
+    assert!(
+        !every
+            .iter()
+            .any(|o| o["metadata"]["name"] == "claw-all-editor"),
+        "rbac.createUserRoles=false creates no user roles"
+    );
+    // hostPort 0: the port is not published on the node.
+    let unpublished = render("r", "ops", &["--set", "agent.hostPort=0"]);
+    let port = &pod_spec(the(&unpublished, "DaemonSet"))["containers"][0]["ports"][0];
+    assert!(port.get("hostPort").is_none(), "{port}");
+}
+
+#[test]
+fn schema_rejects_misspelt_values() {
+    let typos: &[(&str, &str)] = &[
+        ("operator.replicaCont=2", "replicaCont"),
+        ("agent.hostpath=/x", "hostpath"),
+        ("replicaCount=2", "replicaCount"),
+        ("masterKey.existingsecret=mine", "existingsecret"),
+        ("serviceMonitor.enable=true", "enable"),
+        ("image.tags=1.0", "tags"),
+        ("operator.resources.limits.memroy=1Gi", "memroy"),
+        ("agent.tolerations[0].operater=Exists", "operater"),
+        (
+            "networkPolicy.invokeFrom[0].podSelecter.matchLabels.a=b",
+            "podSelecter",
+        ),
+        ("operator.affinity.nodeAfinity.x=y", "nodeAfinity"),
+        ("securityContext.fsGroup=1", "fsGroup"),
+    ];
+    for (set, key) in typos {
+        let r = template("claw-secrets", "claw-secrets", &["--set", set]);
+        assert!(!r.ok, "helm template --set {set} was accepted");
+        assert!(
+            r.stderr
+                .contains(&format!("additional properties '{key}' not allowed")),
+            "--set {set}: the error should name {key:?}: {}",
+            r.stderr
+        );
+    }
+    for set in ["operator.replicaCount=two", "agent.hostPort=70000"] {
+        let r = template("claw-secrets", "claw-secrets", &["--set", set]);
+        assert!(!r.ok, "helm template --set {set} was accepted");
+        assert!(r.stderr.contains("schema"), "--set {set}: {}", r.stderr);
+    }
+    let chart = chart();
+    let r = helm(&[
+        "lint",
+        chart.to_str().unwrap(),
+        "--set",
+        "operator.replicaCont=2",
+    ]);
+    assert!(
+        !r.ok && r.stdout.contains("'replicaCont' not allowed"),
+        "helm lint should refuse the typo: {}{}",
+        r.stdout,
+        r.stderr
+    );
+}
+
+/// Every object schema of values.schema.json either closes its keys or is a map of strings
+/// (labels, annotations, node selectors) or an explicitly passed-through Kubernetes field.
+fn check_closed(schema: &Value, path: &str, problems: &mut Vec<String>) {
+    if let Some(obj) = schema.as_object() {
+        let is_object = obj.get("type") == Some(&json!("object")) || obj.contains_key("properties");
+        if is_object {
+            let passthrough = obj
+                .get("description")
+                .and_then(Value::as_str)
+                .is_some_and(|d| d.starts_with("Passed through"));
+            match obj.get("additionalProperties") {
+                Some(Value::Bool(false)) => {}
+                Some(v) if v == &json!({"type": "string"}) => {}
+                None if passthrough => {}
+                other => problems.push(format!("{path}: additionalProperties is {other:?}")),
+            }
+        }
+        for (k, v) in obj {
+            check_closed(v, &format!("{path}/{k}"), problems);
+        }
+    } else if let Some(items) = schema.as_array() {
+        for (i, v) in items.iter().enumerate() {
+            check_closed(v, &format!("{path}/{i}"), problems);
+        }
+    }
+}
+
+/// The property paths of the schema, not following `$ref`s.
+fn schema_paths(schema: &Value, prefix: &str, out: &mut Vec<String>) {
+    if let Some(props) = schema["properties"].as_object() {
+        for (k, v) in props {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            out.push(path.clone());
+            schema_paths(v, &path, out);
+        }
+    }
+}
+
+#[test]
+fn schema_is_closed_and_every_value_is_documented() {
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart().join("values.schema.json")).unwrap())
+            .expect("values.schema.json is JSON");
+    let mut problems = Vec::new();
+    check_closed(&schema, "", &mut problems);
+    assert!(problems.is_empty(), "open object schemas: {problems:#?}");
+
+    let text = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    let values: Value = serde_yaml::from_str(&text).expect("values.yaml");
+    let mut paths = Vec::new();
+    schema_paths(&schema, "", &mut paths);
+    for path in &paths {
+        let pointer = format!("/{}", path.replace('.', "/"));
+        assert!(
+            values.pointer(&pointer).is_some(),
+            "{path} is in the schema but has no default in values.yaml"
+        );
+    }
+
+    // Line by line: every key has a comment right above it.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let is_key = trimmed
+            .split_once(':')
+            .is_some_and(|(k, _)| !k.is_empty() && !k.starts_with(['#', '-']) && !k.contains(' '));
+        if is_key {
+            let above = if i == 0 {
+                ""
+            } else {
+                lines[i - 1].trim_start()
+            };
+            assert!(
+                above.starts_with('#'),
+                "values.yaml line {}: {line:?} has no comment above it",
+                i + 1
+            );
+        }
+    }
+}
+
+/// The master key Secret name each component of a rendering is given, and the names its RBAC
+/// lets it read: all must agree.
+#[track_caller]
+fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
+    let operator = &pod_spec(the(objects, "Deployment"))["containers"][0];
+    let agent = &pod_spec(the(objects, "DaemonSet"))["containers"][0];
+    let name = flag(&strings(&operator["args"]), "--master-key-secret");
+    assert_eq!(
+        flag(&strings(&agent["args"]), "--master-key-secret"),
+        format!("{namespace}/{name}"),
+        "the agent reads the operator's master key Secret"
+    );
+    for role in objects.iter().filter(|o| o["kind"] == "Role") {
+        let readable: Vec<&Value> = role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["resources"] == json!(["secrets"]) && r["verbs"] == json!(["get"]))
+            .collect();
+        assert_eq!(readable.len(), 1, "{}: one get rule on secrets", id(role).2);
+        assert_eq!(readable[0]["resourceNames"], json!([name]));
+    }
+    name
+}
+
+#[test]
+fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
+    let objects = render("claw-secrets", "claw-secrets", &[]);
+    let operator = the(&objects, "Deployment");
+    let agent = the(&objects, "DaemonSet");
+    let image = format!(
+        "ghcr.io/clawbernetes/claw-secrets:{}",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    for workload in [operator, agent] {
+        let spec = pod_spec(workload);
+        let what = id(workload).1.clone() + "/" + &id(workload).2;
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{what}");
+        assert_eq!(spec["securityContext"]["runAsUser"], 65532, "{what}");
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        for c in spec["containers"].as_array().unwrap() {
+            let sc = &c["securityContext"];
+            assert_eq!(c["image"], image.as_str());
+            assert_eq!(sc["runAsNonRoot"], true, "{what}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
+            assert_eq!(sc["capabilities"], json!({"drop": ["ALL"]}), "{what}");
+            assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{what}");
+            for kind in ["requests", "limits"] {
+                for resource in ["cpu", "memory"] {
+                    assert!(
+                        c["resources"][kind][resource].is_string(),
+                        "{what}: resources.{kind}.{resource}"
+                    );
+                }
+            }
+        }
+    }
+
+    // The operator: two replicas, probes on the metrics port, downward API identity.
+    assert_eq!(operator["spec"]["replicas"], 2);
+    let op = &pod_spec(operator)["containers"][0];
+    assert_eq!(op["args"][0], "operator");
+    assert_eq!(
+        op["ports"],
+        json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        op["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz", "port": "metrics"})
+    );
+    assert_eq!(
+        op["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "metrics"})
+    );
+    assert_eq!(
+        flag(&strings(&op["args"]), "--metrics-addr"),
+        "0.0.0.0:8080"
+    );
+    let env: BTreeMap<&str, &Value> = op["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap(),
+                &e["valueFrom"]["fieldRef"]["fieldPath"],
+            )
+        })
+        .collect();
+    assert_eq!(env["POD_NAME"], "metadata.name");
+    assert_eq!(env["POD_NAMESPACE"], "metadata.namespace");
+
+    // The agent: NODE_NAME from spec.nodeName, the hostPath data dir, port 7443 named "invoke",
+    // and the labels `claw-secrets invoke` finds agent pods by.
+    let spec = pod_spec(agent);
+    let ag = &spec["containers"][0];
+    assert_eq!(ag["args"][0], "agent");
+    let env = &ag["env"].as_array().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "NODE_NAME"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
+    );
+    assert_eq!(
+        ag["ports"],
+        json!([{"name": "invoke", "containerPort": 7443, "hostPort": 7443, "protocol": "TCP"}])
+    );
+    assert_eq!(flag(&strings(&ag["args"]), "--listen"), "0.0.0.0:7443");
+    assert_eq!(
+        ag["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz", "port": "invoke"})
+    );
+    assert_eq!(
+        spec["volumes"],
+        json!([{"name": "data", "hostPath": {"path": "/var/lib/claw-secrets", "type": "DirectoryOrCreate"}}])
+    );
+    let data_dir = flag(&strings(&ag["args"]), "--data-dir");
+    assert_eq!(
+        ag["volumeMounts"],
+        json!([{"name": "data", "mountPath": data_dir}])
+    );
+    let labels = &agent["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/name"], "claw-secrets");
+    assert_eq!(labels["app.kubernetes.io/component"], "agent");
+
+    // Its init container: root, but only CAP_CHOWN, on the same directory, for the agent's uid.
+    let init = &spec["initContainers"][0];
+    let sc = &init["securityContext"];
+    assert_eq!(init["image"], image.as_str());
+    assert_eq!(sc["runAsUser"], 0);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        sc["capabilities"],
+        json!({"drop": ["ALL"], "add": ["CHOWN"]})
+    );
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(init["volumeMounts"], ag["volumeMounts"]);
+    let init_args = strings(&init["args"]);
+    assert_eq!(flag(&init_args, "--data-dir"), data_dir);
+    assert_eq!(flag(&init_args, "--prepare-data-dir"), "65532:65532");
+
+    // One master key name everywhere: generated by default...
+    assert_eq!(
+        master_key_wiring(&objects, "claw-secrets"),
+        "claw-secrets-master-key"
+    );
+    let operator_role = named(&objects, "Role", "claw-secrets-operator");
+    assert!(
+        operator_role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"] == json!(["secrets"]) && r["verbs"] == json!(["create"])),
+        "by default the operator may create the master key Secret"
+    );
+    // ... or the user's Secret, which the operator then may not create.
+    let existing = render(
+        "mine",
+        "ops",
+        &["--set", "masterKey.existingSecret=vault-keyring"],
+    );
+    assert_eq!(master_key_wiring(&existing, "ops"), "vault-keyring");
+    let operator_role = named(&existing, "Role", "mine-claw-secrets-operator");
+    assert!(
+        !operator_role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["verbs"] == json!(["create"]) && r["resources"] == json!(["secrets"])),
+        "with masterKey.existingSecret the operator may not create Secrets"
+    );
+}
+
+#[test]
+fn init_container_prepares_the_data_dir() {
+    let objects = render("claw-secrets", "claw-secrets", &[]);
+    let init = &pod_spec(the(&objects, "DaemonSet"))["initContainers"][0];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("var-lib-claw-secrets");
+    // As root (a pod's init container), hand the directory to the chart's uid; otherwise the
+    // test can only hand it to itself.
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let owner = if uid == 0 {
+        flag(&strings(&init["args"]), "--prepare-data-dir")
+    } else {
+        format!("{uid}:{gid}")
+    };
+    let (args, env) = local_command(
+        init,
+        &[
+            ("--data-dir", data.display().to_string()),
+            ("--prepare-data-dir", owner.clone()),
+        ],
+        &[],
+        &BTreeMap::from([("spec.nodeName", "node-x".to_owned())]),
+    );
+    let out = Command::new(BIN)
+        .args(&args)
+        .envs(env.clone())
+        .output()
+        .expect("running the init container's command");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&data).expect("the data dir exists");
+    assert!(meta.is_dir());
+    assert_eq!(format!("{}:{}", meta.uid(), meta.gid()), owner);
+    // Again (a restarted pod): still fine.
+    let again = Command::new(BIN)
+        .args(&args)
+        .envs(env)
+        .output()
+        .expect("again");
+    assert!(again.status.success());
+    let bad = Command::new(BIN)
+        .args(["agent", "--node-name", "x", "--prepare-data-dir", "nobody"])
+        .output()
+        .expect("usage error");
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+/// RBAC objects by identity, reduced to what grants or binds.
+fn rbac(objects: &[Value]) -> BTreeMap<Id, Value> {
+    objects
+        .iter()
+        .filter(|o| {
+            matches!(
+                o["kind"].as_str(),
+                Some(
+                    "ServiceAccount"
+                        | "Role"
+                        | "ClusterRole"
+                        | "RoleBinding"
+                        | "ClusterRoleBinding"
+                )
+            )
+        })
+        .map(|o| {
+            let grants = json!({
+                "rules": o["rules"],
+                "roleRef": o["roleRef"],
+                "subjects": o["subjects"],
+            });
+            (id(o), grants)
+        })
+        .collect()
+}
+
+#[test]
+fn chart_rbac_is_deploy_rbac() {
+    let rendered = rbac(&render("claw-secrets", "claw-secrets", &[]));
+    let mut deployed = Vec::new();
+    for file in ["deploy/rbac/operator.yaml", "deploy/rbac/agent.yaml"] {
+        deployed.extend(docs(&std::fs::read_to_string(repo().join(file)).unwrap()));
+    }
+    let deployed = rbac(&deployed);
+    assert_eq!(
+        rendered.keys().collect::<Vec<_>>(),
+        deployed.keys().collect::<Vec<_>>(),
+        "release claw-secrets in namespace claw-secrets creates the RBAC objects of deploy/rbac/"
+    );
+    for (key, grants) in &deployed {
+        assert_eq!(
+            &rendered[key], grants,
+            "{key:?}: the chart's rules differ from deploy/rbac/"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// With the API server
+// ---------------------------------------------------------------------------------------------
+
+/// Whether the cluster serves ServiceMonitors (the Prometheus Operator's CRDs).
+fn has_service_monitors(kubeconfig: &Path) -> bool {
+    kubectl(
+        kubeconfig,
+        &["get", "crd", "servicemonitors.monitoring.coreos.com"],
+    )
+    .ok
+}
+
+#[tokio::test]
+async fn every_option_is_accepted_by_the_api_server() {
+    let env = control_plane::test_env("helm-dry-run").await;
+    let kc = env.kubeconfig.clone();
+    let ns = env.namespace.clone();
+    let options = all_options();
+    for (what, extra) in [
+        ("defaults", vec![]),
+        ("every option", vec!["-f", options.to_str().unwrap()]),
+    ] {
+        let objects = render("claw-secrets", &ns, &extra);
+        let monitors = has_service_monitors(&kc);
+        let (checked, skipped): (Vec<Value>, Vec<Value>) = objects
+            .into_iter()
+            .partition(|o| monitors || o["kind"] != "ServiceMonitor");
+        if !skipped.is_empty() {
+            eprintln!(
+                "NOTE: {what}: the cluster has no ServiceMonitor CRD; {:?} checked by helm \
+                 template only",
+                ids(&skipped)
+            );
+        }
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let stream: Vec<String> = checked
+            .iter()
+            .map(|o| serde_json::to_string(o).unwrap())
+            .collect();
+        std::fs::write(file.path(), stream.join("\n---\n")).unwrap();
+        let out = must(
+            kubectl(
+                &kc,
+                &[
+                    "apply",
+                    "--dry-run=server",
+                    "-f",
+                    file.path().to_str().unwrap(),
+                ],
+            ),
+            &format!("kubectl apply --dry-run=server ({what})"),
+        );
+        assert_eq!(
+            out.lines()
+                .filter(|l| l.ends_with("(server dry run)"))
+                .count(),
+            checked.len(),
+            "{what}: every object accepted:\n{out}"
+        );
+    }
+    // The CRDs, as helm would install them.
+    let crds = chart().join("crds");
+    must(
+        kubectl(
+            &kc,
+            &["apply", "--dry-run=server", "-f", crds.to_str().unwrap()],
+        ),
+        "kubectl apply --dry-run=server charts/claw-secrets/crds/",
+    );
+    // `helm install` refuses a typo before creating anything.
+    let release = format!("typo-{}", random_hex(4));
+    let chart = chart();
+    let r = helm(&[
+        "install",
+        &release,
+        chart.to_str().unwrap(),
+        "--namespace",
+        &ns,
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        "--set",
+        "agent.hostpath=/srv/claw",
+    ]);
+    assert!(
+        !r.ok && r.stderr.contains("'hostpath' not allowed"),
+        "helm install with a typo: {}",
+        r.stderr
+    );
+    let listed = must(
+        helm(&[
+            "list",
+            "--namespace",
+            &ns,
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "-q",
+        ]),
+        "helm list",
+    );
+    assert!(listed.trim().is_empty(), "no release: {listed}");
+    env.cleanup().await;
+}
+
+/// A kubeconfig for the admin kubeconfig's cluster that authenticates with `token`.
+fn token_kubeconfig(admin: &Path, token: &str, path: &Path) {
+    let kc: Value = serde_yaml::from_str(&std::fs::read_to_string(admin).unwrap()).unwrap();
+    let current = kc["current-context"].as_str().expect("current-context");
+    let find = |list: &str, name: &str| -> Value {
+        kc[list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("kubeconfig has no {list} entry {name}"))
+            .clone()
+    };
+    let context = find("contexts", current);
+    let cluster = find("clusters", context["context"]["cluster"].as_str().unwrap());
+    let out = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster["cluster"]}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&out).unwrap()).unwrap();
+}
+
+async fn client_for(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig loads");
+    Client::try_from(config).expect("client")
+}
+
+/// SelfSubjectAccessReview: may the client's own identity do this?
+async fn may(
+    client: &Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> bool {
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.to_owned()),
+                group: Some(group.to_owned()),
+                resource: Some(resource.to_owned()),
+                namespace: namespace.map(str::to_owned),
+                name: name.map(str::to_owned),
+                ..ResourceAttributes::default()
+            }),
+            ..SelfSubjectAccessReviewSpec::default()
+        },
+        ..SelfSubjectAccessReview::default()
+    };
+    Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SelfSubjectAccessReview")
+        .status
+        .is_some_and(|s| s.allowed)
+}
+
+/// (allowed?, "VERB RESOURCE[.GROUP]", namespace (None: cluster-wide), object name)
+type Access<'a> = (bool, &'a str, Option<&'a str>, Option<&'a str>);
+
+/// Asserts that each request is allowed (`true`) or denied, by SelfSubjectAccessReview.
+async fn expect_access(who: &str, client: &Client, cases: &[Access<'_>]) {
+    for (expected, request, ns, name) in cases {
+        let (verb, resource) = request.split_once(' ').expect("VERB RESOURCE");
+        let (resource, group) = resource.split_once('.').unwrap_or((resource, ""));
+        let got = may(client, verb, group, resource, *ns, *name).await;
+        assert_eq!(
+            got,
+            *expected,
+            "{who}: {request} (namespace {ns:?}, name {name:?}) should be {}",
+            if *expected { "allowed" } else { "denied" }
+        );
+    }
+}
+
+/// `GET path` on a loopback port: (status, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `claw-secrets operator` or `agent`, run as the chart would run it; killed when dropped.
+struct Proc {
+    what: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(
+        what: &str,
+        args: &[String],
+        env: &[(String, String)],
+        kubeconfig: &Path,
+        log: PathBuf,
+    ) -> Proc {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(BIN)
+            .args(args)
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("WATCH_NAMESPACE")
+            .env_remove("NODE_NAME")
+            .env_remove("CLAW_SECRETS_DATA_DIR")
+            .env_remove("CLAW_SECRETS_LOG")
+            .env_remove("RUST_LOG")
+            .envs(env.iter().cloned())
+            .env("KUBECONFIG", kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log fd"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {BIN} {args:?}: {e}"));
+        Proc {
+            what: what.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    #[track_caller]
+    fn assert_running(&mut self) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            panic!("{} exited ({status}); log:\n{}", self.what, self.log_tail());
+        }
+    }
+
+    /// Waits until `GET path` on `port` answers 200 with a body containing `needle`.
+    async fn wait_for(&mut self, port: u16, path: &str, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some((200, body)) = http_get(port, path)
+                && body.contains(needle)
+            {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {path} with {needle:?} after {PATIENCE:?}; log:\n{}",
+                self.what,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM (what a pod gets), and wait for the exit.
+    fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe {
+            libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- last lines of {} ({}):\n{}",
+                self.what,
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+    }
+}
+
+/// `claw-secrets invoke NODE COMMAND PARAMS --addr ADDR --token TOKEN`: the payload, or
+/// `CODE: message`.
+fn invoke(
+    addr: &str,
+    node: &str,
+    token: &str,
+    command: &str,
+    params: Value,
+) -> Result<Value, String> {
+    let out = Command::new(BIN)
+        .args([
+            "invoke",
+            node,
+            command,
+            &params.to_string(),
+            "--addr",
+            addr,
+            "--token",
+            token,
+        ])
+        .env_remove("CLAW_SECRETS_ADDR")
+        .env_remove("CLAW_SECRETS_TOKEN")
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running claw-secrets invoke");
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).expect("the payload is JSON"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// The release's objects as the API server lists them, found by the label
+/// `app.kubernetes.io/instance`, over every kind the chart creates (ServiceMonitors aside:
+/// not installed here) plus Secrets and ConfigMaps.
+fn labelled(kubeconfig: &Path, release: &str) -> BTreeSet<Id> {
+    let kinds = "serviceaccounts,secrets,configmaps,services,deployments.apps,daemonsets.apps,\
+                 roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,\
+                 clusterroles.rbac.authorization.k8s.io,\
+                 clusterrolebindings.rbac.authorization.k8s.io,\
+                 networkpolicies.networking.k8s.io";
+    let selector = format!("app.kubernetes.io/instance={release}");
+    let out = must(
+        kubectl(
+            kubeconfig,
+            &["get", kinds, "-A", "-l", &selector, "-o", "json"],
+        ),
+        "listing the release's objects",
+    );
+    let list: Value = serde_json::from_str(&out).expect("kubectl JSON");
+    list["items"].as_array().unwrap().iter().map(id).collect()
+}
+
+/// The release's manifest, as helm recorded it.
+fn manifest(kubeconfig: &Path, release: &str, ns: &str) -> Vec<Value> {
+    docs(&must(
+        helm(&[
+            "get",
+            "manifest",
+            release,
+            "--namespace",
+            ns,
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ]),
+        "helm get manifest",
+    ))
+}
+
+fn is_ready(conditions: &[claw_secrets::k8s::crd::Condition]) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// Waits until ClawSecret `ns/name` is sealed at `version` (plaintext gone) and Ready; returns
+/// its key id.
+async fn wait_sealed(client: &Client, ns: &str, name: &str, version: u64) -> String {
+    let api: Api<ClawSecret> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("ClawSecret {ns}/{name} sealed at v{version}"),
+        PATIENCE,
+        || async {
+            let s = api.get(name).await.map_err(|e| e.to_string())?;
+            let sealed = s.spec.sealed.as_ref().ok_or("not sealed")?;
+            let status = s.status.unwrap_or_default();
+            if s.spec.data.is_none()
+                && sealed.version == version
+                && status.version == Some(version)
+                && is_ready(&status.conditions)
+            {
+                Ok(sealed.key_id.clone())
+            } else {
+                Err(format!(
+                    "sealed v{}, status {:?}",
+                    sealed.version, status.conditions
+                ))
+            }
+        },
+    )
+    .await
+}
+
+async fn wait_config_ready(client: &Client, ns: &str, name: &str) {
+    let api: Api<ClawConfig> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("ClawConfig {ns}/{name} Ready"),
+        PATIENCE,
+        || async {
+            let c = api.get(name).await.map_err(|e| e.to_string())?;
+            let status = c.status.unwrap_or_default();
+            is_ready(&status.conditions)
+                .then_some(())
+                .ok_or_else(|| format!("{:?}", status.conditions))
+        },
+    )
+    .await;
+}
+
+/// A RoleBinding in `ns` of the ClusterRole `role` to `subject`.
+async fn bind(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    role: &str,
+    subject: k8s_openapi::api::rbac::v1::Subject,
+) {
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &RoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    ..ObjectMeta::default()
+                },
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".to_owned(),
+                    kind: "ClusterRole".to_owned(),
+                    name: role.to_owned(),
+                },
+                subjects: Some(vec![subject]),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("RoleBinding {ns}/{name}: {e}"));
+}
+
+/// `kubectl apply` (client-side, as a user would) of one object.
+fn kubectl_apply(kubeconfig: &Path, manifest: &Value) {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), serde_json::to_vec(manifest).unwrap()).unwrap();
+    must(
+        kubectl(kubeconfig, &["apply", "-f", file.path().to_str().unwrap()]),
+        "kubectl apply",
+    );
+}
+
+/// The whole life of a release, sharing one install: install, the operator and an agent with
+/// the chart's ServiceAccounts and flags, access boundaries, upgrade, the examples, uninstall.
+#[tokio::test]
+async fn install_run_upgrade_and_uninstall_a_release() {
+    let started = Instant::now();
+    let env = control_plane::test_env("helm").await;
+    let kc = env.kubeconfig.clone();
+    let kcs = kc.to_str().unwrap().to_owned();
+    let ns = env.namespace.clone();
+    let admin = env.client.clone();
+    let suffix = random_hex(4);
+    let release = format!("h-{suffix}");
+    let fullname = format!("{release}-claw-secrets");
+    let chart = chart();
+    let chart = chart.to_str().unwrap();
+    let work = tempfile::tempdir().expect("temp dir");
+    let step = |what: &str| eprintln!("[{:5.1}s] {what}", started.elapsed().as_secs_f64());
+
+    // On an external cluster (kind) pods do run: keep this release's operator and agents from
+    // starting there (a second operator would reconcile every namespace with another master
+    // key). Locally nothing runs anyway, and the defaults are installed as they are.
+    let external = control_plane::control_plane().is_external();
+    let replicas = if external { 0 } else { 3 };
+    let mut keep_pods_off: Vec<String> = Vec::new();
+    if external {
+        keep_pods_off.extend([
+            "--set".to_owned(),
+            "operator.replicaCount=0".to_owned(),
+            "--set-string".to_owned(),
+            r"agent.nodeSelector.claw-secrets\.test/never=true".to_owned(),
+        ]);
+    }
+    let keep_pods_off: Vec<&str> = keep_pods_off.iter().map(String::as_str).collect();
+
+    // --- helm install: every rendered object is accepted and there.
+    step("helm install");
+    let mut args = vec![
+        "install",
+        &release,
+        chart,
+        "--namespace",
+        &ns,
+        "--kubeconfig",
+        &kcs,
+    ];
+    args.extend_from_slice(&keep_pods_off);
+    let notes = must(helm(&args), "helm install");
+    assert!(
+        notes.contains("NOTES:") && notes.contains(&format!("--clusterrole={fullname}-editor")),
+        "helm install prints the release notes:\n{notes}"
+    );
+    // Helm installed the CRDs from the chart's crds/ (or found them installed); once served:
+    eventually("the CRDs to be served", PATIENCE, || async {
+        let lp = ListParams::default().limit(1);
+        Api::<ClawSecret>::all(admin.clone())
+            .list(&lp)
+            .await
+            .map_err(|e| e.to_string())?;
+        Api::<ClawConfig>::all(admin.clone())
+            .list(&lp)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .await;
+    let installed = manifest(&kc, &release, &ns);
+    assert_eq!(
+        labelled(&kc, &release),
+        ids(&installed),
+        "the API server holds exactly the rendered objects"
+    );
+    // A typo in an upgrade fails and changes nothing.
+    let r = helm(&[
+        "upgrade",
+        &release,
+        chart,
+        "--namespace",
+        &ns,
+        "--kubeconfig",
+        &kcs,
+        "--set",
+        "operator.replicaCont=3",
+    ]);
+    assert!(
+        !r.ok && r.stderr.contains("'replicaCont' not allowed"),
+        "{}",
+        r.stderr
+    );
+
+    // --- The operator and an agent, as local processes with the chart's ServiceAccounts.
+    step("operator and agent with the chart's ServiceAccount tokens");
+    let operator_sa = format!("{fullname}-operator");
+    let agent_sa = format!("{fullname}-agent");
+    let operator_kc = work.path().join("operator.kubeconfig");
+    let agent_kc = work.path().join("agent.kubeconfig");
+    token_kubeconfig(
+        &kc,
+        &cluster::service_account_token(&admin, &ns, &operator_sa).await,
+        &operator_kc,
+    );
+    token_kubeconfig(
+        &kc,
+        &cluster::service_account_token(&admin, &ns, &agent_sa).await,
+        &agent_kc,
+    );
+    let operator_client = client_for(&operator_kc).await;
+    let agent_client = client_for(&agent_kc).await;
+
+    let node = format!("helm-node-{suffix}");
+    cluster::create_node(&admin, &node, &[]).await;
+    let downward = |pod: &str| {
+        BTreeMap::from([
+            ("metadata.name", pod.to_owned()),
+            ("metadata.namespace", ns.clone()),
+            ("spec.nodeName", node.clone()),
+        ])
+    };
+    let start_operator = |objects: &[Value], watch: &str, pod: &str| {
+        let container = &pod_spec(the(objects, "Deployment"))["containers"][0];
+        let port = free_port();
+        let (args, env) = local_command(
+            container,
+            &[("--metrics-addr", format!("127.0.0.1:{port}"))],
+            &[format!("--watch-namespace={watch}")],
+            &downward(pod),
+        );
+        let log = work.path().join(format!("{pod}.log"));
+        (
+            Proc::spawn(&format!("operator {pod}"), &args, &env, &operator_kc, log),
+            port,
+        )
+    };
+    let agent_port = free_port();
+    let agent_addr = format!("http://127.0.0.1:{agent_port}");
+    let data_dir = work.path().join("agent-data");
+    let start_agent = |objects: &[Value], pod: &str| {
+        let container = &pod_spec(the(objects, "DaemonSet"))["containers"][0];
+        let (args, env) = local_command(
+            container,
+            &[
+                ("--data-dir", data_dir.display().to_string()),
+                ("--listen", format!("127.0.0.1:{agent_port}")),
+            ],
+            &[],
+            &downward(pod),
+        );
+        let log = work.path().join(format!("{pod}.log"));
+        Proc::spawn(&format!("agent {pod}"), &args, &env, &agent_kc, log)
+    };
+
+    let (mut operator, metrics) = start_operator(&installed, &ns, "operator-0");
+    operator.wait_for(metrics, "/readyz", "").await;
+    operator
+        .wait_for(metrics, "/metrics", "claw_secrets_operator_leader 1")
+        .await;
+    let master_key = format!("{fullname}-master-key");
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    let key_secret = secrets.get(&master_key).await.unwrap_or_else(|e| {
+        panic!(
+            "the operator created no master key Secret {master_key}: {e}\n{}",
+            operator.log_tail()
+        )
+    });
+    let mut agent = start_agent(&installed, "agent-0");
+    agent.wait_for(agent_port, "/healthz", "").await;
+
+    // --- The flow: kubectl, a workload, an editor, a viewer.
+    step("kubectl apply a ClawSecret: sealed and Ready");
+    let canary = format!("canary-{}", random_hex(8));
+    kubectl_apply(
+        &kc,
+        &json!({
+            "apiVersion": "clawbernetes.io/v1alpha1",
+            "kind": "ClawSecret",
+            "metadata": {"name": "helm.first", "namespace": ns},
+            "spec": {"data": {"password": canary}, "allowedWorkloads": ["reader"]},
+        }),
+    );
+    let key_id = wait_sealed(&admin, &ns, "helm.first", 1).await;
+
+    step("node.invoke: workload read; editor create/get/rotate/delete; viewer refused");
+    let reader = cluster::service_account_token(&admin, &ns, "reader").await;
+    let got = eventually("the workload reads helm.first", PATIENCE, || async {
+        invoke(
+            &agent_addr,
+            &node,
+            &reader,
+            "secret.get",
+            json!({"name": "helm.first"}),
+        )
+    })
+    .await;
+    assert_eq!(got["data"], json!({"password": canary}));
+    assert_eq!(got["version"], 1);
+
+    bind(
+        &admin,
+        &ns,
+        "alice-edits",
+        &format!("{fullname}-editor"),
+        cluster::user_subject("alice"),
+    )
+    .await;
+    bind(
+        &admin,
+        &ns,
+        "bob-views",
+        &format!("{fullname}-viewer"),
+        cluster::user_subject("bob"),
+    )
+    .await;
+    let cp = control_plane::control_plane();
+    let alice = cp.user_token("alice").expect("alice");
+    let bob = cp.user_token("bob").expect("bob");
+    let created = eventually("alice creates helm.api", PATIENCE, || async {
+        invoke(&agent_addr, &node, &alice, "secret.create",
+            json!({"name": "helm.api", "namespace": ns, "data": {"key": "v1"}, "allowed_workloads": ["reader"]}))
+    })
+    .await;
+    assert_eq!(created["version"], 1);
+    let got = eventually("alice reads helm.api", PATIENCE, || async {
+        invoke(
+            &agent_addr,
+            &node,
+            &alice,
+            "secret.get",
+            json!({"name": "helm.api", "namespace": ns}),
+        )
+    })
+    .await;
+    assert_eq!(got["data"], json!({"key": "v1"}));
+    let rotated = invoke(
+        &agent_addr,
+        &node,
+        &alice,
+        "secret.rotate",
+        json!({"name": "helm.api", "namespace": ns, "newData": {"key": "v2"}}),
+    )
+    .expect("alice rotates helm.api");
+    assert_eq!(rotated["version"], 2);
+    eventually("helm.api v2 on the node", PATIENCE, || async {
+        let got = invoke(
+            &agent_addr,
+            &node,
+            &alice,
+            "secret.get",
+            json!({"name": "helm.api", "namespace": ns}),
+        )?;
+        (got["version"] == 2 && got["data"] == json!({"key": "v2"}))
+            .then_some(())
+            .ok_or(format!("{got}"))
+    })
+    .await;
+    let listed = invoke(
+        &agent_addr,
+        &node,
+        &bob,
+        "secret.list",
+        json!({"namespace": ns}),
+    )
+    .expect("bob lists");
+    assert_eq!(
+        listed["secrets"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    let denied = invoke(
+        &agent_addr,
+        &node,
+        &bob,
+        "secret.get",
+        json!({"name": "helm.api", "namespace": ns}),
+    )
+    .expect_err("the viewer role reveals no values");
+    assert!(denied.starts_with("PERMISSION_DENIED"), "{denied}");
+    let denied = invoke(
+        &agent_addr,
+        &node,
+        &bob,
+        "secret.create",
+        json!({"name": "bob.secret", "namespace": ns, "data": {"k": "v"}}),
+    )
+    .expect_err("the viewer role creates nothing");
+    assert!(denied.starts_with("PERMISSION_DENIED"), "{denied}");
+    let deleted = invoke(
+        &agent_addr,
+        &node,
+        &alice,
+        "secret.delete",
+        json!({"name": "helm.api", "namespace": ns}),
+    )
+    .expect("alice deletes helm.api");
+    assert_eq!(deleted["deleted"], true);
+    eventually("helm.api gone from the node", PATIENCE, || async {
+        match invoke(
+            &agent_addr,
+            &node,
+            &alice,
+            "secret.get",
+            json!({"name": "helm.api", "namespace": ns}),
+        ) {
+            Err(e) if e.starts_with("NOT_FOUND") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // --- The boundaries of the chart's roles.
+    step("the chart's roles: what they allow and what they refuse");
+    let helm_secret = format!("sh.helm.release.v1.{release}.v1");
+    expect_access(
+        "operator",
+        &operator_client,
+        &[
+            (true, "get secrets", Some(&ns), Some(&master_key)),
+            (true, "create secrets", Some(&ns), None),
+            (true, "create leases.coordination.k8s.io", Some(&ns), None),
+            (
+                true,
+                "patch clawsecrets.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (
+                true,
+                "patch clawconfigs/status.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (true, "create events.events.k8s.io", Some("default"), None),
+            (false, "list secrets", None, None),
+            (false, "list secrets", Some(&ns), None),
+            (false, "get secrets", Some(&ns), Some(&helm_secret)),
+            (false, "get secrets", Some("kube-system"), None),
+            (
+                false,
+                "create leases.coordination.k8s.io",
+                Some("default"),
+                None,
+            ),
+            (false, "delete nodes", None, Some(&node)),
+            (
+                false,
+                "create clawsecrets.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (
+                false,
+                "delete clawsecrets.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (false, "create pods", Some(&ns), None),
+            (false, "update deployments.apps", Some(&ns), None),
+        ],
+    )
+    .await;
+    expect_access(
+        "agent",
+        &agent_client,
+        &[
+            (true, "get secrets", Some(&ns), Some(&master_key)),
+            (
+                true,
+                "create tokenreviews.authentication.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "create subjectaccessreviews.authorization.k8s.io",
+                None,
+                None,
+            ),
+            (true, "watch clawsecrets.clawbernetes.io", None, None),
+            (
+                true,
+                "create clawsecrets.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (true, "watch nodes", None, None),
+            (false, "get secrets", Some(&ns), Some(&helm_secret)),
+            (false, "list secrets", None, None),
+            (false, "create secrets", Some(&ns), None),
+            (
+                false,
+                "update clawsecrets/status.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (
+                false,
+                "reveal clawsecrets.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (false, "patch nodes", None, Some(&node)),
+            (false, "delete nodes", None, Some(&node)),
+            (false, "create leases.coordination.k8s.io", Some(&ns), None),
+            (false, "create pods", Some(&ns), None),
+        ],
+    )
+    .await;
+    // And for real: 403 from the API server.
+    let forbidden =
+        |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
+    assert!(
+        forbidden(
+            Api::<Secret>::all(operator_client.clone())
+                .list(&ListParams::default())
+                .await
+                .map(|_| ())
+        ),
+        "the operator lists Secrets cluster-wide"
+    );
+    assert!(
+        forbidden(
+            Api::<Secret>::namespaced(agent_client.clone(), &ns)
+                .get(&helm_secret)
+                .await
+                .map(|_| ())
+        ),
+        "the agent reads an arbitrary Secret"
+    );
+    assert!(
+        forbidden(
+            Api::<k8s_openapi::api::core::v1::Node>::all(operator_client.clone())
+                .delete(&node, &Default::default())
+                .await
+                .map(|_| ())
+        ),
+        "the operator deletes a Node"
+    );
+
+    // --- helm upgrade: to an existing master key Secret (the operator's, copied: a restore),
+    // NetworkPolicies on, three replicas, no hostPort, another lease duration.
+    step("helm upgrade to masterKey.existingSecret");
+    let copy = "restored-master-key";
+    secrets
+        .create(
+            &PostParams::default(),
+            &Secret {
+                metadata: ObjectMeta {
+                    name: Some(copy.to_owned()),
+                    ..ObjectMeta::default()
+                },
+                data: key_secret.data.clone(),
+                type_: key_secret.type_.clone(),
+                ..Secret::default()
+            },
+        )
+        .await
+        .expect("copying the master key Secret");
+    let existing = format!("masterKey.existingSecret={copy}");
+    let replica_count = format!("operator.replicaCount={replicas}");
+    let mut args = vec![
+        "upgrade",
+        &release,
+        chart,
+        "--namespace",
+        &ns,
+        "--kubeconfig",
+        &kcs,
+        "--set",
+        &existing,
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        &replica_count,
+        "--set",
+        "agent.hostPort=0",
+        "--set",
+        "operator.leaseDurationSeconds=20",
+    ];
+    args.extend_from_slice(&keep_pods_off);
+    must(helm(&args), "helm upgrade");
+    let upgraded = manifest(&kc, &release, &ns);
+    assert_eq!(
+        labelled(&kc, &release),
+        ids(&upgraded),
+        "after the upgrade, exactly its objects"
+    );
+    assert_eq!(
+        upgraded
+            .iter()
+            .filter(|o| o["kind"] == "NetworkPolicy")
+            .count(),
+        2
+    );
+    let deployment: Value = serde_json::from_str(&must(
+        kubectl(
+            &kc,
+            &["get", "deployment", &operator_sa, "-n", &ns, "-o", "json"],
+        ),
+        "kubectl get deployment",
+    ))
+    .unwrap();
+    assert_eq!(deployment["spec"]["replicas"], replicas);
+    let operator_args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert_eq!(flag(&operator_args, "--lease-duration-seconds"), "20");
+    let agent_ports: Value = serde_json::from_str(&must(
+        kubectl(
+            &kc,
+            &[
+                "get",
+                "daemonset",
+                &agent_sa,
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.spec.template.spec.containers[0].ports}",
+            ],
+        ),
+        "kubectl get daemonset",
+    ))
+    .unwrap();
+    assert_eq!(agent_ports[0]["containerPort"], 7443);
+    assert!(
+        agent_ports[0].get("hostPort").is_none(),
+        "hostPort 0: {agent_ports}"
+    );
+    assert_eq!(master_key_wiring(&upgraded, &ns), copy);
+    expect_access(
+        "operator after the upgrade",
+        &operator_client,
+        &[
+            (true, "get secrets", Some(&ns), Some(copy)),
+            (false, "get secrets", Some(&ns), Some(&master_key)),
+            (false, "create secrets", Some(&ns), None),
+        ],
+    )
+    .await;
+    expect_access(
+        "agent after the upgrade",
+        &agent_client,
+        &[
+            (true, "get secrets", Some(&ns), Some(copy)),
+            (false, "get secrets", Some(&ns), Some(&master_key)),
+        ],
+    )
+    .await;
+
+    step("operator and agent restarted with the upgraded flags");
+    operator.terminate();
+    agent.terminate();
+    let (mut operator, metrics) = start_operator(&upgraded, &ns, "operator-1");
+    operator
+        .wait_for(metrics, "/metrics", "claw_secrets_operator_leader 1")
+        .await;
+    let mut agent = start_agent(&upgraded, "agent-1");
+    agent.wait_for(agent_port, "/healthz", "").await;
+    kubectl_apply(
+        &kc,
+        &json!({
+            "apiVersion": "clawbernetes.io/v1alpha1",
+            "kind": "ClawSecret",
+            "metadata": {"name": "helm.after-upgrade", "namespace": ns},
+            "spec": {"data": {"token": "t-2"}, "allowedWorkloads": ["reader"]},
+        }),
+    );
+    assert_eq!(
+        wait_sealed(&admin, &ns, "helm.after-upgrade", 1).await,
+        key_id,
+        "sealed with the same key, read from the existing Secret"
+    );
+    for (name, data) in [
+        ("helm.first", json!({"password": canary})),
+        ("helm.after-upgrade", json!({"token": "t-2"})),
+    ] {
+        let got = eventually(&format!("the workload reads {name}"), PATIENCE, || async {
+            invoke(
+                &agent_addr,
+                &node,
+                &reader,
+                "secret.get",
+                json!({"name": name}),
+            )
+        })
+        .await;
+        assert_eq!(got["data"], data);
+    }
+
+    // --- The examples, with the operator watching their namespace.
+    step("kubectl apply -f examples/");
+    operator.terminate();
+    let (mut operator, metrics) = start_operator(&upgraded, "claw-demo", "operator-2");
+    operator
+        .wait_for(metrics, "/metrics", "claw_secrets_operator_leader 1")
+        .await;
+    let examples = repo().join("examples");
+    if external {
+        // A namespace claw-demo left by an earlier run may still be terminating.
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+        eventually("namespace claw-demo not terminating", PATIENCE, || async {
+            match namespaces
+                .get_opt("claw-demo")
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(n) if n.metadata.deletion_timestamp.is_some() => Err("terminating".into()),
+                _ => Ok(()),
+            }
+        })
+        .await;
+    }
+    let applied = must(
+        kubectl(&kc, &["apply", "-f", examples.to_str().unwrap()]),
+        "kubectl apply -f examples/",
+    );
+    eprintln!("{applied}");
+    for expected in [
+        "namespace/claw-demo",
+        "clawsecret.clawbernetes.io/db.credentials",
+        "clawsecret.clawbernetes.io/external.openai",
+        "clawconfig.clawbernetes.io/app.production",
+        "serviceaccount/api-server",
+        "rolebinding.rbac.authorization.k8s.io/api-server-reads-configs",
+        "deployment.apps/api-server",
+    ] {
+        assert!(
+            applied.contains(expected),
+            "{expected} not applied:\n{applied}"
+        );
+    }
+    let demo = "claw-demo";
+    wait_sealed(&admin, demo, "db.credentials", 1).await;
+    wait_sealed(&admin, demo, "external.openai", 1).await;
+    wait_config_ready(&admin, demo, "app.production").await;
+    // The example workload's own token: its secret, not the other one.
+    let workload = cluster::service_account_token(&admin, demo, "api-server").await;
+    let got = eventually("api-server reads db.credentials", PATIENCE, || async {
+        invoke(
+            &agent_addr,
+            &node,
+            &workload,
+            "secret.get",
+            json!({"name": "db.credentials"}),
+        )
+    })
+    .await;
+    assert_eq!(
+        got["data"],
+        json!({"host": "db.internal", "port": "5432", "username": "app", "password": "secret"})
+    );
+    let denied = invoke(
+        &agent_addr,
+        &node,
+        &workload,
+        "secret.get",
+        json!({"name": "external.openai"}),
+    )
+    .expect_err("api-server may not read the inference server's key");
+    assert!(denied.starts_with("PERMISSION_DENIED"), "{denied}");
+    // Its RoleBinding names the viewer role of a release called "claw-secrets"; this release
+    // is named otherwise, so bind this release's viewer role the same way.
+    let example_binding = Api::<RoleBinding>::namespaced(admin.clone(), demo)
+        .get("api-server-reads-configs")
+        .await
+        .expect("the example RoleBinding");
+    assert_eq!(example_binding.role_ref.name, "claw-secrets-viewer");
+    bind(
+        &admin,
+        demo,
+        &format!("api-server-reads-configs-{suffix}"),
+        &format!("{fullname}-viewer"),
+        cluster::service_account_subject(demo, "api-server"),
+    )
+    .await;
+    let config = eventually("api-server reads app.production", PATIENCE, || async {
+        invoke(
+            &agent_addr,
+            &node,
+            &workload,
+            "config.get",
+            json!({"name": "app.production"}),
+        )
+    })
+    .await;
+    assert_eq!(config["immutable"], true);
+    assert_eq!(config["data"]["log_level"], "warn");
+    let refused = kubectl(
+        &kc,
+        &[
+            "patch",
+            "clawconfig",
+            "app.production",
+            "-n",
+            demo,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"data":{"log_level":"debug"}}}"#,
+        ],
+    );
+    assert!(
+        !refused.ok && refused.stderr.contains("immutable"),
+        "{}",
+        refused.stderr
+    );
+    must(
+        kubectl(&kc, &["get", "deployment", "api-server", "-n", demo]),
+        "the example Deployment exists",
+    );
+    // Clean up the examples while the operator runs (finalizers).
+    for file in [
+        "10-db-credentials.yaml",
+        "20-api-key.yaml",
+        "30-app-config.yaml",
+    ] {
+        must(
+            kubectl(
+                &kc,
+                &[
+                    "delete",
+                    "-f",
+                    examples.join(file).to_str().unwrap(),
+                    "--wait=true",
+                    "--timeout=60s",
+                ],
+            ),
+            &format!("kubectl delete -f examples/{file}"),
+        );
+    }
+    must(
+        kubectl(
+            &kc,
+            &[
+                "delete",
+                "-f",
+                examples.join("40-workload.yaml").to_str().unwrap(),
+            ],
+        ),
+        "kubectl delete -f examples/40-workload.yaml",
+    );
+    Api::<RoleBinding>::namespaced(admin.clone(), demo)
+        .delete(
+            &format!("api-server-reads-configs-{suffix}"),
+            &Default::default(),
+        )
+        .await
+        .expect("removing the test's RoleBinding");
+    must(
+        kubectl(
+            &kc,
+            &[
+                "delete",
+                "-f",
+                examples.join("00-namespace.yaml").to_str().unwrap(),
+                "--wait=false",
+            ],
+        ),
+        "kubectl delete -f examples/00-namespace.yaml",
+    );
+
+    // --- helm uninstall: nothing of the release is left but what is kept by design.
+    step("helm uninstall");
+    operator.terminate();
+    agent.terminate();
+    must(
+        helm(&[
+            "uninstall",
+            &release,
+            "--namespace",
+            &ns,
+            "--kubeconfig",
+            &kcs,
+        ]),
+        "helm uninstall",
+    );
+    let left = labelled(&kc, &release);
+    assert!(left.is_empty(), "orphans of the release: {left:?}");
+    let history = must(
+        kubectl(
+            &kc,
+            &[
+                "get",
+                "secrets",
+                "-n",
+                &ns,
+                "-l",
+                &format!("owner=helm,name={release}"),
+                "-o",
+                "name",
+            ],
+        ),
+        "helm's release records",
+    );
+    assert!(
+        history.trim().is_empty(),
+        "helm's release records remain: {history}"
+    );
+    // Kept by design: the CRDs, the master key Secrets, the ClawSecrets (and the operator's
+    // Lease and Events, runtime state like the master key).
+    for crd in ["clawsecrets.clawbernetes.io", "clawconfigs.clawbernetes.io"] {
+        must(
+            kubectl(&kc, &["get", "crd", crd]),
+            &format!("CRD {crd} is kept"),
+        );
+    }
+    secrets
+        .get(&master_key)
+        .await
+        .expect("the generated master key Secret is kept");
+    secrets
+        .get(copy)
+        .await
+        .expect("the user's master key Secret is kept");
+    let kept: Vec<String> = Api::<ClawSecret>::namespaced(admin.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .expect("listing ClawSecrets")
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert_eq!(
+        kept,
+        ["helm.after-upgrade", "helm.first"],
+        "ClawSecrets are kept"
+    );
+
+    // Leave nothing stuck: the finalizers of the kept objects (no operator any more), the Node.
+    for name in kept {
+        Api::<ClawSecret>::namespaced(admin.clone(), &ns)
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .expect("removing a finalizer");
+    }
+    let _ = Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone())
+        .delete(&node, &Default::default())
+        .await;
+    step("done");
+    env.cleanup().await;
+}
