@@ -980,3 +980,27 @@ fn parallel_token_creates_keep_every_token() {
         tokens.len()
     );
 }
+
+/// `token create` finds the dev server's data dir the way `dev` does: from
+/// CLAW_SECRETS_DATA_DIR when --data-dir is not given. A token written anywhere else would be
+/// printed, look fine, and be refused.
+#[test]
+fn token_create_reads_the_data_dir_from_the_environment() {
+    let env = DevEnv::new();
+    let server = env.start();
+    server
+        .call("secret.create", json!({"name": "open", "data": {"k": "v"}}))
+        .payload();
+    let out = env.cli_env(
+        &["token", "create", "--workload", "env-w"],
+        &[("CLAW_SECRETS_DATA_DIR", env.data_dir.to_str().unwrap())],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let token = out.stdout.trim();
+    let resp = server.call_as(Some(token), "secret.get", json!({"name": "open"}));
+    assert!(
+        resp.is_ok(),
+        "a token created with CLAW_SECRETS_DATA_DIR was refused: {}",
+        resp.text()
+    );
+}

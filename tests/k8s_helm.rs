@@ -642,6 +642,10 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         json!({"path": "/healthz", "port": "invoke"})
     );
     assert_eq!(
+        ag["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "invoke"})
+    );
+    assert_eq!(
         spec["volumes"],
         json!([{"name": "data", "hostPath": {"path": "/var/lib/claw-secrets", "type": "DirectoryOrCreate"}}])
     );
@@ -1447,7 +1451,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         )
     });
     let mut agent = start_agent(&installed, "agent-0");
-    agent.wait_for(agent_port, "/healthz", "").await;
+    agent.wait_for(agent_port, "/readyz", "").await;
 
     // --- The flow: kubectl, a workload, an editor, a viewer.
     step("kubectl apply a ClawSecret: sealed and Ready");
@@ -1835,7 +1839,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         .wait_for(metrics, "/metrics", "claw_secrets_operator_leader 1")
         .await;
     let mut agent = start_agent(&upgraded, "agent-1");
-    agent.wait_for(agent_port, "/healthz", "").await;
+    agent.wait_for(agent_port, "/readyz", "").await;
     kubectl_apply(
         &kc,
         &json!({

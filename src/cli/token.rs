@@ -24,9 +24,9 @@ pub enum TokenCommand {
   claw-secrets token create --workload worker --namespace team-a
   claw-secrets token create --admin --data-dir /tmp/claw-dev"#)]
     Create {
-        /// The dev server's data directory: pass the same --data-dir as `claw-secrets dev`
-        /// (this command does not read CLAW_SECRETS_DATA_DIR).
-        #[arg(long, default_value_os_t = super::default_data_dir())]
+        /// The dev server's data directory: the same --data-dir (or CLAW_SECRETS_DATA_DIR) as
+        /// `claw-secrets dev`.
+        #[arg(long, env = "CLAW_SECRETS_DATA_DIR", default_value_os_t = super::default_data_dir())]
         data_dir: PathBuf,
         /// The workload name the token stands for, matched against each secret's
         /// allowed_workloads; required unless --admin.

@@ -100,4 +100,11 @@ pub trait Backend: Send + Sync + 'static {
         command: Command,
         write: Option<WriteRequest>,
     ) -> impl Future<Output = (Target, Result<Payload, InvokeError>)> + Send;
+
+    /// Whether every command can be answered now; `GET /readyz` reports it, so a load balancer
+    /// or a test does not send work the backend would turn away as UNAVAILABLE. `Err` says
+    /// what is missing. A backend that is ready as soon as it serves keeps the default.
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -1,4 +1,6 @@
-//! The HTTP face of the dispatcher: `POST /v1/invoke`, plus `GET /healthz`.
+//! The HTTP face of the dispatcher: `POST /v1/invoke`, plus `GET /healthz` (the process
+//! serves) and `GET /readyz` (the backend can answer every command, see
+//! [`Backend::readiness`]).
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -16,7 +18,19 @@ pub fn router<B: Backend>(dispatcher: Arc<Dispatcher<B>>) -> Router {
     Router::new()
         .route("/v1/invoke", post(invoke::<B>))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz::<B>))
         .with_state(dispatcher)
+}
+
+async fn readyz<B: Backend>(State(dispatcher): State<Arc<Dispatcher<B>>>) -> Response {
+    match dispatcher.backend().readiness() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
+    }
 }
 
 fn json_response(resp: &InvokeResponse) -> Response {

@@ -242,7 +242,7 @@ impl KubeIdentity {
         let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
             InvokeError::new(
                 ErrorCode::Unauthenticated,
-                "missing bearer token: send 'Authorization: Bearer <token>' (a ServiceAccount token, or your own)",
+                "missing bearer token: send 'Authorization: Bearer <token>' (or 'X-Claw-Secrets-Authorization: Bearer <token>' through the API server's proxy) with a ServiceAccount token, or your own",
             )
         })?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();

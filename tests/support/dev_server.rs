@@ -35,6 +35,9 @@ const SCRUBBED_ENV: &[&str] = &[
     "CLAW_SECRETS_DATA_DIR",
     "CLAW_SECRETS_LOG",
     "RUST_LOG",
+    // A developer's cluster must not capture `claw-secrets invoke` (it prefers a kubeconfig
+    // over the dev server when no --addr is given).
+    "KUBECONFIG",
 ];
 
 /// `n` random bytes as lowercase hex.
