@@ -663,6 +663,175 @@ async fn access_matrix_with_real_tokens() {
     c.cleanup().await;
 }
 
+/// Every write made through node.invoke is an Event on its object (reason Created, Rotated,
+/// Updated or Deleted; action the command; related object the caller), so `kubectl describe`
+/// tells who changed a secret from which node. A retried write that changed nothing adds none.
+#[tokio::test]
+async fn writes_through_node_invoke_are_events_naming_the_caller() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("events").await;
+    let client = c.client();
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let ci = cluster::service_account_token(&client, &ns, "ci").await;
+    cluster::grant(
+        &client,
+        &ns,
+        cluster::service_account_subject(&ns, "ci"),
+        "ci",
+        &["create"],
+        &[],
+    )
+    .await;
+    let agent = c.agent("a", &[]).await;
+
+    let first = secret_data();
+    let create = json!({
+        "nodeId": agent.node, "command": "secret.create", "idempotencyKey": "ev-1",
+        "params": { "name": "ev", "namespace": ns, "data": first },
+    });
+    let body = serde_json::to_vec(&create).unwrap();
+    agent
+        .post(Some(&alice), body.clone())
+        .await
+        .payload("alice creates ev");
+    agent
+        .post(Some(&alice), body)
+        .await
+        .payload("the retried create answers as the first did");
+    let (second, third) = (secret_data(), secret_data());
+    for new_data in [&second, &third] {
+        agent
+            .invoke(
+                Some(&alice),
+                "secret.rotate",
+                json!({ "name": "ev", "namespace": ns, "newData": new_data }),
+            )
+            .await
+            .payload("alice rotates ev");
+    }
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.delete",
+            json!({ "name": "ev", "namespace": ns }),
+        )
+        .await
+        .payload("alice deletes ev");
+    agent
+        .invoke(
+            Some(&ci),
+            "secret.create",
+            json!({ "name": "ci.ev", "namespace": ns, "data": secret_data() }),
+        )
+        .await
+        .payload("workload ci creates ci.ev");
+    for (command, params) in [
+        (
+            "config.create",
+            json!({ "name": "cfg.ev", "namespace": ns, "data": {"k": "1"} }),
+        ),
+        (
+            "config.update",
+            json!({ "name": "cfg.ev", "namespace": ns, "data": {"k": "2"} }),
+        ),
+        (
+            "config.delete",
+            json!({ "name": "cfg.ev", "namespace": ns }),
+        ),
+    ] {
+        agent
+            .invoke(Some(&alice), command, params)
+            .await
+            .payload(command);
+    }
+
+    let summary =
+        |events: &[k8s_openapi::api::events::v1::Event]| -> Vec<(String, String, String)> {
+            events
+                .iter()
+                .map(|e| {
+                    (
+                        e.reason.clone().unwrap_or_default(),
+                        e.action.clone().unwrap_or_default(),
+                        e.note.clone().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+    let expect = |object: &'static str, wanted: Vec<(&'static str, &'static str, &'static str)>| {
+        let (client, ns) = (client.clone(), ns.clone());
+        async move {
+            eventually(&format!("agent Events on {object}"), PATIENCE, || async {
+                let got = summary(&cluster::agent_events(&client, &ns, object).await);
+                let matches = got.len() == wanted.len()
+                    && got
+                        .iter()
+                        .zip(&wanted)
+                        .all(|((r, a, n), (wr, wa, wn))| r == wr && a == wa && n.contains(wn));
+                if matches {
+                    Ok(())
+                } else {
+                    Err(format!("want {wanted:?}, got {got:?}"))
+                }
+            })
+            .await;
+            cluster::agent_events(&client, &ns, object).await
+        }
+    };
+    let on_ev = expect(
+        "ev",
+        vec![
+            ("Created", "secret.create", "version 1 sealed"),
+            ("Rotated", "secret.rotate", "version 2"),
+            ("Rotated", "secret.rotate", "version 3"),
+            ("Deleted", "secret.delete", "deleted"),
+        ],
+    )
+    .await;
+    let on_ci = expect("ci.ev", vec![("Created", "secret.create", "version 1")]).await;
+    let on_cfg = expect(
+        "cfg.ev",
+        vec![
+            ("Created", "config.create", "created"),
+            ("Updated", "config.update", "data replaced"),
+            ("Deleted", "config.delete", "deleted"),
+        ],
+    )
+    .await;
+
+    let values = [&first, &second, &third];
+    for e in on_ev.iter().chain(&on_cfg) {
+        assert_eq!(e.type_.as_deref(), Some("Normal"), "{e:?}");
+        let note = e.note.clone().unwrap_or_default();
+        assert!(
+            note.contains("by alice through node.invoke on node "),
+            "{note}"
+        );
+        assert!(note.contains(&agent.node), "{note}");
+        let related = e.related.clone().expect("the caller as related object");
+        assert_eq!(related.kind.as_deref(), Some("User"), "{e:?}");
+        assert_eq!(related.name.as_deref(), Some("alice"), "{e:?}");
+        for v in values {
+            for value in v.as_object().unwrap().values() {
+                assert!(
+                    !note.contains(value.as_str().unwrap()),
+                    "a value in an Event: {note}"
+                );
+            }
+        }
+    }
+    let related = on_ci[0]
+        .related
+        .clone()
+        .expect("the workload as related object");
+    assert_eq!(related.kind.as_deref(), Some("ServiceAccount"));
+    assert_eq!(related.namespace.as_deref(), Some(ns.as_str()));
+    assert_eq!(related.name.as_deref(), Some("ci"));
+
+    c.cleanup().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Immutable configs through node.invoke
 // ---------------------------------------------------------------------------------------------
@@ -949,7 +1118,7 @@ async fn api_server_outage_reads_continue_and_writes_are_unavailable() {
     node_c.kill();
     node_c.spawn();
     let spawned = node_c.spawned_at;
-    node_c.wait_healthy().await;
+    node_c.wait_ready().await;
     let first = eventually(
         "the restarted node-c to answer a read with the API server down",
         PATIENCE,

@@ -2,7 +2,9 @@
 //!
 //! Reasons used by this project: `Created`, `Rotated`, `Deleted` (operator, Normal),
 //! `ImmutableViolation` and invalid-object reasons such as `InvalidData` (operator, Warning),
-//! `AccessDenied` (node agents, Warning). Notes name objects, versions and key ids, never values.
+//! `Created`, `Rotated`, `Updated`, `Deleted` for writes made through node.invoke (node agents,
+//! Normal, with the caller as the related object) and `AccessDenied` (node agents, Warning).
+//! Notes name objects, versions, key ids and callers, never values.
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -18,6 +20,17 @@ pub fn reporter(controller: &str, instance: &str) -> Reporter {
     }
 }
 
+/// An Event with no related object: what the operator reports about the objects it seals.
+pub fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
+    Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    }
+}
+
 /// Publishes one Event about `regarding`.
 ///
 /// Every call creates its own Event object: a seal, a rotation or a deletion is a distinct
@@ -28,19 +41,9 @@ pub async fn emit(
     client: &kube::Client,
     reporter: &Reporter,
     regarding: &ObjectReference,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
+    event: &Event,
 ) -> Result<(), kube::Error> {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: action.to_owned(),
-        secondary: None,
-    };
     Recorder::new(client.clone(), reporter.clone())
-        .publish(&event, regarding)
+        .publish(event, regarding)
         .await
 }

@@ -487,6 +487,24 @@ pub async fn access_denied_events(client: &Client, ns: &str, object: &str) -> Ve
         .collect()
 }
 
+/// The Events node agents recorded (reporting controller `claw-secrets-agent`) on the object
+/// `object` in `ns`, oldest first.
+pub async fn agent_events(client: &Client, ns: &str, object: &str) -> Vec<Event> {
+    let mut events: Vec<Event> = Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("listing Events")
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reporting_controller.as_deref() == Some("claw-secrets-agent")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
+        })
+        .collect();
+    events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    events
+}
+
 // ---------------------------------------------------------------------------------------------
 // node.invoke over HTTP
 // ---------------------------------------------------------------------------------------------
@@ -629,7 +647,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Spawns the agent and waits until it answers `GET /healthz`.
+    /// Spawns the agent and waits until it answers `GET /readyz` (keyring loaded).
     pub async fn start(
         kubeconfig: &Path,
         node: &str,
@@ -665,7 +683,7 @@ impl Agent {
             spawned_at: Instant::now(),
         };
         agent.spawn();
-        agent.wait_healthy().await;
+        agent.wait_ready().await;
         agent
     }
 
@@ -714,9 +732,11 @@ impl Agent {
         self.child = Some(child);
     }
 
-    /// Waits until `GET /healthz` answers; fails the test if the process exits first.
-    pub async fn wait_healthy(&mut self) {
-        let url = format!("{}/healthz", self.addr());
+    /// Waits until `GET /readyz` answers 200: the agent serves and has its keyring, so a
+    /// secret command sent next is not turned away as UNAVAILABLE. Fails the test if the
+    /// process exits first.
+    pub async fn wait_ready(&mut self) {
+        let url = format!("{}/readyz", self.addr());
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Ok((200, _)) = http("GET", &url, None, Vec::new()).await {
@@ -775,7 +795,7 @@ impl Agent {
     /// Spawns the process again and waits until it serves.
     pub async fn restart(&mut self) {
         self.spawn();
-        self.wait_healthy().await;
+        self.wait_ready().await;
     }
 
     pub fn log_tail(&self, lines: usize) -> String {

@@ -47,6 +47,8 @@ pub struct KubeBackend {
     /// into a series by the recorder, so a caller hammering a secret cannot flood the API
     /// server.
     recorder: Recorder,
+    /// Who reports this agent's Events: `claw-secrets-agent`, instance = the node name.
+    reporter: Reporter,
     identity: KubeIdentity,
     store: Arc<Store>,
     keyring: KeyringSlot,
@@ -135,7 +137,8 @@ impl KubeBackend {
             instance: Some(node_name.to_owned()),
         };
         KubeBackend {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             identity: KubeIdentity::new(client.clone()),
             client,
             store,
@@ -426,7 +429,17 @@ impl KubeBackend {
         }
         let api = self.secrets(&key.namespace);
         let created = match api.create(&PostParams::default(), &obj).await {
-            Ok(created) => created,
+            Ok(created) => {
+                self.mutation_event(
+                    "ClawSecret",
+                    &key,
+                    "Created",
+                    "secret.create",
+                    format!("version 1 sealed with master key {}", keyring.active().id()),
+                    caller,
+                );
+                created
+            }
             Err(e) => {
                 let err = api_error(e, &key, "secret");
                 if err.code == ErrorCode::AlreadyExists
@@ -497,10 +510,19 @@ impl KubeBackend {
         if let Some(mark) = Self::mark(&keyring, &write) {
             patch["metadata"]["annotations"] = json!({ LAST_WRITE_ANNOTATION: mark });
         }
+        let key_id = sealed.key_id.clone();
         let updated = api
             .patch(&object, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|e| api_error(e, &key, "secret"))?;
+        self.mutation_event(
+            "ClawSecret",
+            &key,
+            "Rotated",
+            "secret.rotate",
+            format!("rotated to version {version} sealed with master key {key_id}"),
+            caller,
+        );
         Ok(Payload::SecretMeta(self.mirror(&updated).await?))
     }
 
@@ -527,6 +549,14 @@ impl KubeBackend {
             .delete(&object, &DeleteParams::default())
             .await
             .map_err(|e| api_error(e, &key, "secret"))?;
+        self.mutation_event(
+            "ClawSecret",
+            &key,
+            "Deleted",
+            "secret.delete",
+            "deleted; nodes remove their copies".to_owned(),
+            caller,
+        );
         let store = self.store.clone();
         let k = key.clone();
         let _ = tokio::task::spawn_blocking(move || store.delete_secret(&k)).await;
@@ -638,7 +668,22 @@ impl KubeBackend {
         }
         let api = self.configs(&key.namespace);
         let created = match api.create(&PostParams::default(), &obj).await {
-            Ok(created) => created,
+            Ok(created) => {
+                let note = if created.spec.immutable {
+                    "created, immutable"
+                } else {
+                    "created"
+                };
+                self.mutation_event(
+                    "ClawConfig",
+                    &key,
+                    "Created",
+                    "config.create",
+                    note.to_owned(),
+                    caller,
+                );
+                created
+            }
             Err(e) => {
                 let err = api_error(e, &key, "config");
                 if err.code == ErrorCode::AlreadyExists
@@ -719,6 +764,19 @@ impl KubeBackend {
             .patch(&object, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|e| api_error(e, &key, "config"))?;
+        let note = if updated.spec.immutable {
+            "data replaced; now immutable"
+        } else {
+            "data replaced"
+        };
+        self.mutation_event(
+            "ClawConfig",
+            &key,
+            "Updated",
+            "config.update",
+            note.to_owned(),
+            caller,
+        );
         Ok(Payload::ConfigMeta(Self::config_meta_of(&updated)?))
     }
 
@@ -744,6 +802,14 @@ impl KubeBackend {
             .delete(&object, &DeleteParams::default())
             .await
             .map_err(|e| api_error(e, &key, "config"))?;
+        self.mutation_event(
+            "ClawConfig",
+            &key,
+            "Deleted",
+            "config.delete",
+            "deleted; nodes remove their copies".to_owned(),
+            caller,
+        );
         let store = self.store.clone();
         let k = key.clone();
         let _ = tokio::task::spawn_blocking(move || store.delete_config(&k)).await;
@@ -755,7 +821,71 @@ impl KubeBackend {
     }
 }
 
+/// The ClawSecret or ClawConfig an Event is about.
+fn regarding(kind: &str, ns: &Namespace, name: &Name) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(format!("{}/v1alpha1", crate::k8s::crd::GROUP)),
+        kind: Some(kind.to_owned()),
+        namespace: Some(ns.to_string()),
+        name: Some(object_name(name)),
+        ..ObjectReference::default()
+    }
+}
+
+/// The caller, as an Event's related object: its ServiceAccount for a workload, else the user.
+fn caller_reference(caller: &Caller) -> ObjectReference {
+    match (&caller.namespace, &caller.workload) {
+        (Some(ns), Some(workload)) => ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("ServiceAccount".to_owned()),
+            namespace: Some(ns.to_string()),
+            name: Some(workload.to_string()),
+            ..ObjectReference::default()
+        },
+        _ => ObjectReference {
+            api_version: Some("rbac.authorization.k8s.io/v1".to_owned()),
+            kind: Some("User".to_owned()),
+            name: Some(caller.subject.clone()),
+            ..ObjectReference::default()
+        },
+    }
+}
+
 impl KubeBackend {
+    /// Records a write made through node.invoke as a Normal Event on the object (`reason`:
+    /// Created, Rotated, Updated or Deleted; `action`: the command; related object: the
+    /// caller), so `kubectl describe` shows who changed it from which node. Published in the
+    /// background, each as its own Event (see [`crate::k8s::events::emit`]); the audit log is
+    /// the record of truth. A retried write that changed nothing records nothing.
+    fn mutation_event(
+        &self,
+        kind: &str,
+        key: &ObjectKey,
+        reason: &str,
+        action: &str,
+        note: String,
+        caller: &Caller,
+    ) {
+        let node = self.reporter.instance.as_deref().unwrap_or_default();
+        let event = Event {
+            type_: EventType::Normal,
+            reason: reason.to_owned(),
+            note: Some(format!(
+                "{note}, by {} through node.invoke on node {node}",
+                caller.subject
+            )),
+            action: action.to_owned(),
+            secondary: Some(caller_reference(caller)),
+        };
+        let reference = regarding(kind, &key.namespace, &key.name);
+        let (client, reporter) = (self.client.clone(), self.reporter.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::k8s::events::emit(&client, &reporter, &reference, &event).await {
+                tracing::debug!(error = %e, reason = %event.reason, "node.invoke write Event not published");
+            }
+        });
+    }
+
     /// Records a denial as an Event on the object, in the background: the answer to the caller
     /// does not wait for it, and the audit log (written first) is the record of truth.
     fn access_denied_event(
@@ -766,40 +896,18 @@ impl KubeBackend {
         action: &str,
         caller: &Caller,
     ) {
-        let subject = &caller.subject;
-        let reference = ObjectReference {
-            api_version: Some(format!("{}/v1alpha1", crate::k8s::crd::GROUP)),
-            kind: Some(kind.to_owned()),
-            namespace: Some(ns.to_string()),
-            name: Some(object_name(name)),
-            ..ObjectReference::default()
-        };
         // The recorder folds Events with the same regarding object, action and related object
         // into one series and keeps the first note, so the command and the caller go into those
         // fields: otherwise every later denial on the object, by anyone, would only raise the
         // count of the first one and be shown under its subject.
-        let caller_ref = match (&caller.namespace, &caller.workload) {
-            (Some(ns), Some(workload)) => ObjectReference {
-                api_version: Some("v1".to_owned()),
-                kind: Some("ServiceAccount".to_owned()),
-                namespace: Some(ns.to_string()),
-                name: Some(workload.to_string()),
-                ..ObjectReference::default()
-            },
-            _ => ObjectReference {
-                api_version: Some("rbac.authorization.k8s.io/v1".to_owned()),
-                kind: Some("User".to_owned()),
-                name: Some(subject.clone()),
-                ..ObjectReference::default()
-            },
-        };
         let event = Event {
             type_: EventType::Warning,
             reason: "AccessDenied".to_owned(),
-            note: Some(format!("{subject} was denied {action}")),
+            note: Some(format!("{} was denied {action}", caller.subject)),
             action: action.to_owned(),
-            secondary: Some(caller_ref),
+            secondary: Some(caller_reference(caller)),
         };
+        let reference = regarding(kind, ns, name);
         let recorder = self.recorder.clone();
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &reference).await {
@@ -847,5 +955,15 @@ impl Backend for KubeBackend {
             self.access_denied_event(kind, ns, name, action, caller);
         }
         (target, result)
+    }
+
+    /// Ready once a keyring is loaded (from the API server, or the cache of an earlier run):
+    /// every secret command needs it, and without it they answer UNAVAILABLE.
+    fn readiness(&self) -> Result<(), String> {
+        if self.keyring.read().unwrap().is_some() {
+            Ok(())
+        } else {
+            Err("the master keyring has not been loaded yet (no cache from an earlier run, and the API server has not answered with it)".to_owned())
+        }
     }
 }

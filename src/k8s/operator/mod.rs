@@ -86,17 +86,8 @@ impl Context {
         note: String,
     ) {
         let regarding = obj.object_ref(&());
-        if let Err(e) = events::emit(
-            &self.client,
-            &self.reporter,
-            &regarding,
-            type_,
-            reason,
-            action,
-            note,
-        )
-        .await
-        {
+        let event = events::event(type_, reason, action, note);
+        if let Err(e) = events::emit(&self.client, &self.reporter, &regarding, &event).await {
             tracing::warn!(
                 kind = %K::kind(&()),
                 namespace = regarding.namespace.as_deref().unwrap_or_default(),
