@@ -9,12 +9,15 @@
 //! - [`invoke`]: the `node.invoke` protocol, its dispatcher, HTTP server and client.
 //! - [`backends`]: implementations of [`invoke::Backend`] (`local` for `claw-secrets dev`).
 //! - [`cli`]: the `claw-secrets` command line.
+//!
+//! [`hex`] is a leaf every layer may use.
 
 pub mod audit;
 pub mod backends;
 pub mod cli;
 pub mod crypto;
 pub mod domain;
+pub mod hex;
 pub mod invoke;
 pub mod k8s;
 pub mod store;

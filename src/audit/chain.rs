@@ -4,14 +4,12 @@ use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
+use crate::hex::encode as hex;
+
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const HASH_FIELD: &str = ",\"hash\":\"";
 /// `,"hash":"` + 64 hex digits + `"}`.
 const HASH_SUFFIX_LEN: usize = HASH_FIELD.len() + 64 + 2;
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// Appends the `hash` field to a serialized record `body` (a JSON object without it) and
 /// returns the finished line (without newline) and its hash.

@@ -110,10 +110,7 @@ pub fn workloads(list: &[String]) -> Result<WorkloadSet, Invalid> {
 /// SHA-256 (hex) of a config's data in a canonical form (sorted keys, JSON).
 pub fn data_hash(map: &BTreeMap<String, String>) -> String {
     let canonical = serde_json::to_vec(map).expect("a string map serializes");
-    Sha256::digest(&canonical)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::encode(&Sha256::digest(&canonical))
 }
 
 fn parse_time(s: &str, what: &str) -> Result<Timestamp, Invalid> {

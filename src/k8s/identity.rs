@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::domain::{ErrorCode, Namespace, Workload};
+use crate::hex::{decode_32 as unhex32, encode as hex};
 use crate::invoke::{Caller, InvokeError};
 
 /// A reviewed token is trusted without asking again for this long.
@@ -80,21 +81,6 @@ struct PersistedReview {
 }
 
 const REVIEW_FILE_FORMAT: u32 = 1;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
 
 /// The caller an authenticated user stands for.
 fn caller_of(

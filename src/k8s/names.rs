@@ -38,7 +38,7 @@ pub fn object_name(name: &Name) -> String {
         return n.to_owned();
     }
     let digest = Sha256::digest(n.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::hex::encode(&digest);
     format!("{HASHED_PREFIX}{}", &hex[..56])
 }
 

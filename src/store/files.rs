@@ -32,7 +32,7 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreErr
     let mut suffix = [0u8; 8];
     getrandom::getrandom(&mut suffix)
         .map_err(|e| StoreError::io(dir, std::io::Error::other(e.to_string())))?;
-    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    let suffix = crate::hex::encode(&suffix);
     let tmp = dir.join(format!("{TEMP_PREFIX}{suffix}"));
     let target = dir.join(name);
     let result = (|| {

@@ -82,8 +82,7 @@ impl std::fmt::Debug for Store {
 
 fn file_name(kind: Kind, key: &ObjectKey) -> String {
     let digest = Sha256::digest(format!("{}/{}/{}", kind.as_str(), key.namespace, key.name));
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{hex}.json")
+    format!("{}.json", crate::hex::encode(&digest))
 }
 
 impl Store {

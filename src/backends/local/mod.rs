@@ -63,11 +63,7 @@ impl LocalBackend {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.fingerprint_key.as_ref())
             .expect("HMAC takes any key length");
         mac.update(&write.digest.0);
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::hex::encode(&mac.finalize().into_bytes())
     }
 
     fn mark(&self, write: &Option<WriteRequest>) -> Option<WriteMark> {

@@ -46,10 +46,7 @@ pub enum TokenError {
 }
 
 fn hash_token(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::encode(&Sha256::digest(token.as_bytes()))
 }
 
 /// A new random bearer token: `cst_` and 32 random bytes, base64url.

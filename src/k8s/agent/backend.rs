@@ -196,11 +196,7 @@ impl KubeBackend {
             .expect("32 bytes is a valid HKDF output length");
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_ref()).expect("any key length");
         mac.update(&write.digest.0);
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        crate::hex::encode(&mac.finalize().into_bytes())
     }
 
     fn mark(keyring: &Keyring, write: &Option<WriteRequest>) -> Option<String> {
