@@ -8,7 +8,7 @@
 //! namespace) or measure latency take the control plane for themselves; the others share it.
 //!
 //! Latency figures are printed, never asserted: run
-//! `cargo test --test k8s_agent latency -- --nocapture` (and `... burst -- --nocapture`) and
+//! `cargo test --test k8s_agent latency -- --nocapture --test-threads 1` and
 //! look for lines starting with `LATENCY:`.
 
 #[path = "support/control_plane.rs"]
@@ -1327,22 +1327,105 @@ async fn latency_one_secret_create_to_all_nodes() {
     c.cleanup().await;
 }
 
+/// A cluster namespace with `alice`'s token, three agents, and an operator reconciling that
+/// namespace only.
+async fn three_nodes_and_an_operator(
+    hint: &str,
+) -> (Cluster, String, [Agent; 3], cluster::Operator) {
+    cluster::operator_available().unwrap_or_else(|e| panic!("this test needs the operator: {e}"));
+    let c = Cluster::new(hint).await;
+    let alice = c.alice().await;
+    let agents = c.three_agents().await;
+    let operator = cluster::Operator::start(
+        &c.env.kubeconfig,
+        &c.master_key,
+        &format!("claw-test-{}", c.suffix()),
+        Some(c.ns()),
+    )
+    .await;
+    (c, alice, agents, operator)
+}
+
+/// One ClawSecret written with plaintext through the API (what `kubectl apply` does), with the
+/// operator running: how long until it is sealed and Ready (status version 1, Ready True), and
+/// until all three agents answer it. Printed, not asserted.
+#[tokio::test]
+async fn latency_one_secret_applied_to_ready_and_all_nodes() {
+    let _lock = cluster::exclusive().await;
+    let (c, alice, agents, mut operator) = three_nodes_and_an_operator("apply-latency").await;
+    let ns = c.ns().to_owned();
+    let api = c.secrets();
+    let ready = |obj: &ClawSecret| {
+        obj.status.as_ref().is_some_and(|s| {
+            s.version == Some(1)
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    };
+
+    let (mut to_ready, mut to_all) = (Vec::new(), Vec::new());
+    for i in 0..7 {
+        let name = format!("applied-{i}");
+        let value = format!("applied-value-{}", random_hex(8));
+        let obj = ClawSecret::new(
+            &name,
+            ClawSecretSpec {
+                name: None,
+                data: Some([("token".to_owned(), value.clone())].into()),
+                allowed_workloads: vec![],
+                node_selector: None,
+                sealed: None,
+            },
+        );
+        let start = Instant::now();
+        api.create(&PostParams::default(), &obj)
+            .await
+            .expect("creating the ClawSecret");
+        let (mut ready_at, mut pending) = (None, (0..agents.len()).collect::<Vec<_>>());
+        while ready_at.is_none() || !pending.is_empty() {
+            operator.assert_running();
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{name}: not Ready on every node"
+            );
+            if ready_at.is_none() && api.get(&name).await.is_ok_and(|o| ready(&o)) {
+                ready_at = Some(start.elapsed());
+            }
+            let mut left = Vec::new();
+            for &a in &pending {
+                let got = agents[a].get_secret(&alice, &ns, &name).await;
+                if !(got.is_ok() && got.body["payload"]["data"]["token"] == json!(value)) {
+                    left.push(a);
+                }
+            }
+            pending = left;
+            if ready_at.is_none() || !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        to_ready.push(ready_at.unwrap());
+        to_all.push(start.elapsed());
+    }
+    println!(
+        "LATENCY: one secret, plaintext ClawSecret created through the API -> sealed, version 1, Ready: {}",
+        summary(&to_ready)
+    );
+    println!(
+        "LATENCY: one secret, plaintext ClawSecret created through the API -> readable on all 3 agents: {}",
+        summary(&to_all)
+    );
+
+    drop(operator);
+    c.cleanup().await;
+}
+
 #[tokio::test]
 async fn latency_burst_of_1000_secrets_sealed_by_the_operator() {
     const N: usize = 1000;
     let _lock = cluster::exclusive().await;
-    cluster::operator_available().unwrap_or_else(|e| panic!("this test needs the operator: {e}"));
-    let c = Cluster::new("burst").await;
+    let (c, alice, agents, mut operator) = three_nodes_and_an_operator("burst").await;
     let ns = c.ns().to_owned();
-    let alice = c.alice().await;
-    let agents = c.three_agents().await;
-    let mut operator = cluster::Operator::start(
-        &c.env.kubeconfig,
-        &c.master_key,
-        &format!("claw-test-{}", c.suffix()),
-        Some(&ns),
-    )
-    .await;
 
     let start = Instant::now();
     let api = c.secrets();
