@@ -36,15 +36,14 @@
 //! Without `--bench` (as `cargo test --all-targets` runs it) it makes a few requests on two
 //! connections and checks the answers and the audit count, asserting nothing about time.
 
+#[path = "support/loadgen.rs"]
+mod loadgen;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use claw_secrets::audit::AuditLog;
 use claw_secrets::backends::local::LocalBackend;
@@ -52,19 +51,13 @@ use claw_secrets::backends::local::tokens::{TokenEntry, TokenStore, add_token};
 use claw_secrets::crypto::Keyring;
 use claw_secrets::invoke::Dispatcher;
 use claw_secrets::store::Store;
+use loadgen::{
+    Conn, LoadConfig, answer_ok, audit_counts, clock_ticks_per_second, env_or, load_average, ms,
+    parse_stat, percentile, process_snapshot, request_bytes, system_cpu,
+};
 
 const SECRET_NAME: &str = "bench.secret";
 const VALUE_LEN: usize = 1024;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not valid")),
-        Err(_) => default,
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The server under test
@@ -166,165 +159,6 @@ impl Server {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 keep-alive client: one request, one response, repeat
-
-fn request_bytes(addr: SocketAddr, token: &str, body: &str) -> Arc<[u8]> {
-    format!(
-        "POST /v1/invoke HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Authorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-    .into()
-}
-
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-impl Conn {
-    async fn connect(addr: SocketAddr) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Conn {
-            stream,
-            buf: Vec::with_capacity(8192),
-        })
-    }
-
-    async fn fill(&mut self) -> std::io::Result<()> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(8192);
-        }
-        let n = self.stream.read_buf(&mut self.buf).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "server closed the connection",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Sends `req` and reads one response; returns its status and body.
-    async fn round_trip(&mut self, req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
-        let bad =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-        self.stream.write_all(req).await?;
-        self.buf.clear();
-        let head_end = loop {
-            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            self.fill().await?;
-        };
-        let head = std::str::from_utf8(&self.buf[..head_end]).map_err(|_| bad("head not UTF-8"))?;
-        let status: u16 = head
-            .get(9..12)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("no status line"))?;
-        let mut content_length = None;
-        for line in head.split("\r\n").skip(1) {
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    content_length = v.trim().parse::<usize>().ok();
-                } else if k.eq_ignore_ascii_case("connection") && v.trim() == "close" {
-                    return Err(bad("server asked to close the connection"));
-                }
-            }
-        }
-        let len = content_length.ok_or_else(|| bad("response without content-length"))?;
-        while self.buf.len() < head_end + len {
-            self.fill().await?;
-        }
-        if self.buf.len() > head_end + len {
-            return Err(bad("more bytes than one response (nothing was pipelined)"));
-        }
-        Ok((status, self.buf[head_end..].to_vec()))
-    }
-}
-
-/// Whether an answer is a successful invoke response (`"ok":true` comes right after the id).
-fn answer_ok(status: u16, body: &[u8]) -> bool {
-    status == 200 && find(&body[..body.len().min(96)], br#""ok":true"#).is_some()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Load generation
-
-#[derive(Default)]
-struct ConnResult {
-    /// Latencies of the measured requests, in nanoseconds.
-    latencies: Vec<u64>,
-    /// Answers received (any status), warm-up included: each one is an audited access.
-    answers: u64,
-    /// Answers that were not HTTP 200 with `"ok":true`, plus I/O failures.
-    errors: u64,
-    /// Requests whose answer never arrived (I/O failure); their audit status is unknown.
-    lost: u64,
-    first_error: Option<String>,
-}
-
-struct Phase {
-    warm_end: Instant,
-    end: Instant,
-    max_requests: Option<u64>,
-}
-
-async fn drive(addr: SocketAddr, req: Arc<[u8]>, phase: Arc<Phase>) -> ConnResult {
-    let mut r = ConnResult::default();
-    let mut conn = None;
-    let mut sent = 0u64;
-    loop {
-        let now = Instant::now();
-        if now >= phase.end || phase.max_requests.is_some_and(|m| sent >= m) {
-            break;
-        }
-        let c = match &mut conn {
-            Some(c) => c,
-            None => match Conn::connect(addr).await {
-                Ok(c) => conn.insert(c),
-                Err(e) => {
-                    r.errors += 1;
-                    r.first_error.get_or_insert(format!("connect: {e}"));
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        sent += 1;
-        let start = Instant::now();
-        match c.round_trip(&req).await {
-            Ok((status, body)) => {
-                let took = start.elapsed();
-                r.answers += 1;
-                if start >= phase.warm_end {
-                    r.latencies.push(took.as_nanos() as u64);
-                }
-                if !answer_ok(status, &body) {
-                    r.errors += 1;
-                    r.first_error.get_or_insert_with(|| {
-                        format!("HTTP {status}: {}", String::from_utf8_lossy(&body))
-                    });
-                }
-            }
-            Err(e) => {
-                r.errors += 1;
-                r.lost += 1;
-                r.first_error.get_or_insert(format!("i/o: {e}"));
-                conn = None;
-            }
-        }
-    }
-    r
-}
-
-// ---------------------------------------------------------------------------------------------
 // Measuring the machine: CPU time per thread group, system-wide busy time, audit syncs
 
 /// CPU ticks (user + system) per thread name, and the audit writer's write syscalls.
@@ -341,23 +175,12 @@ fn thread_snapshot() -> ThreadSnapshot {
     };
     for task in tasks.flatten() {
         let dir = task.path();
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+        let Some((comm, ticks)) = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+        else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = stat[open + 1..close].to_owned();
-        // Fields after the comm: state is field 3; utime and stime are fields 14 and 15.
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let ticks = fields
-            .get(11)
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0)
-            + fields
-                .get(12)
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0);
         if comm == "audit-writer" {
             // One write(2) per group commit: the batch is written with one write_all, then
             // fdatasync'ed.
@@ -381,81 +204,6 @@ fn thread_snapshot() -> ThreadSnapshot {
         *snap.ticks.entry(group.to_owned()).or_default() += ticks;
     }
     snap
-}
-
-/// CPU ticks (user + system) of every other process on the machine, by pid, with its name.
-fn process_snapshot() -> BTreeMap<u32, (String, u64)> {
-    let me = std::process::id();
-    let mut out = BTreeMap::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        if let Some((comm, ticks)) = std::fs::read_to_string(p.path().join("stat"))
-            .ok()
-            .and_then(|s| parse_stat(&s))
-        {
-            out.insert(pid, (comm, ticks));
-        }
-    }
-    out
-}
-
-/// The name and utime + stime of a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat line.
-fn parse_stat(stat: &str) -> Option<(String, u64)> {
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    let comm = stat[open + 1..close].to_owned();
-    // Fields after the comm start with the state (field 3); utime and stime are 14 and 15.
-    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some((comm, ticks))
-}
-
-/// (busy, total) jiffies over all CPUs, from /proc/stat.
-fn system_cpu() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().next() else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
-/// Audit records in the log, and how many of them are allowed `secret.get`s.
-fn audit_counts(path: &Path) -> (u64, u64) {
-    let Ok(file) = std::fs::File::open(path) else {
-        return (0, 0);
-    };
-    let mut records = 0;
-    let mut gets = 0;
-    for line in BufReader::new(file).split(b'\n') {
-        let line = line.expect("audit log readable");
-        records += 1;
-        if find(&line, br#""command":"secret.get""#).is_some()
-            && find(&line, br#""decision":"allow""#).is_some()
-        {
-            gets += 1;
-        }
-    }
-    (records, gets)
 }
 
 /// What the disk under the audit log gives: 400-byte appends, each followed by fdatasync, for
@@ -484,24 +232,6 @@ fn fdatasync_probe(dir: &Path) {
     );
 }
 
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
-fn ms(ns: u64) -> String {
-    format!("{:.3} ms", ns as f64 / 1e6)
-}
-
 // ---------------------------------------------------------------------------------------------
 
 struct RunConfig {
@@ -524,74 +254,40 @@ struct RunResult {
 }
 
 fn run(client: &tokio::runtime::Runtime, server: &Server, cfg: &RunConfig) -> RunResult {
-    let get_body = format!(
-        r#"{{"nodeId":"local","command":"secret.get","params":{{"name":"{SECRET_NAME}"}}}}"#
+    let req = request_bytes(
+        server.addr,
+        &server.token,
+        &loadgen::secret_get_body(SECRET_NAME),
     );
-    let req = request_bytes(server.addr, &server.token, &get_body);
     let (audit_before, gets_before) = audit_counts(&server.audit_path);
 
-    let start = Instant::now();
-    let phase = Arc::new(Phase {
-        warm_end: start + cfg.warmup,
-        end: start + cfg.warmup + cfg.measured,
-        max_requests: cfg.max_requests,
-    });
-    let (results, window) = client.block_on(async {
-        let tasks: Vec<_> = (0..cfg.connections)
-            .map(|_| tokio::spawn(drive(server.addr, req.clone(), phase.clone())))
-            .collect();
+    let result = loadgen::load(
+        client,
+        &server.addr,
+        req,
+        answer_ok,
+        &LoadConfig {
+            connections: cfg.connections,
+            warmup: cfg.warmup,
+            measured: cfg.measured,
+            max_requests: cfg.max_requests,
+        },
         // Snapshots at the edges of the measured window.
-        tokio::time::sleep_until(phase.warm_end.into()).await;
-        let t0 = (
-            Instant::now(),
-            thread_snapshot(),
-            system_cpu(),
-            process_snapshot(),
-        );
-        tokio::time::sleep_until(phase.end.into()).await;
-        let t1 = (
-            Instant::now(),
-            thread_snapshot(),
-            system_cpu(),
-            process_snapshot(),
-        );
-        let mut results = Vec::new();
-        for t in tasks {
-            results.push(t.await.expect("connection task"));
-        }
-        (results, (t0, t1))
-    });
-    // Requests started before the end may finish after it; the rate counts them over the time
-    // until the last one finished.
-    let measured_wall = start.elapsed().saturating_sub(cfg.warmup);
-
-    let mut latencies: Vec<u64> = Vec::new();
-    let (mut answers, mut errors, mut lost) = (0, 0, 0);
-    let mut first_error = None;
-    for r in results {
-        latencies.extend_from_slice(&r.latencies);
-        answers += r.answers;
-        errors += r.errors;
-        lost += r.lost;
-        if first_error.is_none() {
-            first_error = r.first_error;
-        }
-    }
-    latencies.sort_unstable();
-    let n = latencies.len() as u64;
-    let rps = n as f64 / measured_wall.as_secs_f64();
-    let mean = latencies
-        .iter()
-        .sum::<u64>()
-        .checked_div(n)
-        .unwrap_or_default();
-    let (p50, p90, p99, p999) = (
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.90),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 0.999),
+        || (thread_snapshot(), system_cpu(), process_snapshot()),
     );
-    let max = latencies.last().copied().unwrap_or(0);
+    let measured_wall = result.measured_wall;
+    let (lat, answers, errors, lost, first_error) = loadgen::totals(&result);
+    let ((w0, (th0, sys0, pr0)), (w1, (th1, sys1, pr1))) = result.window;
+    let loadgen::Latencies {
+        n,
+        rps,
+        mean,
+        p50,
+        p90,
+        p99,
+        p999,
+        max,
+    } = lat;
 
     // Every answer was sent only after its audit record was fdatasync'ed, so by now the log
     // holds all of them.
@@ -602,7 +298,6 @@ fn run(client: &tokio::runtime::Runtime, server: &Server, cfg: &RunConfig) -> Ru
 
     let mut other_cores = 0.0;
     if cfg.verbose {
-        let ((w0, th0, sys0, pr0), (w1, th1, sys1, pr1)) = window;
         let secs = (w1 - w0).as_secs_f64();
         let hz = clock_ticks_per_second();
         println!(
@@ -709,15 +404,13 @@ fn run(client: &tokio::runtime::Runtime, server: &Server, cfg: &RunConfig) -> Ru
 }
 
 fn create_secret(client: &tokio::runtime::Runtime, server: &Server) {
-    let value: String = (0..VALUE_LEN)
-        .map(|i| (b'a' + (i % 26) as u8) as char)
-        .collect();
+    let value = loadgen::bench_value(VALUE_LEN);
     let body = format!(
         r#"{{"nodeId":"local","command":"secret.create","params":{{"name":"{SECRET_NAME}","data":{{"value":"{value}"}}}}}}"#
     );
     let req = request_bytes(server.addr, &server.token, &body);
     let (status, answer) = client.block_on(async {
-        let mut c = Conn::connect(server.addr).await.expect("connect");
+        let mut c = Conn::connect(&server.addr).await.expect("connect");
         c.round_trip(&req).await.expect("secret.create")
     });
     let text = String::from_utf8_lossy(&answer);
@@ -769,15 +462,7 @@ fn main() {
         return;
     }
 
-    let connections: Vec<usize> = std::env::var("BENCH_CONNECTIONS")
-        .unwrap_or_else(|_| "1,8,16,24,32,64".to_owned())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .expect("BENCH_CONNECTIONS is a comma-separated list of numbers")
-        })
-        .collect();
+    let connections = loadgen::connection_counts(loadgen::DEFAULT_CONNECTIONS);
     let measured = Duration::from_secs_f64(env_or("BENCH_SECONDS", 10.0));
     let warmup = Duration::from_secs_f64(env_or("BENCH_WARMUP_SECONDS", 3.0));
     println!(
