@@ -687,6 +687,11 @@ impl Agent {
         agent
     }
 
+    /// The process id of the running agent process, if there is one.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The data dir (`--data-dir`): store, cached keyring, audit log.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
@@ -991,6 +996,11 @@ impl Operator {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         operator
+    }
+
+    /// The process id of the operator process, if it is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_tail(&self, lines: usize) -> String {

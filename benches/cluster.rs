@@ -1,0 +1,846 @@
+//! The cluster targets of DESIGN.md ("Targets"), against a real kube-apiserver + etcd (the test
+//! control plane of tests/support/control_plane.rs) and real `claw-secrets` child processes:
+//!
+//! 1. `get`: `secret.get` of `claw-secrets dev` (a child process, every read audited with
+//!    fdatasync) side by side with kube-apiserver serving a native Secret GET
+//!    (`GET /api/v1/namespaces/NS/secrets/NAME` with a ServiceAccount bearer token, HTTPS),
+//!    both read a 1 KiB value, driven in turn by the same closed-loop keep-alive load
+//!    generator as benches/http.rs at the same connection counts.
+//! 2. `startup`: an agent restarted with the API server down: time from spawn to its first
+//!    successful `secret.get` answered from its local store (target <= 100 ms), several times.
+//! 3. `burst`: N ClawSecrets with plaintext `spec.data` created through the API (as `kubectl
+//!    apply` does, 32 in flight) with the operator and 3 agents running: time until all are
+//!    sealed by the operator and until all are in every agent's store (target <= 60 s for
+//!    10,000), and the peak RSS of the operator (<= 64 MiB) and of each agent (<= 48 MiB).
+//!
+//! Run with:
+//!
+//!     cargo bench --bench cluster
+//!     BENCH_PARTS=burst BENCH_SECRETS=10000 cargo bench --bench cluster
+//!
+//! Environment:
+//! - BENCH_PARTS           which parts, in this order (default get,startup,burst; the smoke
+//!   run does get,burst,startup)
+//! - BENCH_SECRETS         ClawSecrets in the burst (default 10000)
+//! - BENCH_BURST_INFLIGHT  creates in flight during the burst (default 32)
+//! - BENCH_BURST_PATIENCE  seconds the burst may take before it is reported as not done (600)
+//! - BENCH_STARTUP_RUNS    agent restarts with the API server down (default 10)
+//! - BENCH_CONNECTIONS     connection counts for `get` (default as benches/http.rs)
+//! - BENCH_SECONDS / BENCH_WARMUP_SECONDS  measured / warm-up seconds per `get` run (10 / 3)
+//! - BENCH_CLIENT_THREADS  load-generator (and kube client) worker threads (default 1)
+//!
+//! Under `cargo bench` the binary the children run is target/release/claw-secrets (printed at
+//! the start). Without `--bench` (as `cargo test --all-targets` runs it) every part runs once,
+//! small (20 secrets, one restart, 100 requests on each of 2 connections per server), checking
+//! correctness only, never time. No secret value is ever printed.
+
+#[path = "../tests/support/control_plane.rs"]
+mod control_plane;
+
+#[path = "../tests/support/cluster.rs"]
+mod cluster;
+
+#[path = "../tests/support/dev_server.rs"]
+mod dev_server;
+
+#[path = "support/loadgen.rs"]
+mod loadgen;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef};
+use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta, PostParams};
+use kube::client::ConfigExt as _;
+use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
+use serde_json::json;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use claw_secrets::k8s::crd::ClawSecret;
+use cluster::{Agent, Cluster, PATIENCE};
+use loadgen::{LoadConfig, Target, env_or, ms};
+
+const SECRET_NAME: &str = "bench.secret";
+const VALUE_LEN: usize = 1024;
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    // The smoke run does `startup` last, so it need not wait for kube-apiserver to come back.
+    let default_parts = if bench {
+        "get,startup,burst"
+    } else {
+        "get,burst,startup"
+    };
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| default_parts.to_owned());
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(env_or("BENCH_CLIENT_THREADS", 1usize).max(1))
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+
+    let build = if cluster::BIN.contains("/release/") {
+        "release"
+    } else {
+        "debug"
+    };
+    println!(
+        "cluster bench: children run {} ({build} build); {} cores; load average {}",
+        cluster::BIN,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadgen::load_average()
+    );
+    let cp = control_plane::control_plane();
+    println!(
+        "control plane: {} (started in {:.1} s)",
+        cp.kubeconfig().display(),
+        cp.startup_time().as_secs_f64()
+    );
+
+    let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
+    for (i, part) in parts.iter().enumerate() {
+        match *part {
+            "get" => side_by_side(&client, bench),
+            "startup" => startup(&client, bench, i + 1 == parts.len()),
+            "burst" => burst(&client, bench),
+            other => panic!("BENCH_PARTS: unknown part {other:?} (get, startup, burst)"),
+        }
+    }
+    if !bench {
+        println!("cluster bench: smoke run ok (run `cargo bench --bench cluster` to measure)");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readings of child processes
+// ---------------------------------------------------------------------------------------------
+
+/// `VmHWM` (peak resident set) and `VmRSS` (current) of a process, in bytes.
+fn memory(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / MIB)
+}
+
+/// The pid a `hack/control-plane.sh` server recorded in its state dir (`NAME.pid`: pid, start).
+fn recorded_pid(name: &str) -> Option<u32> {
+    let dir = control_plane::control_plane().state_dir()?;
+    let text = std::fs::read_to_string(dir.join(format!("{name}.pid"))).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// CPU ticks of every process (this one included), and system-wide busy/total jiffies.
+type CpuSnapshot = (BTreeMap<u32, (String, u64)>, (u64, u64));
+
+fn cpu_snapshot() -> CpuSnapshot {
+    let mut procs = loadgen::process_snapshot();
+    let me = std::process::id();
+    if let Some(own) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| loadgen::parse_stat(&s))
+    {
+        procs.insert(me, own);
+    }
+    (procs, loadgen::system_cpu())
+}
+
+/// Cores used between two snapshots: by each of `pids`, by every other process, and the busy
+/// share of the machine.
+fn cores_between(
+    (t0, (p0, s0)): &(Instant, CpuSnapshot),
+    (t1, (p1, s1)): &(Instant, CpuSnapshot),
+    pids: &[u32],
+) -> (Vec<f64>, f64, f64) {
+    let secs = (*t1 - *t0).as_secs_f64().max(1e-9);
+    let hz = loadgen::clock_ticks_per_second();
+    let used = |pid: &u32| {
+        let before = p0.get(pid).map_or(0, |(_, t)| *t);
+        p1.get(pid)
+            .map_or(0.0, |(_, t)| t.saturating_sub(before) as f64 / hz / secs)
+    };
+    let mine: Vec<f64> = pids.iter().map(used).collect();
+    let others: f64 = p1.keys().filter(|pid| !pids.contains(pid)).map(used).sum();
+    let (busy, total) = (s1.0.saturating_sub(s0.0), s1.1.saturating_sub(s0.1));
+    let share = if total > 0 {
+        busy as f64 / total as f64
+    } else {
+        0.0
+    };
+    (mine, others, share)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. secret.get next to kube-apiserver's native Secret GET
+// ---------------------------------------------------------------------------------------------
+
+/// HTTPS to kube-apiserver, trusting the control plane's CA, presenting no client certificate
+/// (the request authenticates with its bearer token).
+#[derive(Clone)]
+struct Tls {
+    addr: SocketAddr,
+    connector: TlsConnector,
+}
+
+impl Target for Tls {
+    type Stream = TlsStream<tokio::net::TcpStream>;
+    async fn connect(&self) -> std::io::Result<Self::Stream> {
+        let tcp = self.addr.connect().await?;
+        let name = ServerName::IpAddress(self.addr.ip().into());
+        self.connector.connect(name, tcp).await
+    }
+}
+
+async fn apiserver_tls(kubeconfig: &Path) -> Tls {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kube config");
+    config.auth_info = AuthInfo::default();
+    let mut tls = config.rustls_client_config().expect("TLS client config");
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let uri = &config.cluster_url;
+    let addr = format!(
+        "{}:{}",
+        uri.host().expect("API server host"),
+        uri.port_u16().unwrap_or(443)
+    )
+    .parse()
+    .expect("the API server listens on an IP address");
+    Tls {
+        addr,
+        connector: TlsConnector::from(Arc::new(tls)),
+    }
+}
+
+/// A native Secret `bench-secret` with a 1 KiB value in a new namespace, a ServiceAccount
+/// `reader` allowed to `get` it (a Role naming it), and that ServiceAccount's token.
+async fn native_secret() -> (String, String) {
+    let env = control_plane::test_env("bench-get").await;
+    let ns = env.namespace.clone();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("bench-secret".to_owned()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(
+            "value".to_owned(),
+            ByteString(loadgen::bench_value(VALUE_LEN).into_bytes()),
+        )])),
+        ..Secret::default()
+    };
+    env.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("creating the native Secret");
+    let meta = ObjectMeta {
+        name: Some("bench-reader".to_owned()),
+        ..ObjectMeta::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".to_owned()]),
+            resource_names: Some(vec!["bench-secret".to_owned()]),
+            verbs: vec!["get".to_owned()],
+            ..PolicyRule::default()
+        }]),
+    };
+    env.api::<Role>()
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("Role");
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "Role".to_owned(),
+            name: "bench-reader".to_owned(),
+        },
+        subjects: Some(vec![cluster::service_account_subject(&ns, "reader")]),
+    };
+    env.api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("RoleBinding");
+    let token = cluster::service_account_token(&env.client, &ns, "reader").await;
+    (ns, token)
+}
+
+fn native_get_ok(status: u16, body: &[u8]) -> bool {
+    status == 200 && loadgen::find(body, br#""kind":"Secret""#).is_some()
+}
+
+struct GetRow {
+    server: &'static str,
+    connections: usize,
+    rps: f64,
+    p50: u64,
+    p99: u64,
+    p999: u64,
+    errors: u64,
+    /// Cores of each server process (kube-apiserver, etcd).
+    server_cores: Vec<f64>,
+    client_cores: f64,
+    other_cores: f64,
+}
+
+fn side_by_side(client: &tokio::runtime::Runtime, bench: bool) {
+    let cp = control_plane::control_plane();
+    let (ns, sa_token) = client.block_on(native_secret());
+    let kube = client.block_on(apiserver_tls(cp.kubeconfig()));
+    let kube_req: Arc<[u8]> = format!(
+        "GET /api/v1/namespaces/{ns}/secrets/bench-secret HTTP/1.1\r\nHost: {}\r\n\
+         Accept: application/json\r\nAuthorization: Bearer {sa_token}\r\n\r\n",
+        kube.addr
+    )
+    .into_bytes()
+    .into();
+    let kube_pids: Vec<u32> = ["kube-apiserver", "etcd"]
+        .into_iter()
+        .filter_map(recorded_pid)
+        .collect();
+
+    let dev_env = dev_server::DevEnv::with_node_id("bench-node");
+    let dev = dev_env.start();
+    let created = dev.call(
+        "secret.create",
+        json!({ "name": SECRET_NAME, "data": { "value": loadgen::bench_value(VALUE_LEN) } }),
+    );
+    assert!(created.is_ok(), "secret.create: HTTP {}", created.status);
+    let dev_addr: SocketAddr = ([127, 0, 0, 1], dev.port).into();
+    let dev_req = loadgen::request_bytes(
+        dev_addr,
+        &dev.admin_token,
+        &loadgen::secret_get_body(SECRET_NAME),
+    );
+
+    let (connections, warmup, measured, max_requests) = if bench {
+        (
+            loadgen::connection_counts(loadgen::DEFAULT_CONNECTIONS),
+            Duration::from_secs_f64(env_or("BENCH_WARMUP_SECONDS", 3.0)),
+            Duration::from_secs_f64(env_or("BENCH_SECONDS", 10.0)),
+            None,
+        )
+    } else {
+        (vec![2], Duration::ZERO, Duration::from_secs(30), Some(100))
+    };
+    if bench {
+        println!(
+            "\n== get: secret.get of `claw-secrets dev` (pid {}, HTTP, every read fdatasync'ed to its \
+             audit log) vs kube-apiserver GET of a native Secret (pids {kube_pids:?} = \
+             kube-apiserver, etcd; HTTPS, ServiceAccount token, RBAC), 1 KiB value, keep-alive, \
+             {:.0} s warm-up + {:.0} s per run ==",
+            dev.pid,
+            warmup.as_secs_f64(),
+            measured.as_secs_f64()
+        );
+    }
+    let mut rows = Vec::new();
+    for &c in &connections {
+        let cfg = LoadConfig {
+            connections: c,
+            warmup,
+            measured,
+            max_requests,
+        };
+        // claw-secrets first, then kube-apiserver, at each connection count.
+        let (audit_before, _) = loadgen::audit_counts(&dev_env.audit_log());
+        let run = loadgen::load(
+            client,
+            &dev_addr,
+            dev_req.clone(),
+            loadgen::answer_ok,
+            &cfg,
+            cpu_snapshot,
+        );
+        let (audit_after, _) = loadgen::audit_counts(&dev_env.audit_log());
+        let row = get_row("claw-secrets", &run, &[dev.pid], c);
+        let answers: u64 = run.results.iter().map(|r| r.answers).sum();
+        assert_eq!(
+            audit_after - audit_before,
+            answers,
+            "claw-secrets: one audit record per answer"
+        );
+        rows.push(row);
+
+        let run = loadgen::load(
+            client,
+            &kube,
+            kube_req.clone(),
+            native_get_ok,
+            &cfg,
+            cpu_snapshot,
+        );
+        rows.push(get_row("kube-apiserver", &run, &kube_pids, c));
+        if !bench {
+            for r in &rows {
+                assert_eq!(r.errors, 0, "{}: errors in the smoke run", r.server);
+            }
+        }
+    }
+    drop(dev);
+    if !bench {
+        println!("get: claw-secrets and kube-apiserver answered 2 x 100 reads each, audit matches");
+        return;
+    }
+    println!(
+        "{:<15} {:>5} {:>9} {:>10} {:>10} {:>10} {:>6} {:>13} {:>11} {:>11}",
+        "server",
+        "conns",
+        "req/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "errors",
+        "server cores",
+        "client",
+        "others"
+    );
+    for r in &rows {
+        println!(
+            "{:<15} {:>5} {:>9.0} {:>10} {:>10} {:>10} {:>6} {:>13} {:>11.2} {:>11.2}",
+            r.server,
+            r.connections,
+            r.rps,
+            ms(r.p50),
+            ms(r.p99),
+            ms(r.p999),
+            r.errors,
+            r.server_cores
+                .iter()
+                .map(|c| format!("{c:.2}"))
+                .collect::<Vec<_>>()
+                .join("+"),
+            r.client_cores,
+            r.other_cores
+        );
+    }
+    println!(
+        "(server cores: claw-secrets dev; kube-apiserver+etcd. client: this process, the load \
+         generator. others: every other process)"
+    );
+}
+
+fn get_row(
+    server: &'static str,
+    run: &loadgen::Load<CpuSnapshot>,
+    server_pids: &[u32],
+    connections: usize,
+) -> GetRow {
+    let (lat, _answers, errors, _lost, first_error) = loadgen::totals(run);
+    let mut pids = server_pids.to_vec();
+    pids.push(std::process::id());
+    let (cores, others, _) = cores_between(&run.window.0, &run.window.1, &pids);
+    if let Some(e) = first_error {
+        println!("{server} at {connections} connections: {errors} errors, first: {e}");
+    }
+    GetRow {
+        server,
+        connections,
+        rps: lat.rps,
+        p50: lat.p50,
+        p99: lat.p99,
+        p999: lat.p999,
+        errors,
+        server_cores: cores[..server_pids.len()].to_vec(),
+        client_cores: cores[server_pids.len()],
+        other_cores: others,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Agent start-up with the API server down
+// ---------------------------------------------------------------------------------------------
+
+/// Time from spawning `agent` until a `secret.get` (as sent in `req`) answers from its store,
+/// trying every millisecond.
+async fn first_read(agent: &Agent, req: &Arc<[u8]>) -> Duration {
+    let addr = SocketAddr::new(agent.ip, agent.port);
+    loop {
+        assert!(
+            agent.spawned_at.elapsed() < PATIENCE,
+            "agent {} never answered; log:\n{}",
+            agent.node,
+            agent.log_tail(20)
+        );
+        if let Ok(mut conn) = loadgen::Conn::connect(&addr).await {
+            while let Ok((status, body)) = conn.round_trip(req).await {
+                if loadgen::answer_ok(status, &body) {
+                    return agent.spawned_at.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// `last`: nothing runs after this part, so kube-apiserver is left stopped (the control plane
+/// goes away with this process).
+fn startup(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
+    let cp = control_plane::control_plane();
+    if cp.is_external() {
+        println!("startup: skipped, it stops kube-apiserver (only the local control plane)");
+        return;
+    }
+    let runs = if bench {
+        env_or("BENCH_STARTUP_RUNS", 10usize).max(1)
+    } else {
+        1
+    };
+    client.block_on(async {
+        let c = Cluster::new("bench-startup").await;
+        let ns = c.ns().to_owned();
+        let alice = c.alice().await;
+        let app = cluster::service_account_token(&c.client(), &ns, "app").await;
+        let mut agent = c.agent("s", &[]).await;
+        agent
+            .invoke(
+                Some(&alice),
+                "secret.create",
+                json!({
+                    "name": "db", "namespace": ns, "allowed_workloads": ["app"],
+                    "data": { "password": cluster::random_hex(16) },
+                }),
+            )
+            .await
+            .payload("secret.create");
+        // The workload reads once with the API server up: its token review is kept for outages.
+        cluster::eventually("the workload's first read", PATIENCE, || async {
+            agent.get_secret(&app, &ns, "db").await.result().map(|_| ())
+        })
+        .await;
+        let body = json!({
+            "nodeId": agent.node, "command": "secret.get",
+            "params": { "name": "db", "namespace": ns },
+        })
+        .to_string();
+        let req = loadgen::request_bytes(SocketAddr::new(agent.ip, agent.port), &app, &body);
+
+        cp.stop_apiserver().expect("stop-apiserver");
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            agent.kill();
+            agent.spawn();
+            samples.push(first_read(&agent, &req).await);
+        }
+        agent.kill();
+        if !last {
+            cp.start_apiserver().expect("start-apiserver");
+        }
+        if bench {
+            samples.sort();
+            let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+            println!(
+                "\n== startup: agent restarted {runs} times with kube-apiserver down, spawn -> first \
+                 successful secret.get from its store (target <= 100 ms) ==\n\
+                 median {:.1} ms, min {:.1} ms, max {:.1} ms; all: {:?}",
+                ms(&samples[samples.len() / 2]),
+                ms(&samples[0]),
+                ms(&samples[samples.len() - 1]),
+                samples.iter().map(|d| (ms(d) * 10.0).round() / 10.0).collect::<Vec<_>>()
+            );
+        } else {
+            println!("startup: a restarted agent answered from its store with the API server down");
+        }
+        drop(agent);
+        if !last {
+            // Without a namespace controller the namespace never goes away: delete the
+            // ClawSecret itself, or the agents of a later part would mirror it.
+            c.secrets()
+                .delete("db", &Default::default())
+                .await
+                .expect("deleting the ClawSecret");
+            c.cleanup().await;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A burst of ClawSecrets with the operator and three agents
+// ---------------------------------------------------------------------------------------------
+
+/// Secret files in an agent's store (written as a temp file, then renamed to `*.json`).
+fn stored_files(agent_data_dir: &Path) -> usize {
+    std::fs::read_dir(agent_data_dir.join("secrets"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".json") && !name.starts_with('.')
+        })
+        .count()
+}
+
+/// What the sampler thread saw: when each agent's store reached N files, and the largest
+/// `VmRSS` of each process (operator first) it sampled.
+#[derive(Default)]
+struct Sampled {
+    stored_at: Vec<Option<Duration>>,
+    stored: Vec<usize>,
+    peak_rss: Vec<u64>,
+}
+
+fn burst(client: &tokio::runtime::Runtime, bench: bool) {
+    let n: usize = if bench {
+        env_or("BENCH_SECRETS", 10_000)
+    } else {
+        20
+    };
+    let inflight: usize = env_or("BENCH_BURST_INFLIGHT", 32usize).max(1);
+    let patience = Duration::from_secs_f64(env_or("BENCH_BURST_PATIENCE", 600.0));
+    cluster::operator_available().unwrap_or_else(|e| panic!("the burst needs the operator: {e}"));
+    client.block_on(async {
+        let c = Cluster::new("bench-burst").await;
+        let ns = c.ns().to_owned();
+        let alice = c.alice().await;
+        let agents = c.three_agents().await;
+        let mut operator = cluster::Operator::start(
+            &c.env.kubeconfig,
+            &c.master_key,
+            &format!("claw-bench-{}", c.suffix()),
+            Some(&ns),
+        )
+        .await;
+        let mut pids = vec![operator.pid().expect("operator pid")];
+        pids.extend(agents.iter().map(|a| a.pid().expect("agent pid")));
+        let names: Vec<String> = std::iter::once("operator".to_owned())
+            .chain(agents.iter().map(|a| a.node.clone()))
+            .collect();
+        let idle: Vec<(u64, u64)> = pids
+            .iter()
+            .map(|p| memory(*p).expect("/proc/PID/status"))
+            .collect();
+        let api = c.secrets();
+
+        // The operator's progress, from a watch: when the last of the N was seen sealed.
+        let (sealed_tx, mut sealed_rx) = tokio::sync::watch::channel((0usize, None));
+        let mut stream = watcher(api.clone(), watcher::Config::default()).boxed();
+        while let Some(event) = stream.next().await {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                break;
+            }
+        }
+        let start = Instant::now();
+        let watch_task = tokio::spawn(async move {
+            let mut sealed = BTreeSet::new();
+            while let Some(event) = stream.next().await {
+                let obj = match event {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
+                    _ => continue,
+                };
+                if obj.spec.sealed.is_some() && obj.spec.data.is_none() {
+                    sealed.insert(obj.metadata.name.unwrap_or_default());
+                    let at = (sealed.len() >= n).then(|| start.elapsed());
+                    sealed_tx.send_replace((sealed.len(), at));
+                    if at.is_some() {
+                        return;
+                    }
+                }
+            }
+        });
+
+        // The agents' stores and everyone's RSS, every 50 ms, from a plain thread. A store is
+        // complete when it holds N files more than before the burst (secrets of other
+        // namespaces the agents mirror, normally none).
+        let baseline: Vec<usize> = agents.iter().map(|a| stored_files(&a.data_dir())).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampled = Arc::new(Mutex::new(Sampled {
+            stored_at: vec![None; agents.len()],
+            stored: vec![0; agents.len()],
+            peak_rss: vec![0; pids.len()],
+        }));
+        let sampler = {
+            let (stop, sampled, pids) = (stop.clone(), sampled.clone(), pids.clone());
+            let baseline = baseline.clone();
+            let dirs: Vec<_> = agents.iter().map(Agent::data_dir).collect();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let rss: Vec<u64> = pids.iter().map(|p| memory(*p).map_or(0, |m| m.1)).collect();
+                    let mut s = sampled.lock().unwrap();
+                    for (peak, now) in s.peak_rss.iter_mut().zip(rss) {
+                        *peak = (*peak).max(now);
+                    }
+                    for (i, dir) in dirs.iter().enumerate() {
+                        if s.stored_at[i].is_none() {
+                            s.stored[i] = stored_files(dir).saturating_sub(baseline[i]);
+                            if s.stored[i] >= n {
+                                s.stored_at[i] = Some(start.elapsed());
+                            }
+                        }
+                    }
+                    drop(s);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let cpu0 = (Instant::now(), cpu_snapshot());
+
+        // Untyped manifests, as `kubectl apply -f` sends them.
+        let resource = ApiResource::erase::<ClawSecret>(&());
+        let manifests: Api<DynamicObject> = Api::namespaced_with(c.client(), &ns, &resource);
+        let results: Vec<Result<(), String>> = futures::stream::iter(0..n)
+            .map(|i| {
+                let manifests = manifests.clone();
+                let name = format!("burst-{i:05}");
+                let value = format!("burst-value-{i}-{}", cluster::random_hex(8));
+                let obj = DynamicObject::new(&name, &resource)
+                    .data(json!({ "spec": { "data": { "token": value } } }));
+                async move {
+                    let created = manifests.create(&PostParams::default(), &obj).await;
+                    created.map(|_| ()).map_err(|e| format!("{name}: {e}"))
+                }
+            })
+            .buffer_unordered(inflight)
+            .collect()
+            .await;
+        let applied = start.elapsed();
+        let sealed_when_applied = sealed_rx.borrow().0;
+        let stored_when_applied = sampled.lock().unwrap().stored.clone();
+        let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(errors.is_empty(), "creating the burst: {errors:?}");
+
+        let mut done = false;
+        while start.elapsed() < patience {
+            operator.assert_running();
+            let sealed = sealed_rx.borrow_and_update().1.is_some();
+            let stored = sampled.lock().unwrap().stored_at.iter().all(Option::is_some);
+            if sealed && stored {
+                done = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cpu1 = (Instant::now(), cpu_snapshot());
+        stop.store(true, Ordering::Relaxed);
+        sampler.join().expect("sampler");
+        watch_task.abort();
+        let (sealed_count, sealed_at) = *sealed_rx.borrow();
+        let s = std::mem::take(&mut *sampled.lock().unwrap());
+        let peaks: Vec<(u64, u64)> = pids
+            .iter()
+            .map(|p| memory(*p).expect("/proc/PID/status"))
+            .collect();
+
+        let secs = |d: Option<Duration>| {
+            d.map_or("NOT DONE".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
+        };
+        let mut cpu_pids = pids.clone();
+        cpu_pids.extend(["kube-apiserver", "etcd"].into_iter().filter_map(recorded_pid));
+        cpu_pids.push(std::process::id());
+        let (cores, others, busy) = cores_between(&cpu0, &cpu1, &cpu_pids);
+        if bench || !done {
+            println!(
+                "\n== burst: {n} ClawSecrets with plaintext spec.data created through the API, \
+                 {inflight} in flight, operator + 3 agents running (target: all sealed and on every \
+                 agent <= 60 s; RSS operator <= 64 MiB, agent <= 48 MiB) =="
+            );
+            if baseline.iter().any(|b| *b > 0) {
+                println!("stores held     {baseline:?} other secrets before the burst");
+            }
+            println!(
+                "created         all {n} in {:.1} s; by then {sealed_when_applied} sealed, stores \
+                 held {stored_when_applied:?}",
+                applied.as_secs_f64()
+            );
+            println!(
+                "sealed          {sealed_count} of {n} by the operator: {}",
+                secs(sealed_at)
+            );
+            for (i, a) in agents.iter().enumerate() {
+                println!(
+                    "stored          {} of {n} in {}'s store: {}",
+                    s.stored[i],
+                    a.node,
+                    secs(s.stored_at[i])
+                );
+            }
+            let last = s.stored_at.iter().copied().max().flatten().zip(sealed_at);
+            println!(
+                "all done        {}",
+                secs(last.map(|(a, b)| a.max(b)))
+            );
+            for (i, name) in names.iter().enumerate() {
+                println!(
+                    "memory          {name:<16} VmHWM (peak) {:>9}  VmRSS now {:>9}  largest VmRSS \
+                     sampled {:>9}  (idle before the burst: VmRSS {})",
+                    mib(peaks[i].0),
+                    mib(peaks[i].1),
+                    mib(s.peak_rss[i]),
+                    mib(idle[i].1)
+                );
+            }
+            let labels: Vec<String> = names
+                .iter()
+                .cloned()
+                .chain(["kube-apiserver".to_owned(), "etcd".to_owned()])
+                .chain(["bench (client)".to_owned()])
+                .collect();
+            let used: Vec<String> = labels
+                .iter()
+                .zip(&cores)
+                .map(|(l, c)| format!("{l} {c:.2}"))
+                .collect();
+            println!(
+                "cpu (cores)     {}, others {others:.2}; machine {:.0}% busy",
+                used.join(", "),
+                busy * 100.0
+            );
+        }
+        assert!(done, "the burst was not done in {patience:?}");
+
+        // Correctness: every agent lists all N through node.invoke; a sealed value opens.
+        for a in &agents {
+            let listed = a
+                .invoke(Some(&alice), "secret.list", json!({ "namespace": ns }))
+                .await
+                .payload("secret.list");
+            assert_eq!(
+                listed["secrets"].as_array().map_or(0, Vec::len),
+                n,
+                "secret.list on {}",
+                a.node
+            );
+        }
+        let probe = format!("burst-{:05}", n / 2);
+        let got = agents[2]
+            .get_secret(&alice, &ns, &probe)
+            .await
+            .payload("a sealed burst secret");
+        assert!(
+            got["data"]["token"]
+                .as_str()
+                .is_some_and(|v| v.starts_with(&format!("burst-value-{}-", n / 2))),
+            "{probe} opens to the value it was created with"
+        );
+        println!("burst: {n} sealed, listed by all 3 agents, a sealed value opens");
+        drop(operator);
+        drop(agents);
+        c.cleanup().await;
+    });
+}
