@@ -25,6 +25,8 @@
 //! - BENCH_BURST_INFLIGHT  creates in flight during the burst (default 32)
 //! - BENCH_BURST_PATIENCE  seconds the burst may take before it is reported as not done (600)
 //! - BENCH_STARTUP_RUNS    agent restarts with the API server down (default 10)
+//! - BENCH_BURST_RESTARTS  after the burst, restarts of node-c (10,001 secrets in its store)
+//!   with the API server down (default 5; 0 skips them)
 //! - BENCH_CONNECTIONS     connection counts for `get` (default as benches/http.rs)
 //! - BENCH_SECONDS / BENCH_WARMUP_SECONDS  measured / warm-up seconds per `get` run (10 / 3)
 //! - BENCH_CLIENT_THREADS  load-generator (and kube client) worker threads (default 1)
@@ -113,7 +115,7 @@ fn main() {
         match *part {
             "get" => side_by_side(&client, bench),
             "startup" => startup(&client, bench, i + 1 == parts.len()),
-            "burst" => burst(&client, bench),
+            "burst" => burst(&client, bench, i + 1 == parts.len()),
             other => panic!("BENCH_PARTS: unknown part {other:?} (get, startup, burst)"),
         }
     }
@@ -513,70 +515,93 @@ fn startup(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
     };
     client.block_on(async {
         let c = Cluster::new("bench-startup").await;
-        let ns = c.ns().to_owned();
-        let alice = c.alice().await;
-        let app = cluster::service_account_token(&c.client(), &ns, "app").await;
         let mut agent = c.agent("s", &[]).await;
-        agent
-            .invoke(
-                Some(&alice),
-                "secret.create",
-                json!({
-                    "name": "db", "namespace": ns, "allowed_workloads": ["app"],
-                    "data": { "password": cluster::random_hex(16) },
-                }),
-            )
-            .await
-            .payload("secret.create");
-        // The workload reads once with the API server up: its token review is kept for outages.
-        cluster::eventually("the workload's first read", PATIENCE, || async {
-            agent.get_secret(&app, &ns, "db").await.result().map(|_| ())
-        })
-        .await;
-        let body = json!({
-            "nodeId": agent.node, "command": "secret.get",
-            "params": { "name": "db", "namespace": ns },
-        })
-        .to_string();
-        let req = loadgen::request_bytes(SocketAddr::new(agent.ip, agent.port), &app, &body);
-
-        cp.stop_apiserver().expect("stop-apiserver");
-        let mut samples = Vec::new();
-        for _ in 0..runs {
-            agent.kill();
-            agent.spawn();
-            samples.push(first_read(&agent, &req).await);
-        }
-        agent.kill();
-        if !last {
-            cp.start_apiserver().expect("start-apiserver");
-        }
+        let samples = restarts_with_apiserver_down(&c, &mut agent, runs, last).await;
         if bench {
-            samples.sort();
-            let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
-            println!(
-                "\n== startup: agent restarted {runs} times with kube-apiserver down, spawn -> first \
-                 successful secret.get from its store (target <= 100 ms) ==\n\
-                 median {:.1} ms, min {:.1} ms, max {:.1} ms; all: {:?}",
-                ms(&samples[samples.len() / 2]),
-                ms(&samples[0]),
-                ms(&samples[samples.len() - 1]),
-                samples.iter().map(|d| (ms(d) * 10.0).round() / 10.0).collect::<Vec<_>>()
-            );
+            print_restarts("an agent with 1 secret in its store", &samples);
         } else {
             println!("startup: a restarted agent answered from its store with the API server down");
         }
         drop(agent);
         if !last {
-            // Without a namespace controller the namespace never goes away: delete the
-            // ClawSecret itself, or the agents of a later part would mirror it.
-            c.secrets()
-                .delete("db", &Default::default())
-                .await
-                .expect("deleting the ClawSecret");
             c.cleanup().await;
         }
     });
+}
+
+/// Puts a secret `db` that workload `app` may read on `agent` (and reads it once, with the API
+/// server up: the agent keeps the token review for outages), stops kube-apiserver, and
+/// restarts `agent` `runs` times: the time from each spawn to the first successful read. The
+/// agent is left stopped, and kube-apiserver too if `last`.
+async fn restarts_with_apiserver_down(
+    c: &Cluster,
+    agent: &mut Agent,
+    runs: usize,
+    last: bool,
+) -> Vec<Duration> {
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let app = cluster::service_account_token(&c.client(), &ns, "app").await;
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.create",
+            json!({
+                "name": "db", "namespace": ns, "allowed_workloads": ["app"],
+                "data": { "password": cluster::random_hex(16) },
+            }),
+        )
+        .await
+        .payload("secret.create");
+    cluster::eventually("the workload's first read", PATIENCE, || async {
+        agent.get_secret(&app, &ns, "db").await.result().map(|_| ())
+    })
+    .await;
+    let body = json!({
+        "nodeId": agent.node, "command": "secret.get",
+        "params": { "name": "db", "namespace": ns },
+    })
+    .to_string();
+    let req = loadgen::request_bytes(SocketAddr::new(agent.ip, agent.port), &app, &body);
+
+    let cp = c.cp();
+    cp.stop_apiserver().expect("stop-apiserver");
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        agent.kill();
+        agent.spawn();
+        samples.push(first_read(agent, &req).await);
+    }
+    agent.kill();
+    if !last {
+        cp.start_apiserver().expect("start-apiserver");
+        // Without a namespace controller the namespace never goes away: delete the
+        // ClawSecret itself, or the agents of a later part would mirror it.
+        c.secrets()
+            .delete("db", &Default::default())
+            .await
+            .expect("deleting the ClawSecret");
+    }
+    samples
+}
+
+fn print_restarts(what: &str, samples: &[Duration]) {
+    let mut samples = samples.to_vec();
+    samples.sort();
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "\n== startup: {what}, restarted {} times with kube-apiserver down, spawn -> first \
+         successful secret.get from its store (target <= 100 ms) ==\n\
+         median {:.1} ms, min {:.1} ms, max {:.1} ms; all: {:?}",
+        samples.len(),
+        ms(&samples[samples.len() / 2]),
+        ms(&samples[0]),
+        ms(&samples[samples.len() - 1]),
+        samples
+            .iter()
+            .map(|d| (ms(d) * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -606,7 +631,8 @@ struct Sampled {
     peak_rss: Vec<u64>,
 }
 
-fn burst(client: &tokio::runtime::Runtime, bench: bool) {
+/// `last`: nothing runs after this part (kube-apiserver may be left stopped).
+fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
     let n: usize = if bench {
         env_or("BENCH_SECRETS", 10_000)
     } else {
@@ -619,7 +645,7 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool) {
         let c = Cluster::new("bench-burst").await;
         let ns = c.ns().to_owned();
         let alice = c.alice().await;
-        let agents = c.three_agents().await;
+        let mut agents = c.three_agents().await;
         let mut operator = cluster::Operator::start(
             &c.env.kubeconfig,
             &c.master_key,
@@ -839,6 +865,20 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool) {
             "{probe} opens to the value it was created with"
         );
         println!("burst: {n} sealed, listed by all 3 agents, a sealed value opens");
+
+        // Start-up with the API server down again, with a full store this time.
+        let restarts = env_or("BENCH_BURST_RESTARTS", if bench { 5usize } else { 0 });
+        if restarts > 0 && !c.cp().is_external() {
+            let [_, _, node_c] = &mut agents;
+            let samples = restarts_with_apiserver_down(&c, node_c, restarts, last).await;
+            print_restarts(
+                &format!("{} with {n} burst secrets + 1 in its store", node_c.node),
+                &samples,
+            );
+            if last {
+                return;
+            }
+        }
         drop(operator);
         drop(agents);
         c.cleanup().await;
