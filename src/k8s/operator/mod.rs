@@ -18,12 +18,13 @@ pub use error::Error;
 pub use leader::LeaseConfig;
 
 use futures::StreamExt;
-use kube::Resource;
 use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -261,22 +262,16 @@ async fn lead(
         failures: Mutex::default(),
     });
 
-    let secrets = Controller::new(
-        scoped_api::<ClawSecret>(&client, config),
-        watcher::Config::default().any_semantic(),
-    )
-    .with_config(controller::Config::default().concurrency(CONCURRENCY))
-    .graceful_shutdown_on(stopped(stop.clone()))
-    .run(secrets::reconcile, error_policy, ctx.clone())
-    .for_each(|r| async move { log_result("ClawSecret", r) });
-    let configs = Controller::new(
-        scoped_api::<ClawConfig>(&client, config),
-        watcher::Config::default().any_semantic(),
-    )
-    .with_config(controller::Config::default().concurrency(CONCURRENCY))
-    .graceful_shutdown_on(stopped(stop.clone()))
-    .run(configs::reconcile, error_policy, ctx)
-    .for_each(|r| async move { log_result("ClawConfig", r) });
+    let secrets = lean_controller(scoped_api::<ClawSecret>(&client, config))
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(secrets::reconcile, error_policy, ctx.clone())
+        .for_each(|r| async move { log_result("ClawSecret", r) });
+    let configs = lean_controller(scoped_api::<ClawConfig>(&client, config))
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(configs::reconcile, error_policy, ctx)
+        .for_each(|r| async move { log_result("ClawConfig", r) });
 
     health.set_ready(true);
     tracing::info!(
@@ -286,6 +281,24 @@ async fn lead(
     futures::future::join(secrets, configs).await;
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+/// A controller over every object of `api`, whose cache keeps objects without their
+/// `metadata.managedFields`. The reconcilers never read them, and at 10,000 ClawSecrets they
+/// were most of the operator's memory (BENCHMARKS.md); everything else is kept as the API
+/// server sent it, so the reconcilers see the same objects as with `Controller::new`.
+fn lean_controller<K>(api: Api<K>) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let trigger = reflector(
+        writer,
+        watcher(api, watcher::Config::default().any_semantic())
+            .modify(|obj: &mut K| obj.managed_fields_mut().clear()),
+    )
+    .applied_objects();
+    Controller::for_stream(trigger, reader)
 }
 
 fn scoped_api<K>(client: &kube::Client, config: &OperatorConfig) -> Api<K>
