@@ -72,46 +72,79 @@ pub(super) fn remove_durably(dir: &Path, name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// One entry file read at start-up: its path, and what parsing it gave.
+type Loaded<'a, K, V> = (&'a PathBuf, Result<(K, V), String>);
+
 /// Loads every entry file of `dir`. Interrupted temp files are removed (their writes were
 /// never acknowledged); unreadable files are moved aside to `quarantine`, never deleted.
-pub(super) fn load_dir<K: Ord, V>(
+pub(super) fn load_dir<K: Ord + Send, V: Send>(
     dir: &Path,
     quarantine: &Path,
     report: &mut OpenReport,
-    parse: impl Fn(&[u8]) -> Result<(K, V), String>,
+    parse: impl Fn(&[u8]) -> Result<(K, V), String> + Sync,
 ) -> Result<BTreeMap<K, V>, StoreError> {
-    let mut out = BTreeMap::new();
     let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io(dir, e))?;
-        paths.push(entry.path());
-    }
-    paths.sort();
-    for path in paths {
+        let path = entry.path();
         let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if file_name.starts_with(TEMP_PREFIX) {
             fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
             report.removed_temp_files += 1;
-            continue;
-        }
-        let bytes = fs::read(&path).map_err(|e| StoreError::io(&path, e))?;
-        match parse(&bytes) {
-            Ok((k, v)) => {
-                out.insert(k, v);
-            }
-            Err(why) => {
-                create_private_dir(quarantine)?;
-                let to = quarantine.join(file_name);
-                tracing::error!(file = %path.display(), reason = %why, moved_to = %to.display(),
-                    "store entry is unreadable; moved to quarantine");
-                fs::rename(&path, &to).map_err(|e| StoreError::io(&path, e))?;
-                report.quarantined.push(to);
-            }
+        } else {
+            paths.push(path);
         }
     }
     if report.removed_temp_files > 0 {
         fsync_dir(dir)?;
+    }
+    paths.sort();
+
+    // Reading and parsing is what a start-up with thousands of entries spends its time on (the
+    // agent serves nothing until it is done), so it runs on every core; quarantining stays
+    // sequential, in file order.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = paths.len().div_ceil(threads).max(256);
+    let parse = &parse;
+    let loaded: Vec<Vec<Loaded<'_, K, V>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = paths
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|path| {
+                            let parsed = fs::read(path)
+                                .map_err(|e| StoreError::io(path, e))
+                                .map(|bytes| parse(&bytes));
+                            parsed.map(|p| (path, p))
+                        })
+                        .collect::<Result<Vec<_>, StoreError>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a store loading thread panicked"))
+            .collect::<Result<_, _>>()
+    })?;
+
+    let mut out = BTreeMap::new();
+    for (path, parsed) in loaded.into_iter().flatten() {
+        match parsed {
+            Ok((k, v)) => {
+                out.insert(k, v);
+            }
+            Err(why) => {
+                let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                create_private_dir(quarantine)?;
+                let to = quarantine.join(file_name);
+                tracing::error!(file = %path.display(), reason = %why, moved_to = %to.display(),
+                    "store entry is unreadable; moved to quarantine");
+                fs::rename(path, &to).map_err(|e| StoreError::io(path, e))?;
+                report.quarantined.push(to);
+            }
+        }
     }
     Ok(out)
 }
