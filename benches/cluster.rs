@@ -39,6 +39,9 @@
 #[path = "../tests/support/control_plane.rs"]
 mod control_plane;
 
+#[path = "../tests/support/process.rs"]
+mod process;
+
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
 

@@ -14,6 +14,9 @@
 #[path = "support/control_plane.rs"]
 mod control_plane;
 
+#[path = "support/process.rs"]
+mod process;
+
 #[path = "support/cluster.rs"]
 mod cluster;
 

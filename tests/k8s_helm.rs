@@ -23,11 +23,15 @@
 #[path = "support/control_plane.rs"]
 mod control_plane;
 
+#[path = "support/process.rs"]
+mod process;
+
 #[path = "support/cluster.rs"]
 mod cluster;
 
+use cluster::bind_cluster_role as bind;
+use process::{free_port, http_get};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,7 +40,7 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -994,27 +998,6 @@ async fn expect_access(who: &str, client: &Client, cases: &[Access<'_>]) {
     }
 }
 
-/// `GET path` on a loopback port: (status, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// `claw-secrets operator` or `agent`, run as the chart would run it; killed when dropped.
 struct Proc {
     what: String,
@@ -1093,30 +1076,16 @@ impl Proc {
 
     /// SIGTERM (what a pod gets), and wait for the exit.
     fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: kill(2) on our own child, not reaped yet.
-        unsafe {
-            libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM);
+        if let Some(child) = self.child.take() {
+            process::terminate(child);
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            crate::process::kill(child);
         }
         if std::thread::panicking() {
             eprintln!(
@@ -1247,34 +1216,6 @@ async fn wait_config_ready(client: &Client, ns: &str, name: &str) {
         },
     )
     .await;
-}
-
-/// A RoleBinding in `ns` of the ClusterRole `role` to `subject`.
-async fn bind(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    role: &str,
-    subject: k8s_openapi::api::rbac::v1::Subject,
-) {
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .create(
-            &PostParams::default(),
-            &RoleBinding {
-                metadata: ObjectMeta {
-                    name: Some(name.to_owned()),
-                    ..ObjectMeta::default()
-                },
-                role_ref: RoleRef {
-                    api_group: "rbac.authorization.k8s.io".to_owned(),
-                    kind: "ClusterRole".to_owned(),
-                    name: role.to_owned(),
-                },
-                subjects: Some(vec![subject]),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("RoleBinding {ns}/{name}: {e}"));
 }
 
 /// `kubectl apply` (client-side, as a user would) of one object.

@@ -17,6 +17,9 @@
 #[path = "support/control_plane.rs"]
 mod control_plane;
 
+#[path = "support/process.rs"]
+mod process;
+
 #[path = "support/cluster.rs"]
 mod cluster;
 
@@ -112,22 +115,8 @@ async fn apply_cluster_role(client: &kube::Client, name: &str) {
 
 /// Binds the ClusterRole `role` to `subject` in namespace `ns`.
 async fn bind(client: &kube::Client, ns: &str, role: &str, subject: Subject) {
-    let binding = RoleBinding {
-        metadata: ObjectMeta {
-            name: Some(format!("{role}-{}", subject.name)),
-            ..ObjectMeta::default()
-        },
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".to_owned(),
-            kind: "ClusterRole".to_owned(),
-            name: role.to_owned(),
-        },
-        subjects: Some(vec![subject]),
-    };
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap_or_else(|e| panic!("binding {role} in {ns}: {e}"));
+    let name = format!("{role}-{}", subject.name);
+    cluster::bind_cluster_role(client, ns, &name, role, subject).await;
 }
 
 /// A Role in `ns` that lets `subject` list pods, and nothing else (so finding the agent works

@@ -12,8 +12,12 @@
 #[path = "support/control_plane.rs"]
 mod control_plane;
 
+#[path = "support/process.rs"]
+mod process;
+
+use process::{free_port, http_get};
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -114,13 +118,6 @@ async fn setup(hint: &str) -> TestEnv {
     env
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 /// A `claw-secrets operator` process confined to the test's namespace; SIGKILLed when dropped.
 struct Operator {
     identity: String,
@@ -189,9 +186,8 @@ impl Operator {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            crate::process::kill(child);
         }
     }
 
@@ -219,21 +215,6 @@ impl Drop for Operator {
             let _ = std::fs::remove_file(&self.log);
         }
     }
-}
-
-/// A minimal HTTP/1.0 GET (the endpoints are plain text, and the test should not depend on
-/// the operator's own HTTP stack).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
 }
 
 /// Polls `check` every 100 ms until it returns `Ok`; fails with `what` and the last state

@@ -7,6 +7,8 @@
 //! ```ignore
 //! #[path = "support/control_plane.rs"]
 //! mod control_plane;
+//! #[path = "support/process.rs"]
+//! mod process;
 //! #[path = "support/cluster.rs"]
 //! mod cluster;
 //! ```
@@ -39,6 +41,7 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
 
 use crate::control_plane::{self, ControlPlane, TestEnv};
+use crate::process::free_port;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
@@ -94,14 +97,7 @@ where
 pub fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     getrandom::getrandom(&mut b).expect("OS RNG");
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    claw_secrets::hex::encode(&b)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -472,36 +468,60 @@ pub async fn grant(
     );
 }
 
-/// The `AccessDenied` Events recorded on the object `object` in `ns`.
-pub async fn access_denied_events(client: &Client, ns: &str, object: &str) -> Vec<Event> {
-    Api::<Event>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
+/// A RoleBinding `name` in `ns` of the ClusterRole `role` to `subject`.
+pub async fn bind_cluster_role(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    role: &str,
+    subject: Subject,
+) {
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &RoleBinding {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    ..ObjectMeta::default()
+                },
+                role_ref: RoleRef {
+                    api_group: "rbac.authorization.k8s.io".to_owned(),
+                    kind: "ClusterRole".to_owned(),
+                    name: role.to_owned(),
+                },
+                subjects: Some(vec![subject]),
+            },
+        )
         .await
-        .expect("listing Events")
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some("AccessDenied")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
-        })
-        .collect()
+        .unwrap_or_else(|e| panic!("RoleBinding {ns}/{name} of ClusterRole {role}: {e}"));
 }
 
-/// The Events node agents recorded (reporting controller `claw-secrets-agent`) on the object
-/// `object` in `ns`, oldest first.
-pub async fn agent_events(client: &Client, ns: &str, object: &str) -> Vec<Event> {
+/// The Events about the object `object` in `ns`, oldest first.
+pub async fn events_on(client: &Client, ns: &str, object: &str) -> Vec<Event> {
     let mut events: Vec<Event> = Api::<Event>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
         .await
         .expect("listing Events")
         .items
         .into_iter()
-        .filter(|e| {
-            e.reporting_controller.as_deref() == Some("claw-secrets-agent")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object)
-        })
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
         .collect();
     events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    events
+}
+
+/// The `AccessDenied` Events recorded on the object `object` in `ns`.
+pub async fn access_denied_events(client: &Client, ns: &str, object: &str) -> Vec<Event> {
+    let mut events = events_on(client, ns, object).await;
+    events.retain(|e| e.reason.as_deref() == Some("AccessDenied"));
+    events
+}
+
+/// The Events node agents recorded (reporting controller `claw-secrets-agent`) on the object
+/// `object` in `ns`, oldest first.
+pub async fn agent_events(client: &Client, ns: &str, object: &str) -> Vec<Event> {
+    let mut events = events_on(client, ns, object).await;
+    events.retain(|e| e.reporting_controller.as_deref() == Some("claw-secrets-agent"));
     events
 }
 
@@ -770,31 +790,16 @@ impl Agent {
 
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            crate::process::kill(child);
         }
     }
 
     /// SIGTERM (what a pod gets), and wait for the process to exit (SIGKILL after 30 s).
     pub fn terminate(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = i32::try_from(child.id()).expect("pid");
-        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
+        if let Some(child) = self.child.take() {
+            crate::process::terminate(child);
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Spawns the process again and waits until it serves.
@@ -1027,9 +1032,8 @@ impl Operator {
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            crate::process::kill(child);
         }
         if std::thread::panicking() {
             eprintln!(
