@@ -4,8 +4,9 @@
 //!     cargo bench --bench http
 //!     BENCH_CONNECTIONS=24 BENCH_SECONDS=30 cargo bench --bench http
 //!
-//! The real server runs in-process: a temporary data dir, `Store`, `LocalBackend` with an
-//! admin token, `Dispatcher` with the real on-disk `AuditLog` (every `secret.get` is
+//! The real server runs in-process: a temporary data dir, `Store`, the dev-mode seams
+//! (`TokenAuthorizer` with an admin token, `StoreRepository`), the `CommandCore` and
+//! `Dispatcher` with the real on-disk `AuditLog` (every `secret.get` is
 //! fdatasync'ed before it is answered, group-committed), served by `claw_secrets::invoke::serve`
 //! on 127.0.0.1:0 in its own tokio runtime. One secret with a 1 KiB value is created, then N
 //! keep-alive HTTP/1.1 connections each run a closed request/response loop (no pipelining)
@@ -46,10 +47,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use claw_secrets::audit::AuditLog;
-use claw_secrets::backends::local::LocalBackend;
 use claw_secrets::backends::local::tokens::{TokenEntry, TokenStore, add_token};
-use claw_secrets::crypto::Keyring;
-use claw_secrets::invoke::Dispatcher;
+use claw_secrets::backends::local::{StoreRepository, TokenAuthorizer};
+use claw_secrets::crypto::{Keyring, SharedKeyring};
+use claw_secrets::invoke::{CommandCore, Dispatcher};
 use claw_secrets::store::Store;
 use loadgen::{
     Conn, LoadConfig, answer_ok, audit_counts, clock_ticks_per_second, env_or, load_average, ms,
@@ -99,13 +100,16 @@ fn start_in_process(server_threads: usize) -> Server {
     let tokens = TokenStore::open(&tokens_path).expect("tokens");
     let audit_path = data_dir.join("audit.log");
     let (audit, _) = AuditLog::open(&audit_path, node_id).expect("audit log");
-    let (store, _) = Store::open(&data_dir).expect("store");
-    let backend = LocalBackend::new(
-        Arc::new(store),
-        Keyring::generate().expect("keyring"),
-        tokens,
+    let keys = SharedKeyring::new(Keyring::generate().expect("keyring"));
+    let (store, _) = Store::open(&data_dir, keys.clone(), Default::default()).expect("store");
+    let core = CommandCore::new(
+        TokenAuthorizer::new(tokens),
+        StoreRepository::new(Arc::new(store)),
+        audit,
+        node_id.to_owned(),
+        keys,
     );
-    let dispatcher = Arc::new(Dispatcher::new(backend, audit, node_id.to_owned()));
+    let dispatcher = Arc::new(Dispatcher::new(core));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(server_threads)

@@ -10,7 +10,7 @@
 //! - [`backends`]: implementations of [`invoke::Backend`] (`local` for `claw-secrets dev`).
 //! - [`cli`]: the `claw-secrets` command line.
 //!
-//! [`hex`] is a leaf every layer may use.
+//! [`hex`] and [`trailer`] are leaves every layer may use.
 
 pub mod audit;
 pub mod backends;
@@ -21,3 +21,4 @@ pub mod hex;
 pub mod invoke;
 pub mod k8s;
 pub mod store;
+pub mod trailer;

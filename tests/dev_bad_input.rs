@@ -216,8 +216,16 @@ fn table() -> Vec<Case> {
         ),
         invalid("missing data", create(json!({"name": "x"}))).mentioning("data"),
         invalid(
-            "missing newData",
-            env_body("secret.rotate", json!({"name": "x"})),
+            "expectedVersion 0",
+            env_body("secret.rotate", json!({"name": "x", "expectedVersion": 0})),
+        )
+        .mentioning("expectedVersion"),
+        invalid(
+            "expectedVersion is a string",
+            env_body(
+                "secret.rotate",
+                json!({"name": "x", "expectedVersion": "1"}),
+            ),
         ),
         invalid(
             "missing data on config.create",
@@ -239,10 +247,6 @@ fn table() -> Vec<Case> {
         invalid(
             "empty newData",
             env_body("secret.rotate", json!({"name": "x", "newData": {}})),
-        ),
-        invalid(
-            "empty config data",
-            env_body("config.create", json!({"name": "x", "data": {}})),
         ),
         invalid(
             "data value is a number",

@@ -7,21 +7,13 @@ use std::path::Path;
 use crate::hex::encode as hex;
 
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-const HASH_FIELD: &str = ",\"hash\":\"";
-/// `,"hash":"` + 64 hex digits + `"}`.
-const HASH_SUFFIX_LEN: usize = HASH_FIELD.len() + 64 + 2;
+const HASH_FIELD: &str = "hash";
 
 /// Appends the `hash` field to a serialized record `body` (a JSON object without it) and
 /// returns the finished line (without newline) and its hash.
 pub(crate) fn seal_line(body: &[u8]) -> (Vec<u8>, String) {
-    debug_assert_eq!(body.last(), Some(&b'}'));
-    let hash = hex(&Sha256::digest(body));
-    let mut line = Vec::with_capacity(body.len() + HASH_SUFFIX_LEN);
-    line.extend_from_slice(&body[..body.len() - 1]);
-    line.extend_from_slice(HASH_FIELD.as_bytes());
-    line.extend_from_slice(hash.as_bytes());
-    line.extend_from_slice(b"\"}");
-    (line, hash)
+    let hash: [u8; 32] = Sha256::digest(body).into();
+    (crate::trailer::append(body, HASH_FIELD, &hash), hex(&hash))
 }
 
 /// What a line claims about itself, once its own hash has been checked.
@@ -34,30 +26,27 @@ pub(crate) struct CheckedLine {
 
 /// Checks a line's own hash and extracts its chain fields.
 pub(crate) fn check_line(line: &[u8]) -> Result<CheckedLine, String> {
-    let text = std::str::from_utf8(line).map_err(|_| "not UTF-8".to_owned())?;
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("not a JSON record ({e})"))?;
+    let value: serde_json::Value = serde_json::from_slice(line)
+        // serde's message could quote the line; its position says enough.
+        .map_err(|e| format!("not a JSON record (error at column {})", e.column()))?;
     let field = |k: &str| value.get(k).ok_or_else(|| format!("missing field {k:?}"));
     let seq = field("seq")?.as_u64().ok_or("seq is not a number")?;
     let prev = field("prev")?
         .as_str()
         .ok_or("prev is not a string")?
         .to_owned();
-    let hash = field("hash")?
-        .as_str()
-        .ok_or("hash is not a string")?
-        .to_owned();
-    if text.len() < HASH_SUFFIX_LEN || !text[text.len() - HASH_SUFFIX_LEN..].starts_with(HASH_FIELD)
-    {
-        return Err("the hash field is not the record's last field".to_owned());
-    }
-    let mut body = text.as_bytes()[..text.len() - HASH_SUFFIX_LEN].to_vec();
-    body.push(b'}');
-    let actual = hex(&Sha256::digest(&body));
-    if actual != hash {
+    field(HASH_FIELD)?.as_str().ok_or("hash is not a string")?;
+    let (body, claimed) = crate::trailer::split(line, HASH_FIELD)
+        .ok_or("the hash field is not the record's last field, or not 64 hex digits")?;
+    let actual: [u8; 32] = Sha256::digest(&body).into();
+    if actual != claimed {
         return Err("its content does not match its hash (the record was edited)".to_owned());
     }
-    Ok(CheckedLine { seq, prev, hash })
+    Ok(CheckedLine {
+        seq,
+        prev,
+        hash: hex(&claimed),
+    })
 }
 
 /// A log whose chain holds from the first record to the last.

@@ -28,6 +28,19 @@ pub enum Decision {
     Repair,
 }
 
+/// Where a write stands. A write is recorded twice: its `intent` (authorized, about to be
+/// committed, naming the version it will make) is durable before anything changes, then its
+/// `commit` or `abort`. A crash between the two leaves an intent without an outcome: the store
+/// tells which (the version exists or not). Reads and refusals are single records without a
+/// phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Intent,
+    Commit,
+    Abort,
+}
+
 /// What a caller records; the writer adds `seq`, `time`, `prev` and `hash`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -44,10 +57,15 @@ pub struct AuditEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
     pub decision: Decision,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
     /// An error code or short explanation; built from codes and names, never from values.
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The client's idempotency key, for a write that carried one (not a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// The audit log could not record an event, so the access it describes must not be answered.

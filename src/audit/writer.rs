@@ -135,10 +135,12 @@ impl ChainState {
             name: None,
             version: None,
             decision: Decision::Repair,
+            phase: None,
             reason: format!(
                 "discarded {cut_short} bytes of a record cut short by a crash at offset {complete_end}; it was never acknowledged"
             ),
             request_id: None,
+            idempotency_key: None,
         };
         state
             .write_batch(std::slice::from_ref(&repair))
@@ -244,6 +246,25 @@ impl AuditLog {
         &self.path
     }
 
+    /// A log whose every append fails, as a log on a full or read-only disk does: for tests of
+    /// what the callers do then.
+    #[cfg(test)]
+    pub(crate) fn failing() -> AuditLog {
+        let (tx, rx) = mpsc::channel::<Pending>();
+        std::thread::spawn(move || {
+            while let Ok(p) = rx.recv() {
+                let _ = p.done.send(Err(AuditError::Write {
+                    path: "/failing/audit.log".to_owned(),
+                    reason: "No space left on device (os error 28)".to_owned(),
+                }));
+            }
+        });
+        AuditLog {
+            tx,
+            path: PathBuf::from("/failing/audit.log"),
+        }
+    }
+
     /// Records `event` durably; returns its sequence number. Only then may the access be answered.
     pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
@@ -269,8 +290,10 @@ mod tests {
             name: Some(name.into()),
             version: Some(1),
             decision: Decision::Allow,
+            phase: None,
             reason: "ok".into(),
             request_id: None,
+            idempotency_key: None,
         }
     }
 

@@ -33,6 +33,11 @@ pub struct AgentArgs {
     /// kubelet creates owned by root).
     #[arg(long, value_name = "UID:GID")]
     prepare_data_dir: Option<String>,
+    /// Set the node store's manifest aside and rebuild it from the entries on disk, each of
+    /// which must still pass its own MAC (after the manifest was lost or damaged). The store
+    /// mirrors the API server, which puts right whatever the entries get wrong.
+    #[arg(long)]
+    rebuild_store_manifest: bool,
 }
 
 /// `--prepare-data-dir`: create `dir` (0700) if missing and hand it to `owner`. No chmod of an
@@ -79,6 +84,7 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
         listen: args.listen,
         master_key_namespace: ns.to_owned(),
         master_key_secret: name.to_owned(),
+        rebuild_store_manifest: args.rebuild_store_manifest,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

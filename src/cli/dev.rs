@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use super::{ClientConfig, client_config_path};
 use crate::audit::{AuditLog, Recovery};
-use crate::backends::local::LocalBackend;
 use crate::backends::local::tokens::{TokenEntry, TokenStore, add_token};
-use crate::crypto::Keyring;
+use crate::backends::local::{StoreRepository, TokenAuthorizer};
+use crate::crypto::{Keyring, SharedKeyring};
 use crate::domain::Namespace;
-use crate::invoke::Dispatcher;
+use crate::invoke::{CommandCore, Dispatcher};
 use crate::store::{Store, create_private_dir, write_private_file_atomic};
 
 #[derive(Debug, Args)]
@@ -31,6 +31,11 @@ pub struct DevArgs {
     /// dev-<hostname>). `local` always reaches this node too.
     #[arg(long)]
     node_id: Option<String>,
+    /// Set the store manifest aside and rebuild it from the entries on disk, each of which must
+    /// still pass its own MAC. Only after the manifest was lost or damaged and you have decided
+    /// to trust the entries as they are: rollback protection starts afresh.
+    #[arg(long)]
+    rebuild_store_manifest: bool,
 }
 
 pub fn run(args: DevArgs) -> ExitCode {
@@ -175,10 +180,15 @@ async fn serve(args: DevArgs) -> Result<(), String> {
             "audit log ended in a record cut short by a crash; repaired and recorded"
         );
     }
-    let (store, report) = Store::open(&data_dir).map_err(|e| e.to_string())?;
-    for q in &report.quarantined {
-        tracing::error!(file = %q.display(), "unreadable store entry quarantined");
-    }
+    let keys = SharedKeyring::new(keyring);
+    let (store, report) = Store::open(
+        &data_dir,
+        keys.clone(),
+        crate::store::OpenOptions {
+            rebuild_manifest: args.rebuild_store_manifest,
+        },
+    )
+    .map_err(|e| e.to_string())?;
 
     let shutdown = super::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -205,8 +215,14 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
 
-    let backend = LocalBackend::new(Arc::new(store), keyring, tokens);
-    let dispatcher = Arc::new(Dispatcher::new(backend, audit, node_id.clone()));
+    let core = CommandCore::new(
+        TokenAuthorizer::new(tokens),
+        StoreRepository::new(Arc::new(store)),
+        audit,
+        node_id.clone(),
+        keys,
+    );
+    let dispatcher = Arc::new(Dispatcher::new(core));
 
     println!("claw-secrets dev: node {node_id} listening on http://{addr}");
     println!("  data dir:    {}", data_dir.display());
@@ -221,6 +237,12 @@ async fn serve(args: DevArgs) -> Result<(), String> {
         "  stored:      {} secrets, {} configs",
         report.secrets, report.configs
     );
+    if !report.refused.is_empty() {
+        println!(
+            "  refused:     {} entries failed the integrity check and are not served (see the log; quarantine/ keeps their files)",
+            report.refused.len()
+        );
+    }
     println!(
         "Try it (the CLI finds this server through {}):",
         config_path.display()

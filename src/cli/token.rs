@@ -38,6 +38,10 @@ pub enum TokenCommand {
         /// Create an admin token instead: it may run every command, in every namespace.
         #[arg(long)]
         admin: bool,
+        /// Who holds the admin token, as the audit log names its calls (default: admin). Give
+        /// each person or tool its own, so the log tells them apart.
+        #[arg(long, requires = "admin")]
+        subject: Option<String>,
     },
 }
 
@@ -47,6 +51,7 @@ pub fn run(cmd: TokenCommand) -> ExitCode {
         workload,
         namespace,
         admin,
+        subject,
     } = cmd;
     let namespace = match Namespace::parse(&namespace) {
         Ok(n) => n,
@@ -62,9 +67,18 @@ pub fn run(cmd: TokenCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let subject = match &workload {
-        Some(w) => format!("workload:{namespace}/{w}"),
-        None => "admin".to_owned(),
+    if let Some(s) = &subject
+        && (s.is_empty() || s.len() > 253 || !s.chars().all(|c| c.is_ascii_graphic()))
+    {
+        eprintln!(
+            "INVALID_ARGUMENT: --subject must be 1-253 printable ASCII characters without spaces"
+        );
+        return ExitCode::from(2);
+    }
+    let subject = match (&workload, subject) {
+        (Some(w), _) => format!("workload:{namespace}/{w}"),
+        (None, Some(s)) => s,
+        (None, None) => "admin".to_owned(),
     };
     let entry = TokenEntry {
         sha256: String::new(),

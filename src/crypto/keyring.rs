@@ -5,6 +5,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, RwLock};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use super::{CryptoError, random_bytes};
@@ -163,6 +164,18 @@ impl Keyring {
         self.keys.insert(key.id().clone(), key);
     }
 
+    /// Whether `other` holds exactly the same keys (ids and bytes) and the same active key.
+    /// Compares in place: nothing is serialized, so no copy of a key is left behind.
+    pub fn same_as(&self, other: &Keyring) -> bool {
+        self.active == other.active
+            && self.keys.len() == other.keys.len()
+            && self
+                .keys
+                .iter()
+                .zip(other.keys.iter())
+                .all(|((a_id, a), (b_id, b))| a_id == b_id && a.bytes == b.bytes)
+    }
+
     /// Serializes the keyring, key bytes included, into a zeroizing buffer.
     pub fn to_json(&self) -> Zeroizing<Vec<u8>> {
         let file = KeyringFile {
@@ -217,9 +230,60 @@ impl Keyring {
     }
 }
 
+/// The keyring a process currently holds, shared by everything that seals, opens or
+/// authenticates. Readers take a cheap snapshot ([`SharedKeyring::current`]); a refresh (the
+/// agent reading a new keyring Secret) replaces it for every later reader at once.
+#[derive(Clone)]
+pub struct SharedKeyring(Arc<RwLock<Arc<Keyring>>>);
+
+impl SharedKeyring {
+    pub fn new(keyring: Keyring) -> Self {
+        SharedKeyring(Arc::new(RwLock::new(Arc::new(keyring))))
+    }
+
+    /// The keyring as it is now. Holding the snapshot keeps it alive; it is never modified.
+    pub fn current(&self) -> Arc<Keyring> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the keyring; returns whether it differed from the one held.
+    pub fn replace(&self, keyring: Keyring) -> bool {
+        let mut slot = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if slot.same_as(&keyring) {
+            return false;
+        }
+        *slot = Arc::new(keyring);
+        true
+    }
+}
+
+impl fmt::Debug for SharedKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SharedKeyring")
+            .field(&self.current())
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyrings_compare_by_ids_and_bytes() {
+        let ring = Keyring::generate().unwrap();
+        let copy = Keyring::from_json(&ring.to_json()).unwrap();
+        assert!(ring.same_as(&copy));
+        let foreign =
+            Keyring::with_active(MasterKey::from_bytes(ring.active().id().clone(), [7; 32]));
+        assert!(!ring.same_as(&foreign));
+        let mut rotated = copy.clone();
+        rotated.rotate_to(MasterKey::generate().unwrap());
+        assert!(!ring.same_as(&rotated));
+        let shared = SharedKeyring::new(ring);
+        assert!(!shared.replace(copy));
+        assert!(shared.replace(rotated));
+    }
 
     #[test]
     fn keyring_round_trips_and_keeps_retired_keys() {

@@ -3,15 +3,19 @@
 //! - every write derives a fresh key: HKDF-SHA256(master key, random salt, identity);
 //! - ChaCha20-Poly1305 encrypts, with the envelope header and the secret's identity as AAD,
 //!   so a blob opened under another name, namespace, kind, version or key fails;
-//! - the envelope is versioned, and a keyring keeps retired master keys able to decrypt.
+//! - the envelope is versioned, and a keyring keeps retired master keys able to decrypt;
+//! - what is kept in clear (store metadata, the store manifest, write fingerprints) is
+//!   authenticated with HMAC-SHA256 under keys derived from the keyring ([`MacKey`]).
 
 mod envelope;
+mod integrity;
 mod keyring;
 mod seal;
 
 pub use envelope::{ALGORITHM_HKDF_SHA256_CHACHA20POLY1305, Envelope, FORMAT_V1};
-pub use keyring::{KeyId, Keyring, MasterKey};
-pub use seal::{SecretIdentity, open, seal};
+pub use integrity::{MacKey, Purpose, TAG_LEN as MAC_TAG_LEN, Tagger};
+pub use keyring::{KeyId, Keyring, MasterKey, SharedKeyring};
+pub use seal::{SecretIdentity, open, open_write_records, seal, seal_write_records};
 
 /// Why sealing or opening failed. Messages never contain plaintext or key bytes.
 #[derive(Debug, thiserror::Error)]

@@ -38,13 +38,31 @@ impl SecretIdentity<'_> {
 }
 
 /// Domain separation: these labels make keys and AADs of this format useless anywhere else.
-const KDF_INFO_LABEL: &[u8] = b"claw-secrets/v1/secret-key\0";
-const AAD_LABEL: &[u8] = b"claw-secrets/v1/aad\0";
+/// Each kind of sealed content has its own pair.
+struct Labels {
+    kdf_info: &'static [u8],
+    aad: &'static [u8],
+}
 
-fn derive_key(master: &MasterKey, salt: &[u8; SALT_LEN], identity: &[u8]) -> Zeroizing<[u8; 32]> {
+const SECRET_DATA: Labels = Labels {
+    kdf_info: b"claw-secrets/v1/secret-key\0",
+    aad: b"claw-secrets/v1/aad\0",
+};
+
+const WRITE_RECORDS: Labels = Labels {
+    kdf_info: b"claw-secrets/v1/write-records-key\0",
+    aad: b"claw-secrets/v1/write-records-aad\0",
+};
+
+fn derive_key(
+    master: &MasterKey,
+    salt: &[u8; SALT_LEN],
+    labels: &Labels,
+    identity: &[u8],
+) -> Zeroizing<[u8; 32]> {
     let hk = Hkdf::<Sha256>::new(Some(salt), master.bytes());
-    let mut info = Vec::with_capacity(KDF_INFO_LABEL.len() + identity.len());
-    info.extend_from_slice(KDF_INFO_LABEL);
+    let mut info = Vec::with_capacity(labels.kdf_info.len() + identity.len());
+    info.extend_from_slice(labels.kdf_info);
     info.extend_from_slice(identity);
     let mut okm = Zeroizing::new([0u8; 32]);
     hk.expand(&info, okm.as_mut())
@@ -52,13 +70,80 @@ fn derive_key(master: &MasterKey, salt: &[u8; SALT_LEN], identity: &[u8]) -> Zer
     okm
 }
 
-fn aad(envelope: &Envelope, identity: &[u8]) -> Vec<u8> {
+fn aad(envelope: &Envelope, labels: &Labels, identity: &[u8]) -> Vec<u8> {
     let header = envelope.header();
-    let mut aad = Vec::with_capacity(AAD_LABEL.len() + header.len() + identity.len());
-    aad.extend_from_slice(AAD_LABEL);
+    let mut aad = Vec::with_capacity(labels.aad.len() + header.len() + identity.len());
+    aad.extend_from_slice(labels.aad);
     aad.extend_from_slice(&header);
     aad.extend_from_slice(identity);
     aad
+}
+
+/// Encrypts `buf` in place under the keyring's active key, with a fresh salt and nonce, and
+/// moves the ciphertext into the envelope (no copy of the plaintext is left behind).
+fn seal_buffer(
+    keyring: &Keyring,
+    labels: &Labels,
+    identity: &[u8],
+    mut buf: Zeroizing<Vec<u8>>,
+) -> Result<Envelope, CryptoError> {
+    let master = keyring.active();
+    let mut salt = [0u8; SALT_LEN];
+    let mut nonce = [0u8; NONCE_LEN];
+    random_bytes(&mut salt)?;
+    // The key is unique per write (fresh salt), so the nonce could be fixed; a random one costs
+    // nothing and keeps us safe even if a salt ever repeated.
+    random_bytes(&mut nonce)?;
+    let key = derive_key(master, &salt, labels, identity);
+    let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_ref()));
+    let mut envelope = Envelope {
+        key_id: master.id().clone(),
+        salt,
+        nonce,
+        ciphertext: Vec::new(),
+    };
+    let aad = aad(&envelope, labels, identity);
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buf)
+        .map_err(|_| CryptoError::AuthenticationFailed)?;
+    // `buf` now holds ciphertext only; moving it out leaves no plaintext behind.
+    let mut ciphertext = std::mem::take(&mut *buf);
+    ciphertext.extend_from_slice(&tag);
+    envelope.ciphertext = ciphertext;
+    Ok(envelope)
+}
+
+/// Decrypts an envelope sealed with `labels` for exactly `identity`, with whichever keyring key
+/// sealed it, into a zeroizing buffer.
+fn open_buffer(
+    keyring: &Keyring,
+    labels: &Labels,
+    identity: &[u8],
+    envelope: &Envelope,
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    let master = keyring
+        .get(&envelope.key_id)
+        .ok_or_else(|| CryptoError::UnknownKey(envelope.key_id.to_string()))?;
+    let key = derive_key(master, &envelope.salt, labels, identity);
+    let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_ref()));
+    let aad = aad(envelope, labels, identity);
+    let split = envelope
+        .ciphertext
+        .len()
+        .checked_sub(TAG_LEN)
+        .ok_or(CryptoError::MalformedEnvelope("shorter than its tag"))?;
+    let (ct, tag) = envelope.ciphertext.split_at(split);
+    let mut buf = Zeroizing::new(Vec::with_capacity(ct.len()));
+    buf.extend_from_slice(ct);
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&envelope.nonce),
+            &aad,
+            &mut buf,
+            Tag::from_slice(tag),
+        )
+        .map_err(|_| CryptoError::AuthenticationFailed)?;
+    Ok(buf)
 }
 
 /// Plaintext encoding: entry count, then each key and value, all u32-length-prefixed. The exact
@@ -118,33 +203,12 @@ pub fn seal(
     identity: &SecretIdentity<'_>,
     data: &SecretData,
 ) -> Result<Envelope, CryptoError> {
-    let master = keyring.active();
-    let mut salt = [0u8; SALT_LEN];
-    let mut nonce = [0u8; NONCE_LEN];
-    random_bytes(&mut salt)?;
-    // The key is unique per write (fresh salt), so the nonce could be fixed; a random one costs
-    // nothing and keeps us safe even if a salt ever repeated.
-    random_bytes(&mut nonce)?;
-    let id_bytes = identity.encode();
-    let key = derive_key(master, &salt, &id_bytes);
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_ref()));
-
-    let mut envelope = Envelope {
-        key_id: master.id().clone(),
-        salt,
-        nonce,
-        ciphertext: Vec::new(),
-    };
-    let aad = aad(&envelope, &id_bytes);
-    let mut buf = encode_plaintext(data);
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buf)
-        .map_err(|_| CryptoError::AuthenticationFailed)?;
-    // `buf` now holds ciphertext only; moving it out leaves no plaintext behind.
-    let mut ciphertext = std::mem::take(&mut *buf);
-    ciphertext.extend_from_slice(&tag);
-    envelope.ciphertext = ciphertext;
-    Ok(envelope)
+    seal_buffer(
+        keyring,
+        &SECRET_DATA,
+        &identity.encode(),
+        encode_plaintext(data),
+    )
 }
 
 /// Opens an envelope sealed for exactly `identity`, with whichever keyring key sealed it.
@@ -153,29 +217,58 @@ pub fn open(
     identity: &SecretIdentity<'_>,
     envelope: &Envelope,
 ) -> Result<SecretData, CryptoError> {
-    let master = keyring
-        .get(&envelope.key_id)
-        .ok_or_else(|| CryptoError::UnknownKey(envelope.key_id.to_string()))?;
-    let id_bytes = identity.encode();
-    let key = derive_key(master, &envelope.salt, &id_bytes);
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_ref()));
-    let aad = aad(envelope, &id_bytes);
-    let split = envelope
-        .ciphertext
-        .len()
-        .checked_sub(TAG_LEN)
-        .ok_or(CryptoError::MalformedEnvelope("shorter than its tag"))?;
-    let (ct, tag) = envelope.ciphertext.split_at(split);
-    let mut buf = Zeroizing::new(ct.to_vec());
-    cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&envelope.nonce),
-            &aad,
-            &mut buf,
-            Tag::from_slice(tag),
-        )
-        .map_err(|_| CryptoError::AuthenticationFailed)?;
+    let buf = open_buffer(keyring, &SECRET_DATA, &identity.encode(), envelope)?;
     decode_plaintext(&buf)
+}
+
+/// The object a set of write records belongs to: kind, namespace and name, length-prefixed.
+fn object_identity(kind: Kind, namespace: &Namespace, name: &Name) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + name.as_str().len());
+    for field in [
+        kind.as_str().as_bytes(),
+        namespace.as_str().as_bytes(),
+        name.as_str().as_bytes(),
+    ] {
+        out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        out.extend_from_slice(field);
+    }
+    out
+}
+
+/// Seals the write records (idempotency memory) kept on an object where readers without the
+/// right to see values can read the object: they hold keyed digests of requests, which must not
+/// be readable, or movable to another object.
+pub fn seal_write_records(
+    keyring: &Keyring,
+    kind: Kind,
+    namespace: &Namespace,
+    name: &Name,
+    records: &[u8],
+) -> Result<Envelope, CryptoError> {
+    let mut buf = Zeroizing::new(Vec::with_capacity(records.len() + TAG_LEN));
+    buf.extend_from_slice(records);
+    seal_buffer(
+        keyring,
+        &WRITE_RECORDS,
+        &object_identity(kind, namespace, name),
+        buf,
+    )
+}
+
+/// Opens what [`seal_write_records`] sealed for the same object.
+pub fn open_write_records(
+    keyring: &Keyring,
+    kind: Kind,
+    namespace: &Namespace,
+    name: &Name,
+    envelope: &Envelope,
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    open_buffer(
+        keyring,
+        &WRITE_RECORDS,
+        &object_identity(kind, namespace, name),
+        envelope,
+    )
 }
 
 #[cfg(test)]
@@ -258,6 +351,24 @@ mod tests {
             ..ident(&ns, &name, 3)
         };
         assert!(open(&ring, &as_config, &env).is_err());
+    }
+
+    #[test]
+    fn write_records_open_only_for_their_object_and_never_as_secret_data() {
+        let ring = Keyring::generate().unwrap();
+        let ns = Namespace::default_namespace();
+        let name = Name::parse("db").unwrap();
+        let other = Name::parse("dc").unwrap();
+        let env = seal_write_records(&ring, Kind::Secret, &ns, &name, b"[]").unwrap();
+        assert_eq!(
+            &open_write_records(&ring, Kind::Secret, &ns, &name, &env)
+                .unwrap()
+                .as_slice(),
+            b"[]"
+        );
+        assert!(open_write_records(&ring, Kind::Secret, &ns, &other, &env).is_err());
+        assert!(open_write_records(&ring, Kind::Config, &ns, &name, &env).is_err());
+        assert!(open(&ring, &ident(&ns, &name, 1), &env).is_err());
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub struct SecretData(BTreeMap<DataKey, SecretValue>);
 
 impl SecretData {
     pub fn parse(entries: BTreeMap<DataKey, SecretValue>) -> Result<Self, DomainError> {
+        if entries.is_empty() {
+            return Err(DomainError::new(
+                "data is empty: give at least one key with a value",
+            ));
+        }
         check_limits(entries.iter().map(|(k, v)| (k, v.expose().len())))?;
         Ok(SecretData(entries))
     }
@@ -109,7 +114,8 @@ impl fmt::Debug for SecretData {
     }
 }
 
-/// The data of a config: plain, non-sensitive settings with the same shape and limits.
+/// The data of a config: plain, non-sensitive settings with the same shape and limits. Unlike a
+/// secret's, it may be empty, as a ConfigMap's may.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct ConfigData(BTreeMap<DataKey, String>);
@@ -132,17 +138,9 @@ impl ConfigData {
 fn check_limits<'a>(
     entries: impl Iterator<Item = (&'a DataKey, usize)>,
 ) -> Result<(), DomainError> {
-    let mut count = 0usize;
-    let mut total = 0usize;
-    for (key, value_len) in entries {
-        count += 1;
-        total += key.0.len() + value_len;
-    }
-    if count == 0 {
-        return Err(DomainError::new(
-            "data is empty: give at least one key with a value",
-        ));
-    }
+    let total: usize = entries
+        .map(|(key, value_len)| key.0.len() + value_len)
+        .sum();
     if total > MAX_DATA_BYTES {
         return Err(DomainError::new(format!(
             "data is {total} bytes (keys plus values); the limit is {MAX_DATA_BYTES} bytes (1 MiB)"
@@ -335,6 +333,8 @@ mod tests {
     #[test]
     fn empty_oversize_and_duplicate_data_are_rejected() {
         assert!(serde_json::from_str::<SecretData>("{}").is_err());
+        // A config may be empty, as a ConfigMap may.
+        assert!(serde_json::from_str::<ConfigData>("{}").is_ok());
         let big = format!(r#"{{"k": "{}"}}"#, "x".repeat(MAX_DATA_BYTES));
         let err = serde_json::from_str::<SecretData>(&big).unwrap_err();
         assert!(err.to_string().contains("1 MiB"), "{err}");

@@ -14,9 +14,13 @@ pub use version::Version;
 
 /// Which of the two kinds of object a name refers to. Part of every secret's crypto identity,
 /// so a secret blob can never be opened as if it were something else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Kind {
+    #[serde(rename = "ClawSecret")]
     Secret,
+    #[serde(rename = "ClawConfig")]
     Config,
 }
 

@@ -2,8 +2,21 @@ use serde::{Deserialize, Serialize};
 
 /// A secret's version: 1 on create, incremented by every rotation, never moving backwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(into = "u64", try_from = "u64")]
 pub struct Version(u64);
+
+impl TryFrom<u64> for Version {
+    type Error = &'static str;
+    fn try_from(v: u64) -> Result<Self, Self::Error> {
+        Version::new(v).ok_or("versions start at 1")
+    }
+}
+
+impl From<Version> for u64 {
+    fn from(v: Version) -> u64 {
+        v.0
+    }
+}
 
 impl Version {
     pub const FIRST: Version = Version(1);

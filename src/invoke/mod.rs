@@ -1,21 +1,27 @@
-//! The `node.invoke` adapter: the wire protocol, the dispatcher that authenticates, audits
-//! and routes each call to a [`Backend`], the HTTP server and the client the CLI uses.
+//! The `node.invoke` API: the wire protocol, the ten commands' parameters, the command core
+//! that gives them their meaning (written once, behind two seams: [`Authorizer`] and
+//! [`Repository`]), the dispatcher that turns a request body into a call of the core, the HTTP
+//! server, and the client the CLI uses.
 
-mod backend;
+mod access;
 mod client;
-mod command;
+mod command_core;
 mod dispatch;
+mod params;
 mod protocol;
+mod repository;
 mod server;
 
-pub use backend::{Backend, Caller, IdempotencyKey, RequestDigest, Target, WriteRequest};
+pub use access::{Access, Authorizer, Caller, Decision, Resource, Verb};
 pub use client::{ClientError, InvokeClient};
-pub use command::{
+pub use command_core::{CommandCore, IdempotencyKey, Request};
+pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS};
+pub use params::{
     Command, ConfigCreate, ConfigUpdate, ListParams, NameParams, SecretCreate, SecretRotate,
 };
-pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS};
 pub use protocol::{
     ConfigMeta, ConfigView, Deleted, ErrorBody, InvokeError, InvokeRequest, InvokeResponse,
     MAX_BODY_BYTES, Payload, SecretMeta, SecretView,
 };
+pub use repository::{Current, CurrentConfig, CurrentSecret, Repository, Revision};
 pub use server::{FORWARDED_AUTHORIZATION, router, serve};

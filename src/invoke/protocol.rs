@@ -110,11 +110,18 @@ impl InvokeResponse {
 pub enum Payload {
     Secret(SecretView),
     SecretMeta(SecretMeta),
-    SecretList { secrets: Vec<SecretMeta> },
+    SecretList {
+        secrets: Vec<SecretMeta>,
+    },
     Config(ConfigView),
     ConfigMeta(ConfigMeta),
-    ConfigList { configs: Vec<ConfigMeta> },
+    ConfigList {
+        configs: Vec<ConfigMeta>,
+    },
     Deleted(Deleted),
+    /// The answer of an earlier write, as it was remembered (a retry with the same
+    /// idempotency key): metadata only.
+    Recorded(serde_json::Value),
 }
 
 /// A secret's metadata: everything but its values.

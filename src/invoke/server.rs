@@ -1,6 +1,6 @@
 //! The HTTP face of the dispatcher: `POST /v1/invoke`, plus `GET /healthz` (the process
 //! serves) and `GET /readyz` (the backend can answer every command, see
-//! [`Backend::readiness`]).
+//! [`Repository::readiness`]).
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -12,18 +12,20 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-use super::{Backend, Dispatcher, InvokeError, InvokeResponse, MAX_BODY_BYTES};
+use super::{Authorizer, Dispatcher, InvokeError, InvokeResponse, MAX_BODY_BYTES, Repository};
 
-pub fn router<B: Backend>(dispatcher: Arc<Dispatcher<B>>) -> Router {
+pub fn router<A: Authorizer, R: Repository>(dispatcher: Arc<Dispatcher<A, R>>) -> Router {
     Router::new()
-        .route("/v1/invoke", post(invoke::<B>))
+        .route("/v1/invoke", post(invoke::<A, R>))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz::<B>))
+        .route("/readyz", get(readyz::<A, R>))
         .with_state(dispatcher)
 }
 
-async fn readyz<B: Backend>(State(dispatcher): State<Arc<Dispatcher<B>>>) -> Response {
-    match dispatcher.backend().readiness() {
+async fn readyz<A: Authorizer, R: Repository>(
+    State(dispatcher): State<Arc<Dispatcher<A, R>>>,
+) -> Response {
+    match dispatcher.core().repository().readiness() {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -43,8 +45,8 @@ fn json_response(resp: &InvokeResponse) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn invoke<B: Backend>(
-    State(dispatcher): State<Arc<Dispatcher<B>>>,
+async fn invoke<A: Authorizer, R: Repository>(
+    State(dispatcher): State<Arc<Dispatcher<A, R>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -90,9 +92,9 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Serves on `listener` until `shutdown` completes, finishing in-flight requests.
-pub async fn serve<B: Backend>(
+pub async fn serve<A: Authorizer, R: Repository>(
     listener: TcpListener,
-    dispatcher: Arc<Dispatcher<B>>,
+    dispatcher: Arc<Dispatcher<A, R>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(dispatcher))

@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 
 use super::crd::{ClawConfig, ClawSecret};
 use super::names::object_name;
-use crate::crypto::Envelope;
+use crate::crypto::{self, Envelope, Keyring};
 use crate::domain::{
-    ConfigData, DataKey, Name, Namespace, ObjectKey, SecretData, SecretValue, Version, Workload,
-    WorkloadSet,
+    ConfigData, DataKey, Kind, Name, Namespace, ObjectKey, SecretData, SecretValue, Version,
+    Workload, WorkloadSet,
 };
-use crate::store::{ConfigRecord, SecretRecord};
+use crate::store::{ConfigRecord, SecretRecord, WriteRecord};
 
 /// Why an object cannot be used; `reason` is the CamelCase condition reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,8 +129,69 @@ fn created_at(meta: &kube::api::ObjectMeta) -> Timestamp {
         .unwrap_or_else(Timestamp::now)
 }
 
+/// The annotation that carries the writes made through node.invoke that an object remembers
+/// (idempotency), sealed: they hold keyed digests of requests, which readers without `reveal`
+/// must not see, and the envelope binds them to this object.
+pub const WRITES_ANNOTATION: &str = "clawbernetes.io/writes";
+
+/// The writes `meta`'s object remembers; none if it has no (readable) annotation. An annotation
+/// that does not open (another keyring, moved from another object) is ignored: it vouches for
+/// nothing.
+pub fn remembered_writes(
+    meta: &kube::api::ObjectMeta,
+    kind: Kind,
+    key: &ObjectKey,
+    keyring: &Keyring,
+) -> Vec<WriteRecord> {
+    let Some(raw) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WRITES_ANNOTATION))
+    else {
+        return Vec::new();
+    };
+    let opened = B64
+        .decode(raw.as_bytes())
+        .map_err(|_| "not base64".to_owned())
+        .and_then(|b| Envelope::from_bytes(&b).map_err(|e| e.to_string()))
+        .and_then(|env| {
+            crypto::open_write_records(keyring, kind, &key.namespace, &key.name, &env)
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|json| {
+            serde_json::from_slice::<Vec<WriteRecord>>(&json)
+                .map_err(|e| format!("not a list of writes (column {})", e.column()))
+        });
+    match opened {
+        Ok(writes) => writes,
+        Err(why) => {
+            tracing::warn!(%key, kind = kind.as_str(), why, "the remembered writes of an object cannot be read; ignoring them");
+            Vec::new()
+        }
+    }
+}
+
+/// The annotation value for `writes` of the object `key` (None when there are none).
+pub fn writes_annotation(
+    keyring: &Keyring,
+    kind: Kind,
+    key: &ObjectKey,
+    writes: &[WriteRecord],
+) -> Result<Option<String>, crypto::CryptoError> {
+    if writes.is_empty() {
+        return Ok(None);
+    }
+    let json = serde_json::to_vec(writes).expect("write records serialize");
+    let envelope = crypto::seal_write_records(keyring, kind, &key.namespace, &key.name, &json)?;
+    Ok(Some(B64.encode(envelope.to_bytes())))
+}
+
 /// The store record a node keeps for a sealed ClawSecret; `None` while it is not sealed yet.
-pub fn secret_record(obj: &ClawSecret) -> Result<Option<SecretRecord>, Invalid> {
+/// `writes` are what the object remembers (see [`remembered_writes`]).
+pub fn secret_record(
+    obj: &ClawSecret,
+    writes: Vec<WriteRecord>,
+) -> Result<Option<SecretRecord>, Invalid> {
     let key = secret_key(obj)?;
     let Some(sealed) = &obj.spec.sealed else {
         return Ok(None);
@@ -155,13 +216,14 @@ pub fn secret_record(obj: &ClawSecret) -> Result<Option<SecretRecord>, Invalid> 
         updated_at: parse_time(&sealed.sealed_at, "sealed.sealedAt")?,
         allowed_workloads: workloads(&obj.spec.allowed_workloads)?,
         envelope,
-        last_write: None,
         origin: obj.metadata.uid.clone(),
+        writes,
+        generation: 0,
     }))
 }
 
 /// The store record a node keeps for a ClawConfig.
-pub fn config_record(obj: &ClawConfig) -> Result<ConfigRecord, Invalid> {
+pub fn config_record(obj: &ClawConfig, writes: Vec<WriteRecord>) -> Result<ConfigRecord, Invalid> {
     let key = config_key(obj)?;
     let created = created_at(&obj.metadata);
     let updated = obj
@@ -177,8 +239,9 @@ pub fn config_record(obj: &ClawConfig) -> Result<ConfigRecord, Invalid> {
         immutable: obj.spec.immutable,
         created_at: created,
         updated_at: updated,
-        last_write: None,
         origin: obj.metadata.uid.clone(),
+        writes,
+        generation: 0,
     })
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::domain::{ErrorCode, Namespace, Workload};
 use crate::hex::{decode_32 as unhex32, encode as hex};
-use crate::invoke::{Caller, InvokeError};
+use crate::invoke::{Access, Caller, InvokeError};
 
 /// A reviewed token is trusted without asking again for this long.
 const FRESH_FOR: Duration = Duration::from_secs(10);
@@ -312,16 +312,9 @@ impl KubeIdentity {
         Ok(caller)
     }
 
-    /// Asks the API server whether `caller` (its own identity, never the agent's) may `verb`
-    /// the `resource` in `namespace`.
-    pub async fn allowed(
-        &self,
-        caller: &Caller,
-        verb: &str,
-        resource: &str,
-        namespace: &Namespace,
-        name: Option<&str>,
-    ) -> Result<bool, InvokeError> {
+    /// Asks the API server whether `caller` (its own identity, never the agent's) may do
+    /// `access`: a SubjectAccessReview on the object that stores the named secret or config.
+    pub async fn allowed(&self, caller: &Caller, access: Access<'_>) -> Result<bool, InvokeError> {
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(caller.subject.clone()),
@@ -330,10 +323,10 @@ impl KubeIdentity {
                 extra: (!caller.extra.is_empty()).then(|| caller.extra.clone()),
                 resource_attributes: Some(ResourceAttributes {
                     group: Some(super::crd::GROUP.to_owned()),
-                    resource: Some(resource.to_owned()),
-                    verb: Some(verb.to_owned()),
-                    namespace: Some(namespace.to_string()),
-                    name: name.map(str::to_owned),
+                    resource: Some(access.resource.as_str().to_owned()),
+                    verb: Some(access.verb.as_str().to_owned()),
+                    namespace: Some(access.namespace.to_string()),
+                    name: access.name.map(super::names::object_name),
                     ..ResourceAttributes::default()
                 }),
                 ..SubjectAccessReviewSpec::default()

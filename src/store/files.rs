@@ -1,7 +1,6 @@
 //! Crash-safe file primitives: a write is a temp file, fsync, rename, fsync of the directory,
 //! so after a crash a file holds either its old or its new content, never a mix.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -21,7 +20,7 @@ pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| StoreError::io(dir, e))
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(super) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(dir, e))
@@ -72,17 +71,16 @@ pub(super) fn remove_durably(dir: &Path, name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// One entry file read at start-up: its path, and what parsing it gave.
-type Loaded<'a, K, V> = (&'a PathBuf, Result<(K, V), String>);
+/// An entry file read at start-up: its path, and what parsing it gave (or why it failed).
+pub(super) type Parsed<T> = (PathBuf, Result<T, String>);
 
-/// Loads every entry file of `dir`. Interrupted temp files are removed (their writes were
-/// never acknowledged); unreadable files are moved aside to `quarantine`, never deleted.
-pub(super) fn load_dir<K: Ord + Send, V: Send>(
+/// Reads and parses every entry file of `dir`. Interrupted temp files are removed (their
+/// writes were never acknowledged). What could not be parsed comes back as `Err(reason)`.
+pub(super) fn read_entries<T: Send>(
     dir: &Path,
-    quarantine: &Path,
     report: &mut OpenReport,
-    parse: impl Fn(&[u8]) -> Result<(K, V), String> + Sync,
-) -> Result<BTreeMap<K, V>, StoreError> {
+    parse: impl Fn(&[u8]) -> Result<T, String> + Sync,
+) -> Result<Vec<Parsed<T>>, StoreError> {
     let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in entries {
@@ -101,23 +99,21 @@ pub(super) fn load_dir<K: Ord + Send, V: Send>(
     }
     paths.sort();
 
-    // Reading and parsing is what a start-up with thousands of entries spends its time on (the
-    // agent serves nothing until it is done), so it runs on every core; quarantining stays
-    // sequential, in file order.
+    // Reading and parsing (and checking each entry's MAC) is what a start-up with thousands of
+    // entries spends its time on (the agent serves nothing until it is done), so it runs on
+    // every core.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = paths.len().div_ceil(threads).max(256);
     let parse = &parse;
-    let loaded: Vec<Vec<Loaded<'_, K, V>>> = std::thread::scope(|scope| {
+    let parsed: Vec<Vec<Parsed<T>>> = std::thread::scope(|scope| {
         let workers: Vec<_> = paths
             .chunks(chunk)
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
                         .map(|path| {
-                            let parsed = fs::read(path)
-                                .map_err(|e| StoreError::io(path, e))
-                                .map(|bytes| parse(&bytes));
-                            parsed.map(|p| (path, p))
+                            let bytes = fs::read(path).map_err(|e| StoreError::io(path, e))?;
+                            Ok((path.clone(), parse(&bytes)))
                         })
                         .collect::<Result<Vec<_>, StoreError>>()
                 })
@@ -128,23 +124,27 @@ pub(super) fn load_dir<K: Ord + Send, V: Send>(
             .map(|w| w.join().expect("a store loading thread panicked"))
             .collect::<Result<_, _>>()
     })?;
+    Ok(parsed.into_iter().flatten().collect())
+}
 
-    let mut out = BTreeMap::new();
-    for (path, parsed) in loaded.into_iter().flatten() {
-        match parsed {
-            Ok((k, v)) => {
-                out.insert(k, v);
-            }
-            Err(why) => {
-                let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                create_private_dir(quarantine)?;
-                let to = quarantine.join(file_name);
-                tracing::error!(file = %path.display(), reason = %why, moved_to = %to.display(),
-                    "store entry is unreadable; moved to quarantine");
-                fs::rename(path, &to).map_err(|e| StoreError::io(path, e))?;
-                report.quarantined.push(to);
-            }
-        }
+/// Moves an entry file that cannot be served into `quarantine`, never deleting it: it may be
+/// the only copy of something an operator wants back.
+pub(super) fn quarantine(
+    path: &Path,
+    quarantine: &Path,
+    reason: &str,
+) -> Result<PathBuf, StoreError> {
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("entry");
+    create_private_dir(quarantine)?;
+    let mut to = quarantine.join(file_name);
+    if to.exists() {
+        // An earlier quarantine of the same entry: keep both.
+        let mut suffix = [0u8; 4];
+        let _ = getrandom::getrandom(&mut suffix);
+        to = quarantine.join(format!("{file_name}.{}", crate::hex::encode(&suffix)));
     }
-    Ok(out)
+    tracing::error!(file = %path.display(), reason, moved_to = %to.display(),
+        "store entry refused; moved to quarantine");
+    fs::rename(path, &to).map_err(|e| StoreError::io(path, e))?;
+    Ok(to)
 }

@@ -1,30 +1,45 @@
-//! The node-local store: one file per secret or config, written atomically, served from memory.
+//! The node-local store: one file per secret or config, written atomically, served from memory,
+//! and authenticated, so what is served is what this node wrote.
 //!
 //! Layout under the data directory (directory 0700, files 0600):
 //!
 //! ```text
-//! secrets/<sha256(namespace/name)>.json   metadata + base64 envelope (ciphertext only)
-//! configs/<sha256(namespace/name)>.json   plain config data (configs are not encrypted)
-//! quarantine/                             files that could not be read at start-up, kept
+//! secrets/<sha256(kind/namespace/name)>.json   metadata + base64 envelope (ciphertext only), MAC'd
+//! configs/<sha256(kind/namespace/name)>.json   plain config data (configs are not encrypted), MAC'd
+//! store.manifest                               every entry's high-water mark, MAC-chained
+//! quarantine/                                  files refused at start-up, kept
 //! ```
 //!
 //! File names are hashes because seed names may be `.`/`..` or 253 characters long, which a
 //! file name cannot hold; the real name is inside the file.
+//!
+//! Integrity (docs/crypto.md, "The node store"): every entry file ends in a MAC over all of its
+//! content, under a key derived from the keyring, and carries the store generation it was
+//! written at; [`manifest`] keeps the generation every entry must have. At start-up an entry
+//! that fails its MAC, is older than the manifest says (rolled back), or is missing, is refused:
+//! its file goes to `quarantine/` with an ERROR log line, and a read of it answers an error
+//! instead of data, until it is written or deleted again.
 
 mod files;
+mod manifest;
 mod records;
+pub mod writes;
 
 pub use files::{create_private_dir, write_atomic, write_private_file_atomic};
-pub use records::{ConfigRecord, SecretRecord, WriteMark};
+pub use records::{ConfigRecord, SecretRecord};
+pub use writes::{Fingerprint, RememberedWrite, WriteRecord};
 
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use crate::crypto::{Keyring, MacKey, Purpose, SharedKeyring};
 use crate::domain::{Kind, NamePrefix, Namespace, ObjectKey};
+use manifest::Manifest;
+use records::{Decoded, EntryKeys};
 
-/// Why the store could not do what was asked. Messages name paths, never data.
+/// Why the store could not do what was asked. Messages name paths and objects, never data.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -43,6 +58,12 @@ pub enum StoreError {
         stored: u64,
         offered: u64,
     },
+    #[error("{key} changed since it was read ({why}); read it again and retry")]
+    Changed { key: ObjectKey, why: &'static str },
+    /// The store's own records contradict each other or fail their MACs, so nothing it holds
+    /// can be vouched for: it refuses to open.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 impl StoreError {
@@ -54,6 +75,15 @@ impl StoreError {
     }
 }
 
+/// How to open a store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Set the manifest aside and build a new one from the entries as they are on disk (each
+    /// still has to pass its own MAC). For a data dir whose manifest was lost or damaged, after
+    /// the operator has decided to trust its entries: rollback protection starts afresh.
+    pub rebuild_manifest: bool,
+}
+
 /// What start-up found besides valid entries.
 #[derive(Debug, Default)]
 pub struct OpenReport {
@@ -61,15 +91,60 @@ pub struct OpenReport {
     pub configs: usize,
     /// Temporary files of writes a crash interrupted; never acknowledged, so removed.
     pub removed_temp_files: usize,
-    /// Files that could not be parsed, moved to `quarantine/` rather than deleted.
+    /// Files refused (unreadable, failed their MAC, rolled back, unknown to the manifest),
+    /// moved to `quarantine/` rather than deleted.
     pub quarantined: Vec<PathBuf>,
+    /// Objects whose entry was refused or is missing: reads of them answer an error.
+    pub refused: Vec<(Kind, ObjectKey, String)>,
+    /// Entries of the unauthenticated format 1, migrated (MAC'd, given a generation).
+    pub migrated: usize,
+}
+
+/// What the store holds under a key.
+#[derive(Debug)]
+pub enum Lookup<R> {
+    Found(Arc<R>),
+    Missing,
+    /// The entry was refused at start-up (the reason says why); it is not served.
+    Quarantined(Arc<str>),
+}
+
+impl<R> Lookup<R> {
+    pub fn found(self) -> Option<Arc<R>> {
+        match self {
+            Lookup::Found(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// The state a write expects to find, checked under the store's write lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever is there (the agent mirroring the API server, which is the source of truth).
+    Any,
+    /// Nothing (not even a refused entry).
+    Absent,
+    /// The entry as it was at this generation.
+    Generation(u64),
+}
+
+#[derive(Default)]
+struct State {
+    secrets: BTreeMap<ObjectKey, Arc<SecretRecord>>,
+    configs: BTreeMap<ObjectKey, Arc<ConfigRecord>>,
+    quarantined: HashMap<(Kind, ObjectKey), Arc<str>>,
+    /// Remembered writes by idempotency key, from live entries and from deleted objects.
+    writes: HashMap<String, RememberedWrite>,
 }
 
 pub struct Store {
     secrets_dir: PathBuf,
     configs_dir: PathBuf,
-    secrets: RwLock<BTreeMap<ObjectKey, Arc<SecretRecord>>>,
-    configs: RwLock<BTreeMap<ObjectKey, Arc<ConfigRecord>>>,
+    keys: SharedKeyring,
+    state: RwLock<State>,
+    /// Every change goes through the manifest, one at a time: it hands out generations.
+    manifest: Mutex<Manifest>,
 }
 
 impl std::fmt::Debug for Store {
@@ -85,44 +160,190 @@ fn file_name(kind: Kind, key: &ObjectKey) -> String {
     format!("{}.json", crate::hex::encode(&digest))
 }
 
+/// What the store needs of each kind of entry.
+trait Entry: Sized + Send + Sync + 'static {
+    const KIND: Kind;
+    fn key(&self) -> &ObjectKey;
+    fn generation(&self) -> u64;
+    fn set_generation(&mut self, generation: u64);
+    fn writes(&self) -> &[WriteRecord];
+    fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8>;
+    fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>>;
+    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>>;
+    /// Refuses a write that would move the entry backwards.
+    fn check_forward(_stored: &Self, _offered: &Self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl Entry for SecretRecord {
+    const KIND: Kind = Kind::Secret;
+    fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+    fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+    fn writes(&self) -> &[WriteRecord] {
+        &self.writes
+    }
+    fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8> {
+        SecretRecord::to_file_bytes(self, mac)
+    }
+    fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>> {
+        &state.secrets
+    }
+    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
+        &mut state.secrets
+    }
+    /// Versions only move forward within one object's history; a re-created object (another
+    /// origin) starts its own.
+    fn check_forward(stored: &Self, offered: &Self) -> Result<(), StoreError> {
+        if stored.origin == offered.origin && stored.version > offered.version {
+            return Err(StoreError::Stale {
+                key: offered.key.clone(),
+                stored: stored.version.get(),
+                offered: offered.version.get(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Entry for ConfigRecord {
+    const KIND: Kind = Kind::Config;
+    fn key(&self) -> &ObjectKey {
+        &self.key
+    }
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+    fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+    fn writes(&self) -> &[WriteRecord] {
+        &self.writes
+    }
+    fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8> {
+        ConfigRecord::to_file_bytes(self, mac)
+    }
+    fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>> {
+        &state.configs
+    }
+    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
+        &mut state.configs
+    }
+}
+
 impl Store {
-    /// Opens (creating if needed) the store under `data_dir` and loads every entry into memory.
-    pub fn open(data_dir: &Path) -> Result<(Store, OpenReport), StoreError> {
+    /// Opens (creating if needed) the store under `data_dir`, checks every entry against its MAC
+    /// and the manifest, and loads what passes into memory.
+    pub fn open(
+        data_dir: &Path,
+        keys: SharedKeyring,
+        options: OpenOptions,
+    ) -> Result<(Store, OpenReport), StoreError> {
         create_private_dir(data_dir)?;
         let secrets_dir = data_dir.join("secrets");
         let configs_dir = data_dir.join("configs");
         let quarantine_dir = data_dir.join("quarantine");
         create_private_dir(&secrets_dir)?;
         create_private_dir(&configs_dir)?;
-        let mut report = OpenReport::default();
+        let ring = keys.current();
+        let manifest_path = data_dir.join(manifest::FILE_NAME);
+        if options.rebuild_manifest && manifest_path.exists() {
+            let aside = data_dir.join(format!(
+                "{}.replaced-{}",
+                manifest::FILE_NAME,
+                jiff::Timestamp::now().as_second()
+            ));
+            std::fs::rename(&manifest_path, &aside)
+                .map_err(|e| StoreError::io(&manifest_path, e))?;
+            tracing::warn!(old = %aside.display(), "store manifest set aside; rebuilding it from the entries on disk");
+        }
+        let existing = Manifest::open(&manifest_path, &ring)?;
 
-        let secrets = files::load_dir(&secrets_dir, &quarantine_dir, &mut report, |bytes| {
-            let rec = SecretRecord::from_file_bytes(bytes)?;
-            Ok((rec.key.clone(), Arc::new(rec)))
+        let entry_keys = EntryKeys::of(&ring);
+        let mut report = OpenReport::default();
+        let secrets = files::read_entries(&secrets_dir, &mut report, |b| {
+            SecretRecord::from_file_bytes(b, &entry_keys)
         })?;
-        let configs = files::load_dir(&configs_dir, &quarantine_dir, &mut report, |bytes| {
-            let rec = ConfigRecord::from_file_bytes(bytes)?;
-            Ok((rec.key.clone(), Arc::new(rec)))
+        let configs = files::read_entries(&configs_dir, &mut report, |b| {
+            ConfigRecord::from_file_bytes(b, &entry_keys)
         })?;
-        report.secrets = secrets.len();
-        report.configs = configs.len();
+
+        let mut opening = Opening {
+            dirs: [(Kind::Secret, &secrets_dir), (Kind::Config, &configs_dir)],
+            quarantine_dir: &quarantine_dir,
+            ring: &ring,
+            manifest: existing,
+            rebuild: options.rebuild_manifest,
+            state: State::default(),
+            report,
+            refused_files: HashMap::new(),
+            unmanifested: Vec::new(),
+            candidates: Vec::new(),
+            legacy: Vec::new(),
+        };
+        opening.sort(secrets)?;
+        opening.sort(configs)?;
+        let (state, manifest, report) = opening.finish(manifest_path)?;
         Ok((
             Store {
                 secrets_dir,
                 configs_dir,
-                secrets: RwLock::new(secrets),
-                configs: RwLock::new(configs),
+                keys,
+                state: RwLock::new(state),
+                manifest: Mutex::new(manifest),
             },
             report,
         ))
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dir(&self, kind: Kind) -> &Path {
+        match kind {
+            Kind::Secret => &self.secrets_dir,
+            Kind::Config => &self.configs_dir,
+        }
+    }
+
+    fn lookup<R: Entry>(&self, key: &ObjectKey) -> Lookup<R> {
+        let state = self.read();
+        if let Some(r) = R::map(&state).get(key) {
+            return Lookup::Found(r.clone());
+        }
+        match state.quarantined.get(&(R::KIND, key.clone())) {
+            Some(why) => Lookup::Quarantined(why.clone()),
+            None => Lookup::Missing,
+        }
+    }
+
+    pub fn secret_entry(&self, key: &ObjectKey) -> Lookup<SecretRecord> {
+        self.lookup(key)
+    }
+
+    pub fn config_entry(&self, key: &ObjectKey) -> Lookup<ConfigRecord> {
+        self.lookup(key)
+    }
+
+    /// The secret held under `key`, if it is held and was not refused.
     pub fn secret(&self, key: &ObjectKey) -> Option<Arc<SecretRecord>> {
-        self.secrets.read().unwrap().get(key).cloned()
+        self.secret_entry(key).found()
     }
 
     pub fn config(&self, key: &ObjectKey) -> Option<Arc<ConfigRecord>> {
-        self.configs.read().unwrap().get(key).cloned()
+        self.config_entry(key).found()
     }
 
     /// The secrets of `namespace` whose names start with `prefix`, sorted by name.
@@ -131,7 +352,7 @@ impl Store {
         namespace: &Namespace,
         prefix: &NamePrefix,
     ) -> Vec<Arc<SecretRecord>> {
-        list(&self.secrets.read().unwrap(), namespace, prefix)
+        list(&self.read().secrets, namespace, prefix)
     }
 
     /// The configs of `namespace` whose names start with `prefix`, sorted by name.
@@ -140,63 +361,187 @@ impl Store {
         namespace: &Namespace,
         prefix: &NamePrefix,
     ) -> Vec<Arc<ConfigRecord>> {
-        list(&self.configs.read().unwrap(), namespace, prefix)
+        list(&self.read().configs, namespace, prefix)
     }
 
-    /// Every secret key held, in any namespace (the agent uses it to find what to delete).
+    /// Every secret key held or refused, in any namespace (the agent uses it to find what to
+    /// delete).
     pub fn secret_keys(&self) -> Vec<ObjectKey> {
-        self.secrets.read().unwrap().keys().cloned().collect()
+        self.keys_of(Kind::Secret)
     }
 
-    /// Every config key held, in any namespace.
+    /// Every config key held or refused, in any namespace.
     pub fn config_keys(&self) -> Vec<ObjectKey> {
-        self.configs.read().unwrap().keys().cloned().collect()
+        self.keys_of(Kind::Config)
     }
 
-    /// Durably writes `record`, then makes it visible. Refuses to replace a newer version of
-    /// the same object (same origin); a recreated object starts its own history.
-    /// Callers serialize writes to the same key; concurrent readers see the old or new record.
-    pub fn put_secret(&self, record: SecretRecord) -> Result<Arc<SecretRecord>, StoreError> {
-        if let Some(stored) = self.secret(&record.key)
-            && stored.origin == record.origin
-            && stored.version > record.version
-        {
-            return Err(StoreError::Stale {
-                key: record.key.clone(),
-                stored: stored.version.get(),
-                offered: record.version.get(),
-            });
+    fn keys_of(&self, kind: Kind) -> Vec<ObjectKey> {
+        let state = self.read();
+        let held: Vec<ObjectKey> = match kind {
+            Kind::Secret => state.secrets.keys().cloned().collect(),
+            Kind::Config => state.configs.keys().cloned().collect(),
+        };
+        let refused = state
+            .quarantined
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, key)| key.clone());
+        held.into_iter().chain(refused).collect()
+    }
+
+    /// The write remembered under `idempotency_key`, if it is still within its retention.
+    pub fn remembered_write(&self, idempotency_key: &str) -> Option<RememberedWrite> {
+        let state = self.read();
+        let found = state.writes.get(idempotency_key)?;
+        (!found.record.expired(jiff::Timestamp::now())).then(|| found.clone())
+    }
+
+    /// Durably writes `record` (if the entry is as `expect`ed), then makes it visible. Refuses
+    /// to replace a newer version of the same secret. Concurrent readers see the old or the new
+    /// record.
+    pub fn put_secret(
+        &self,
+        record: SecretRecord,
+        expect: Expect,
+    ) -> Result<Arc<SecretRecord>, StoreError> {
+        self.put(record, expect)
+    }
+
+    pub fn put_config(
+        &self,
+        record: ConfigRecord,
+        expect: Expect,
+    ) -> Result<Arc<ConfigRecord>, StoreError> {
+        self.put(record, expect)
+    }
+
+    /// Removes a secret (durably; the manifest records the delete first), keeping the writes it
+    /// remembers plus `writes` (a delete's own) for their retention. Returns the removed record.
+    pub fn delete_secret(
+        &self,
+        key: &ObjectKey,
+        expect: Expect,
+        writes: Vec<WriteRecord>,
+    ) -> Result<Option<Arc<SecretRecord>>, StoreError> {
+        self.delete::<SecretRecord>(key, expect, writes)
+    }
+
+    pub fn delete_config(
+        &self,
+        key: &ObjectKey,
+        expect: Expect,
+        writes: Vec<WriteRecord>,
+    ) -> Result<Option<Arc<ConfigRecord>>, StoreError> {
+        self.delete::<ConfigRecord>(key, expect, writes)
+    }
+
+    fn check_expect<R: Entry>(&self, key: &ObjectKey, expect: Expect) -> Result<(), StoreError> {
+        let found = match self.lookup::<R>(key) {
+            Lookup::Found(r) => Some(r.generation()),
+            Lookup::Quarantined(_) => Some(0),
+            Lookup::Missing => None,
+        };
+        let why = match (expect, found) {
+            (Expect::Any, _) | (Expect::Absent, None) => return Ok(()),
+            (Expect::Generation(g), Some(f)) if g == f => return Ok(()),
+            (Expect::Absent, Some(_)) => "it exists",
+            (Expect::Generation(_), Some(_)) => "it was written since",
+            (Expect::Generation(_), None) => "it was deleted since",
+        };
+        Err(StoreError::Changed {
+            key: key.clone(),
+            why,
+        })
+    }
+
+    fn put<R: Entry>(&self, mut record: R, expect: Expect) -> Result<Arc<R>, StoreError> {
+        let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = self.keys.current();
+        self.check_expect::<R>(record.key(), expect)?;
+        let previous = self.lookup::<R>(record.key()).found();
+        if let Some(stored) = &previous {
+            R::check_forward(stored, &record)?;
         }
-        let name = file_name(Kind::Secret, &record.key);
-        write_atomic(&self.secrets_dir, &name, &record.to_file_bytes())?;
+        let generation = manifest.next_generation();
+        record.set_generation(generation);
+        let mac = MacKey::active(&ring, Purpose::StoreEntry);
+        let dir = self.dir(R::KIND);
+        let name = file_name(R::KIND, record.key());
+        write_atomic(dir, &name, &record.to_file_bytes(&mac))?;
+        if let Err(e) = manifest.record_put(&ring, R::KIND, record.key(), generation) {
+            // The entry must not outlive a change the manifest never recorded: put back what
+            // was there. If even that fails, a restart adopts the entry (it is exactly one
+            // generation ahead) — the one case where a failed write can surface later.
+            let undo = match &previous {
+                Some(p) => write_atomic(dir, &name, &p.to_file_bytes(&mac)),
+                None => files::remove_durably(dir, &name),
+            };
+            if let Err(undo) = undo {
+                tracing::error!(key = %record.key(), error = %undo,
+                    "a failed store write could not be undone; it will reappear after a restart");
+            }
+            return Err(e);
+        }
         let record = Arc::new(record);
-        self.secrets
-            .write()
-            .unwrap()
-            .insert(record.key.clone(), record.clone());
+        let mut state = self.write();
+        if let Some(p) = &previous {
+            for w in p.writes() {
+                state.writes.remove(&w.idempotency_key);
+            }
+        }
+        index_writes(&mut state, R::KIND, record.key(), record.writes());
+        state.quarantined.remove(&(R::KIND, record.key().clone()));
+        R::map_mut(&mut state).insert(record.key().clone(), record.clone());
         Ok(record)
     }
 
-    pub fn put_config(&self, record: ConfigRecord) -> Result<Arc<ConfigRecord>, StoreError> {
-        let name = file_name(Kind::Config, &record.key);
-        write_atomic(&self.configs_dir, &name, &record.to_file_bytes())?;
-        let record = Arc::new(record);
-        self.configs
-            .write()
-            .unwrap()
-            .insert(record.key.clone(), record.clone());
-        Ok(record)
+    fn delete<R: Entry>(
+        &self,
+        key: &ObjectKey,
+        expect: Expect,
+        extra_writes: Vec<WriteRecord>,
+    ) -> Result<Option<Arc<R>>, StoreError> {
+        let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = self.keys.current();
+        self.check_expect::<R>(key, expect)?;
+        let lookup = self.lookup::<R>(key);
+        if matches!(lookup, Lookup::Missing) && extra_writes.is_empty() {
+            return Ok(None);
+        }
+        let current = lookup.found();
+        let mut writes: Vec<WriteRecord> =
+            current.iter().flat_map(|r| r.writes().to_vec()).collect();
+        writes.extend(extra_writes);
+        let writes = writes::retained(writes, jiff::Timestamp::now());
+        manifest.record_delete(&ring, R::KIND, key, writes.clone())?;
+        let dir = self.dir(R::KIND);
+        if let Err(e) = files::remove_durably(dir, &file_name(R::KIND, key)) {
+            // The delete is committed (the manifest says so); start-up removes the file.
+            tracing::error!(%key, error = %e, "a deleted entry's file could not be removed; it is removed at the next start");
+        }
+        let mut state = self.write();
+        if let Some(r) = &current {
+            for w in r.writes() {
+                state.writes.remove(&w.idempotency_key);
+            }
+        }
+        index_writes(&mut state, R::KIND, key, &writes);
+        state.quarantined.remove(&(R::KIND, key.clone()));
+        R::map_mut(&mut state).remove(key);
+        Ok(current)
     }
+}
 
-    /// Removes a secret's file (durably) and its entry. Returns the removed record.
-    pub fn delete_secret(&self, key: &ObjectKey) -> Result<Option<Arc<SecretRecord>>, StoreError> {
-        files::remove_durably(&self.secrets_dir, &file_name(Kind::Secret, key))?;
-        Ok(self.secrets.write().unwrap().remove(key))
-    }
-
-    pub fn delete_config(&self, key: &ObjectKey) -> Result<Option<Arc<ConfigRecord>>, StoreError> {
-        files::remove_durably(&self.configs_dir, &file_name(Kind::Config, key))?;
-        Ok(self.configs.write().unwrap().remove(key))
+fn index_writes(state: &mut State, kind: Kind, key: &ObjectKey, writes: &[WriteRecord]) {
+    for w in writes {
+        state.writes.insert(
+            w.idempotency_key.clone(),
+            RememberedWrite {
+                kind,
+                key: key.clone(),
+                record: w.clone(),
+            },
+        );
     }
 }
 
@@ -210,4 +555,278 @@ fn list<R>(
         .filter(|(k, _)| &k.namespace == namespace && prefix.matches(&k.name))
         .map(|(_, r)| r.clone())
         .collect()
+}
+
+/// Start-up: entries read from disk, sorted into accepted, refused and pending, then checked
+/// against the manifest.
+struct Opening<'a> {
+    dirs: [(Kind, &'a PathBuf); 2],
+    quarantine_dir: &'a Path,
+    ring: &'a Keyring,
+    manifest: Option<Manifest>,
+    rebuild: bool,
+    state: State,
+    report: OpenReport,
+    /// File names of refused files (to name the object a manifest line expected there).
+    refused_files: HashMap<String, String>,
+    /// Authenticated entries found while there is no manifest.
+    unmanifested: Vec<Pending>,
+    /// Entries exactly one generation ahead of the manifest: a put a crash interrupted between
+    /// its entry and its manifest line.
+    candidates: Vec<Pending>,
+    /// Format-1 entries.
+    legacy: Vec<Pending>,
+}
+
+/// An entry not yet accepted.
+enum Pending {
+    Secret(PathBuf, SecretRecord),
+    Config(PathBuf, ConfigRecord),
+}
+
+trait IntoPending: Entry {
+    fn pending(path: PathBuf, record: Self) -> Pending;
+}
+
+impl IntoPending for SecretRecord {
+    fn pending(path: PathBuf, record: Self) -> Pending {
+        Pending::Secret(path, record)
+    }
+}
+
+impl IntoPending for ConfigRecord {
+    fn pending(path: PathBuf, record: Self) -> Pending {
+        Pending::Config(path, record)
+    }
+}
+
+impl Opening<'_> {
+    fn dir(&self, kind: Kind) -> &Path {
+        self.dirs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, d)| d.as_path())
+            .expect("both kinds have a directory")
+    }
+
+    fn refuse_file(&mut self, path: &Path, reason: &str) -> Result<(), StoreError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_owned();
+        let to = files::quarantine(path, self.quarantine_dir, reason)?;
+        self.refused_files.insert(name, reason.to_owned());
+        self.report.quarantined.push(to);
+        Ok(())
+    }
+
+    fn refuse_object(&mut self, kind: Kind, key: &ObjectKey, reason: String) {
+        tracing::error!(kind = kind.as_str(), %key, reason, "store entry refused: it is not served until it is written or deleted again");
+        self.state
+            .quarantined
+            .insert((kind, key.clone()), Arc::from(reason.as_str()));
+        self.report.refused.push((kind, key.clone(), reason));
+    }
+
+    fn accept<R: Entry>(&mut self, record: R) {
+        index_writes(&mut self.state, R::KIND, record.key(), record.writes());
+        R::map_mut(&mut self.state).insert(record.key().clone(), Arc::new(record));
+    }
+
+    /// Sorts the entries of one kind.
+    fn sort<R: IntoPending>(
+        &mut self,
+        loaded: Vec<files::Parsed<Decoded<R>>>,
+    ) -> Result<(), StoreError> {
+        for (path, parsed) in loaded {
+            let record = match parsed {
+                Err(why) => {
+                    self.refuse_file(&path, &format!("unreadable: {why}"))?;
+                    continue;
+                }
+                Ok(Decoded::Legacy(record)) => {
+                    self.legacy.push(R::pending(path, record));
+                    continue;
+                }
+                Ok(Decoded::Authentic(record)) => record,
+            };
+            let expected_name = file_name(R::KIND, record.key());
+            if path.file_name().and_then(|n| n.to_str()) != Some(expected_name.as_str()) {
+                self.refuse_file(
+                    &path,
+                    &format!("it holds {}, which belongs in another file", record.key()),
+                )?;
+                continue;
+            }
+            let Some(manifest) = &self.manifest else {
+                self.unmanifested.push(R::pending(path, record));
+                continue;
+            };
+            let generation = record.generation();
+            match manifest.mark(R::KIND, record.key()) {
+                Some(m) if !m.deleted && m.generation == generation => self.accept(record),
+                Some(m) if m.deleted && generation < m.generation => {
+                    // A delete that a crash interrupted after its manifest line.
+                    files::remove_durably(self.dir(R::KIND), &expected_name)?;
+                }
+                _ if generation == manifest.next_generation() => {
+                    self.candidates.push(R::pending(path, record));
+                }
+                Some(m) if generation < m.generation => {
+                    let why = format!(
+                        "rolled back: its entry is from store generation {generation}, but generation {} was written since",
+                        m.generation
+                    );
+                    let key = record.key().clone();
+                    self.refuse_file(&path, &why)?;
+                    self.refuse_object(R::KIND, &key, why);
+                }
+                _ => {
+                    let why = "the store manifest has no record of this entry (restored from elsewhere, or forged)".to_owned();
+                    self.refuse_file(&path, &why)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn adopt(&mut self, pending: Pending, generation: Option<u64>) -> Result<(), StoreError> {
+        match pending {
+            Pending::Secret(path, record) => self.adopt_one(path, record, generation),
+            Pending::Config(path, record) => self.adopt_one(path, record, generation),
+        }
+    }
+
+    /// Records an entry in the manifest: as it is (`generation` None), or rewritten at a new
+    /// generation (a migrated format-1 entry).
+    fn adopt_one<R: Entry>(
+        &mut self,
+        path: PathBuf,
+        mut record: R,
+        generation: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let manifest = self.manifest.as_mut().expect("created before adopting");
+        if let Some(g) = generation {
+            record.set_generation(g);
+            let mac = MacKey::active(self.ring, Purpose::StoreEntry);
+            let dir = path.parent().unwrap_or(Path::new("."));
+            write_atomic(
+                dir,
+                &file_name(R::KIND, record.key()),
+                &record.to_file_bytes(&mac),
+            )?;
+        }
+        manifest.record_put(self.ring, R::KIND, record.key(), record.generation())?;
+        self.accept(record);
+        Ok(())
+    }
+
+    fn finish(
+        mut self,
+        manifest_path: PathBuf,
+    ) -> Result<(State, Manifest, OpenReport), StoreError> {
+        if self.manifest.is_none() {
+            if !self.unmanifested.is_empty() && !self.rebuild {
+                return Err(StoreError::Integrity(format!(
+                    "the store manifest {} is missing, but {} authenticated entries exist: the manifest was deleted or lost, so a rolled-back entry could not be told from a current one. Restore the data directory from a backup, or start with --rebuild-store-manifest to accept the entries as they are",
+                    manifest_path.display(),
+                    self.unmanifested.len()
+                )));
+            }
+            let next = self
+                .unmanifested
+                .iter()
+                .map(|p| match p {
+                    Pending::Secret(_, r) => r.generation,
+                    Pending::Config(_, r) => r.generation,
+                })
+                .max()
+                .unwrap_or(0)
+                + 1;
+            self.manifest = Some(Manifest::create(&manifest_path, self.ring, next)?);
+            for pending in std::mem::take(&mut self.unmanifested) {
+                self.adopt(pending, None)?;
+            }
+            let legacy = std::mem::take(&mut self.legacy);
+            self.report.migrated = legacy.len();
+            for pending in legacy {
+                let next = self.manifest.as_ref().expect("created").next_generation();
+                self.adopt(pending, Some(next))?;
+            }
+            if self.report.migrated > 0 {
+                tracing::info!(
+                    entries = self.report.migrated,
+                    "store entries migrated to the authenticated format"
+                );
+            }
+        } else {
+            for pending in std::mem::take(&mut self.legacy) {
+                let path = match &pending {
+                    Pending::Secret(p, _) | Pending::Config(p, _) => p.clone(),
+                };
+                self.refuse_file(&path, "an entry in the old, unauthenticated format appeared beside an authenticated store (a downgrade)")?;
+            }
+            let mut candidates = std::mem::take(&mut self.candidates).into_iter();
+            if let Some(first) = candidates.next() {
+                tracing::warn!(
+                    "a store write interrupted by a crash before its manifest line is adopted"
+                );
+                self.adopt(first, None)?;
+            }
+            for other in candidates {
+                let path = match &other {
+                    Pending::Secret(p, _) | Pending::Config(p, _) => p.clone(),
+                };
+                self.refuse_file(
+                    &path,
+                    "it claims a store generation another entry already has",
+                )?;
+            }
+        }
+        let manifest = self.manifest.take().expect("opened or created");
+        // Objects the manifest says exist but whose entry was not accepted.
+        let missing: Vec<(Kind, ObjectKey)> = manifest
+            .live()
+            .filter(|(kind, key, _)| {
+                let held = match kind {
+                    Kind::Secret => self.state.secrets.contains_key(*key),
+                    Kind::Config => self.state.configs.contains_key(*key),
+                };
+                !held
+                    && !self
+                        .state
+                        .quarantined
+                        .contains_key(&(*kind, (*key).clone()))
+            })
+            .map(|(kind, key, _)| (kind, key.clone()))
+            .collect();
+        for (kind, key) in missing {
+            let why = match self.refused_files.get(&file_name(kind, &key)) {
+                Some(reason) => format!("its entry was refused: {reason}"),
+                None => "its entry file is missing".to_owned(),
+            };
+            self.refuse_object(kind, &key, why);
+        }
+        let now = jiff::Timestamp::now();
+        let tombstones: Vec<(Kind, ObjectKey, WriteRecord)> = manifest
+            .tombstones()
+            .filter(|(_, _, w)| !w.expired(now))
+            .map(|(kind, key, w)| (kind, key.clone(), w.clone()))
+            .collect();
+        for (kind, key, w) in tombstones {
+            // A live entry's own record of the same key is newer; keep it.
+            self.state
+                .writes
+                .entry(w.idempotency_key.clone())
+                .or_insert(RememberedWrite {
+                    kind,
+                    key,
+                    record: w,
+                });
+        }
+        self.report.secrets = self.state.secrets.len();
+        self.report.configs = self.state.configs.len();
+        Ok((self.state, manifest, self.report))
+    }
 }

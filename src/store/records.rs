@@ -1,24 +1,22 @@
 //! What one stored entry holds, and its on-disk encoding.
+//!
+//! An entry file (format 2) is one JSON object whose last field, `mac`, is HMAC-SHA256 over the
+//! entry's kind and every byte before that field, under a key derived from the master key the
+//! file names (`keyId`). So nothing in it (names, version, allowed workloads, the object's uid,
+//! the remembered writes, the store generation) can be changed on disk without the change being
+//! found at start-up. Format 1 (before entries were authenticated) is read only to migrate it.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
-use crate::crypto::Envelope;
-use crate::domain::{ConfigData, Name, Namespace, ObjectKey, Version, WorkloadSet};
+use super::writes::WriteRecord;
+use crate::crypto::{Envelope, KeyId, Keyring, MacKey, Purpose};
+use crate::domain::{ConfigData, Kind, Name, Namespace, ObjectKey, Version, WorkloadSet};
 
-/// The idempotency key of the write that produced an entry, and a keyed digest of that request,
-/// so a retry of the same request is recognised (even after a restart) and a reuse of the key
-/// for a different request is refused. The digest is an HMAC, never a plain hash of the data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct WriteMark {
-    pub idempotency_key: String,
-    pub fingerprint: String,
-}
-
-/// A stored secret: metadata in clear, data only as a sealed envelope.
+/// A stored secret: metadata in clear (authenticated), data only as a sealed envelope.
 #[derive(Debug, Clone)]
 pub struct SecretRecord {
     pub key: ObjectKey,
@@ -27,13 +25,18 @@ pub struct SecretRecord {
     pub updated_at: Timestamp,
     pub allowed_workloads: WorkloadSet,
     pub envelope: Envelope,
-    pub last_write: Option<WriteMark>,
     /// The uid of the Kubernetes object this entry mirrors (None in dev mode): a new object
     /// under the same name starts a new version history.
     pub origin: Option<String>,
+    /// The idempotent writes that led here, within their retention.
+    pub writes: Vec<WriteRecord>,
+    /// The store's write counter when this entry was written; set by the store on every put
+    /// (what a caller passes in is ignored). It is the entry's high-water mark in the manifest.
+    pub generation: u64,
 }
 
-/// A stored config: plain data (the seed: configs are not encrypted).
+/// A stored config: plain data (the seed: configs are not encrypted), authenticated like a
+/// secret's metadata.
 #[derive(Debug, Clone)]
 pub struct ConfigRecord {
     pub key: ObjectKey,
@@ -41,12 +44,90 @@ pub struct ConfigRecord {
     pub immutable: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
-    pub last_write: Option<WriteMark>,
     /// The uid of the Kubernetes object this entry mirrors (None in dev mode).
     pub origin: Option<String>,
+    pub writes: Vec<WriteRecord>,
+    pub generation: u64,
 }
 
-const FILE_FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
+const LEGACY_FORMAT: u32 = 1;
+const MAC_FIELD: &str = "mac";
+
+/// The entry-authentication keys of every master key in a keyring, derived once per start-up.
+pub(crate) struct EntryKeys(HashMap<KeyId, MacKey>);
+
+impl EntryKeys {
+    pub(crate) fn of(keyring: &Keyring) -> Self {
+        EntryKeys(
+            keyring
+                .key_ids()
+                .filter_map(|id| {
+                    MacKey::for_key(keyring, id, Purpose::StoreEntry)
+                        .ok()
+                        .map(|k| (id.clone(), k))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What decoding an entry file gave.
+pub(crate) enum Decoded<R> {
+    /// A format-2 entry whose MAC checked out.
+    Authentic(R),
+    /// A format-1 entry: nothing vouches for it; only a migration may accept it.
+    Legacy(R),
+}
+
+fn seal(kind: Kind, body: Vec<u8>, mac: &MacKey) -> Vec<u8> {
+    let tag = mac.tag(&[kind.as_str().as_bytes(), &body]);
+    crate::trailer::append(&body, MAC_FIELD, &tag)
+}
+
+/// Checks the MAC of an entry file and returns the body it covers, or `None` if the file has
+/// no MAC (format 1).
+fn authenticated_body(
+    kind: Kind,
+    bytes: &[u8],
+    keys: &EntryKeys,
+) -> Result<Option<Vec<u8>>, String> {
+    let Some((body, tag)) = crate::trailer::split(bytes, MAC_FIELD) else {
+        return Ok(None);
+    };
+    let key_id = key_id_of(&body)?;
+    let key = keys.0.get(&key_id).ok_or_else(|| {
+        format!("it is authenticated with master key {key_id}, which is not in the keyring")
+    })?;
+    if !key.verify(&[kind.as_str().as_bytes(), &body], &tag) {
+        return Err(
+            "its MAC does not match its content (edited, or written with another keyring)"
+                .to_owned(),
+        );
+    }
+    Ok(Some(body))
+}
+
+/// The `keyId` of an entry body, read before the body is trusted (it only picks the key).
+fn key_id_of(body: &[u8]) -> Result<KeyId, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct KeyIdOnly {
+        key_id: KeyId,
+    }
+    serde_json::from_slice::<KeyIdOnly>(body)
+        .map(|k| k.key_id)
+        .map_err(|e| format!("its keyId cannot be read (column {})", e.column()))
+}
+
+fn parse_error(what: &str, e: serde_json::Error) -> String {
+    // serde's message may quote the offending text; the position says enough.
+    format!(
+        "not a {what} entry (column {}: {:?})",
+        e.column(),
+        e.classify()
+    )
+}
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -61,9 +142,90 @@ struct SecretFile {
     /// Base64 of the envelope bytes (see `crypto::envelope`).
     envelope: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    last_write: Option<WriteMark>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    writes: Vec<WriteRecord>,
+    generation: u64,
+    key_id: KeyId,
+}
+
+/// Format 1, read for migration only. Its `lastWrite` (the old idempotency mark, keyed with
+/// the active master key) is dropped: it cannot be trusted, and it was bound to nothing.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LegacySecretFile {
+    format: u32,
+    namespace: Namespace,
+    name: Name,
+    version: Version,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    allowed_workloads: WorkloadSet,
+    envelope: String,
+    #[serde(default, rename = "lastWrite")]
+    _last_write: Option<serde_json::Value>,
+    #[serde(default)]
+    origin: Option<String>,
+}
+
+fn decode_envelope(b64: &str) -> Result<Envelope, String> {
+    B64.decode(b64.as_bytes())
+        .map_err(|_| "envelope is not base64".to_owned())
+        .and_then(|b| Envelope::from_bytes(&b).map_err(|e| e.to_string()))
+}
+
+impl SecretRecord {
+    pub(crate) fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8> {
+        let file = SecretFile {
+            format: FORMAT,
+            namespace: self.key.namespace.clone(),
+            name: self.key.name.clone(),
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            allowed_workloads: self.allowed_workloads.clone(),
+            envelope: B64.encode(self.envelope.to_bytes()),
+            origin: self.origin.clone(),
+            writes: self.writes.clone(),
+            generation: self.generation,
+            key_id: mac.key_id().clone(),
+        };
+        let body = serde_json::to_vec(&file).expect("a secret record serializes");
+        seal(Kind::Secret, body, mac)
+    }
+
+    pub(crate) fn from_file_bytes(bytes: &[u8], keys: &EntryKeys) -> Result<Decoded<Self>, String> {
+        if let Some(body) = authenticated_body(Kind::Secret, bytes, keys)? {
+            let file: SecretFile =
+                serde_json::from_slice(&body).map_err(|e| parse_error("secret", e))?;
+            check_format(file.format, FORMAT)?;
+            return Ok(Decoded::Authentic(SecretRecord {
+                key: ObjectKey::new(file.namespace, file.name),
+                version: file.version,
+                created_at: file.created_at,
+                updated_at: file.updated_at,
+                allowed_workloads: file.allowed_workloads,
+                envelope: decode_envelope(&file.envelope)?,
+                origin: file.origin,
+                writes: file.writes,
+                generation: file.generation,
+            }));
+        }
+        let file: LegacySecretFile =
+            serde_json::from_slice(bytes).map_err(|e| parse_error("secret", e))?;
+        check_format(file.format, LEGACY_FORMAT)?;
+        Ok(Decoded::Legacy(SecretRecord {
+            key: ObjectKey::new(file.namespace, file.name),
+            version: file.version,
+            created_at: file.created_at,
+            updated_at: file.updated_at,
+            allowed_workloads: file.allowed_workloads,
+            envelope: decode_envelope(&file.envelope)?,
+            origin: file.origin,
+            writes: Vec::new(),
+            generation: 0,
+        }))
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,93 +234,90 @@ struct ConfigFile {
     format: u32,
     namespace: Namespace,
     name: Name,
-    data: serde_json::Value,
+    data: ConfigData,
     immutable: bool,
     created_at: Timestamp,
     updated_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    last_write: Option<WriteMark>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    writes: Vec<WriteRecord>,
+    generation: u64,
+    key_id: KeyId,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LegacyConfigFile {
+    format: u32,
+    namespace: Namespace,
+    name: Name,
+    data: ConfigData,
+    immutable: bool,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    #[serde(default, rename = "lastWrite")]
+    _last_write: Option<serde_json::Value>,
+    #[serde(default)]
     origin: Option<String>,
 }
 
-fn check_format(format: u32) -> Result<(), String> {
-    if format != FILE_FORMAT {
+fn check_format(format: u32, expected: u32) -> Result<(), String> {
+    if format != expected {
         return Err(format!(
-            "entry file format {format} is not supported by this build (it reads format {FILE_FORMAT})"
+            "entry file format {format} is not supported by this build (it reads format {FORMAT}, and migrates format {LEGACY_FORMAT})"
         ));
     }
     Ok(())
 }
 
-impl SecretRecord {
-    pub(crate) fn to_file_bytes(&self) -> Vec<u8> {
-        let file = SecretFile {
-            format: FILE_FORMAT,
-            namespace: self.key.namespace.clone(),
-            name: self.key.name.clone(),
-            version: self.version,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            allowed_workloads: self.allowed_workloads.clone(),
-            envelope: B64.encode(self.envelope.to_bytes()),
-            last_write: self.last_write.clone(),
-            origin: self.origin.clone(),
-        };
-        serde_json::to_vec(&file).expect("secret record serializes")
-    }
-
-    pub(crate) fn from_file_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let file: SecretFile =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a secret entry: {e}"))?;
-        check_format(file.format)?;
-        let envelope = B64
-            .decode(file.envelope.as_bytes())
-            .map_err(|_| "envelope is not base64".to_owned())
-            .and_then(|b| Envelope::from_bytes(&b).map_err(|e| e.to_string()))?;
-        Ok(SecretRecord {
-            key: ObjectKey::new(file.namespace, file.name),
-            version: file.version,
-            created_at: file.created_at,
-            updated_at: file.updated_at,
-            allowed_workloads: file.allowed_workloads,
-            envelope,
-            last_write: file.last_write,
-            origin: file.origin,
-        })
-    }
-}
-
 impl ConfigRecord {
-    pub(crate) fn to_file_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8> {
         let file = ConfigFile {
-            format: FILE_FORMAT,
+            format: FORMAT,
             namespace: self.key.namespace.clone(),
             name: self.key.name.clone(),
-            data: serde_json::to_value(&self.data).expect("config data serializes"),
+            data: self.data.clone(),
             immutable: self.immutable,
             created_at: self.created_at,
             updated_at: self.updated_at,
-            last_write: self.last_write.clone(),
             origin: self.origin.clone(),
+            writes: self.writes.clone(),
+            generation: self.generation,
+            key_id: mac.key_id().clone(),
         };
-        serde_json::to_vec(&file).expect("config record serializes")
+        let body = serde_json::to_vec(&file).expect("a config record serializes");
+        seal(Kind::Config, body, mac)
     }
 
-    pub(crate) fn from_file_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let file: ConfigFile =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a config entry: {e}"))?;
-        check_format(file.format)?;
-        let data: ConfigData =
-            serde_json::from_value(file.data).map_err(|e| format!("config data: {e}"))?;
-        Ok(ConfigRecord {
+    pub(crate) fn from_file_bytes(bytes: &[u8], keys: &EntryKeys) -> Result<Decoded<Self>, String> {
+        if let Some(body) = authenticated_body(Kind::Config, bytes, keys)? {
+            let file: ConfigFile =
+                serde_json::from_slice(&body).map_err(|e| parse_error("config", e))?;
+            check_format(file.format, FORMAT)?;
+            return Ok(Decoded::Authentic(ConfigRecord {
+                key: ObjectKey::new(file.namespace, file.name),
+                data: file.data,
+                immutable: file.immutable,
+                created_at: file.created_at,
+                updated_at: file.updated_at,
+                origin: file.origin,
+                writes: file.writes,
+                generation: file.generation,
+            }));
+        }
+        let file: LegacyConfigFile =
+            serde_json::from_slice(bytes).map_err(|e| parse_error("config", e))?;
+        check_format(file.format, LEGACY_FORMAT)?;
+        Ok(Decoded::Legacy(ConfigRecord {
             key: ObjectKey::new(file.namespace, file.name),
-            data,
+            data: file.data,
             immutable: file.immutable,
             created_at: file.created_at,
             updated_at: file.updated_at,
-            last_write: file.last_write,
             origin: file.origin,
-        })
+            writes: Vec::new(),
+            generation: 0,
+        }))
     }
 }

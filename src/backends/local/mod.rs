@@ -1,541 +1,37 @@
-//! The `local` backend: the embedded encrypted store behind `claw-secrets dev`.
+//! The `local` backend of `claw-secrets dev`: the command core's two seams on one machine.
 //!
-//! Access rules in dev mode (the Kubernetes backend replaces them with TokenReview and
-//! SubjectAccessReview):
-//! - an admin token may run every command in every namespace;
-//! - a workload token may read (`secret.get`, `secret.list`, `config.get`, `config.list`) in
-//!   its own namespace, and `secret.get` only where the secret's `allowed_workloads` is empty
-//!   or names it; `secret.list` shows it only the secrets it could read;
-//! - any other token may do nothing.
+//! - [`TokenAuthorizer`]: callers are bearer tokens of the tokens file. An admin token may do
+//!   everything in every namespace; a workload token may read configs of its own namespace
+//!   (`get`, `list`). The core adds the product's own rule on top: a workload reads the secrets
+//!   of its namespace that list it (or list no one), and lists just those. Anything else is
+//!   refused.
+//! - [`StoreRepository`]: the node store is the source of truth; writes are checked against the
+//!   entry's store generation, under the store's write lock.
 
 pub mod tokens;
 
-use hmac::{Hmac, Mac};
-use jiff::{Timestamp, Unit};
-use sha2::Sha256;
 use std::sync::Arc;
-use zeroize::Zeroizing;
 
-use crate::crypto::{self, Keyring, SecretIdentity};
-use crate::domain::{ErrorCode, Kind, Namespace, ObjectKey, Version};
+use crate::domain::{ErrorCode, ObjectKey};
 use crate::invoke::{
-    Backend, Caller, Command, ConfigCreate, ConfigMeta, ConfigUpdate, ConfigView, Deleted,
-    InvokeError, ListParams, NameParams, Payload, SecretCreate, SecretMeta, SecretRotate,
-    SecretView, Target, WriteRequest,
+    Access, Authorizer, Caller, Current, CurrentConfig, CurrentSecret, Decision, InvokeError,
+    Repository, Resource, Revision, Verb,
 };
-use crate::store::{ConfigRecord, SecretRecord, Store, StoreError, WriteMark};
+use crate::store::{ConfigRecord, Expect, Lookup, SecretRecord, Store, StoreError, WriteRecord};
 use tokens::TokenStore;
 
-pub struct LocalBackend {
-    store: Arc<Store>,
-    keyring: Keyring,
+/// Dev mode's authorizer: the tokens file.
+pub struct TokenAuthorizer {
     tokens: TokenStore,
-    /// Writes are serialized: each one checks its precondition and persists under this lock,
-    /// so two writers never race on a version.
-    write_lock: tokio::sync::Mutex<()>,
-    /// Keys the fingerprints of idempotent writes (derived from the master key).
-    fingerprint_key: Zeroizing<[u8; 32]>,
 }
 
-impl LocalBackend {
-    pub fn new(store: Arc<Store>, keyring: Keyring, tokens: TokenStore) -> Self {
-        let hk = hkdf::Hkdf::<Sha256>::new(None, &keyring_fingerprint_seed(&keyring));
-        let mut fingerprint_key = Zeroizing::new([0u8; 32]);
-        hk.expand(
-            b"claw-secrets/v1/idempotency-fingerprint",
-            fingerprint_key.as_mut(),
-        )
-        .expect("32 bytes is a valid HKDF output length");
-        LocalBackend {
-            store,
-            keyring,
-            tokens,
-            write_lock: tokio::sync::Mutex::new(()),
-            fingerprint_key,
-        }
-    }
-
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
-    }
-
-    fn fingerprint(&self, write: &WriteRequest) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.fingerprint_key.as_ref())
-            .expect("HMAC takes any key length");
-        mac.update(&write.digest.0);
-        crate::hex::encode(&mac.finalize().into_bytes())
-    }
-
-    fn mark(&self, write: &Option<WriteRequest>) -> Option<WriteMark> {
-        write.as_ref().map(|w| WriteMark {
-            idempotency_key: w.key.as_str().to_owned(),
-            fingerprint: self.fingerprint(w),
-        })
-    }
-
-    /// Whether `write` repeats the write that produced an entry marked `mark`.
-    fn is_replay(
-        &self,
-        mark: &Option<WriteMark>,
-        write: &Option<WriteRequest>,
-    ) -> Result<bool, InvokeError> {
-        let (Some(mark), Some(write)) = (mark, write) else {
-            return Ok(false);
-        };
-        if mark.idempotency_key != write.key.as_str() {
-            return Ok(false);
-        }
-        if mark.fingerprint != self.fingerprint(write) {
-            return Err(InvokeError::invalid(format!(
-                "idempotencyKey {:?} was already used for a different request; use a new key for a new request",
-                write.key.as_str()
-            )));
-        }
-        Ok(true)
+impl TokenAuthorizer {
+    pub fn new(tokens: TokenStore) -> Self {
+        TokenAuthorizer { tokens }
     }
 }
 
-/// The master key of the active keyring entry seeds the fingerprint key, so fingerprints on
-/// disk mean nothing without the keyring.
-fn keyring_fingerprint_seed(keyring: &Keyring) -> Zeroizing<Vec<u8>> {
-    Zeroizing::new(keyring.active().bytes().to_vec())
-}
-
-fn now() -> Timestamp {
-    Timestamp::now()
-        .round(Unit::Millisecond)
-        .unwrap_or_else(|_| Timestamp::now())
-}
-
-fn denied(what: impl std::fmt::Display) -> InvokeError {
-    InvokeError::new(ErrorCode::PermissionDenied, what.to_string())
-}
-
-fn not_found(kind: Kind, key: &ObjectKey) -> InvokeError {
-    let what = if kind == Kind::Secret {
-        "secret"
-    } else {
-        "config"
-    };
-    InvokeError::new(
-        ErrorCode::NotFound,
-        format!(
-            "{what} {:?} does not exist in namespace {:?}",
-            key.name.as_str(),
-            key.namespace.as_str()
-        ),
-    )
-}
-
-fn store_error(e: StoreError) -> InvokeError {
-    match e {
-        StoreError::Stale { .. } => InvokeError::new(ErrorCode::Conflict, e.to_string()),
-        StoreError::Io { .. } => InvokeError::new(ErrorCode::Unavailable, e.to_string()),
-    }
-}
-
-/// Runs blocking store I/O off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, InvokeError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| InvokeError::internal("store task failed"))?
-        .map_err(store_error)
-}
-
-impl LocalBackend {
-    /// The namespace a command acts in: the one it names, else the caller's, else `default`.
-    /// Non-admin callers are confined to their own namespace.
-    fn namespace_for(
-        &self,
-        caller: &Caller,
-        requested: Option<&Namespace>,
-    ) -> Result<Namespace, InvokeError> {
-        let own = caller.namespace.clone();
-        let ns = requested
-            .cloned()
-            .or(own.clone())
-            .unwrap_or_else(Namespace::default_namespace);
-        if !caller.admin && own.as_ref() != Some(&ns) {
-            return Err(denied(format!(
-                "{} may not act in namespace {:?}: callers are confined to their own namespace",
-                caller.subject,
-                ns.as_str()
-            )));
-        }
-        Ok(ns)
-    }
-
-    fn require_admin(&self, caller: &Caller, command: &str) -> Result<(), InvokeError> {
-        if caller.admin {
-            return Ok(());
-        }
-        Err(denied(format!(
-            "{} may not run {command}: in dev mode only an admin token may create, change or delete; workload tokens may only read",
-            caller.subject
-        )))
-    }
-
-    async fn secret_create(
-        &self,
-        caller: &Caller,
-        c: SecretCreate,
-        write: Option<WriteRequest>,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        let key = ObjectKey::new(ns, c.name);
-        target.namespace = Some(key.namespace.clone());
-        target.name = Some(key.name.clone());
-        self.require_admin(caller, "secret.create")?;
-        let _guard = self.write_lock.lock().await;
-        if let Some(existing) = self.store.secret(&key) {
-            target.version = Some(existing.version);
-            if self.is_replay(&existing.last_write, &write)? && existing.version == Version::FIRST {
-                return Ok(Payload::SecretMeta(SecretMeta::of(&existing)));
-            }
-            return Err(InvokeError::new(
-                ErrorCode::AlreadyExists,
-                format!(
-                    "secret {:?} already exists in namespace {:?} (version {}); use secret.rotate to change its data",
-                    key.name.as_str(),
-                    key.namespace.as_str(),
-                    existing.version
-                ),
-            ));
-        }
-        let version = Version::FIRST;
-        target.version = Some(version);
-        let envelope = crypto::seal(
-            &self.keyring,
-            &SecretIdentity {
-                kind: Kind::Secret,
-                namespace: &key.namespace,
-                name: &key.name,
-                version,
-            },
-            &c.data,
-        )
-        .map_err(|e| InvokeError::internal(format!("sealing failed: {e}")))?;
-        drop(c.data);
-        let at = now();
-        let record = SecretRecord {
-            key,
-            version,
-            created_at: at,
-            updated_at: at,
-            allowed_workloads: c.allowed_workloads,
-            envelope,
-            last_write: self.mark(&write),
-            origin: None,
-        };
-        let store = self.store.clone();
-        let stored = blocking(move || store.put_secret(record)).await?;
-        Ok(Payload::SecretMeta(SecretMeta::of(&stored)))
-    }
-
-    fn secret_get(
-        &self,
-        caller: &Caller,
-        c: NameParams,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        let key = ObjectKey::new(ns, c.name);
-        target.namespace = Some(key.namespace.clone());
-        target.name = Some(key.name.clone());
-        let record = self
-            .store
-            .secret(&key)
-            .ok_or_else(|| not_found(Kind::Secret, &key))?;
-        target.version = Some(record.version);
-        if !caller.admin {
-            let permitted = caller
-                .workload
-                .as_ref()
-                .is_some_and(|w| record.allowed_workloads.permits(w));
-            if !permitted {
-                return Err(denied(format!(
-                    "{} may not read secret {:?}: its allowed_workloads do not include this workload",
-                    caller.subject,
-                    key.name.as_str()
-                )));
-            }
-        }
-        let data = crypto::open(
-            &self.keyring,
-            &SecretIdentity {
-                kind: Kind::Secret,
-                namespace: &key.namespace,
-                name: &key.name,
-                version: record.version,
-            },
-            &record.envelope,
-        )
-        .map_err(|e| {
-            InvokeError::internal(format!(
-                "secret {:?} could not be decrypted: {e}",
-                key.name.as_str()
-            ))
-        })?;
-        Ok(Payload::Secret(SecretView {
-            meta: SecretMeta::of(&record),
-            data,
-        }))
-    }
-
-    async fn secret_rotate(
-        &self,
-        caller: &Caller,
-        c: SecretRotate,
-        write: Option<WriteRequest>,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        let key = ObjectKey::new(ns, c.name);
-        target.namespace = Some(key.namespace.clone());
-        target.name = Some(key.name.clone());
-        self.require_admin(caller, "secret.rotate")?;
-        let _guard = self.write_lock.lock().await;
-        let existing = self
-            .store
-            .secret(&key)
-            .ok_or_else(|| not_found(Kind::Secret, &key))?;
-        target.version = Some(existing.version);
-        if self.is_replay(&existing.last_write, &write)? {
-            return Ok(Payload::SecretMeta(SecretMeta::of(&existing)));
-        }
-        let version = existing.version.next();
-        target.version = Some(version);
-        let envelope = crypto::seal(
-            &self.keyring,
-            &SecretIdentity {
-                kind: Kind::Secret,
-                namespace: &key.namespace,
-                name: &key.name,
-                version,
-            },
-            &c.new_data,
-        )
-        .map_err(|e| InvokeError::internal(format!("sealing failed: {e}")))?;
-        drop(c.new_data);
-        let record = SecretRecord {
-            key,
-            version,
-            created_at: existing.created_at,
-            updated_at: now(),
-            allowed_workloads: existing.allowed_workloads.clone(),
-            envelope,
-            last_write: self.mark(&write),
-            origin: None,
-        };
-        let store = self.store.clone();
-        let stored = blocking(move || store.put_secret(record)).await?;
-        tracing::info!(namespace = %stored.key.namespace, name = %stored.key.name,
-            version = stored.version.get(), "secret rotated");
-        Ok(Payload::SecretMeta(SecretMeta::of(&stored)))
-    }
-
-    async fn secret_delete(
-        &self,
-        caller: &Caller,
-        c: NameParams,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        let key = ObjectKey::new(ns, c.name);
-        target.namespace = Some(key.namespace.clone());
-        target.name = Some(key.name.clone());
-        self.require_admin(caller, "secret.delete")?;
-        let _guard = self.write_lock.lock().await;
-        let existing = self
-            .store
-            .secret(&key)
-            .ok_or_else(|| not_found(Kind::Secret, &key))?;
-        target.version = Some(existing.version);
-        let store = self.store.clone();
-        let k = key.clone();
-        blocking(move || store.delete_secret(&k)).await?;
-        Ok(Payload::Deleted(Deleted {
-            name: key.name,
-            namespace: key.namespace,
-            deleted: true,
-        }))
-    }
-
-    fn secret_list(
-        &self,
-        caller: &Caller,
-        c: ListParams,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        target.namespace = Some(ns.clone());
-        let secrets = self
-            .store
-            .list_secrets(&ns, &c.prefix)
-            .iter()
-            .filter(|r| {
-                caller.admin
-                    || caller
-                        .workload
-                        .as_ref()
-                        .is_some_and(|w| r.allowed_workloads.permits(w))
-            })
-            .map(|r| SecretMeta::of(r))
-            .collect();
-        Ok(Payload::SecretList { secrets })
-    }
-
-    async fn config_create(
-        &self,
-        caller: &Caller,
-        c: ConfigCreate,
-        write: Option<WriteRequest>,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        let key = ObjectKey::new(ns, c.name);
-        target.namespace = Some(key.namespace.clone());
-        target.name = Some(key.name.clone());
-        self.require_admin(caller, "config.create")?;
-        let _guard = self.write_lock.lock().await;
-        if let Some(existing) = self.store.config(&key) {
-            if self.is_replay(&existing.last_write, &write)? {
-                return Ok(Payload::ConfigMeta(ConfigMeta::of(&existing)));
-            }
-            return Err(InvokeError::new(
-                ErrorCode::AlreadyExists,
-                format!(
-                    "config {:?} already exists in namespace {:?}; use config.update to change it",
-                    key.name.as_str(),
-                    key.namespace.as_str()
-                ),
-            ));
-        }
-        let at = now();
-        let record = ConfigRecord {
-            key,
-            data: c.data,
-            immutable: c.immutable,
-            created_at: at,
-            updated_at: at,
-            last_write: self.mark(&write),
-            origin: None,
-        };
-        let store = self.store.clone();
-        let stored = blocking(move || store.put_config(record)).await?;
-        Ok(Payload::ConfigMeta(ConfigMeta::of(&stored)))
-    }
-
-    fn config_get(
-        &self,
-        caller: &Caller,
-        c: NameParams,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        let key = ObjectKey::new(ns, c.name);
-        target.namespace = Some(key.namespace.clone());
-        target.name = Some(key.name.clone());
-        let record = self
-            .store
-            .config(&key)
-            .ok_or_else(|| not_found(Kind::Config, &key))?;
-        Ok(Payload::Config(ConfigView {
-            meta: ConfigMeta::of(&record),
-            data: record.data.clone(),
-        }))
-    }
-
-    async fn config_update(
-        &self,
-        caller: &Caller,
-        c: ConfigUpdate,
-        write: Option<WriteRequest>,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        let key = ObjectKey::new(ns, c.name);
-        target.namespace = Some(key.namespace.clone());
-        target.name = Some(key.name.clone());
-        self.require_admin(caller, "config.update")?;
-        let _guard = self.write_lock.lock().await;
-        let existing = self
-            .store
-            .config(&key)
-            .ok_or_else(|| not_found(Kind::Config, &key))?;
-        if self.is_replay(&existing.last_write, &write)? {
-            return Ok(Payload::ConfigMeta(ConfigMeta::of(&existing)));
-        }
-        if existing.immutable {
-            return Err(InvokeError::new(
-                ErrorCode::FailedPrecondition,
-                format!(
-                    "config {:?} is immutable: it cannot be modified after creation; delete it and create it again to change it",
-                    key.name.as_str()
-                ),
-            ));
-        }
-        let record = ConfigRecord {
-            key,
-            data: c.data,
-            immutable: c.immutable.unwrap_or(false),
-            created_at: existing.created_at,
-            updated_at: now(),
-            last_write: self.mark(&write),
-            origin: None,
-        };
-        let store = self.store.clone();
-        let stored = blocking(move || store.put_config(record)).await?;
-        Ok(Payload::ConfigMeta(ConfigMeta::of(&stored)))
-    }
-
-    async fn config_delete(
-        &self,
-        caller: &Caller,
-        c: NameParams,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        let key = ObjectKey::new(ns, c.name);
-        target.namespace = Some(key.namespace.clone());
-        target.name = Some(key.name.clone());
-        self.require_admin(caller, "config.delete")?;
-        let _guard = self.write_lock.lock().await;
-        if self.store.config(&key).is_none() {
-            return Err(not_found(Kind::Config, &key));
-        }
-        let store = self.store.clone();
-        let k = key.clone();
-        blocking(move || store.delete_config(&k)).await?;
-        Ok(Payload::Deleted(Deleted {
-            name: key.name,
-            namespace: key.namespace,
-            deleted: true,
-        }))
-    }
-
-    fn config_list(
-        &self,
-        caller: &Caller,
-        c: ListParams,
-        target: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let ns = self.namespace_for(caller, c.namespace.as_ref())?;
-        target.namespace = Some(ns.clone());
-        let configs = self
-            .store
-            .list_configs(&ns, &c.prefix)
-            .iter()
-            .map(|r| ConfigMeta::of(r))
-            .collect();
-        Ok(Payload::ConfigList { configs })
-    }
-}
-
-impl Backend for LocalBackend {
+impl Authorizer for TokenAuthorizer {
     async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, InvokeError> {
         let token = bearer.filter(|t| !t.is_empty()).ok_or_else(|| {
             InvokeError::new(
@@ -551,26 +47,177 @@ impl Backend for LocalBackend {
         })
     }
 
-    async fn execute(
+    async fn check(&self, caller: &Caller, access: Access<'_>) -> Result<Decision, InvokeError> {
+        if caller.admin {
+            return Ok(Decision::Allow);
+        }
+        if caller.namespace.as_ref() != Some(access.namespace) {
+            return Ok(Decision::Deny(
+                "callers are confined to their own namespace (in dev mode only an admin token acts in every namespace)"
+                    .to_owned(),
+            ));
+        }
+        Ok(match (access.resource, access.verb) {
+            (Resource::Configs, Verb::Get | Verb::List) => Decision::Allow,
+            _ => Decision::Deny(
+                "in dev mode only an admin token may create, change or delete, or read secrets beyond that; workload tokens may only read"
+                    .to_owned(),
+            ),
+        })
+    }
+}
+
+/// Dev mode's repository: the node store itself.
+pub struct StoreRepository {
+    store: Arc<Store>,
+}
+
+impl StoreRepository {
+    pub fn new(store: Arc<Store>) -> Self {
+        StoreRepository { store }
+    }
+
+    /// Runs blocking store I/O off the async workers.
+    async fn blocking<T: Send + 'static>(
         &self,
-        caller: &Caller,
-        command: Command,
-        write: Option<WriteRequest>,
-    ) -> (Target, Result<Payload, InvokeError>) {
-        let mut target = Target::default();
-        let t = &mut target;
-        let result = match command {
-            Command::SecretCreate(c) => self.secret_create(caller, c, write, t).await,
-            Command::SecretGet(c) => self.secret_get(caller, c, t),
-            Command::SecretDelete(c) => self.secret_delete(caller, c, t).await,
-            Command::SecretList(c) => self.secret_list(caller, c, t),
-            Command::SecretRotate(c) => self.secret_rotate(caller, c, write, t).await,
-            Command::ConfigCreate(c) => self.config_create(caller, c, write, t).await,
-            Command::ConfigGet(c) => self.config_get(caller, c, t),
-            Command::ConfigUpdate(c) => self.config_update(caller, c, write, t).await,
-            Command::ConfigDelete(c) => self.config_delete(caller, c, t).await,
-            Command::ConfigList(c) => self.config_list(caller, c, t),
-        };
-        (target, result)
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, InvokeError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|_| InvokeError::internal("store task failed"))?
+            .map_err(store_error)
+    }
+}
+
+fn revision(generation: u64) -> Revision {
+    Revision(generation.to_string())
+}
+
+/// The store generation a revision names; anything else matches no entry.
+fn expect(base: Option<&Revision>) -> Expect {
+    match base {
+        None => Expect::Any,
+        Some(r) => Expect::Generation(r.0.parse().unwrap_or(u64::MAX)),
+    }
+}
+
+fn store_error(e: StoreError) -> InvokeError {
+    match e {
+        StoreError::Changed { .. } | StoreError::Stale { .. } => {
+            InvokeError::new(ErrorCode::Conflict, e.to_string())
+        }
+        StoreError::Io { .. } => InvokeError::new(ErrorCode::Unavailable, e.to_string()),
+        StoreError::Integrity(_) => InvokeError::internal(e.to_string()),
+    }
+}
+
+/// A create that found something there by the time it committed.
+fn exists(e: InvokeError, key: &ObjectKey, what: &str) -> InvokeError {
+    if e.code != ErrorCode::Conflict {
+        return e;
+    }
+    InvokeError::new(
+        ErrorCode::AlreadyExists,
+        format!(
+            "{what} {:?} already exists in namespace {:?}",
+            key.name.as_str(),
+            key.namespace.as_str()
+        ),
+    )
+}
+
+impl Repository for StoreRepository {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn current_secret(&self, key: &ObjectKey) -> Result<Current<CurrentSecret>, InvokeError> {
+        Ok(match self.store.secret_entry(key) {
+            Lookup::Found(record) => Current::Found(CurrentSecret {
+                revision: revision(record.generation),
+                high_water: record.version,
+                record,
+            }),
+            Lookup::Missing => Current::Missing,
+            Lookup::Quarantined(why) => Current::Refused(why.to_string()),
+        })
+    }
+
+    async fn current_config(&self, key: &ObjectKey) -> Result<Current<CurrentConfig>, InvokeError> {
+        Ok(match self.store.config_entry(key) {
+            Lookup::Found(record) => Current::Found(CurrentConfig {
+                revision: revision(record.generation),
+                record,
+            }),
+            Lookup::Missing => Current::Missing,
+            Lookup::Quarantined(why) => Current::Refused(why.to_string()),
+        })
+    }
+
+    async fn create_secret(
+        &self,
+        record: SecretRecord,
+        _caller: &Caller,
+    ) -> Result<Arc<SecretRecord>, InvokeError> {
+        let key = record.key.clone();
+        self.blocking(move |s| s.put_secret(record, Expect::Absent))
+            .await
+            .map_err(|e| exists(e, &key, "secret"))
+    }
+
+    async fn replace_secret(
+        &self,
+        record: SecretRecord,
+        current: &CurrentSecret,
+        _caller: &Caller,
+    ) -> Result<Arc<SecretRecord>, InvokeError> {
+        let expect = expect(Some(&current.revision));
+        self.blocking(move |s| s.put_secret(record, expect)).await
+    }
+
+    async fn delete_secret(
+        &self,
+        key: &ObjectKey,
+        base: Option<&Revision>,
+        writes: Vec<WriteRecord>,
+        _caller: &Caller,
+    ) -> Result<(), InvokeError> {
+        let (key, expect) = (key.clone(), expect(base));
+        self.blocking(move |s| s.delete_secret(&key, expect, writes).map(|_| ()))
+            .await
+    }
+
+    async fn create_config(
+        &self,
+        record: ConfigRecord,
+        _caller: &Caller,
+    ) -> Result<Arc<ConfigRecord>, InvokeError> {
+        let key = record.key.clone();
+        self.blocking(move |s| s.put_config(record, Expect::Absent))
+            .await
+            .map_err(|e| exists(e, &key, "config"))
+    }
+
+    async fn replace_config(
+        &self,
+        record: ConfigRecord,
+        current: &CurrentConfig,
+        _caller: &Caller,
+    ) -> Result<Arc<ConfigRecord>, InvokeError> {
+        let expect = expect(Some(&current.revision));
+        self.blocking(move |s| s.put_config(record, expect)).await
+    }
+
+    async fn delete_config(
+        &self,
+        key: &ObjectKey,
+        base: Option<&Revision>,
+        writes: Vec<WriteRecord>,
+        _caller: &Caller,
+    ) -> Result<(), InvokeError> {
+        let (key, expect) = (key.clone(), expect(base));
+        self.blocking(move |s| s.delete_config(&key, expect, writes).map(|_| ()))
+            .await
     }
 }

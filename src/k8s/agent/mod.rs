@@ -3,26 +3,35 @@
 //! `node.invoke` on the node: reads from the store, writes through the API server.
 //!
 //! Start-up order matters for the "serve reads within 100 ms, API server down" target: the
-//! store, the cached keyring, the saved token reviews and the audit log are local, so the
+//! cached keyring, the store, the saved token reviews and the audit log are local, so the
 //! server listens before the agent has talked to the API server at all; syncing and key
-//! refresh run in the background.
+//! refresh run in the background. Only an agent without a cached keyring (its first start)
+//! waits for the API server: its store can be neither checked nor opened without one.
+//!
+//! The command core's seams: [`KubeAuthorizer`] (TokenReview, SubjectAccessReview) and
+//! [`KubeRepository`] (the store for reads, the API server for writes).
 
-mod backend;
+mod authorizer;
+mod events;
+mod repository;
 mod sync;
 
-pub use backend::{KeyringSlot, KubeBackend, LAST_WRITE_ANNOTATION};
+pub use authorizer::KubeAuthorizer;
+pub use events::AgentEvents;
+pub use repository::KubeRepository;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::audit::{AuditLog, Recovery};
-use crate::crypto::Keyring;
-use crate::invoke::Dispatcher;
+use crate::crypto::{Keyring, SharedKeyring};
+use crate::invoke::{CommandCore, Dispatcher};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
-use crate::store::{Store, create_private_dir, write_private_file_atomic};
+use crate::k8s::identity::KubeIdentity;
+use crate::store::{OpenOptions, Store, create_private_dir, write_private_file_atomic};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -33,6 +42,8 @@ pub struct AgentConfig {
     /// Namespace and name of the master key Secret the operator created.
     pub master_key_namespace: String,
     pub master_key_secret: String,
+    /// See [`crate::store::OpenOptions::rebuild_manifest`].
+    pub rebuild_store_manifest: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +65,45 @@ fn cached_keyring(path: &Path) -> Option<Keyring> {
     }
 }
 
-/// Fetches the keyring from its Secret until it succeeds, then every few minutes (to pick up
-/// new master keys), caching it on disk for restarts without the API server.
-async fn refresh_keyring(client: kube::Client, config: AgentConfig, slot: KeyringSlot) {
-    let cache = config.data_dir.join("master.key");
+/// Waits for the keyring Secret (first start: nothing cached), retrying with backoff.
+async fn first_keyring(client: &kube::Client, config: &AgentConfig) -> Keyring {
     let mut delay = Duration::from_millis(500);
     loop {
+        match crate::k8s::keyring::load(
+            client,
+            &config.master_key_namespace,
+            &config.master_key_secret,
+        )
+        .await
+        {
+            Ok(Some(ring)) => {
+                let cache = config.data_dir.join("master.key");
+                if let Err(e) = write_private_file_atomic(&cache, &ring.to_json()) {
+                    tracing::error!(error = %e, "could not cache the keyring");
+                }
+                tracing::info!("master keyring loaded from the API server");
+                return ring;
+            }
+            Ok(None) => {
+                tracing::warn!(namespace = %config.master_key_namespace, name = %config.master_key_secret,
+                "master key Secret not found yet; is the operator running?")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no cached keyring, and the API server has not given one yet; retrying")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Re-reads the keyring every few minutes (to pick up new master keys), caching it on disk
+/// for restarts without the API server.
+async fn refresh_keyring(client: kube::Client, config: AgentConfig, keys: SharedKeyring) {
+    let cache = config.data_dir.join("master.key");
+    let mut delay = Duration::from_secs(2);
+    loop {
+        tokio::time::sleep(delay).await;
         match crate::k8s::keyring::load(
             &client,
             &config.master_key_namespace,
@@ -68,29 +112,25 @@ async fn refresh_keyring(client: kube::Client, config: AgentConfig, slot: Keyrin
         .await
         {
             Ok(Some(ring)) => {
-                let fresh = ring.to_json();
-                let unchanged =
-                    slot.read().unwrap().as_ref().map(|k| k.to_json()) == Some(fresh.clone());
-                if !unchanged {
-                    if let Err(e) = write_private_file_atomic(&cache, &fresh) {
+                let json = ring.to_json();
+                if keys.replace(ring) {
+                    if let Err(e) = write_private_file_atomic(&cache, &json) {
                         tracing::error!(error = %e, "could not cache the keyring");
                     }
-                    *slot.write().unwrap() = Some(ring);
-                    tracing::info!("master keyring loaded from the API server");
+                    tracing::info!("master keyring changed; loaded from the API server");
                 }
                 delay = Duration::from_secs(300);
             }
             Ok(None) => {
                 tracing::warn!(namespace = %config.master_key_namespace, name = %config.master_key_secret,
-                    "master key Secret not found yet; is the operator running?");
-                delay = Duration::from_secs(2);
+                    "master key Secret not found; keeping the keyring held");
+                delay = Duration::from_secs(30);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "keyring refresh failed; retrying");
-                delay = (delay * 2).min(Duration::from_secs(10));
+                delay = (delay * 2).min(Duration::from_secs(60));
             }
         }
-        tokio::time::sleep(delay).await;
     }
 }
 
@@ -102,7 +142,19 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let setup = |e: String| AgentError::Setup(e);
     create_private_dir(&config.data_dir).map_err(|e| setup(e.to_string()))?;
-    let (store, report) = Store::open(&config.data_dir).map_err(|e| setup(e.to_string()))?;
+    let keyring = match cached_keyring(&config.data_dir.join("master.key")) {
+        Some(ring) => ring,
+        None => first_keyring(&client, &config).await,
+    };
+    let keys = SharedKeyring::new(keyring);
+    let (store, report) = Store::open(
+        &config.data_dir,
+        keys.clone(),
+        OpenOptions {
+            rebuild_manifest: config.rebuild_store_manifest,
+        },
+    )
+    .map_err(|e| setup(e.to_string()))?;
     let store = Arc::new(store);
     let (audit, recovery) = AuditLog::open(&config.data_dir.join("audit.log"), &config.node_name)
         .map_err(|e| setup(e.to_string()))?;
@@ -117,23 +169,20 @@ pub async fn run(
             "audit log ended in a record cut short by a crash; repaired and recorded"
         );
     }
-    let keyring: KeyringSlot = Arc::new(RwLock::new(cached_keyring(
-        &config.data_dir.join("master.key"),
-    )));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| setup(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr().map_err(|e| setup(e.to_string()))?;
     tracing::info!(node = %config.node_name, %addr, secrets = report.secrets, configs = report.configs,
-        "agent serving node.invoke from its local store");
+        refused = report.refused.len(), "agent serving node.invoke from its local store");
 
     let (labels_tx, labels_rx) = watch::channel(None);
     let background = vec![
         tokio::spawn(refresh_keyring(
             client.clone(),
             config.clone(),
-            keyring.clone(),
+            keys.clone(),
         )),
         tokio::spawn(sync::watch_node_labels(
             client.clone(),
@@ -143,18 +192,28 @@ pub async fn run(
         tokio::spawn(sync::mirror::<ClawSecret>(
             client.clone(),
             store.clone(),
+            keys.clone(),
             labels_rx.clone(),
         )),
         tokio::spawn(sync::mirror::<ClawConfig>(
             client.clone(),
             store.clone(),
+            keys.clone(),
             labels_rx,
         )),
     ];
 
-    let backend = KubeBackend::new(client, store, keyring, &config.node_name)
+    let events = AgentEvents::new(client.clone(), &config.node_name);
+    let identity = KubeIdentity::new(client.clone())
         .with_review_file(config.data_dir.join("token-reviews.json"));
-    let dispatcher = Arc::new(Dispatcher::new(backend, audit, config.node_name.clone()));
+    let core = CommandCore::new(
+        KubeAuthorizer::new(identity, events.clone()),
+        KubeRepository::new(client, store, keys.clone(), events),
+        audit,
+        config.node_name.clone(),
+        keys,
+    );
+    let dispatcher = Arc::new(Dispatcher::new(core));
     let served = crate::invoke::serve(listener, dispatcher, shutdown).await;
     for task in background {
         task.abort();

@@ -13,10 +13,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::watch;
 
-use crate::domain::ObjectKey;
+use crate::crypto::{Keyring, SharedKeyring};
+use crate::domain::{Kind, ObjectKey};
 use crate::k8s::convert::{self, selects};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
-use crate::store::Store;
+use crate::store::{Expect, Store};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -61,8 +62,8 @@ pub trait Mirrored: kube::Resource + Clone + Send + Sync + 'static {
     fn key(&self) -> Option<ObjectKey>;
     fn node_selector(&self) -> Option<&BTreeMap<String, String>>;
     /// Writes the object into the store if it belongs there and is newer; returns whether the
-    /// key should be considered present.
-    fn store_it(&self, store: &Store) -> bool;
+    /// key should be considered present. `keyring` opens the writes the object remembers.
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> bool;
     fn remove(key: &ObjectKey, store: &Store);
     fn stored_keys(store: &Store) -> Vec<ObjectKey>;
     const KIND: &'static str;
@@ -79,8 +80,12 @@ impl Mirrored for ClawSecret {
         self.spec.node_selector.as_ref()
     }
 
-    fn store_it(&self, store: &Store) -> bool {
-        let record = match convert::secret_record(self) {
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> bool {
+        let writes = match convert::secret_key(self) {
+            Ok(key) => convert::remembered_writes(&self.metadata, Kind::Secret, &key, keyring),
+            Err(_) => Vec::new(),
+        };
+        let record = match convert::secret_record(self, writes) {
             Ok(Some(r)) => r,
             // Not sealed yet: keep whatever version this node already has.
             Ok(None) => return true,
@@ -101,13 +106,14 @@ impl Mirrored for ClawSecret {
             if stored.version == record.version
                 && stored.envelope == record.envelope
                 && stored.allowed_workloads == record.allowed_workloads
+                && stored.writes == record.writes
             {
                 return true;
             }
         }
         let key = record.key.clone();
         let version = record.version;
-        match store.put_secret(record) {
+        match store.put_secret(record, Expect::Any) {
             Ok(_) => tracing::info!(%key, version = version.get(), "secret stored on this node"),
             Err(e) => tracing::error!(%key, error = %e, "could not store secret"),
         }
@@ -115,7 +121,7 @@ impl Mirrored for ClawSecret {
     }
 
     fn remove(key: &ObjectKey, store: &Store) {
-        match store.delete_secret(key) {
+        match store.delete_secret(key, Expect::Any, Vec::new()) {
             Ok(Some(_)) => tracing::info!(%key, "secret removed from this node"),
             Ok(None) => {}
             Err(e) => tracing::error!(%key, error = %e, "could not remove secret"),
@@ -138,7 +144,7 @@ impl Mirrored for ClawConfig {
         self.spec.node_selector.as_ref()
     }
 
-    fn store_it(&self, store: &Store) -> bool {
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> bool {
         // Only data the operator accepted is delivered: an immutable config whose data was
         // changed anyway (a server without CEL) keeps the accepted copy on every node.
         let accepted = self
@@ -148,7 +154,11 @@ impl Mirrored for ClawConfig {
         if accepted != Some(convert::data_hash(&self.spec.data).as_str()) {
             return true;
         }
-        let record = match convert::config_record(self) {
+        let writes = match convert::config_key(self) {
+            Ok(key) => convert::remembered_writes(&self.metadata, Kind::Config, &key, keyring),
+            Err(_) => Vec::new(),
+        };
+        let record = match convert::config_record(self, writes) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(object = %self.name_any(), error = %e, "ClawConfig is invalid; keeping this node's copy, if any");
@@ -160,11 +170,12 @@ impl Mirrored for ClawConfig {
             && stored.data == record.data
             && stored.immutable == record.immutable
             && stored.updated_at == record.updated_at
+            && stored.writes == record.writes
         {
             return true;
         }
         let key = record.key.clone();
-        match store.put_config(record) {
+        match store.put_config(record, Expect::Any) {
             Ok(_) => tracing::info!(%key, "config stored on this node"),
             Err(e) => tracing::error!(%key, error = %e, "could not store config"),
         }
@@ -172,7 +183,7 @@ impl Mirrored for ClawConfig {
     }
 
     fn remove(key: &ObjectKey, store: &Store) {
-        match store.delete_config(key) {
+        match store.delete_config(key, Expect::Any, Vec::new()) {
             Ok(Some(_)) => tracing::info!(%key, "config removed from this node"),
             Ok(None) => {}
             Err(e) => tracing::error!(%key, error = %e, "could not remove config"),
@@ -186,20 +197,26 @@ impl Mirrored for ClawConfig {
 
 /// Applies one object: stored if it belongs on this node, removed otherwise. Returns the key
 /// if the object belongs here.
-fn apply<K: Mirrored>(obj: &K, labels: &Labels, store: &Store) -> Option<ObjectKey> {
+fn apply<K: Mirrored>(
+    obj: &K,
+    labels: &Labels,
+    store: &Store,
+    keyring: &Keyring,
+) -> Option<ObjectKey> {
     let key = obj.key()?;
     let being_deleted = obj.meta().deletion_timestamp.is_some();
     if being_deleted || !selects(obj.node_selector(), labels) {
         K::remove(&key, store);
         return None;
     }
-    obj.store_it(store).then_some(key)
+    obj.store_it(store, keyring).then_some(key)
 }
 
 /// Mirrors one kind until the process ends; restarts (re-lists) whenever the labels change.
 pub async fn mirror<K>(
     client: kube::Client,
     store: Arc<Store>,
+    keys: SharedKeyring,
     mut labels_rx: watch::Receiver<Option<Labels>>,
 ) where
     K: Mirrored + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -231,10 +248,11 @@ pub async fn mirror<K>(
                     let Some(event) = event else { return };
                     let store = store.clone();
                     let labels = labels.clone();
+                    let keyring = keys.current();
                     match event {
                         Ok(Event::Init) => listed.clear(),
                         Ok(Event::InitApply(obj)) => {
-                            if let Some(k) = blocking(move || apply(&obj, &labels, &store)).await {
+                            if let Some(k) = blocking(move || apply(&obj, &labels, &store, &keyring)).await {
                                 listed.insert(k);
                             }
                         }
@@ -252,7 +270,7 @@ pub async fn mirror<K>(
                             tracing::info!(kind = K::KIND, "in sync with the API server");
                         }
                         Ok(Event::Apply(obj)) => {
-                            blocking(move || apply(&obj, &labels, &store)).await;
+                            blocking(move || apply(&obj, &labels, &store, &keyring)).await;
                         }
                         Ok(Event::Delete(obj)) => {
                             if let Some(key) = obj.key() {
@@ -279,8 +297,8 @@ mod tests {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD as B64;
 
-    use crate::crypto::{self, Keyring, SecretIdentity};
-    use crate::domain::{Kind, Name, Namespace, Version};
+    use crate::crypto::{self, SecretIdentity};
+    use crate::domain::{Name, Namespace, Version};
     use crate::k8s::crd::{ClawSecretSpec, SealedData};
 
     fn key() -> ObjectKey {
@@ -342,18 +360,27 @@ mod tests {
         ))
     }
 
+    fn open(dir: &std::path::Path, keyring: &Keyring) -> (Store, crate::store::OpenReport) {
+        Store::open(dir, SharedKeyring::new(keyring.clone()), Default::default()).unwrap()
+    }
+
     #[test]
     fn an_older_version_never_replaces_the_stored_one_but_a_recreated_object_does() {
         let dir = tempfile::tempdir().unwrap();
         let keyring = Keyring::generate().unwrap();
         let labels = Labels::new();
-        let (store, _) = Store::open(dir.path()).unwrap();
+        let (store, _) = open(dir.path(), &keyring);
         let v = |version: u64, uid: &str, value: &str| {
             Some((version, uid.to_owned(), value.to_owned()))
         };
 
         assert_eq!(
-            apply(&sealed(&keyring, "uid-1", 2, "two"), &labels, &store),
+            apply(
+                &sealed(&keyring, "uid-1", 2, "two"),
+                &labels,
+                &store,
+                &keyring
+            ),
             Some(key())
         );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
@@ -361,26 +388,51 @@ mod tests {
         // An older version of the same object (a stale watch event, a re-list from a lagging
         // API server) is ignored, and the key still counts as present (no sweep).
         assert_eq!(
-            apply(&sealed(&keyring, "uid-1", 1, "one"), &labels, &store),
+            apply(
+                &sealed(&keyring, "uid-1", 1, "one"),
+                &labels,
+                &store,
+                &keyring
+            ),
             Some(key())
         );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
 
         // Also after a restart (the store reopened from disk).
         drop(store);
-        let (store, _) = Store::open(dir.path()).unwrap();
-        apply(&sealed(&keyring, "uid-1", 1, "one"), &labels, &store);
+        let (store, _) = open(dir.path(), &keyring);
+        apply(
+            &sealed(&keyring, "uid-1", 1, "one"),
+            &labels,
+            &store,
+            &keyring,
+        );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
 
         // Newer versions move it forward.
-        apply(&sealed(&keyring, "uid-1", 3, "three"), &labels, &store);
+        apply(
+            &sealed(&keyring, "uid-1", 3, "three"),
+            &labels,
+            &store,
+            &keyring,
+        );
         assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
 
         // A recreated object (new uid) starts its own history at version 1.
-        apply(&sealed(&keyring, "uid-2", 1, "fresh"), &labels, &store);
+        apply(
+            &sealed(&keyring, "uid-2", 1, "fresh"),
+            &labels,
+            &store,
+            &keyring,
+        );
         assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
         // ... and the old object's versions no longer count.
-        apply(&sealed(&keyring, "uid-1", 3, "three"), &labels, &store);
+        apply(
+            &sealed(&keyring, "uid-1", 3, "three"),
+            &labels,
+            &store,
+            &keyring,
+        );
         assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
     }
 
@@ -388,23 +440,23 @@ mod tests {
     fn a_deselected_or_deleted_object_is_removed() {
         let dir = tempfile::tempdir().unwrap();
         let keyring = Keyring::generate().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
+        let (store, _) = open(dir.path(), &keyring);
         let gpu = Labels::from([("gpu".to_owned(), "true".to_owned())]);
         let mut obj = sealed(&keyring, "uid-1", 1, "one");
-        apply(&obj, &gpu, &store);
+        apply(&obj, &gpu, &store, &keyring);
         assert!(store.secret(&key()).is_some());
 
         obj.spec.node_selector = Some([("gpu".to_owned(), "false".to_owned())].into());
-        assert_eq!(apply(&obj, &gpu, &store), None);
+        assert_eq!(apply(&obj, &gpu, &store, &keyring), None);
         assert!(store.secret(&key()).is_none());
 
         obj.spec.node_selector = None;
-        apply(&obj, &gpu, &store);
+        apply(&obj, &gpu, &store, &keyring);
         assert!(store.secret(&key()).is_some());
         obj.metadata.deletion_timestamp = Some(
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
         );
-        assert_eq!(apply(&obj, &gpu, &store), None);
+        assert_eq!(apply(&obj, &gpu, &store, &keyring), None);
         assert!(store.secret(&key()).is_none());
     }
 }

@@ -193,7 +193,7 @@ struct Ready {
 
 fn verdict(obj: &ClawSecret, keyring: &Keyring, keyring_secret: &str) -> Result<Ready, Invalid> {
     let invalid = |reason, message: String| Invalid { reason, message };
-    let Some(record) = convert::secret_record(obj)? else {
+    let Some(record) = convert::secret_record(obj, Vec::new())? else {
         return Err(invalid(
             "NotSealed",
             "the secret has neither data nor sealed: set spec.data to the plaintext to seal".into(),

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::InvokeError;
-use crate::domain::{ConfigData, Name, NamePrefix, Namespace, SecretData, WorkloadSet};
+use crate::domain::{ConfigData, Name, NamePrefix, Namespace, SecretData, Version, WorkloadSet};
 
 /// `secret.create`
 #[derive(Debug, Deserialize)]
@@ -18,14 +18,20 @@ pub struct SecretCreate {
     pub allowed_workloads: WorkloadSet,
 }
 
-/// `secret.rotate`: new data replaces the old, and the version moves up by one.
+/// `secret.rotate`: new data replaces the old, and the version moves up by one. Without
+/// `newData` the current data is sealed again, under the active master key, as the next
+/// version (after a master-key rotation). With `expectedVersion` it is a check-and-set: it
+/// applies only if the secret is at that version (as Vault KV v2's `cas`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SecretRotate {
     pub name: Name,
     #[serde(default)]
     pub namespace: Option<Namespace>,
-    pub new_data: SecretData,
+    #[serde(default)]
+    pub new_data: Option<SecretData>,
+    #[serde(default)]
+    pub expected_version: Option<Version>,
 }
 
 /// `secret.get`, `secret.delete`, `config.get`, `config.delete`
@@ -150,9 +156,12 @@ impl Command {
         })
     }
 
-    /// Whether the command touches secrets, and so is audited.
-    pub fn is_secret_command(name: &str) -> bool {
+    /// Whether calls of the command `name` are audited: every secret command (the seed: "All
+    /// access is audited"), and every config write (nothing changes unaudited). Config reads
+    /// are not (the seed's table: configs are not access-audited).
+    pub fn is_audited(name: &str) -> bool {
         name.starts_with("secret.")
+            || matches!(name, "config.create" | "config.update" | "config.delete")
     }
 
     /// Whether the command changes state (and so takes part in idempotency).

@@ -1,0 +1,441 @@
+//! The access rules as a table: every command × admin / allowed workload / other workload /
+//! other namespace / unauthenticated, through the real dispatcher and command core, with a fake
+//! authorizer standing in for RBAC and the dev-mode repository on a temporary store. Plus what
+//! happens when the audit log cannot be written. No API server; milliseconds.
+
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+
+use super::super::{
+    Access, Authorizer, Caller, CommandCore, Decision, Dispatcher, InvokeError, Repository,
+    Resource, Verb,
+};
+use crate::audit::AuditLog;
+use crate::backends::local::StoreRepository;
+use crate::crypto::{Keyring, SharedKeyring};
+use crate::domain::{ErrorCode, Name, Namespace, ObjectKey, Workload};
+use crate::store::Store;
+
+/// RBAC as a list of grants: (subject, verbs, resource, namespace).
+struct FakeAuthorizer {
+    callers: Vec<(&'static str, Caller)>,
+    grants: Vec<(&'static str, &'static [Verb], Resource, &'static str)>,
+    refused: Mutex<Vec<String>>,
+}
+
+impl Authorizer for FakeAuthorizer {
+    async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, InvokeError> {
+        self.callers
+            .iter()
+            .find(|(token, _)| Some(*token) == bearer)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| InvokeError::new(ErrorCode::Unauthenticated, "no such token"))
+    }
+
+    async fn check(&self, caller: &Caller, access: Access<'_>) -> Result<Decision, InvokeError> {
+        let granted = self.grants.iter().any(|(subject, verbs, resource, ns)| {
+            *subject == caller.subject
+                && verbs.contains(&access.verb)
+                && *resource == access.resource
+                && (*ns == "*" || *ns == access.namespace.as_str())
+        });
+        Ok(if granted {
+            Decision::Allow
+        } else {
+            Decision::Deny("not granted".to_owned())
+        })
+    }
+
+    fn refused(&self, caller: &Caller, access: Access<'_>) {
+        self.refused
+            .lock()
+            .unwrap()
+            .push(format!("{} {access}", caller.subject));
+    }
+}
+
+fn workload(ns: &str, name: &str) -> Caller {
+    Caller {
+        namespace: Some(Namespace::parse(ns).unwrap()),
+        workload: Some(Workload::parse(name).unwrap()),
+        ..Caller::named(format!("system:serviceaccount:{ns}:{name}"))
+    }
+}
+
+const ALL: &[Verb] = &[
+    Verb::Get,
+    Verb::List,
+    Verb::Create,
+    Verb::Update,
+    Verb::Delete,
+    Verb::Reveal,
+];
+
+fn authorizer() -> FakeAuthorizer {
+    FakeAuthorizer {
+        callers: vec![
+            ("t-admin", Caller::named("alice")),
+            ("t-api", workload("prod", "api")),
+            ("t-intruder", workload("prod", "intruder")),
+            ("t-elsewhere", workload("dev", "api")),
+        ],
+        grants: vec![
+            ("alice", ALL, Resource::Secrets, "*"),
+            ("alice", ALL, Resource::Configs, "*"),
+            // The allowed workload may read the configs of its namespace, by RBAC.
+            (
+                "system:serviceaccount:prod:api",
+                &[Verb::Get, Verb::List],
+                Resource::Configs,
+                "prod",
+            ),
+        ],
+        refused: Mutex::new(Vec::new()),
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    audit_path: std::path::PathBuf,
+    dispatcher: Dispatcher<FakeAuthorizer, StoreRepository>,
+}
+
+fn core(dir: &std::path::Path, audit: AuditLog) -> CommandCore<FakeAuthorizer, StoreRepository> {
+    let ring = Keyring::generate().unwrap();
+    std::fs::write(dir.join("keyring.json"), ring.to_json()).unwrap();
+    let keys = SharedKeyring::new(ring);
+    let (store, _) = Store::open(dir, keys.clone(), Default::default()).unwrap();
+    CommandCore::new(
+        authorizer(),
+        StoreRepository::new(Arc::new(store)),
+        audit,
+        "node-a".to_owned(),
+        keys,
+    )
+}
+
+/// A fresh node holding secret `prod/db` (allowed_workloads: api), secret `prod/shared` (no
+/// allowed_workloads) and config `prod/app`.
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_path = dir.path().join("audit.log");
+    let (audit, _) = AuditLog::open(&audit_path, "node-a").unwrap();
+    let dispatcher = Dispatcher::new(core(dir.path(), audit));
+    let f = Fixture {
+        _dir: dir,
+        audit_path,
+        dispatcher,
+    };
+    for (command, params) in [
+        (
+            "secret.create",
+            json!({"name": "db", "namespace": "prod", "data": {"password": "s3cret"}, "allowed_workloads": ["api"]}),
+        ),
+        (
+            "secret.create",
+            json!({"name": "shared", "namespace": "prod", "data": {"k": "v"}}),
+        ),
+        (
+            "config.create",
+            json!({"name": "app", "namespace": "prod", "data": {"level": "info"}}),
+        ),
+    ] {
+        let answer = f.call(Some("t-admin"), command, params).await;
+        assert_eq!(answer["ok"], json!(true), "{answer}");
+    }
+    f
+}
+
+impl Fixture {
+    async fn call(&self, token: Option<&str>, command: &str, params: Value) -> Value {
+        let body = serde_json::to_vec(&json!({"command": command, "params": params})).unwrap();
+        let answer = self.dispatcher.handle(token, &body).await;
+        serde_json::to_value(&answer).unwrap()
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn outcome(answer: &Value) -> String {
+    if answer["ok"] == json!(true) {
+        "OK".to_owned()
+    } else {
+        answer["error"]["code"].as_str().unwrap().to_owned()
+    }
+}
+
+const OK: &str = "OK";
+const DENIED: &str = "PERMISSION_DENIED";
+const UNAUTH: &str = "UNAUTHENTICATED";
+const NOT_FOUND: &str = "NOT_FOUND";
+
+/// Callers, in the order of each row's expectations.
+const CALLERS: [Option<&str>; 5] = [
+    Some("t-admin"),
+    Some("t-api"),
+    Some("t-intruder"),
+    Some("t-elsewhere"),
+    None,
+];
+
+fn table() -> Vec<(&'static str, Value, [&'static str; 5])> {
+    vec![
+        // A workload reads what lists it; nobody else without `reveal`.
+        (
+            "secret.get",
+            json!({"name": "db", "namespace": "prod"}),
+            [OK, OK, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "secret.get",
+            json!({"name": "shared", "namespace": "prod"}),
+            [OK, OK, OK, DENIED, UNAUTH],
+        ),
+        // A missing secret: NOT_FOUND only to who may read it; the same refusal for the others.
+        (
+            "secret.get",
+            json!({"name": "missing", "namespace": "prod"}),
+            [NOT_FOUND, DENIED, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "secret.list",
+            json!({"namespace": "prod"}),
+            [OK, OK, OK, DENIED, UNAUTH],
+        ),
+        (
+            "secret.create",
+            json!({"name": "new", "namespace": "prod", "data": {"k": "v"}}),
+            [OK, DENIED, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "secret.rotate",
+            json!({"name": "db", "namespace": "prod", "newData": {"password": "n3w"}}),
+            [OK, DENIED, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "secret.delete",
+            json!({"name": "db", "namespace": "prod"}),
+            [OK, DENIED, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "config.get",
+            json!({"name": "app", "namespace": "prod"}),
+            [OK, OK, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "config.list",
+            json!({"namespace": "prod"}),
+            [OK, OK, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "config.create",
+            json!({"name": "new", "namespace": "prod", "data": {}}),
+            [OK, DENIED, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "config.update",
+            json!({"name": "app", "namespace": "prod", "data": {"level": "debug"}}),
+            [OK, DENIED, DENIED, DENIED, UNAUTH],
+        ),
+        (
+            "config.delete",
+            json!({"name": "app", "namespace": "prod"}),
+            [OK, DENIED, DENIED, DENIED, UNAUTH],
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn access_rules_for_every_command_and_caller() {
+    let mut failures = Vec::new();
+    for (command, params, expected) in table() {
+        for (token, expected) in CALLERS.iter().zip(expected) {
+            let f = fixture().await;
+            let before = f.audit().len();
+            let answer = f.call(*token, command, params.clone()).await;
+            let got = outcome(&answer);
+            if got != expected {
+                failures.push(format!(
+                    "{command} {params} as {token:?}: expected {expected}, got {answer}"
+                ));
+                continue;
+            }
+            // Nobody learns a value they may not read, in any answer.
+            if got != OK || command != "secret.get" {
+                assert!(!answer.to_string().contains("s3cret"), "{answer}");
+            }
+            // Every secret access and every config write is on the record.
+            let records = f.audit();
+            let audited = command.starts_with("secret.")
+                || !command.ends_with(".get") && !command.ends_with(".list");
+            if audited {
+                let mine: Vec<&Value> = records[before..]
+                    .iter()
+                    .filter(|r| r["requestId"] == answer["id"])
+                    .collect();
+                assert!(!mine.is_empty(), "{command} as {token:?} is not audited");
+                let decision = &mine.last().unwrap()["decision"];
+                let want = match got.as_str() {
+                    OK => "allow",
+                    DENIED | UNAUTH => "deny",
+                    _ => "error",
+                };
+                assert_eq!(decision, want, "{command} as {token:?}: {mine:?}");
+            } else {
+                assert_eq!(records.len(), before, "config reads are not audited");
+            }
+            // Refusals of named objects are reported to the authorizer (the agent's Events).
+            if got == DENIED && params.get("name").is_some() {
+                let refused = f
+                    .dispatcher
+                    .core()
+                    .authorizer()
+                    .refused
+                    .lock()
+                    .unwrap()
+                    .clone();
+                assert_eq!(refused.len(), 1, "{command} as {token:?}: {refused:?}");
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn a_workload_cannot_tell_a_forbidden_secret_from_a_missing_one() {
+    let f = fixture().await;
+    let forbidden = f
+        .call(
+            Some("t-intruder"),
+            "secret.get",
+            json!({"name": "db", "namespace": "prod"}),
+        )
+        .await;
+    let missing = f
+        .call(
+            Some("t-intruder"),
+            "secret.get",
+            json!({"name": "dc", "namespace": "prod"}),
+        )
+        .await;
+    let message = |v: &Value| {
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("\"dc\"", "\"db\"")
+    };
+    assert_eq!(forbidden["error"]["code"], missing["error"]["code"]);
+    assert_eq!(message(&forbidden), message(&missing));
+}
+
+#[tokio::test]
+async fn lists_show_a_workload_only_what_it_may_read() {
+    let f = fixture().await;
+    let names = |v: &Value| -> Vec<String> {
+        v["payload"]["secrets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let list = json!({"namespace": "prod"});
+    assert_eq!(
+        names(&f.call(Some("t-admin"), "secret.list", list.clone()).await),
+        ["db", "shared"]
+    );
+    assert_eq!(
+        names(&f.call(Some("t-api"), "secret.list", list.clone()).await),
+        ["db", "shared"]
+    );
+    assert_eq!(
+        names(&f.call(Some("t-intruder"), "secret.list", list).await),
+        ["shared"]
+    );
+}
+
+/// A write whose audit record cannot be written is not applied: every write command answers
+/// UNAVAILABLE and the store is exactly as before.
+#[tokio::test]
+async fn a_write_that_cannot_be_audited_changes_nothing() {
+    let f = fixture().await;
+    let store_dir = f._dir.path().to_owned();
+    // A second core on the same store, whose audit log fails every append.
+    drop(f.dispatcher);
+    let failing = Dispatcher::new(core_on(&store_dir, AuditLog::failing()));
+    let key = |name: &str| {
+        ObjectKey::new(
+            Namespace::parse("prod").unwrap(),
+            Name::parse(name).unwrap(),
+        )
+    };
+    let snapshot = |d: &Dispatcher<FakeAuthorizer, StoreRepository>| {
+        let store = d.core().repository().store();
+        (
+            store.secret(&key("db")).map(|r| (r.version, r.generation)),
+            store.secret(&key("new")).is_some(),
+            store
+                .config(&key("app"))
+                .map(|r| (r.data.clone(), r.generation)),
+            store.config(&key("new")).is_some(),
+        )
+    };
+    let before = snapshot(&failing);
+    for (command, params) in [
+        (
+            "secret.create",
+            json!({"name": "new", "namespace": "prod", "data": {"k": "v"}}),
+        ),
+        (
+            "secret.rotate",
+            json!({"name": "db", "namespace": "prod", "newData": {"password": "n3w"}}),
+        ),
+        ("secret.rotate", json!({"name": "db", "namespace": "prod"})),
+        ("secret.delete", json!({"name": "db", "namespace": "prod"})),
+        (
+            "config.create",
+            json!({"name": "new", "namespace": "prod", "data": {"k": "v"}}),
+        ),
+        (
+            "config.update",
+            json!({"name": "app", "namespace": "prod", "data": {"level": "x"}}),
+        ),
+        ("config.delete", json!({"name": "app", "namespace": "prod"})),
+        // Reads of secrets fail closed too.
+        ("secret.get", json!({"name": "db", "namespace": "prod"})),
+    ] {
+        let body = serde_json::to_vec(&json!({"command": command, "params": params})).unwrap();
+        let answer = serde_json::to_value(failing.handle(Some("t-admin"), &body).await).unwrap();
+        assert_eq!(
+            answer["error"]["code"],
+            json!("UNAVAILABLE"),
+            "{command}: {answer}"
+        );
+        assert!(!answer.to_string().contains("s3cret"));
+        assert_eq!(snapshot(&failing), before, "{command} changed the store");
+    }
+    // Also after reopening the store from disk.
+    let reopened = Dispatcher::new(core_on(&store_dir, AuditLog::failing()));
+    assert_eq!(snapshot(&reopened), before);
+}
+
+/// Like [`core`], on an existing store whose keyring is kept in `dir/keyring.json`.
+fn core_on(dir: &std::path::Path, audit: AuditLog) -> CommandCore<FakeAuthorizer, StoreRepository> {
+    let ring = Keyring::from_json(&std::fs::read(dir.join("keyring.json")).unwrap()).unwrap();
+    let keys = SharedKeyring::new(ring);
+    let (store, report) = Store::open(dir, keys.clone(), Default::default()).unwrap();
+    assert!(report.refused.is_empty(), "{report:?}");
+    CommandCore::new(
+        authorizer(),
+        StoreRepository::new(Arc::new(store)),
+        audit,
+        "node-a".to_owned(),
+        keys,
+    )
+}

@@ -1,0 +1,41 @@
+//! The agent's [`Authorizer`]: Kubernetes decides. Callers are who TokenReview says their token
+//! belongs to; every access is a SubjectAccessReview on the caller's own identity against
+//! `clawsecrets` / `clawconfigs` in group `clawbernetes.io` (`reveal` to read a secret's values).
+//! The agent's own permissions never stand in for the caller's. Refusals of named objects
+//! become AccessDenied Events.
+
+use super::events::AgentEvents;
+use crate::invoke::{Access, Authorizer, Caller, Decision, InvokeError};
+use crate::k8s::identity::KubeIdentity;
+
+pub struct KubeAuthorizer {
+    identity: KubeIdentity,
+    events: AgentEvents,
+}
+
+impl KubeAuthorizer {
+    pub fn new(identity: KubeIdentity, events: AgentEvents) -> Self {
+        KubeAuthorizer { identity, events }
+    }
+}
+
+impl Authorizer for KubeAuthorizer {
+    async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, InvokeError> {
+        self.identity.authenticate(bearer).await
+    }
+
+    async fn check(&self, caller: &Caller, access: Access<'_>) -> Result<Decision, InvokeError> {
+        if self.identity.allowed(caller, access).await? {
+            return Ok(Decision::Allow);
+        }
+        Ok(Decision::Deny(format!(
+            "grant it with RBAC (verb {:?} on {} in group clawbernetes.io)",
+            access.verb.as_str(),
+            access.resource.as_str()
+        )))
+    }
+
+    fn refused(&self, caller: &Caller, access: Access<'_>) {
+        self.events.access_denied(caller, &access);
+    }
+}

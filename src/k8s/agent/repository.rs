@@ -1,0 +1,493 @@
+//! The agent's [`Repository`]: reads from the node's store (what the agent mirrors), writes
+//! through the API server, each guarded by the resourceVersion the core read, so a concurrent
+//! writer on another node makes this one answer CONFLICT instead of overwriting it. A write
+//! carries the sealed data and the remembered writes (idempotency) in the same object update,
+//! so they commit together. What this agent wrote is mirrored into its store at once (the watch
+//! would bring it moments later), and published as an Event naming the caller.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::events::AgentEvents;
+use crate::crypto::SharedKeyring;
+use crate::domain::{ErrorCode, Kind, ObjectKey, Version};
+use crate::invoke::{
+    Caller, Current, CurrentConfig, CurrentSecret, InvokeError, Repository, Revision,
+};
+use crate::k8s::convert;
+use crate::k8s::crd::{ClawConfig, ClawConfigSpec, ClawSecret, ClawSecretSpec, SealedData};
+use crate::k8s::names::object_name;
+use crate::store::{ConfigRecord, Expect, SecretRecord, Store, WriteRecord};
+
+pub struct KubeRepository {
+    client: kube::Client,
+    store: Arc<Store>,
+    keys: SharedKeyring,
+    events: AgentEvents,
+}
+
+fn noun(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Secret => "secret",
+        Kind::Config => "config",
+    }
+}
+
+/// Maps an API error to the protocol's codes. Messages from the API server name objects and
+/// fields, never our values (they are ciphertext by the time they reach it).
+fn api_error(e: kube::Error, kind: Kind, key: &ObjectKey) -> InvokeError {
+    let what = noun(kind);
+    let (name, ns) = (key.name.as_str(), key.namespace.as_str());
+    match e {
+        kube::Error::Api(status) => match status.code {
+            404 => InvokeError::new(
+                ErrorCode::NotFound,
+                format!("{what} {name:?} does not exist in namespace {ns:?}"),
+            ),
+            409 if status.reason == "AlreadyExists" => InvokeError::new(
+                ErrorCode::AlreadyExists,
+                format!("{what} {name:?} already exists in namespace {ns:?}"),
+            ),
+            409 => InvokeError::new(
+                ErrorCode::Conflict,
+                format!("{what} {name:?} was changed concurrently; read it again and retry"),
+            ),
+            400 | 422 => {
+                InvokeError::invalid(format!("the API server refused it: {}", status.message))
+            }
+            401 | 403 => InvokeError::internal(format!(
+                "the agent's own credentials were refused ({}); check its RBAC",
+                status.message
+            )),
+            _ => InvokeError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the API server answered {}: {}",
+                    status.code, status.message
+                ),
+            ),
+        },
+        other => InvokeError::new(
+            ErrorCode::Unavailable,
+            format!("the API server could not be reached ({other}); writes need it, reads do not"),
+        ),
+    }
+}
+
+fn invalid_object(e: convert::Invalid) -> InvokeError {
+    InvokeError::internal(format!("the object is invalid: {e}"))
+}
+
+fn not_deleting(obj_meta: &kube::api::ObjectMeta) -> bool {
+    obj_meta.deletion_timestamp.is_none()
+}
+
+impl KubeRepository {
+    pub fn new(
+        client: kube::Client,
+        store: Arc<Store>,
+        keys: SharedKeyring,
+        events: AgentEvents,
+    ) -> Self {
+        KubeRepository {
+            client,
+            store,
+            keys,
+            events,
+        }
+    }
+
+    fn secrets(&self, key: &ObjectKey) -> Api<ClawSecret> {
+        Api::namespaced(self.client.clone(), key.namespace.as_str())
+    }
+
+    fn configs(&self, key: &ObjectKey) -> Api<ClawConfig> {
+        Api::namespaced(self.client.clone(), key.namespace.as_str())
+    }
+
+    /// The annotations a write sets: the sealed remembered writes (or their removal).
+    fn writes_patch(
+        &self,
+        kind: Kind,
+        key: &ObjectKey,
+        writes: &[WriteRecord],
+    ) -> Result<Value, InvokeError> {
+        let sealed = convert::writes_annotation(&self.keys.current(), kind, key, writes)
+            .map_err(|e| InvokeError::internal(format!("sealing the write records failed: {e}")))?;
+        Ok(json!({ convert::WRITES_ANNOTATION: sealed }))
+    }
+
+    fn annotations(
+        &self,
+        kind: Kind,
+        key: &ObjectKey,
+        writes: &[WriteRecord],
+    ) -> Result<Option<BTreeMap<String, String>>, InvokeError> {
+        let sealed = convert::writes_annotation(&self.keys.current(), kind, key, writes)
+            .map_err(|e| InvokeError::internal(format!("sealing the write records failed: {e}")))?;
+        Ok(sealed.map(|s| [(convert::WRITES_ANNOTATION.to_owned(), s)].into()))
+    }
+
+    /// The record of a ClawSecret this agent just wrote, mirrored into the store (unless the
+    /// object is meant for other nodes only: the watch decides that).
+    async fn mirror_secret(
+        &self,
+        obj: &ClawSecret,
+        key: &ObjectKey,
+    ) -> Result<Arc<SecretRecord>, InvokeError> {
+        let writes =
+            convert::remembered_writes(&obj.metadata, Kind::Secret, key, &self.keys.current());
+        let record = convert::secret_record(obj, writes)
+            .map_err(invalid_object)?
+            .ok_or_else(|| InvokeError::internal("the written object is not sealed"))?;
+        if obj.spec.node_selector.is_none() {
+            let store = self.store.clone();
+            let copy = record.clone();
+            let mirrored =
+                tokio::task::spawn_blocking(move || store.put_secret(copy, Expect::Any)).await;
+            if let Ok(Err(e)) = mirrored {
+                // The watch brings it too; a newer version already stored is fine.
+                tracing::debug!(%key, error = %e, "local mirror of a write skipped");
+            }
+        }
+        Ok(Arc::new(record))
+    }
+
+    async fn mirror_config(
+        &self,
+        obj: &ClawConfig,
+        key: &ObjectKey,
+    ) -> Result<Arc<ConfigRecord>, InvokeError> {
+        let writes =
+            convert::remembered_writes(&obj.metadata, Kind::Config, key, &self.keys.current());
+        let record = convert::config_record(obj, writes).map_err(invalid_object)?;
+        // Configs reach nodes once the operator has accepted their data (see sync.rs), so the
+        // write is not mirrored ahead of it.
+        Ok(Arc::new(record))
+    }
+
+    /// Removes a deleted object from the store, remembering `writes` there: the object that
+    /// held them is gone, and a retried delete should still get its first answer.
+    async fn forget(&self, kind: Kind, key: &ObjectKey, writes: Vec<WriteRecord>) {
+        let store = self.store.clone();
+        let k = key.clone();
+        let removed = tokio::task::spawn_blocking(move || match kind {
+            Kind::Secret => store.delete_secret(&k, Expect::Any, writes).map(|_| ()),
+            Kind::Config => store.delete_config(&k, Expect::Any, writes).map(|_| ()),
+        })
+        .await;
+        if let Ok(Err(e)) = removed {
+            tracing::error!(%key, error = %e, "a deleted object could not be removed from this node's store; the next re-list removes it");
+        }
+    }
+
+    async fn delete_object<K>(
+        &self,
+        api: Api<K>,
+        kind: Kind,
+        key: &ObjectKey,
+        base: Option<&Revision>,
+    ) -> Result<(), InvokeError>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let params = DeleteParams {
+            preconditions: base.map(|r| Preconditions {
+                resource_version: Some(r.0.clone()),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        api.delete(&object_name(&key.name), &params)
+            .await
+            .map(|_| ())
+            .map_err(|e| api_error(e, kind, key))
+    }
+}
+
+impl Repository for KubeRepository {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn current_secret(&self, key: &ObjectKey) -> Result<Current<CurrentSecret>, InvokeError> {
+        let obj = match self.secrets(key).get_opt(&object_name(&key.name)).await {
+            Ok(Some(obj)) if not_deleting(&obj.metadata) => obj,
+            Ok(_) => return Ok(Current::Missing),
+            Err(e) => return Err(api_error(e, Kind::Secret, key)),
+        };
+        if obj.spec.data.is_some() {
+            return Err(InvokeError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "secret {:?} has plaintext waiting for the operator to seal it; retry once it is sealed",
+                    key.name.as_str()
+                ),
+            ));
+        }
+        let writes =
+            convert::remembered_writes(&obj.metadata, Kind::Secret, key, &self.keys.current());
+        let record = convert::secret_record(&obj, writes)
+            .map_err(invalid_object)?
+            .ok_or_else(|| {
+                InvokeError::internal("the object is neither sealed nor waiting to be")
+            })?;
+        let high_water = obj
+            .status
+            .as_ref()
+            .and_then(|s| s.version)
+            .and_then(Version::new)
+            .map_or(record.version, |v| v.max(record.version));
+        Ok(Current::Found(CurrentSecret {
+            revision: Revision(obj.metadata.resource_version.clone().unwrap_or_default()),
+            high_water,
+            record: Arc::new(record),
+        }))
+    }
+
+    async fn current_config(&self, key: &ObjectKey) -> Result<Current<CurrentConfig>, InvokeError> {
+        let obj = match self.configs(key).get_opt(&object_name(&key.name)).await {
+            Ok(Some(obj)) if not_deleting(&obj.metadata) => obj,
+            Ok(_) => return Ok(Current::Missing),
+            Err(e) => return Err(api_error(e, Kind::Config, key)),
+        };
+        Ok(Current::Found(CurrentConfig {
+            revision: Revision(obj.metadata.resource_version.clone().unwrap_or_default()),
+            record: self.mirror_config(&obj, key).await?,
+        }))
+    }
+
+    async fn create_secret(
+        &self,
+        record: SecretRecord,
+        caller: &Caller,
+    ) -> Result<Arc<SecretRecord>, InvokeError> {
+        let key = &record.key;
+        let object = object_name(&key.name);
+        let mut obj = ClawSecret::new(
+            &object,
+            ClawSecretSpec {
+                name: (object != key.name.as_str()).then(|| key.name.to_string()),
+                data: None,
+                allowed_workloads: record
+                    .allowed_workloads
+                    .iter()
+                    .map(|w| w.to_string())
+                    .collect(),
+                node_selector: None,
+                sealed: Some(sealed_data(&record)),
+            },
+        );
+        obj.metadata.annotations = self.annotations(Kind::Secret, key, &record.writes)?;
+        let created = self
+            .secrets(key)
+            .create(&PostParams::default(), &obj)
+            .await
+            .map_err(|e| api_error(e, Kind::Secret, key))?;
+        self.events.write(
+            Kind::Secret,
+            key,
+            "Created",
+            "secret.create",
+            format!(
+                "version 1 sealed with master key {}",
+                record.envelope.key_id()
+            ),
+            caller,
+        );
+        self.mirror_secret(&created, key).await
+    }
+
+    async fn replace_secret(
+        &self,
+        record: SecretRecord,
+        current: &CurrentSecret,
+        caller: &Caller,
+    ) -> Result<Arc<SecretRecord>, InvokeError> {
+        let key = &record.key;
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": current.revision.0,
+                "annotations": self.writes_patch(Kind::Secret, key, &record.writes)?,
+            },
+            "spec": { "sealed": sealed_data(&record) },
+        });
+        let updated = self
+            .secrets(key)
+            .patch(
+                &object_name(&key.name),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| api_error(e, Kind::Secret, key))?;
+        self.events.write(
+            Kind::Secret,
+            key,
+            "Rotated",
+            "secret.rotate",
+            format!(
+                "rotated to version {} sealed with master key {}",
+                record.version,
+                record.envelope.key_id()
+            ),
+            caller,
+        );
+        self.mirror_secret(&updated, key).await
+    }
+
+    async fn delete_secret(
+        &self,
+        key: &ObjectKey,
+        base: Option<&Revision>,
+        writes: Vec<WriteRecord>,
+        caller: &Caller,
+    ) -> Result<(), InvokeError> {
+        self.delete_object(self.secrets(key), Kind::Secret, key, base)
+            .await?;
+        self.events.write(
+            Kind::Secret,
+            key,
+            "Deleted",
+            "secret.delete",
+            "deleted; nodes remove their copies".to_owned(),
+            caller,
+        );
+        self.forget(Kind::Secret, key, writes).await;
+        Ok(())
+    }
+
+    async fn create_config(
+        &self,
+        record: ConfigRecord,
+        caller: &Caller,
+    ) -> Result<Arc<ConfigRecord>, InvokeError> {
+        let key = &record.key;
+        let object = object_name(&key.name);
+        let mut obj = ClawConfig::new(
+            &object,
+            ClawConfigSpec {
+                name: (object != key.name.as_str()).then(|| key.name.to_string()),
+                data: config_map(&record),
+                immutable: record.immutable,
+                node_selector: None,
+            },
+        );
+        obj.metadata.annotations = self.annotations(Kind::Config, key, &record.writes)?;
+        let created = self
+            .configs(key)
+            .create(&PostParams::default(), &obj)
+            .await
+            .map_err(|e| api_error(e, Kind::Config, key))?;
+        let note = if record.immutable {
+            "created, immutable"
+        } else {
+            "created"
+        };
+        self.events.write(
+            Kind::Config,
+            key,
+            "Created",
+            "config.create",
+            note.to_owned(),
+            caller,
+        );
+        self.mirror_config(&created, key).await
+    }
+
+    async fn replace_config(
+        &self,
+        record: ConfigRecord,
+        current: &CurrentConfig,
+        caller: &Caller,
+    ) -> Result<Arc<ConfigRecord>, InvokeError> {
+        let key = &record.key;
+        // A merge patch merges maps key by key; the data must be replaced whole, so the keys
+        // the object had (as read, which the resourceVersion guard holds to) are sent as null.
+        let mut data: serde_json::Map<String, Value> = current
+            .record
+            .data
+            .iter()
+            .map(|(k, _)| (k.as_str().to_owned(), Value::Null))
+            .collect();
+        for (k, v) in record.data.iter() {
+            data.insert(k.as_str().to_owned(), Value::String(v.clone()));
+        }
+        let mut patch = json!({
+            "metadata": {
+                "resourceVersion": current.revision.0,
+                "annotations": self.writes_patch(Kind::Config, key, &record.writes)?,
+            },
+            "spec": { "data": data },
+        });
+        if record.immutable {
+            patch["spec"]["immutable"] = json!(true);
+        }
+        let updated = self
+            .configs(key)
+            .patch(
+                &object_name(&key.name),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| api_error(e, Kind::Config, key))?;
+        let note = if updated.spec.immutable {
+            "data replaced; now immutable"
+        } else {
+            "data replaced"
+        };
+        self.events.write(
+            Kind::Config,
+            key,
+            "Updated",
+            "config.update",
+            note.to_owned(),
+            caller,
+        );
+        self.mirror_config(&updated, key).await
+    }
+
+    async fn delete_config(
+        &self,
+        key: &ObjectKey,
+        base: Option<&Revision>,
+        writes: Vec<WriteRecord>,
+        caller: &Caller,
+    ) -> Result<(), InvokeError> {
+        self.delete_object(self.configs(key), Kind::Config, key, base)
+            .await?;
+        self.events.write(
+            Kind::Config,
+            key,
+            "Deleted",
+            "config.delete",
+            "deleted; nodes remove their copies".to_owned(),
+            caller,
+        );
+        self.forget(Kind::Config, key, writes).await;
+        Ok(())
+    }
+}
+
+/// `spec.sealed` for a record the core sealed.
+fn sealed_data(record: &SecretRecord) -> SealedData {
+    SealedData {
+        version: record.version.get(),
+        key_id: record.envelope.key_id().to_string(),
+        envelope: B64.encode(record.envelope.to_bytes()),
+        sealed_at: record.updated_at.to_string(),
+    }
+}
+
+fn config_map(record: &ConfigRecord) -> BTreeMap<String, String> {
+    record
+        .data
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+        .collect()
+}

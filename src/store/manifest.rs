@@ -1,0 +1,491 @@
+//! The store manifest: the authenticated high-water mark of every entry, so an entry file
+//! replaced by an older copy of itself (a rollback), or a deleted one brought back, is found at
+//! start-up instead of being served.
+//!
+//! Every change to the store takes a number from one counter, its *generation*, which the entry
+//! file carries inside its MAC. The manifest is an append-only journal, one JSON line per change
+//! (`put` or `delete`, the kind, namespace, name and generation), each line ending in a MAC
+//! (HMAC-SHA256 under a key derived from the keyring) over its bytes, which include the previous
+//! line's MAC: a line cannot be edited, removed, reordered or replayed without breaking the
+//! chain. At start-up an entry whose generation is not the one its last manifest line names is
+//! refused.
+//!
+//! Order of writes, so a crash never looks like tampering: a put writes the entry file first and
+//! its manifest line second (a crash between leaves one entry exactly one generation ahead of
+//! the manifest, which start-up adopts); a delete writes its manifest line first and removes the
+//! file second (a crash between leaves a file older than its delete, which start-up removes).
+//! A line cut short by a crash (no newline) was never acknowledged and is cut off.
+//!
+//! The journal is compacted, when it has grown to several times the number of entries, into a
+//! snapshot: a `snapshot` line carrying the next generation and the last MAC of the journal it
+//! replaces, then one line per live entry and per recently deleted object that still remembers
+//! writes.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::StoreError;
+use super::files::write_atomic;
+use super::writes::{WriteRecord, retained};
+use crate::crypto::{KeyId, Keyring, MacKey, Purpose};
+use crate::domain::{Kind, Name, Namespace, ObjectKey};
+
+pub(super) const FILE_NAME: &str = "store.manifest";
+const MAC_FIELD: &str = "mac";
+const GENESIS: [u8; 32] = [0; 32];
+/// Compaction happens when the journal has this many lines more than twice the live marks.
+const COMPACT_SLACK: u64 = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Op {
+    Put,
+    Delete,
+    Snapshot,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Line {
+    seq: u64,
+    op: Op,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<Kind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    namespace: Option<Namespace>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<Name>,
+    /// `put`/`delete`: the change's generation; `snapshot`: the next generation to hand out.
+    generation: u64,
+    /// `delete`: the writes the deleted object remembers (and the delete's own, if keyed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    writes: Vec<WriteRecord>,
+    key_id: KeyId,
+    /// The previous line's MAC (64 hex digits).
+    prev: String,
+}
+
+/// What the manifest says of one object: the generation of its last change, and whether that
+/// change deleted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Mark {
+    pub generation: u64,
+    pub deleted: bool,
+}
+
+pub(super) struct Manifest {
+    path: PathBuf,
+    file: File,
+    /// Bytes of complete lines.
+    len: u64,
+    seq: u64,
+    prev: [u8; 32],
+    next_generation: u64,
+    lines: u64,
+    marks: HashMap<(Kind, ObjectKey), Mark>,
+    /// Writes remembered by deleted objects, until their retention ends.
+    tombstones: HashMap<(Kind, ObjectKey), Vec<WriteRecord>>,
+}
+
+fn open_file(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))
+}
+
+impl Manifest {
+    /// Reads and checks the manifest at `path`; `Ok(None)` if there is none.
+    pub fn open(path: &Path, keyring: &Keyring) -> Result<Option<Manifest>, StoreError> {
+        let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io(path, e)),
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| StoreError::io(path, e))?;
+        let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if complete < bytes.len() {
+            // A line cut short by a crash: its change was never acknowledged.
+            tracing::warn!(path = %path.display(), discarded_bytes = bytes.len() - complete,
+                "store manifest ended in a line cut short by a crash; cut off");
+            file.set_len(complete as u64)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| StoreError::io(path, e))?;
+        }
+        let mut manifest = Manifest {
+            path: path.to_owned(),
+            file,
+            len: complete as u64,
+            seq: 0,
+            prev: GENESIS,
+            next_generation: 1,
+            lines: 0,
+            marks: HashMap::new(),
+            tombstones: HashMap::new(),
+        };
+        let mut keys: HashMap<KeyId, MacKey> = HashMap::new();
+        for (i, raw) in bytes[..complete]
+            .split_inclusive(|b| *b == b'\n')
+            .enumerate()
+        {
+            let raw = &raw[..raw.len() - 1];
+            let corrupt = |reason: String| {
+                StoreError::Integrity(format!(
+                    "store manifest {}, line {}: {reason}. The manifest vouches for every entry's version, so the store cannot be trusted: restore the data directory from a backup, or start with --rebuild-store-manifest to accept the entries as they are",
+                    path.display(),
+                    i + 1
+                ))
+            };
+            let line = manifest
+                .check_line(raw, keyring, &mut keys)
+                .map_err(corrupt)?;
+            manifest.apply(line);
+        }
+        Ok(Some(manifest))
+    }
+
+    /// Checks one line's MAC and its place in the chain.
+    fn check_line(
+        &self,
+        raw: &[u8],
+        keyring: &Keyring,
+        keys: &mut HashMap<KeyId, MacKey>,
+    ) -> Result<Line, String> {
+        let (body, tag) = crate::trailer::split(raw, MAC_FIELD)
+            .ok_or("it does not end in a MAC: not a manifest line")?;
+        let line: Line = serde_json::from_slice(&body)
+            .map_err(|e| format!("it is not a manifest line (column {})", e.column()))?;
+        if !keys.contains_key(&line.key_id) {
+            let key =
+                MacKey::for_key(keyring, &line.key_id, Purpose::StoreManifest).map_err(|_| {
+                    format!(
+                        "it is authenticated with master key {}, which is not in the keyring",
+                        line.key_id
+                    )
+                })?;
+            keys.insert(line.key_id.clone(), key);
+        }
+        if !keys[&line.key_id].verify(&[&body], &tag) {
+            return Err(
+                "its MAC does not match its content: the manifest was edited, or written with another keyring"
+                    .to_owned(),
+            );
+        }
+        let prev = crate::hex::decode_32(&line.prev).ok_or("its prev field is not a MAC")?;
+        let first = self.lines == 0;
+        if !(first && line.op == Op::Snapshot) {
+            if prev != self.prev {
+                return Err("it does not follow the line before it: lines were removed, reordered or replayed".to_owned());
+            }
+            if line.seq != self.seq + 1 {
+                return Err(format!(
+                    "sequence number {} follows {}: lines were removed or reordered",
+                    line.seq, self.seq
+                ));
+            }
+        }
+        let object_fields = line.kind.is_some() && line.namespace.is_some() && line.name.is_some();
+        if (line.op == Op::Snapshot) == object_fields {
+            return Err("its fields do not match its op".to_owned());
+        }
+        Ok(Line {
+            prev: hex_of(&tag),
+            ..line
+        })
+    }
+
+    /// Applies a checked line to the in-memory marks (`line.prev` holds the line's own MAC).
+    fn apply(&mut self, line: Line) {
+        self.seq = line.seq;
+        self.prev = crate::hex::decode_32(&line.prev).expect("checked");
+        self.lines += 1;
+        match (line.op, line.kind, line.namespace, line.name) {
+            (Op::Snapshot, ..) => {
+                self.next_generation = self.next_generation.max(line.generation);
+            }
+            (op, Some(kind), Some(namespace), Some(name)) => {
+                let key = (kind, ObjectKey::new(namespace, name));
+                let deleted = op == Op::Delete;
+                if deleted && !line.writes.is_empty() {
+                    self.tombstones
+                        .entry(key.clone())
+                        .or_default()
+                        .extend(line.writes);
+                }
+                self.marks.insert(
+                    key,
+                    Mark {
+                        generation: line.generation,
+                        deleted,
+                    },
+                );
+                self.next_generation = self.next_generation.max(line.generation + 1);
+            }
+            _ => unreachable!("check_line refuses lines whose fields do not match their op"),
+        }
+    }
+
+    /// A new, empty manifest at `path` that hands out generations from `next_generation`.
+    pub fn create(
+        path: &Path,
+        keyring: &Keyring,
+        next_generation: u64,
+    ) -> Result<Manifest, StoreError> {
+        let mut manifest = Manifest {
+            path: path.to_owned(),
+            file: open_file(path)?,
+            len: 0,
+            seq: 0,
+            prev: GENESIS,
+            next_generation,
+            lines: 0,
+            marks: HashMap::new(),
+            tombstones: HashMap::new(),
+        };
+        manifest
+            .file
+            .set_len(0)
+            .map_err(|e| StoreError::io(path, e))?;
+        let header = manifest.snapshot_line(keyring, 1, GENESIS);
+        let (bytes, mac) = seal_line(&header, keyring);
+        manifest.append_bytes(&bytes)?;
+        manifest.after_append(header.seq, mac);
+        super::files::fsync_dir(path.parent().unwrap_or(Path::new(".")))?;
+        Ok(manifest)
+    }
+
+    fn snapshot_line(&self, keyring: &Keyring, seq: u64, prev: [u8; 32]) -> Line {
+        Line {
+            seq,
+            op: Op::Snapshot,
+            kind: None,
+            namespace: None,
+            name: None,
+            generation: self.next_generation,
+            writes: Vec::new(),
+            key_id: keyring.active().id().clone(),
+            prev: hex_of(&prev),
+        }
+    }
+
+    pub fn mark(&self, kind: Kind, key: &ObjectKey) -> Option<Mark> {
+        self.marks.get(&(kind, key.clone())).copied()
+    }
+
+    /// Every object the manifest says exists, with its generation.
+    pub fn live(&self) -> impl Iterator<Item = (Kind, &ObjectKey, u64)> {
+        self.marks
+            .iter()
+            .filter(|(_, m)| !m.deleted)
+            .map(|((kind, key), m)| (*kind, key, m.generation))
+    }
+
+    /// Writes remembered by deleted objects.
+    pub fn tombstones(&self) -> impl Iterator<Item = (Kind, &ObjectKey, &WriteRecord)> {
+        self.tombstones
+            .iter()
+            .flat_map(|((kind, key), writes)| writes.iter().map(move |w| (*kind, key, w)))
+    }
+
+    /// The generation the next change gets.
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation
+    }
+
+    /// Records that the entry of `kind`/`key` now has `generation` (written before this call).
+    pub fn record_put(
+        &mut self,
+        keyring: &Keyring,
+        kind: Kind,
+        key: &ObjectKey,
+        generation: u64,
+    ) -> Result<(), StoreError> {
+        self.append(keyring, Op::Put, kind, key, generation, Vec::new())?;
+        self.marks.insert(
+            (kind, key.clone()),
+            Mark {
+                generation,
+                deleted: false,
+            },
+        );
+        self.next_generation = self.next_generation.max(generation + 1);
+        self.compact_if_large(keyring)
+    }
+
+    /// Records the deletion of `kind`/`key` (before its file is removed), with the writes the
+    /// object remembers; returns the delete's generation.
+    pub fn record_delete(
+        &mut self,
+        keyring: &Keyring,
+        kind: Kind,
+        key: &ObjectKey,
+        writes: Vec<WriteRecord>,
+    ) -> Result<u64, StoreError> {
+        let generation = self.next_generation;
+        let writes = retained(writes, jiff::Timestamp::now());
+        self.append(keyring, Op::Delete, kind, key, generation, writes.clone())?;
+        self.marks.insert(
+            (kind, key.clone()),
+            Mark {
+                generation,
+                deleted: true,
+            },
+        );
+        if !writes.is_empty() {
+            self.tombstones
+                .entry((kind, key.clone()))
+                .or_default()
+                .extend(writes);
+        }
+        self.next_generation = generation + 1;
+        self.compact_if_large(keyring)?;
+        Ok(generation)
+    }
+
+    fn append(
+        &mut self,
+        keyring: &Keyring,
+        op: Op,
+        kind: Kind,
+        key: &ObjectKey,
+        generation: u64,
+        writes: Vec<WriteRecord>,
+    ) -> Result<(), StoreError> {
+        let line = Line {
+            seq: self.seq + 1,
+            op,
+            kind: Some(kind),
+            namespace: Some(key.namespace.clone()),
+            name: Some(key.name.clone()),
+            generation,
+            writes,
+            key_id: keyring.active().id().clone(),
+            prev: hex_of(&self.prev),
+        };
+        let (bytes, mac) = seal_line(&line, keyring);
+        self.append_bytes(&bytes)?;
+        self.after_append(line.seq, mac);
+        Ok(())
+    }
+
+    /// Appends and syncs; on failure cuts the file back so the chain stays whole.
+    fn append_bytes(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let result = self
+            .file
+            .seek(SeekFrom::Start(self.len))
+            .and_then(|_| self.file.write_all(bytes))
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = result {
+            let _ = self.file.set_len(self.len);
+            return Err(StoreError::io(&self.path, e));
+        }
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn after_append(&mut self, seq: u64, mac: [u8; 32]) {
+        self.seq = seq;
+        self.prev = mac;
+        self.lines += 1;
+    }
+
+    /// Rewrites the journal as a snapshot once it has grown well past the number of entries.
+    fn compact_if_large(&mut self, keyring: &Keyring) -> Result<(), StoreError> {
+        if self.lines <= 2 * self.marks.len() as u64 + COMPACT_SLACK {
+            return Ok(());
+        }
+        self.compact(keyring)
+    }
+
+    pub fn compact(&mut self, keyring: &Keyring) -> Result<(), StoreError> {
+        let now = jiff::Timestamp::now();
+        for writes in self.tombstones.values_mut() {
+            *writes = retained(std::mem::take(writes), now);
+        }
+        self.tombstones.retain(|_, w| !w.is_empty());
+        // A deleted object's mark is kept only while it remembers writes: an older copy of its
+        // entry is refused anyway, as every entry the manifest does not name is.
+        let tombstones = &self.tombstones;
+        self.marks
+            .retain(|key, mark| !mark.deleted || tombstones.contains_key(key));
+
+        let mut seq = self.seq + 1;
+        let header = self.snapshot_line(keyring, seq, self.prev);
+        let (mut out, mut prev) = seal_line(&header, keyring);
+        let mut lines = 1;
+        let mut marks: Vec<_> = self.marks.iter().collect();
+        // Deletes first: an object deleted and created again is live after replay.
+        marks.sort_by_key(|((kind, key), mark)| {
+            (!mark.deleted, mark.generation, *kind, key.clone())
+        });
+        for ((kind, key), mark) in marks {
+            seq += 1;
+            let line = Line {
+                seq,
+                op: if mark.deleted { Op::Delete } else { Op::Put },
+                kind: Some(*kind),
+                namespace: Some(key.namespace.clone()),
+                name: Some(key.name.clone()),
+                generation: mark.generation,
+                writes: if mark.deleted {
+                    self.tombstones
+                        .get(&(*kind, key.clone()))
+                        .cloned()
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+                key_id: keyring.active().id().clone(),
+                prev: hex_of(&prev),
+            };
+            let (bytes, mac) = seal_line(&line, keyring);
+            out.extend_from_slice(&bytes);
+            prev = mac;
+            lines += 1;
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let name = self
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(FILE_NAME);
+        write_atomic(dir, name, &out)?;
+        self.file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.len = out.len() as u64;
+        self.seq = seq;
+        self.prev = prev;
+        self.lines = lines;
+        tracing::debug!(lines, "store manifest compacted");
+        Ok(())
+    }
+}
+
+fn hex_of(mac: &[u8; 32]) -> String {
+    crate::hex::encode(mac)
+}
+
+/// The line's bytes (MAC appended, newline included) and its MAC. Lines are always made with
+/// the keyring's active key, which their `keyId` names.
+fn seal_line(line: &Line, keyring: &Keyring) -> (Vec<u8>, [u8; 32]) {
+    let key = MacKey::active(keyring, Purpose::StoreManifest);
+    debug_assert_eq!(&line.key_id, key.key_id());
+    let body = serde_json::to_vec(line).expect("a manifest line serializes");
+    let mac = key.tag(&[&body]);
+    let mut bytes = crate::trailer::append(&body, MAC_FIELD, &mac);
+    bytes.push(b'\n');
+    (bytes, mac)
+}
