@@ -424,6 +424,36 @@ fn crash_mid_burst_loses_no_acknowledged_write() {
             );
         }
     }
+    // Every version the store holds, or built on, was on the record before it was committed:
+    // also the write the crash cut off, acknowledged or not.
+    let audited_versions: HashSet<(String, u64)> = env
+        .audit_records()
+        .iter()
+        .filter(|r| {
+            r["decision"] == json!("allow")
+                && (r["command"] == json!("secret.create")
+                    || r["command"] == json!("secret.rotate"))
+        })
+        .filter_map(|r| Some((r["name"].as_str()?.to_owned(), r["version"].as_u64()?)))
+        .collect();
+    for (t, _) in &logs {
+        for i in 0..SECRETS_PER_THREAD {
+            let name = secret_name(*t, i);
+            let resp = server.call("secret.get", json!({"name": name}));
+            let Some(stored) = resp
+                .is_ok()
+                .then(|| resp.payload()["version"].as_u64().unwrap())
+            else {
+                continue;
+            };
+            for v in 1..=stored {
+                assert!(
+                    audited_versions.contains(&(name.clone(), v)),
+                    "{name} version {v} is in the store (it holds version {stored}) but not in the audit log"
+                );
+            }
+        }
+    }
     let exit = server.stop();
     assert!(exit.status.success(), "{exit:?}");
     assert_no_quarantine_logged(&exit);

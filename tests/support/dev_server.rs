@@ -513,9 +513,8 @@ impl DevEnv {
         self.start_with(&[])
     }
 
-    /// Starts `claw-secrets dev` on a free loopback port, with extra environment variables, and
-    /// waits for its "listening" line.
-    pub fn start_with(&self, envs: &[(&str, &str)]) -> DevServer {
+    /// `claw-secrets dev` for this environment, on a free loopback port, with `extra` args.
+    fn dev_command(&self, extra: &[&str]) -> Command {
         let mut cmd = self.command();
         cmd.args([
             "dev",
@@ -526,6 +525,51 @@ impl DevEnv {
             "--node-id",
             &self.node_id,
         ]);
+        cmd.args(extra);
+        cmd
+    }
+
+    /// Runs `claw-secrets dev` (with `extra` args) expecting it to refuse to start; returns how
+    /// it ended. Panics if it is still running after a generous wait.
+    pub fn start_refused(&self, extra: &[&str]) -> ServerExit {
+        let mut child = self
+            .dev_command(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn claw-secrets dev");
+        let deadline = Instant::now() + PATIENCE;
+        while child.try_wait().expect("try_wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!(
+                    "claw-secrets dev started although it should have refused:\nstdout: {}\nstderr: {}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().expect("wait");
+        ServerExit {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stdout_bytes: out.stdout,
+            stderr_bytes: out.stderr,
+        }
+    }
+
+    /// Starts `claw-secrets dev` on a free loopback port, with extra environment variables, and
+    /// waits for its "listening" line.
+    pub fn start_with(&self, envs: &[(&str, &str)]) -> DevServer {
+        self.start_args(&[], envs)
+    }
+
+    /// Like [`DevEnv::start_with`], with extra command-line args.
+    pub fn start_args(&self, extra: &[&str], envs: &[(&str, &str)]) -> DevServer {
+        let mut cmd = self.dev_command(extra);
         for (k, v) in envs {
             cmd.env(k, v);
         }
