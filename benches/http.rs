@@ -103,7 +103,7 @@ fn start_in_process(server_threads: usize) -> Server {
     let keys = SharedKeyring::new(Keyring::generate().expect("keyring"));
     let (store, _) = Store::open(&data_dir, keys.clone(), Default::default()).expect("store");
     let core = CommandCore::new(
-        TokenAuthorizer::new(tokens),
+        TokenAuthorizer::new(Arc::new(tokens)),
         StoreRepository::new(Arc::new(store)),
         audit,
         node_id.to_owned(),

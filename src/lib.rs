@@ -6,11 +6,17 @@
 //! - [`crypto`]: key derivation, the sealed envelope and the keyring.
 //! - [`store`]: the node-local, crash-safe blob store.
 //! - [`audit`]: the append-only, hash-chained audit log.
-//! - [`invoke`]: the `node.invoke` protocol, its dispatcher, HTTP server and client.
-//! - [`backends`]: implementations of [`invoke::Backend`] (`local` for `claw-secrets dev`).
+//! - [`invoke`]: the `node.invoke` API: the ten commands and the command core that gives them
+//!   their meaning (behind two seams, [`invoke::Authorizer`] and [`invoke::Repository`]), the
+//!   dispatcher, the HTTP server and the client.
+//! - [`backends`]: the dev-mode seams (`local`: the tokens file and the node store).
+//! - [`k8s`]: CRDs, the operator, the node agent and its seams (TokenReview and
+//!   SubjectAccessReview; the API server for writes).
 //! - [`cli`]: the `claw-secrets` command line.
 //!
 //! [`hex`] and [`trailer`] are leaves every layer may use.
+
+#![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod backends;

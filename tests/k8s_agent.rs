@@ -358,10 +358,22 @@ async fn access_matrix_with_real_tokens() {
         )
         .await
         .expect_error(denied, "workload deletes");
-    agent
+    // Without `list`, a workload lists just the secrets it could read.
+    let listed = agent
         .invoke(Some(&app), "secret.list", json!({ "namespace": ns }))
         .await
-        .expect_error(denied, "workload lists");
+        .payload("workload lists what it may read");
+    assert_eq!(
+        listed["secrets"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert_eq!(listed["secrets"][0]["name"], json!("db"), "{listed}");
+    let listed = agent
+        .invoke(Some(&other), "secret.list", json!({ "namespace": ns }))
+        .await
+        .payload("workload lists what it may read");
+    assert_eq!(listed["secrets"], json!([]), "{listed}");
     agent
         .invoke(
             Some(&app),
@@ -565,7 +577,6 @@ async fn access_matrix_with_real_tokens() {
         (&app_subject, "secret.create", Some("app.made")),
         (&app_subject, "secret.rotate", Some("db")),
         (&app_subject, "secret.delete", Some("db")),
-        (&app_subject, "secret.list", None),
         ("bob", "secret.get", Some("db")),
         ("bob", "secret.list", None),
         ("bob", "secret.create", Some("bob.made")),

@@ -3,7 +3,6 @@
 use clap::Args;
 use std::fs;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,9 +11,8 @@ use std::sync::Arc;
 use super::{ClientConfig, client_config_path};
 use crate::audit::{AuditLog, Recovery};
 use crate::backends::local::tokens::{TokenEntry, TokenStore, add_token};
-use crate::backends::local::{StoreRepository, TokenAuthorizer};
+use crate::backends::local::{StoreRepository, TOKENS_REFRESH, TokenAuthorizer};
 use crate::crypto::{Keyring, SharedKeyring};
-use crate::domain::Namespace;
 use crate::invoke::{CommandCore, Dispatcher};
 use crate::store::{Store, create_private_dir, write_private_file_atomic};
 
@@ -71,15 +69,14 @@ fn lock_data_dir(dir: &Path) -> Result<DataDirLock, String> {
         .mode(0o600)
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    // SAFETY: flock on a valid, owned file descriptor.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(format!(
+    match file.try_lock() {
+        Ok(()) => Ok(DataDirLock(file)),
+        Err(fs::TryLockError::WouldBlock) => Err(format!(
             "another claw-secrets server is using {}; stop it or pass another --data-dir",
             dir.display()
-        ));
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
     }
-    Ok(DataDirLock(file))
 }
 
 fn load_or_create_keyring(path: &Path) -> Result<(Keyring, bool), String> {
@@ -126,9 +123,10 @@ fn node_id(data_dir: &Path, requested: Option<String>) -> Result<String, String>
             Err(_) => default_node_id(),
         },
     };
-    if Namespace::parse(&id).is_err() {
+    if !crate::domain::dns::is_label(&id) {
         return Err(format!(
-            "node id {id:?} must be a DNS-1123 label (lowercase letters, digits and '-', at most 63)"
+            "node id {id:?} must be {}",
+            crate::domain::dns::LABEL_RULE
         ));
     }
     write_private_file_atomic(&path, format!("{id}\n").as_bytes()).map_err(|e| e.to_string())?;
@@ -215,6 +213,8 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
 
+    let tokens = Arc::new(tokens);
+    tokio::spawn(tokens.clone().refresh_every(TOKENS_REFRESH));
     let core = CommandCore::new(
         TokenAuthorizer::new(tokens),
         StoreRepository::new(Arc::new(store)),

@@ -3,6 +3,7 @@
 //! Nothing in this layer knows about files, HTTP or Kubernetes.
 
 mod data;
+pub mod dns;
 mod error;
 mod name;
 mod version;

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
-use super::DomainError;
+use super::{DomainError, dns};
 
 /// The longest name the seed allows.
 pub const MAX_NAME_LEN: usize = 253;
@@ -98,28 +98,16 @@ impl NamePrefix {
     }
 }
 
-/// Shared rule for DNS-1123 names (labels and subdomains) as Kubernetes defines them.
-fn parse_dns1123(what: &str, s: &str, max: usize, allow_dots: bool) -> Result<String, DomainError> {
-    let rule = if allow_dots {
-        format!(
-            "{what} must be a DNS-1123 subdomain: 1-{max} characters of lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
-        )
-    } else {
-        format!(
-            "{what} must be a DNS-1123 label: 1-{max} characters of lowercase letters, digits and '-', starting and ending with a letter or digit"
-        )
-    };
-    let ok_char = |c: char| {
-        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (allow_dots && c == '.')
-    };
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if s.is_empty()
-        || s.len() > max
-        || !s.chars().all(ok_char)
-        || !alnum(s.chars().next())
-        || !alnum(s.chars().last())
-    {
-        return Err(DomainError::new(format!("{what} {s:?} is invalid: {rule}")));
+fn parse_dns(
+    what: &str,
+    s: &str,
+    valid: fn(&str) -> bool,
+    rule: &str,
+) -> Result<String, DomainError> {
+    if !valid(s) {
+        return Err(DomainError::new(format!(
+            "{what} {s:?} is invalid: it must be {rule}"
+        )));
     }
     Ok(s.to_owned())
 }
@@ -131,7 +119,7 @@ pub struct Namespace(String);
 
 impl Namespace {
     pub fn parse(s: &str) -> Result<Self, DomainError> {
-        parse_dns1123("namespace", s, 63, false).map(Namespace)
+        parse_dns("namespace", s, dns::is_label, dns::LABEL_RULE).map(Namespace)
     }
 
     pub fn default_namespace() -> Self {
@@ -176,7 +164,7 @@ pub struct Workload(String);
 
 impl Workload {
     pub fn parse(s: &str) -> Result<Self, DomainError> {
-        parse_dns1123("workload", s, 253, true).map(Workload)
+        parse_dns("workload", s, dns::is_subdomain, dns::SUBDOMAIN_RULE).map(Workload)
     }
 
     pub fn as_str(&self) -> &str {

@@ -10,31 +10,15 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::domain::Name;
+use crate::domain::{Name, dns};
 
 /// The prefix reserved for hashed object names.
 pub const HASHED_PREFIX: &str = "cs--";
 
-fn is_dns1123_subdomain(s: &str) -> bool {
-    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 253
-        && alnum(b[0])
-        && alnum(b[b.len() - 1])
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label.bytes().all(|c| alnum(c) || c == b'-')
-                && alnum(label.as_bytes()[0])
-                && alnum(label.as_bytes()[label.len() - 1])
-        })
-}
-
 /// The object name that stores the secret or config called `name`.
 pub fn object_name(name: &Name) -> String {
     let n = name.as_str();
-    if is_dns1123_subdomain(n) && !n.starts_with(HASHED_PREFIX) {
+    if dns::is_subdomain(n) && !n.starts_with(HASHED_PREFIX) {
         return n.to_owned();
     }
     let digest = Sha256::digest(n.as_bytes());
@@ -70,7 +54,7 @@ mod tests {
         ] {
             let o = object_name(&n(s));
             assert!(o.starts_with(HASHED_PREFIX), "{s} -> {o}");
-            assert!(is_dns1123_subdomain(&o), "{o} must be a valid object name");
+            assert!(dns::is_subdomain(&o), "{o} must be a valid object name");
         }
     }
 

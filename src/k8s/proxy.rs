@@ -67,17 +67,7 @@ impl AgentPod {
 
 /// Whether `s` can be a Node name (a DNS-1123 subdomain), so it is safe in a field selector.
 pub fn valid_node_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
+    crate::domain::dns::is_subdomain(s)
 }
 
 /// The bearer token the kubeconfig's user authenticates with: its `token`, else its

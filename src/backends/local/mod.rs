@@ -22,11 +22,16 @@ use tokens::TokenStore;
 
 /// Dev mode's authorizer: the tokens file.
 pub struct TokenAuthorizer {
-    tokens: TokenStore,
+    tokens: Arc<TokenStore>,
 }
 
+/// How often the tokens file is checked for edits: a revoked token stops working within it.
+pub const TOKENS_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl TokenAuthorizer {
-    pub fn new(tokens: TokenStore) -> Self {
+    /// Authenticates against `tokens`, which a background task keeps current (start
+    /// [`TokenStore::refresh_every`] with [`TOKENS_REFRESH`] beside the server).
+    pub fn new(tokens: Arc<TokenStore>) -> Self {
         TokenAuthorizer { tokens }
     }
 }
@@ -39,7 +44,14 @@ impl Authorizer for TokenAuthorizer {
                 "missing bearer token: send 'Authorization: Bearer <token>' (dev mode writes the admin token to <data-dir>/admin.token)",
             )
         })?;
-        self.tokens.authenticate(token).ok_or_else(|| {
+        if let Some(caller) = self.tokens.lookup(token) {
+            return Ok(caller);
+        }
+        // A token created since the last refresh works at once: look at the file again, off
+        // the async workers.
+        let tokens = self.tokens.clone();
+        let _ = tokio::task::spawn_blocking(move || tokens.refresh()).await;
+        self.tokens.lookup(token).ok_or_else(|| {
             InvokeError::new(
                 ErrorCode::Unauthenticated,
                 "the bearer token is not valid for this server",

@@ -5,10 +5,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 use zeroize::Zeroizing;
 
@@ -93,10 +92,8 @@ fn lock_beside(path: &Path) -> Result<std::fs::File, TokenError> {
         .mode(0o600)
         .open(&lock_path)
         .map_err(|e| StoreError::io(&lock_path, e))?;
-    // SAFETY: flock on a valid descriptor we own; the kernel releases it when the file closes.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(StoreError::io(&lock_path, std::io::Error::last_os_error()).into());
-    }
+    // The kernel releases the lock when the file closes.
+    file.lock().map_err(|e| StoreError::io(&lock_path, e))?;
     Ok(file)
 }
 
@@ -167,13 +164,34 @@ impl TokenStore {
         self.state.read().unwrap().1.values().any(|e| e.admin)
     }
 
-    /// The caller a token stands for, or `None` for an unknown token.
-    pub fn authenticate(&self, token: &str) -> Option<Caller> {
+    /// Re-reads the tokens file if it changed (blocking file I/O: call it off the async
+    /// workers). Keeps the tokens already loaded if the file cannot be read.
+    pub fn refresh(&self) {
         if let Err(e) = self.reload_if_changed() {
             // Keep serving with the tokens already loaded; an edit in progress must not lock
             // everyone out.
             tracing::warn!(error = %e, "tokens file could not be reloaded");
         }
+    }
+
+    /// Keeps the tokens current: re-reads the file every `period`, off the async workers.
+    /// Runs until the process ends.
+    pub async fn refresh_every(self: Arc<Self>, period: Duration) {
+        loop {
+            tokio::time::sleep(period).await;
+            let tokens = self.clone();
+            if tokio::task::spawn_blocking(move || tokens.refresh())
+                .await
+                .is_err()
+            {
+                tracing::error!("tokens file refresh task failed");
+            }
+        }
+    }
+
+    /// The caller a token stands for, or `None` for a token not loaded (no file I/O: see
+    /// [`TokenStore::refresh`]).
+    pub fn lookup(&self, token: &str) -> Option<Caller> {
         // Looking up by hash: the comparison is on a digest the caller cannot steer, so it
         // leaks nothing about stored tokens through timing.
         let state = self.state.read().unwrap();
