@@ -1,6 +1,6 @@
 //! `secret.get` through the HTTP adapter with every read audited (DESIGN.md "Targets":
-//! >= 20,000 requests/s and p99 <= 2 ms; keep-alive, loopback, 2 cores), or `secret.rotate`
-//! (every write audited, then committed to the store).
+//! at least 20,000 requests/s and p99 at most 2 ms; keep-alive, loopback, 2 cores), or
+//! `secret.rotate` (every write audited, then committed to the store).
 //!
 //!     cargo bench --bench http
 //!     BENCH_CONNECTIONS=24 BENCH_SECONDS=30 cargo bench --bench http

@@ -52,6 +52,13 @@ pub enum AgentError {
     Setup(String),
     #[error("the node.invoke server failed: {0}")]
     Serve(std::io::Error),
+    /// A background task ended (or panicked): the agent stops rather than serve data it no
+    /// longer keeps current; the kubelet restarts it.
+    #[error("the agent's {task} task {how}; exiting so the agent is restarted")]
+    TaskEnded {
+        task: &'static str,
+        how: &'static str,
+    },
 }
 
 fn cached_keyring(path: &Path) -> Option<Keyring> {
@@ -178,30 +185,28 @@ pub async fn run(
         refused = report.refused.len(), "agent serving node.invoke from its local store");
 
     let (labels_tx, labels_rx) = watch::channel(None);
-    let background = vec![
-        tokio::spawn(refresh_keyring(
-            client.clone(),
-            config.clone(),
-            keys.clone(),
-        )),
-        tokio::spawn(sync::watch_node_labels(
-            client.clone(),
-            config.node_name.clone(),
-            labels_tx,
-        )),
-        tokio::spawn(sync::mirror::<ClawSecret>(
+    let mut background = Supervised::default();
+    background.spawn(
+        "keyring refresh",
+        refresh_keyring(client.clone(), config.clone(), keys.clone()),
+    );
+    background.spawn(
+        "node label watch",
+        sync::watch_node_labels(client.clone(), config.node_name.clone(), labels_tx),
+    );
+    background.spawn(
+        "ClawSecret mirror",
+        sync::mirror::<ClawSecret>(
             client.clone(),
             store.clone(),
             keys.clone(),
             labels_rx.clone(),
-        )),
-        tokio::spawn(sync::mirror::<ClawConfig>(
-            client.clone(),
-            store.clone(),
-            keys.clone(),
-            labels_rx,
-        )),
-    ];
+        ),
+    );
+    background.spawn(
+        "ClawConfig mirror",
+        sync::mirror::<ClawConfig>(client.clone(), store.clone(), keys.clone(), labels_rx),
+    );
 
     let events = AgentEvents::new(client.clone(), &config.node_name);
     let identity = KubeIdentity::new(client.clone())
@@ -214,9 +219,44 @@ pub async fn run(
         keys,
     );
     let dispatcher = Arc::new(Dispatcher::new(core));
-    let served = crate::invoke::serve(listener, dispatcher, shutdown).await;
-    for task in background {
-        task.abort();
+    let result = tokio::select! {
+        served = crate::invoke::serve(listener, dispatcher, shutdown) => served.map_err(AgentError::Serve),
+        ended = background.first_to_end() => Err(ended),
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "agent stopping");
     }
-    served.map_err(AgentError::Serve)
+    result
+}
+
+/// The agent's background tasks. Each runs for the life of the process; the first one to end,
+/// or panic, ends the agent. Aborted when dropped.
+#[derive(Default)]
+struct Supervised {
+    tasks: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Supervised {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = self.tasks.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    async fn first_to_end(&mut self) -> AgentError {
+        let (id, how) = match self.tasks.join_next_with_id().await {
+            Some(Ok((id, ()))) => (Some(id), "ended"),
+            Some(Err(e)) if e.is_panic() => (Some(e.id()), "panicked"),
+            Some(Err(e)) => (Some(e.id()), "was cancelled"),
+            None => (None, "ended"),
+        };
+        let task = id
+            .and_then(|id| self.names.get(&id).copied())
+            .unwrap_or("background");
+        AgentError::TaskEnded { task, how }
+    }
 }

@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -17,7 +17,7 @@ use crate::crypto::{Keyring, SharedKeyring};
 use crate::domain::{Kind, ObjectKey};
 use crate::k8s::convert::{self, selects};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
-use crate::store::{Expect, Store};
+use crate::store::{Expect, Store, StoreError};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -61,9 +61,10 @@ pub async fn watch_node_labels(
 pub trait Mirrored: kube::Resource + Clone + Send + Sync + 'static {
     fn key(&self) -> Option<ObjectKey>;
     fn node_selector(&self) -> Option<&BTreeMap<String, String>>;
-    /// Writes the object into the store if it belongs there and is newer; returns whether the
-    /// key should be considered present. `keyring` opens the writes the object remembers.
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> bool;
+    /// Writes the object into the store if it is newer than what the store holds (an invalid
+    /// or not yet sealed object keeps the node's copy). `Err` only for a write that failed and
+    /// should be tried again. `keyring` opens the writes the object remembers.
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<(), StoreError>;
     fn remove(key: &ObjectKey, store: &Store);
     fn stored_keys(store: &Store) -> Vec<ObjectKey>;
     const KIND: &'static str;
@@ -80,7 +81,7 @@ impl Mirrored for ClawSecret {
         self.spec.node_selector.as_ref()
     }
 
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> bool {
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<(), StoreError> {
         let writes = match convert::secret_key(self) {
             Ok(key) => convert::remembered_writes(&self.metadata, Kind::Secret, &key, keyring),
             Err(_) => Vec::new(),
@@ -88,11 +89,11 @@ impl Mirrored for ClawSecret {
         let record = match convert::secret_record(self, writes) {
             Ok(Some(r)) => r,
             // Not sealed yet: keep whatever version this node already has.
-            Ok(None) => return true,
+            Ok(None) => return Ok(()),
             Err(e) => {
                 tracing::warn!(namespace = ?self.namespace(), object = %self.name_any(), reason = e.reason,
                     error = %e, "ClawSecret is invalid; keeping this node's copy, if any");
-                return true;
+                return Ok(());
             }
         };
         if let Some(stored) = store.secret(&record.key)
@@ -101,23 +102,30 @@ impl Mirrored for ClawSecret {
             if stored.version > record.version {
                 tracing::debug!(key = %record.key, stored = stored.version.get(), offered = record.version.get(),
                     "ignoring an older version");
-                return true;
+                return Ok(());
             }
             if stored.version == record.version
                 && stored.envelope == record.envelope
                 && stored.allowed_workloads == record.allowed_workloads
                 && stored.writes == record.writes
             {
-                return true;
+                return Ok(());
             }
         }
         let key = record.key.clone();
         let version = record.version;
         match store.put_secret(record, Expect::Any) {
-            Ok(_) => tracing::info!(%key, version = version.get(), "secret stored on this node"),
-            Err(e) => tracing::error!(%key, error = %e, "could not store secret"),
+            Ok(_) => {
+                tracing::info!(%key, version = version.get(), "secret stored on this node");
+                Ok(())
+            }
+            // A newer version arrived meanwhile (this agent's own write): nothing to do.
+            Err(StoreError::Stale { .. }) => Ok(()),
+            Err(e) => {
+                tracing::error!(%key, error = %e, "could not store secret; retrying");
+                Err(e)
+            }
         }
-        true
     }
 
     fn remove(key: &ObjectKey, store: &Store) {
@@ -144,7 +152,7 @@ impl Mirrored for ClawConfig {
         self.spec.node_selector.as_ref()
     }
 
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> bool {
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<(), StoreError> {
         // Only data the operator accepted is delivered: an immutable config whose data was
         // changed anyway (a server without CEL) keeps the accepted copy on every node.
         let accepted = self
@@ -152,7 +160,7 @@ impl Mirrored for ClawConfig {
             .as_ref()
             .and_then(|s| s.accepted_data_hash.as_deref());
         if accepted != Some(convert::data_hash(&self.spec.data).as_str()) {
-            return true;
+            return Ok(());
         }
         let writes = match convert::config_key(self) {
             Ok(key) => convert::remembered_writes(&self.metadata, Kind::Config, &key, keyring),
@@ -162,7 +170,7 @@ impl Mirrored for ClawConfig {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(object = %self.name_any(), error = %e, "ClawConfig is invalid; keeping this node's copy, if any");
-                return true;
+                return Ok(());
             }
         };
         if let Some(stored) = store.config(&record.key)
@@ -172,14 +180,19 @@ impl Mirrored for ClawConfig {
             && stored.updated_at == record.updated_at
             && stored.writes == record.writes
         {
-            return true;
+            return Ok(());
         }
         let key = record.key.clone();
         match store.put_config(record, Expect::Any) {
-            Ok(_) => tracing::info!(%key, "config stored on this node"),
-            Err(e) => tracing::error!(%key, error = %e, "could not store config"),
+            Ok(_) => {
+                tracing::info!(%key, "config stored on this node");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(%key, error = %e, "could not store config; retrying");
+                Err(e)
+            }
         }
-        true
     }
 
     fn remove(key: &ObjectKey, store: &Store) {
@@ -195,22 +208,45 @@ impl Mirrored for ClawConfig {
     }
 }
 
-/// Applies one object: stored if it belongs on this node, removed otherwise. Returns the key
-/// if the object belongs here.
-fn apply<K: Mirrored>(
-    obj: &K,
-    labels: &Labels,
-    store: &Store,
-    keyring: &Keyring,
-) -> Option<ObjectKey> {
-    let key = obj.key()?;
+/// What applying one object did.
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    /// It belongs on this node, and the store holds it (or keeps its copy).
+    Held(ObjectKey),
+    /// It belongs on this node, but writing it failed: try again.
+    Failed(ObjectKey),
+    /// It does not belong here (or cannot be named); removed if it was held.
+    Removed,
+}
+
+impl Applied {
+    /// The key, if the object belongs on this node (a failed write still does: no sweep).
+    fn key(self) -> Option<ObjectKey> {
+        match self {
+            Applied::Held(k) | Applied::Failed(k) => Some(k),
+            Applied::Removed => None,
+        }
+    }
+}
+
+/// Applies one object: stored if it belongs on this node, removed otherwise.
+fn apply<K: Mirrored>(obj: &K, labels: &Labels, store: &Store, keyring: &Keyring) -> Applied {
+    let Some(key) = obj.key() else {
+        return Applied::Removed;
+    };
     let being_deleted = obj.meta().deletion_timestamp.is_some();
     if being_deleted || !selects(obj.node_selector(), labels) {
         K::remove(&key, store);
-        return None;
+        return Applied::Removed;
     }
-    obj.store_it(store, keyring).then_some(key)
+    match obj.store_it(store, keyring) {
+        Ok(()) => Applied::Held(key),
+        Err(_) => Applied::Failed(key),
+    }
 }
+
+/// How often writes that failed are tried again.
+const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Mirrors one kind until the process ends; restarts (re-lists) whenever the labels change.
 pub async fn mirror<K>(
@@ -237,12 +273,27 @@ pub async fn mirror<K>(
             .default_backoff()
             .boxed();
         let mut listed: HashSet<ObjectKey> = HashSet::new();
+        // Objects whose store write failed, by key: written again every RETRY_EVERY, until it
+        // succeeds or a newer event for the key supersedes them.
+        let mut failed: HashMap<ObjectKey, K> = HashMap::new();
+        let mut retry = tokio::time::interval(RETRY_EVERY);
         loop {
             tokio::select! {
                 changed = labels_rx.changed() => {
                     if changed.is_err() { return; }
                     tracing::info!(kind = K::KIND, "node labels changed; re-listing");
                     break;
+                }
+                _ = retry.tick(), if !failed.is_empty() => {
+                    let (store, labels, keyring) = (store.clone(), labels.clone(), keys.current());
+                    let pending = std::mem::take(&mut failed);
+                    failed = blocking(move || {
+                        pending
+                            .into_iter()
+                            .filter(|(_, obj)| matches!(apply(obj, &labels, &store, &keyring), Applied::Failed(_)))
+                            .collect()
+                    })
+                    .await;
                 }
                 event = stream.next() => {
                     let Some(event) = event else { return };
@@ -252,7 +303,9 @@ pub async fn mirror<K>(
                     match event {
                         Ok(Event::Init) => listed.clear(),
                         Ok(Event::InitApply(obj)) => {
-                            if let Some(k) = blocking(move || apply(&obj, &labels, &store, &keyring)).await {
+                            let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, &keyring), obj)).await;
+                            note(&mut failed, &applied, obj);
+                            if let Some(k) = applied.key() {
                                 listed.insert(k);
                             }
                         }
@@ -270,10 +323,12 @@ pub async fn mirror<K>(
                             tracing::info!(kind = K::KIND, "in sync with the API server");
                         }
                         Ok(Event::Apply(obj)) => {
-                            blocking(move || apply(&obj, &labels, &store, &keyring)).await;
+                            let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, &keyring), obj)).await;
+                            note(&mut failed, &applied, obj);
                         }
                         Ok(Event::Delete(obj)) => {
                             if let Some(key) = obj.key() {
+                                failed.remove(&key);
                                 blocking(move || K::remove(&key, &store)).await;
                             }
                         }
@@ -282,6 +337,20 @@ pub async fn mirror<K>(
                 }
             }
         }
+    }
+}
+
+/// Keeps `obj` for another try if its write failed; forgets an earlier failure of its key
+/// otherwise (this event supersedes it).
+fn note<K>(failed: &mut HashMap<ObjectKey, K>, applied: &Applied, obj: K) {
+    match applied {
+        Applied::Failed(key) => {
+            failed.insert(key.clone(), obj);
+        }
+        Applied::Held(key) => {
+            failed.remove(key);
+        }
+        Applied::Removed => {}
     }
 }
 
@@ -381,7 +450,7 @@ mod tests {
                 &store,
                 &keyring
             ),
-            Some(key())
+            Applied::Held(key())
         );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
 
@@ -394,7 +463,7 @@ mod tests {
                 &store,
                 &keyring
             ),
-            Some(key())
+            Applied::Held(key())
         );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
 
@@ -447,7 +516,7 @@ mod tests {
         assert!(store.secret(&key()).is_some());
 
         obj.spec.node_selector = Some([("gpu".to_owned(), "false".to_owned())].into());
-        assert_eq!(apply(&obj, &gpu, &store, &keyring), None);
+        assert_eq!(apply(&obj, &gpu, &store, &keyring), Applied::Removed);
         assert!(store.secret(&key()).is_none());
 
         obj.spec.node_selector = None;
@@ -456,7 +525,7 @@ mod tests {
         obj.metadata.deletion_timestamp = Some(
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
         );
-        assert_eq!(apply(&obj, &gpu, &store, &keyring), None);
+        assert_eq!(apply(&obj, &gpu, &store, &keyring), Applied::Removed);
         assert!(store.secret(&key()).is_none());
     }
 }

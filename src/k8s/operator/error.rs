@@ -51,6 +51,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    /// A part of the operator that runs for its whole life stopped: the process exits so the
+    /// Deployment restarts it, rather than going on half-working behind a green probe.
+    #[error("the operator's {task} stopped unexpectedly; exiting so it is restarted")]
+    TaskEnded { task: &'static str },
 }
 
 impl Error {
@@ -77,11 +82,12 @@ impl Error {
             Error::Seal { .. } => "seal",
             Error::LeaseLost { .. } => "lease_lost",
             Error::Serve { .. } => "serve",
+            Error::TaskEnded { .. } => "task_ended",
         }
     }
 
     /// Every label `metric_label` can return, so metrics can be pre-declared.
-    pub const METRIC_LABELS: [&'static str; 7] = [
+    pub const METRIC_LABELS: [&'static str; 8] = [
         "kube",
         "conflict",
         "keyring",
@@ -89,6 +95,7 @@ impl Error {
         "seal",
         "lease_lost",
         "serve",
+        "task_ended",
     ];
 
     pub fn is_conflict(&self) -> bool {

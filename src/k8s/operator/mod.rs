@@ -216,16 +216,45 @@ pub async fn run(
         stopped(stop_rx.clone()),
     ));
 
+    let mut operate = std::pin::pin!(elect_and_lead(
+        client,
+        &config,
+        metrics,
+        health,
+        stop_rx.clone()
+    ));
+    // The metrics and health server runs for the operator's whole life (it stops at shutdown):
+    // if it stops before, so does the operator (its probes would fail anyway).
+    tokio::select! {
+        result = &mut operate => result,
+        _ = server => {
+            if *stop_rx.borrow() {
+                operate.await
+            } else {
+                Err(Error::TaskEnded { task: "metrics and health server" })
+            }
+        }
+    }
+}
+
+/// Stands by for the Lease, then leads until shutdown or until leadership is lost.
+async fn elect_and_lead(
+    client: kube::Client,
+    config: &OperatorConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop_rx: watch::Receiver<bool>,
+) -> Result<(), Error> {
     let mut elector = LeaderElector::new(client.clone(), config.lease.clone());
     let leading = tokio::select! {
         () = elector.acquire(|| health.set_ready(true)) => true,
         () = stopped(stop_rx.clone()) => false,
     };
-    let result = if leading {
+    if leading {
         health.set_ready(false);
         metrics.set_leader(true);
         let result = tokio::select! {
-            r = lead(client, &config, metrics.clone(), health.clone(), stop_rx.clone()) => r,
+            r = lead(client, config, metrics.clone(), health.clone(), stop_rx.clone()) => r,
             lost = elector.hold() => Err(lost),
         };
         metrics.set_leader(false);
@@ -236,9 +265,7 @@ pub async fn run(
         result
     } else {
         Ok(())
-    };
-    server.abort();
-    result
+    }
 }
 
 /// The leader's work: the master keyring, then both controllers until shutdown.
@@ -278,7 +305,17 @@ async fn lead(
         namespaces = config.watch_namespace.as_deref().unwrap_or("all"),
         "controllers running"
     );
-    futures::future::join(secrets, configs).await;
+    // Both controllers run until shutdown; one that stops before it has stopped the operator.
+    let secrets: futures::future::BoxFuture<'_, ()> = Box::pin(secrets);
+    let configs: futures::future::BoxFuture<'_, ()> = Box::pin(configs);
+    let (first, other) = match futures::future::select(secrets, configs).await {
+        futures::future::Either::Left(((), other)) => ("ClawSecret controller", other),
+        futures::future::Either::Right(((), other)) => ("ClawConfig controller", other),
+    };
+    if !*stop.borrow() {
+        return Err(Error::TaskEnded { task: first });
+    }
+    other.await;
     tracing::info!("controllers stopped");
     Ok(())
 }
