@@ -16,6 +16,7 @@ pub use access::{Access, Authorizer, Caller, Decision, Resource, Verb};
 pub use client::{ClientError, InvokeClient};
 pub use command_core::{CommandCore, IdempotencyKey, Request};
 pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS};
+pub(crate) use params::withhold_quoted;
 pub use params::{
     Command, ConfigCreate, ConfigUpdate, ListParams, NameParams, SecretCreate, SecretRotate,
 };

@@ -260,6 +260,27 @@ pub(crate) fn sanitize_serde_message(msg: &str) -> String {
     msg.to_owned()
 }
 
+/// A deserialization error with every quoted part (`"..."` or `` `...` ``, where serde and
+/// serde-value put the offending value) replaced: for errors about whole objects read from the
+/// API server, whose messages come in more shapes than [`sanitize_serde_message`] knows and may
+/// quote any field's value, plaintext included.
+pub(crate) fn withhold_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut quote: Option<char> = None;
+    for c in msg.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '`' => {
+                quote = Some(c);
+                out.push_str("(value withheld)");
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +296,19 @@ mod tests {
         );
         let m = sanitize_serde_message("invalid type: integer `1234`, expected a string");
         assert!(!m.contains("1234"), "{m}");
+    }
+
+    #[test]
+    fn quoted_parts_are_withheld() {
+        assert_eq!(
+            withhold_quoted(r#"Invalid type string "canary-1". Expected u64"#),
+            "Invalid type string (value withheld). Expected u64"
+        );
+        assert_eq!(
+            withhold_quoted("invalid type: integer `41`, expected a string"),
+            "invalid type: integer (value withheld), expected a string"
+        );
+        assert!(!withhold_quoted(r#"cut "short"#).contains("short"));
     }
 
     #[test]

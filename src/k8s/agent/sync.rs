@@ -4,9 +4,11 @@
 //! see). A stored secret is never replaced by an older version of the same object.
 
 use futures::StreamExt;
+use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use kube::api::Api;
+use kube::core::DeserializeGuard;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -14,9 +16,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::crypto::{Keyring, SharedKeyring};
-use crate::domain::{Kind, ObjectKey};
+use crate::domain::{Kind, Name, Namespace, ObjectKey};
 use crate::k8s::convert::{self, selects};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
+use crate::k8s::names::object_name;
 use crate::store::{Expect, Store, StoreError};
 
 pub type Labels = BTreeMap<String, String>;
@@ -245,6 +248,26 @@ fn apply<K: Mirrored>(obj: &K, labels: &Labels, store: &Store, keyring: &Keyring
     }
 }
 
+/// An object the watch delivered that this version cannot read: logged (types only, never a
+/// value), and its key, when its object name gives it, so the node keeps its copy (a hashed
+/// object name needs `spec.name`, which could not be read: that copy is swept).
+fn unreadable<K: Mirrored>(
+    invalid: &kube::core::error_boundary::InvalidObject,
+) -> Option<ObjectKey> {
+    let meta = &invalid.metadata;
+    tracing::warn!(kind = K::KIND, namespace = ?meta.namespace, object = ?meta.name,
+        error = %crate::invoke::withhold_quoted(&invalid.error),
+        "object cannot be read by this agent; keeping this node's copy, if any");
+    let name = Name::parse(meta.name.as_deref()?).ok()?;
+    let namespace = Namespace::parse(meta.namespace.as_deref()?).ok()?;
+    (object_name(&name) == name.as_str()).then(|| ObjectKey::new(namespace, name))
+}
+
+/// The object, or (unreadable) the key whose copy the node keeps.
+fn readable<K: Mirrored>(guard: DeserializeGuard<K>) -> Result<K, Option<ObjectKey>> {
+    guard.0.map_err(|invalid| unreadable::<K>(&invalid))
+}
+
 /// How often writes that failed are tried again.
 const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -268,9 +291,18 @@ pub async fn mirror<K>(
                 return;
             }
         };
-        let api: Api<K> = Api::all(client.clone());
+        // Guarded: one object this version cannot read is skipped (its copy kept), and the
+        // watch and every other object go on.
+        let api: Api<DeserializeGuard<K>> = Api::all(client.clone());
         let mut stream = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
+            .map_ok(|event| match event {
+                Event::Apply(g) => Event::Apply(readable::<K>(g)),
+                Event::InitApply(g) => Event::InitApply(readable::<K>(g)),
+                Event::Delete(g) => Event::Delete(readable::<K>(g)),
+                Event::Init => Event::Init,
+                Event::InitDone => Event::InitDone,
+            })
             .boxed();
         let mut listed: HashSet<ObjectKey> = HashSet::new();
         // Objects whose store write failed, by key: written again every RETRY_EVERY, until it
@@ -302,7 +334,10 @@ pub async fn mirror<K>(
                     let keyring = keys.current();
                     match event {
                         Ok(Event::Init) => listed.clear(),
-                        Ok(Event::InitApply(obj)) => {
+                        Ok(Event::InitApply(Err(kept))) => {
+                            listed.extend(kept);
+                        }
+                        Ok(Event::InitApply(Ok(obj))) => {
                             let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, &keyring), obj)).await;
                             note(&mut failed, &applied, obj);
                             if let Some(k) = applied.key() {
@@ -322,12 +357,17 @@ pub async fn mirror<K>(
                             }).await;
                             tracing::info!(kind = K::KIND, "in sync with the API server");
                         }
-                        Ok(Event::Apply(obj)) => {
+                        Ok(Event::Apply(Err(_))) => {}
+                        Ok(Event::Apply(Ok(obj))) => {
                             let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, &keyring), obj)).await;
                             note(&mut failed, &applied, obj);
                         }
-                        Ok(Event::Delete(obj)) => {
-                            if let Some(key) = obj.key() {
+                        Ok(Event::Delete(guarded)) => {
+                            let key = match guarded {
+                                Ok(obj) => obj.key(),
+                                Err(kept) => kept,
+                            };
+                            if let Some(key) = key {
                                 failed.remove(&key);
                                 blocking(move || K::remove(&key, &store)).await;
                             }
@@ -503,6 +543,27 @@ mod tests {
             &keyring,
         );
         assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
+    }
+
+    #[test]
+    fn an_unreadable_object_keeps_its_copy_and_its_value_out_of_messages() {
+        let object = |name: &str| {
+            serde_json::json!({
+                "apiVersion": "clawbernetes.io/v1alpha1",
+                "kind": "ClawSecret",
+                "metadata": {"name": name, "namespace": "prod"},
+                "spec": {"sealed": {"version": "canary-4711", "keyId": "k", "envelope": "", "sealedAt": ""}},
+            })
+        };
+        let guard: DeserializeGuard<ClawSecret> = serde_json::from_value(object("db")).unwrap();
+        let invalid = guard.0.as_ref().unwrap_err().clone();
+        assert!(invalid.error.contains("canary"), "{}", invalid.error);
+        assert!(!crate::invoke::withhold_quoted(&invalid.error).contains("canary"));
+        assert_eq!(readable::<ClawSecret>(guard).err(), Some(Some(key())));
+        // A hashed object name cannot be mapped back without spec.name.
+        let hashed = object_name(&Name::parse("under_score").unwrap());
+        let guard: DeserializeGuard<ClawSecret> = serde_json::from_value(object(&hashed)).unwrap();
+        assert_eq!(readable::<ClawSecret>(guard).err(), Some(None));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub use leader::LeaseConfig;
 
 use futures::StreamExt;
 use kube::api::Api;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
@@ -114,6 +115,46 @@ impl Kinded for ClawSecret {
 
 impl Kinded for ClawConfig {
     const KIND: ObjectKind = ObjectKind::Config;
+}
+
+impl<K: Kinded> Kinded for DeserializeGuard<K> {
+    const KIND: ObjectKind = K::KIND;
+}
+
+/// Reconciles an object as the API server gave it; one this version of the operator cannot
+/// read (it does not match the types: another version's schema, an edit the schema let
+/// through) is reported with a Warning Event and left alone until it changes, and the watch
+/// and every other object go on.
+async fn guarded<K, F, Fut>(
+    obj: Arc<DeserializeGuard<K>>,
+    ctx: Arc<Context>,
+    reconcile: F,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()> + Kinded + Clone,
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    let invalid = match &obj.0 {
+        Ok(k) => return reconcile(Arc::new(k.clone()), ctx).await,
+        Err(invalid) => invalid,
+    };
+    // serde's message may quote the offending value, which may be plaintext: reduced to types.
+    let why = crate::invoke::withhold_quoted(&invalid.error);
+    let (_, namespace, name) = failure_key(obj.as_ref());
+    tracing::warn!(kind = K::KIND.label(), %namespace, %name, error = %why,
+        "object cannot be read by this operator; skipped until it changes");
+    ctx.event(
+        obj.as_ref(),
+        EventType::Warning,
+        "Unreadable",
+        "Reconcile",
+        format!(
+            "this operator cannot read the object ({why}); correct it, or run an operator that matches the CRD"
+        ),
+    )
+    .await;
+    Ok(Action::await_change())
 }
 
 fn failure_key<K: Resource + Kinded>(obj: &K) -> (ObjectKind, String, String) {
@@ -289,15 +330,23 @@ async fn lead(
         failures: Mutex::default(),
     });
 
-    let secrets = lean_controller(scoped_api::<ClawSecret>(&client, config))
+    let secrets = lean_controller(scoped_api::<DeserializeGuard<ClawSecret>>(&client, config))
         .with_config(controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(stopped(stop.clone()))
-        .run(secrets::reconcile, error_policy, ctx.clone())
+        .run(
+            |obj, ctx| guarded(obj, ctx, secrets::reconcile),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|r| async move { log_result("ClawSecret", r) });
-    let configs = lean_controller(scoped_api::<ClawConfig>(&client, config))
+    let configs = lean_controller(scoped_api::<DeserializeGuard<ClawConfig>>(&client, config))
         .with_config(controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(stopped(stop.clone()))
-        .run(configs::reconcile, error_policy, ctx)
+        .run(
+            |obj, ctx| guarded(obj, ctx, configs::reconcile),
+            error_policy,
+            ctx,
+        )
         .for_each(|r| async move { log_result("ClawConfig", r) });
 
     health.set_ready(true);
