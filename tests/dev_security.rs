@@ -522,6 +522,11 @@ fn audit_log_records_every_access_and_detects_tampering() {
             1
         }
     };
+    // Stopped first: a write's commit record is queued behind its durable intent, and written
+    // at the latest when the server stops.
+    let node_id = server.node_id.clone();
+    let exit = server.stop();
+    assert!(exit.status.success(), "{exit:?}");
     let records = env.audit_records();
     let expected_records: usize = secret_ids
         .iter()
@@ -562,7 +567,7 @@ fn audit_log_records_every_access_and_detects_tampering() {
         for r in matching {
             assert_eq!(r["command"], json!(command), "{r}");
             assert_eq!(r["subject"], json!(subject), "{r}");
-            assert_eq!(r["node"], json!(server.node_id), "{r}");
+            assert_eq!(r["node"], json!(node_id), "{r}");
             assert!(
                 r["time"]
                     .as_str()
@@ -610,9 +615,6 @@ fn audit_log_records_every_access_and_detects_tampering() {
         !contains_bytes(&log_bytes, value.as_bytes()),
         "the audit log holds a secret value"
     );
-
-    let exit = server.stop();
-    assert!(exit.status.success(), "{exit:?}");
 
     // ---- verify: intact ----
     let out = env.audit_verify(&env.audit_log());

@@ -28,8 +28,11 @@ struct Line<'a> {
 }
 
 struct Pending {
-    event: AuditEvent,
-    done: oneshot::Sender<Result<u64, AuditError>>,
+    /// The record; `None` for a flush marker (see [`AuditLog::flush`]).
+    event: Option<AuditEvent>,
+    /// Who waits for the record (and every record before it) to be durable; `None` for a
+    /// record nobody waits for.
+    done: Option<oneshot::Sender<Result<u64, AuditError>>>,
 }
 
 /// What start-up found at the end of the log.
@@ -211,18 +214,32 @@ impl AuditLog {
                             Err(_) => break,
                         }
                     }
-                    let (events, waiters): (Vec<_>, Vec<_>) =
-                        batch.into_iter().map(|p| (p.event, p.done)).unzip();
-                    match state.write_batch(&events) {
+                    // Each waiter learns the sequence number of the last record up to its own.
+                    let mut events = Vec::with_capacity(batch.len());
+                    let mut waiters = Vec::with_capacity(batch.len());
+                    for p in batch {
+                        if let Some(event) = p.event {
+                            events.push(event);
+                        }
+                        waiters.push((events.len() as u64, p.done));
+                    }
+                    let written = if events.is_empty() {
+                        Ok(state.seq)
+                    } else {
+                        state.write_batch(&events)
+                    };
+                    match written {
                         Ok(last_seq) => {
-                            let first_seq = last_seq + 1 - waiters.len() as u64;
-                            for (i, w) in waiters.into_iter().enumerate() {
-                                let _ = w.send(Ok(first_seq + i as u64));
+                            let before = last_seq - events.len() as u64;
+                            for (upto, w) in waiters {
+                                if let Some(w) = w {
+                                    let _ = w.send(Ok(before + upto));
+                                }
                             }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "audit write failed; refusing the accesses it would have recorded");
-                            for w in waiters {
+                            for w in waiters.into_iter().filter_map(|(_, w)| w) {
                                 let _ = w.send(Err(e.clone()));
                             }
                         }
@@ -253,7 +270,8 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel::<Pending>();
         std::thread::spawn(move || {
             while let Ok(p) = rx.recv() {
-                let _ = p.done.send(Err(AuditError::Write {
+                let Some(done) = p.done else { continue };
+                let _ = done.send(Err(AuditError::Write {
                     path: "/failing/audit.log".to_owned(),
                     reason: "No space left on device (os error 28)".to_owned(),
                 }));
@@ -265,11 +283,40 @@ impl AuditLog {
         }
     }
 
+    /// Queues `event` behind every record queued before it, without waiting for it to be
+    /// durable: for a record no answer depends on (a write's outcome, after its durable intent).
+    /// It shares the next group commit; a failure to write it is logged by the writer.
+    pub fn append_later(&self, event: AuditEvent) {
+        let pending = Pending {
+            event: Some(event),
+            done: None,
+        };
+        if self.tx.send(pending).is_err() {
+            tracing::error!("audit log writer has stopped; a record was not written");
+        }
+    }
+
+    /// Waits until every record queued before this call is durable (records queued with
+    /// [`AuditLog::append_later`] included): before a clean exit.
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Pending {
+                event: None,
+                done: Some(done),
+            })
+            .map_err(|_| AuditError::Stopped)?;
+        wait.await.map_err(|_| AuditError::Stopped)?.map(|_| ())
+    }
+
     /// Records `event` durably; returns its sequence number. Only then may the access be answered.
     pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Pending { event, done })
+            .send(Pending {
+                event: Some(event),
+                done: Some(done),
+            })
             .map_err(|_| AuditError::Stopped)?;
         wait.await.map_err(|_| AuditError::Stopped)?
     }
@@ -326,9 +373,16 @@ mod tests {
             "{rec:?}"
         );
         assert_eq!(log.append(event("after")).await.unwrap(), 12);
+        // Records nobody waits for are written in order, durable once a flush returns.
+        log.append_later(event("later-1"));
+        log.append_later(event("later-2"));
+        log.flush().await.unwrap();
+        assert_eq!(verify(&path).unwrap().records, 14);
+        assert_eq!(log.append(event("last")).await.unwrap(), 15);
+        log.flush().await.unwrap();
         drop(log);
         let report = verify(&path).unwrap();
-        assert_eq!(report.records, 12);
+        assert_eq!(report.records, 15);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
             text.lines()

@@ -215,6 +215,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
 
     let tokens = Arc::new(tokens);
     tokio::spawn(tokens.clone().refresh_every(TOKENS_REFRESH));
+    let audit_handle = audit.clone();
     let core = CommandCore::new(
         TokenAuthorizer::new(tokens),
         StoreRepository::new(Arc::new(store)),
@@ -256,6 +257,11 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     crate::invoke::serve(listener, dispatcher, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
+    // Outcome records of the last writes are queued, not yet synced: write them before exiting.
+    audit_handle
+        .flush()
+        .await
+        .map_err(|e| format!("the audit log could not be flushed: {e}"))?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

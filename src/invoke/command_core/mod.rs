@@ -214,6 +214,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
             .map_err(unavailable)
     }
 
+    /// Records `decision` about `call` durably: only then may it be answered.
     async fn record(
         &self,
         call: &Call<'_>,
@@ -222,7 +223,23 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         phase: Option<Phase>,
         reason: String,
     ) -> Result<(), InvokeError> {
-        let event = AuditEvent {
+        let event = self.event(call, target, decision, phase, reason);
+        self.audit
+            .append(event)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    fn event(
+        &self,
+        call: &Call<'_>,
+        target: &Target,
+        decision: audit::Decision,
+        phase: Option<Phase>,
+        reason: String,
+    ) -> AuditEvent {
+        AuditEvent {
             node: self.node_id.clone(),
             subject: call.caller.subject.clone(),
             workload: call.caller.workload.as_ref().map(|w| w.to_string()),
@@ -235,12 +252,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
             reason,
             request_id: Some(call.request_id.to_owned()),
             idempotency_key: call.idempotency_key.map(|k| k.as_str().to_owned()),
-        };
-        self.audit
-            .append(event)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        }
     }
 
     /// Runs `commit` between its `intent` and its `commit`/`abort` records. If the intent

@@ -211,6 +211,7 @@ pub async fn run(
     let events = AgentEvents::new(client.clone(), &config.node_name);
     let identity = KubeIdentity::new(client.clone())
         .with_review_file(config.data_dir.join("token-reviews.json"));
+    let audit_handle = audit.clone();
     let core = CommandCore::new(
         KubeAuthorizer::new(identity, events.clone()),
         KubeRepository::new(client, store, keys.clone(), events),
@@ -225,6 +226,10 @@ pub async fn run(
     };
     if let Err(e) = &result {
         tracing::error!(error = %e, "agent stopping");
+    }
+    // Outcome records of the last writes are queued, not yet synced: write them before exiting.
+    if let Err(e) = audit_handle.flush().await {
+        tracing::error!(error = %e, "the audit log could not be flushed");
     }
     result
 }
