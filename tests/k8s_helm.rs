@@ -44,7 +44,6 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
@@ -173,8 +172,9 @@ fn render(release: &str, namespace: &str, extra: &[&str]) -> Vec<Value> {
 
 /// The documents of a YAML stream, as JSON values (empty documents dropped).
 fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("not YAML: {e}\n{yaml}")))
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .unwrap_or_else(|e| panic!("not YAML: {e}\n{yaml}"))
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -310,7 +310,7 @@ fn chart_crds_are_the_repository_crds() {
 #[test]
 fn chart_app_version_is_the_crate_version() {
     let chart: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
+        serde_saphyr::from_str(&std::fs::read_to_string(chart().join("Chart.yaml")).unwrap())
             .expect("Chart.yaml");
     assert_eq!(chart["apiVersion"], "v2");
     assert_eq!(chart["name"], "claw-secrets");
@@ -496,7 +496,7 @@ fn schema_is_closed_and_every_value_is_documented() {
     assert!(problems.is_empty(), "open object schemas: {problems:#?}");
 
     let text = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
-    let values: Value = serde_yaml::from_str(&text).expect("values.yaml");
+    let values: Value = serde_saphyr::from_str(&text).expect("values.yaml");
     let mut paths = Vec::new();
     schema_paths(&schema, "", &mut paths);
     for path in &paths {
@@ -917,7 +917,7 @@ async fn every_option_is_accepted_by_the_api_server() {
 
 /// A kubeconfig for the admin kubeconfig's cluster that authenticates with `token`.
 fn token_kubeconfig(admin: &Path, token: &str, path: &Path) {
-    let kc: Value = serde_yaml::from_str(&std::fs::read_to_string(admin).unwrap()).unwrap();
+    let kc: Value = serde_saphyr::from_str(&std::fs::read_to_string(admin).unwrap()).unwrap();
     let current = kc["current-context"].as_str().expect("current-context");
     let find = |list: &str, name: &str| -> Value {
         kc[list]

@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use cluster::{Agent, BIN, Cluster, PATIENCE, eventually, random_hex};
@@ -97,10 +96,11 @@ const AGENT_LABELS: [(&str, &str); 2] = [
 async fn apply_cluster_role(client: &kube::Client, name: &str) {
     let path = control_plane::repo_root().join("deploy/rbac/agent.yaml");
     let text = std::fs::read_to_string(&path).expect("deploy/rbac/agent.yaml");
-    let role: ClusterRole = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| serde_yaml::Value::deserialize(doc).expect("YAML"))
+    let role: ClusterRole = serde_saphyr::from_multiple::<Value>(&text)
+        .expect("YAML")
+        .into_iter()
         .filter(|v| v["kind"] == "ClusterRole" && v["metadata"]["name"] == name)
-        .map(|v| serde_yaml::from_value(v).expect("a ClusterRole"))
+        .map(|v| serde_json::from_value(v).expect("a ClusterRole"))
         .next()
         .unwrap_or_else(|| panic!("{} defines no ClusterRole {name}", path.display()));
     Api::<ClusterRole>::all(client.clone())
@@ -217,27 +217,26 @@ async fn agent_pod(client: &kube::Client, ns: &str, agent: &Agent, running: bool
 /// static user's), written to `dir/<name>.kubeconfig`.
 fn kubeconfig_with_token(dir: &Path, name: &str, token: &str) -> PathBuf {
     let admin = control_plane::control_plane().kubeconfig();
-    let mut kc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(admin).expect("kubeconfig"))
+    let mut kc: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(admin).expect("kubeconfig"))
             .expect("kubeconfig YAML");
     let current = kc["current-context"]
         .as_str()
         .expect("current-context")
         .to_owned();
     let cluster = kc["contexts"]
-        .as_sequence()
+        .as_array()
         .and_then(|s| s.iter().find(|c| c["name"].as_str() == Some(&current)))
         .map(|c| c["context"]["cluster"].clone())
         .expect("the current context's cluster");
-    let yaml = |v: Value| serde_yaml::to_value(v).expect("YAML");
-    kc["users"] = yaml(json!([{ "name": name, "user": { "token": token } }]));
-    kc["contexts"] = yaml(json!([{
+    kc["users"] = json!([{ "name": name, "user": { "token": token } }]);
+    kc["contexts"] = json!([{
         "name": name,
         "context": { "cluster": cluster, "user": name, "namespace": "default" },
-    }]));
-    kc["current-context"] = yaml(json!(name));
+    }]);
+    kc["current-context"] = json!(name);
     let path = dir.join(format!("{name}.kubeconfig"));
-    std::fs::write(&path, serde_yaml::to_string(&kc).expect("YAML")).expect("write kubeconfig");
+    std::fs::write(&path, serde_saphyr::to_string(&kc).expect("YAML")).expect("write kubeconfig");
     path
 }
 
