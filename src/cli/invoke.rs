@@ -8,11 +8,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use super::kubeconfig::kubeconfig_bearer_token;
 use super::{ClientConfig, client_config_path};
 use crate::invoke::{ClientError, ErrorBody, InvokeClient, InvokeError, LOCAL_NODE_ALIAS};
 use crate::k8s::proxy::{
-    AgentLocator, DEFAULT_AGENT_NAMESPACE, DEFAULT_AGENT_SELECTOR, find_agent,
-    kubeconfig_bearer_token, post_invoke, valid_node_name,
+    AgentLocator, DEFAULT_AGENT_NAMESPACE, DEFAULT_AGENT_SELECTOR, find_agent, post_invoke,
+    valid_node_name,
 };
 
 const CLUSTER: &str = "Through the API server (a kubeconfig)";

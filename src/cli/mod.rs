@@ -5,6 +5,7 @@ mod audit;
 mod completions;
 mod dev;
 mod invoke;
+mod kubeconfig;
 mod operator;
 mod paths;
 mod token;
