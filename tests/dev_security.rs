@@ -4,6 +4,8 @@
 
 #[path = "support/dev_server.rs"]
 mod dev_server;
+#[path = "support/process.rs"]
+mod process;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
@@ -684,6 +686,54 @@ fn audit_log_records_every_access_and_detects_tampering() {
 
 /// Workload tokens read only what allowed_workloads grants, in their own namespace, and never
 /// write; missing and wrong tokens are UNAUTHENTICATED; denials are audited.
+/// `GET /metrics` counts requests by command and result, and the store's entries, with closed
+/// labels only: no secret's name, no value.
+#[test]
+fn metrics_count_without_names_or_values() {
+    let env = DevEnv::new();
+    let server = env.start();
+    let value = format!("metric-canary-{}", random_hex(8));
+    server
+        .call(
+            "secret.create",
+            json!({"name": "named.secret", "data": {"v": value}}),
+        )
+        .payload();
+    server
+        .call("secret.get", json!({"name": "named.secret"}))
+        .payload();
+    server
+        .call("secret.get", json!({"name": "missing.secret"}))
+        .expect_error("NOT_FOUND");
+    server
+        .call_as(None, "secret.get", json!({"name": "named.secret"}))
+        .expect_error("UNAUTHENTICATED");
+    let (status, text) = process::http_get(server.port, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{text}");
+    for line in [
+        "claw_secrets_requests_total{command=\"secret.create\",result=\"OK\"} 1",
+        "claw_secrets_requests_total{command=\"secret.get\",result=\"OK\"} 1",
+        "claw_secrets_requests_total{command=\"secret.get\",result=\"NOT_FOUND\"} 1",
+        "claw_secrets_requests_total{command=\"secret.get\",result=\"UNAUTHENTICATED\"} 1",
+        "claw_secrets_store_entries{kind=\"ClawSecret\",state=\"held\"} 1",
+        "claw_secrets_store_entries{kind=\"ClawSecret\",state=\"refused\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(
+        text.contains("claw_secrets_audit_append_seconds_count"),
+        "{text}"
+    );
+    for forbidden in [value.as_str(), "named.secret", "missing.secret"] {
+        assert!(!text.contains(forbidden), "{forbidden} in\n{text}");
+    }
+    let exit = server.stop();
+    assert!(exit.status.success());
+}
+
 #[test]
 fn workload_access_rules() {
     let env = DevEnv::new();

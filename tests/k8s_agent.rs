@@ -616,6 +616,27 @@ async fn access_matrix_with_real_tokens() {
         assert!(!raw.contains(v), "a secret value is in the audit log");
     }
 
+    // The agent's metrics count what happened, by closed labels only: no value, no name.
+    let (status, metrics) = process::http_get(agent.port, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{metrics}");
+    for line in [
+        "claw_secrets_requests_total{command=\"secret.get\",result=\"PERMISSION_DENIED\"}",
+        "claw_secrets_requests_total{command=\"secret.get\",result=\"UNAUTHENTICATED\"}",
+        "claw_secrets_agent_token_reviews_total{result=\"reviewed\"}",
+        "claw_secrets_agent_token_reviews_total{result=\"rejected\"}",
+        "claw_secrets_audit_append_seconds_count",
+        "claw_secrets_agent_mirror_lag_seconds_count{kind=\"ClawSecret\"}",
+    ] {
+        let sample = metrics
+            .lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        assert!(sample.is_some_and(|n| n > 0.0), "{line} in\n{metrics}");
+    }
+    for v in values.iter().chain([&"alice.made", &"db\""]) {
+        assert!(!metrics.contains(v), "{v} is in the metrics");
+    }
+
     // Denials naming an existing object are Events on it.
     let on_db: Vec<(&str, &str)> = vec![
         (&other_subject, "secret.get"),

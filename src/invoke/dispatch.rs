@@ -7,17 +7,39 @@ use super::{
     InvokeResponse, Repository, Request,
 };
 use crate::domain::ErrorCode;
+use prometheus_client::registry::Registry;
 
 /// Accepted as a node id by every server, besides its own id (the seed's `node.invoke local`).
 pub const LOCAL_NODE_ALIAS: &str = "local";
 
 pub struct Dispatcher<A, R> {
     core: CommandCore<A, R>,
+    /// What `GET /metrics` shows: the core's metrics, and whatever the backend adds.
+    registry: Registry,
 }
 
 impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
     pub fn new(core: CommandCore<A, R>) -> Self {
-        Dispatcher { core }
+        let mut registry = Registry::with_prefix("claw_secrets");
+        core.metrics().register(&mut registry);
+        Dispatcher { core, registry }
+    }
+
+    /// The registry `GET /metrics` encodes, for the backend's own metrics (prefix
+    /// `claw_secrets`).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The OpenMetrics text of every registered metric, as of now.
+    pub fn metrics_text(&self) -> String {
+        self.core
+            .metrics()
+            .observe_store(self.core.repository().store());
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String does not fail");
+        out
     }
 
     pub fn core(&self) -> &CommandCore<A, R> {
@@ -31,6 +53,18 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
     /// Handles one `POST /v1/invoke` body. Never panics on input; every failure is a response.
     pub async fn handle(&self, bearer: Option<&str>, body: &[u8]) -> InvokeResponse {
         let parsed: Result<InvokeRequest, _> = serde_json::from_slice(body);
+        let command = parsed.as_ref().map_or("", |r| r.command.as_str());
+        let response = self.answer(bearer, &parsed).await;
+        let result = response.error.as_ref().map_or(Ok(()), |e| Err(e.code));
+        self.core.metrics().answered(command, result);
+        response
+    }
+
+    async fn answer(
+        &self,
+        bearer: Option<&str>,
+        parsed: &Result<InvokeRequest, serde_json::Error>,
+    ) -> InvokeResponse {
         let request_id = match &parsed {
             Ok(InvokeRequest { id: Some(id), .. }) if valid_request_id(id) => id.clone(),
             _ => generate_request_id(),
@@ -39,7 +73,7 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
             Ok(caller) => caller,
             Err(err) => {
                 // An anonymous attempt at an audited command is still an attempt: record the denial.
-                let err = match &parsed {
+                let err = match parsed {
                     Ok(req) if Command::is_audited(&req.command) => {
                         let anonymous = Caller::named("anonymous");
                         self.refusal(&anonymous, req, err, &request_id).await
@@ -85,11 +119,11 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
                 ),
             );
         }
-        let request = match self.request(&req, &request_id) {
+        let request = match self.request(req, &request_id) {
             Ok(request) => request,
             Err(err) => {
                 let err = if Command::is_audited(&req.command) {
-                    self.refusal(&caller, &req, err, &request_id).await
+                    self.refusal(&caller, req, err, &request_id).await
                 } else {
                     err
                 };

@@ -7,6 +7,7 @@ mod access;
 mod client;
 mod command_core;
 mod dispatch;
+mod metrics;
 mod params;
 mod protocol;
 mod repository;
@@ -16,6 +17,7 @@ pub use access::{Access, Authorizer, Caller, Decision, Resource, Verb};
 pub use client::{ClientError, InvokeClient};
 pub use command_core::{CommandCore, IdempotencyKey, Request};
 pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS};
+pub use metrics::InvokeMetrics;
 pub(crate) use params::withhold_quoted;
 pub use params::{
     Command, ConfigCreate, ConfigUpdate, ListParams, NameParams, SecretCreate, SecretRotate,

@@ -1,6 +1,6 @@
 //! The HTTP face of the dispatcher: `POST /v1/invoke`, plus `GET /healthz` (the process
-//! serves) and `GET /readyz` (the backend can answer every command, see
-//! [`Repository::readiness`]).
+//! serves), `GET /readyz` (the backend can answer every command, see
+//! [`Repository::readiness`]) and `GET /metrics` (OpenMetrics text; no values, no names).
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -19,6 +19,7 @@ pub fn router<A: Authorizer, R: Repository>(dispatcher: Arc<Dispatcher<A, R>>) -
         .route("/v1/invoke", post(invoke::<A, R>))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz::<A, R>))
+        .route("/metrics", get(metrics::<A, R>))
         .with_state(dispatcher)
 }
 
@@ -33,6 +34,19 @@ async fn readyz<A: Authorizer, R: Repository>(
         )
             .into_response(),
     }
+}
+
+async fn metrics<A: Authorizer, R: Repository>(
+    State(dispatcher): State<Arc<Dispatcher<A, R>>>,
+) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        dispatcher.metrics_text(),
+    )
+        .into_response()
 }
 
 fn json_response(resp: &InvokeResponse) -> Response {

@@ -8,6 +8,9 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use kube::api::{Api, PostParams};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -44,7 +47,20 @@ pub struct KubeIdentity {
     client: kube::Client,
     cache: Mutex<HashMap<[u8; 32], Reviewed>>,
     persisted: Option<Arc<ReviewFile>>,
+    reviews: ReviewCounter,
 }
+
+/// How a bearer token was settled: `cached` (reviewed within the last 10 s), `reviewed`
+/// (TokenReview accepted it), `rejected` (TokenReview refused it), `stale` (the API server
+/// could not be reached; an earlier review was used), `unavailable` (could not be reached, no
+/// earlier review), `missing` (no token).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabel {
+    result: &'static str,
+}
+
+/// Token reviews by how they were settled (`claw_secrets_agent_token_reviews_total`).
+pub type ReviewCounter = Family<ReviewLabel, Counter>;
 
 /// Token reviews kept on disk (the agent's data dir), so that an agent restarted while the API
 /// server is down still accepts the tokens it had verified before (DESIGN.md: an agent serves
@@ -132,7 +148,18 @@ impl KubeIdentity {
             client,
             cache: Mutex::new(HashMap::new()),
             persisted: None,
+            reviews: ReviewCounter::default(),
         }
+    }
+
+    /// Counts every authentication by how it was settled, into `reviews`.
+    pub fn with_metrics(mut self, reviews: ReviewCounter) -> Self {
+        self.reviews = reviews;
+        self
+    }
+
+    fn count(&self, result: &'static str) {
+        self.reviews.get_or_create(&ReviewLabel { result }).inc();
     }
 
     /// Keeps token reviews in `path` across restarts, and loads the unexpired ones kept there.
@@ -226,6 +253,7 @@ impl KubeIdentity {
     /// Turns a bearer token into a caller with TokenReview, or UNAUTHENTICATED.
     pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller, InvokeError> {
         let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
+            self.count("missing");
             InvokeError::new(
                 ErrorCode::Unauthenticated,
                 "missing bearer token: send 'Authorization: Bearer <token>' (or 'X-Claw-Secrets-Authorization: Bearer <token>' through the API server's proxy) with a ServiceAccount token, or your own",
@@ -236,6 +264,7 @@ impl KubeIdentity {
         if let Some(hit) = self.cache.lock().unwrap().get(&digest)
             && hit.at.is_some_and(|at| now.duration_since(at) < FRESH_FOR)
         {
+            self.count("cached");
             return Ok(hit.caller.clone());
         }
         let review = TokenReview {
@@ -254,8 +283,10 @@ impl KubeIdentity {
                     && now < hit.usable_until
                 {
                     tracing::debug!("API server unreachable; using an earlier token review");
+                    self.count("stale");
                     return Ok(hit.caller.clone());
                 }
+                self.count("unavailable");
                 return Err(unavailable("the bearer token cannot be verified", e));
             }
         };
@@ -266,6 +297,7 @@ impl KubeIdentity {
                 if forgotten.is_some_and(|r| r.usable_until_wall.is_some()) {
                     self.save_reviews().await;
                 }
+                self.count("rejected");
                 return Err(InvokeError::new(
                     ErrorCode::Unauthenticated,
                     "the bearer token was rejected by the API server (TokenReview)",
@@ -309,6 +341,7 @@ impl KubeIdentity {
         if new_on_disk {
             self.save_reviews().await;
         }
+        self.count("reviewed");
         Ok(caller)
     }
 

@@ -100,6 +100,15 @@ pub struct OpenReport {
     pub migrated: usize,
 }
 
+/// How many entries the store holds, and how many it refused at start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub secrets: usize,
+    pub configs: usize,
+    pub refused_secrets: usize,
+    pub refused_configs: usize,
+}
+
 /// What the store holds under a key.
 #[derive(Debug)]
 pub enum Lookup<R> {
@@ -387,6 +396,17 @@ impl Store {
             .filter(|(k, _)| *k == kind)
             .map(|(_, key)| key.clone());
         held.into_iter().chain(refused).collect()
+    }
+
+    pub fn counts(&self) -> Counts {
+        let state = self.read();
+        let refused = |kind: Kind| state.quarantined.keys().filter(|(k, _)| *k == kind).count();
+        Counts {
+            secrets: state.secrets.len(),
+            configs: state.configs.len(),
+            refused_secrets: refused(Kind::Secret),
+            refused_configs: refused(Kind::Config),
+        }
     }
 
     /// The write remembered under `idempotency_key`, if it is still within its retention.

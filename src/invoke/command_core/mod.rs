@@ -20,10 +20,12 @@ pub use idempotency::IdempotencyKey;
 
 use idempotency::KeyedWrite;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
-    Access, Authorizer, Caller, Command, Decision, InvokeError, Payload, Repository, Resource, Verb,
+    Access, Authorizer, Caller, Command, Decision, InvokeError, InvokeMetrics, Payload, Repository,
+    Resource, Verb,
 };
 use crate::audit::{self, AuditEvent, AuditLog, Phase};
 use crate::crypto::SharedKeyring;
@@ -51,6 +53,7 @@ pub struct CommandCore<A, R> {
     node_id: String,
     keys: SharedKeyring,
     locks: ObjectLocks,
+    metrics: Arc<InvokeMetrics>,
 }
 
 /// The facts of one call that each of its audit records repeats.
@@ -119,7 +122,12 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
             node_id,
             keys,
             locks: ObjectLocks::new(),
+            metrics: Arc::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<InvokeMetrics> {
+        &self.metrics
     }
 
     pub fn authorizer(&self) -> &A {
@@ -224,11 +232,10 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         reason: String,
     ) -> Result<(), InvokeError> {
         let event = self.event(call, target, decision, phase, reason);
-        self.audit
-            .append(event)
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        let started = std::time::Instant::now();
+        let appended = self.audit.append(event).await;
+        self.metrics.audit_appended(started.elapsed());
+        appended.map(|_| ()).map_err(unavailable)
     }
 
     fn event(

@@ -13,11 +13,13 @@
 
 mod authorizer;
 mod events;
+mod metrics;
 mod repository;
 mod sync;
 
 pub use authorizer::KubeAuthorizer;
 pub use events::AgentEvents;
+pub use metrics::AgentMetrics;
 pub use repository::KubeRepository;
 
 use std::net::SocketAddr;
@@ -185,6 +187,7 @@ pub async fn run(
         refused = report.refused.len(), "agent serving node.invoke from its local store");
 
     let (labels_tx, labels_rx) = watch::channel(None);
+    let metrics = Arc::new(AgentMetrics::default());
     let mut background = Supervised::default();
     background.spawn(
         "keyring refresh",
@@ -200,17 +203,25 @@ pub async fn run(
             client.clone(),
             store.clone(),
             keys.clone(),
+            metrics.clone(),
             labels_rx.clone(),
         ),
     );
     background.spawn(
         "ClawConfig mirror",
-        sync::mirror::<ClawConfig>(client.clone(), store.clone(), keys.clone(), labels_rx),
+        sync::mirror::<ClawConfig>(
+            client.clone(),
+            store.clone(),
+            keys.clone(),
+            metrics.clone(),
+            labels_rx,
+        ),
     );
 
     let events = AgentEvents::new(client.clone(), &config.node_name);
     let identity = KubeIdentity::new(client.clone())
-        .with_review_file(config.data_dir.join("token-reviews.json"));
+        .with_review_file(config.data_dir.join("token-reviews.json"))
+        .with_metrics(metrics.token_reviews());
     let audit_handle = audit.clone();
     let core = CommandCore::new(
         KubeAuthorizer::new(identity, events.clone()),
@@ -219,7 +230,9 @@ pub async fn run(
         config.node_name.clone(),
         keys,
     );
-    let dispatcher = Arc::new(Dispatcher::new(core));
+    let mut dispatcher = Dispatcher::new(core);
+    metrics.register(dispatcher.registry_mut());
+    let dispatcher = Arc::new(dispatcher);
     let result = tokio::select! {
         served = crate::invoke::serve(listener, dispatcher, shutdown) => served.map_err(AgentError::Serve),
         ended = background.first_to_end() => Err(ended),

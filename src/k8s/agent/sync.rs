@@ -15,12 +15,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::watch;
 
+use super::metrics::AgentMetrics;
 use crate::crypto::{Keyring, SharedKeyring};
 use crate::domain::{Kind, Name, Namespace, ObjectKey};
 use crate::k8s::convert::{self, selects};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
 use crate::k8s::names::object_name;
 use crate::store::{Expect, Store, StoreError};
+use jiff::Timestamp;
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -65,9 +67,10 @@ pub trait Mirrored: kube::Resource + Clone + Send + Sync + 'static {
     fn key(&self) -> Option<ObjectKey>;
     fn node_selector(&self) -> Option<&BTreeMap<String, String>>;
     /// Writes the object into the store if it is newer than what the store holds (an invalid
-    /// or not yet sealed object keeps the node's copy). `Err` only for a write that failed and
-    /// should be tried again. `keyring` opens the writes the object remembers.
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<(), StoreError>;
+    /// or not yet sealed object keeps the node's copy): `Ok(Some(when the object last
+    /// changed))` if it wrote it, `Ok(None)` if there was nothing to write, `Err` for a write
+    /// that failed and should be tried again. `keyring` opens the writes the object remembers.
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<Option<Timestamp>, StoreError>;
     fn remove(key: &ObjectKey, store: &Store);
     fn stored_keys(store: &Store) -> Vec<ObjectKey>;
     const KIND: &'static str;
@@ -84,7 +87,7 @@ impl Mirrored for ClawSecret {
         self.spec.node_selector.as_ref()
     }
 
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<(), StoreError> {
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<Option<Timestamp>, StoreError> {
         let writes = match convert::secret_key(self) {
             Ok(key) => convert::remembered_writes(&self.metadata, Kind::Secret, &key, keyring),
             Err(_) => Vec::new(),
@@ -92,11 +95,11 @@ impl Mirrored for ClawSecret {
         let record = match convert::secret_record(self, writes) {
             Ok(Some(r)) => r,
             // Not sealed yet: keep whatever version this node already has.
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(None),
             Err(e) => {
                 tracing::warn!(namespace = ?self.namespace(), object = %self.name_any(), reason = e.reason,
                     error = %e, "ClawSecret is invalid; keeping this node's copy, if any");
-                return Ok(());
+                return Ok(None);
             }
         };
         if let Some(stored) = store.secret(&record.key)
@@ -105,25 +108,26 @@ impl Mirrored for ClawSecret {
             if stored.version > record.version {
                 tracing::debug!(key = %record.key, stored = stored.version.get(), offered = record.version.get(),
                     "ignoring an older version");
-                return Ok(());
+                return Ok(None);
             }
             if stored.version == record.version
                 && stored.envelope == record.envelope
                 && stored.allowed_workloads == record.allowed_workloads
                 && stored.writes == record.writes
             {
-                return Ok(());
+                return Ok(None);
             }
         }
         let key = record.key.clone();
         let version = record.version;
+        let changed = record.updated_at;
         match store.put_secret(record, Expect::Any) {
             Ok(_) => {
                 tracing::info!(%key, version = version.get(), "secret stored on this node");
-                Ok(())
+                Ok(Some(changed))
             }
             // A newer version arrived meanwhile (this agent's own write): nothing to do.
-            Err(StoreError::Stale { .. }) => Ok(()),
+            Err(StoreError::Stale { .. }) => Ok(None),
             Err(e) => {
                 tracing::error!(%key, error = %e, "could not store secret; retrying");
                 Err(e)
@@ -155,7 +159,7 @@ impl Mirrored for ClawConfig {
         self.spec.node_selector.as_ref()
     }
 
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<(), StoreError> {
+    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<Option<Timestamp>, StoreError> {
         // Only data the operator accepted is delivered: an immutable config whose data was
         // changed anyway (a server without CEL) keeps the accepted copy on every node.
         let accepted = self
@@ -163,7 +167,7 @@ impl Mirrored for ClawConfig {
             .as_ref()
             .and_then(|s| s.accepted_data_hash.as_deref());
         if accepted != Some(convert::data_hash(&self.spec.data).as_str()) {
-            return Ok(());
+            return Ok(None);
         }
         let writes = match convert::config_key(self) {
             Ok(key) => convert::remembered_writes(&self.metadata, Kind::Config, &key, keyring),
@@ -173,7 +177,7 @@ impl Mirrored for ClawConfig {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(object = %self.name_any(), error = %e, "ClawConfig is invalid; keeping this node's copy, if any");
-                return Ok(());
+                return Ok(None);
             }
         };
         if let Some(stored) = store.config(&record.key)
@@ -183,13 +187,14 @@ impl Mirrored for ClawConfig {
             && stored.updated_at == record.updated_at
             && stored.writes == record.writes
         {
-            return Ok(());
+            return Ok(None);
         }
         let key = record.key.clone();
+        let changed = record.updated_at;
         match store.put_config(record, Expect::Any) {
             Ok(_) => {
                 tracing::info!(%key, "config stored on this node");
-                Ok(())
+                Ok(Some(changed))
             }
             Err(e) => {
                 tracing::error!(%key, error = %e, "could not store config; retrying");
@@ -214,7 +219,9 @@ impl Mirrored for ClawConfig {
 /// What applying one object did.
 #[derive(Debug, PartialEq, Eq)]
 enum Applied {
-    /// It belongs on this node, and the store holds it (or keeps its copy).
+    /// It belongs on this node, and was written to the store now; it had last changed then.
+    Stored(ObjectKey, Timestamp),
+    /// It belongs on this node, and the store holds it already (or keeps its copy).
     Held(ObjectKey),
     /// It belongs on this node, but writing it failed: try again.
     Failed(ObjectKey),
@@ -226,7 +233,7 @@ impl Applied {
     /// The key, if the object belongs on this node (a failed write still does: no sweep).
     fn key(self) -> Option<ObjectKey> {
         match self {
-            Applied::Held(k) | Applied::Failed(k) => Some(k),
+            Applied::Stored(k, _) | Applied::Held(k) | Applied::Failed(k) => Some(k),
             Applied::Removed => None,
         }
     }
@@ -243,7 +250,8 @@ fn apply<K: Mirrored>(obj: &K, labels: &Labels, store: &Store, keyring: &Keyring
         return Applied::Removed;
     }
     match obj.store_it(store, keyring) {
-        Ok(()) => Applied::Held(key),
+        Ok(Some(changed)) => Applied::Stored(key, changed),
+        Ok(None) => Applied::Held(key),
         Err(_) => Applied::Failed(key),
     }
 }
@@ -276,6 +284,7 @@ pub async fn mirror<K>(
     client: kube::Client,
     store: Arc<Store>,
     keys: SharedKeyring,
+    metrics: Arc<AgentMetrics>,
     mut labels_rx: watch::Receiver<Option<Labels>>,
 ) where
     K: Mirrored + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -339,7 +348,7 @@ pub async fn mirror<K>(
                         }
                         Ok(Event::InitApply(Ok(obj))) => {
                             let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, &keyring), obj)).await;
-                            note(&mut failed, &applied, obj);
+                            note(&mut failed, &applied, obj, &metrics);
                             if let Some(k) = applied.key() {
                                 listed.insert(k);
                             }
@@ -360,7 +369,7 @@ pub async fn mirror<K>(
                         Ok(Event::Apply(Err(_))) => {}
                         Ok(Event::Apply(Ok(obj))) => {
                             let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, &keyring), obj)).await;
-                            note(&mut failed, &applied, obj);
+                            note(&mut failed, &applied, obj, &metrics);
                         }
                         Ok(Event::Delete(guarded)) => {
                             let key = match guarded {
@@ -381,11 +390,21 @@ pub async fn mirror<K>(
 }
 
 /// Keeps `obj` for another try if its write failed; forgets an earlier failure of its key
-/// otherwise (this event supersedes it).
-fn note<K>(failed: &mut HashMap<ObjectKey, K>, applied: &Applied, obj: K) {
+/// otherwise (this event supersedes it). Counts what happened.
+fn note<K: Mirrored>(
+    failed: &mut HashMap<ObjectKey, K>,
+    applied: &Applied,
+    obj: K,
+    metrics: &AgentMetrics,
+) {
     match applied {
         Applied::Failed(key) => {
+            metrics.mirror_failed(K::KIND);
             failed.insert(key.clone(), obj);
+        }
+        Applied::Stored(key, changed) => {
+            metrics.mirrored(K::KIND, *changed);
+            failed.remove(key);
         }
         Applied::Held(key) => {
             failed.remove(key);

@@ -1,4 +1,4 @@
-//! `/metrics` (Prometheus text format), `/healthz` (the process runs) and `/readyz` (a
+//! `/metrics` (OpenMetrics text), `/healthz` (the process runs) and `/readyz` (a
 //! standby, or a leader whose controllers run).
 
 use axum::Router;
@@ -48,7 +48,7 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         health.metrics.render(),
     )

@@ -1,13 +1,16 @@
-//! The operator's Prometheus metrics, kept in atomics and written out in the text exposition
-//! format by hand (a handful of counters do not need a metrics library).
+//! The operator's metrics (`prometheus-client`, OpenMetrics text on `/metrics`).
 //!
 //! Labels only ever hold kinds, results, error labels and condition reasons: never object
-//! names (unbounded) and never values.
+//! names (unbounded) and never values. Every series of a bounded label set is created at
+//! start, at zero, so a dashboard sees it before the first event.
 
-use std::collections::BTreeMap;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use super::error::Error;
@@ -32,7 +35,7 @@ impl ObjectKind {
 
 /// How one reconciliation ended. `Conflict` (someone else wrote the object meanwhile) is
 /// routine under concurrent edits and retried at once, so it is not counted as an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     Success,
     Conflict,
@@ -51,205 +54,168 @@ impl Outcome {
     }
 }
 
+impl EncodeLabelValue for ObjectKind {
+    fn encode(&self, w: &mut LabelValueEncoder) -> std::fmt::Result {
+        w.write_str(self.label())
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, w: &mut LabelValueEncoder) -> std::fmt::Result {
+        w.write_str(self.label())
+    }
+}
+
 /// Upper bounds (seconds) of the reconcile duration histogram.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reconciled {
+    kind: ObjectKind,
+    result: Outcome,
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Failed {
+    kind: ObjectKind,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Sealed {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rejected {
+    kind: ObjectKind,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: ObjectKind,
+}
+
 pub struct Metrics {
-    reconciliations: [[AtomicU64; Outcome::ALL.len()]; ObjectKind::ALL.len()],
-    errors: [[AtomicU64; Error::METRIC_LABELS.len()]; ObjectKind::ALL.len()],
-    durations: [Histogram; ObjectKind::ALL.len()],
-    seals_created: AtomicU64,
-    seals_rotated: AtomicU64,
+    registry: Registry,
+    leader: Gauge,
+    reconciliations: Family<Reconciled, Counter>,
+    errors: Family<Failed, Counter>,
+    seals: Family<Sealed, Counter>,
     /// Objects reported not Ready, by condition reason (a small fixed set of CamelCase words).
-    rejections: Mutex<BTreeMap<(ObjectKind, &'static str), u64>>,
-    leader: AtomicBool,
+    rejections: Family<Rejected, Counter>,
+    durations: Family<KindLabel, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("claw_secrets_operator");
+        let leader = Gauge::default();
+        let reconciliations = Family::<Reconciled, Counter>::default();
+        let errors = Family::<Failed, Counter>::default();
+        let seals = Family::<Sealed, Counter>::default();
+        let rejections = Family::<Rejected, Counter>::default();
+        let durations = Family::<KindLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(BUCKETS)) as fn() -> Histogram,
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and runs the controllers",
+            leader.clone(),
+        );
+        registry.register(
+            "reconciliations",
+            "Reconciliations by kind and result (conflict: the object changed meanwhile; retried)",
+            reconciliations.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failed reconciliations by kind and error",
+            errors.clone(),
+        );
+        registry.register(
+            "seals",
+            "Secret versions sealed: the first version (created) or a rotation (rotated)",
+            seals.clone(),
+        );
+        registry.register(
+            "not_ready",
+            "Times an object was reported not Ready, by kind and condition reason",
+            rejections.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time taken by one reconciliation",
+            durations.clone(),
+        );
+        for kind in ObjectKind::ALL {
+            for result in Outcome::ALL {
+                let _ = reconciliations.get_or_create(&Reconciled { kind, result });
+            }
+            for error in Error::METRIC_LABELS {
+                let _ = errors.get_or_create(&Failed { kind, error });
+            }
+            let _ = durations.get_or_create(&KindLabel { kind });
+        }
+        for event in ["created", "rotated"] {
+            let _ = seals.get_or_create(&Sealed { event });
+        }
+        Metrics {
+            registry,
+            leader,
+            reconciliations,
+            errors,
+            seals,
+            rejections,
+            durations,
+        }
+    }
 }
 
 impl Metrics {
-    pub fn reconciled(&self, kind: ObjectKind, outcome: Outcome, took: Duration) {
-        let k = kind as usize;
-        self.reconciliations[k][outcome as usize].fetch_add(1, Relaxed);
-        let h = &self.durations[k];
-        let secs = took.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            h.buckets[i].fetch_add(1, Relaxed);
-        }
-        h.count.fetch_add(1, Relaxed);
-        h.sum_micros
-            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    pub fn reconciled(&self, kind: ObjectKind, result: Outcome, took: Duration) {
+        self.reconciliations
+            .get_or_create(&Reconciled { kind, result })
+            .inc();
+        self.durations
+            .get_or_create(&KindLabel { kind })
+            .observe(took.as_secs_f64());
     }
 
     pub fn error(&self, kind: ObjectKind, error: &Error) {
-        let label = error.metric_label();
-        if let Some(i) = Error::METRIC_LABELS.iter().position(|l| *l == label) {
-            self.errors[kind as usize][i].fetch_add(1, Relaxed);
-        }
+        self.errors
+            .get_or_create(&Failed {
+                kind,
+                error: error.metric_label(),
+            })
+            .inc();
     }
 
     /// A secret was sealed: its first version (`created`) or a rotation.
     pub fn sealed(&self, created: bool) {
-        if created {
-            self.seals_created.fetch_add(1, Relaxed);
-        } else {
-            self.seals_rotated.fetch_add(1, Relaxed);
-        }
+        let event = if created { "created" } else { "rotated" };
+        self.seals.get_or_create(&Sealed { event }).inc();
     }
 
     /// An object was newly reported not Ready with `reason`.
     pub fn rejected(&self, kind: ObjectKind, reason: &'static str) {
-        *self
-            .rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((kind, reason))
-            .or_default() += 1;
+        self.rejections
+            .get_or_create(&Rejected { kind, reason })
+            .inc();
     }
 
     pub fn set_leader(&self, leader: bool) {
-        self.leader.store(leader, Relaxed);
+        self.leader.set(i64::from(leader));
     }
 
-    pub fn is_leader(&self) -> bool {
-        self.leader.load(Relaxed)
-    }
-
-    /// The Prometheus text exposition format (version 0.0.4).
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let w = &mut out;
-        header(
-            w,
-            "claw_secrets_operator_leader",
-            "gauge",
-            "1 while this replica holds the leader Lease and runs the controllers.",
-        );
-        let _ = writeln!(
-            w,
-            "claw_secrets_operator_leader {}",
-            u8::from(self.is_leader())
-        );
-
-        header(
-            w,
-            "claw_secrets_operator_reconciliations_total",
-            "counter",
-            "Reconciliations by kind and result (conflict: the object changed meanwhile; retried).",
-        );
-        for kind in ObjectKind::ALL {
-            for outcome in Outcome::ALL {
-                let _ = writeln!(
-                    w,
-                    "claw_secrets_operator_reconciliations_total{{kind=\"{}\",result=\"{}\"}} {}",
-                    kind.label(),
-                    outcome.label(),
-                    self.reconciliations[kind as usize][outcome as usize].load(Relaxed)
-                );
-            }
-        }
-
-        header(
-            w,
-            "claw_secrets_operator_errors_total",
-            "counter",
-            "Failed reconciliations by kind and error.",
-        );
-        for kind in ObjectKind::ALL {
-            for (i, label) in Error::METRIC_LABELS.iter().enumerate() {
-                let _ = writeln!(
-                    w,
-                    "claw_secrets_operator_errors_total{{kind=\"{}\",error=\"{label}\"}} {}",
-                    kind.label(),
-                    self.errors[kind as usize][i].load(Relaxed)
-                );
-            }
-        }
-
-        header(
-            w,
-            "claw_secrets_operator_seals_total",
-            "counter",
-            "Secret versions sealed: the first version (created) or a rotation (rotated).",
-        );
-        for (event, counter) in [
-            ("created", &self.seals_created),
-            ("rotated", &self.seals_rotated),
-        ] {
-            let _ = writeln!(
-                w,
-                "claw_secrets_operator_seals_total{{event=\"{event}\"}} {}",
-                counter.load(Relaxed)
-            );
-        }
-
-        header(
-            w,
-            "claw_secrets_operator_not_ready_total",
-            "counter",
-            "Times an object was reported not Ready, by kind and condition reason.",
-        );
-        for ((kind, reason), n) in self
-            .rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                w,
-                "claw_secrets_operator_not_ready_total{{kind=\"{}\",reason=\"{reason}\"}} {n}",
-                kind.label()
-            );
-        }
-
-        header(
-            w,
-            "claw_secrets_operator_reconcile_duration_seconds",
-            "histogram",
-            "Time taken by one reconciliation.",
-        );
-        for kind in ObjectKind::ALL {
-            let h = &self.durations[kind as usize];
-            let mut cumulative = 0;
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                cumulative += h.buckets[i].load(Relaxed);
-                let _ = writeln!(
-                    w,
-                    "claw_secrets_operator_reconcile_duration_seconds_bucket{{kind=\"{}\",le=\"{bound}\"}} {cumulative}",
-                    kind.label()
-                );
-            }
-            let count = h.count.load(Relaxed);
-            let _ = writeln!(
-                w,
-                "claw_secrets_operator_reconcile_duration_seconds_bucket{{kind=\"{}\",le=\"+Inf\"}} {count}",
-                kind.label()
-            );
-            let _ = writeln!(
-                w,
-                "claw_secrets_operator_reconcile_duration_seconds_sum{{kind=\"{}\"}} {}",
-                kind.label(),
-                h.sum_micros.load(Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(
-                w,
-                "claw_secrets_operator_reconcile_duration_seconds_count{{kind=\"{}\"}} {count}",
-                kind.label()
-            );
-        }
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String does not fail");
         out
     }
-}
-
-fn header(w: &mut String, name: &str, type_: &str, help: &str) {
-    let _ = writeln!(w, "# HELP {name} {help}");
-    let _ = writeln!(w, "# TYPE {name} {type_}");
 }
 
 #[cfg(test)]
@@ -289,10 +255,10 @@ mod tests {
             "claw_secrets_operator_errors_total{kind=\"ClawConfig\",error=\"conflict\"} 1",
             "claw_secrets_operator_seals_total{event=\"created\"} 1",
             "claw_secrets_operator_not_ready_total{kind=\"ClawSecret\",reason=\"InvalidData\"} 1",
-            "claw_secrets_operator_reconcile_duration_seconds_bucket{kind=\"ClawSecret\",le=\"0.005\"} 1",
-            "claw_secrets_operator_reconcile_duration_seconds_bucket{kind=\"ClawSecret\",le=\"0.1\"} 2",
-            "claw_secrets_operator_reconcile_duration_seconds_bucket{kind=\"ClawConfig\",le=\"10\"} 0",
-            "claw_secrets_operator_reconcile_duration_seconds_bucket{kind=\"ClawConfig\",le=\"+Inf\"} 1",
+            "claw_secrets_operator_reconcile_duration_seconds_bucket{le=\"0.005\",kind=\"ClawSecret\"} 1",
+            "claw_secrets_operator_reconcile_duration_seconds_bucket{le=\"0.1\",kind=\"ClawSecret\"} 2",
+            "claw_secrets_operator_reconcile_duration_seconds_bucket{le=\"10.0\",kind=\"ClawConfig\"} 0",
+            "claw_secrets_operator_reconcile_duration_seconds_bucket{le=\"+Inf\",kind=\"ClawConfig\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
