@@ -292,14 +292,12 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
                 format!("{}: {}", e.code, e.message),
             ),
         };
-        if let Err(e) = self
-            .record(call, target, decision, Some(phase), reason)
-            .await
-        {
-            // The intent is on the record, and the store (or API server) says whether the
-            // change happened: the answer stands.
-            tracing::error!(error = %e, request_id = call.request_id, "the outcome of a write could not be recorded after its intent");
-        }
+        // Queued before the answer (so it precedes every later record), not waited for: the
+        // intent is durable, and the store (or the API server) says whether the change
+        // happened, so no promise rests on the outcome record's own sync. It shares the next
+        // group commit, and is flushed at shutdown at the latest.
+        self.audit
+            .append_later(self.event(call, target, decision, Some(phase), reason));
         result
     }
 

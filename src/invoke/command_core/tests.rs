@@ -97,6 +97,7 @@ fn authorizer() -> FakeAuthorizer {
 struct Fixture {
     _dir: tempfile::TempDir,
     audit_path: std::path::PathBuf,
+    audit_log: AuditLog,
     dispatcher: Dispatcher<FakeAuthorizer, StoreRepository>,
 }
 
@@ -120,10 +121,11 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.log");
     let (audit, _) = AuditLog::open(&audit_path, "node-a").unwrap();
-    let dispatcher = Dispatcher::new(core(dir.path(), audit));
+    let dispatcher = Dispatcher::new(core(dir.path(), audit.clone()));
     let f = Fixture {
         _dir: dir,
         audit_path,
+        audit_log: audit,
         dispatcher,
     };
     for (command, params) in [
@@ -153,7 +155,10 @@ impl Fixture {
         serde_json::to_value(&answer).unwrap()
     }
 
-    fn audit(&self) -> Vec<Value> {
+    /// The audit log's records, once every record queued so far is written (a write's
+    /// outcome record is queued behind its durable intent).
+    async fn audit(&self) -> Vec<Value> {
+        self.audit_log.flush().await.unwrap();
         std::fs::read_to_string(&self.audit_path)
             .unwrap()
             .lines()
@@ -257,7 +262,7 @@ async fn access_rules_for_every_command_and_caller() {
     for (command, params, expected) in table() {
         for (token, expected) in CALLERS.iter().zip(expected) {
             let f = fixture().await;
-            let before = f.audit().len();
+            let before = f.audit().await.len();
             let answer = f.call(*token, command, params.clone()).await;
             let got = outcome(&answer);
             if got != expected {
@@ -271,7 +276,7 @@ async fn access_rules_for_every_command_and_caller() {
                 assert!(!answer.to_string().contains("s3cret"), "{answer}");
             }
             // Every secret access and every config write is on the record.
-            let records = f.audit();
+            let records = f.audit().await;
             let audited = command.starts_with("secret.")
                 || !command.ends_with(".get") && !command.ends_with(".list");
             if audited {

@@ -502,14 +502,16 @@ mod tests {
             Some((version, uid.to_owned(), value.to_owned()))
         };
 
-        assert_eq!(
-            apply(
-                &sealed(&keyring, "uid-1", 2, "two"),
-                &labels,
-                &store,
-                &keyring
-            ),
-            Applied::Held(key())
+        // Written now: stored, with when it last changed (its sealedAt).
+        let first = apply(
+            &sealed(&keyring, "uid-1", 2, "two"),
+            &labels,
+            &store,
+            &keyring,
+        );
+        assert!(
+            matches!(first, Applied::Stored(ref k, _) if *k == key()),
+            "{first:?}"
         );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
 
