@@ -24,6 +24,43 @@ pub enum Current<T> {
     Refused(String),
 }
 
+impl<T> Current<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Current<U> {
+        match self {
+            Current::Found(t) => Current::Found(f(t)),
+            Current::Missing => Current::Missing,
+            Current::Refused(why) => Current::Refused(why),
+        }
+    }
+}
+
+impl<T: Remembers> Current<T> {
+    /// The writes the object remembers, as its source of truth has them (none if it is gone).
+    pub fn writes(&self) -> &[WriteRecord] {
+        match self {
+            Current::Found(t) => t.writes(),
+            Current::Missing | Current::Refused(_) => &[],
+        }
+    }
+}
+
+/// What an object as a write finds it remembers of earlier keyed writes.
+pub trait Remembers {
+    fn writes(&self) -> &[WriteRecord];
+}
+
+impl Remembers for CurrentSecret {
+    fn writes(&self) -> &[WriteRecord] {
+        &self.record.writes
+    }
+}
+
+impl Remembers for CurrentConfig {
+    fn writes(&self) -> &[WriteRecord] {
+        &self.record.writes
+    }
+}
+
 /// A secret as a write finds it.
 #[derive(Debug, Clone)]
 pub struct CurrentSecret {

@@ -57,7 +57,7 @@ pub struct AgentPod {
 
 impl AgentPod {
     /// The API server path that proxies to this pod's `POST /v1/invoke`.
-    pub fn invoke_path(&self) -> String {
+    fn invoke_path(&self) -> String {
         format!(
             "/api/v1/namespaces/{}/pods/{}:{}/proxy/v1/invoke",
             self.namespace, self.name, self.port

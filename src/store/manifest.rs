@@ -407,7 +407,7 @@ impl Manifest {
         self.compact(keyring)
     }
 
-    pub fn compact(&mut self, keyring: &Keyring) -> Result<(), StoreError> {
+    fn compact(&mut self, keyring: &Keyring) -> Result<(), StoreError> {
         let now = jiff::Timestamp::now();
         for writes in self.tombstones.values_mut() {
             *writes = retained(std::mem::take(writes), now);

@@ -49,7 +49,7 @@ fn hash_token(token: &str) -> String {
 }
 
 /// A new random bearer token: `cst_` and 32 random bytes, base64url.
-pub fn generate_token() -> Zeroizing<String> {
+fn generate_token() -> Zeroizing<String> {
     let mut bytes = Zeroizing::new([0u8; 32]);
     getrandom::getrandom(bytes.as_mut()).expect("the OS random number generator is available");
     Zeroizing::new(format!("cst_{}", URL_SAFE_NO_PAD.encode(bytes.as_ref())))

@@ -2,14 +2,14 @@
 //! config cannot change.
 
 use super::super::{
-    Authorizer, ConfigCreate, ConfigMeta, ConfigUpdate, ConfigView, Current, Deleted, InvokeError,
+    Authorizer, ConfigCreate, ConfigMeta, ConfigUpdate, ConfigView, Current, InvokeError,
     ListParams, NameParams, Payload, Repository, Resource, Verb,
 };
 use super::{
     Call, CommandCore, Target, WRITE_ATTEMPTS, across, lost_race, not_found, now, on,
     refused_entry, replay,
 };
-use crate::domain::{ErrorCode, Kind, ObjectKey};
+use crate::domain::{ErrorCode, ObjectKey};
 use crate::store::{ConfigRecord, Lookup};
 
 impl<A: Authorizer, R: Repository> CommandCore<A, R> {
@@ -62,21 +62,19 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         p: &ConfigCreate,
         t: &mut Target,
     ) -> Result<Payload, InvokeError> {
-        let key = ObjectKey::new(
-            Self::namespace(call.caller, p.namespace.clone()),
-            p.name.clone(),
-        );
-        *t = Target::object(&key);
-        self.authorize(call.caller, on(Verb::Create, Resource::Configs, &key))
+        let (key, _turn) = self
+            .begin_write(
+                call,
+                t,
+                Verb::Create,
+                Resource::Configs,
+                &p.name,
+                p.namespace.as_ref(),
+            )
             .await?;
-        let _turn = self.locks.lock(Kind::Config, &key).await;
         let keyed = call.keyed(&key.namespace);
         let current = self.repository.current_config(&key).await?;
-        let object_writes = match &current {
-            Current::Found(c) => c.record.writes.as_slice(),
-            _ => &[],
-        };
-        if let Some(prior) = self.prior(keyed.as_ref(), object_writes)? {
+        if let Some(prior) = self.prior(keyed.as_ref(), current.writes())? {
             return Ok(replay(t, prior));
         }
         match current {
@@ -123,23 +121,21 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         p: &ConfigUpdate,
         t: &mut Target,
     ) -> Result<Payload, InvokeError> {
-        let key = ObjectKey::new(
-            Self::namespace(call.caller, p.namespace.clone()),
-            p.name.clone(),
-        );
-        *t = Target::object(&key);
-        self.authorize(call.caller, on(Verb::Update, Resource::Configs, &key))
+        let (key, _turn) = self
+            .begin_write(
+                call,
+                t,
+                Verb::Update,
+                Resource::Configs,
+                &p.name,
+                p.namespace.as_ref(),
+            )
             .await?;
-        let _turn = self.locks.lock(Kind::Config, &key).await;
         let keyed = call.keyed(&key.namespace);
         for attempt in 1..=WRITE_ATTEMPTS {
             t.recorded = false;
             let current = self.repository.current_config(&key).await?;
-            let object_writes = match &current {
-                Current::Found(c) => c.record.writes.as_slice(),
-                _ => &[],
-            };
-            if let Some(prior) = self.prior(keyed.as_ref(), object_writes)? {
+            if let Some(prior) = self.prior(keyed.as_ref(), current.writes())? {
                 return Ok(replay(t, prior));
             }
             let c = match current {
@@ -185,62 +181,6 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
                 .await;
             match committed {
                 Ok(_) => return Ok(payload),
-                Err(e) if lost_race(&e) && attempt < WRITE_ATTEMPTS => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        unreachable!("the last attempt returns")
-    }
-
-    pub(super) async fn config_delete(
-        &self,
-        call: &Call<'_>,
-        p: &NameParams,
-        t: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let key = ObjectKey::new(
-            Self::namespace(call.caller, p.namespace.clone()),
-            p.name.clone(),
-        );
-        *t = Target::object(&key);
-        self.authorize(call.caller, on(Verb::Delete, Resource::Configs, &key))
-            .await?;
-        let _turn = self.locks.lock(Kind::Config, &key).await;
-        let keyed = call.keyed(&key.namespace);
-        for attempt in 1..=WRITE_ATTEMPTS {
-            t.recorded = false;
-            let current = self.repository.current_config(&key).await?;
-            let object_writes = match &current {
-                Current::Found(c) => c.record.writes.as_slice(),
-                _ => &[],
-            };
-            if let Some(prior) = self.prior(keyed.as_ref(), object_writes)? {
-                return Ok(replay(t, prior));
-            }
-            let base = match &current {
-                Current::Found(c) => Some(c.revision.clone()),
-                Current::Missing => return Err(not_found(Resource::Configs, &key)),
-                Current::Refused(_) => None,
-            };
-            let payload = Payload::Deleted(Deleted {
-                name: key.name.clone(),
-                namespace: key.namespace.clone(),
-                deleted: true,
-            });
-            let writes = keyed
-                .iter()
-                .map(|k| k.remember(&self.keys.current(), &payload, now()))
-                .collect();
-            let committed = self
-                .commit(
-                    call,
-                    t,
-                    self.repository
-                        .delete_config(&key, base.as_ref(), writes, call.caller),
-                )
-                .await;
-            match committed {
-                Ok(()) => return Ok(payload),
                 Err(e) if lost_race(&e) && attempt < WRITE_ATTEMPTS => continue,
                 Err(e) => return Err(e),
             }

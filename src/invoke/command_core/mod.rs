@@ -11,6 +11,7 @@
 //! answered, and refused if the record cannot be written.
 
 mod configs;
+mod deletes;
 mod idempotency;
 mod secrets;
 #[cfg(test)]
@@ -159,12 +160,12 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
             Command::SecretList(p) => self.secret_list(&call, p, t).await,
             Command::SecretCreate(p) => self.secret_create(&call, p, t).await,
             Command::SecretRotate(p) => self.secret_rotate(&call, p, t).await,
-            Command::SecretDelete(p) => self.secret_delete(&call, p, t).await,
+            Command::SecretDelete(p) => self.delete(&call, p, Resource::Secrets, t).await,
             Command::ConfigGet(p) => self.config_get(&call, p, t).await,
             Command::ConfigList(p) => self.config_list(&call, p, t).await,
             Command::ConfigCreate(p) => self.config_create(&call, p, t).await,
             Command::ConfigUpdate(p) => self.config_update(&call, p, t).await,
-            Command::ConfigDelete(p) => self.config_delete(&call, p, t).await,
+            Command::ConfigDelete(p) => self.delete(&call, p, Resource::Configs, t).await,
         };
         match &result {
             Ok(_) => tracing::debug!(
@@ -340,6 +341,33 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
                     .map(|r| r.record)
             });
         k.prior(&self.keys.current(), remembered, now())
+    }
+
+    /// The start of every write: the object's key (named by the command, in the namespace it
+    /// names or the caller's), on the record as the target; `verb` authorized on it; and the
+    /// object's turn, held until the returned guard is dropped.
+    async fn begin_write(
+        &self,
+        call: &Call<'_>,
+        t: &mut Target,
+        verb: Verb,
+        resource: Resource,
+        name: &Name,
+        namespace: Option<&Namespace>,
+    ) -> Result<(ObjectKey, MutexGuard<'_, ()>), InvokeError> {
+        let key = ObjectKey::new(
+            Self::namespace(call.caller, namespace.cloned()),
+            name.clone(),
+        );
+        *t = Target::object(&key);
+        self.authorize(call.caller, on(verb, resource, &key))
+            .await?;
+        let kind = match resource {
+            Resource::Secrets => Kind::Secret,
+            Resource::Configs => Kind::Config,
+        };
+        let turn = self.locks.lock(kind, &key).await;
+        Ok((key, turn))
     }
 
     /// The namespace a command acts in: the one it names, else the caller's, else `default`.

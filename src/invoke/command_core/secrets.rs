@@ -1,8 +1,8 @@
 //! The five secret commands.
 
 use super::super::{
-    Authorizer, Current, Decision, Deleted, InvokeError, ListParams, NameParams, Payload,
-    Repository, Resource, SecretCreate, SecretMeta, SecretRotate, SecretView, Verb,
+    Authorizer, Current, Decision, InvokeError, ListParams, NameParams, Payload, Repository,
+    Resource, SecretCreate, SecretMeta, SecretRotate, SecretView, Verb,
 };
 use super::{
     Call, CommandCore, Target, WRITE_ATTEMPTS, across, lost_race, not_found, now, on,
@@ -126,21 +126,19 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         p: &SecretCreate,
         t: &mut Target,
     ) -> Result<Payload, InvokeError> {
-        let key = ObjectKey::new(
-            Self::namespace(call.caller, p.namespace.clone()),
-            p.name.clone(),
-        );
-        *t = Target::object(&key);
-        self.authorize(call.caller, on(Verb::Create, Resource::Secrets, &key))
+        let (key, _turn) = self
+            .begin_write(
+                call,
+                t,
+                Verb::Create,
+                Resource::Secrets,
+                &p.name,
+                p.namespace.as_ref(),
+            )
             .await?;
-        let _turn = self.locks.lock(Kind::Secret, &key).await;
         let keyed = call.keyed(&key.namespace);
         let current = self.repository.current_secret(&key).await?;
-        let object_writes = match &current {
-            Current::Found(c) => c.record.writes.as_slice(),
-            _ => &[],
-        };
-        if let Some(prior) = self.prior(keyed.as_ref(), object_writes)? {
+        if let Some(prior) = self.prior(keyed.as_ref(), current.writes())? {
             return Ok(replay(t, prior));
         }
         match current {
@@ -192,23 +190,21 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         p: &SecretRotate,
         t: &mut Target,
     ) -> Result<Payload, InvokeError> {
-        let key = ObjectKey::new(
-            Self::namespace(call.caller, p.namespace.clone()),
-            p.name.clone(),
-        );
-        *t = Target::object(&key);
-        self.authorize(call.caller, on(Verb::Update, Resource::Secrets, &key))
+        let (key, _turn) = self
+            .begin_write(
+                call,
+                t,
+                Verb::Update,
+                Resource::Secrets,
+                &p.name,
+                p.namespace.as_ref(),
+            )
             .await?;
-        let _turn = self.locks.lock(Kind::Secret, &key).await;
         let keyed = call.keyed(&key.namespace);
         for attempt in 1..=WRITE_ATTEMPTS {
             t.recorded = false;
             let current = self.repository.current_secret(&key).await?;
-            let object_writes = match &current {
-                Current::Found(c) => c.record.writes.as_slice(),
-                _ => &[],
-            };
-            if let Some(prior) = self.prior(keyed.as_ref(), object_writes)? {
+            if let Some(prior) = self.prior(keyed.as_ref(), current.writes())? {
                 return Ok(replay(t, prior));
             }
             let c = match current {
@@ -279,66 +275,6 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
                 {
                     continue;
                 }
-                Err(e) => return Err(e),
-            }
-        }
-        unreachable!("the last attempt returns")
-    }
-
-    pub(super) async fn secret_delete(
-        &self,
-        call: &Call<'_>,
-        p: &NameParams,
-        t: &mut Target,
-    ) -> Result<Payload, InvokeError> {
-        let key = ObjectKey::new(
-            Self::namespace(call.caller, p.namespace.clone()),
-            p.name.clone(),
-        );
-        *t = Target::object(&key);
-        self.authorize(call.caller, on(Verb::Delete, Resource::Secrets, &key))
-            .await?;
-        let _turn = self.locks.lock(Kind::Secret, &key).await;
-        let keyed = call.keyed(&key.namespace);
-        for attempt in 1..=WRITE_ATTEMPTS {
-            t.recorded = false;
-            let current = self.repository.current_secret(&key).await?;
-            let object_writes = match &current {
-                Current::Found(c) => c.record.writes.as_slice(),
-                _ => &[],
-            };
-            if let Some(prior) = self.prior(keyed.as_ref(), object_writes)? {
-                return Ok(replay(t, prior));
-            }
-            let base = match &current {
-                Current::Found(c) => {
-                    t.version = Some(c.record.version);
-                    Some(c.revision.clone())
-                }
-                Current::Missing => return Err(not_found(Resource::Secrets, &key)),
-                // A refused entry can be deleted: that is how an admin clears it.
-                Current::Refused(_) => None,
-            };
-            let payload = Payload::Deleted(Deleted {
-                name: key.name.clone(),
-                namespace: key.namespace.clone(),
-                deleted: true,
-            });
-            let writes = keyed
-                .iter()
-                .map(|k| k.remember(&self.keys.current(), &payload, now()))
-                .collect();
-            let committed = self
-                .commit(
-                    call,
-                    t,
-                    self.repository
-                        .delete_secret(&key, base.as_ref(), writes, call.caller),
-                )
-                .await;
-            match committed {
-                Ok(()) => return Ok(payload),
-                Err(e) if lost_race(&e) && attempt < WRITE_ATTEMPTS => continue,
                 Err(e) => return Err(e),
             }
         }
