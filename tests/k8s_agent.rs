@@ -1598,3 +1598,114 @@ async fn latency_burst_of_1000_secrets_sealed_by_the_operator() {
     drop(operator);
     c.cleanup().await;
 }
+
+/// `command` with `params` and idempotency key `key`, as `token`, through `agent`.
+async fn send(
+    agent: &Agent,
+    token: &str,
+    command: &str,
+    params: Value,
+    key: &str,
+) -> cluster::Reply {
+    let body = json!({
+        "nodeId": agent.node, "command": command, "params": params, "idempotencyKey": key,
+    });
+    agent
+        .post(Some(token), serde_json::to_vec(&body).unwrap())
+        .await
+}
+
+/// Idempotency through agents: a retry through another node gets the first answer (the
+/// remembered writes travel with the object, in the same update as its data), what the object
+/// carries is sealed (no key, caller or fingerprint in clear for readers with `get`), and a
+/// caller replaying someone else's key learns nothing, right guess or wrong.
+#[tokio::test]
+async fn retries_through_any_node_and_replayed_keys_teach_nothing() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("idem").await;
+    let client = c.client();
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let ci = cluster::service_account_token(&client, &ns, "ci").await;
+    cluster::grant(
+        &client,
+        &ns,
+        cluster::service_account_subject(&ns, "ci"),
+        "ci",
+        &["create", "update"],
+        &[],
+    )
+    .await;
+    let (a, b) = (c.agent("a", &[]).await, c.agent("b", &[]).await);
+    let data = secret_data();
+    let create = json!({ "name": "idem", "namespace": ns, "data": data });
+    let first = send(
+        &a,
+        &alice,
+        "secret.create",
+        create.clone(),
+        "alice-create-1",
+    )
+    .await
+    .payload("alice creates idem on node a");
+    let again = send(&b, &alice, "secret.create", create, "alice-create-1")
+        .await
+        .payload("the retry through node b");
+    assert_eq!(again, first);
+
+    let rotate = json!({ "name": "idem", "namespace": ns, "newData": secret_data() });
+    let rotated = send(
+        &b,
+        &alice,
+        "secret.rotate",
+        rotate.clone(),
+        "alice-rotate-1",
+    )
+    .await
+    .payload("alice rotates through node b");
+    assert_eq!(rotated["version"], json!(2));
+    assert_eq!(
+        send(
+            &a,
+            &alice,
+            "secret.rotate",
+            rotate.clone(),
+            "alice-rotate-1"
+        )
+        .await
+        .payload("the retry through node a"),
+        rotated
+    );
+
+    // Someone with `update` (not `reveal`) replaying alice's key: right data or a guess, the
+    // same refusal, and nothing written.
+    let right = send(&a, &ci, "secret.rotate", rotate, "alice-rotate-1")
+        .await
+        .expect_error("INVALID_ARGUMENT", "ci replays alice's key with her data");
+    let guess = json!({ "name": "idem", "namespace": ns, "newData": secret_data() });
+    let wrong = send(&a, &ci, "secret.rotate", guess, "alice-rotate-1")
+        .await
+        .expect_error("INVALID_ARGUMENT", "ci replays alice's key with a guess");
+    assert_eq!(right, wrong);
+
+    // What the object carries: the remembered writes, sealed; nothing in clear.
+    let obj = Api::<ClawSecret>::namespaced(client.clone(), &ns)
+        .get("idem")
+        .await
+        .unwrap();
+    assert_eq!(obj.spec.sealed.as_ref().map(|s| s.version), Some(2));
+    let annotations = obj.metadata.annotations.clone().unwrap_or_default();
+    let writes = annotations
+        .get("clawbernetes.io/writes")
+        .unwrap_or_else(|| panic!("no remembered writes: {annotations:?}"));
+    let raw = serde_json::to_string(&obj).unwrap();
+    for clear in ["alice-create-1", "alice-rotate-1", "alice", "fingerprint"] {
+        assert!(
+            !raw.contains(clear),
+            "{clear} in clear on the object: {raw}"
+        );
+    }
+    assert!(!annotations.contains_key("clawbernetes.io/last-write"));
+    assert!(writes.len() > 100, "{writes}");
+    c.cleanup().await;
+}

@@ -23,6 +23,9 @@ use crate::k8s::crd::{ClawConfig, ClawConfigSpec, ClawSecret, ClawSecretSpec, Se
 use crate::k8s::names::object_name;
 use crate::store::{ConfigRecord, Expect, SecretRecord, Store, WriteRecord};
 
+/// Where versions before the command core kept the last write's idempotency mark, in clear.
+const LEGACY_LAST_WRITE_ANNOTATION: &str = "clawbernetes.io/last-write";
+
 pub struct KubeRepository {
     client: kube::Client,
     store: Arc<Store>,
@@ -109,7 +112,9 @@ impl KubeRepository {
         Api::namespaced(self.client.clone(), key.namespace.as_str())
     }
 
-    /// The annotations a write sets: the sealed remembered writes (or their removal).
+    /// The annotations a write sets: the sealed remembered writes (or their removal), and the
+    /// removal of the clear-text idempotency mark earlier versions kept (`last-write`: the key
+    /// and a fingerprint of the params, readable by anyone with `get`).
     fn writes_patch(
         &self,
         kind: Kind,
@@ -118,7 +123,10 @@ impl KubeRepository {
     ) -> Result<Value, InvokeError> {
         let sealed = convert::writes_annotation(&self.keys.current(), kind, key, writes)
             .map_err(|e| InvokeError::internal(format!("sealing the write records failed: {e}")))?;
-        Ok(json!({ convert::WRITES_ANNOTATION: sealed }))
+        Ok(json!({
+            convert::WRITES_ANNOTATION: sealed,
+            LEGACY_LAST_WRITE_ANNOTATION: null,
+        }))
     }
 
     fn annotations(
