@@ -107,6 +107,9 @@ fn a_write_that_cannot_be_audited_is_not_applied() {
             json!({"name": "c", "data": {"level": "info"}}),
         )
         .payload();
+    // A read is answered only once its record is durable, and records are written in order:
+    // after it, the setup writes' commit records (queued behind their intents) are on disk too.
+    server.call("secret.list", json!({})).payload();
     let records_before = env.audit_records().len();
 
     let guard = Immutable::set(&env.audit_log());

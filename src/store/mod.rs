@@ -296,6 +296,7 @@ impl Store {
             unmanifested: Vec::new(),
             candidates: Vec::new(),
             legacy: Vec::new(),
+            foreign_keys: Default::default(),
         };
         opening.sort(secrets)?;
         opening.sort(configs)?;
@@ -596,6 +597,8 @@ struct Opening<'a> {
     candidates: Vec<Pending>,
     /// Format-1 entries.
     legacy: Vec<Pending>,
+    /// Master keys that authenticated entries but are not in the keyring.
+    foreign_keys: std::collections::BTreeSet<crate::crypto::KeyId>,
 }
 
 /// An entry not yet accepted.
@@ -667,6 +670,10 @@ impl Opening<'_> {
                 }
                 Ok(Decoded::Legacy(record)) => {
                     self.legacy.push(R::pending(path, record));
+                    continue;
+                }
+                Ok(Decoded::ForeignKey(id)) => {
+                    self.foreign_keys.insert(id);
                     continue;
                 }
                 Ok(Decoded::Authentic(record)) => record,
@@ -746,6 +753,13 @@ impl Opening<'_> {
         mut self,
         manifest_path: PathBuf,
     ) -> Result<(State, Manifest, OpenReport), StoreError> {
+        if !self.foreign_keys.is_empty() {
+            let ids: Vec<String> = self.foreign_keys.iter().map(|k| k.to_string()).collect();
+            return Err(StoreError::Integrity(format!(
+                "the store's entries are authenticated with master key(s) {}, which the keyring does not hold: this keyring did not write this store (was the master key lost or replaced?). Restore the keyring that did (dev mode: <data-dir>/master.key); nothing was changed",
+                ids.join(", ")
+            )));
+        }
         if self.manifest.is_none() {
             if !self.unmanifested.is_empty() && !self.rebuild {
                 return Err(StoreError::Integrity(format!(
@@ -848,5 +862,261 @@ impl Opening<'_> {
         self.report.secrets = self.state.secrets.len();
         self.report.configs = self.state.configs.len();
         Ok((self.state, manifest, self.report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{self, SecretIdentity};
+    use crate::domain::{Name, Version, WorkloadSet};
+    use jiff::Timestamp;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new(Namespace::default_namespace(), Name::parse(name).unwrap())
+    }
+
+    fn secret(keyring: &Keyring, name: &str, version: u64) -> SecretRecord {
+        let key = key(name);
+        let version = Version::new(version).unwrap();
+        let data = serde_json::from_value(serde_json::json!({"v": version.to_string()})).unwrap();
+        let identity = SecretIdentity {
+            kind: Kind::Secret,
+            namespace: &key.namespace,
+            name: &key.name,
+            version,
+        };
+        SecretRecord {
+            envelope: crypto::seal(keyring, &identity, &data).unwrap(),
+            key,
+            version,
+            created_at: Timestamp::UNIX_EPOCH,
+            updated_at: Timestamp::UNIX_EPOCH,
+            allowed_workloads: WorkloadSet::default(),
+            origin: None,
+            writes: Vec::new(),
+            generation: 0,
+        }
+    }
+
+    fn open(dir: &Path, keyring: &Keyring) -> Result<(Store, OpenReport), StoreError> {
+        Store::open(
+            dir,
+            SharedKeyring::new(keyring.clone()),
+            OpenOptions::default(),
+        )
+    }
+
+    fn write_record(idempotency_key: &str) -> WriteRecord {
+        WriteRecord {
+            idempotency_key: idempotency_key.to_owned(),
+            caller: "admin".to_owned(),
+            command: "secret.delete".to_owned(),
+            fingerprint: Fingerprint {
+                key_id: crate::crypto::KeyId::parse("k-1").unwrap(),
+                mac: "00".repeat(32),
+            },
+            result: serde_json::json!({"deleted": true}),
+            request_id: "r-1".to_owned(),
+            at: Timestamp::now(),
+        }
+    }
+
+    #[test]
+    fn changes_survive_reopening_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        store
+            .put_secret(secret(&keyring, "kept", 1), Expect::Absent)
+            .unwrap();
+        // Enough changes to compact the manifest several times over.
+        for v in 1..=40 {
+            let r = store
+                .put_secret(secret(&keyring, "churn", v), Expect::Any)
+                .unwrap();
+            assert!(r.generation > 1);
+        }
+        store
+            .delete_secret(&key("churn"), Expect::Any, vec![write_record("del-1")])
+            .unwrap();
+        assert!(matches!(
+            store.put_secret(secret(&keyring, "kept", 2), Expect::Generation(0)),
+            Err(StoreError::Changed { .. })
+        ));
+        let manifest = std::fs::read_to_string(dir.path().join(manifest::FILE_NAME)).unwrap();
+        assert!(manifest.lines().count() < 30, "compacted: {manifest}");
+        drop(store);
+
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert!(
+            report.refused.is_empty() && report.quarantined.is_empty(),
+            "{report:?}"
+        );
+        assert_eq!(store.secret(&key("kept")).unwrap().version.get(), 1);
+        assert!(store.secret(&key("churn")).is_none());
+        // The deleted object's remembered writes are still there.
+        assert_eq!(store.remembered_write("del-1").unwrap().key, key("churn"));
+    }
+
+    #[test]
+    fn rolled_back_edited_and_missing_entries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        store
+            .put_secret(secret(&keyring, "rb", 1), Expect::Absent)
+            .unwrap();
+        let file = dir
+            .path()
+            .join("secrets")
+            .join(file_name(Kind::Secret, &key("rb")));
+        let v1 = std::fs::read(&file).unwrap();
+        store
+            .put_secret(secret(&keyring, "rb", 2), Expect::Any)
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "edited", 1), Expect::Absent)
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "gone", 1), Expect::Absent)
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "fine", 1), Expect::Absent)
+            .unwrap();
+        drop(store);
+
+        std::fs::write(&file, &v1).unwrap();
+        let edited = dir
+            .path()
+            .join("secrets")
+            .join(file_name(Kind::Secret, &key("edited")));
+        let text = std::fs::read_to_string(&edited).unwrap();
+        std::fs::write(&edited, text.replace("\"version\":1", "\"version\":9")).unwrap();
+        std::fs::remove_file(
+            dir.path()
+                .join("secrets")
+                .join(file_name(Kind::Secret, &key("gone"))),
+        )
+        .unwrap();
+
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        let refused: Vec<String> = report
+            .refused
+            .iter()
+            .map(|(_, k, _)| k.name.to_string())
+            .collect();
+        assert_eq!(refused.len(), 3, "{report:?}");
+        for name in ["rb", "edited", "gone"] {
+            assert!(
+                matches!(store.secret_entry(&key(name)), Lookup::Quarantined(_)),
+                "{name}"
+            );
+        }
+        assert_eq!(store.secret(&key("fine")).unwrap().version.get(), 1);
+        assert_eq!(
+            report.quarantined.len(),
+            2,
+            "the rolled-back and the edited file"
+        );
+        // A refused entry is cleared by a delete, then the name is free.
+        store
+            .delete_secret(&key("rb"), Expect::Any, Vec::new())
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "rb", 1), Expect::Absent)
+            .unwrap();
+        drop(store);
+        let (_, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.refused.len(), 2, "{report:?}");
+    }
+
+    #[test]
+    fn a_crash_between_entry_and_manifest_line_is_adopted_and_a_broken_manifest_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        store
+            .put_secret(secret(&keyring, "a", 1), Expect::Absent)
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "a", 2), Expect::Any)
+            .unwrap();
+        drop(store);
+        // The manifest line of the last put was lost (the crash came after the entry file).
+        let path = dir.path().join(manifest::FILE_NAME);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let shorter = lines[..lines.len() - 1].join("\n") + "\n";
+        std::fs::write(&path, &shorter).unwrap();
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert!(report.refused.is_empty(), "{report:?}");
+        assert_eq!(store.secret(&key("a")).unwrap().version.get(), 2);
+        drop(store);
+
+        // A line cut short (a crash mid-append) is cut off; an edited line refuses the store.
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.extend_from_slice(b"{\"seq\":99,\"op");
+        std::fs::write(&path, &torn).unwrap();
+        assert!(open(dir.path(), &keyring).is_ok());
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replacen("\"generation\":", "\"generation\":1", 1),
+        )
+        .unwrap();
+        let err = open(dir.path(), &keyring).unwrap_err().to_string();
+        assert!(err.contains("--rebuild-store-manifest"), "{err}");
+        // Rebuilt on request, from the entries as they are.
+        let (store, _) = Store::open(
+            dir.path(),
+            SharedKeyring::new(keyring.clone()),
+            OpenOptions {
+                rebuild_manifest: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(store.secret(&key("a")).unwrap().version.get(), 2);
+        drop(store);
+        // And a missing manifest with entries present refuses too.
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            open(dir.path(), &keyring),
+            Err(StoreError::Integrity(_))
+        ));
+        // A keyring that did not write the store cannot vouch for it.
+        let foreign = open(dir.path(), &Keyring::generate().unwrap());
+        assert!(foreign.is_err(), "{:?}", foreign.map(|(_, r)| r));
+    }
+
+    #[test]
+    fn entries_of_the_old_format_are_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let record = secret(&keyring, "old", 3);
+        let legacy = serde_json::json!({
+            "format": 1,
+            "namespace": "default",
+            "name": "old",
+            "version": 3,
+            "createdAt": "1970-01-01T00:00:00Z",
+            "updatedAt": "1970-01-01T00:00:00Z",
+            "allowedWorkloads": [],
+            "envelope": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, record.envelope.to_bytes()),
+            "lastWrite": {"idempotencyKey": "k", "fingerprint": "f"},
+        });
+        let secrets = dir.path().join("secrets");
+        create_private_dir(&secrets).unwrap();
+        std::fs::write(
+            secrets.join(file_name(Kind::Secret, &key("old"))),
+            serde_json::to_vec(&legacy).unwrap(),
+        )
+        .unwrap();
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.migrated, 1);
+        assert_eq!(store.secret(&key("old")).unwrap().version.get(), 3);
+        drop(store);
+        let (_, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!((report.migrated, report.refused.len()), (0, 0));
     }
 }

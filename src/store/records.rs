@@ -78,6 +78,17 @@ pub(crate) enum Decoded<R> {
     Authentic(R),
     /// A format-1 entry: nothing vouches for it; only a migration may accept it.
     Legacy(R),
+    /// An entry authenticated with a master key the keyring does not hold: the keyring is not
+    /// the one that wrote the store (a lost or replaced master key), not a sign of tampering.
+    ForeignKey(KeyId),
+}
+
+/// What the MAC of an entry file says.
+enum Body {
+    Authentic(Vec<u8>),
+    /// No MAC at all (format 1).
+    Unauthenticated,
+    ForeignKey(KeyId),
 }
 
 fn seal(kind: Kind, body: Vec<u8>, mac: &MacKey) -> Vec<u8> {
@@ -87,25 +98,21 @@ fn seal(kind: Kind, body: Vec<u8>, mac: &MacKey) -> Vec<u8> {
 
 /// Checks the MAC of an entry file and returns the body it covers, or `None` if the file has
 /// no MAC (format 1).
-fn authenticated_body(
-    kind: Kind,
-    bytes: &[u8],
-    keys: &EntryKeys,
-) -> Result<Option<Vec<u8>>, String> {
+fn authenticated_body(kind: Kind, bytes: &[u8], keys: &EntryKeys) -> Result<Body, String> {
     let Some((body, tag)) = crate::trailer::split(bytes, MAC_FIELD) else {
-        return Ok(None);
+        return Ok(Body::Unauthenticated);
     };
     let key_id = key_id_of(&body)?;
-    let key = keys.0.get(&key_id).ok_or_else(|| {
-        format!("it is authenticated with master key {key_id}, which is not in the keyring")
-    })?;
+    let Some(key) = keys.0.get(&key_id) else {
+        return Ok(Body::ForeignKey(key_id));
+    };
     if !key.verify(&[kind.as_str().as_bytes(), &body], &tag) {
         return Err(
             "its MAC does not match its content (edited, or written with another keyring)"
                 .to_owned(),
         );
     }
-    Ok(Some(body))
+    Ok(Body::Authentic(body))
 }
 
 /// The `keyId` of an entry body, read before the body is trusted (it only picks the key).
@@ -195,7 +202,12 @@ impl SecretRecord {
     }
 
     pub(crate) fn from_file_bytes(bytes: &[u8], keys: &EntryKeys) -> Result<Decoded<Self>, String> {
-        if let Some(body) = authenticated_body(Kind::Secret, bytes, keys)? {
+        let body = match authenticated_body(Kind::Secret, bytes, keys)? {
+            Body::ForeignKey(id) => return Ok(Decoded::ForeignKey(id)),
+            Body::Unauthenticated => None,
+            Body::Authentic(body) => Some(body),
+        };
+        if let Some(body) = body {
             let file: SecretFile =
                 serde_json::from_slice(&body).map_err(|e| parse_error("secret", e))?;
             check_format(file.format, FORMAT)?;
@@ -291,7 +303,12 @@ impl ConfigRecord {
     }
 
     pub(crate) fn from_file_bytes(bytes: &[u8], keys: &EntryKeys) -> Result<Decoded<Self>, String> {
-        if let Some(body) = authenticated_body(Kind::Config, bytes, keys)? {
+        let body = match authenticated_body(Kind::Config, bytes, keys)? {
+            Body::ForeignKey(id) => return Ok(Decoded::ForeignKey(id)),
+            Body::Unauthenticated => None,
+            Body::Authentic(body) => Some(body),
+        };
+        if let Some(body) = body {
             let file: ConfigFile =
                 serde_json::from_slice(&body).map_err(|e| parse_error("config", e))?;
             check_format(file.format, FORMAT)?;
