@@ -44,14 +44,22 @@ impl Authorizer for TokenAuthorizer {
                 "missing bearer token: send 'Authorization: Bearer <token>' (dev mode writes the admin token to <data-dir>/admin.token)",
             )
         })?;
-        if let Some(caller) = self.tokens.lookup(token) {
+        let broken = |why: String| {
+            InvokeError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the server's tokens file cannot be read, so no token is accepted until an admin fixes it ({why})"
+                ),
+            )
+        };
+        if let Some(caller) = self.tokens.lookup(token).map_err(broken)? {
             return Ok(caller);
         }
         // A token created since the last refresh works at once: look at the file again, off
         // the async workers.
         let tokens = self.tokens.clone();
         let _ = tokio::task::spawn_blocking(move || tokens.refresh()).await;
-        self.tokens.lookup(token).ok_or_else(|| {
+        self.tokens.lookup(token).map_err(broken)?.ok_or_else(|| {
             InvokeError::new(
                 ErrorCode::Unauthenticated,
                 "the bearer token is not valid for this server",

@@ -100,7 +100,17 @@ fn lock_beside(path: &Path) -> Result<std::fs::File, TokenError> {
 /// Resolves bearer tokens to callers; picks up edits to the tokens file without a restart.
 pub struct TokenStore {
     path: PathBuf,
-    state: RwLock<(Option<FileStamp>, HashMap<String, TokenEntry>)>,
+    state: RwLock<Loaded>,
+}
+
+/// The tokens file as last read.
+#[derive(Default)]
+struct Loaded {
+    stamp: Option<FileStamp>,
+    tokens: HashMap<String, TokenEntry>,
+    /// Why the file could not be read (a syntax error, say): then no token is valid. A stale
+    /// set is never kept, or removing a token from a file with a typo would leave it working.
+    broken: Option<String>,
 }
 
 /// What tells one version of the tokens file from another. The mtime alone does not: file
@@ -136,8 +146,10 @@ impl TokenStore {
     pub fn open(path: &Path) -> Result<Self, TokenError> {
         let store = TokenStore {
             path: path.to_owned(),
-            state: RwLock::new((None, HashMap::new())),
+            state: RwLock::new(Loaded::default()),
         };
+        // At start a broken file is an error (the server does not start); later, it locks
+        // every token out until it is fixed.
         store.reload_if_changed()?;
         Ok(store)
     }
@@ -145,33 +157,61 @@ impl TokenStore {
     fn reload_if_changed(&self) -> Result<(), TokenError> {
         let stamp = FileStamp::of(&self.path);
         if let Some(s) = stamp
-            && self.state.read().unwrap().0 == stamp
+            && self.state.read().unwrap_or_else(|e| e.into_inner()).stamp == stamp
             && s.settled()
         {
             return Ok(());
         }
-        let file = read_file(&self.path)?;
-        let map = file
-            .tokens
-            .into_iter()
-            .map(|e| (e.sha256.clone(), e))
-            .collect();
-        *self.state.write().unwrap() = (stamp, map);
-        Ok(())
+        let read = read_file(&self.path);
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        match read {
+            Ok(file) => {
+                *state = Loaded {
+                    stamp,
+                    tokens: file
+                        .tokens
+                        .into_iter()
+                        .map(|e| (e.sha256.clone(), e))
+                        .collect(),
+                    broken: None,
+                };
+                Ok(())
+            }
+            Err(e) => {
+                if state.broken.is_none() || state.stamp != stamp {
+                    tracing::error!(error = %e, "the tokens file cannot be read: every token is refused until it is fixed");
+                }
+                // What callers are told names the problem, not the server's paths (the log does).
+                let why = match &e {
+                    TokenError::Invalid { reason, .. } => format!("it is not valid: {reason}"),
+                    TokenError::Store(StoreError::Io { source, .. }) => {
+                        format!("it cannot be read: {}", source.kind())
+                    }
+                    TokenError::Store(_) => "it cannot be read".to_owned(),
+                };
+                *state = Loaded {
+                    stamp,
+                    tokens: HashMap::new(),
+                    broken: Some(why),
+                };
+                Err(e)
+            }
+        }
     }
 
     pub fn has_admin(&self) -> bool {
-        self.state.read().unwrap().1.values().any(|e| e.admin)
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .tokens
+            .values()
+            .any(|e| e.admin)
     }
 
     /// Re-reads the tokens file if it changed (blocking file I/O: call it off the async
-    /// workers). Keeps the tokens already loaded if the file cannot be read.
+    /// workers). A file that cannot be read refuses every token until it is fixed (logged).
     pub fn refresh(&self) {
-        if let Err(e) = self.reload_if_changed() {
-            // Keep serving with the tokens already loaded; an edit in progress must not lock
-            // everyone out.
-            tracing::warn!(error = %e, "tokens file could not be reloaded");
-        }
+        let _ = self.reload_if_changed();
     }
 
     /// Keeps the tokens current: re-reads the file every `period`, off the async workers.
@@ -189,18 +229,23 @@ impl TokenStore {
         }
     }
 
-    /// The caller a token stands for, or `None` for a token not loaded (no file I/O: see
-    /// [`TokenStore::refresh`]).
-    pub fn lookup(&self, token: &str) -> Option<Caller> {
+    /// The caller a token stands for, `Ok(None)` for a token not loaded, `Err(why)` while the
+    /// tokens file cannot be read (no file I/O: see [`TokenStore::refresh`]).
+    pub fn lookup(&self, token: &str) -> Result<Option<Caller>, String> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = &state.broken {
+            return Err(why.clone());
+        }
         // Looking up by hash: the comparison is on a digest the caller cannot steer, so it
         // leaks nothing about stored tokens through timing.
-        let state = self.state.read().unwrap();
-        let entry = state.1.get(&hash_token(token))?;
-        Some(Caller {
+        let Some(entry) = state.tokens.get(&hash_token(token)) else {
+            return Ok(None);
+        };
+        Ok(Some(Caller {
             namespace: entry.namespace.clone(),
             workload: entry.workload.clone(),
             admin: entry.admin,
             ..Caller::named(entry.subject.clone())
-        })
+        }))
     }
 }

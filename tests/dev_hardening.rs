@@ -1,0 +1,75 @@
+//! A server that holds under hostile clients and a data dir that refuses to be silently reset
+//! (dev mode; the agent runs the same server): each test is a defect of the previous main.
+
+#[path = "support/dev_server.rs"]
+mod dev_server;
+
+use dev_server::{DevEnv, DevServer, HttpResponse};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+/// Calls `command` as `token` until `done` holds for the answer, for at most 10 s.
+fn until(
+    server: &DevServer,
+    token: &str,
+    command: &str,
+    params: Value,
+    done: impl Fn(&HttpResponse) -> bool,
+) -> HttpResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = server.call_as(Some(token), command, params.clone());
+        if done(&resp) || Instant::now() > deadline {
+            return resp;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Defect: a tokens file with a syntax error kept the old token set, so a token "revoked" by an
+/// edit that left a trailing comma behind went on working.
+#[test]
+fn a_tokens_file_that_does_not_parse_refuses_every_token() {
+    let env = DevEnv::new();
+    let server = env.start();
+    let revoked = env.create_token("revoked", "default");
+    server
+        .call_as(Some(&revoked), "config.list", json!({}))
+        .payload();
+
+    // Revoke it by hand, leaving a trailing comma behind.
+    let path = env.data_dir.join("tokens.json");
+    let mut file: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let tokens = file["tokens"].as_array_mut().unwrap();
+    tokens.retain(|t| t["subject"] != json!("workload:default/revoked"));
+    let kept = serde_json::to_string_pretty(&file).unwrap();
+    let broken = kept.replacen("\n  ]", ",\n  ]", 1);
+    assert_ne!(kept, broken);
+    std::fs::write(&path, &broken).unwrap();
+
+    let refused = until(&server, &revoked, "config.list", json!({}), |r| !r.is_ok());
+    let msg = refused.expect_error("UNAVAILABLE");
+    assert!(msg.contains("tokens file"), "{msg}");
+    assert!(
+        !msg.contains(env.data_dir.to_str().unwrap()),
+        "a client is not told the server's paths: {msg}"
+    );
+    // Every token, the admin's included, until it is fixed.
+    server
+        .call("config.list", json!({}))
+        .expect_error("UNAVAILABLE");
+    assert!(
+        server.wait_for_output(true, "tokens file"),
+        "{}",
+        server.stderr_text()
+    );
+
+    std::fs::write(&path, &kept).unwrap();
+    let admin = server.admin_token.clone();
+    until(&server, &admin, "config.list", json!({}), |r| r.is_ok()).payload();
+    server
+        .call_as(Some(&revoked), "config.list", json!({}))
+        .expect_error("UNAUTHENTICATED");
+    let exit = server.stop();
+    assert!(exit.status.success(), "{exit:?}");
+}
