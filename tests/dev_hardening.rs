@@ -73,3 +73,44 @@ fn a_tokens_file_that_does_not_parse_refuses_every_token() {
     let exit = server.stop();
     assert!(exit.status.success(), "{exit:?}");
 }
+
+/// Defects: core dumps were allowed (a core of the dev server held a secret's plaintext and the
+/// admin token), and `master.key` and `tokens.json` were used with mode 0666.
+#[test]
+fn no_core_dumps_and_keys_only_readable_by_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = DevEnv::new();
+    let server = env.start();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid)).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap_or_else(|| panic!("{limits}"));
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    let exit = server.stop();
+    assert!(exit.status.success());
+
+    for (file, mode) in [
+        ("master.key", 0o644),
+        ("tokens.json", 0o666),
+        ("admin.token", 0o640),
+    ] {
+        let path = env.data_dir.join(file);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let refused = env.start_refused(&[]);
+        assert!(!refused.status.success(), "{file}: {refused:?}");
+        assert!(
+            refused
+                .stderr
+                .contains(&format!("chmod 600 {}", path.display())),
+            "{file}: {}",
+            refused.stderr
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let server = env.start();
+    server.call("secret.list", json!({})).payload();
+    let exit = server.stop();
+    assert!(exit.status.success());
+}

@@ -14,7 +14,7 @@ use crate::backends::local::tokens::{TokenEntry, TokenStore, add_token};
 use crate::backends::local::{StoreRepository, TOKENS_REFRESH, TokenAuthorizer};
 use crate::crypto::{Keyring, SharedKeyring};
 use crate::invoke::{CommandCore, Dispatcher};
-use crate::store::{Store, create_private_dir, write_private_file_atomic};
+use crate::store::{Store, create_private_dir, ensure_private_file, write_private_file_atomic};
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -80,6 +80,7 @@ fn lock_data_dir(dir: &Path) -> Result<DataDirLock, String> {
 }
 
 fn load_or_create_keyring(path: &Path) -> Result<(Keyring, bool), String> {
+    ensure_private_file(path).map_err(|e| e.to_string())?;
     match fs::read(path) {
         Ok(bytes) => {
             let bytes = zeroize::Zeroizing::new(bytes);
@@ -143,6 +144,9 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     let (keyring, new_key) = load_or_create_keyring(&key_path)?;
     let tokens_path = data_dir.join("tokens.json");
     let admin_token_path = data_dir.join("admin.token");
+    for path in [&tokens_path, &admin_token_path] {
+        ensure_private_file(path).map_err(|e| e.to_string())?;
+    }
     let tokens = TokenStore::open(&tokens_path).map_err(|e| e.to_string())?;
     if !tokens.has_admin() || !admin_token_path.exists() {
         let token = add_token(

@@ -159,6 +159,10 @@ pub fn main() -> ExitCode {
     match cli.command {
         Commands::Dev(args) => {
             init_logging();
+            if let Err(e) = harden_process() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
             dev::run(args)
         }
         Commands::Invoke(args) => invoke::run(args),
@@ -166,10 +170,18 @@ pub fn main() -> ExitCode {
         Commands::Token(cmd) => token::run(cmd),
         Commands::Agent(args) => {
             init_logging();
+            if let Err(e) = harden_process() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
             agent::run_cli(args)
         }
         Commands::Operator(args) => {
             init_logging();
+            if let Err(e) = harden_process() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
             operator::run_cli(args)
         }
         Commands::Crd => {
@@ -178,6 +190,24 @@ pub fn main() -> ExitCode {
         }
         Commands::Completions(args) => completions::run(args),
     }
+}
+
+/// The servers hold keys and, while they work, plaintext: a core dump would put both on disk,
+/// and a debugger of the same user could read them. So no core file (RLIMIT_CORE 0, hard limit
+/// too) and not dumpable (which also refuses ptrace from non-root and makes /proc/PID/mem
+/// root's). Refused start if either cannot be set.
+fn harden_process() -> Result<(), String> {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )
+    .map_err(|e| format!("cannot turn core dumps off (RLIMIT_CORE): {e}"))?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)
+        .map_err(|e| format!("cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}"))
 }
 
 /// Completes on Ctrl-C or SIGTERM (what a pod gets on deletion). The handlers are installed

@@ -51,6 +51,25 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreErr
     fsync_dir(dir)
 }
 
+/// Refuses a file that holds keys or tokens if its group or other users may read or write it,
+/// as ssh refuses such a private key. A file that does not exist passes (it is created 0600).
+pub fn ensure_private_file(path: &Path) -> Result<(), StoreError> {
+    match fs::metadata(path) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(StoreError::OpenToOthers {
+                    path: path.to_owned(),
+                    mode,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(path, e)),
+    }
+}
+
 /// Writes a private file (a key or a token) atomically; `path`'s parent must exist.
 pub fn write_private_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));

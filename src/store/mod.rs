@@ -25,7 +25,7 @@ mod manifest;
 mod records;
 pub mod writes;
 
-pub use files::{create_private_dir, write_atomic, write_private_file_atomic};
+pub use files::{create_private_dir, ensure_private_file, write_atomic, write_private_file_atomic};
 pub use records::{ConfigRecord, SecretRecord};
 pub use writes::{Fingerprint, RememberedWrite, WriteRecord};
 
@@ -60,6 +60,10 @@ pub enum StoreError {
     },
     #[error("{key} changed since it was read ({why}); read it again and retry")]
     Changed { key: ObjectKey, why: &'static str },
+    #[error(
+        "{path} holds keys or tokens but other users may access it (mode {mode:03o}): run `chmod 600 {path}`, and consider whether it was read"
+    )]
+    OpenToOthers { path: PathBuf, mode: u32 },
     /// The store's own records contradict each other or fail their MACs, so nothing it holds
     /// can be vouched for: it refuses to open.
     #[error("{0}")]

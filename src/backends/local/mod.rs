@@ -128,7 +128,9 @@ fn store_error(e: StoreError) -> InvokeError {
             InvokeError::new(ErrorCode::Conflict, e.to_string())
         }
         StoreError::Io { .. } => InvokeError::new(ErrorCode::Unavailable, e.to_string()),
-        StoreError::Integrity(_) => InvokeError::internal(e.to_string()),
+        StoreError::Integrity(_) | StoreError::OpenToOthers { .. } => {
+            InvokeError::internal(e.to_string())
+        }
     }
 }
 

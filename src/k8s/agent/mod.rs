@@ -64,6 +64,11 @@ pub enum AgentError {
 }
 
 fn cached_keyring(path: &Path) -> Option<Keyring> {
+    if let Err(e) = crate::store::ensure_private_file(path) {
+        // Not used, as ssh would not use such a key: the API server's copy is fetched instead.
+        tracing::error!(error = %e, "the cached keyring is open to other users; not using it");
+        return None;
+    }
     let bytes = zeroize::Zeroizing::new(std::fs::read(path).ok()?);
     match Keyring::from_json(&bytes) {
         Ok(k) => Some(k),
