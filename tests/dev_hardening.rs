@@ -114,3 +114,73 @@ fn no_core_dumps_and_keys_only_readable_by_their_owner() {
     let exit = server.stop();
     assert!(exit.status.success());
 }
+
+/// Makes a file or directory immutable (`chattr +i`) while it lives, undone on drop.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Immutable {
+        let out = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .output()
+            .expect("chattr (e2fsprogs) makes the store unwritable for this test");
+        assert!(
+            out.status.success(),
+            "chattr +i {}: {out:?}",
+            path.display()
+        );
+        Immutable(path.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Defect: error messages to clients held the server's absolute data-dir path. A store that
+/// cannot be written answers UNAVAILABLE, says what failed and not where, and changes nothing.
+#[test]
+fn a_failing_store_answers_without_the_servers_paths() {
+    let env = DevEnv::new();
+    let server = env.start();
+    server
+        .call(
+            "secret.create",
+            json!({"name": "before", "data": {"k": "v"}}),
+        )
+        .payload();
+    let guard = Immutable::set(&env.data_dir.join("secrets"));
+    let msg = server
+        .call(
+            "secret.create",
+            json!({"name": "during", "data": {"k": "v"}}),
+        )
+        .expect_error("UNAVAILABLE");
+    assert!(msg.contains("store"), "{msg}");
+    assert!(!msg.contains(env.data_dir.to_str().unwrap()), "{msg}");
+    assert!(!msg.contains("/secrets"), "{msg}");
+    drop(guard);
+    server
+        .call("secret.get", json!({"name": "during"}))
+        .expect_error("NOT_FOUND");
+    server
+        .call(
+            "secret.create",
+            json!({"name": "during", "data": {"k": "v"}}),
+        )
+        .payload();
+    let exit = server.stop();
+    assert!(exit.status.success(), "{exit:?}");
+    // The log names the file, for whoever runs the server.
+    assert!(
+        exit.stderr.contains(env.data_dir.to_str().unwrap()),
+        "{}",
+        exit.stderr
+    );
+}

@@ -133,6 +133,10 @@ fn a_write_that_cannot_be_audited_is_not_applied() {
             .call(command, params.clone())
             .expect_error("UNAVAILABLE");
         assert!(msg.contains("audit"), "{command}: {msg}");
+        assert!(
+            !msg.contains(env.data_dir.to_str().unwrap()),
+            "a client is not told the server's paths: {msg}"
+        );
         // A client that retries without an idempotency key must not apply it twice.
         server.call(command, params).expect_error("UNAVAILABLE");
     }

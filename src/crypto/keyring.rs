@@ -189,7 +189,13 @@ impl Keyring {
                 })
                 .collect(),
         };
-        Zeroizing::new(serde_json::to_vec_pretty(&file).expect("keyring serializes"))
+        // Written into a buffer sized for the whole document up front, so it never grows: a
+        // grown buffer leaves its old, unwiped copy (with the keys) in freed memory.
+        let size = 128 + file.keys.len() * (136 + KeyId::MAX_LEN);
+        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        serde_json::to_writer_pretty(&mut *out, &file).expect("keyring serializes");
+        debug_assert!(out.len() <= size, "the keyring outgrew its buffer");
+        out
     }
 
     pub fn from_json(json: &[u8]) -> Result<Self, CryptoError> {
@@ -203,10 +209,18 @@ impl Keyring {
         })?;
         let mut keys = BTreeMap::new();
         for entry in &file.keys {
-            let decoded = Zeroizing::new(B64.decode(entry.key.as_bytes()).map_err(|_| {
-                CryptoError::InvalidKeyring(format!("key {} is not base64", entry.id))
-            })?);
-            let bytes: [u8; 32] = decoded.as_slice().try_into().map_err(|_| {
+            // Decoded into a fixed buffer on the stack, wiped after: no heap copy of a key,
+            // and none left behind by a decode that fails half-way.
+            let mut decoded = Zeroizing::new([0u8; 48]);
+            let len = B64
+                .decode_slice(entry.key.as_bytes(), decoded.as_mut())
+                .map_err(|_| {
+                    CryptoError::InvalidKeyring(format!(
+                        "key {} is not base64 of 32 bytes",
+                        entry.id
+                    ))
+                })?;
+            let bytes: [u8; 32] = decoded[..len].try_into().map_err(|_| {
                 CryptoError::InvalidKeyring(format!("key {} is not 32 bytes", entry.id))
             })?;
             let key = MasterKey::from_bytes(entry.id.clone(), bytes);
@@ -268,6 +282,25 @@ impl fmt::Debug for SharedKeyring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_keyring_document_fits_the_buffer_it_is_written_into() {
+        let long_id = |c: char| KeyId::parse(&c.to_string().repeat(KeyId::MAX_LEN)).unwrap();
+        let mut ring = Keyring::with_active(MasterKey::from_bytes(long_id('a'), [1; 32]));
+        for c in ['b', 'c', 'd'] {
+            ring.rotate_to(MasterKey::from_bytes(long_id(c), [2; 32]));
+        }
+        let json = ring.to_json();
+        let expected = 128 + 4 * (136 + KeyId::MAX_LEN);
+        assert!(json.len() <= expected, "{} > {expected}", json.len());
+        assert_eq!(json.capacity(), expected, "the buffer never grew");
+        assert!(Keyring::from_json(&json).unwrap().same_as(&ring));
+        // A key that is not 32 bytes, or not base64, is refused (and never panics).
+        for bad in ["QUJD", "!!!!", &"QUFB".repeat(20)] {
+            let doc = format!(r#"{{"active":"k-1","keys":[{{"id":"k-1","key":"{bad}"}}]}}"#);
+            assert!(Keyring::from_json(doc.as_bytes()).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn keyrings_compare_by_ids_and_bytes() {

@@ -17,7 +17,7 @@ pub const GROUP: &str = "clawbernetes.io";
 /// Write plaintext into `data`; the operator seals it (ChaCha20-Poly1305, per-write key from
 /// HKDF-SHA256) into `sealed`, removes `data`, and moves `status.version` forward. Writing
 /// `data` again rotates the secret.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, PartialEq)]
 #[kube(
     group = "clawbernetes.io",
     version = "v1alpha1",
@@ -96,6 +96,24 @@ pub struct SealedData {
     pub envelope: String,
     /// When this version was sealed (RFC 3339): the secret's updatedAt.
     pub sealed_at: String,
+}
+
+/// `Debug` shows the data's keys, never its values (plaintext until the operator seals it).
+impl std::fmt::Debug for ClawSecretSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let data = self.data.as_ref().map(|d| {
+            d.keys()
+                .map(|k| (k, "[redacted]"))
+                .collect::<BTreeMap<_, _>>()
+        });
+        f.debug_struct("ClawSecretSpec")
+            .field("name", &self.name)
+            .field("data", &data)
+            .field("allowed_workloads", &self.allowed_workloads)
+            .field("node_selector", &self.node_selector)
+            .field("sealed", &self.sealed)
+            .finish()
+    }
 }
 
 /// What the operator observed.
@@ -219,6 +237,23 @@ pub fn crds_yaml() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn debug_never_prints_plaintext() {
+        let spec = super::ClawSecretSpec {
+            name: None,
+            data: Some([("password".to_owned(), "canary-7731".to_owned())].into()),
+            allowed_workloads: vec![],
+            node_selector: None,
+            sealed: None,
+        };
+        let obj = super::ClawSecret::new("db", spec);
+        let printed = format!("{obj:?} {obj:#?}");
+        assert!(
+            printed.contains("password") && !printed.contains("canary"),
+            "{printed}"
+        );
+    }
+
     #[test]
     fn committed_crds_match_the_generator() {
         let committed = include_str!("../../crds/crds.yaml");

@@ -6,7 +6,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use std::collections::BTreeMap;
-use zeroize::Zeroizing;
+use zeroize::Zeroize;
 
 use crate::crypto::Keyring;
 
@@ -65,7 +65,20 @@ pub async fn load(
             name: name.to_owned(),
             source,
         })?;
-    secret.map(|s| parse(&s, namespace, name)).transpose()
+    let Some(mut secret) = secret else {
+        return Ok(None);
+    };
+    let parsed = parse(&secret, namespace, name);
+    wipe(&mut secret);
+    parsed.map(Some)
+}
+
+/// Overwrites the key bytes a Secret object holds (the response it was read from, or the
+/// object written), so no copy of the keyring outlives its use in this process's heap.
+fn wipe(secret: &mut Secret) {
+    for value in secret.data.iter_mut().flat_map(|d| d.values_mut()) {
+        value.0.zeroize();
+    }
 }
 
 /// Reads the keyring Secret, creating it with a fresh key if it does not exist. Safe for
@@ -83,8 +96,8 @@ pub async fn load_or_create(
         name: name.to_owned(),
         reason: e.to_string(),
     })?;
-    let json = Zeroizing::new(ring.to_json().to_vec());
-    let secret = Secret {
+    let json = ring.to_json();
+    let mut secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: Some(namespace.to_owned()),
@@ -102,7 +115,9 @@ pub async fn load_or_create(
         ..Secret::default()
     };
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    match api.create(&PostParams::default(), &secret).await {
+    let created = api.create(&PostParams::default(), &secret).await;
+    wipe(&mut secret);
+    match created.map(|mut s| wipe(&mut s)) {
         Ok(_) => Ok((ring, true)),
         Err(kube::Error::Api(status)) if status.code == 409 => {
             let ring =

@@ -122,14 +122,25 @@ fn expect(base: Option<&Revision>) -> Expect {
     }
 }
 
+/// The store's error as the caller is told it: what failed, never the server's paths (the
+/// log, written here, says which file).
 fn store_error(e: StoreError) -> InvokeError {
-    match e {
+    match &e {
         StoreError::Changed { .. } | StoreError::Stale { .. } => {
             InvokeError::new(ErrorCode::Conflict, e.to_string())
         }
-        StoreError::Io { .. } => InvokeError::new(ErrorCode::Unavailable, e.to_string()),
+        StoreError::Io { source, .. } => {
+            tracing::error!(error = %e, "store write failed");
+            InvokeError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the node's store could not be written ({source}); nothing was changed, retry once the server's disk is fixed"
+                ),
+            )
+        }
         StoreError::Integrity(_) | StoreError::OpenToOthers { .. } => {
-            InvokeError::internal(e.to_string())
+            tracing::error!(error = %e, "store refused a write");
+            InvokeError::internal("the node's store refused the write; the server's log says why")
         }
     }
 }

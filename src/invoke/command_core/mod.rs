@@ -385,8 +385,19 @@ fn decision_of(e: &InvokeError) -> audit::Decision {
     }
 }
 
+/// The audit log failed: the caller is told so, without the server's paths (the log says
+/// which file).
 fn unavailable(e: audit::AuditError) -> InvokeError {
-    InvokeError::new(ErrorCode::Unavailable, e.to_string())
+    let message = match &e {
+        audit::AuditError::Write { reason, .. } => format!(
+            "the audit log could not be written ({reason}); secret access is refused until it can be"
+        ),
+        audit::AuditError::Open { reason, .. } => {
+            format!("the audit log could not be opened ({reason})")
+        }
+        audit::AuditError::Stopped => e.to_string(),
+    };
+    InvokeError::new(ErrorCode::Unavailable, message)
 }
 
 fn not_found(resource: Resource, key: &ObjectKey) -> InvokeError {

@@ -126,9 +126,9 @@ async fn refresh_keyring(client: kube::Client, config: AgentConfig, keys: Shared
         .await
         {
             Ok(Some(ring)) => {
-                let json = ring.to_json();
+                // Compared in place; serialized (into a wiped buffer) only when it changed.
                 if keys.replace(ring) {
-                    if let Err(e) = write_private_file_atomic(&cache, &json) {
+                    if let Err(e) = write_private_file_atomic(&cache, &keys.current().to_json()) {
                         tracing::error!(error = %e, "could not cache the keyring");
                     }
                     tracing::info!("master keyring changed; loaded from the API server");
