@@ -99,7 +99,7 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
     runtime.block_on(async move {
         // Building a client reads the kubeconfig (or the in-cluster account) only; it does not
         // contact the API server, so an agent starts serving reads while the server is down.
-        let client = match kube::Client::try_default().await {
+        let client = match kube::Config::infer().await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("error: no Kubernetes credentials (KUBECONFIG or in-cluster): {e}");

@@ -149,12 +149,30 @@ async fn refresh_keyring(client: kube::Client, config: AgentConfig, keys: Shared
 }
 
 /// Runs the agent until `shutdown` completes.
+/// How long a call the agent makes on a caller's behalf (a write, a read of the object to
+/// write) may wait for the API server to connect, and then to answer.
+pub const API_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const API_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the agent until `shutdown` completes. Two clients from `kube_config`: one for the
+/// watches (long-lived, idle-timed by the watcher) and one for calls on a caller's behalf,
+/// bounded by [`API_CONNECT_TIMEOUT`] and [`API_READ_TIMEOUT`], so a partitioned API server
+/// makes a write fail in seconds rather than hang (token and access reviews have their own,
+/// shorter bound).
 pub async fn run(
-    client: kube::Client,
+    kube_config: kube::Config,
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let setup = |e: String| AgentError::Setup(e);
+    let client = kube::Client::try_from(kube_config.clone())
+        .map_err(|e| setup(format!("cannot build a Kubernetes client: {e}")))?;
+    let mut bounded_config = kube_config;
+    bounded_config.connect_timeout = Some(API_CONNECT_TIMEOUT);
+    bounded_config.read_timeout = Some(API_READ_TIMEOUT);
+    bounded_config.reset_reader_on_write = true;
+    let bounded = kube::Client::try_from(bounded_config)
+        .map_err(|e| setup(format!("cannot build a Kubernetes client: {e}")))?;
     create_private_dir(&config.data_dir).map_err(|e| setup(e.to_string()))?;
     let keyring = match cached_keyring(&config.data_dir.join("master.key")) {
         Some(ring) => ring,
@@ -223,14 +241,14 @@ pub async fn run(
         ),
     );
 
-    let events = AgentEvents::new(client.clone(), &config.node_name);
-    let identity = KubeIdentity::new(client.clone())
+    let events = AgentEvents::new(bounded.clone(), &config.node_name);
+    let identity = KubeIdentity::new(bounded.clone())
         .with_review_file(config.data_dir.join("token-reviews.json"))
         .with_metrics(metrics.token_reviews());
     let audit_handle = audit.clone();
     let core = CommandCore::new(
         KubeAuthorizer::new(identity, events.clone()),
-        KubeRepository::new(client, store, keys.clone(), events),
+        KubeRepository::new(bounded, store, keys.clone(), events),
         audit,
         config.node_name.clone(),
         keys,
