@@ -131,9 +131,14 @@ fn start_in_process(server_threads: usize) -> Server {
         .name("bench-srv-main".to_owned())
         .spawn(move || {
             runtime
-                .block_on(claw_secrets::invoke::serve(listener, dispatcher, async {
-                    let _ = stop_rx.await;
-                }))
+                .block_on(claw_secrets::invoke::serve(
+                    listener,
+                    dispatcher,
+                    claw_secrets::invoke::HttpLimits::default(),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                ))
                 .expect("server");
         })
         .expect("server thread");

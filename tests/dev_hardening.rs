@@ -6,6 +6,8 @@ mod dev_server;
 
 use dev_server::{DevEnv, DevServer, HttpResponse};
 use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 /// Calls `command` as `token` until `done` holds for the answer, for at most 10 s.
@@ -182,5 +184,286 @@ fn a_failing_store_answers_without_the_servers_paths() {
         exit.stderr.contains(env.data_dir.to_str().unwrap()),
         "{}",
         exit.stderr
+    );
+}
+
+/// How long after `stream`'s last write the server closes it (EOF or reset); None if it is
+/// still open after `wait`. Whatever the server answers first is read and dropped.
+fn closed_after(stream: &mut TcpStream, wait: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < wait {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+    None
+}
+
+fn connect(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Defect: the server had no timeouts: a connection that trickled its headers at 1 byte/s, or
+/// sat idle, was never closed (> 130 s observed). Each kind is closed within the configured
+/// timeout now (1 s here, plus scheduling slack), and a body that stops arriving gets 408.
+#[test]
+fn slow_headers_idle_connections_and_stalled_bodies_are_closed_in_time() {
+    let env = DevEnv::new();
+    let server = env.start_args(
+        &["--http-header-timeout", "1s", "--http-body-timeout", "1s"],
+        &[],
+    );
+    let slack = Duration::from_secs(3);
+    let (port, token) = (server.port, server.admin_token.clone());
+
+    // A connection that never sends a byte.
+    let mut idle = connect(port);
+    let closed = closed_after(&mut idle, Duration::from_secs(10));
+    assert!(
+        closed.is_some_and(|t| t < Duration::from_secs(1) + slack),
+        "an idle connection was open for {closed:?}"
+    );
+
+    // Headers at one byte every 200 ms: each byte arrives well within any per-read timeout,
+    // but the headers as a whole never do.
+    let mut slow = connect(port);
+    let started = Instant::now();
+    let request = b"POST /v1/invoke HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let mut closed_at = None;
+    for byte in request {
+        if slow.write_all(&[*byte]).is_err() {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+        if let Some(t) = closed_after(&mut slow, Duration::from_millis(200)) {
+            closed_at = Some(started.elapsed() - Duration::from_millis(200) + t);
+            break;
+        }
+    }
+    assert!(
+        closed_at.is_some_and(|t| t < Duration::from_secs(1) + slack),
+        "a connection trickling its headers was open for {closed_at:?} ({} bytes sent)",
+        request.len()
+    );
+
+    // A keep-alive connection after its answer is an idle connection again.
+    let mut kept = connect(port);
+    let body = json!({"nodeId": "local", "command": "config.list", "params": {}}).to_string();
+    write!(
+        kept,
+        "POST /v1/invoke HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    kept.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "the request itself is served");
+    let closed = closed_after(&mut kept, Duration::from_secs(10));
+    assert!(
+        closed.is_some_and(|t| t < Duration::from_secs(1) + slack),
+        "an idle keep-alive connection was open for {closed:?}"
+    );
+
+    // A body that stops arriving: 408, and the connection closed.
+    let mut stalled = connect(port);
+    write!(
+        stalled,
+        "POST /v1/invoke HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"nodeId\":"
+    )
+    .unwrap();
+    let started = Instant::now();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stalled.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "a stalled body got {answer:?}"
+    );
+    assert!(answer.contains("did not arrive within 1 s"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(1) + slack);
+
+    // The server is none the worse.
+    server.call("config.list", json!({})).payload();
+}
+
+/// Raises this process's open-files limit, so the test can hold more connections than the
+/// server under test may.
+fn raise_own_open_files_limit(to: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < to as libc::rlim_t {
+            limit.rlim_cur = (to as libc::rlim_t).min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+}
+
+/// Defect: with the open-files limit at 1,024, 1,100 idle TCP connections that send nothing
+/// made every legitimate request time out for as long as they were held. Past its connection
+/// cap (below the descriptor limit) the server closes the connection idle longest for a new
+/// one, so a caller gets through while all 1,100 are still held open by the attacker.
+#[test]
+fn idle_connections_beyond_the_open_files_limit_do_not_lock_callers_out() {
+    raise_own_open_files_limit(4096);
+    let env = DevEnv::new();
+    let server = env.start_with_open_files_limit(&[], 1024);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid)).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 1024 ")),
+        "{limits}"
+    );
+
+    let held: Vec<TcpStream> = (0..1_100)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", server.port)).ok())
+        .collect();
+    assert!(held.len() >= 1_000, "only {} connected", held.len());
+
+    let started = Instant::now();
+    let body = json!({"nodeId": "local", "command": "config.list", "params": {}}).to_string();
+    let resp = dev_server::http_invoke(server.port, Some(&server.admin_token), body.as_bytes())
+        .expect("the request is answered");
+    let took = started.elapsed();
+    resp.payload();
+    assert!(
+        took < Duration::from_secs(5),
+        "an authenticated request took {took:?} behind 1,100 idle connections"
+    );
+    eprintln!(
+        "answered in {took:?} with {} idle connections held",
+        held.len()
+    );
+    drop(held);
+    eprintln!("{}", server.stderr_text());
+}
+
+/// Resident memory of `pid`: (now, peak), in bytes.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Defect: the body was read before the caller was authenticated: 40 connections without any
+/// Authorization header, each declaring a 7 MiB body, raised RSS from 46 MB to 327 MB and held
+/// it. Now an unauthenticated caller is answered 401 from its headers, and its body is never
+/// buffered.
+/// Sends 40 requests at once, each with a 7 MiB body (a small request padded with spaces), as
+/// `token`; returns each answer's status line and the server's peak RSS growth in bytes.
+fn forty_large_bodies(server: &DevServer, token: Option<&str>) -> (Vec<String>, u64) {
+    let (before, _) = rss(server.pid);
+    const BODY: usize = 7 * 1024 * 1024;
+    let request = json!({"nodeId": "local", "command": "config.list", "params": {}}).to_string();
+    let port = server.port;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let go = std::sync::Arc::new(std::sync::Barrier::new(40));
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            let (go, auth, request) = (go.clone(), auth.clone(), request.clone());
+            std::thread::spawn(move || {
+                let mut stream = connect(port);
+                stream
+                    .set_write_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                go.wait();
+                let head = format!(
+                    "POST /v1/invoke HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n{request}"
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let mut left = BODY - request.len();
+                let chunk = vec![b' '; 64 * 1024];
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if stream.write_all(&chunk[..n]).is_err() {
+                        break; // answered and closed: the server's right
+                    }
+                    left -= n;
+                }
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                let mut answer = Vec::new();
+                let _ = stream.read_to_end(&mut answer);
+                let answer = String::from_utf8_lossy(&answer).into_owned();
+                answer.lines().next().unwrap_or_default().to_owned()
+            })
+        })
+        .collect();
+    let answers = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let (_, peak) = rss(server.pid);
+    eprintln!("RSS before {} KiB, peak {} KiB", before / 1024, peak / 1024);
+    (answers, peak.saturating_sub(before))
+}
+
+/// Defect: the body was read before the caller was authenticated: 40 connections without any
+/// Authorization header, each declaring a 7 MiB body, raised RSS from 46 MB to 327 MB and held
+/// it. Now an unauthenticated caller is answered 401 from its headers, and its body is never
+/// buffered.
+#[test]
+fn unauthenticated_bodies_are_never_buffered() {
+    let env = DevEnv::new();
+    let server = env.start();
+    server.call("config.list", json!({})).payload();
+    let (answers, grew) = forty_large_bodies(&server, None);
+    for answer in answers {
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    }
+    assert!(
+        grew < 64 * 1024 * 1024,
+        "resident memory grew by {} MiB",
+        grew / (1024 * 1024)
+    );
+    server.call("config.list", json!({})).payload();
+}
+
+/// Authenticated callers' bodies are buffered, but only `--http-max-body-buffer-mib` of them at
+/// once: 40 callers with 7 MiB each (280 MiB) are all served, a few at a time.
+#[test]
+fn bodies_buffered_at_once_are_bounded_in_bytes() {
+    let env = DevEnv::new();
+    let server = env.start_args(&["--http-max-body-buffer-mib", "16"], &[]);
+    server.call("config.list", json!({})).payload();
+    let token = server.admin_token.clone();
+    let (answers, grew) = forty_large_bodies(&server, Some(&token));
+    for answer in answers {
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    }
+    // Two bodies of 7 MiB fit in 16 MiB; the rest is the runtime's and the sockets' memory.
+    assert!(
+        grew < 64 * 1024 * 1024,
+        "resident memory grew by {} MiB",
+        grew / (1024 * 1024)
     );
 }

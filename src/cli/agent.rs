@@ -38,6 +38,8 @@ pub struct AgentArgs {
     /// mirrors the API server, which puts right whatever the entries get wrong.
     #[arg(long)]
     rebuild_store_manifest: bool,
+    #[command(flatten)]
+    http: super::http_limits::HttpLimitArgs,
 }
 
 /// `--prepare-data-dir`: create `dir` (0700) if missing and hand it to `owner`. No chmod of an
@@ -85,6 +87,7 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
         master_key_namespace: ns.to_owned(),
         master_key_secret: name.to_owned(),
         rebuild_store_manifest: args.rebuild_store_manifest,
+        http: args.http.limits(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -34,6 +34,8 @@ pub struct DevArgs {
     /// to trust the entries as they are: rollback protection starts afresh.
     #[arg(long)]
     rebuild_store_manifest: bool,
+    #[command(flatten)]
+    http: super::http_limits::HttpLimitArgs,
 }
 
 pub fn run(args: DevArgs) -> ExitCode {
@@ -258,7 +260,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     println!("  claw-secrets invoke {node_id} secret.get '{{\"name\":\"db.password\"}}'");
     println!("Ctrl-C stops the server.");
 
-    crate::invoke::serve(listener, dispatcher, shutdown)
+    crate::invoke::serve(listener, dispatcher, args.http.limits(), shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     // Outcome records of the last writes are queued, not yet synced: write them before exiting.

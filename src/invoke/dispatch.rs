@@ -52,24 +52,52 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
 
     /// Handles one `POST /v1/invoke` body. Never panics on input; every failure is a response.
     pub async fn handle(&self, bearer: Option<&str>, body: &[u8]) -> InvokeResponse {
+        let caller = self.authenticate(bearer).await;
+        self.handle_as(caller, body).await
+    }
+
+    /// Who the bearer token stands for: the first step of every request, taken from the
+    /// headers before any body byte is read.
+    pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, InvokeError> {
+        self.core.authorizer().authenticate(bearer).await
+    }
+
+    /// Handles one body for a caller [`Dispatcher::authenticate`] has settled (or refused).
+    pub async fn handle_as(
+        &self,
+        caller: Result<Caller, InvokeError>,
+        body: &[u8],
+    ) -> InvokeResponse {
         let parsed: Result<InvokeRequest, _> = serde_json::from_slice(body);
         let command = parsed.as_ref().map_or("", |r| r.command.as_str());
-        let response = self.answer(bearer, &parsed).await;
+        let response = self.answer(caller, &parsed).await;
+        self.count(command, &response);
+        response
+    }
+
+    /// Answers a caller refused without reading its body (too large to read for someone not
+    /// authenticated): not audited (its command is unknown), counted.
+    pub fn refuse_unread(&self, err: InvokeError) -> InvokeResponse {
+        let response = InvokeResponse::failure(generate_request_id(), err);
+        self.count("", &response);
+        response
+    }
+
+    fn count(&self, command: &str, response: &InvokeResponse) {
         let result = response.error.as_ref().map_or(Ok(()), |e| Err(e.code));
         self.core.metrics().answered(command, result);
-        response
     }
 
     async fn answer(
         &self,
-        bearer: Option<&str>,
+        caller: Result<Caller, InvokeError>,
         parsed: &Result<InvokeRequest, serde_json::Error>,
     ) -> InvokeResponse {
         let request_id = match &parsed {
             Ok(InvokeRequest { id: Some(id), .. }) if valid_request_id(id) => id.clone(),
             _ => generate_request_id(),
         };
-        let caller = match self.core.authorizer().authenticate(bearer).await {
+        let caller = match caller {
             Ok(caller) => caller,
             Err(err) => {
                 // An anonymous attempt at an audited command is still an attempt: record the denial.

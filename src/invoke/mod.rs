@@ -27,4 +27,4 @@ pub use protocol::{
     MAX_BODY_BYTES, Payload, SecretMeta, SecretView,
 };
 pub use repository::{Current, CurrentConfig, CurrentSecret, Repository, Revision};
-pub use server::{FORWARDED_AUTHORIZATION, router, serve};
+pub use server::{FORWARDED_AUTHORIZATION, HttpLimits, UNAUTHENTICATED_BODY_BYTES, router, serve};

@@ -573,6 +573,33 @@ impl DevEnv {
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        self.start_command(cmd)
+    }
+
+    /// Like [`DevEnv::start_args`], the server's open-files limit (soft and hard) set to
+    /// `limit` first, as `ulimit -n LIMIT` would.
+    #[allow(dead_code)]
+    pub fn start_with_open_files_limit(&self, extra: &[&str], limit: u64) -> DevServer {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = self.dev_command(extra);
+        let rlimit = libc::rlimit {
+            rlim_cur: limit as libc::rlim_t,
+            rlim_max: limit as libc::rlim_t,
+        };
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches no other state.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        self.start_command(cmd)
+    }
+
+    fn start_command(&self, mut cmd: Command) -> DevServer {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn claw-secrets dev");
         let pid = child.id();

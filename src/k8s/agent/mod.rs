@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub master_key_secret: String,
     /// See [`crate::store::OpenOptions::rebuild_manifest`].
     pub rebuild_store_manifest: bool,
+    /// What the node.invoke server allows a client.
+    pub http: crate::invoke::HttpLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,7 +259,7 @@ pub async fn run(
     metrics.register(dispatcher.registry_mut());
     let dispatcher = Arc::new(dispatcher);
     let result = tokio::select! {
-        served = crate::invoke::serve(listener, dispatcher, shutdown) => served.map_err(AgentError::Serve),
+        served = crate::invoke::serve(listener, dispatcher, config.http, shutdown) => served.map_err(AgentError::Serve),
         ended = background.first_to_end() => Err(ended),
     };
     if let Err(e) = &result {
