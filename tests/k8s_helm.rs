@@ -380,6 +380,11 @@ fn lint_and_template_pass_with_defaults_and_every_option() {
     let agent_container = &pod_spec(agent)["containers"][0];
     assert_eq!(agent_container["ports"][0]["containerPort"], 7444);
     assert_eq!(agent_container["ports"][0]["hostPort"], 17443);
+    let agent_args = strings(&agent_container["args"]);
+    assert_eq!(flag(&agent_args, "--http-header-timeout"), "5s");
+    assert_eq!(flag(&agent_args, "--http-body-timeout"), "20s");
+    assert_eq!(flag(&agent_args, "--http-max-connections"), "2000");
+    assert_eq!(flag(&agent_args, "--http-max-body-buffer-mib"), "16");
     assert_eq!(
         pod_spec(agent)["volumes"][0]["hostPath"]["path"],
         "/var/lib/claw-all"
