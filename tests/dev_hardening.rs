@@ -467,3 +467,224 @@ fn bodies_buffered_at_once_are_bounded_in_bytes() {
         grew / (1024 * 1024)
     );
 }
+
+/// A data dir with three secrets, each read once, whose server stopped cleanly.
+fn data_dir_with_history() -> DevEnv {
+    let env = DevEnv::new();
+    let server = env.start();
+    for name in ["s1", "s2", "s3"] {
+        server
+            .call("secret.create", json!({"name": name, "data": {"k": "v"}}))
+            .payload();
+        server.call("secret.get", json!({"name": name})).payload();
+    }
+    let exit = server.stop();
+    assert!(exit.status.success(), "{exit:?}");
+    env
+}
+
+/// Asserts the server refuses to start, with every one of `needles` in what it printed;
+/// returns what it printed.
+fn refuses_to_start(env: &DevEnv, extra: &[&str], needles: &[&str]) -> String {
+    let exit = env.start_refused(extra);
+    assert!(!exit.status.success(), "{exit:?}");
+    for needle in needles {
+        assert!(
+            exit.stderr.contains(needle),
+            "{needle:?} is not in:\n{}",
+            exit.stderr
+        );
+    }
+    exit.stderr
+}
+
+/// Rewrites the audit log's lines with `edit` applied to each record, then re-chains every
+/// record (new prev and hash), as an attacker who knows the format would: a valid chain.
+fn rewrite_chain(path: &std::path::Path, edit: impl Fn(u64, &mut Value)) {
+    use sha2::{Digest, Sha256};
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut prev = "0".repeat(64);
+    let mut out = String::new();
+    for line in text.lines() {
+        let mut record: Value = serde_json::from_str(line).unwrap();
+        let seq = record["seq"].as_u64().unwrap();
+        record.as_object_mut().unwrap().remove("hash");
+        record["prev"] = json!(prev);
+        edit(seq, &mut record);
+        let body = serde_json::to_string(&record).unwrap();
+        let hash = claw_secrets::hex::encode(&Sha256::digest(body.as_bytes()));
+        out.push_str(&format!(
+            "{},\"hash\":\"{hash}\"}}\n",
+            &body[..body.len() - 1]
+        ));
+        prev = hash;
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// Defect: a deleted audit.log silently started a new chain at seq 1 while secrets existed.
+/// Now the data dir's store anchors the chain's head, a missing log refuses the start, and
+/// only `--accept-audit-reset` begins a new chain, whose first record names the old head.
+#[test]
+fn a_deleted_audit_log_refuses_the_start_until_a_new_chain_is_chosen() {
+    let env = data_dir_with_history();
+    let records = env.audit_records();
+    let head = records.last().unwrap();
+    let (seq, hash) = (
+        head["seq"].as_u64().unwrap(),
+        head["hash"].as_str().unwrap(),
+    );
+    std::fs::remove_file(env.audit_log()).unwrap();
+
+    let anchored = format!("anchored it at record {seq}");
+    refuses_to_start(
+        &env,
+        &[],
+        &["missing or empty", &anchored, "--accept-audit-reset"],
+    );
+    assert!(!env.audit_log().exists(), "the refused start wrote a log");
+
+    let server = env.start_args(&["--accept-audit-reset"], &[]);
+    server.call("secret.get", json!({"name": "s2"})).payload();
+    server.stop();
+    let records = env.audit_records();
+    assert_eq!(records[0]["seq"], 1);
+    assert_eq!(records[0]["command"], "audit.reset");
+    let reason = records[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("record {seq} hash {hash}")),
+        "{reason}"
+    );
+    assert!(reason.contains("missing"), "{reason}");
+    // The new chain is anchored in turn: deleting it again is refused again.
+    std::fs::remove_file(env.audit_log()).unwrap();
+    refuses_to_start(&env, &[], &["missing or empty"]);
+}
+
+/// Defect: a record edited in the middle of the log was not noticed at start-up (only `audit
+/// verify` found it). Edited, cut short by whole records, or rewritten as a valid chain: each
+/// refuses the start, saying what was found; the log put back starts again.
+#[test]
+fn an_audit_log_edited_cut_short_or_rewritten_refuses_the_start() {
+    let env = data_dir_with_history();
+    let log = env.audit_log();
+    let original = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    assert!(lines.len() >= 6, "{original}");
+
+    // Edited in the middle: a name changed, the hashes left as they were.
+    let edited = original.replacen("\"name\":\"s2\"", "\"name\":\"sX\"", 1);
+    assert_ne!(edited, original);
+    std::fs::write(&log, &edited).unwrap();
+    refuses_to_start(
+        &env,
+        &[],
+        &[
+            "does not match its hash",
+            "audit verify",
+            "--accept-audit-reset",
+        ],
+    );
+
+    // Cut short by whole records: still a valid chain, shorter than the anchor.
+    let cut: String = lines[..lines.len() - 2]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, &cut).unwrap();
+    assert_eq!(env.audit_verify(&log).code(), Some(0), "a valid chain");
+    refuses_to_start(
+        &env,
+        &[],
+        &[
+            &format!("ends at record {}", lines.len() - 2),
+            "removed from its end",
+        ],
+    );
+
+    // Rewritten from the first record on: every hash recomputed, so `audit verify` passes.
+    std::fs::write(&log, &original).unwrap();
+    rewrite_chain(&log, |seq, record| {
+        if seq == 2 {
+            record["subject"] = json!("someone-else");
+        }
+    });
+    assert_eq!(env.audit_verify(&log).code(), Some(0), "a valid chain");
+    refuses_to_start(&env, &[], &["the log was rewritten"]);
+
+    // With the log put back, the server starts and goes on with the same chain.
+    std::fs::write(&log, &original).unwrap();
+    let server = env.start();
+    server.call("secret.get", json!({"name": "s1"})).payload();
+    server.stop();
+    assert_eq!(env.audit_verify(&log).code(), Some(0));
+    let records = env.audit_records();
+    assert_eq!(records.len(), lines.len() + 1);
+
+    // Choosing a new chain keeps the broken file aside, as evidence.
+    std::fs::write(&log, &edited).unwrap();
+    let server = env.start_args(&["--accept-audit-reset"], &[]);
+    server.stop();
+    let kept: Vec<_> = std::fs::read_dir(&env.data_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("audit.log.reset-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(std::fs::read_to_string(kept[0].path()).unwrap(), edited);
+    let first = &env.audit_records()[0];
+    assert_eq!(first["command"], "audit.reset");
+    assert!(
+        first["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not match its hash"),
+        "{first}"
+    );
+}
+
+/// Defect: a missing master.key was silently replaced by a new one while sealed secrets
+/// existed: the old ones answered INTERNAL and new writes were sealed under the new key. Now a
+/// missing or different key refuses the start, naming the key the store needs, and no key is
+/// made; the right key put back, everything reads again.
+#[test]
+fn a_missing_or_different_master_key_refuses_the_start() {
+    let env = data_dir_with_history();
+    let key_path = env.data_dir.join("master.key");
+    let key = std::fs::read(&key_path).unwrap();
+    let key_id = {
+        let ring: Value = serde_json::from_slice(&key).unwrap();
+        let id = ring["active"].as_str().map(str::to_owned);
+        id.unwrap_or_else(|| panic!("no active key id in the keyring's JSON"))
+    };
+    std::fs::remove_file(&key_path).unwrap();
+    refuses_to_start(
+        &env,
+        &[],
+        &["master.key", "is missing", &key_id, "restore master.key"],
+    );
+    assert!(!key_path.exists(), "a new master key was made");
+
+    // Another data dir's key.
+    let other = DevEnv::new();
+    other.start().stop();
+    std::fs::copy(other.data_dir.join("master.key"), &key_path).unwrap();
+    refuses_to_start(
+        &env,
+        &[],
+        &[
+            &format!("written with master key(s) {key_id}"),
+            "Restore the keyring",
+        ],
+    );
+
+    std::fs::write(&key_path, &key).unwrap();
+    let server = env.start();
+    for name in ["s1", "s2", "s3"] {
+        server.call("secret.get", json!({"name": name})).payload();
+    }
+}

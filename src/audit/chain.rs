@@ -1,13 +1,16 @@
 //! Hashing and verifying the chain. Shared by the writer and `claw-secrets audit verify`.
 
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use crate::hex::encode as hex;
 
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const HASH_FIELD: &str = "hash";
+/// The longest line a record can be (with its newline): names are at most 253 bytes, reasons are
+/// built from codes and names. Longer lines are refused unread.
+pub(crate) const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 /// Appends the `hash` field to a serialized record `body` (a JSON object without it) and
 /// returns the finished line (without newline) and its hash.
@@ -72,6 +75,25 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyFailure> {
         line: 0,
         reason: format!("cannot open {}: {e}", path.display()),
     })?;
+    walk(file, Tail::Refuse, |_, _| {})
+}
+
+/// What a walk makes of a last line without a newline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// A failure (`audit verify`: the log as it is).
+    Refuse,
+    /// Not part of the log (start-up: a record a crash cut short, which opening repairs).
+    Ignore,
+}
+
+/// Checks every link of the log read from `file`, calling `each(seq, hash)` for every record
+/// that holds. Reads one line at a time: memory does not grow with the log.
+pub(crate) fn walk(
+    file: std::fs::File,
+    tail: Tail,
+    mut each: impl FnMut(u64, &str),
+) -> Result<VerifyReport, VerifyFailure> {
     let mut reader = BufReader::new(file);
     let mut prev_hash = GENESIS.to_owned();
     let mut prev_seq = 0u64;
@@ -79,7 +101,10 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyFailure> {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = reader
+        // A line is read up to one byte past the longest record, so a file without newlines
+        // costs no more memory than one record.
+        let n = (&mut reader)
+            .take(MAX_RECORD_BYTES as u64 + 1)
             .read_until(b'\n', &mut buf)
             .map_err(|e| VerifyFailure {
                 line: line_no + 1,
@@ -93,7 +118,16 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyFailure> {
             line: line_no,
             reason,
         };
+        if buf.len() > MAX_RECORD_BYTES {
+            return Err(fail(format!(
+                "the line is longer than {} KiB: not an audit record",
+                MAX_RECORD_BYTES / 1024
+            )));
+        }
         if buf.last() != Some(&b'\n') {
+            if tail == Tail::Ignore {
+                break;
+            }
             return Err(fail(
                 "the record is cut short (no newline): a crash during a write; starting the server repairs it"
                     .to_owned(),
@@ -113,6 +147,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, VerifyFailure> {
                 checked.seq, prev_seq
             )));
         }
+        each(checked.seq, &checked.hash);
         prev_hash = checked.hash;
         prev_seq = checked.seq;
     }

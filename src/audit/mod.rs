@@ -4,11 +4,15 @@
 //! the first) and whose last field, `hash`, is SHA-256 over the line's own bytes up to that
 //! field. Editing, removing or reordering any line breaks the chain, and
 //! [`verify`] names the first broken line. Records are made durable (fdatasync) before
-//! [`AuditLog::append`] returns, in groups: concurrent appends share one sync.
+//! [`AuditLog::append`] returns, in groups: concurrent appends share one sync. The store
+//! anchors the chain's head ([`open_anchored`]), so a log deleted, cut short or rewritten is
+//! found at start-up.
 
+mod anchor;
 mod chain;
 mod writer;
 
+pub use anchor::{ANCHOR_EVERY, Finding, anchor_head, check, keep_anchored, open_anchored};
 pub use chain::{VerifyFailure, VerifyReport, verify};
 pub use writer::{AuditLog, Recovery};
 
@@ -79,4 +83,10 @@ pub enum AuditError {
     Open { path: String, reason: String },
     #[error("audit log writer has stopped; restart the server")]
     Stopped,
+    /// The log does not match what the store anchored (start-up); the message says what was
+    /// found and what to do.
+    #[error("{0}")]
+    Integrity(String),
+    #[error("the audit log's head could not be anchored in the store: {0}")]
+    Anchor(String),
 }

@@ -6,17 +6,18 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use tokio::sync::oneshot;
 
-use super::chain::{GENESIS, check_line, seal_line};
+use super::chain::{GENESIS, MAX_RECORD_BYTES, check_line, seal_line};
 use super::{AuditError, AuditEvent, Decision};
+use crate::store::AuditAnchor;
 
 /// Most records made durable by one sync; bounds the latency a burst adds to its last member.
 const MAX_BATCH: usize = 1024;
-/// Audit records are small (names are at most 253 bytes); the tail read at start-up looks this
-/// far back for the last complete record.
-const TAIL_WINDOW: u64 = 64 * 1024;
+/// The tail read at start-up looks this far back for the last complete record: one record's
+/// longest.
+const TAIL_WINDOW: u64 = MAX_RECORD_BYTES as u64;
 
 #[derive(Serialize)]
 struct Line<'a> {
@@ -52,6 +53,8 @@ pub enum Recovery {
 pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
     path: PathBuf,
+    /// The last durable record: what the store anchors ([`super::anchor`]).
+    head: Arc<Mutex<AuditAnchor>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -200,7 +203,29 @@ impl AuditLog {
     /// Opens (creating if needed, mode 0600) the log at `path`, repairs a record a crash cut
     /// short, and starts the writer thread.
     pub fn open(path: &Path, node: &str) -> Result<(AuditLog, Recovery), AuditError> {
+        Self::open_with_first(path, node, None)
+    }
+
+    /// [`AuditLog::open`], appending `first` (durably) before anything else.
+    pub(super) fn open_with_first(
+        path: &Path,
+        node: &str,
+        first: Option<AuditEvent>,
+    ) -> Result<(AuditLog, Recovery), AuditError> {
         let (mut state, recovery) = ChainState::open(path, node)?;
+        if let Some(event) = first {
+            state
+                .write_batch(std::slice::from_ref(&event))
+                .map_err(|e| AuditError::Open {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let head = Arc::new(Mutex::new(AuditAnchor {
+            seq: state.seq,
+            hash: state.prev.clone(),
+        }));
+        let written_head = head.clone();
         let (tx, rx) = mpsc::channel::<Pending>();
         std::thread::Builder::new()
             .name("audit-writer".to_owned())
@@ -230,6 +255,10 @@ impl AuditLog {
                     };
                     match written {
                         Ok(last_seq) => {
+                            *written_head.lock().unwrap_or_else(|e| e.into_inner()) = AuditAnchor {
+                                seq: state.seq,
+                                hash: state.prev.clone(),
+                            };
                             let before = last_seq - events.len() as u64;
                             for (upto, w) in waiters {
                                 if let Some(w) = w {
@@ -254,9 +283,16 @@ impl AuditLog {
             AuditLog {
                 tx,
                 path: path.to_owned(),
+                head,
             },
             recovery,
         ))
+    }
+
+    /// The last record made durable: its sequence number and hash (64 zeros and 0 for an empty
+    /// log).
+    pub fn head(&self) -> AuditAnchor {
+        self.head.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -280,6 +316,10 @@ impl AuditLog {
         AuditLog {
             tx,
             path: PathBuf::from("/failing/audit.log"),
+            head: Arc::new(Mutex::new(AuditAnchor {
+                seq: 0,
+                hash: GENESIS.to_owned(),
+            })),
         }
     }
 

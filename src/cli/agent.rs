@@ -38,6 +38,11 @@ pub struct AgentArgs {
     /// mirrors the API server, which puts right whatever the entries get wrong.
     #[arg(long)]
     rebuild_store_manifest: bool,
+    /// Begin a new audit chain when the audit log does not match what the data dir recorded of
+    /// it (missing, cut short, edited or rewritten); the old file is kept aside as
+    /// audit.log.reset-<time>, and the new chain's first record names the old head.
+    #[arg(long)]
+    accept_audit_reset: bool,
     #[command(flatten)]
     http: super::http_limits::HttpLimitArgs,
 }
@@ -87,6 +92,7 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
         master_key_namespace: ns.to_owned(),
         master_key_secret: name.to_owned(),
         rebuild_store_manifest: args.rebuild_store_manifest,
+        accept_audit_reset: args.accept_audit_reset,
         http: args.http.limits(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

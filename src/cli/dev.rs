@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use super::{ClientConfig, client_config_path};
-use crate::audit::{AuditLog, Recovery};
+use crate::audit;
 use crate::backends::local::tokens::{TokenEntry, TokenStore, add_token};
 use crate::backends::local::{StoreRepository, TOKENS_REFRESH, TokenAuthorizer};
 use crate::crypto::{Keyring, SharedKeyring};
@@ -34,6 +34,12 @@ pub struct DevArgs {
     /// to trust the entries as they are: rollback protection starts afresh.
     #[arg(long)]
     rebuild_store_manifest: bool,
+    /// Begin a new audit chain when the audit log does not match what this data dir recorded
+    /// of it (missing, cut short, edited or rewritten). The old file is kept aside as
+    /// audit.log.reset-<time>, and the new chain's first record names the old head. Only once
+    /// you know why the log changed.
+    #[arg(long)]
+    accept_audit_reset: bool,
     #[command(flatten)]
     http: super::http_limits::HttpLimitArgs,
 }
@@ -81,7 +87,9 @@ fn lock_data_dir(dir: &Path) -> Result<DataDirLock, String> {
     }
 }
 
-fn load_or_create_keyring(path: &Path) -> Result<(Keyring, bool), String> {
+/// The data dir's keyring; a new one only for a data dir without a store.
+fn load_or_create_keyring(data_dir: &Path) -> Result<(Keyring, bool), String> {
+    let path = &data_dir.join("master.key");
     ensure_private_file(path).map_err(|e| e.to_string())?;
     match fs::read(path) {
         Ok(bytes) => {
@@ -89,6 +97,23 @@ fn load_or_create_keyring(path: &Path) -> Result<(Keyring, bool), String> {
             Keyring::from_json(&bytes)
                 .map(|k| (k, false))
                 .map_err(|e| format!("{}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && Store::exists_in(data_dir) => {
+            Err(format!(
+                "master key {} is missing, but {} holds a store written with one{}: restore master.key from your backup (without it the store cannot be read, and a new key would seal writes the old one cannot read). To start afresh instead, move the data dir aside",
+                path.display(),
+                data_dir.display(),
+                match Store::key_ids_in(data_dir).as_slice() {
+                    [] => String::new(),
+                    ids => format!(
+                        " ({})",
+                        ids.iter()
+                            .map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }
+            ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let ring = Keyring::generate().map_err(|e| e.to_string())?;
@@ -143,7 +168,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     let data_dir = data_dir.canonicalize().unwrap_or(data_dir);
 
     let key_path = data_dir.join("master.key");
-    let (keyring, new_key) = load_or_create_keyring(&key_path)?;
+    let (keyring, new_key) = load_or_create_keyring(&data_dir)?;
     let tokens_path = data_dir.join("tokens.json");
     let admin_token_path = data_dir.join("admin.token");
     for path in [&tokens_path, &admin_token_path] {
@@ -171,19 +196,6 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     let tokens = TokenStore::open(&tokens_path).map_err(|e| e.to_string())?;
     let node_id = node_id(&data_dir, args.node_id)?;
 
-    let audit_path = data_dir.join("audit.log");
-    let (audit, recovery) = AuditLog::open(&audit_path, &node_id).map_err(|e| e.to_string())?;
-    if let Recovery::Repaired {
-        discarded_bytes,
-        at_offset,
-    } = recovery
-    {
-        tracing::warn!(
-            discarded_bytes,
-            at_offset,
-            "audit log ended in a record cut short by a crash; repaired and recorded"
-        );
-    }
     let keys = SharedKeyring::new(keyring);
     let (store, report) = Store::open(
         &data_dir,
@@ -193,6 +205,11 @@ async fn serve(args: DevArgs) -> Result<(), String> {
         },
     )
     .map_err(|e| e.to_string())?;
+    let store = Arc::new(store);
+    let audit_path = data_dir.join("audit.log");
+    let (audit, _) = audit::open_anchored(&audit_path, &node_id, &store, args.accept_audit_reset)
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(audit::keep_anchored(audit.clone(), store.clone()));
 
     let shutdown = super::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -224,7 +241,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     let audit_handle = audit.clone();
     let core = CommandCore::new(
         TokenAuthorizer::new(tokens),
-        StoreRepository::new(Arc::new(store)),
+        StoreRepository::new(store.clone()),
         audit,
         node_id.clone(),
         keys,
@@ -263,11 +280,13 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     crate::invoke::serve(listener, dispatcher, args.http.limits(), shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
-    // Outcome records of the last writes are queued, not yet synced: write them before exiting.
+    // Outcome records of the last writes are queued, not yet synced: write them before exiting,
+    // and anchor the last one, so nothing of the log can go missing unnoticed while stopped.
     audit_handle
         .flush()
         .await
         .map_err(|e| format!("the audit log could not be flushed: {e}"))?;
+    audit::anchor_head(&audit_handle, &store).map_err(|e| e.to_string())?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

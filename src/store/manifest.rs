@@ -16,6 +16,11 @@
 //! file second (a crash between leaves a file older than its delete, which start-up removes).
 //! A line cut short by a crash (no newline) was never acknowledged and is cut off.
 //!
+//! The manifest also anchors the audit log: an `anchor` line records the audit chain's head
+//! (sequence number and hash) as the node last saw it durable, so a deleted, truncated or
+//! rewritten audit log is found at start-up ([`crate::audit`] checks it). The store keeps the
+//! anchor; it does not interpret it.
+//!
 //! The journal is compacted, when it has grown to several times the number of entries, into a
 //! snapshot: a `snapshot` line carrying the next generation and the last MAC of the journal it
 //! replaces, then one line per live entry and per recently deleted object that still remembers
@@ -46,6 +51,16 @@ enum Op {
     Put,
     Delete,
     Snapshot,
+    Anchor,
+}
+
+/// The audit chain's head as the manifest records it: the last durable record's sequence
+/// number and hash (64 hex digits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditAnchor {
+    pub seq: u64,
+    pub hash: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -64,6 +79,9 @@ struct Line {
     /// `delete`: the writes the deleted object remembers (and the delete's own, if keyed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     writes: Vec<WriteRecord>,
+    /// `anchor`, and `snapshot` once the audit log has been anchored: the audit chain's head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audit: Option<AuditAnchor>,
     key_id: KeyId,
     /// The previous line's MAC (64 hex digits).
     prev: String,
@@ -89,6 +107,7 @@ pub(super) struct Manifest {
     marks: HashMap<(Kind, ObjectKey), Mark>,
     /// Writes remembered by deleted objects, until their retention ends.
     tombstones: HashMap<(Kind, ObjectKey), Vec<WriteRecord>>,
+    audit_anchor: Option<AuditAnchor>,
 }
 
 fn open_file(path: &Path) -> Result<File, StoreError> {
@@ -132,6 +151,7 @@ impl Manifest {
             lines: 0,
             marks: HashMap::new(),
             tombstones: HashMap::new(),
+            audit_anchor: None,
         };
         let mut keys: HashMap<KeyId, MacKey> = HashMap::new();
         for (i, raw) in bytes[..complete]
@@ -148,7 +168,10 @@ impl Manifest {
             };
             let line = manifest
                 .check_line(raw, keyring, &mut keys)
-                .map_err(corrupt)?;
+                .map_err(|e| match e {
+                    LineError::ForeignKey(id) => StoreError::foreign_keyring(&[id], keyring),
+                    LineError::Corrupt(reason) => corrupt(reason),
+                })?;
             manifest.apply(line);
         }
         Ok(Some(manifest))
@@ -160,43 +183,50 @@ impl Manifest {
         raw: &[u8],
         keyring: &Keyring,
         keys: &mut HashMap<KeyId, MacKey>,
-    ) -> Result<Line, String> {
+    ) -> Result<Line, LineError> {
         let (body, tag) = crate::trailer::split(raw, MAC_FIELD)
-            .ok_or("it does not end in a MAC: not a manifest line")?;
-        let line: Line = serde_json::from_slice(&body)
-            .map_err(|e| format!("it is not a manifest line (column {})", e.column()))?;
+            .ok_or_else(|| LineError::from("it does not end in a MAC: not a manifest line"))?;
+        let line: Line = serde_json::from_slice(&body).map_err(|e| {
+            LineError::from(format!("it is not a manifest line (column {})", e.column()))
+        })?;
         if !keys.contains_key(&line.key_id) {
-            let key =
-                MacKey::for_key(keyring, &line.key_id, Purpose::StoreManifest).map_err(|_| {
-                    format!(
-                        "it is authenticated with master key {}, which is not in the keyring",
-                        line.key_id
-                    )
-                })?;
+            let key = MacKey::for_key(keyring, &line.key_id, Purpose::StoreManifest)
+                .map_err(|_| LineError::ForeignKey(line.key_id.clone()))?;
             keys.insert(line.key_id.clone(), key);
         }
         if !keys[&line.key_id].verify(&[&body], &tag) {
             return Err(
                 "its MAC does not match its content: the manifest was edited, or written with another keyring"
-                    .to_owned(),
+                    .into(),
             );
         }
-        let prev = crate::hex::decode_32(&line.prev).ok_or("its prev field is not a MAC")?;
+        let prev = crate::hex::decode_32(&line.prev)
+            .ok_or_else(|| LineError::from("its prev field is not a MAC"))?;
         let first = self.lines == 0;
         if !(first && line.op == Op::Snapshot) {
             if prev != self.prev {
-                return Err("it does not follow the line before it: lines were removed, reordered or replayed".to_owned());
+                return Err("it does not follow the line before it: lines were removed, reordered or replayed".into());
             }
             if line.seq != self.seq + 1 {
                 return Err(format!(
                     "sequence number {} follows {}: lines were removed or reordered",
                     line.seq, self.seq
-                ));
+                )
+                .into());
             }
         }
         let object_fields = line.kind.is_some() && line.namespace.is_some() && line.name.is_some();
-        if (line.op == Op::Snapshot) == object_fields {
-            return Err("its fields do not match its op".to_owned());
+        let fields_match = match line.op {
+            Op::Put | Op::Delete => object_fields && line.audit.is_none(),
+            Op::Snapshot => !object_fields,
+            Op::Anchor => !object_fields && line.audit.is_some(),
+        };
+        let anchor_hash_ok = line
+            .audit
+            .as_ref()
+            .is_none_or(|a| crate::hex::decode_32(&a.hash).is_some());
+        if !fields_match || !anchor_hash_ok {
+            return Err("its fields do not match its op".into());
         }
         Ok(Line {
             prev: hex_of(&tag),
@@ -209,10 +239,14 @@ impl Manifest {
         self.seq = line.seq;
         self.prev = crate::hex::decode_32(&line.prev).expect("checked");
         self.lines += 1;
+        if line.audit.is_some() {
+            self.audit_anchor = line.audit;
+        }
         match (line.op, line.kind, line.namespace, line.name) {
             (Op::Snapshot, ..) => {
                 self.next_generation = self.next_generation.max(line.generation);
             }
+            (Op::Anchor, ..) => {}
             (op, Some(kind), Some(namespace), Some(name)) => {
                 let key = (kind, ObjectKey::new(namespace, name));
                 let deleted = op == Op::Delete;
@@ -251,6 +285,7 @@ impl Manifest {
             lines: 0,
             marks: HashMap::new(),
             tombstones: HashMap::new(),
+            audit_anchor: None,
         };
         manifest
             .file
@@ -273,9 +308,41 @@ impl Manifest {
             name: None,
             generation: self.next_generation,
             writes: Vec::new(),
+            audit: self.audit_anchor.clone(),
             key_id: keyring.active().id().clone(),
             prev: hex_of(&prev),
         }
+    }
+
+    /// The audit chain's head as last recorded.
+    pub fn audit_anchor(&self) -> Option<&AuditAnchor> {
+        self.audit_anchor.as_ref()
+    }
+
+    /// Records the audit chain's head (durably, before returning).
+    pub fn record_audit_anchor(
+        &mut self,
+        keyring: &Keyring,
+        anchor: AuditAnchor,
+    ) -> Result<(), StoreError> {
+        let line = Line {
+            seq: self.seq + 1,
+            op: Op::Anchor,
+            kind: None,
+            namespace: None,
+            name: None,
+            generation: self.next_generation,
+            writes: Vec::new(),
+            audit: Some(anchor.clone()),
+            key_id: keyring.active().id().clone(),
+            prev: hex_of(&self.prev),
+        };
+        let (bytes, mac) = seal_line(&line, keyring);
+        self.append_bytes(&bytes)?;
+        self.after_append(line.seq, mac);
+        self.audit_anchor = Some(anchor);
+        self.compact_if_large(keyring);
+        Ok(())
     }
 
     pub fn mark(&self, kind: Kind, key: &ObjectKey) -> Option<Mark> {
@@ -370,6 +437,7 @@ impl Manifest {
             name: Some(key.name.clone()),
             generation,
             writes,
+            audit: None,
             key_id: keyring.active().id().clone(),
             prev: hex_of(&self.prev),
         };
@@ -450,6 +518,7 @@ impl Manifest {
                 } else {
                     Vec::new()
                 },
+                audit: None,
                 key_id: keyring.active().id().clone(),
                 prev: hex_of(&prev),
             };
@@ -490,6 +559,54 @@ impl Manifest {
         self.lines = lines;
         tracing::debug!(lines, "store manifest compacted");
         Ok(())
+    }
+}
+
+/// The master key ids the manifest at `path` names, read without checking any MAC: only to
+/// name, in an error, the key a data dir needs. At most the first 64 KiB are read.
+pub(super) fn key_ids_named(path: &Path) -> Vec<KeyId> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Named {
+        key_id: KeyId,
+    }
+    let Ok(file) = File::open(path) else {
+        return Vec::new();
+    };
+    let mut head = Vec::new();
+    if file.take(64 * 1024).read_to_end(&mut head).is_err() {
+        return Vec::new();
+    }
+    let mut ids: Vec<KeyId> = Vec::new();
+    for line in head.split(|b| *b == b'\n') {
+        let Some((body, _)) = crate::trailer::split(line, MAC_FIELD) else {
+            continue;
+        };
+        if let Ok(named) = serde_json::from_slice::<Named>(&body)
+            && !ids.contains(&named.key_id)
+        {
+            ids.push(named.key_id);
+        }
+    }
+    ids
+}
+
+/// Why a manifest line was refused.
+enum LineError {
+    /// Authenticated with a master key the keyring does not hold: not damage, another keyring.
+    ForeignKey(KeyId),
+    Corrupt(String),
+}
+
+impl From<String> for LineError {
+    fn from(reason: String) -> Self {
+        LineError::Corrupt(reason)
+    }
+}
+
+impl From<&str> for LineError {
+    fn from(reason: &str) -> Self {
+        LineError::Corrupt(reason.to_owned())
     }
 }
 

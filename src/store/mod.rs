@@ -26,6 +26,7 @@ mod records;
 pub mod writes;
 
 pub use files::{create_private_dir, ensure_private_file, write_atomic, write_private_file_atomic};
+pub use manifest::AuditAnchor;
 pub use records::{ConfigRecord, SecretRecord};
 pub use writes::{Fingerprint, RememberedWrite, WriteRecord};
 
@@ -34,7 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::crypto::{Keyring, MacKey, Purpose, SharedKeyring};
+use crate::crypto::{KeyId, Keyring, MacKey, Purpose, SharedKeyring};
 use crate::domain::{Kind, NamePrefix, Namespace, ObjectKey};
 use manifest::Manifest;
 use records::{Decoded, EntryKeys};
@@ -68,6 +69,12 @@ pub enum StoreError {
     /// can be vouched for: it refuses to open.
     #[error("{0}")]
     Integrity(String),
+    /// The store was written under master keys the keyring does not hold: not damage, another
+    /// keyring (a lost or replaced master key).
+    #[error(
+        "this data dir's store was written with master key(s) {found}, which the keyring (holding {held}) does not have: the master key was lost or replaced. Restore the keyring that holds {found} (dev mode: <data-dir>/master.key); nothing was changed"
+    )]
+    ForeignKeyring { found: String, held: String },
 }
 
 impl StoreError {
@@ -75,6 +82,16 @@ impl StoreError {
         StoreError::Io {
             path: path.to_owned(),
             source,
+        }
+    }
+
+    pub(crate) fn foreign_keyring(found: &[KeyId], keyring: &Keyring) -> Self {
+        let join = |ids: &mut dyn Iterator<Item = &KeyId>| {
+            ids.map(KeyId::as_str).collect::<Vec<_>>().join(", ")
+        };
+        StoreError::ForeignKeyring {
+            found: join(&mut found.iter()),
+            held: join(&mut keyring.key_ids()),
         }
     }
 }
@@ -315,6 +332,41 @@ impl Store {
             },
             report,
         ))
+    }
+
+    /// The audit chain's head as the manifest last recorded it (`None` before the audit log
+    /// was first anchored, or after the manifest was rebuilt).
+    pub fn audit_anchor(&self) -> Option<AuditAnchor> {
+        let manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
+        manifest.audit_anchor().cloned()
+    }
+
+    /// Records the audit chain's head in the manifest, durably; nothing is written when it is
+    /// the head already recorded.
+    pub fn record_audit_anchor(&self, anchor: AuditAnchor) -> Result<(), StoreError> {
+        let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
+        if manifest.audit_anchor() == Some(&anchor) {
+            return Ok(());
+        }
+        manifest.record_audit_anchor(&self.keys.current(), anchor)
+    }
+
+    /// Whether `data_dir` holds a store (a manifest or an entry), without opening it: a data
+    /// dir with one must not be given a new master key.
+    pub fn exists_in(data_dir: &Path) -> bool {
+        let has_entries = |dir: &str| {
+            std::fs::read_dir(data_dir.join(dir)).is_ok_and(|mut entries| {
+                entries.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json")))
+            })
+        };
+        data_dir.join(manifest::FILE_NAME).exists()
+            || has_entries("secrets")
+            || has_entries("configs")
+    }
+
+    /// The master key ids the manifest in `data_dir` names (unauthenticated: for messages).
+    pub fn key_ids_in(data_dir: &Path) -> Vec<KeyId> {
+        manifest::key_ids_named(&data_dir.join(manifest::FILE_NAME))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -758,11 +810,8 @@ impl Opening<'_> {
         manifest_path: PathBuf,
     ) -> Result<(State, Manifest, OpenReport), StoreError> {
         if !self.foreign_keys.is_empty() {
-            let ids: Vec<String> = self.foreign_keys.iter().map(|k| k.to_string()).collect();
-            return Err(StoreError::Integrity(format!(
-                "the store's entries are authenticated with master key(s) {}, which the keyring does not hold: this keyring did not write this store (was the master key lost or replaced?). Restore the keyring that did (dev mode: <data-dir>/master.key); nothing was changed",
-                ids.join(", ")
-            )));
+            let ids: Vec<KeyId> = self.foreign_keys.iter().cloned().collect();
+            return Err(StoreError::foreign_keyring(&ids, self.ring));
         }
         if self.manifest.is_none() {
             if !self.unmanifested.is_empty() && !self.rebuild {
@@ -924,6 +973,59 @@ mod tests {
             request_id: "r-1".to_owned(),
             at: Timestamp::now(),
         }
+    }
+
+    fn anchor(seq: u64) -> AuditAnchor {
+        AuditAnchor {
+            seq,
+            hash: format!("{seq:064x}"),
+        }
+    }
+
+    #[test]
+    fn the_audit_anchor_survives_reopening_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(store.audit_anchor(), None);
+        store
+            .put_secret(secret(&keyring, "kept", 1), Expect::Absent)
+            .unwrap();
+        store.record_audit_anchor(anchor(1)).unwrap();
+        drop(store);
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(store.audit_anchor(), Some(anchor(1)));
+
+        // Anchors alone grow the journal until it is compacted; the last one is kept.
+        for seq in 2..=60 {
+            store.record_audit_anchor(anchor(seq)).unwrap();
+        }
+        // The same head again writes nothing.
+        let path = dir.path().join(manifest::FILE_NAME);
+        let before = std::fs::metadata(&path).unwrap().len();
+        store.record_audit_anchor(anchor(60)).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().count() < 30, "compacted: {text}");
+        assert!(
+            text.lines().next().unwrap().contains("\"audit\":{\"seq\":"),
+            "{text}"
+        );
+        drop(store);
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert!(report.refused.is_empty(), "{report:?}");
+        assert_eq!(store.audit_anchor(), Some(anchor(60)));
+        assert_eq!(store.secret(&key("kept")).unwrap().version.get(), 1);
+
+        // An anchor line edited to point elsewhere fails its MAC.
+        drop(store);
+        let edited = text.replace(&format!("{:064x}", 60), &format!("{:064x}", 7));
+        assert_ne!(edited, text);
+        std::fs::write(&path, edited).unwrap();
+        assert!(matches!(
+            open(dir.path(), &keyring),
+            Err(StoreError::Integrity(_))
+        ));
     }
 
     #[test]

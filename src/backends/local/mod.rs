@@ -138,7 +138,9 @@ fn store_error(e: StoreError) -> InvokeError {
                 ),
             )
         }
-        StoreError::Integrity(_) | StoreError::OpenToOthers { .. } => {
+        StoreError::Integrity(_)
+        | StoreError::OpenToOthers { .. }
+        | StoreError::ForeignKeyring { .. } => {
             tracing::error!(error = %e, "store refused a write");
             InvokeError::internal("the node's store refused the write; the server's log says why")
         }

@@ -396,6 +396,10 @@ fn unavailable(e: audit::AuditError) -> InvokeError {
             format!("the audit log could not be opened ({reason})")
         }
         audit::AuditError::Stopped => e.to_string(),
+        // Start-up errors; not expected here, and their messages name files.
+        audit::AuditError::Integrity(_) | audit::AuditError::Anchor(_) => {
+            "the audit log failed its integrity check".to_owned()
+        }
     };
     InvokeError::new(ErrorCode::Unavailable, message)
 }

@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-use crate::audit::{AuditLog, Recovery};
 use crate::crypto::{Keyring, SharedKeyring};
 use crate::invoke::{CommandCore, Dispatcher};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
@@ -46,6 +45,8 @@ pub struct AgentConfig {
     pub master_key_secret: String,
     /// See [`crate::store::OpenOptions::rebuild_manifest`].
     pub rebuild_store_manifest: bool,
+    /// See `claw-secrets agent --accept-audit-reset`.
+    pub accept_audit_reset: bool,
     /// What the node.invoke server allows a client.
     pub http: crate::invoke::HttpLimits,
 }
@@ -190,19 +191,13 @@ pub async fn run(
     )
     .map_err(|e| setup(e.to_string()))?;
     let store = Arc::new(store);
-    let (audit, recovery) = AuditLog::open(&config.data_dir.join("audit.log"), &config.node_name)
-        .map_err(|e| setup(e.to_string()))?;
-    if let Recovery::Repaired {
-        discarded_bytes,
-        at_offset,
-    } = recovery
-    {
-        tracing::warn!(
-            discarded_bytes,
-            at_offset,
-            "audit log ended in a record cut short by a crash; repaired and recorded"
-        );
-    }
+    let (audit, _) = crate::audit::open_anchored(
+        &config.data_dir.join("audit.log"),
+        &config.node_name,
+        &store,
+        config.accept_audit_reset,
+    )
+    .map_err(|e| setup(e.to_string()))?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -214,6 +209,10 @@ pub async fn run(
     let (labels_tx, labels_rx) = watch::channel(None);
     let metrics = Arc::new(AgentMetrics::default());
     let mut background = Supervised::default();
+    background.spawn(
+        "audit anchor",
+        crate::audit::keep_anchored(audit.clone(), store.clone()),
+    );
     background.spawn(
         "keyring refresh",
         refresh_keyring(client.clone(), config.clone(), keys.clone()),
@@ -248,6 +247,7 @@ pub async fn run(
         .with_review_file(config.data_dir.join("token-reviews.json"))
         .with_metrics(metrics.token_reviews());
     let audit_handle = audit.clone();
+    let anchored_store = store.clone();
     let core = CommandCore::new(
         KubeAuthorizer::new(identity, events.clone()),
         KubeRepository::new(bounded, store, keys.clone(), events),
@@ -265,9 +265,12 @@ pub async fn run(
     if let Err(e) = &result {
         tracing::error!(error = %e, "agent stopping");
     }
-    // Outcome records of the last writes are queued, not yet synced: write them before exiting.
+    // Outcome records of the last writes are queued, not yet synced: write them before exiting,
+    // and anchor the last one.
     if let Err(e) = audit_handle.flush().await {
         tracing::error!(error = %e, "the audit log could not be flushed");
+    } else if let Err(e) = crate::audit::anchor_head(&audit_handle, &anchored_store) {
+        tracing::error!(error = %e, "the audit log's head could not be anchored");
     }
     result
 }
