@@ -14,7 +14,8 @@
 //!   SubjectAccessReview; the API server for writes).
 //! - [`cli`]: the `claw-secrets` command line.
 //!
-//! [`hex`] and [`trailer`] are leaves every layer may use.
+//! [`hex`] and [`trailer`] are leaves every layer may use, and so is `faults` (the steps of a
+//! durable write, failed on purpose in tests).
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod backends;
 pub mod cli;
 pub mod crypto;
 pub mod domain;
+mod faults;
 pub mod hex;
 pub mod invoke;
 pub mod k8s;

@@ -7,6 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{OpenReport, StoreError};
+use crate::faults::{Step, check};
 
 const TEMP_PREFIX: &str = ".tmp-";
 
@@ -21,34 +22,63 @@ pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 pub(super) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
+    check(Step::DirFsync)
+        .and_then(|()| File::open(dir))
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(dir, e))
 }
 
 /// Atomically replaces `dir/name` with `bytes` (mode 0600), durably.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    write_atomic_tracked(dir, name, bytes).map_err(|failed| failed.error)
+}
+
+/// A write of [`write_atomic_tracked`] that failed, and whether the new content had already
+/// replaced the old (the rename happened; only the directory's fsync failed): then the caller
+/// must put the old content back, or the write may surface after a restart.
+pub(super) struct FailedWrite {
+    pub error: StoreError,
+    pub replaced: bool,
+}
+
+/// [`write_atomic`], telling how far a failed write got.
+pub(super) fn write_atomic_tracked(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), FailedWrite> {
     let mut suffix = [0u8; 8];
+    let target = dir.join(name);
+    let before_rename = |error: StoreError| FailedWrite {
+        error,
+        replaced: false,
+    };
     getrandom::getrandom(&mut suffix)
-        .map_err(|e| StoreError::io(dir, std::io::Error::other(e.to_string())))?;
+        .map_err(|e| before_rename(StoreError::io(dir, std::io::Error::other(e.to_string()))))?;
     let suffix = crate::hex::encode(&suffix);
     let tmp = dir.join(format!("{TEMP_PREFIX}{suffix}"));
-    let target = dir.join(name);
     let result = (|| {
+        check(Step::Open)?;
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
+        check(Step::Write)?;
         f.write_all(bytes)?;
+        check(Step::Fsync)?;
         f.sync_all()?;
+        check(Step::Rename)?;
         fs::rename(&tmp, &target)
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
-        return Err(StoreError::io(&target, e));
+        return Err(before_rename(StoreError::io(&target, e)));
     }
-    fsync_dir(dir)
+    fsync_dir(dir).map_err(|error| FailedWrite {
+        error,
+        replaced: true,
+    })
 }
 
 /// Refuses a file that holds keys or tokens if its group or other users may read or write it,

@@ -37,6 +37,7 @@ use super::StoreError;
 use super::writes::{WriteRecord, retained};
 use crate::crypto::{KeyId, Keyring, MacKey, Purpose};
 use crate::domain::{Kind, Name, Namespace, ObjectKey};
+use crate::faults::{Step, check};
 
 pub(super) const FILE_NAME: &str = "store.manifest";
 const MAC_FIELD: &str = "mac";
@@ -452,7 +453,9 @@ impl Manifest {
         let result = self
             .file
             .seek(SeekFrom::Start(self.len))
-            .and_then(|_| self.file.write_all(bytes))
+            .and_then(|_| check(Step::Write))
+            .and_then(|()| self.file.write_all(bytes))
+            .and_then(|()| check(Step::Fsync))
             .and_then(|()| self.file.sync_data());
         if let Err(e) = result {
             let _ = self.file.set_len(self.len);
@@ -538,6 +541,7 @@ impl Manifest {
         // to a file that was replaced.
         let tmp = dir.join(format!(".{name}.compacting"));
         let file = (|| {
+            check(Step::Open)?;
             let mut f = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -545,8 +549,11 @@ impl Manifest {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
+            check(Step::Write)?;
             f.write_all(&out)?;
+            check(Step::Fsync)?;
             f.sync_all()?;
+            check(Step::Rename)?;
             std::fs::rename(&tmp, &self.path)?;
             Ok(f)
         })()
