@@ -30,3 +30,6 @@ pub mod invoke;
 pub mod k8s;
 pub mod store;
 pub mod trailer;
+
+#[cfg(test)]
+mod properties;

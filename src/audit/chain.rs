@@ -90,7 +90,7 @@ pub(crate) enum Tail {
 /// Checks every link of the log read from `file`, calling `each(seq, hash)` for every record
 /// that holds. Reads one line at a time: memory does not grow with the log.
 pub(crate) fn walk(
-    file: std::fs::File,
+    file: impl Read,
     tail: Tail,
     mut each: impl FnMut(u64, &str),
 ) -> Result<VerifyReport, VerifyFailure> {

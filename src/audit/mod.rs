@@ -9,7 +9,7 @@
 //! found at start-up.
 
 mod anchor;
-mod chain;
+pub(crate) mod chain;
 mod writer;
 
 pub use anchor::{ANCHOR_EVERY, Finding, anchor_head, check, keep_anchored, open_anchored};

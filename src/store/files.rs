@@ -10,6 +10,9 @@ use super::{OpenReport, StoreError};
 use crate::faults::{Step, check};
 
 const TEMP_PREFIX: &str = ".tmp-";
+/// No entry file is larger: 1 MiB of data is at most 1.4 MiB of base64, plus metadata and the
+/// remembered writes. A larger file is refused unread (not read into memory whole).
+const MAX_ENTRY_BYTES: u64 = 8 << 20;
 
 /// Creates `dir` (and parents) with mode 0700, or tightens an existing one to 0700.
 pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
@@ -161,7 +164,21 @@ pub(super) fn read_entries<T: Send>(
                 scope.spawn(move || {
                     part.iter()
                         .map(|path| {
-                            let bytes = fs::read(path).map_err(|e| StoreError::io(path, e))?;
+                            let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+                            // Read one byte past the limit, to tell a file over it.
+                            let mut bytes = Vec::new();
+                            std::io::Read::read_to_end(
+                                &mut std::io::Read::take(file, MAX_ENTRY_BYTES + 1),
+                                &mut bytes,
+                            )
+                            .map_err(|e| StoreError::io(path, e))?;
+                            if bytes.len() as u64 > MAX_ENTRY_BYTES {
+                                let why = format!(
+                                    "the file is larger than {} MiB, which no entry is",
+                                    MAX_ENTRY_BYTES >> 20
+                                );
+                                return Ok((path.clone(), Err(why)));
+                            }
                             Ok((path.clone(), parse(&bytes)))
                         })
                         .collect::<Result<Vec<_>, StoreError>>()

@@ -1080,6 +1080,74 @@ mod tests {
         assert!(faults_fired > 20, "only {faults_fired} faults happened");
     }
 
+    // Property tests of the store's parsers of its own files (on-disk input: a disk, a backup
+    // or an attacker may have changed them). PROPTEST_CASES runs them longer.
+    proptest::proptest! {
+        /// Arbitrary bytes as an entry file: decoded or refused, never a panic.
+        #[test]
+        fn any_bytes_are_an_entry_or_an_error(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            let keyring = Keyring::generate().unwrap();
+            let keys = records::EntryKeys::of(&keyring);
+            let _ = SecretRecord::from_file_bytes(&bytes, &keys);
+            let _ = ConfigRecord::from_file_bytes(&bytes, &keys);
+        }
+
+        /// An entry written reads back as itself; any byte of it changed and it is never
+        /// accepted as authentic.
+        #[test]
+        fn an_entry_reads_back_until_a_byte_of_it_changes(
+            name in "[a-z0-9][a-z0-9._-]{0,40}",
+            version in 1u64..1000,
+            generation in 0u64..1_000_000,
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let keyring = Keyring::generate().unwrap();
+            let keys = records::EntryKeys::of(&keyring);
+            let mut record = secret(&keyring, &name, version);
+            record.generation = generation;
+            let bytes = record.to_file_bytes(&MacKey::active(&keyring, Purpose::StoreEntry));
+            match SecretRecord::from_file_bytes(&bytes, &keys) {
+                Ok(Decoded::Authentic(back)) => {
+                    proptest::prop_assert_eq!(&back.key, &record.key);
+                    proptest::prop_assert_eq!(back.version, record.version);
+                    proptest::prop_assert_eq!(back.generation, generation);
+                    proptest::prop_assert!(back.envelope == record.envelope);
+                }
+                _ => proptest::prop_assert!(false, "a fresh entry did not read back"),
+            }
+            let mut tampered = bytes.clone();
+            tampered[at.index(bytes.len())] ^= flip;
+            let authentic = matches!(
+                SecretRecord::from_file_bytes(&tampered, &keys),
+                Ok(Decoded::Authentic(_))
+            );
+            proptest::prop_assert!(!authentic, "a changed entry passed its MAC");
+        }
+
+        /// Arbitrary bytes as the store manifest: the store opens or refuses, never panics.
+        #[test]
+        fn any_bytes_as_the_manifest_open_or_refuse(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(manifest::FILE_NAME), &bytes).unwrap();
+            let _ = open(dir.path(), &Keyring::generate().unwrap());
+        }
+    }
+
+    #[test]
+    fn an_entry_file_larger_than_any_entry_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        drop(open(dir.path(), &keyring).unwrap());
+        let huge = dir
+            .path()
+            .join("secrets")
+            .join(format!("{}.json", "a".repeat(64)));
+        std::fs::write(&huge, vec![b' '; 9 << 20]).unwrap();
+        let (_, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.quarantined.len(), 1, "{report:?}");
+    }
+
     #[test]
     fn the_audit_anchor_survives_reopening_and_compaction() {
         let dir = tempfile::tempdir().unwrap();
