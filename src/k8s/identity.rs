@@ -72,12 +72,40 @@ struct Reviewer {
     reachability: Mutex<Reachability>,
 }
 
+/// Reviews in flight at once, at most: past it a review is not tried (a flood of distinct
+/// tokens cannot pile up connections to a silent API server).
+const MAX_REVIEWS_IN_FLIGHT: usize = 256;
+
 /// Whether the API server answered lately; see [`FIRST_BACKOFF`].
 #[derive(Default)]
 struct Reachability {
     /// Reviews are not tried before this instant.
     skip_until: Option<Instant>,
     backoff: Duration,
+    /// Reviews sent and not yet settled.
+    in_flight: usize,
+    /// Since when reviews have been in flight without any answer.
+    unanswered_since: Option<Instant>,
+}
+
+impl Reachability {
+    /// The API server looks unreachable: it is being backed off from, or a review has waited
+    /// longer than [`STALE_GRACE`] for an answer. A token reviewed earlier is then answered
+    /// from that review at once, without sending another review.
+    fn suspect(&self, now: Instant) -> bool {
+        self.skip_until.is_some_and(|until| now < until)
+            || self
+                .unanswered_since
+                .is_some_and(|since| now.duration_since(since) > STALE_GRACE)
+    }
+
+    /// A review settled; `answered` if the API server answered it.
+    fn settled(&mut self, answered: bool) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if answered || self.in_flight == 0 {
+            self.unanswered_since = (self.in_flight > 0).then(Instant::now);
+        }
+    }
 }
 
 /// Why a review could not be made.
@@ -235,6 +263,17 @@ impl KubeIdentity {
                 _ => None,
             }
         };
+        let suspect = r
+            .reachability
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .suspect(now);
+        if let Some(earlier) = earlier.as_ref().filter(|_| suspect) {
+            // The API server is not answering right now: no review is sent for this request
+            // (the ones in flight, or the end of the back-off, tell when it answers again).
+            r.count("stale");
+            return Ok(earlier.clone());
+        }
         let reviewer = self.inner.clone();
         let token = zeroize::Zeroizing::new(token.to_owned());
         let mut reviewing =
@@ -282,28 +321,37 @@ impl Reviewer {
             + std::fmt::Debug,
     {
         {
-            let r = self.reachability.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = self.reachability.lock().unwrap_or_else(|e| e.into_inner());
             if r.skip_until.is_some_and(|until| Instant::now() < until) {
                 return Err(Unanswered::BackingOff);
+            }
+            if r.in_flight >= MAX_REVIEWS_IN_FLIGHT {
+                return Err(Unanswered::Failed(format!(
+                    "{MAX_REVIEWS_IN_FLIGHT} reviews are already waiting for it"
+                )));
+            }
+            r.in_flight += 1;
+            if r.unanswered_since.is_none() {
+                r.unanswered_since = Some(Instant::now());
             }
         }
         let api: Api<K> = Api::all(self.client.clone());
         let outcome =
             tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), review)).await;
         let mut r = self.reachability.lock().unwrap_or_else(|e| e.into_inner());
+        let answered = matches!(outcome, Ok(Ok(_)) | Ok(Err(kube::Error::Api(_))));
+        r.settled(answered);
+        if answered {
+            r.skip_until = None;
+            r.backoff = Duration::ZERO;
+        }
         match outcome {
-            Ok(Ok(answer)) => {
-                *r = Reachability::default();
-                Ok(answer)
-            }
+            Ok(Ok(answer)) => Ok(answer),
             // An answer, though an error: the API server is reachable.
-            Ok(Err(kube::Error::Api(status))) => {
-                *r = Reachability::default();
-                Err(Unanswered::Failed(format!(
-                    "the API server answered {}: {}",
-                    status.code, status.message
-                )))
-            }
+            Ok(Err(kube::Error::Api(status))) => Err(Unanswered::Failed(format!(
+                "the API server answered {}: {}",
+                status.code, status.message
+            ))),
             unreachable => {
                 r.backoff = (r.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
                 r.skip_until = Some(Instant::now() + r.backoff);
@@ -614,6 +662,16 @@ mod tests {
             let known = started.elapsed();
             assert_eq!(caller.subject, "system:serviceaccount:prod:api");
 
+            // While that review is still waiting, the API server is suspect: a burst of the
+            // same caller is answered at once, sending no review each (which would cost each
+            // STALE_GRACE, and pile up connections to a silent server).
+            let started = Instant::now();
+            for _ in 0..100 {
+                identity.authenticate(Some("known")).await.unwrap();
+            }
+            let burst = started.elapsed();
+            assert!(burst < REVIEW_TIMEOUT, "100 known calls took {burst:?}");
+
             let started = Instant::now();
             let err = identity.authenticate(Some("unknown")).await.unwrap_err();
             assert_eq!(err.code, ErrorCode::Unavailable);
@@ -634,7 +692,7 @@ mod tests {
             assert_eq!(err.code, ErrorCode::Unavailable);
             let rest = started.elapsed();
             eprintln!(
-                "black hole (accepting: {accepting}): known token {known:?}, unknown {unknown:?}, then three calls {rest:?}"
+                "black hole (accepting: {accepting}): known token {known:?}, 100 more {burst:?}, unknown {unknown:?}, then three calls {rest:?}"
             );
             // Bounds that tell the bounded behaviour from the hang this was (20-30 s); the
             // figures themselves are printed, not asserted.

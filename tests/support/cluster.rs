@@ -191,6 +191,36 @@ impl Cluster {
 
     /// Like [`Cluster::agent`], listening on `ip` (the API server's pod proxy refuses loopback).
     pub async fn agent_on(&self, letter: &str, labels: &[(&str, &str)], ip: IpAddr) -> Agent {
+        self.agent_with(letter, labels, ip, &self.env.kubeconfig.clone())
+            .await
+    }
+
+    /// Like [`Cluster::agent`], reaching the API server through `hole` (a relay the test can
+    /// black-hole).
+    pub async fn agent_behind(&self, letter: &str, hole: &BlackHole) -> Agent {
+        let text = std::fs::read_to_string(&self.env.kubeconfig).expect("kubeconfig");
+        let upstream = format!("127.0.0.1:{}", apiserver_addr(&self.env.kubeconfig).port());
+        let relayed = text.replace(&upstream, &format!("127.0.0.1:{}", hole.port));
+        assert_ne!(
+            relayed, text,
+            "the kubeconfig names the API server as {upstream}"
+        );
+        let path = self
+            .env
+            .kubeconfig
+            .with_file_name(format!("kubeconfig-via-{}", hole.port));
+        std::fs::write(&path, relayed).expect("write the relayed kubeconfig");
+        self.agent_with(letter, &[], Ipv4Addr::LOCALHOST.into(), &path)
+            .await
+    }
+
+    async fn agent_with(
+        &self,
+        letter: &str,
+        labels: &[(&str, &str)],
+        ip: IpAddr,
+        kubeconfig: &Path,
+    ) -> Agent {
         let node = format!("node-{letter}-{}", self.suffix());
         create_node(&self.client(), &node, labels).await;
         self.nodes.lock().unwrap().push(node.clone());
@@ -198,7 +228,7 @@ impl Cluster {
             .prefix(&format!("claw-agent-{node}-"))
             .tempdir()
             .expect("temp dir");
-        Agent::start_on(&self.env.kubeconfig, &node, dir, &self.master_key, ip).await
+        Agent::start_on(kubeconfig, &node, dir, &self.master_key, ip).await
     }
 
     /// node-a (zone a, gpu), node-b (zone b, gpu), node-c (zone c, no gpu).
@@ -213,6 +243,90 @@ impl Cluster {
 }
 
 pub const ZONE: &str = "claw-secrets.test/zone";
+
+/// The API server's address, from the `server:` line of `kubeconfig` (https://127.0.0.1:PORT).
+pub fn apiserver_addr(kubeconfig: &Path) -> SocketAddr {
+    let text = std::fs::read_to_string(kubeconfig).expect("kubeconfig");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .and_then(|a| a.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no https://IP:PORT server in {}", kubeconfig.display()))
+}
+
+/// A TCP relay to the API server that the test can turn into a black hole: from then on it
+/// accepts connections and never answers, and bytes on open connections go nowhere (a network
+/// partition drops packets; it does not refuse connections).
+pub struct BlackHole {
+    pub port: u16,
+    black: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    pub async fn to(upstream: SocketAddr) -> BlackHole {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let port = listener.local_addr().unwrap().port();
+        let black = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = black.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let black = flag.clone();
+                tokio::spawn(async move {
+                    if black.load(Ordering::SeqCst) {
+                        // Accepted, held open, never answered.
+                        match std::future::pending::<std::convert::Infallible>().await {}
+                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (in_r, in_w) = inbound.into_split();
+                    let (out_r, out_w) = outbound.into_split();
+                    let pipe =
+                        |black: std::sync::Arc<std::sync::atomic::AtomicBool>,
+                         mut from: tokio::net::tcp::OwnedReadHalf,
+                         mut to: tokio::net::tcp::OwnedWriteHalf| async move {
+                            let mut buf = vec![0u8; 16 * 1024];
+                            loop {
+                                let n = match from.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                };
+                                if black.load(Ordering::SeqCst) {
+                                    // Both ends stay open (owned by this future);
+                                    // nothing is delivered.
+                                    match std::future::pending::<std::convert::Infallible>().await {}
+                                }
+                                if to.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        };
+                    tokio::join!(pipe(black.clone(), in_r, out_w), pipe(black, out_r, in_w));
+                });
+            }
+        });
+        BlackHole {
+            port,
+            black,
+            accepting,
+        }
+    }
+
+    /// From now on nothing gets through, and nothing is refused.
+    pub fn black_hole(&self) {
+        self.black.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
 pub const GPU: &str = "claw-secrets.test/gpu";
 
 /// Applies both CRDs (server-side apply; idempotent) and waits until they are served.
