@@ -688,3 +688,83 @@ fn a_missing_or_different_master_key_refuses_the_start() {
         server.call("secret.get", json!({"name": name})).payload();
     }
 }
+
+/// Runs the CLI with `args` and `envs`; kills it if it has not ended after `patience`.
+/// Returns its exit code (None if killed), stderr, and how long it ran.
+fn cli_bounded(
+    env: &DevEnv,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    patience: Duration,
+) -> (Option<i32>, String, Duration) {
+    let mut cmd = env.command();
+    cmd.args(args)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().expect("spawn the CLI");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if started.elapsed() > patience {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    (code, reader.join().unwrap(), took)
+}
+
+/// Defect: `claw-secrets invoke` had no timeouts, so against a server that accepts and never
+/// answers it hung forever. Now it gives up after its request timeout (CLAW_SECRETS_TIMEOUT or
+/// --timeout) with UNAVAILABLE and exit 1; a connect timeout bounds the connection too.
+#[test]
+fn the_cli_gives_up_on_a_silent_server_within_its_timeout() {
+    let env = DevEnv::new();
+    // Accepts (the kernel completes the handshake into the backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let args = [
+        "invoke",
+        "local",
+        "secret.get",
+        r#"{"name":"x"}"#,
+        "--addr",
+        &addr,
+        "--token",
+        "t",
+    ];
+    let (code, stderr, took) = cli_bounded(
+        &env,
+        &args,
+        &[("CLAW_SECRETS_TIMEOUT", "1s")],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(1), "ran {took:?}: {stderr}");
+    assert!(stderr.starts_with("UNAVAILABLE:"), "{stderr}");
+    assert!(stderr.contains("did not answer within 1 s"), "{stderr}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+
+    // The flag wins over the environment.
+    let mut with_flag = args.to_vec();
+    with_flag.extend(["--timeout", "2s"]);
+    let (code, stderr, _) = cli_bounded(
+        &env,
+        &with_flag,
+        &[("CLAW_SECRETS_TIMEOUT", "1m")],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("did not answer within 2 s"), "{stderr}");
+    drop(silent);
+}

@@ -805,7 +805,12 @@ async fn latency_of_invoke_through_the_api_server_and_directly() {
         "nodeId": s.node(), "command": "secret.get", "params": params,
     }))
     .unwrap();
-    let direct = claw_secrets::invoke::InvokeClient::new(&s.agent.addr(), &token).unwrap();
+    let direct = claw_secrets::invoke::InvokeClient::new(
+        &s.agent.addr(),
+        &token,
+        claw_secrets::invoke::ClientTimeouts::default(),
+    )
+    .unwrap();
     let (mut proxied, mut straight) = (Vec::new(), Vec::new());
     for i in 0..60 {
         let t = Instant::now();

@@ -7,10 +7,14 @@ use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
+use super::duration::parse_duration;
 use super::kubeconfig::kubeconfig_bearer_token;
 use super::{ClientConfig, client_config_path};
-use crate::invoke::{ClientError, ErrorBody, InvokeClient, InvokeError, LOCAL_NODE_ALIAS};
+use crate::invoke::{
+    ClientError, ClientTimeouts, ErrorBody, InvokeClient, InvokeError, LOCAL_NODE_ALIAS,
+};
 use crate::k8s::proxy::{
     AgentLocator, DEFAULT_AGENT_NAMESPACE, DEFAULT_AGENT_SELECTOR, find_agent, post_invoke,
     valid_node_name,
@@ -53,6 +57,15 @@ pub struct InvokeArgs {
     /// Makes retrying this write safe: the server applies it once.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// How long to wait for a connection to the server (or the API server): 500ms, 5s, 1m.
+    #[arg(long, env = "CLAW_SECRETS_CONNECT_TIMEOUT", value_name = "DURATION",
+        default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// How long to wait for the answer, in all. Past it: UNAVAILABLE, exit 1, and a write may
+    /// or may not have been applied (retry it with the same --idempotency-key to be sure).
+    #[arg(long, env = "CLAW_SECRETS_TIMEOUT", value_name = "DURATION", default_value = "30s",
+        value_parser = parse_duration)]
+    timeout: Duration,
     /// Call the Node's agent through the API server of this kubeconfig (default: $KUBECONFIG,
     /// then ~/.kube/config, when the node id is not the dev server's).
     #[arg(long, conflicts_with = "addr", help_heading = CLUSTER)]
@@ -208,6 +221,10 @@ pub fn run(args: InvokeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let timeouts = ClientTimeouts {
+        connect: args.connect_timeout,
+        request: args.timeout,
+    };
     let result = match route {
         Route::Direct(addr) => {
             let token = explicit_token(&args).unwrap_or_else(|| match &dev_config {
@@ -218,7 +235,7 @@ pub fn run(args: InvokeArgs) -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return usage(e),
             };
-            let client = match InvokeClient::new(&addr, &token) {
+            let client = match InvokeClient::new(&addr, &token, timeouts) {
                 Ok(c) => c,
                 Err(e) => return usage(e),
             };
@@ -237,7 +254,17 @@ pub fn run(args: InvokeArgs) -> ExitCode {
                     args.node_id
                 ));
             }
-            runtime.block_on(through_api_server(&args, kubeconfig.as_deref(), params))
+            let call = through_api_server(&args, kubeconfig.as_deref(), params);
+            runtime.block_on(async {
+                tokio::time::timeout(args.timeout, call)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ClientError::Timeout {
+                            addr: "the API server (on the way to the agent)".to_owned(),
+                            after: args.timeout,
+                        })
+                    })
+            })
         }
     };
     match result {
@@ -317,6 +344,7 @@ async fn through_api_server(
     // An agent's UNAVAILABLE is HTTP 503; kube's default retries would repeat the call (a write,
     // perhaps) for minutes. The caller decides whether to retry.
     config.default_retry = false;
+    config.connect_timeout = Some(args.connect_timeout);
     let client = kube::Client::try_from(config)
         .map_err(|e| ClientError::Usage(format!("cannot build a Kubernetes client: {e}")))?;
     let locator = AgentLocator {

@@ -4,6 +4,7 @@ mod agent;
 mod audit;
 mod completions;
 mod dev;
+mod duration;
 mod http_limits;
 mod invoke;
 mod kubeconfig;

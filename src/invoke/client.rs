@@ -7,6 +7,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use std::time::Duration;
 
 use super::ErrorBody;
 
@@ -20,6 +21,29 @@ pub enum ClientError {
     BadResponse { addr: String, status: u16 },
     #[error("{}: {}", .0.code, .0.message)]
     Remote(ErrorBody),
+    #[error(
+        "{addr} did not answer within {} s; the server may be overloaded or unreachable (a longer --timeout waits longer)",
+        .after.as_secs_f64()
+    )]
+    Timeout { addr: String, after: Duration },
+}
+
+/// How long the client waits: for a connection, and for the whole request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    pub connect: Duration,
+    pub request: Duration,
+}
+
+impl Default for ClientTimeouts {
+    /// A server on loopback or the node network connects in milliseconds; a request is
+    /// answered in milliseconds unless a write waits for the API server (bounded at 5 s there).
+    fn default() -> Self {
+        ClientTimeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(30),
+        }
+    }
 }
 
 pub struct InvokeClient {
@@ -27,11 +51,12 @@ pub struct InvokeClient {
     endpoint: Uri,
     addr: String,
     token: String,
+    timeouts: ClientTimeouts,
 }
 
 impl InvokeClient {
     /// `addr` is `http://host:port` (or `host:port`).
-    pub fn new(addr: &str, token: &str) -> Result<Self, ClientError> {
+    pub fn new(addr: &str, token: &str, timeouts: ClientTimeouts) -> Result<Self, ClientError> {
         let base = if addr.contains("://") {
             addr.trim_end_matches('/').to_owned()
         } else {
@@ -45,11 +70,14 @@ impl InvokeClient {
         let endpoint: Uri = format!("{base}/v1/invoke")
             .parse()
             .map_err(|e| ClientError::Usage(format!("invalid address {addr:?}: {e}")))?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeouts.connect));
         Ok(InvokeClient {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
             endpoint,
             addr: base,
             token: token.to_owned(),
+            timeouts,
         })
     }
 
@@ -88,8 +116,19 @@ impl InvokeClient {
         Err(ClientError::Remote(err))
     }
 
-    /// Posts a raw body; returns the status and body.
+    /// Posts a raw body; returns the status and body. Gives up after the request timeout.
     pub async fn post(&self, body: Vec<u8>) -> Result<(u16, Bytes), ClientError> {
+        tokio::time::timeout(self.timeouts.request, self.post_unbounded(body))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Timeout {
+                    addr: self.addr.clone(),
+                    after: self.timeouts.request,
+                })
+            })
+    }
+
+    async fn post_unbounded(&self, body: Vec<u8>) -> Result<(u16, Bytes), ClientError> {
         let req = Request::post(self.endpoint.clone())
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {}", self.token))

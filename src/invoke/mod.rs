@@ -14,7 +14,7 @@ mod repository;
 mod server;
 
 pub use access::{Access, Authorizer, Caller, Decision, Resource, Verb};
-pub use client::{ClientError, InvokeClient};
+pub use client::{ClientError, ClientTimeouts, InvokeClient};
 pub use command_core::{CommandCore, IdempotencyKey, Request};
 pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS};
 pub use metrics::InvokeMetrics;

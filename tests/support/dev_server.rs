@@ -34,6 +34,8 @@ const SCRUBBED_ENV: &[&str] = &[
     "CLAW_SECRETS_TOKEN",
     "CLAW_SECRETS_DATA_DIR",
     "CLAW_SECRETS_LOG",
+    "CLAW_SECRETS_TIMEOUT",
+    "CLAW_SECRETS_CONNECT_TIMEOUT",
     "RUST_LOG",
     // A developer's cluster must not capture `claw-secrets invoke` (it prefers a kubeconfig
     // over the dev server when no --addr is given).
