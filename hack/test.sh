@@ -26,3 +26,7 @@ cargo clippy --all-targets --locked -- -D warnings
 step "cargo test --all-targets --no-fail-fast"
 # --no-fail-fast: one failing target must not hide the results of the others.
 cargo test --all-targets --locked --no-fail-fast
+
+step "cargo test --doc"
+# --all-targets does not include doc tests: the examples in the API docs run here.
+cargo test --doc --locked

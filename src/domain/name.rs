@@ -20,6 +20,15 @@ fn is_name_char(c: char) -> bool {
 ///
 /// Note that the seed allows names Kubernetes object names cannot hold (`_`, a leading `.`); the
 /// Kubernetes layer maps them to object names, never the other way round.
+///
+/// ```
+/// use claw_secrets::domain::Name;
+///
+/// assert_eq!(Name::parse("db.credentials").unwrap().as_str(), "db.credentials");
+/// assert!(Name::parse("_private").is_ok()); // the seed allows it; Kubernetes would not
+/// let refused = Name::parse("DB").unwrap_err();
+/// assert!(refused.to_string().contains("names are 1-253 characters"), "{refused}");
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Name(String);
