@@ -1,4 +1,11 @@
-//! What survives a stop, a restart and a crash: the store, the audit chain, idempotent writes.
+//! What survives a stop, a restart and a process crash: the store, the audit chain, idempotent
+//! writes.
+//!
+//! A process crash (kill -9) loses what the process held, not what the kernel had accepted:
+//! these tests cannot observe whether fsync was called. That half of the promise (a write
+//! acknowledged is on disk even if the machine loses power) rests on the order of writes and
+//! syncs, and is tested by failing each step of a write in turn (`src/faults.rs`, the store's
+//! and the audit writer's unit tests).
 
 #[path = "support/dev_server.rs"]
 mod dev_server;
@@ -281,8 +288,9 @@ fn client(port: u16, token: String, node: String, t: usize, acks: Arc<AtomicUsiz
     unreachable!()
 }
 
-/// kill -9 in the middle of a write burst loses nothing that was acknowledged, leaves nothing
-/// unreadable, and the audit chain holds (a record cut short is repaired, and says so).
+/// A process crash (kill -9) in the middle of a write burst loses nothing that was
+/// acknowledged, leaves nothing unreadable, and the audit chain holds (a record cut short is
+/// repaired, and says so). It does not prove the fsyncs (see the module's note).
 #[test]
 fn crash_mid_burst_loses_no_acknowledged_write() {
     let env = DevEnv::new();

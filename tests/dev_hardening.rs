@@ -3,6 +3,8 @@
 
 #[path = "support/dev_server.rs"]
 mod dev_server;
+#[path = "support/files.rs"]
+mod files;
 
 use dev_server::{DevEnv, DevServer, HttpResponse};
 use serde_json::{Value, json};
@@ -767,4 +769,47 @@ fn the_cli_gives_up_on_a_silent_server_within_its_timeout() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("did not answer within 2 s"), "{stderr}");
     drop(silent);
+}
+
+/// The promise (docs/architecture.md, "Storage"): the data dir and everything in it is the
+/// server's user's alone, files 0600 and directories 0700, whatever the umask: after secrets,
+/// configs, a rotation, a delete, a refused entry (quarantine/) and a restart.
+#[test]
+fn every_file_in_the_data_dir_is_private_whatever_the_umask() {
+    let env = DevEnv::new();
+    // A permissive umask, as a careless shell may have.
+    let server = env.start_with_umask(&[], 0o000);
+    server
+        .call("secret.create", json!({"name": "a", "data": {"k": "v"}}))
+        .payload();
+    server
+        .call("secret.rotate", json!({"name": "a", "newData": {"k": "w"}}))
+        .payload();
+    server
+        .call("config.create", json!({"name": "c", "data": {"k": "v"}}))
+        .payload();
+    server
+        .call("secret.create", json!({"name": "gone", "data": {"k": "v"}}))
+        .payload();
+    server
+        .call("secret.delete", json!({"name": "gone"}))
+        .payload();
+    env.create_token("app", "default");
+    server.stop();
+    // An entry edited while stopped is refused and quarantined at the next start.
+    let configs = env.data_dir.join("configs");
+    let entry = std::fs::read_dir(&configs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(&entry).unwrap();
+    std::fs::write(&entry, text.replacen("\"k\"", "\"x\"", 1)).unwrap();
+    let server = env.start_with_umask(&[], 0o000);
+    server.call("secret.get", json!({"name": "a"})).payload();
+    server.stop();
+    assert!(env.data_dir.join("quarantine").exists());
+    let wrong = files::not_private(&env.data_dir);
+    assert!(wrong.is_empty(), "not private: {wrong:#?}");
 }

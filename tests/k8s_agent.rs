@@ -20,6 +20,9 @@ mod process;
 #[path = "support/cluster.rs"]
 mod cluster;
 
+#[path = "support/files.rs"]
+mod files;
+
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -1289,6 +1292,11 @@ async fn a_black_holed_api_server_costs_known_callers_little_also_after_a_restar
         unknown < Duration::from_secs(5),
         "refusing took {unknown:?}"
     );
+
+    // The agent's data dir (store, cached keyring, saved reviews, audit log) is its own:
+    // files 0600, directories 0700.
+    let wrong = files::not_private(&agent.data_dir());
+    assert!(wrong.is_empty(), "not private: {wrong:#?}");
 
     drop(hole);
     c.cleanup().await;

@@ -601,6 +601,21 @@ impl DevEnv {
         self.start_command(cmd)
     }
 
+    /// Like [`DevEnv::start_args`], with the server's umask set to `mask` first.
+    #[allow(dead_code)]
+    pub fn start_with_umask(&self, extra: &[&str], mask: u32) -> DevServer {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = self.dev_command(extra);
+        // SAFETY: umask is async-signal-safe and cannot fail.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(mask as libc::mode_t);
+                Ok(())
+            });
+        }
+        self.start_command(cmd)
+    }
+
     fn start_command(&self, mut cmd: Command) -> DevServer {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn claw-secrets dev");

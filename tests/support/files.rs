@@ -1,0 +1,27 @@
+//! Checks on what the servers leave on disk.
+#![allow(dead_code)] // each test target uses a different subset
+
+/// Every file and directory under `dir` whose mode is not 0600 (files) or 0700 (directories).
+pub fn not_private(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut wrong = Vec::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        if mode != 0o700 {
+            wrong.push(format!("{}/ {mode:o}", d.display()));
+        }
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            if mode != 0o600 {
+                wrong.push(format!("{} {mode:o}", path.display()));
+            }
+        }
+    }
+    wrong
+}
