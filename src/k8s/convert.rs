@@ -16,7 +16,7 @@ use crate::domain::{
     ConfigData, DataKey, Kind, Name, Namespace, ObjectKey, SecretData, SecretValue, Version,
     Workload, WorkloadSet,
 };
-use crate::store::{ConfigRecord, SecretRecord, WriteRecord};
+use crate::store::{ConfigRecord, Origin, SecretRecord, WriteRecord};
 
 /// Why an object cannot be used; `reason` is the CamelCase condition reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +122,12 @@ fn parse_time(s: &str, what: &str) -> Result<Timestamp, Invalid> {
     })
 }
 
+/// Which object, and which state of it, a record made from `meta` mirrors.
+pub fn origin(meta: &kube::api::ObjectMeta) -> Option<Origin> {
+    let uid = meta.uid.as_deref()?;
+    Some(Origin::of(uid, meta.resource_version.as_deref()))
+}
+
 fn created_at(meta: &kube::api::ObjectMeta) -> Timestamp {
     meta.creation_timestamp
         .as_ref()
@@ -216,7 +222,7 @@ pub fn secret_record(
         updated_at: parse_time(&sealed.sealed_at, "sealed.sealedAt")?,
         allowed_workloads: workloads(&obj.spec.allowed_workloads)?,
         envelope,
-        origin: obj.metadata.uid.clone(),
+        origin: origin(&obj.metadata),
         writes,
         generation: 0,
     }))
@@ -239,7 +245,7 @@ pub fn config_record(obj: &ClawConfig, writes: Vec<WriteRecord>) -> Result<Confi
         immutable: obj.spec.immutable,
         created_at: created,
         updated_at: updated,
-        origin: obj.metadata.uid.clone(),
+        origin: origin(&obj.metadata),
         writes,
         generation: 0,
     })

@@ -27,7 +27,7 @@ pub mod writes;
 
 pub use files::{create_private_dir, ensure_private_file, write_atomic, write_private_file_atomic};
 pub use manifest::AuditAnchor;
-pub use records::{ConfigRecord, SecretRecord};
+pub use records::{ConfigRecord, Origin, SecretRecord};
 pub use writes::{Fingerprint, RememberedWrite, WriteRecord};
 
 use sha2::{Digest, Sha256};
@@ -51,14 +51,10 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "refusing to replace {key} version {stored} with older version {offered}: versions only move forward"
-    )]
-    Stale {
-        key: ObjectKey,
-        stored: u64,
-        offered: u64,
-    },
+    /// The write would move an entry backwards (an older version, or a leftover event of an
+    /// object that was deleted and re-created).
+    #[error("refusing to replace {key}: {why}; a stored entry only moves forward")]
+    Stale { key: ObjectKey, why: String },
     #[error("{key} changed since it was read ({why}); read it again and retry")]
     Changed { key: ObjectKey, why: &'static str },
     #[error(
@@ -149,7 +145,7 @@ impl<R> Lookup<R> {
 }
 
 /// The state a write expects to find, checked under the store's write lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
     /// Whatever is there (the agent mirroring the API server, which is the source of truth).
     Any,
@@ -157,6 +153,9 @@ pub enum Expect {
     Absent,
     /// The entry as it was at this generation.
     Generation(u64),
+    /// Nothing, or an entry that mirrors no later state of the Kubernetes object than this:
+    /// a leftover event of a deleted object must not remove its re-created successor.
+    NoNewerThan(Origin),
 }
 
 #[derive(Default)]
@@ -200,9 +199,35 @@ trait Entry: Sized + Send + Sync + 'static {
     fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8>;
     fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>>;
     fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>>;
-    /// Refuses a write that would move the entry backwards.
-    fn check_forward(_stored: &Self, _offered: &Self) -> Result<(), StoreError> {
-        Ok(())
+    fn origin(&self) -> Option<&Origin>;
+    /// Refuses a write that would move the entry backwards: a state of the Kubernetes object
+    /// older than the stored one, including any state of an object that was deleted before the
+    /// stored one was created (see `Origin::newer_than`).
+    fn check_forward(stored: &Self, offered: &Self) -> Result<(), StoreError> {
+        match (stored.origin(), offered.origin()) {
+            (Some(s), Some(o)) if s.newer_than(o) => Err(StoreError::Stale {
+                key: offered.key().clone(),
+                why: newer_state(s, o),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a stored origin wins over an offered one, for the error.
+fn newer_state(stored: &Origin, offered: &Origin) -> String {
+    let (s, o) = (
+        stored.revision.unwrap_or_default(),
+        offered.revision.unwrap_or_default(),
+    );
+    if stored.uid == offered.uid {
+        format!(
+            "it holds a later state of the object (resourceVersion {s}) than the one offered ({o})"
+        )
+    } else {
+        format!(
+            "it holds an object created after the one offered was (resourceVersion {s} against {o}): a deleted object's leftover"
+        )
     }
 }
 
@@ -229,17 +254,30 @@ impl Entry for SecretRecord {
     fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
         &mut state.secrets
     }
-    /// Versions only move forward within one object's history; a re-created object (another
-    /// origin) starts its own.
+    fn origin(&self) -> Option<&Origin> {
+        self.origin.as_ref()
+    }
+    /// As for any entry, and versions only move forward within one object's history (which is
+    /// what decides when a revision is unknown); a re-created object (another uid) starts its
+    /// own.
     fn check_forward(stored: &Self, offered: &Self) -> Result<(), StoreError> {
-        if stored.origin == offered.origin && stored.version > offered.version {
-            return Err(StoreError::Stale {
+        let same_object =
+            stored.origin.as_ref().map(|o| &o.uid) == offered.origin.as_ref().map(|o| &o.uid);
+        match (stored.origin(), offered.origin()) {
+            (Some(s), Some(o)) if s.newer_than(o) => Err(StoreError::Stale {
                 key: offered.key.clone(),
-                stored: stored.version.get(),
-                offered: offered.version.get(),
-            });
+                why: newer_state(s, o),
+            }),
+            _ if same_object && stored.version > offered.version => Err(StoreError::Stale {
+                key: offered.key.clone(),
+                why: format!(
+                    "version {} is stored and version {} was offered",
+                    stored.version.get(),
+                    offered.version.get()
+                ),
+            }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -259,6 +297,9 @@ impl Entry for ConfigRecord {
     }
     fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8> {
         ConfigRecord::to_file_bytes(self, mac)
+    }
+    fn origin(&self) -> Option<&Origin> {
+        self.origin.as_ref()
     }
     fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>> {
         &state.configs
@@ -512,15 +553,25 @@ impl Store {
         self.delete::<ConfigRecord>(key, expect, writes)
     }
 
-    fn check_expect<R: Entry>(&self, key: &ObjectKey, expect: Expect) -> Result<(), StoreError> {
-        let found = match self.lookup::<R>(key) {
+    fn check_expect<R: Entry>(&self, key: &ObjectKey, expect: &Expect) -> Result<(), StoreError> {
+        let lookup = self.lookup::<R>(key);
+        if let (Expect::NoNewerThan(offered), Lookup::Found(r)) = (expect, &lookup)
+            && let Some(stored) = r.origin()
+            && stored.newer_than(offered)
+        {
+            return Err(StoreError::Stale {
+                key: key.clone(),
+                why: newer_state(stored, offered),
+            });
+        }
+        let found = match lookup {
             Lookup::Found(r) => Some(r.generation()),
             Lookup::Quarantined(_) => Some(0),
             Lookup::Missing => None,
         };
         let why = match (expect, found) {
-            (Expect::Any, _) | (Expect::Absent, None) => return Ok(()),
-            (Expect::Generation(g), Some(f)) if g == f => return Ok(()),
+            (Expect::Any | Expect::NoNewerThan(_), _) | (Expect::Absent, None) => return Ok(()),
+            (Expect::Generation(g), Some(f)) if *g == f => return Ok(()),
             (Expect::Absent, Some(_)) => "it exists",
             (Expect::Generation(_), Some(_)) => "it was written since",
             (Expect::Generation(_), None) => "it was deleted since",
@@ -534,7 +585,7 @@ impl Store {
     fn put<R: Entry>(&self, mut record: R, expect: Expect) -> Result<Arc<R>, StoreError> {
         let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
         let ring = self.keys.current();
-        self.check_expect::<R>(record.key(), expect)?;
+        self.check_expect::<R>(record.key(), &expect)?;
         let previous = self.lookup::<R>(record.key()).found();
         if let Some(stored) = &previous {
             R::check_forward(stored, &record)?;
@@ -590,7 +641,7 @@ impl Store {
     ) -> Result<Option<Arc<R>>, StoreError> {
         let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
         let ring = self.keys.current();
-        self.check_expect::<R>(key, expect)?;
+        self.check_expect::<R>(key, &expect)?;
         let lookup = self.lookup::<R>(key);
         if matches!(lookup, Lookup::Missing) && extra_writes.is_empty() {
             return Ok(None);
@@ -1002,6 +1053,58 @@ mod tests {
                 (k.name.to_string(), v)
             })
             .collect()
+    }
+
+    /// A config (which has no version of its own) is not moved back either: not by an older
+    /// state of its object, nor by a deleted object's leftover; a newer state replaces it.
+    #[test]
+    fn a_config_never_goes_back_to_an_older_state_of_its_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        let config = |uid: &str, rv: &str, value: &str| ConfigRecord {
+            key: key("app"),
+            data: serde_json::from_value(serde_json::json!({"v": value})).unwrap(),
+            immutable: false,
+            created_at: Timestamp::UNIX_EPOCH,
+            updated_at: Timestamp::UNIX_EPOCH,
+            origin: Some(Origin::of(uid, Some(rv))),
+            writes: Vec::new(),
+            generation: 0,
+        };
+        let value = |store: &Store| store.config(&key("app")).unwrap().data.clone();
+        store
+            .put_config(config("uid-2", "30", "new"), Expect::Any)
+            .unwrap();
+        for stale in [
+            config("uid-2", "29", "older"),
+            config("uid-1", "20", "deleted"),
+        ] {
+            let e = store.put_config(stale, Expect::Any).unwrap_err();
+            assert!(matches!(e, StoreError::Stale { .. }), "{e}");
+            assert!(e.to_string().contains("only moves forward"), "{e}");
+        }
+        assert_eq!(value(&store), config("", "0", "new").data);
+        let e = store
+            .delete_config(
+                &key("app"),
+                Expect::NoNewerThan(Origin::of("uid-1", Some("25"))),
+                Vec::new(),
+            )
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Stale { .. }), "{e}");
+        store
+            .put_config(config("uid-2", "31", "newer"), Expect::Any)
+            .unwrap();
+        assert_eq!(value(&store), config("", "0", "newer").data);
+        store
+            .delete_config(
+                &key("app"),
+                Expect::NoNewerThan(Origin::of("uid-2", Some("32"))),
+                Vec::new(),
+            )
+            .unwrap();
+        assert!(store.config(&key("app")).is_none());
     }
 
     /// Every write (create, update, delete, a compaction) failing at every step of its durable

@@ -25,9 +25,8 @@ pub struct SecretRecord {
     pub updated_at: Timestamp,
     pub allowed_workloads: WorkloadSet,
     pub envelope: Envelope,
-    /// The uid of the Kubernetes object this entry mirrors (None in dev mode): a new object
-    /// under the same name starts a new version history.
-    pub origin: Option<String>,
+    /// The Kubernetes object (and the state of it) this entry mirrors; None in dev mode.
+    pub origin: Option<Origin>,
     /// The idempotent writes that led here, within their retention.
     pub writes: Vec<WriteRecord>,
     /// The store's write counter when this entry was written; set by the store on every put
@@ -44,10 +43,51 @@ pub struct ConfigRecord {
     pub immutable: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
-    /// The uid of the Kubernetes object this entry mirrors (None in dev mode).
-    pub origin: Option<String>,
+    /// The Kubernetes object (and the state of it) this entry mirrors; None in dev mode.
+    pub origin: Option<Origin>,
     pub writes: Vec<WriteRecord>,
     pub generation: u64,
+}
+
+/// Which Kubernetes object, and which state of it, a stored entry mirrors: what decides
+/// whether an event the agent receives is news or a leftover (see `Origin::newer_than`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The object's uid: a deleted and re-created object under the same name has another, and
+    /// starts its own version history.
+    pub uid: String,
+    /// The object's `resourceVersion` when this copy was taken, when it is a number (it is
+    /// etcd's revision of the write: it grows with every write to any object of the kind, so a
+    /// re-created object's is above everything its predecessor ever had). `None` from an API
+    /// server whose versions are not numbers, and in entries written before it was kept.
+    pub revision: Option<u64>,
+}
+
+impl Origin {
+    /// The origin of an object with this uid and `resourceVersion`.
+    pub fn of(uid: &str, resource_version: Option<&str>) -> Origin {
+        Origin {
+            uid: uid.to_owned(),
+            revision: resource_version.and_then(|rv| rv.parse().ok()),
+        }
+    }
+
+    /// Whether this state of an object is known to come after `other`'s (false when either
+    /// revision is unknown: then only the uid and the secret's version can decide).
+    pub fn newer_than(&self, other: &Origin) -> bool {
+        matches!((self.revision, other.revision), (Some(a), Some(b)) if a > b)
+    }
+
+    fn to_file(origin: Option<&Origin>) -> (Option<String>, Option<u64>) {
+        match origin {
+            Some(o) => (Some(o.uid.clone()), o.revision),
+            None => (None, None),
+        }
+    }
+
+    fn from_file(uid: Option<String>, revision: Option<u64>) -> Option<Origin> {
+        uid.map(|uid| Origin { uid, revision })
+    }
 }
 
 const FORMAT: u32 = 2;
@@ -150,6 +190,8 @@ struct SecretFile {
     envelope: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin_revision: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     writes: Vec<WriteRecord>,
     generation: u64,
@@ -183,6 +225,7 @@ fn decode_envelope(b64: &str) -> Result<Envelope, String> {
 
 impl SecretRecord {
     pub(crate) fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8> {
+        let origin = Origin::to_file(self.origin.as_ref());
         let file = SecretFile {
             format: FORMAT,
             namespace: self.key.namespace.clone(),
@@ -192,7 +235,8 @@ impl SecretRecord {
             updated_at: self.updated_at,
             allowed_workloads: self.allowed_workloads.clone(),
             envelope: B64.encode(self.envelope.to_bytes()),
-            origin: self.origin.clone(),
+            origin: origin.0,
+            origin_revision: origin.1,
             writes: self.writes.clone(),
             generation: self.generation,
             key_id: mac.key_id().clone(),
@@ -218,7 +262,7 @@ impl SecretRecord {
                 updated_at: file.updated_at,
                 allowed_workloads: file.allowed_workloads,
                 envelope: decode_envelope(&file.envelope)?,
-                origin: file.origin,
+                origin: Origin::from_file(file.origin, file.origin_revision),
                 writes: file.writes,
                 generation: file.generation,
             }));
@@ -233,7 +277,7 @@ impl SecretRecord {
             updated_at: file.updated_at,
             allowed_workloads: file.allowed_workloads,
             envelope: decode_envelope(&file.envelope)?,
-            origin: file.origin,
+            origin: Origin::from_file(file.origin, None),
             writes: Vec::new(),
             generation: 0,
         }))
@@ -252,6 +296,8 @@ struct ConfigFile {
     updated_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin_revision: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     writes: Vec<WriteRecord>,
     generation: u64,
@@ -285,6 +331,7 @@ fn check_format(format: u32, expected: u32) -> Result<(), String> {
 
 impl ConfigRecord {
     pub(crate) fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8> {
+        let origin = Origin::to_file(self.origin.as_ref());
         let file = ConfigFile {
             format: FORMAT,
             namespace: self.key.namespace.clone(),
@@ -293,7 +340,8 @@ impl ConfigRecord {
             immutable: self.immutable,
             created_at: self.created_at,
             updated_at: self.updated_at,
-            origin: self.origin.clone(),
+            origin: origin.0,
+            origin_revision: origin.1,
             writes: self.writes.clone(),
             generation: self.generation,
             key_id: mac.key_id().clone(),
@@ -318,7 +366,7 @@ impl ConfigRecord {
                 immutable: file.immutable,
                 created_at: file.created_at,
                 updated_at: file.updated_at,
-                origin: file.origin,
+                origin: Origin::from_file(file.origin, file.origin_revision),
                 writes: file.writes,
                 generation: file.generation,
             }));
@@ -332,7 +380,7 @@ impl ConfigRecord {
             immutable: file.immutable,
             created_at: file.created_at,
             updated_at: file.updated_at,
-            origin: file.origin,
+            origin: Origin::from_file(file.origin, None),
             writes: Vec::new(),
             generation: 0,
         }))

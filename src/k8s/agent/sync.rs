@@ -21,7 +21,7 @@ use crate::domain::{Kind, Name, Namespace, ObjectKey};
 use crate::k8s::convert::{self, selects};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
 use crate::k8s::names::object_name;
-use crate::store::{Expect, Store, StoreError};
+use crate::store::{Expect, Origin, Store, StoreError};
 use jiff::Timestamp;
 
 pub type Labels = BTreeMap<String, String>;
@@ -71,9 +71,54 @@ pub trait Mirrored: kube::Resource + Clone + Send + Sync + 'static {
     /// changed))` if it wrote it, `Ok(None)` if there was nothing to write, `Err` for a write
     /// that failed and should be tried again. `keyring` opens the writes the object remembers.
     fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<Option<Timestamp>, StoreError>;
-    fn remove(key: &ObjectKey, store: &Store);
+    /// Removes the key's entry, if `expect` holds (see `removal_expectation`).
+    fn remove(key: &ObjectKey, store: &Store, expect: Expect) -> Removal;
     fn stored_keys(store: &Store) -> Vec<ObjectKey>;
     const KIND: &'static str;
+}
+
+/// Whether two entries mirror the same Kubernetes object (dev-mode entries have no origin).
+fn same_object(a: Option<&Origin>, b: Option<&Origin>) -> bool {
+    a.map(|o| &o.uid) == b.map(|o| &o.uid)
+}
+
+/// What a removal did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Removed, or there was nothing to remove.
+    Done,
+    /// The store holds a later object under the key (the event was a leftover): kept.
+    KeptNewer,
+    /// The removal failed (logged); the next re-list sweeps it.
+    Failed,
+}
+
+/// The condition under which an event about `obj` may remove the stored entry: none is stored,
+/// or it mirrors no later state than `obj` (a deleted object's late event must not remove its
+/// re-created successor).
+fn removal_expectation<K: Mirrored>(obj: &K) -> Expect {
+    match convert::origin(obj.meta()) {
+        Some(origin) => Expect::NoNewerThan(origin),
+        None => Expect::Any,
+    }
+}
+
+fn removal<R>(key: &ObjectKey, what: &str, result: Result<Option<R>, StoreError>) -> Removal {
+    match result {
+        Ok(Some(_)) => {
+            tracing::info!(%key, "{what} removed from this node");
+            Removal::Done
+        }
+        Ok(None) => Removal::Done,
+        Err(e @ StoreError::Stale { .. }) => {
+            tracing::debug!(error = %e, "ignoring a removal older than the stored copy");
+            Removal::KeptNewer
+        }
+        Err(e) => {
+            tracing::error!(%key, error = %e, "could not remove {what}");
+            Removal::Failed
+        }
+    }
 }
 
 impl Mirrored for ClawSecret {
@@ -102,21 +147,15 @@ impl Mirrored for ClawSecret {
                 return Ok(None);
             }
         };
+        // Nothing to write if only the object's resourceVersion moved (a status update).
         if let Some(stored) = store.secret(&record.key)
-            && stored.origin == record.origin
+            && same_object(stored.origin.as_ref(), record.origin.as_ref())
+            && stored.version == record.version
+            && stored.envelope == record.envelope
+            && stored.allowed_workloads == record.allowed_workloads
+            && stored.writes == record.writes
         {
-            if stored.version > record.version {
-                tracing::debug!(key = %record.key, stored = stored.version.get(), offered = record.version.get(),
-                    "ignoring an older version");
-                return Ok(None);
-            }
-            if stored.version == record.version
-                && stored.envelope == record.envelope
-                && stored.allowed_workloads == record.allowed_workloads
-                && stored.writes == record.writes
-            {
-                return Ok(None);
-            }
+            return Ok(None);
         }
         let key = record.key.clone();
         let version = record.version;
@@ -126,8 +165,13 @@ impl Mirrored for ClawSecret {
                 tracing::info!(%key, version = version.get(), "secret stored on this node");
                 Ok(Some(changed))
             }
-            // A newer version arrived meanwhile (this agent's own write): nothing to do.
-            Err(StoreError::Stale { .. }) => Ok(None),
+            // An older version, or a leftover of a deleted object whose successor is stored
+            // (the store decides, under its lock, by uid, resourceVersion and version), or a
+            // newer version arrived meanwhile (this agent's own write): nothing to do.
+            Err(e @ StoreError::Stale { .. }) => {
+                tracing::debug!(error = %e, "ignoring an event older than the stored copy");
+                Ok(None)
+            }
             Err(e) => {
                 tracing::error!(%key, error = %e, "could not store secret; retrying");
                 Err(e)
@@ -135,12 +179,8 @@ impl Mirrored for ClawSecret {
         }
     }
 
-    fn remove(key: &ObjectKey, store: &Store) {
-        match store.delete_secret(key, Expect::Any, Vec::new()) {
-            Ok(Some(_)) => tracing::info!(%key, "secret removed from this node"),
-            Ok(None) => {}
-            Err(e) => tracing::error!(%key, error = %e, "could not remove secret"),
-        }
+    fn remove(key: &ObjectKey, store: &Store, expect: Expect) -> Removal {
+        removal(key, "secret", store.delete_secret(key, expect, Vec::new()))
     }
 
     fn stored_keys(store: &Store) -> Vec<ObjectKey> {
@@ -181,7 +221,7 @@ impl Mirrored for ClawConfig {
             }
         };
         if let Some(stored) = store.config(&record.key)
-            && stored.origin == record.origin
+            && same_object(stored.origin.as_ref(), record.origin.as_ref())
             && stored.data == record.data
             && stored.immutable == record.immutable
             && stored.updated_at == record.updated_at
@@ -196,6 +236,10 @@ impl Mirrored for ClawConfig {
                 tracing::info!(%key, "config stored on this node");
                 Ok(Some(changed))
             }
+            Err(e @ StoreError::Stale { .. }) => {
+                tracing::debug!(error = %e, "ignoring an event older than the stored copy");
+                Ok(None)
+            }
             Err(e) => {
                 tracing::error!(%key, error = %e, "could not store config; retrying");
                 Err(e)
@@ -203,12 +247,8 @@ impl Mirrored for ClawConfig {
         }
     }
 
-    fn remove(key: &ObjectKey, store: &Store) {
-        match store.delete_config(key, Expect::Any, Vec::new()) {
-            Ok(Some(_)) => tracing::info!(%key, "config removed from this node"),
-            Ok(None) => {}
-            Err(e) => tracing::error!(%key, error = %e, "could not remove config"),
-        }
+    fn remove(key: &ObjectKey, store: &Store, expect: Expect) -> Removal {
+        removal(key, "config", store.delete_config(key, expect, Vec::new()))
     }
 
     fn stored_keys(store: &Store) -> Vec<ObjectKey> {
@@ -246,8 +286,10 @@ fn apply<K: Mirrored>(obj: &K, labels: &Labels, store: &Store, keyring: &Keyring
     };
     let being_deleted = obj.meta().deletion_timestamp.is_some();
     if being_deleted || !selects(obj.node_selector(), labels) {
-        K::remove(&key, store);
-        return Applied::Removed;
+        return match K::remove(&key, store, removal_expectation(obj)) {
+            Removal::KeptNewer => Applied::Held(key),
+            Removal::Done | Removal::Failed => Applied::Removed,
+        };
     }
     match obj.store_it(store, keyring) {
         Ok(Some(changed)) => Applied::Stored(key, changed),
@@ -360,7 +402,7 @@ pub async fn mirror<K>(
                             blocking(move || {
                                 for key in K::stored_keys(&store) {
                                     if !seen.contains(&key) {
-                                        K::remove(&key, &store);
+                                        K::remove(&key, &store, Expect::Any);
                                     }
                                 }
                             }).await;
@@ -372,13 +414,13 @@ pub async fn mirror<K>(
                             note(&mut failed, &applied, obj, &metrics);
                         }
                         Ok(Event::Delete(guarded)) => {
-                            let key = match guarded {
-                                Ok(obj) => obj.key(),
-                                Err(kept) => kept,
+                            let (key, expect) = match guarded {
+                                Ok(obj) => (obj.key(), removal_expectation(&obj)),
+                                Err(kept) => (kept, Expect::Any),
                             };
                             if let Some(key) = key {
                                 failed.remove(&key);
-                                blocking(move || K::remove(&key, &store)).await;
+                                blocking(move || K::remove(&key, &store, expect)).await;
                             }
                         }
                         Err(e) => tracing::debug!(kind = K::KIND, error = %e, "watch interrupted; retrying"),
@@ -436,8 +478,9 @@ mod tests {
         )
     }
 
-    /// A ClawSecret `prod/db` with object uid `uid`, sealed as `version` of `value`.
-    fn sealed(keyring: &Keyring, uid: &str, version: u64, value: &str) -> ClawSecret {
+    /// A ClawSecret `prod/db` with object uid `uid` at resourceVersion `rv`, sealed as `version`
+    /// of `value`.
+    fn sealed(keyring: &Keyring, uid: &str, rv: u64, version: u64, value: &str) -> ClawSecret {
         let key = key();
         let data = convert::secret_data(&[("password".into(), value.into())].into()).unwrap();
         let identity = SecretIdentity {
@@ -464,6 +507,7 @@ mod tests {
         );
         obj.metadata.namespace = Some("prod".into());
         obj.metadata.uid = Some(uid.into());
+        obj.metadata.resource_version = Some(rv.to_string());
         obj
     }
 
@@ -483,7 +527,7 @@ mod tests {
         .unwrap();
         Some((
             r.version.get(),
-            r.origin.clone().unwrap_or_default(),
+            r.origin.clone().map(|o| o.uid).unwrap_or_default(),
             data.get("password").unwrap().expose().to_owned(),
         ))
     }
@@ -493,7 +537,7 @@ mod tests {
     }
 
     #[test]
-    fn an_older_version_never_replaces_the_stored_one_but_a_recreated_object_does() {
+    fn an_older_version_never_replaces_the_stored_one() {
         let dir = tempfile::tempdir().unwrap();
         let keyring = Keyring::generate().unwrap();
         let labels = Labels::new();
@@ -501,14 +545,12 @@ mod tests {
         let v = |version: u64, uid: &str, value: &str| {
             Some((version, uid.to_owned(), value.to_owned()))
         };
+        let db = |uid: &str, rv: u64, version: u64, value: &str| {
+            sealed(&keyring, uid, rv, version, value)
+        };
 
         // Written now: stored, with when it last changed (its sealedAt).
-        let first = apply(
-            &sealed(&keyring, "uid-1", 2, "two"),
-            &labels,
-            &store,
-            &keyring,
-        );
+        let first = apply(&db("uid-1", 10, 2, "two"), &labels, &store, &keyring);
         assert!(
             matches!(first, Applied::Stored(ref k, _) if *k == key()),
             "{first:?}"
@@ -517,13 +559,17 @@ mod tests {
 
         // An older version of the same object (a stale watch event, a re-list from a lagging
         // API server) is ignored, and the key still counts as present (no sweep).
+        let older = db("uid-1", 5, 1, "one");
         assert_eq!(
-            apply(
-                &sealed(&keyring, "uid-1", 1, "one"),
-                &labels,
-                &store,
-                &keyring
-            ),
+            apply(&older, &labels, &store, &keyring),
+            Applied::Held(key())
+        );
+        assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
+        // Also when its resourceVersion cannot be compared: the version decides.
+        let mut unnumbered = db("uid-1", 0, 1, "one");
+        unnumbered.metadata.resource_version = Some("opaque".into());
+        assert_eq!(
+            apply(&unnumbered, &labels, &store, &keyring),
             Applied::Held(key())
         );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
@@ -531,39 +577,102 @@ mod tests {
         // Also after a restart (the store reopened from disk).
         drop(store);
         let (store, _) = open(dir.path(), &keyring);
-        apply(
-            &sealed(&keyring, "uid-1", 1, "one"),
-            &labels,
-            &store,
-            &keyring,
-        );
+        apply(&older, &labels, &store, &keyring);
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
 
         // Newer versions move it forward.
-        apply(
-            &sealed(&keyring, "uid-1", 3, "three"),
-            &labels,
-            &store,
-            &keyring,
-        );
+        apply(&db("uid-1", 20, 3, "three"), &labels, &store, &keyring);
         assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
+    }
 
-        // A recreated object (new uid) starts its own history at version 1.
-        apply(
-            &sealed(&keyring, "uid-2", 1, "fresh"),
-            &labels,
-            &store,
-            &keyring,
+    #[test]
+    fn a_deleted_object_never_overwrites_or_removes_its_recreated_successor() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let labels = Labels::new();
+        let (store, _) = open(dir.path(), &keyring);
+        let v = |version: u64, uid: &str, value: &str| {
+            Some((version, uid.to_owned(), value.to_owned()))
+        };
+        let db = |uid: &str, rv: u64, version: u64, value: &str| {
+            sealed(&keyring, uid, rv, version, value)
+        };
+        apply(&db("uid-1", 20, 3, "three"), &labels, &store, &keyring);
+
+        // Deleted at resourceVersion 25 and re-created (uid-2, 30), its history starting at 1:
+        // stored, although its version is lower (the deletion may never have been seen).
+        apply(&db("uid-2", 30, 1, "fresh"), &labels, &store, &keyring);
+        assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
+
+        // The predecessor's leftovers (a lagging API server's re-list, an event delivered
+        // late) change nothing, and the key still counts as present: an update...
+        let leftover = db("uid-1", 20, 3, "three");
+        assert_eq!(
+            apply(&leftover, &labels, &store, &keyring),
+            Applied::Held(key())
         );
         assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
-        // ... and the old object's versions no longer count.
+        // ... its deletion in progress, or a selector that no longer picks this node ...
+        let mut being_deleted = db("uid-1", 25, 3, "three");
+        being_deleted.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        assert_eq!(
+            apply(&being_deleted, &labels, &store, &keyring),
+            Applied::Held(key())
+        );
+        let mut deselected = db("uid-1", 22, 3, "three");
+        deselected.spec.node_selector = Some([("gpu".to_owned(), "true".to_owned())].into());
+        assert_eq!(
+            apply(&deselected, &labels, &store, &keyring),
+            Applied::Held(key())
+        );
+        // ... and its Delete event.
+        assert_eq!(
+            ClawSecret::remove(&key(), &store, removal_expectation(&being_deleted)),
+            Removal::KeptNewer
+        );
+        assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
+
+        // What decides is kept on disk: the same after a restart.
+        drop(store);
+        let (store, _) = open(dir.path(), &keyring);
+        assert_eq!(
+            apply(&leftover, &labels, &store, &keyring),
+            Applied::Held(key())
+        );
+        assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
+
+        // The successor's own deletion removes it.
+        let mut deleted = db("uid-2", 31, 1, "fresh");
+        deleted.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        assert_eq!(apply(&deleted, &labels, &store, &keyring), Applied::Removed);
+        assert_eq!(stored(&store, &keyring), None);
+    }
+
+    #[test]
+    fn a_recreated_object_replaces_an_entry_written_before_revisions_were_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let labels = Labels::new();
+        let (store, _) = open(dir.path(), &keyring);
+        // An entry from an agent that kept only the uid: nothing says which object came
+        // later, so a new uid is taken as the re-created object (as before).
+        let mut old = sealed(&keyring, "uid-1", 20, 3, "three");
+        old.metadata.resource_version = None;
+        apply(&old, &labels, &store, &keyring);
         apply(
-            &sealed(&keyring, "uid-1", 3, "three"),
+            &sealed(&keyring, "uid-2", 30, 1, "fresh"),
             &labels,
             &store,
             &keyring,
         );
-        assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
+        assert_eq!(
+            stored(&store, &keyring),
+            Some((1, "uid-2".to_owned(), "fresh".to_owned()))
+        );
     }
 
     #[test]
@@ -593,7 +702,7 @@ mod tests {
         let keyring = Keyring::generate().unwrap();
         let (store, _) = open(dir.path(), &keyring);
         let gpu = Labels::from([("gpu".to_owned(), "true".to_owned())]);
-        let mut obj = sealed(&keyring, "uid-1", 1, "one");
+        let mut obj = sealed(&keyring, "uid-1", 1, 1, "one");
         apply(&obj, &gpu, &store, &keyring);
         assert!(store.secret(&key()).is_some());
 
