@@ -26,7 +26,7 @@
 //! - BENCH_BURST_PATIENCE  seconds the burst may take before it is reported as not done (600)
 //! - BENCH_STARTUP_RUNS    agent restarts with the API server down (default 10)
 //! - BENCH_BURST_RESTARTS  after the burst, restarts of node-c (10,001 secrets in its store)
-//!   with the API server down (default 5; 0 skips them)
+//!   with the API server down (default 5, on an external cluster 0: set there, it fails)
 //! - BENCH_CONNECTIONS     connection counts for `get` (default as benches/http.rs)
 //! - BENCH_SECONDS / BENCH_WARMUP_SECONDS  measured / warm-up seconds per `get` run (10 / 3)
 //! - BENCH_CLIENT_THREADS  load-generator (and kube client) worker threads (default 1)
@@ -507,10 +507,11 @@ async fn first_read(agent: &Agent, req: &Arc<[u8]>) -> Duration {
 /// goes away with this process).
 fn startup(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
     let cp = control_plane::control_plane();
-    if cp.is_external() {
-        println!("startup: skipped, it stops kube-apiserver (only the local control plane)");
-        return;
-    }
+    assert!(
+        !cp.is_external(),
+        "startup stops kube-apiserver, which only the local control plane allows: leave it out \
+         of BENCH_PARTS against an external cluster"
+    );
     let runs = if bench {
         env_or("BENCH_STARTUP_RUNS", 10usize).max(1)
     } else {
@@ -870,8 +871,16 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
         println!("burst: {n} sealed, listed by all 3 agents, a sealed value opens");
 
         // Start-up with the API server down again, with a full store this time.
-        let restarts = env_or("BENCH_BURST_RESTARTS", if bench { 5usize } else { 0 });
-        if restarts > 0 && !c.cp().is_external() {
+        let external = c.cp().is_external();
+        let restarts = env_or(
+            "BENCH_BURST_RESTARTS",
+            if bench && !external { 5usize } else { 0 },
+        );
+        assert!(
+            restarts == 0 || !external,
+            "BENCH_BURST_RESTARTS stops kube-apiserver, which only the local control plane allows"
+        );
+        if restarts > 0 {
             let [_, _, node_c] = &mut agents;
             let samples = restarts_with_apiserver_down(&c, node_c, restarts, last).await;
             print_restarts(

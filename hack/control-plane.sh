@@ -3,10 +3,13 @@
 # proxy. No Docker, no release downloads. See docs/control-plane.md.
 #
 #   hack/control-plane.sh install              build kube-apiserver, kubectl, etcd and helm once per
-#                                              version into the cache; print the bin dir on stdout
+#                                              version into the cache, with the CRDs every test
+#                                              control plane serves (crds/: the Prometheus
+#                                              Operator's ServiceMonitor); print the bin dir on stdout
 #   hack/control-plane.sh up DIR [--parent-pid PID] [--timeout SECS]
 #                                              start etcd + kube-apiserver on free loopback ports with
-#                                              state in DIR, wait for /readyz, write DIR/kubeconfig
+#                                              state in DIR, wait for /readyz, install BIN/crds/*,
+#                                              write DIR/kubeconfig
 #                                              (system:masters admin) and print
 #                                              `export KUBECONFIG=DIR/kubeconfig` on stdout. With
 #                                              --parent-pid, a watchdog tears everything down (and
@@ -103,6 +106,29 @@ build_wrapper() {
     log "$wrapper: built ${names[*]} in $((SECONDS - start))s"
 }
 
+# install_crds: the third-party CRDs every test control plane serves, into $BIN/crds, taken from
+# the Go module proxy (the module's hash checked against versions.env).
+install_crds() {
+    local module=github.com/prometheus-operator/prometheus-operator
+    local want="$BIN/crds/monitoring.coreos.com_servicemonitors.yaml"
+    local stampfile="$BIN/crds/.stamp" stamp="$PROMETHEUS_OPERATOR_VERSION $PROMETHEUS_OPERATOR_SUM"
+    if [[ -f "$want" && -f "$stampfile" && "$(cat "$stampfile")" == "$stamp" ]]; then
+        log "crds: up to date (ServiceMonitor from prometheus-operator $PROMETHEUS_OPERATOR_VERSION)"
+        return 0
+    fi
+    local info dir sum
+    info="$(cd "$BIN" && GOFLAGS= go mod download -json "$module@$PROMETHEUS_OPERATOR_VERSION")" ||
+        die "crds: go mod download $module@$PROMETHEUS_OPERATOR_VERSION failed (see above)"
+    dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p' <<<"$info")"
+    sum="$(sed -n 's/^[[:space:]]*"Sum": "\(.*\)",*$/\1/p' <<<"$info")"
+    [[ "$sum" == "$PROMETHEUS_OPERATOR_SUM" ]] ||
+        die "crds: $module@$PROMETHEUS_OPERATOR_VERSION has hash $sum, versions.env pins $PROMETHEUS_OPERATOR_SUM"
+    mkdir -p "$BIN/crds"
+    install -m 0644 "$dir/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" "$want"
+    printf '%s\n' "$stamp" >"$stampfile"
+    log "crds: ServiceMonitor from prometheus-operator $PROMETHEUS_OPERATOR_VERSION"
+}
+
 cmd_install() {
     command -v go >/dev/null || die "go is not installed: Go (>= 1.24; etcd needs 1.26, which go fetches itself unless GOTOOLCHAIN=local) builds the control plane"
     BIN="$(bin_dir)"
@@ -145,6 +171,7 @@ cmd_install() {
         hv+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$cg_minor"
     done
     build_wrapper helm "-s -w $hv" helm=helm.sh/helm/v3/cmd/helm
+    install_crds
 
     log "kube-apiserver: $("$BIN/kube-apiserver" --version 2>&1)"
     log "kubectl: $("$BIN/kubectl" version --client 2>&1 | head -1)"
@@ -318,6 +345,21 @@ gen_tokens() {
     ) || die "token file generation failed"
 }
 
+# serve_crds DIR BIN: install the CRDs of BIN/crds into the control plane of DIR, and wait until
+# they are served (the tests validate objects of those kinds with the API server).
+serve_crds() {
+    local dir="$1" bin="$2" crd
+    [[ -f "$bin/crds/monitoring.coreos.com_servicemonitors.yaml" ]] ||
+        die "$bin/crds has no ServiceMonitor CRD: run \`bash hack/control-plane.sh install\`"
+    for crd in "$bin"/crds/*.yaml; do
+        # Server-side: the CRD is larger than the client-side apply annotation allows.
+        "$bin/kubectl" --kubeconfig "$dir/kubeconfig" apply --server-side -f "$crd" >/dev/null ||
+            die "could not install $crd"
+    done
+    "$bin/kubectl" --kubeconfig "$dir/kubeconfig" wait --for condition=established --timeout=60s \
+        crd/servicemonitors.monitoring.coreos.com >/dev/null || die "the ServiceMonitor CRD was not established"
+}
+
 write_kubeconfig() { # DIR PORT
     local dir="$1" port="$2" pki="$1/pki"
     b64() { base64 -w0 <"$1"; }
@@ -418,6 +460,7 @@ cmd_up() {
         log "retrying with other ports"
     done
     write_kubeconfig "$dir" "$APISERVER_PORT"
+    serve_crds "$dir" "$bin"
 
     rm -f "$dir/up.pid"
     log "control plane up in $((SECONDS - start))s: https://127.0.0.1:$APISERVER_PORT (state in $dir)"

@@ -47,7 +47,9 @@
 # this machine (the cargo-built binary, with the kind kubeconfig), and register Node objects
 # of their own; kind contributes a real API server (TokenReview, SubjectAccessReview, RBAC,
 # CRD validation, Events) with a real kubelet and controllers behind it. Tests that stop and
-# start the API server are skipped on an external cluster (they say so).
+# start the API server fail on an external cluster, so they are left out by name (LOCAL_ONLY);
+# the ServiceMonitor CRD is installed from the pinned Prometheus Operator module so the chart's
+# ServiceMonitor is validated by the API server.
 set -euo pipefail
 
 if ((BASH_VERSINFO[0] < 4)); then
@@ -431,9 +433,13 @@ kc -n "$NS" scale "$OPERATOR" --replicas=0 >/dev/null
 kc -n "$NS" wait --for=delete pod -l "$(selector_of "$OPERATOR")" --timeout "${TIMEOUT}s" \
     >/dev/null 2>&1 || true
 
-log "KUBECONFIG_E2E=$KUBECONFIG_FILE cargo test --test 'k8s_*'"
+# Tests that stop and start kube-apiserver fail on an external cluster: left out by name.
+LOCAL_ONLY=(--skip api_server_outage_reads_continue_and_writes_are_unavailable
+    --skip a_leader_that_cannot_renew_steps_down_before_another_takes_over)
+log "KUBECONFIG_E2E=$KUBECONFIG_FILE cargo test --test 'k8s_*' -- ${LOCAL_ONLY[*]}"
 (
     cd "$ROOT"
-    KUBECONFIG_E2E="$KUBECONFIG_FILE" cargo test --locked --test 'k8s_*' -- ${TEST_ARGS[@]+"${TEST_ARGS[@]}"}
+    KUBECONFIG_E2E="$KUBECONFIG_FILE" cargo test --locked --test 'k8s_*' -- "${LOCAL_ONLY[@]}" \
+        ${TEST_ARGS[@]+"${TEST_ARGS[@]}"}
 )
 log "image, chart, smoke test and cluster test suite: OK"

@@ -1084,14 +1084,9 @@ impl Drop for RestartApiServer {
 #[tokio::test]
 async fn api_server_outage_reads_continue_and_writes_are_unavailable() {
     let _lock = cluster::exclusive().await;
-    if control_plane::control_plane().is_external() {
-        eprintln!(
-            "SKIPPED api_server_outage_reads_continue_and_writes_are_unavailable: it stops and \
-             starts kube-apiserver, which only works on the local control plane (unset {})",
-            control_plane::KUBECONFIG_E2E
-        );
-        return;
-    }
+    control_plane::local_control_plane(
+        "api_server_outage_reads_continue_and_writes_are_unavailable",
+    );
     let c = Cluster::new("outage").await;
     let ns = c.ns().to_owned();
     let cp = c.cp();

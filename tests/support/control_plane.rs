@@ -171,6 +171,20 @@ pub fn control_plane() -> &'static ControlPlane {
     }
 }
 
+/// The local control plane, for a test that stops and starts kube-apiserver. Against an
+/// external cluster the test fails (it is not skipped with an "ok"): such a run leaves it out
+/// by name, as `hack/kind-e2e.sh` does with `--skip`.
+#[allow(dead_code)] // not every test binary stops the API server
+pub fn local_control_plane(test: &str) -> &'static ControlPlane {
+    let cp = control_plane();
+    assert!(
+        !cp.is_external(),
+        "{test} stops and starts kube-apiserver, which only the local control plane allows: \
+         against {KUBECONFIG_E2E} leave it out (`cargo test -- --skip {test}`)"
+    );
+    cp
+}
+
 /// Root of the repository (where `hack/` is).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
