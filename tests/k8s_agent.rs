@@ -1063,6 +1063,114 @@ async fn versions_only_move_forward() {
     c.cleanup().await;
 }
 
+/// Concurrent rotations of one secret through two agents: the agents' writes race at the API
+/// server (each agent takes its own writes in turn), a lost race is retried or answered
+/// CONFLICT, never a silent overwrite. Every caller retries a CONFLICT with its idempotency key
+/// until it succeeds, so the versions handed out are exactly 2..=N+1, each to one caller, each
+/// with its commit in the audit log of the agent that answered, and the secret ends holding
+/// what the caller told N+1 wrote.
+#[tokio::test]
+async fn concurrent_rotations_through_two_agents_lose_no_version() {
+    const CALLERS: usize = 16;
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("race").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let (mut a, mut b) = (c.agent("a", &[]).await, c.agent("b", &[]).await);
+    a.invoke(
+        Some(&alice),
+        "secret.create",
+        json!({ "name": "raced", "namespace": ns, "data": secret_data() }),
+    )
+    .await
+    .payload("create");
+
+    let rotations = (0..CALLERS).map(|i| {
+        let agent = if i % 2 == 0 { &a } else { &b };
+        let (alice, ns) = (alice.clone(), ns.clone());
+        async move {
+            let data = secret_data();
+            let params = json!({ "name": "raced", "namespace": ns, "newData": data });
+            let key = format!("race-{i}");
+            let mut conflicts = 0;
+            loop {
+                let reply = send(agent, &alice, "secret.rotate", params.clone(), &key).await;
+                match reply.code() {
+                    None => {
+                        let version = reply.payload("rotate")["version"].as_u64().unwrap();
+                        return (version, key, agent.node.clone(), data, conflicts);
+                    }
+                    Some("CONFLICT") if conflicts < 50 => conflicts += 1,
+                    _ => panic!("{key}: expected success or CONFLICT: {:?}", reply.body),
+                }
+            }
+        }
+    });
+    let mut results = futures::future::join_all(rotations).await;
+    results.sort_by_key(|r| r.0);
+    let versions: Vec<u64> = results.iter().map(|r| r.0).collect();
+    assert_eq!(
+        versions,
+        (2..=CALLERS as u64 + 1).collect::<Vec<_>>(),
+        "every rotation got its own version, none lost"
+    );
+    let answered_conflict: usize = results.iter().map(|r| r.4).sum();
+
+    // The secret holds what the caller told the last version wrote, on both nodes.
+    let (last, _, _, last_data, _) = results.last().unwrap();
+    let sealed = c.secrets().get("raced").await.unwrap().spec.sealed.unwrap();
+    assert_eq!(sealed.version, *last);
+    for agent in [&a, &b] {
+        wait_secret(agent, &alice, &ns, "raced", *last, last_data).await;
+    }
+
+    // Audited: each version's commit, once, by the agent that answered, with the caller's
+    // key; every lost race is an abort (CONFLICT) in the log of the agent that lost it.
+    a.terminate();
+    b.terminate();
+    let rotations_of = |agent: &Agent| -> Vec<Value> {
+        agent
+            .audit()
+            .into_iter()
+            .filter(|r| r["command"] == "secret.rotate" && r["namespace"] == json!(ns))
+            .collect()
+    };
+    let (log_a, log_b) = (rotations_of(&a), rotations_of(&b));
+    for (version, key, node, _, _) in &results {
+        let log = if *node == a.node { &log_a } else { &log_b };
+        let commits: Vec<&Value> = log
+            .iter()
+            .filter(|r| r["phase"] == "commit" && r["idempotencyKey"] == json!(key))
+            .collect();
+        assert_eq!(
+            commits.len(),
+            1,
+            "{key}: one commit in {node}'s log: {commits:?}"
+        );
+        assert_eq!(commits[0]["version"], json!(version), "{key}");
+    }
+    let lost: usize = [&log_a, &log_b]
+        .iter()
+        .flat_map(|log| log.iter())
+        .filter(|r| {
+            r["phase"] == "abort" && r["reason"].as_str().unwrap_or("").starts_with("CONFLICT")
+        })
+        .count();
+    println!(
+        "RACE: {CALLERS} rotations through 2 agents: {lost} lost races (aborts), \
+         {answered_conflict} answered CONFLICT and retried by the caller"
+    );
+    assert!(
+        lost > 0,
+        "the agents' writes never raced at the API server: the CONFLICT path was not exercised"
+    );
+    assert!(
+        lost >= answered_conflict,
+        "every CONFLICT answered has its abort"
+    );
+    c.cleanup().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. API server outage
 // ---------------------------------------------------------------------------------------------
