@@ -42,6 +42,9 @@ mod control_plane;
 #[path = "../tests/support/process.rs"]
 mod process;
 
+#[path = "../tests/support/relay.rs"]
+mod relay;
+
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
 

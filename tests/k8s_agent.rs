@@ -17,6 +17,9 @@ mod control_plane;
 #[path = "support/process.rs"]
 mod process;
 
+#[path = "support/relay.rs"]
+mod relay;
+
 #[path = "support/cluster.rs"]
 mod cluster;
 
@@ -35,7 +38,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
-use cluster::{Agent, BlackHole, Cluster, GPU, PATIENCE, eventually, random_hex};
+use cluster::{Agent, Cluster, GPU, PATIENCE, eventually, random_hex};
+use relay::BlackHole;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -1341,7 +1345,7 @@ async fn a_black_holed_api_server_costs_known_callers_little_also_after_a_restar
     let alice = c.alice().await;
     let app = cluster::service_account_token(&c.client(), &ns, "app").await;
     let stranger = cluster::service_account_token(&c.client(), &ns, "stranger").await;
-    let hole = BlackHole::to(cluster::apiserver_addr(&c.env.kubeconfig)).await;
+    let hole = BlackHole::to(relay::apiserver_addr(&c.env.kubeconfig)).await;
     let mut agent = c.agent_behind("a", &hole).await;
 
     let v1 = secret_data();

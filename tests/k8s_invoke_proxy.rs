@@ -20,6 +20,9 @@ mod control_plane;
 #[path = "support/process.rs"]
 mod process;
 
+#[path = "support/relay.rs"]
+mod relay;
+
 #[path = "support/cluster.rs"]
 mod cluster;
 

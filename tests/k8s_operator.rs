@@ -15,6 +15,9 @@ mod control_plane;
 #[path = "support/process.rs"]
 mod process;
 
+#[path = "support/relay.rs"]
+mod relay;
+
 use process::{free_port, http_get};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -128,6 +131,16 @@ struct Operator {
 
 impl Operator {
     fn start(env: &TestEnv, identity: &str, lease_seconds: u32) -> Operator {
+        Operator::start_with(env, identity, lease_seconds, &env.kubeconfig)
+    }
+
+    /// Like [`Operator::start`], reaching the API server with `kubeconfig` (through a relay).
+    fn start_with(
+        env: &TestEnv,
+        identity: &str,
+        lease_seconds: u32,
+        kubeconfig: &Path,
+    ) -> Operator {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("{}-{identity}.log", env.namespace));
         let file = std::fs::File::create(&log).expect("operator log file");
@@ -138,7 +151,7 @@ impl Operator {
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--identity", identity])
             .args(["--lease-duration-seconds", &lease_seconds.to_string()])
-            .env("KUBECONFIG", &env.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             // Everything the operator logs, at every level of its own code, is checked for
             // plaintext by the tests that use canaries.
             .env("CLAW_SECRETS_LOG", "info,claw_secrets=trace")
@@ -936,6 +949,140 @@ async fn configs_are_accepted_and_immutability_holds_in_the_loop() {
         }
     })
     .await;
+    env.cleanup().await;
+}
+
+/// The Lease's holder and when it was last renewed (as the holder wrote it), if there is one.
+async fn lease_state(leases: &Api<Lease>) -> Option<(String, jiff::Timestamp, jiff::Timestamp)> {
+    let spec = leases.get_opt(LEASE).await.ok()??.spec?;
+    Some((
+        spec.holder_identity?,
+        spec.acquire_time?.0,
+        spec.renew_time?.0,
+    ))
+}
+
+/// A partition, not a death: the leader's renewals are black-holed (its relay to the API
+/// server accepts and never answers), while the standby reaches the API server. The leader
+/// must give up (exit non-zero, reporting leader 0) by its renew deadline, counted from its
+/// last renewal, which is before the Lease can expire for anyone else; the standby takes over
+/// only once the lease has expired since that renewal; and sampling both `/metrics`
+/// continuously never shows two leaders.
+#[tokio::test]
+async fn a_leader_that_cannot_renew_steps_down_before_another_takes_over() {
+    let env = setup("op-partition").await;
+    let leases: Api<Lease> = env.api();
+    let lease_seconds = 6;
+    let lease = Duration::from_secs(lease_seconds.into());
+    let (hole_a, via_a) = relay::BlackHole::in_front_of(&env.kubeconfig).await;
+    let (hole_b, via_b) = relay::BlackHole::in_front_of(&env.kubeconfig).await;
+    let mut a = Operator::start_with(&env, "replica-a", lease_seconds, &via_a);
+    let mut b = Operator::start_with(&env, "replica-b", lease_seconds, &via_b);
+    let first = eventually("one replica to lead, the other to stand by", || async {
+        let h = lease_state(&leases).await.map(|s| s.0).unwrap_or_default();
+        let ready = |op: &Operator| op.get("/readyz").is_some_and(|r| r.0 == 200);
+        let leaders = [&a, &b].iter().filter(|op| op.is_leader()).count();
+        if (h == "replica-a" || h == "replica-b") && ready(&a) && ready(&b) && leaders == 1 {
+            Ok(h)
+        } else {
+            Err(format!("holder {h:?}, leaders {leaders}"))
+        }
+    })
+    .await;
+
+    // Both /metrics, sampled back to back from another thread until the test ends.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, ports) = (stop.clone(), [a.port, b.port]);
+        std::thread::spawn(move || {
+            let leads = |port| {
+                http_get(port, "/metrics").is_some_and(|(_, body)| {
+                    body.lines().any(|l| l == "claw_secrets_operator_leader 1")
+                })
+            };
+            let (mut samples, mut both) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if leads(ports[0]) && leads(ports[1]) {
+                    both += 1;
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (samples, both)
+        })
+    };
+
+    let (leader, standby, hole) = if first == "replica-a" {
+        (&mut a, &mut b, &hole_a)
+    } else {
+        (&mut b, &mut a, &hole_b)
+    };
+    hole.black_hole();
+    let partitioned = Instant::now();
+    let status = loop {
+        if let Some(status) = leader.exited() {
+            break status;
+        }
+        assert!(
+            partitioned.elapsed() < PATIENCE,
+            "the partitioned leader did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exited_after = partitioned.elapsed();
+    let exited_at = jiff::Timestamp::now();
+    assert!(
+        !status.success(),
+        "a leader that lost its Lease exits non-zero: {status}"
+    );
+    assert!(
+        leader.log_text().contains("could not renew"),
+        "the leader says why it stopped:\n{}",
+        leader.log_tail()
+    );
+    // Its last renewal is what the Lease still says; the standby may not act before that
+    // renewal is a lease duration old, and the partitioned leader has stopped before.
+    let (holder, _, last_renewal) = lease_state(&leases).await.expect("the Lease");
+    assert_eq!(
+        holder, leader.identity,
+        "nobody took over while the leader still acted"
+    );
+    // Its renew deadline is two thirds of the lease after that renewal; what must hold is that
+    // it is gone before the lease could expire for anyone else.
+    let stopped = exited_at.duration_since(last_renewal);
+    assert!(
+        stopped < jiff::SignedDuration::try_from(lease).unwrap(),
+        "the partitioned leader still ran {stopped:?} after its last renewal, past the lease \
+         ({lease:?}) a standby waits out"
+    );
+    let standby_identity = standby.identity.clone();
+    let (new_holder, taken_at, _) = eventually("the standby to take over", || async {
+        match lease_state(&leases).await {
+            Some(s) if s.0 == standby_identity && standby.is_leader() => Ok(s),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(new_holder, standby.identity);
+    let waited = taken_at.duration_since(last_renewal);
+    assert!(
+        waited >= jiff::SignedDuration::try_from(lease).unwrap(),
+        "the standby took over {waited:?} after the leader's last renewal, before the lease \
+         ({lease:?}) expired"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (samples, both) = sampler.join().expect("the sampler");
+    assert_eq!(both, 0, "{both} of {samples} samples saw two leaders");
+    println!(
+        "PARTITION: lease {lease_seconds}s (renew deadline {:.1}s): the partitioned leader \
+         exited {:.2}s after the partition, {:.2}s after its last renewal; the standby took over \
+         {:.2}s after that renewal; {samples} samples, never two leaders",
+        lease.as_secs_f64() * 2.0 / 3.0,
+        exited_after.as_secs_f64(),
+        stopped.as_secs_f64(),
+        waited.as_secs_f64()
+    );
+    drop((hole_a, hole_b));
     env.cleanup().await;
 }
 

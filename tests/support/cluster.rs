@@ -9,6 +9,8 @@
 //! mod control_plane;
 //! #[path = "support/process.rs"]
 //! mod process;
+//! #[path = "support/relay.rs"]
+//! mod relay;
 //! #[path = "support/cluster.rs"]
 //! mod cluster;
 //! ```
@@ -42,6 +44,7 @@ use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
 
 use crate::control_plane::{self, ControlPlane, TestEnv};
 use crate::process::free_port;
+use crate::relay::BlackHole;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
@@ -198,19 +201,8 @@ impl Cluster {
     /// Like [`Cluster::agent`], reaching the API server through `hole` (a relay the test can
     /// black-hole).
     pub async fn agent_behind(&self, letter: &str, hole: &BlackHole) -> Agent {
-        let text = std::fs::read_to_string(&self.env.kubeconfig).expect("kubeconfig");
-        let upstream = format!("127.0.0.1:{}", apiserver_addr(&self.env.kubeconfig).port());
-        let relayed = text.replace(&upstream, &format!("127.0.0.1:{}", hole.port));
-        assert_ne!(
-            relayed, text,
-            "the kubeconfig names the API server as {upstream}"
-        );
-        let path = self
-            .env
-            .kubeconfig
-            .with_file_name(format!("kubeconfig-via-{}", hole.port));
-        std::fs::write(&path, relayed).expect("write the relayed kubeconfig");
-        self.agent_with(letter, &[], Ipv4Addr::LOCALHOST.into(), &path)
+        let kubeconfig = hole.kubeconfig(&self.env.kubeconfig);
+        self.agent_with(letter, &[], Ipv4Addr::LOCALHOST.into(), &kubeconfig)
             .await
     }
 
@@ -244,89 +236,6 @@ impl Cluster {
 
 pub const ZONE: &str = "claw-secrets.test/zone";
 
-/// The API server's address, from the `server:` line of `kubeconfig` (https://127.0.0.1:PORT).
-pub fn apiserver_addr(kubeconfig: &Path) -> SocketAddr {
-    let text = std::fs::read_to_string(kubeconfig).expect("kubeconfig");
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("server: https://"))
-        .and_then(|a| a.trim_end_matches('/').parse().ok())
-        .unwrap_or_else(|| panic!("no https://IP:PORT server in {}", kubeconfig.display()))
-}
-
-/// A TCP relay to the API server that the test can turn into a black hole: from then on it
-/// accepts connections and never answers, and bytes on open connections go nowhere (a network
-/// partition drops packets; it does not refuse connections).
-pub struct BlackHole {
-    pub port: u16,
-    black: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    accepting: tokio::task::JoinHandle<()>,
-}
-
-impl BlackHole {
-    pub async fn to(upstream: SocketAddr) -> BlackHole {
-        use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the relay");
-        let port = listener.local_addr().unwrap().port();
-        let black = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = black.clone();
-        let accepting = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let black = flag.clone();
-                tokio::spawn(async move {
-                    if black.load(Ordering::SeqCst) {
-                        // Accepted, held open, never answered.
-                        match std::future::pending::<std::convert::Infallible>().await {}
-                    }
-                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let (in_r, in_w) = inbound.into_split();
-                    let (out_r, out_w) = outbound.into_split();
-                    let pipe =
-                        |black: std::sync::Arc<std::sync::atomic::AtomicBool>,
-                         mut from: tokio::net::tcp::OwnedReadHalf,
-                         mut to: tokio::net::tcp::OwnedWriteHalf| async move {
-                            let mut buf = vec![0u8; 16 * 1024];
-                            loop {
-                                let n = match from.read(&mut buf).await {
-                                    Ok(0) | Err(_) => return,
-                                    Ok(n) => n,
-                                };
-                                if black.load(Ordering::SeqCst) {
-                                    // Both ends stay open (owned by this future);
-                                    // nothing is delivered.
-                                    match std::future::pending::<std::convert::Infallible>().await {}
-                                }
-                                if to.write_all(&buf[..n]).await.is_err() {
-                                    return;
-                                }
-                            }
-                        };
-                    tokio::join!(pipe(black.clone(), in_r, out_w), pipe(black, out_r, in_w));
-                });
-            }
-        });
-        BlackHole {
-            port,
-            black,
-            accepting,
-        }
-    }
-
-    /// From now on nothing gets through, and nothing is refused.
-    pub fn black_hole(&self) {
-        self.black.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for BlackHole {
-    fn drop(&mut self) {
-        self.accepting.abort();
-    }
-}
 pub const GPU: &str = "claw-secrets.test/gpu";
 
 /// Applies both CRDs (server-side apply; idempotent) and waits until they are served.
