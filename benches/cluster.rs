@@ -36,14 +36,20 @@
 //! small (20 secrets, one restart, 100 requests on each of 2 connections per server), checking
 //! correctness only, never time. No secret value is ever printed.
 
-#[path = "../tests/support/control_plane.rs"]
-mod control_plane;
+#[path = "../tests/support/random.rs"]
+mod random;
+
+#[path = "../tests/support/wait.rs"]
+mod wait;
 
 #[path = "../tests/support/process.rs"]
 mod process;
 
 #[path = "../tests/support/relay.rs"]
 mod relay;
+
+#[path = "../tests/support/control_plane.rs"]
+mod control_plane;
 
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
@@ -75,8 +81,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use claw_secrets::k8s::crd::ClawSecret;
-use cluster::{Agent, Cluster, PATIENCE};
+use cluster::{Agent, Cluster};
 use loadgen::{LoadConfig, Target, env_or, ms};
+use wait::PATIENCE;
 
 const SECRET_NAME: &str = "bench.secret";
 const VALUE_LEN: usize = 1024;
@@ -555,12 +562,12 @@ async fn restarts_with_apiserver_down(
             "secret.create",
             json!({
                 "name": "db", "namespace": ns, "allowed_workloads": ["app"],
-                "data": { "password": cluster::random_hex(16) },
+                "data": { "password": random::random_hex(16) },
             }),
         )
         .await
         .payload("secret.create");
-    cluster::eventually("the workload's first read", PATIENCE, || async {
+    wait::eventually("the workload's first read", || async {
         agent.get_secret(&app, &ns, "db").await.result().map(|_| ())
     })
     .await;
@@ -741,7 +748,7 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
             .map(|i| {
                 let manifests = manifests.clone();
                 let name = format!("burst-{i:05}");
-                let value = format!("burst-value-{i}-{}", cluster::random_hex(8));
+                let value = format!("burst-value-{i}-{}", random::random_hex(8));
                 let obj = DynamicObject::new(&name, &resource)
                     .data(json!({ "spec": { "data": { "token": value } } }));
                 async move {

@@ -1,6 +1,12 @@
 //! Malformed requests get the documented error, never take the server down, and never touch
 //! what is stored.
 
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
 #[path = "support/dev_server.rs"]
 mod dev_server;
 

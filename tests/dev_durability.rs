@@ -7,10 +7,20 @@
 //! syncs, and is tested by failing each step of a write in turn (`src/faults.rs`, the store's
 //! and the audit writer's unit tests).
 
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
+#[path = "support/files.rs"]
+mod files;
+
 #[path = "support/dev_server.rs"]
 mod dev_server;
 
-use dev_server::{DevEnv, DevServer, files_under, http_invoke, next_request_id, snapshot};
+use dev_server::{DevEnv, DevServer, http_invoke, next_request_id, snapshot};
+use files::files_under;
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

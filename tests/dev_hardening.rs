@@ -1,10 +1,17 @@
 //! A server that holds under hostile clients and a data dir that refuses to be silently reset
 //! (dev mode; the agent runs the same server): each test is a defect of the previous main.
 
-#[path = "support/dev_server.rs"]
-mod dev_server;
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
 #[path = "support/files.rs"]
 mod files;
+
+#[path = "support/dev_server.rs"]
+mod dev_server;
 
 use dev_server::{DevEnv, DevServer, HttpResponse};
 use serde_json::{Value, json};

@@ -2,51 +2,29 @@
 //! (canary test), the audit log records every secret access and detects tampering, and the
 //! access rules for workload tokens hold.
 
-#[path = "support/dev_server.rs"]
-mod dev_server;
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
+#[path = "support/files.rs"]
+mod files;
+
 #[path = "support/process.rs"]
 mod process;
 
-use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-use dev_server::{DevEnv, contains_bytes, files_under, random_hex};
+#[path = "support/dev_server.rs"]
+mod dev_server;
+
+#[path = "support/canary.rs"]
+mod canary;
+
+use canary::{Canaries, contains_bytes};
+use dev_server::DevEnv;
+use files::files_under;
+use random::random_hex;
 use serde_json::{Value, json};
-
-/// Encodings under which a leaked canary would still be recognisable: itself, hex, and base64
-/// at each of the three alignments it could sit at inside a longer encoded string.
-fn canary_forms(canary: &str) -> Vec<Vec<u8>> {
-    let mut forms = vec![canary.as_bytes().to_vec()];
-    forms.push(
-        canary
-            .bytes()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-            .into_bytes(),
-    );
-    let b = canary.as_bytes();
-    for offset in 0..3 {
-        let len = (b.len() - offset) / 3 * 3;
-        let chunk = &b[offset..offset + len];
-        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
-            forms.push(engine.encode(chunk).into_bytes());
-        }
-    }
-    forms.push(STANDARD.encode(b).into_bytes());
-    forms
-}
-
-#[track_caller]
-fn assert_no_canary(what: &str, haystack: &[u8], canaries: &[(String, Vec<Vec<u8>>)]) {
-    for (canary, forms) in canaries {
-        for form in forms {
-            assert!(
-                !contains_bytes(haystack, form),
-                "{what} contains the canary {canary} (as {:?})",
-                String::from_utf8_lossy(form)
-            );
-        }
-    }
-}
 
 /// A secret value must never reach disk in clear, the logs (at trace level), the audit log, or
 /// any error message, whatever a caller sends. It must reach the one place it belongs: an
@@ -55,7 +33,7 @@ fn assert_no_canary(what: &str, haystack: &[u8], canaries: &[(String, Vec<Vec<u8
 fn canary_value_never_leaks() {
     let env = DevEnv::new();
     let server = env.start_with(&[("CLAW_SECRETS_LOG", "trace")]);
-    let canary = format!("canary-{}", random_hex(16));
+    let canary = canary::canary("canary");
     // A value that would be sent as a JSON number by mistake: digits only.
     let numeric = format!(
         "9{}",
@@ -64,13 +42,7 @@ fn canary_value_never_leaks() {
             .map(|b| (b'0' + b % 10) as char)
             .collect::<String>()
     );
-    let canaries: Vec<(String, Vec<Vec<u8>>)> = [canary.clone(), numeric.clone()]
-        .into_iter()
-        .map(|c| {
-            let f = canary_forms(&c);
-            (c, f)
-        })
-        .collect();
+    let canaries = Canaries::of([canary.clone(), numeric.clone()]);
     let intruder = env.create_token("intruder", "default");
 
     // ---- The happy path: create, get (where the value must appear), rotate, list. ----
@@ -289,18 +261,18 @@ fn canary_value_never_leaks() {
         &json!({"name": "canary.cli", "data": {"k": n}}).to_string(),
     );
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert_no_canary("CLI stderr", out.stderr.as_bytes(), &canaries);
-    assert_no_canary("CLI stdout", out.stdout.as_bytes(), &canaries);
+    canaries.assert_absent("CLI stderr", out.stderr.as_bytes());
+    canaries.assert_absent("CLI stdout", out.stdout.as_bytes());
     let out = env.invoke_cli(
         "local",
         "config.create",
         &json!({"name": "canary.cli", "data": {"k": "v"}, "immutable": c}).to_string(),
     );
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert_no_canary("CLI stderr", out.stderr.as_bytes(), &canaries);
+    canaries.assert_absent("CLI stderr", out.stderr.as_bytes());
 
     for resp in &responses {
-        assert_no_canary(&format!("response {}", resp.text()), &resp.body, &canaries);
+        canaries.assert_absent(&format!("response {}", resp.text()), &resp.body);
     }
     // Still intact after all that.
     assert_eq!(
@@ -318,8 +290,8 @@ fn canary_value_never_leaks() {
         "trace logs were not captured: {}",
         exit.stderr
     );
-    assert_no_canary("server stderr", &exit.stderr_bytes, &canaries);
-    assert_no_canary("server stdout", &exit.stdout_bytes, &canaries);
+    canaries.assert_absent("server stderr", &exit.stderr_bytes);
+    canaries.assert_absent("server stdout", &exit.stdout_bytes);
 
     // Every file the server wrote: data dir (store, audit log, tokens, key) and config home.
     let files = files_under(&env.root);
@@ -332,7 +304,7 @@ fn canary_value_never_leaks() {
     );
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
-        assert_no_canary(&f.display().to_string(), &bytes, &canaries);
+        canaries.assert_absent(&f.display().to_string(), &bytes);
     }
     // The audit log saw all of it (so it had the chance to leak), and names no values.
     let records = env.audit_records();

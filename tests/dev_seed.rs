@@ -1,6 +1,12 @@
 //! Every example of the seed (secrets-config-manager.md), through the real `claw-secrets dev`
 //! server, once over HTTP and once through the real CLI, with the payloads it promises.
 
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
 #[path = "support/dev_server.rs"]
 mod dev_server;
 

@@ -3,6 +3,15 @@
 //! what is on disk is served only if it is what this node wrote; rotate's re-seal and
 //! check-and-set.
 
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
+#[path = "support/files.rs"]
+mod files;
+
 #[path = "support/dev_server.rs"]
 mod dev_server;
 
@@ -455,7 +464,7 @@ fn a_rolled_back_or_edited_entry_is_refused_not_served() {
     assert_eq!(failed.len(), 2, "{failed:#?}");
     // Both files are kept aside, and an admin can clear the refused entries.
     assert_eq!(
-        dev_server::files_under(&env.data_dir.join("quarantine")).len(),
+        files::files_under(&env.data_dir.join("quarantine")).len(),
         2
     );
     for name in ["rb", "narrow"] {

@@ -11,8 +11,14 @@
 //! `cargo test --test k8s_agent latency -- --nocapture --test-threads 1` and
 //! look for lines starting with `LATENCY:`.
 
-#[path = "support/control_plane.rs"]
-mod control_plane;
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
+#[path = "support/files.rs"]
+mod files;
 
 #[path = "support/process.rs"]
 mod process;
@@ -20,11 +26,11 @@ mod process;
 #[path = "support/relay.rs"]
 mod relay;
 
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
 #[path = "support/cluster.rs"]
 mod cluster;
-
-#[path = "support/files.rs"]
-mod files;
 
 use std::time::{Duration, Instant};
 
@@ -38,8 +44,10 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
-use cluster::{Agent, Cluster, GPU, PATIENCE, eventually, random_hex};
+use cluster::{Agent, Cluster, GPU};
+use random::random_hex;
 use relay::BlackHole;
+use wait::{PATIENCE, eventually};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -47,26 +55,22 @@ use relay::BlackHole;
 
 /// Polls `agent` until `secret.get` of `ns/name` answers `version` with `data`.
 async fn wait_secret(agent: &Agent, token: &str, ns: &str, name: &str, version: u64, data: &Value) {
-    eventually(
-        &format!("{name} v{version} on {}", agent.node),
-        PATIENCE,
-        || async {
-            let got = agent.get_secret(token, ns, name).await.result()?;
-            if got["version"] == json!(version) && &got["data"] == data {
-                Ok(())
-            } else {
-                Err(format!(
-                    "version {} (data {})",
-                    got["version"],
-                    if &got["data"] == data {
-                        "as expected"
-                    } else {
-                        "differs"
-                    }
-                ))
-            }
-        },
-    )
+    eventually(&format!("{name} v{version} on {}", agent.node), || async {
+        let got = agent.get_secret(token, ns, name).await.result()?;
+        if got["version"] == json!(version) && &got["data"] == data {
+            Ok(())
+        } else {
+            Err(format!(
+                "version {} (data {})",
+                got["version"],
+                if &got["data"] == data {
+                    "as expected"
+                } else {
+                    "differs"
+                }
+            ))
+        }
+    })
     .await;
 }
 
@@ -74,7 +78,6 @@ async fn wait_secret(agent: &Agent, token: &str, ns: &str, name: &str, version: 
 async fn wait_secret_gone(agent: &Agent, token: &str, ns: &str, name: &str) {
     eventually(
         &format!("{name} to be gone from {}", agent.node),
-        PATIENCE,
         || async {
             let reply = agent.get_secret(token, ns, name).await;
             match reply.code() {
@@ -91,7 +94,6 @@ async fn wait_secret_gone(agent: &Agent, token: &str, ns: &str, name: &str) {
 async fn wait_config(agent: &Agent, token: &str, ns: &str, name: &str, data: &Value) {
     eventually(
         &format!("config {name} with the expected data on {}", agent.node),
-        PATIENCE,
         || async {
             let got = agent
                 .invoke(
@@ -654,7 +656,7 @@ async fn access_matrix_with_real_tokens() {
         ("bob", "secret.rotate"),
         ("bob", "secret.delete"),
     ];
-    eventually("AccessDenied Events on db", PATIENCE, || async {
+    eventually("AccessDenied Events on db", || async {
         let events = cluster::access_denied_events(&client, &ns, "db").await;
         let notes: Vec<String> = events.iter().filter_map(|e| e.note.clone()).collect();
         let missing: Vec<String> = on_db
@@ -804,7 +806,7 @@ async fn writes_through_node_invoke_are_events_naming_the_caller() {
     let expect = |object: &'static str, wanted: Vec<(&'static str, &'static str, &'static str)>| {
         let (client, ns) = (client.clone(), ns.clone());
         async move {
-            eventually(&format!("agent Events on {object}"), PATIENCE, || async {
+            eventually(&format!("agent Events on {object}"), || async {
                 let got = summary(&cluster::agent_events(&client, &ns, object).await);
                 let matches = got.len() == wanted.len()
                     && got
@@ -1266,7 +1268,6 @@ async fn api_server_outage_reads_continue_and_writes_are_unavailable() {
     node_c.wait_ready().await;
     let first = eventually(
         "the restarted node-c to answer a read with the API server down",
-        PATIENCE,
         || async {
             let reply = node_c.get_secret(&app, &ns, "db").await;
             reply.result().map(|p| (spawned.elapsed(), p))
@@ -1294,7 +1295,6 @@ async fn api_server_outage_reads_continue_and_writes_are_unavailable() {
     .unwrap();
     let meta = eventually(
         "a rotation through node-b once the API server is back",
-        PATIENCE,
         || async { b.post(Some(&alice), body.clone()).await.result() },
     )
     .await;
@@ -1796,7 +1796,7 @@ async fn latency_burst_of_1000_secrets_sealed_by_the_operator() {
     api.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await
         .expect("deleting the burst");
-    eventually("the burst to be deleted", PATIENCE, || async {
+    eventually("the burst to be deleted", || async {
         let left = api
             .list(&ListParams::default().limit(1))
             .await

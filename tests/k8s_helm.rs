@@ -20,14 +20,20 @@
 //! that the probes, hostPath, hostPort, securityContext and NetworkPolicy behave on a node.
 //! `hack/kind-e2e.sh` is the path for those.
 
-#[path = "support/control_plane.rs"]
-mod control_plane;
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
 
 #[path = "support/process.rs"]
 mod process;
 
 #[path = "support/relay.rs"]
 mod relay;
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -50,7 +56,9 @@ use kube::{Client, Config};
 use serde_json::{Value, json};
 
 use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
-use cluster::{BIN, PATIENCE, eventually, random_hex};
+use cluster::BIN;
+use random::random_hex;
+use wait::{PATIENCE, eventually};
 
 // ---------------------------------------------------------------------------------------------
 // Paths, tools and commands
@@ -1186,7 +1194,6 @@ async fn wait_sealed(client: &Client, ns: &str, name: &str, version: u64) -> Str
     let api: Api<ClawSecret> = Api::namespaced(client.clone(), ns);
     eventually(
         &format!("ClawSecret {ns}/{name} sealed at v{version}"),
-        PATIENCE,
         || async {
             let s = api.get(name).await.map_err(|e| e.to_string())?;
             let sealed = s.spec.sealed.as_ref().ok_or("not sealed")?;
@@ -1210,17 +1217,13 @@ async fn wait_sealed(client: &Client, ns: &str, name: &str, version: u64) -> Str
 
 async fn wait_config_ready(client: &Client, ns: &str, name: &str) {
     let api: Api<ClawConfig> = Api::namespaced(client.clone(), ns);
-    eventually(
-        &format!("ClawConfig {ns}/{name} Ready"),
-        PATIENCE,
-        || async {
-            let c = api.get(name).await.map_err(|e| e.to_string())?;
-            let status = c.status.unwrap_or_default();
-            is_ready(&status.conditions)
-                .then_some(())
-                .ok_or_else(|| format!("{:?}", status.conditions))
-        },
-    )
+    eventually(&format!("ClawConfig {ns}/{name} Ready"), || async {
+        let c = api.get(name).await.map_err(|e| e.to_string())?;
+        let status = c.status.unwrap_or_default();
+        is_ready(&status.conditions)
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", status.conditions))
+    })
     .await;
 }
 
@@ -1286,7 +1289,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         "helm install prints the release notes:\n{notes}"
     );
     // Helm installed the CRDs from the chart's crds/ (or found them installed); once served:
-    eventually("the CRDs to be served", PATIENCE, || async {
+    eventually("the CRDs to be served", || async {
         let lp = ListParams::default().limit(1);
         Api::<ClawSecret>::all(admin.clone())
             .list(&lp)
@@ -1416,7 +1419,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
 
     step("node.invoke: workload read; editor create/get/rotate/delete; viewer refused");
     let reader = cluster::service_account_token(&admin, &ns, "reader").await;
-    let got = eventually("the workload reads helm.first", PATIENCE, || async {
+    let got = eventually("the workload reads helm.first", || async {
         invoke(
             &agent_addr,
             &node,
@@ -1448,13 +1451,13 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     let cp = control_plane::control_plane();
     let alice = cp.user_token("alice").expect("alice");
     let bob = cp.user_token("bob").expect("bob");
-    let created = eventually("alice creates helm.api", PATIENCE, || async {
+    let created = eventually("alice creates helm.api", || async {
         invoke(&agent_addr, &node, &alice, "secret.create",
             json!({"name": "helm.api", "namespace": ns, "data": {"key": "v1"}, "allowed_workloads": ["reader"]}))
     })
     .await;
     assert_eq!(created["version"], 1);
-    let got = eventually("alice reads helm.api", PATIENCE, || async {
+    let got = eventually("alice reads helm.api", || async {
         invoke(
             &agent_addr,
             &node,
@@ -1474,7 +1477,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     )
     .expect("alice rotates helm.api");
     assert_eq!(rotated["version"], 2);
-    eventually("helm.api v2 on the node", PATIENCE, || async {
+    eventually("helm.api v2 on the node", || async {
         let got = invoke(
             &agent_addr,
             &node,
@@ -1527,7 +1530,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     )
     .expect("alice deletes helm.api");
     assert_eq!(deleted["deleted"], true);
-    eventually("helm.api gone from the node", PATIENCE, || async {
+    eventually("helm.api gone from the node", || async {
         match invoke(
             &agent_addr,
             &node,
@@ -1805,7 +1808,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         ("helm.first", json!({"password": canary})),
         ("helm.after-upgrade", json!({"token": "t-2"})),
     ] {
-        let got = eventually(&format!("the workload reads {name}"), PATIENCE, || async {
+        let got = eventually(&format!("the workload reads {name}"), || async {
             invoke(
                 &agent_addr,
                 &node,
@@ -1829,7 +1832,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     if external {
         // A namespace claw-demo left by an earlier run may still be terminating.
         let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
-        eventually("namespace claw-demo not terminating", PATIENCE, || async {
+        eventually("namespace claw-demo not terminating", || async {
             match namespaces
                 .get_opt("claw-demo")
                 .await
@@ -1866,7 +1869,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     wait_config_ready(&admin, demo, "app.production").await;
     // The example workload's own token: its secret, not the other one.
     let workload = cluster::service_account_token(&admin, demo, "api-server").await;
-    let got = eventually("api-server reads db.credentials", PATIENCE, || async {
+    let got = eventually("api-server reads db.credentials", || async {
         invoke(
             &agent_addr,
             &node,
@@ -1904,7 +1907,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         cluster::service_account_subject(demo, "api-server"),
     )
     .await;
-    let config = eventually("api-server reads app.production", PATIENCE, || async {
+    let config = eventually("api-server reads app.production", || async {
         invoke(
             &agent_addr,
             &node,

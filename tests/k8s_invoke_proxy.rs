@@ -14,14 +14,20 @@
 //! Latency figures are printed, never asserted: `cargo test --test k8s_invoke_proxy latency --
 //! --nocapture`, lines starting with `LATENCY:`.
 
-#[path = "support/control_plane.rs"]
-mod control_plane;
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
 
 #[path = "support/process.rs"]
 mod process;
 
 #[path = "support/relay.rs"]
 mod relay;
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -36,8 +42,10 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, Rol
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use cluster::{Agent, BIN, Cluster, PATIENCE, eventually, random_hex};
+use cluster::{Agent, BIN, Cluster};
 use control_plane::TestEnv;
+use random::random_hex;
+use wait::eventually;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -428,7 +436,7 @@ async fn invoke_goes_through_the_api_server_as_the_caller() {
             .is_some(),
         "the agent created the ClawSecret"
     );
-    let got = eventually("secret.get through the API server", PATIENCE, || async {
+    let got = eventually("secret.get through the API server", || async {
         let run = s.via_proxy(
             &kubeconfig,
             "secret.get",
@@ -713,18 +721,14 @@ async fn the_api_server_and_the_agent_each_refuse_callers_without_rights() {
     )
     .await;
     let deployer_kc = kubeconfig_with_token(s.home.path(), "deployer", &deployer);
-    let got = eventually(
-        "deployer's secret.get through the API server",
-        PATIENCE,
-        || async {
-            let run = s.via_proxy(&deployer_kc, "secret.get", &get);
-            if run.code == Some(0) {
-                Ok(run.payload("secret.get"))
-            } else {
-                Err(format!("{run:?}"))
-            }
-        },
-    )
+    let got = eventually("deployer's secret.get through the API server", || async {
+        let run = s.via_proxy(&deployer_kc, "secret.get", &get);
+        if run.code == Some(0) {
+            Ok(run.payload("secret.get"))
+        } else {
+            Err(format!("{run:?}"))
+        }
+    })
     .await;
     assert_eq!(got["data"], data);
 
@@ -777,7 +781,7 @@ async fn latency_of_invoke_through_the_api_server_and_directly() {
         .await
         .payload("secret.create");
     let params = json!({ "name": "bench", "namespace": ns });
-    eventually("the secret on the agent", PATIENCE, || async {
+    eventually("the secret on the agent", || async {
         s.agent
             .get_secret(&token, &ns, "bench")
             .await

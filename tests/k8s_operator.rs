@@ -9,8 +9,11 @@
 //!
 //! Waits poll with a generous timeout; nothing asserts how fast anything happened.
 
-#[path = "support/control_plane.rs"]
-mod control_plane;
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
 
 #[path = "support/process.rs"]
 mod process;
@@ -18,106 +21,45 @@ mod process;
 #[path = "support/relay.rs"]
 mod relay;
 
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
 use process::{free_port, http_get};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
 use claw_secrets::k8s::convert::data_hash;
 use claw_secrets::k8s::crd::{ClawConfig, ClawConfigSpec, ClawSecret, ClawSecretSpec};
 
+use cluster::BIN;
 use control_plane::TestEnv;
+use wait::{PATIENCE, eventually};
 
-const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
-const MASTER_KEY: &str = "claw-secrets-master-key";
+const MASTER_KEY: &str = cluster::MASTER_KEY_NAME;
 const LEASE: &str = "claw-secrets-operator";
-/// A guard against waiting forever; never a performance assertion.
-const PATIENCE: Duration = Duration::from_secs(45);
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------------------------
 
-/// Installs both CRDs once per test binary, from the Rust types (`crds/crds.yaml` is checked
-/// against them by a unit test), and waits until they are served.
-fn install_crds() {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = DONE.get_or_init(|| {
-        // Every test has its own runtime; do this once on a runtime of its own.
-        std::thread::spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            rt.block_on(async {
-                let client = control_plane::control_plane().client().await;
-                let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-                for crd in [ClawSecret::crd(), ClawConfig::crd()] {
-                    let name = crd.name_any();
-                    api.patch(
-                        &name,
-                        &PatchParams::apply("claw-secrets-operator-tests").force(),
-                        &Patch::Apply(&crd),
-                    )
-                    .await
-                    .map_err(|e| format!("the API server refused CRD {name}: {e}"))?;
-                }
-                let secrets: Api<ClawSecret> = Api::all(client.clone());
-                let configs: Api<ClawConfig> = Api::all(client);
-                let deadline = Instant::now() + PATIENCE;
-                loop {
-                    let established = futures::future::join_all(
-                        ["clawsecrets.clawbernetes.io", "clawconfigs.clawbernetes.io"]
-                            .map(|n| api.get(n)),
-                    )
-                    .await
-                    .into_iter()
-                    .all(|crd| {
-                        crd.ok()
-                            .and_then(|c| c.status)
-                            .and_then(|s| s.conditions)
-                            .unwrap_or_default()
-                            .iter()
-                            .any(|c| c.type_ == "Established" && c.status == "True")
-                    });
-                    let lp = ListParams::default().limit(1);
-                    if established
-                        && secrets.list(&lp).await.is_ok()
-                        && configs.list(&lp).await.is_ok()
-                    {
-                        return Ok(());
-                    }
-                    if Instant::now() > deadline {
-                        return Err("the CRDs were not established in time".to_owned());
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        })
-        .join()
-        .unwrap_or_else(|_| Err("installing the CRDs panicked".to_owned()))
-    });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
-}
-
 async fn setup(hint: &str) -> TestEnv {
     let env = control_plane::test_env(hint).await;
-    install_crds();
+    cluster::install_crds(&env.client).await;
     env
 }
 
@@ -226,25 +168,6 @@ impl Drop for Operator {
             );
         } else {
             let _ = std::fs::remove_file(&self.log);
-        }
-    }
-}
-
-/// Polls `check` every 100 ms until it returns `Ok`; fails with `what` and the last state
-/// (and the operators' logs, printed by their `Drop`) after [`PATIENCE`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {PATIENCE:?} waiting for {what}; last state: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }

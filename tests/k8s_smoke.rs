@@ -5,6 +5,9 @@
 //! Needs the control plane binaries (`bash hack/control-plane.sh install`) or
 //! `KUBECONFIG_E2E` pointing at an existing cluster; see docs/control-plane.md.
 
+#[path = "support/random.rs"]
+mod random;
+
 #[path = "support/control_plane.rs"]
 mod control_plane;
 

@@ -17,7 +17,6 @@
 #![allow(dead_code)] // every test target uses a different subset
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,13 +44,10 @@ use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
 use crate::control_plane::{self, ControlPlane, TestEnv};
 use crate::process::free_port;
 use crate::relay::BlackHole;
+use crate::wait::{PATIENCE, eventually};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
-
-/// Guard against hanging forever while waiting for something that should happen; never a
-/// performance assertion (the machine is shared with builds).
-pub const PATIENCE: Duration = Duration::from_secs(120);
 
 /// Name of the master key Secret every agent and operator of this test process uses.
 pub const MASTER_KEY_NAME: &str = "claw-secrets-master-key";
@@ -76,32 +72,6 @@ pub async fn exclusive() -> RwLockWriteGuard<'static, ()> {
 // ---------------------------------------------------------------------------------------------
 // Polling
 // ---------------------------------------------------------------------------------------------
-
-/// Calls `check` until it returns `Ok`, every 50 ms, for at most `timeout`; then fails the test
-/// with `what` and the last `Err`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last state: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-/// `n` random bytes as lowercase hex.
-pub fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    getrandom::getrandom(&mut b).expect("OS RNG");
-    claw_secrets::hex::encode(&b)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Cluster objects
@@ -250,28 +220,24 @@ pub async fn install_crds(client: &Client) {
         )
         .await
         .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
-        eventually(
-            &format!("CRD {name} to be established"),
-            PATIENCE,
-            || async {
-                let crd = api.get(&name).await.map_err(|e| e.to_string())?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                established
-                    .then_some(())
-                    .ok_or_else(|| "not established".to_owned())
-            },
-        )
+        eventually(&format!("CRD {name} to be established"), || async {
+            let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established
+                .then_some(())
+                .ok_or_else(|| "not established".to_owned())
+        })
         .await;
     }
     // Established is reported a moment before the resource is served everywhere.
     let secrets: Api<ClawSecret> = Api::all(client.clone());
     let configs: Api<ClawConfig> = Api::all(client.clone());
-    eventually("the CRDs to be served", PATIENCE, || async {
+    eventually("the CRDs to be served", || async {
         secrets
             .list(&ListParams::default().limit(1))
             .await

@@ -26,18 +26,17 @@
 //! Missing binaries are a test failure with instructions, never a silent skip.
 #![allow(dead_code)] // every test target uses a different subset
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+
+use crate::random::random_u64;
 
 /// Environment variable naming the kubeconfig of an existing cluster to test against.
 pub const KUBECONFIG_E2E: &str = "KUBECONFIG_E2E";
@@ -309,19 +308,6 @@ fn start() -> Result<ControlPlane, String> {
         state_dir: Some(state_dir),
         startup,
     })
-}
-
-fn random_u64() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    h.finish()
 }
 
 /// What a cluster test gets: a client, its own namespace, and the kubeconfig path (for

@@ -20,12 +20,11 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::random::random_hex;
+use crate::wait::PATIENCE;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
-
-/// How long a server gets to print its address, or to stop after a signal. Generous: the
-/// machine is shared with builds. Never asserted on; only a guard against hanging forever.
-const PATIENCE: Duration = Duration::from_secs(90);
 
 /// Environment variables that would make a child process find something other than the test's
 /// own server, or change its logging behind the test's back.
@@ -42,46 +41,12 @@ const SCRUBBED_ENV: &[&str] = &[
     "KUBECONFIG",
 ];
 
-/// `n` random bytes as lowercase hex.
-pub fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    getrandom::getrandom(&mut b).expect("OS RNG");
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A request id unique within the test process (valid for the protocol's `id` field).
 pub fn next_request_id(tag: &str) -> String {
     let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("t-{tag}-{n}-{}", random_hex(3))
-}
-
-/// Every regular file under `dir`, recursively.
-pub fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            let ft = e.file_type().expect("file type");
-            if ft.is_dir() {
-                stack.push(p);
-            } else if ft.is_file() {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Whether `needle` occurs in `haystack`.
-pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 // ---------------------------------------------------------------------------------------------

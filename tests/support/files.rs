@@ -1,5 +1,12 @@
-//! Checks on what the servers leave on disk.
+//! What the servers leave on disk: the files, and their modes.
+//!
+//! ```ignore
+//! #[path = "support/files.rs"]
+//! mod files;
+//! ```
 #![allow(dead_code)] // each test target uses a different subset
+
+use std::path::{Path, PathBuf};
 
 /// Every file and directory under `dir` whose mode is not 0600 (files) or 0700 (directories).
 pub fn not_private(dir: &std::path::Path) -> Vec<String> {
@@ -24,4 +31,28 @@ pub fn not_private(dir: &std::path::Path) -> Vec<String> {
         }
     }
     wrong
+}
+
+/// Every regular file under `dir`, recursively, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else {
+                continue;
+            };
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
 }
