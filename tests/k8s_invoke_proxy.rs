@@ -20,6 +20,9 @@ mod random;
 #[path = "support/wait.rs"]
 mod wait;
 
+#[path = "support/files.rs"]
+mod files;
+
 #[path = "support/process.rs"]
 mod process;
 
@@ -32,6 +35,9 @@ mod control_plane;
 #[path = "support/cluster.rs"]
 mod cluster;
 
+#[path = "support/canary.rs"]
+mod canary;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -42,6 +48,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, Rol
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
+use canary::Canaries;
 use cluster::{Agent, BIN, Cluster};
 use control_plane::TestEnv;
 use random::random_hex;
@@ -379,6 +386,12 @@ impl Setup {
     }
 }
 
+/// Whether a log was written at debug level or finer (so a canary check of it means something).
+fn logged_finely(log: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains(" DEBUG ") || l.contains(" TRACE "))
+}
+
 fn audited(agent: &Agent, subject: &str, command: &str, decision: &str, name: &str) -> bool {
     agent.audit().iter().any(|r| {
         r["subject"] == json!(subject)
@@ -391,6 +404,206 @@ fn audited(agent: &Agent, subject: &str, command: &str, decision: &str, name: &s
 // ---------------------------------------------------------------------------------------------
 // Through the API server
 // ---------------------------------------------------------------------------------------------
+
+/// "node.invoke plaintext never reaches the API server or a log", at trace level everywhere:
+/// the CLI, the agent that seals the writes, an agent that mirrors them and the operator that
+/// reconciles the objects they make all log everything this crate can log. Two canaries are
+/// written through the API server's pod proxy (create, rotate, and refused writes that carry
+/// them), read back where they belong (the authorized `secret.get`), and then looked for in
+/// every encoding in: the CLI's output of every other call, the three processes' logs, both
+/// agents' data dirs (store, audit log), the objects as the API server serves them (annotations,
+/// managedFields, status), the namespace's Events, and every file of etcd's data directory.
+#[tokio::test]
+async fn node_invoke_plaintext_reaches_no_log_object_or_etcd() {
+    let _lock = cluster::shared().await;
+    let test = "node_invoke_plaintext_reaches_no_log_object_or_etcd";
+    let etcd_data = control_plane::local_control_plane(test)
+        .state_dir()
+        .expect("a local control plane has a state dir")
+        .join("etcd-data");
+    let mut s = Setup::new("canary").await;
+    let ns = s.ns().to_owned();
+    let client = s.c.client();
+    let (token, kubeconfig) = s.service_account("deployer").await;
+    bind(
+        &client,
+        &s.agents.namespace,
+        "claw-secrets-invoker",
+        s.sa_subject("deployer"),
+    )
+    .await;
+    bind(
+        &client,
+        &ns,
+        "claw-secrets-editor",
+        s.sa_subject("deployer"),
+    )
+    .await;
+    let mut mirror = s.c.agent("m", &[]).await;
+    let operator = cluster::Operator::start(
+        &s.c.env.kubeconfig,
+        &s.c.master_key,
+        &format!("canary-{}", random_hex(4)),
+        Some(&ns),
+    )
+    .await;
+    let (first, second) = (canary::canary("canary-a"), canary::canary("canary-b"));
+    let canaries = Canaries::of([first.clone(), second.clone()]);
+    // Each call with an idempotency key, so that the object carries remembered writes too.
+    let invoke = |command: &str, params: Value| {
+        let key = format!("canary-{}", random_hex(4));
+        s.cli(
+            Some(&kubeconfig),
+            &[("CLAW_SECRETS_LOG", "trace")],
+            &[
+                s.node(),
+                command,
+                &params.to_string(),
+                "--idempotency-key",
+                &key,
+            ],
+        )
+    };
+    let name = "canary.token";
+    let mut outputs: Vec<(String, String)> = Vec::new();
+    let created = invoke(
+        "secret.create",
+        json!({ "name": name, "namespace": ns, "data": { "token": first } }),
+    );
+    created.payload("secret.create through the API server");
+    outputs.push((
+        "create".into(),
+        format!("{}{}", created.stdout, created.stderr),
+    ));
+    let rotated = invoke(
+        "secret.rotate",
+        json!({ "name": name, "namespace": ns, "newData": { "token": second } }),
+    );
+    assert_eq!(rotated.payload("secret.rotate")["version"], json!(2));
+    outputs.push((
+        "rotate".into(),
+        format!("{}{}", rotated.stdout, rotated.stderr),
+    ));
+    for (what, command, params) in [
+        (
+            "create again",
+            "secret.create",
+            json!({ "name": name, "namespace": ns, "data": { "token": first } }),
+        ),
+        (
+            "rotate a missing secret",
+            "secret.rotate",
+            json!({ "name": "canary.missing", "namespace": ns, "newData": { "token": second } }),
+        ),
+        (
+            "data that is not an object",
+            "secret.create",
+            json!({ "name": "canary.bad", "namespace": ns, "data": first }),
+        ),
+        (
+            "a value that is not a string",
+            "secret.create",
+            json!({ "name": "canary.bad", "namespace": ns, "data": { "token": [second] } }),
+        ),
+    ] {
+        let run = invoke(command, params);
+        assert_eq!(run.code, Some(1), "{what}: {run:#?}");
+        outputs.push((what.into(), format!("{}{}", run.stdout, run.stderr)));
+    }
+
+    // Where the value belongs: the authorized read, through the proxy and on the mirror.
+    let got = invoke("secret.get", json!({ "name": name, "namespace": ns }));
+    assert_eq!(got.payload("secret.get")["data"]["token"], json!(second));
+    outputs.push(("get (stderr)".into(), got.stderr.clone()));
+    eventually("the mirror to serve version 2", || async {
+        let reply = mirror.get_secret(&token, &ns, name).await;
+        match reply.result() {
+            Ok(p) if p["version"] == json!(2) && p["data"]["token"] == json!(second) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // The operator has reconciled the object the agent wrote.
+    let secrets = s.c.secrets();
+    eventually("the operator to report the secret Ready", || async {
+        let obj = secrets.get(name).await.map_err(|e| e.to_string())?;
+        let ready = obj
+            .status
+            .as_ref()
+            .and_then(|st| st.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        if ready {
+            Ok(())
+        } else {
+            Err(format!("{:?}", obj.status))
+        }
+    })
+    .await;
+
+    // Everything flushed: the agents stop (their queued audit records are written).
+    s.agent.terminate();
+    mirror.terminate();
+    for (what, output) in &outputs {
+        canaries.assert_absent(&format!("CLI output ({what})"), output.as_bytes());
+    }
+    assert!(
+        logged_finely(&got.stderr),
+        "the CLI did not log at trace: {}",
+        got.stderr
+    );
+    let logs = [
+        (
+            "the sealing agent's log",
+            std::fs::read_to_string(s.agent.log_path()).unwrap(),
+        ),
+        (
+            "the mirror's log",
+            std::fs::read_to_string(mirror.log_path()).unwrap(),
+        ),
+        ("the operator's log", operator.log_text()),
+    ];
+    for (what, log) in &logs {
+        assert!(logged_finely(log), "{what} is not at trace level:\n{log}");
+        canaries.assert_absent(what, log.as_bytes());
+    }
+    for agent in [&s.agent, &mirror] {
+        let files = canaries.assert_absent_under(&agent.data_dir());
+        assert!(
+            files.iter().any(|f| f.ends_with("audit.log"))
+                && files
+                    .iter()
+                    .any(|f| f.parent().is_some_and(|p| p.ends_with("secrets"))),
+            "{files:?}"
+        );
+    }
+    let object = serde_json::to_string(&secrets.get(name).await.unwrap()).unwrap();
+    assert!(
+        object.contains("managedFields") && object.contains("clawbernetes.io/writes"),
+        "{object}"
+    );
+    canaries.assert_absent("the ClawSecret as served", object.as_bytes());
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let events = serde_json::to_string(&events.list(&Default::default()).await.unwrap()).unwrap();
+    canaries.assert_absent("the namespace's Events", events.as_bytes());
+    let files = canaries.assert_absent_under(&etcd_data);
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "wal")),
+        "etcd's write-ahead log is under {}: {files:?}",
+        etcd_data.display()
+    );
+    println!(
+        "CANARY: 2 canaries x {} forms not found in {} CLI outputs, 3 trace logs, 2 data dirs, \
+         the object, its Events, and {} files of etcd's data dir",
+        canaries.forms(),
+        outputs.len(),
+        files.len()
+    );
+    drop(operator);
+    drop(mirror);
+    s.cleanup().await;
+}
 
 #[tokio::test]
 async fn invoke_goes_through_the_api_server_as_the_caller() {

@@ -225,6 +225,7 @@ pub fn run(args: InvokeArgs) -> ExitCode {
         connect: args.connect_timeout,
         request: args.timeout,
     };
+    tracing::debug!(node = %args.node_id, command = %args.command, route = ?route, "invoking");
     let result = match route {
         Route::Direct(addr) => {
             let token = explicit_token(&args).unwrap_or_else(|| match &dev_config {
@@ -355,6 +356,8 @@ async fn through_api_server(
     let agent = find_agent(&client, &args.node_id, &locator)
         .await
         .map_err(remote)?;
+    tracing::debug!(pod = %format_args!("{}/{}", agent.namespace, agent.name), port = agent.port,
+        "calling the Node's agent through the API server's pod proxy");
 
     let mut body = serde_json::json!({
         "nodeId": args.node_id,
@@ -372,6 +375,7 @@ async fn through_api_server(
     )
     .await
     .map_err(remote)?;
+    tracing::debug!(ok = ?resp.get("ok"), "the agent answered");
     if resp.get("ok") == Some(&Value::Bool(true)) {
         return Ok(resp.get("payload").cloned().unwrap_or(Value::Null));
     }

@@ -144,11 +144,12 @@ enum Commands {
     Completions(completions::CompletionsArgs),
 }
 
-/// Logs go to stderr; `CLAW_SECRETS_LOG` (or `RUST_LOG`) sets the filter, default `info`.
-fn init_logging() {
+/// Logs go to stderr; `CLAW_SECRETS_LOG` (or `RUST_LOG`) sets the filter, else `default`
+/// (`info` for the servers; `warn` for `invoke`, whose stderr is for its answer's errors).
+fn init_logging(default: &str) {
     let filter = std::env::var("CLAW_SECRETS_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_owned());
+        .unwrap_or_else(|_| default.to_owned());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
@@ -160,18 +161,21 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Commands::Dev(args) => {
-            init_logging();
+            init_logging("info");
             if let Err(e) = harden_process() {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
             dev::run(args)
         }
-        Commands::Invoke(args) => invoke::run(args),
+        Commands::Invoke(args) => {
+            init_logging("warn");
+            invoke::run(args)
+        }
         Commands::Audit(cmd) => audit::run(cmd),
         Commands::Token(cmd) => token::run(cmd),
         Commands::Agent(args) => {
-            init_logging();
+            init_logging("info");
             if let Err(e) = harden_process() {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
@@ -179,7 +183,7 @@ pub fn main() -> ExitCode {
             agent::run_cli(args)
         }
         Commands::Operator(args) => {
-            init_logging();
+            init_logging("info");
             if let Err(e) = harden_process() {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;

@@ -97,7 +97,9 @@ impl InvokeClient {
         if let Some(k) = idempotency_key {
             body["idempotencyKey"] = Value::String(k.to_owned());
         }
+        tracing::debug!(addr = %self.addr, %command, "POST /v1/invoke");
         let (status, bytes) = self.post(serde_json::to_vec(&body).expect("json")).await?;
+        tracing::debug!(%status, bytes = bytes.len(), "answered");
         let resp: Value = serde_json::from_slice(&bytes).map_err(|_| ClientError::BadResponse {
             addr: self.addr.clone(),
             status,

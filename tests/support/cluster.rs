@@ -49,6 +49,15 @@ use crate::wait::{PATIENCE, eventually};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
 
+/// The log filter of every agent and operator started here: in tests, everything this crate
+/// can log (trace), so that the canary tests read all of it; in the cluster benchmark (built
+/// without cfg(test)) info, since logging would be part of what it measures.
+const LOG_FILTER: &str = if cfg!(test) {
+    "info,claw_secrets=trace"
+} else {
+    "info"
+};
+
 /// Name of the master key Secret every agent and operator of this test process uses.
 pub const MASTER_KEY_NAME: &str = "claw-secrets-master-key";
 
@@ -733,7 +742,7 @@ impl Agent {
             .arg("--master-key-secret")
             .arg(&self.master_key)
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("CLAW_SECRETS_LOG", "info")
+            .env("CLAW_SECRETS_LOG", LOG_FILTER)
             .env_remove("RUST_LOG")
             .env_remove("NODE_NAME")
             .env_remove("CLAW_SECRETS_DATA_DIR")
@@ -959,7 +968,7 @@ impl Operator {
         }
         let child = command
             .env("KUBECONFIG", kubeconfig)
-            .env("CLAW_SECRETS_LOG", "info")
+            .env("CLAW_SECRETS_LOG", LOG_FILTER)
             .env_remove("RUST_LOG")
             .env_remove("POD_NAMESPACE")
             .env_remove("POD_NAME")
@@ -995,6 +1004,11 @@ impl Operator {
     /// The process id of the operator process, if it is running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the operator logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn log_tail(&self, lines: usize) -> String {

@@ -26,6 +26,10 @@ use crate::k8s::crd::{ClawConfig, ClawConfigStatus};
 pub const IMMUTABLE: &str = "Immutable";
 
 pub(super) async fn reconcile(obj: Arc<ClawConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Names and counters only: the object may carry plaintext in spec.data.
+    tracing::debug!(namespace = %obj.namespace().unwrap_or_default(), object = %obj.name_any(),
+        generation = ?obj.metadata.generation, resource_version = ?obj.metadata.resource_version,
+        "reconciling ClawConfig");
     let api: Api<ClawConfig> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let (ctx, api) = (&ctx, &api);

@@ -26,6 +26,10 @@ use crate::k8s::crd::{ClawSecret, ClawSecretStatus, SealedData};
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 pub(super) async fn reconcile(obj: Arc<ClawSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Names and counters only: the object may carry plaintext in spec.data.
+    tracing::debug!(namespace = %obj.namespace().unwrap_or_default(), object = %obj.name_any(),
+        generation = ?obj.metadata.generation, resource_version = ?obj.metadata.resource_version,
+        "reconciling ClawSecret");
     let api: Api<ClawSecret> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let (ctx, api) = (&ctx, &api);
