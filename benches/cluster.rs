@@ -45,6 +45,9 @@ mod wait;
 #[path = "../tests/support/process.rs"]
 mod process;
 
+#[path = "../tests/support/protocol.rs"]
+mod protocol;
+
 #[path = "../tests/support/relay.rs"]
 mod relay;
 

@@ -7,6 +7,9 @@ mod random;
 #[path = "support/wait.rs"]
 mod wait;
 
+#[path = "support/protocol.rs"]
+mod protocol;
+
 #[path = "support/dev_server.rs"]
 mod dev_server;
 

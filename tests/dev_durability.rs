@@ -16,6 +16,9 @@ mod wait;
 #[path = "support/files.rs"]
 mod files;
 
+#[path = "support/protocol.rs"]
+mod protocol;
+
 #[path = "support/dev_server.rs"]
 mod dev_server;
 

@@ -14,6 +14,9 @@ mod files;
 #[path = "support/process.rs"]
 mod process;
 
+#[path = "support/protocol.rs"]
+mod protocol;
+
 #[path = "support/dev_server.rs"]
 mod dev_server;
 

@@ -23,6 +23,9 @@ mod files;
 #[path = "support/process.rs"]
 mod process;
 
+#[path = "support/protocol.rs"]
+mod protocol;
+
 #[path = "support/relay.rs"]
 mod relay;
 
@@ -32,10 +35,11 @@ mod control_plane;
 #[path = "support/cluster.rs"]
 mod cluster;
 
+#[path = "support/tokens.rs"]
+mod tokens;
+
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::StreamExt;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
@@ -276,20 +280,6 @@ async fn secrets_reach_every_selected_node_and_leave_on_delete() {
 // ---------------------------------------------------------------------------------------------
 // 2. Access matrix with real tokens
 // ---------------------------------------------------------------------------------------------
-
-/// Flips the `sub` claim of a JWT, keeping its signature: a forged token.
-fn tamper(token: &str) -> String {
-    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
-    assert_eq!(parts.len(), 3, "a ServiceAccount token is a JWS");
-    let payload = URL_SAFE_NO_PAD
-        .decode(&parts[1])
-        .expect("base64url payload");
-    let mut claims: Value = serde_json::from_slice(&payload).expect("JSON claims");
-    let sub = claims["sub"].as_str().expect("sub").to_owned();
-    claims["sub"] = Value::String(sub.replace(":app", ":admin"));
-    parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
-    parts.join(".")
-}
 
 #[tokio::test]
 async fn access_matrix_with_real_tokens() {
@@ -570,7 +560,11 @@ async fn access_matrix_with_real_tokens() {
         .await
         .expect_error("UNAUTHENTICATED", "empty token");
     agent
-        .invoke(Some(&tamper(&app)), "secret.get", get_db.clone())
+        .invoke(
+            Some(&tokens::forge_subject(&app, ":app", ":admin")),
+            "secret.get",
+            get_db.clone(),
+        )
         .await
         .expect_error("UNAUTHENTICATED", "tampered token");
     agent

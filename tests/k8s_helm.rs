@@ -29,6 +29,9 @@ mod wait;
 #[path = "support/process.rs"]
 mod process;
 
+#[path = "support/protocol.rs"]
+mod protocol;
+
 #[path = "support/relay.rs"]
 mod relay;
 
@@ -37,6 +40,9 @@ mod control_plane;
 
 #[path = "support/cluster.rs"]
 mod cluster;
+
+#[path = "support/tokens.rs"]
+mod tokens;
 
 use cluster::bind_cluster_role as bind;
 use process::{free_port, http_get};
@@ -929,32 +935,6 @@ async fn every_option_is_accepted_by_the_api_server() {
     env.cleanup().await;
 }
 
-/// A kubeconfig for the admin kubeconfig's cluster that authenticates with `token`.
-fn token_kubeconfig(admin: &Path, token: &str, path: &Path) {
-    let kc: Value = serde_saphyr::from_str(&std::fs::read_to_string(admin).unwrap()).unwrap();
-    let current = kc["current-context"].as_str().expect("current-context");
-    let find = |list: &str, name: &str| -> Value {
-        kc[list]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["name"] == name)
-            .unwrap_or_else(|| panic!("kubeconfig has no {list} entry {name}"))
-            .clone()
-    };
-    let context = find("contexts", current);
-    let cluster = find("clusters", context["context"]["cluster"].as_str().unwrap());
-    let out = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": cluster["cluster"]}],
-        "users": [{"name": "u", "user": {"token": token}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "x",
-    });
-    std::fs::write(path, serde_json::to_vec_pretty(&out).unwrap()).unwrap();
-}
-
 async fn client_for(kubeconfig: &Path) -> Client {
     let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
     let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
@@ -1289,19 +1269,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         "helm install prints the release notes:\n{notes}"
     );
     // Helm installed the CRDs from the chart's crds/ (or found them installed); once served:
-    eventually("the CRDs to be served", || async {
-        let lp = ListParams::default().limit(1);
-        Api::<ClawSecret>::all(admin.clone())
-            .list(&lp)
-            .await
-            .map_err(|e| e.to_string())?;
-        Api::<ClawConfig>::all(admin.clone())
-            .list(&lp)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
-    })
-    .await;
+    cluster::crds_served(&admin).await;
     let installed = manifest(&kc, &release, &ns);
     assert_eq!(
         labelled(&kc, &release),
@@ -1332,12 +1300,12 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     let agent_sa = format!("{fullname}-agent");
     let operator_kc = work.path().join("operator.kubeconfig");
     let agent_kc = work.path().join("agent.kubeconfig");
-    token_kubeconfig(
+    tokens::kubeconfig_with_token(
         &kc,
         &cluster::service_account_token(&admin, &ns, &operator_sa).await,
         &operator_kc,
     );
-    token_kubeconfig(
+    tokens::kubeconfig_with_token(
         &kc,
         &cluster::service_account_token(&admin, &ns, &agent_sa).await,
         &agent_kc,

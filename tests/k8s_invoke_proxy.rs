@@ -26,6 +26,9 @@ mod files;
 #[path = "support/process.rs"]
 mod process;
 
+#[path = "support/protocol.rs"]
+mod protocol;
+
 #[path = "support/relay.rs"]
 mod relay;
 
@@ -37,6 +40,9 @@ mod cluster;
 
 #[path = "support/canary.rs"]
 mod canary;
+
+#[path = "support/tokens.rs"]
+mod tokens;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -231,33 +237,6 @@ async fn agent_pod(client: &kube::Client, ns: &str, agent: &Agent, running: bool
     name
 }
 
-/// A kubeconfig for the test cluster that authenticates with `token` (a ServiceAccount's or a
-/// static user's), written to `dir/<name>.kubeconfig`.
-fn kubeconfig_with_token(dir: &Path, name: &str, token: &str) -> PathBuf {
-    let admin = control_plane::control_plane().kubeconfig();
-    let mut kc: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(admin).expect("kubeconfig"))
-            .expect("kubeconfig YAML");
-    let current = kc["current-context"]
-        .as_str()
-        .expect("current-context")
-        .to_owned();
-    let cluster = kc["contexts"]
-        .as_array()
-        .and_then(|s| s.iter().find(|c| c["name"].as_str() == Some(&current)))
-        .map(|c| c["context"]["cluster"].clone())
-        .expect("the current context's cluster");
-    kc["users"] = json!([{ "name": name, "user": { "token": token } }]);
-    kc["contexts"] = json!([{
-        "name": name,
-        "context": { "cluster": cluster, "user": name, "namespace": "default" },
-    }]);
-    kc["current-context"] = json!(name);
-    let path = dir.join(format!("{name}.kubeconfig"));
-    std::fs::write(&path, serde_saphyr::to_string(&kc).expect("YAML")).expect("write kubeconfig");
-    path
-}
-
 /// One run of the CLI.
 #[derive(Debug)]
 struct Run {
@@ -331,7 +310,7 @@ impl Setup {
     /// A ServiceAccount of the secrets namespace: its token and a kubeconfig using it.
     async fn service_account(&self, name: &str) -> (String, PathBuf) {
         let token = cluster::service_account_token(&self.c.client(), self.ns(), name).await;
-        let kubeconfig = kubeconfig_with_token(self.home.path(), name, &token);
+        let kubeconfig = kubeconfig_for(self.home.path(), name, &token);
         (token, kubeconfig)
     }
 
@@ -384,6 +363,12 @@ impl Setup {
         agents.cleanup().await;
         c.cleanup().await;
     }
+}
+
+/// `dir/<name>.kubeconfig`, authenticating with `token` to the test cluster.
+fn kubeconfig_for(dir: &Path, name: &str, token: &str) -> PathBuf {
+    let admin = control_plane::control_plane().kubeconfig();
+    tokens::kubeconfig_with_token(admin, token, &dir.join(format!("{name}.kubeconfig")))
 }
 
 /// Whether a log was written at debug level or finer (so a canary check of it means something).
@@ -903,7 +888,7 @@ async fn the_api_server_and_the_agent_each_refuse_callers_without_rights() {
 
     // A human (static token user) with the invoker role and nothing else: the same.
     let alice_token = s.c.user_token("alice");
-    let alice = kubeconfig_with_token(s.home.path(), "alice", &alice_token);
+    let alice = kubeconfig_for(s.home.path(), "alice", &alice_token);
     bind(
         &client,
         &agents_ns,
@@ -933,7 +918,7 @@ async fn the_api_server_and_the_agent_each_refuse_callers_without_rights() {
         s.sa_subject("deployer"),
     )
     .await;
-    let deployer_kc = kubeconfig_with_token(s.home.path(), "deployer", &deployer);
+    let deployer_kc = kubeconfig_for(s.home.path(), "deployer", &deployer);
     let got = eventually("deployer's secret.get through the API server", || async {
         let run = s.via_proxy(&deployer_kc, "secret.get", &get);
         if run.code == Some(0) {

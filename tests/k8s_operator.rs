@@ -18,6 +18,9 @@ mod wait;
 #[path = "support/process.rs"]
 mod process;
 
+#[path = "support/protocol.rs"]
+mod protocol;
+
 #[path = "support/relay.rs"]
 mod relay;
 

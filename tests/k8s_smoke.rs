@@ -11,8 +11,9 @@ mod random;
 #[path = "support/control_plane.rs"]
 mod control_plane;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+#[path = "support/tokens.rs"]
+mod tokens;
+
 use k8s_openapi::api::authentication::v1::{
     TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
 };
@@ -43,25 +44,6 @@ async fn review(
         .expect("TokenReview create")
         .status
         .expect("TokenReview has a status")
-}
-
-/// Flip one payload claim of a JWT, keeping the signature: a forged token.
-fn tamper(token: &str) -> String {
-    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
-    assert_eq!(
-        parts.len(),
-        3,
-        "a service account token is a JWS with three parts"
-    );
-    let payload = URL_SAFE_NO_PAD
-        .decode(&parts[1])
-        .expect("JWT payload is base64url");
-    let mut claims: serde_json::Value =
-        serde_json::from_slice(&payload).expect("JWT payload is JSON");
-    let sub = claims["sub"].as_str().expect("sub claim").to_owned();
-    claims["sub"] = serde_json::Value::String(sub.replace("smoke-sa", "smoke-sb"));
-    parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
-    parts.join(".")
 }
 
 #[tokio::test]
@@ -131,7 +113,11 @@ async fn real_apiserver_authn_authz_smoke() {
     assert_eq!(ok.audiences, Some(audiences()));
 
     // ... and rejects a tampered one (payload changed, signature kept) and garbage.
-    let forged = review(&client, &tamper(&token)).await;
+    let forged = review(
+        &client,
+        &tokens::forge_subject(&token, "smoke-sa", "smoke-sb"),
+    )
+    .await;
     assert_ne!(
         forged.authenticated,
         Some(true),

@@ -43,6 +43,7 @@ use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
 
 use crate::control_plane::{self, ControlPlane, TestEnv};
 use crate::process::free_port;
+use crate::protocol::http_status_of;
 use crate::relay::BlackHole;
 use crate::wait::{PATIENCE, eventually};
 
@@ -243,7 +244,12 @@ pub async fn install_crds(client: &Client) {
         })
         .await;
     }
-    // Established is reported a moment before the resource is served everywhere.
+    crds_served(client).await;
+}
+
+/// Waits until ClawSecrets and ClawConfigs can be listed (Established is reported a moment
+/// before a resource is served everywhere).
+pub async fn crds_served(client: &Client) {
     let secrets: Api<ClawSecret> = Api::all(client.clone());
     let configs: Api<ClawConfig> = Api::all(client.clone());
     eventually("the CRDs to be served", || async {
@@ -592,21 +598,6 @@ impl Reply {
                 self.body["error"]["message"].as_str().unwrap_or_default()
             ))
         }
-    }
-}
-
-/// The HTTP status DESIGN.md pairs with each error code.
-pub fn http_status_of(code: &str) -> u16 {
-    match code {
-        "INVALID_ARGUMENT" => 400,
-        "UNAUTHENTICATED" => 401,
-        "PERMISSION_DENIED" => 403,
-        "NOT_FOUND" => 404,
-        "ALREADY_EXISTS" | "CONFLICT" => 409,
-        "FAILED_PRECONDITION" => 412,
-        "INTERNAL" => 500,
-        "UNAVAILABLE" => 503,
-        other => panic!("not a protocol error code: {other:?}"),
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::protocol::http_status_of;
 use crate::random::random_hex;
 use crate::wait::PATIENCE;
 
@@ -164,21 +165,6 @@ impl HttpResponse {
                     .to_owned(),
             ))
         }
-    }
-}
-
-/// The HTTP status DESIGN.md pairs with each error code.
-pub fn http_status_of(code: &str) -> u16 {
-    match code {
-        "INVALID_ARGUMENT" => 400,
-        "UNAUTHENTICATED" => 401,
-        "PERMISSION_DENIED" => 403,
-        "NOT_FOUND" => 404,
-        "ALREADY_EXISTS" | "CONFLICT" => 409,
-        "FAILED_PRECONDITION" => 412,
-        "INTERNAL" => 500,
-        "UNAVAILABLE" => 503,
-        other => panic!("not a protocol error code: {other:?}"),
     }
 }
 
