@@ -281,424 +281,554 @@ async fn secrets_reach_every_selected_node_and_leave_on_delete() {
 // 2. Access matrix with real tokens
 // ---------------------------------------------------------------------------------------------
 
+/// The cast of the access matrix: one agent; a secret `db` that only workload `app` may read;
+/// workloads (`app`, `other`, `app` of another namespace, `ci`) and humans (`alice` with a Role
+/// granting every verb, `bob` with none) calling with their real tokens.
+struct Matrix {
+    c: Cluster,
+    other_env: control_plane::TestEnv,
+    client: kube::Client,
+    ns: String,
+    agent: Agent,
+    alice: String,
+    bob: String,
+    app: String,
+    other: String,
+    foreign: String,
+    app_subject: String,
+    other_subject: String,
+    foreign_subject: String,
+    /// What `db` holds.
+    data: Value,
+}
+
+const DENIED: &str = "PERMISSION_DENIED";
+
+impl Matrix {
+    async fn new() -> Matrix {
+        let c = Cluster::new("access").await;
+        let other_env = control_plane::test_env("access-other").await;
+        let client = c.client();
+        let ns = c.ns().to_owned();
+        let ns2 = other_env.namespace.clone();
+        let alice = c.alice().await;
+        let bob = c.user_token("bob");
+        let app = cluster::service_account_token(&client, &ns, "app").await;
+        let other = cluster::service_account_token(&client, &ns, "other").await;
+        let foreign = cluster::service_account_token(&client, &ns2, "app").await;
+        let sa = |n: &str, w: &str| format!("system:serviceaccount:{n}:{w}");
+        let (app_subject, other_subject, foreign_subject) =
+            (sa(&ns, "app"), sa(&ns, "other"), sa(&ns2, "app"));
+        let agent = c.agent("a", &[]).await;
+        let data = secret_data();
+        agent
+            .invoke(
+                Some(&alice),
+                "secret.create",
+                json!({ "name": "db", "namespace": ns, "data": data, "allowed_workloads": ["app"] }),
+            )
+            .await
+            .payload("alice creates db");
+        Matrix {
+            c,
+            other_env,
+            client,
+            ns,
+            agent,
+            alice,
+            bob,
+            app,
+            other,
+            foreign,
+            app_subject,
+            other_subject,
+            foreign_subject,
+            data,
+        }
+    }
+
+    /// A workload reads a secret only if its `allowed_workloads` names it, from its own namespace.
+    async fn workloads_read_only_what_names_them(&self) {
+        let Matrix {
+            ns,
+            agent,
+            app,
+            other,
+            foreign,
+            data,
+            ..
+        } = self;
+        // Workloads reading.
+        let got = agent
+            .get_secret(app, ns, "db")
+            .await
+            .payload("allowed workload reads");
+        assert_eq!(&got["data"], data);
+        let got = agent
+            .invoke(Some(app), "secret.get", json!({ "name": "db" }))
+            .await
+            .payload("allowed workload reads from its own namespace by default");
+        assert_eq!(&got["data"], data);
+        let msg = agent
+            .get_secret(other, ns, "db")
+            .await
+            .expect_error(DENIED, "workload not in allowed_workloads");
+        assert!(msg.contains("allowed_workloads"), "{msg}");
+        agent
+            .get_secret(foreign, ns, "db")
+            .await
+            .expect_error(DENIED, "workload of another namespace");
+    }
+
+    /// Without RBAC a workload writes nothing and lists only what it may read; `create` granted by RBAC lets it create.
+    async fn workloads_write_only_with_rbac(&self) {
+        let Matrix {
+            client,
+            ns,
+            agent,
+            app,
+            other,
+            ..
+        } = self;
+        // Workloads writing without RBAC.
+        agent
+            .invoke(
+                Some(app),
+                "secret.create",
+                json!({ "name": "app.made", "namespace": ns, "data": secret_data() }),
+            )
+            .await
+            .expect_error(DENIED, "workload creates");
+        agent
+            .invoke(
+                Some(app),
+                "secret.rotate",
+                json!({ "name": "db", "namespace": ns, "newData": secret_data() }),
+            )
+            .await
+            .expect_error(DENIED, "workload rotates");
+        agent
+            .invoke(
+                Some(app),
+                "secret.delete",
+                json!({ "name": "db", "namespace": ns }),
+            )
+            .await
+            .expect_error(DENIED, "workload deletes");
+        // Without `list`, a workload lists just the secrets it could read.
+        let listed = agent
+            .invoke(Some(app), "secret.list", json!({ "namespace": ns }))
+            .await
+            .payload("workload lists what it may read");
+        assert_eq!(
+            listed["secrets"].as_array().map(Vec::len),
+            Some(1),
+            "{listed}"
+        );
+        assert_eq!(listed["secrets"][0]["name"], json!("db"), "{listed}");
+        let listed = agent
+            .invoke(Some(other), "secret.list", json!({ "namespace": ns }))
+            .await
+            .payload("workload lists what it may read");
+        assert_eq!(listed["secrets"], json!([]), "{listed}");
+        agent
+            .invoke(
+                Some(app),
+                "config.get",
+                json!({ "name": "anything", "namespace": ns }),
+            )
+            .await
+            .expect_error(DENIED, "workload reads a config without RBAC");
+
+        // RBAC is what decides: a workload granted `create` may create.
+        let ci = cluster::service_account_token(client, ns, "ci").await;
+        cluster::grant(
+            client,
+            ns,
+            cluster::service_account_subject(ns, "ci"),
+            "ci",
+            &["create"],
+            &[],
+        )
+        .await;
+        agent
+            .invoke(
+                Some(&ci),
+                "secret.create",
+                json!({ "name": "ci.made", "namespace": ns, "data": secret_data() }),
+            )
+            .await
+            .payload("workload with RBAC create");
+    }
+
+    /// alice's Role grants every verb: she creates, rotates, reveals (a workload-limited secret too), lists without values, deletes, creates a config. Returns what she wrote and rotated to.
+    async fn a_human_with_a_role_does_everything(&self) -> (Value, Value) {
+        let Matrix {
+            ns,
+            agent,
+            alice,
+            data,
+            ..
+        } = self;
+        // Human with a Role: everything.
+        let made = secret_data();
+        agent
+            .invoke(
+                Some(alice),
+                "secret.create",
+                json!({ "name": "alice.made", "namespace": ns, "data": made }),
+            )
+            .await
+            .payload("alice creates");
+        let rotated = secret_data();
+        let meta = agent
+            .invoke(
+                Some(alice),
+                "secret.rotate",
+                json!({ "name": "alice.made", "namespace": ns, "newData": rotated }),
+            )
+            .await
+            .payload("alice rotates");
+        assert_eq!(meta["version"], json!(2));
+        let got = agent
+            .get_secret(alice, ns, "alice.made")
+            .await
+            .payload("alice reveals");
+        assert_eq!(got["data"], rotated);
+        let got = agent
+            .get_secret(alice, ns, "db")
+            .await
+            .payload("alice reveals a secret limited to a workload");
+        assert_eq!(&got["data"], data);
+        let listed = agent
+            .invoke(Some(alice), "secret.list", json!({ "namespace": ns }))
+            .await
+            .payload("alice lists");
+        let names: Vec<&str> = listed["secrets"]
+            .as_array()
+            .expect("secrets array")
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"db") && names.contains(&"alice.made"),
+            "{listed}"
+        );
+        assert!(
+            !listed
+                .to_string()
+                .contains(data["password"].as_str().unwrap()),
+            "a list never carries values"
+        );
+        agent
+            .invoke(
+                Some(alice),
+                "secret.delete",
+                json!({ "name": "alice.made", "namespace": ns }),
+            )
+            .await
+            .payload("alice deletes");
+        agent
+            .invoke(
+                Some(alice),
+                "config.create",
+                json!({ "name": "alice.config", "namespace": ns, "data": { "mode": "fast" } }),
+            )
+            .await
+            .payload("alice creates a config");
+        (made, rotated)
+    }
+
+    /// bob has no grants: every command is refused although the agent's own identity could do all of it, and nothing he tried happened.
+    async fn a_human_without_grants_does_nothing_the_agent_could(&self) {
+        let Matrix {
+            client,
+            ns,
+            agent,
+            bob,
+            c,
+            app,
+            data,
+            ..
+        } = self;
+        // Human without grants: nothing, although the agent's own credentials (cluster-admin here)
+        // could do all of it.
+        for verb in ["reveal", "list", "create", "update", "delete"] {
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        group: Some("clawbernetes.io".to_owned()),
+                        resource: Some("clawsecrets".to_owned()),
+                        verb: Some(verb.to_owned()),
+                        namespace: Some(ns.clone()),
+                        ..ResourceAttributes::default()
+                    }),
+                    ..SelfSubjectAccessReviewSpec::default()
+                },
+                ..SelfSubjectAccessReview::default()
+            };
+            let status = Api::<SelfSubjectAccessReview>::all(client.clone())
+                .create(&PostParams::default(), &review)
+                .await
+                .expect("SelfSubjectAccessReview")
+                .status
+                .expect("status");
+            assert!(status.allowed, "the agent's own identity may {verb}");
+        }
+        agent
+            .get_secret(bob, ns, "db")
+            .await
+            .expect_error(DENIED, "bob reads");
+        agent
+            .invoke(Some(bob), "secret.list", json!({ "namespace": ns }))
+            .await
+            .expect_error(DENIED, "bob lists");
+        agent
+            .invoke(
+                Some(bob),
+                "secret.create",
+                json!({ "name": "bob.made", "namespace": ns, "data": secret_data() }),
+            )
+            .await
+            .expect_error(DENIED, "bob creates");
+        agent
+            .invoke(
+                Some(bob),
+                "secret.rotate",
+                json!({ "name": "db", "namespace": ns, "newData": secret_data() }),
+            )
+            .await
+            .expect_error(DENIED, "bob rotates");
+        agent
+            .invoke(
+                Some(bob),
+                "secret.delete",
+                json!({ "name": "db", "namespace": ns }),
+            )
+            .await
+            .expect_error(DENIED, "bob deletes");
+        agent
+            .invoke(
+                Some(bob),
+                "config.create",
+                json!({ "name": "bob.config", "namespace": ns, "data": { "mode": "x" } }),
+            )
+            .await
+            .expect_error(DENIED, "bob creates a config");
+        agent
+            .invoke(Some(bob), "config.list", json!({ "namespace": ns }))
+            .await
+            .expect_error(DENIED, "bob lists configs");
+        // ... and none of it happened.
+        let db = c.secrets().get("db").await.expect("db still exists");
+        assert_eq!(db.spec.sealed.as_ref().map(|s| s.version), Some(1));
+        assert!(c.secrets().get_opt("bob.made").await.unwrap().is_none());
+        assert!(c.secrets().get_opt("app.made").await.unwrap().is_none());
+        assert!(c.configs().get_opt("bob.config").await.unwrap().is_none());
+        let got = agent.get_secret(app, ns, "db").await.payload("db intact");
+        assert_eq!(
+            (got["version"].clone(), got["data"].clone()),
+            (json!(1), data.clone())
+        );
+    }
+
+    /// No token, an empty, forged or garbage token: UNAUTHENTICATED (HTTP 401).
+    async fn bad_tokens_are_unauthenticated(&self) {
+        let Matrix { ns, agent, app, .. } = self;
+        // No token, a forged token, garbage: UNAUTHENTICATED (HTTP 401).
+        let get_db = json!({ "name": "db", "namespace": ns });
+        agent
+            .invoke(None, "secret.get", get_db.clone())
+            .await
+            .expect_error("UNAUTHENTICATED", "no token");
+        agent
+            .invoke(Some(""), "secret.get", get_db.clone())
+            .await
+            .expect_error("UNAUTHENTICATED", "empty token");
+        agent
+            .invoke(
+                Some(&tokens::forge_subject(app, ":app", ":admin")),
+                "secret.get",
+                get_db.clone(),
+            )
+            .await
+            .expect_error("UNAUTHENTICATED", "tampered token");
+        agent
+            .invoke(Some("not-a-token"), "secret.get", get_db.clone())
+            .await
+            .expect_error("UNAUTHENTICATED", "garbage token");
+    }
+
+    /// Every denial is in the audit log with the caller's subject, allowed reads too, no value is; the metrics count by closed labels, no value or name in them.
+    async fn every_denial_is_audited_and_counted(&self, values: &[&str]) {
+        let Matrix {
+            ns,
+            agent,
+            app_subject,
+            other_subject,
+            foreign_subject,
+            ..
+        } = self;
+        // Every denial is in the audit log, with the caller's subject.
+        let audit = agent.audit();
+        let expected: Vec<(&str, &str, Option<&str>)> = vec![
+            (other_subject, "secret.get", Some("db")),
+            (foreign_subject, "secret.get", Some("db")),
+            (app_subject, "secret.create", Some("app.made")),
+            (app_subject, "secret.rotate", Some("db")),
+            (app_subject, "secret.delete", Some("db")),
+            ("bob", "secret.get", Some("db")),
+            ("bob", "secret.list", None),
+            ("bob", "secret.create", Some("bob.made")),
+            ("bob", "secret.rotate", Some("db")),
+            ("bob", "secret.delete", Some("db")),
+            ("anonymous", "secret.get", Some("db")),
+        ];
+        for (subject, command, name) in &expected {
+            assert!(
+                audited_denial(&audit, subject, command, ns, *name),
+                "no audit record of the denial of {command} {name:?} to {subject}; audit log:\n{}",
+                audit
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        let anonymous = audit
+            .iter()
+            .filter(|r| r["subject"] == json!("anonymous") && r["decision"] == json!("deny"))
+            .count();
+        assert!(anonymous >= 4, "each unauthenticated attempt is recorded");
+        assert!(
+            audit.iter().any(|r| r["decision"] == json!("allow")
+                && r["subject"] == json!(app_subject)
+                && r["command"] == json!("secret.get")),
+            "allowed reads are audited too"
+        );
+        let raw = std::fs::read_to_string(agent.data_dir().join("audit.log")).unwrap();
+        for v in values {
+            assert!(!raw.contains(v), "a secret value is in the audit log");
+        }
+
+        // The agent's metrics count what happened, by closed labels only: no value, no name.
+        let (status, metrics) = process::http_get(agent.port, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "{metrics}");
+        for line in [
+            "claw_secrets_requests_total{command=\"secret.get\",result=\"PERMISSION_DENIED\"}",
+            "claw_secrets_requests_total{command=\"secret.get\",result=\"UNAUTHENTICATED\"}",
+            "claw_secrets_agent_token_reviews_total{result=\"reviewed\"}",
+            "claw_secrets_agent_token_reviews_total{result=\"rejected\"}",
+            "claw_secrets_audit_append_seconds_count",
+            "claw_secrets_agent_mirror_lag_seconds_count{kind=\"ClawSecret\"}",
+        ] {
+            let sample = metrics
+                .lines()
+                .find(|l| l.starts_with(line))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+            assert!(sample.is_some_and(|n| n > 0.0), "{line} in\n{metrics}");
+        }
+        for v in values.iter().chain([&"alice.made", &"db\""]) {
+            assert!(!metrics.contains(v), "{v} is in the metrics");
+        }
+    }
+
+    /// Denials naming an existing object are Warning Events on it, with the command as action and the caller as related object, and no value.
+    async fn denials_are_events_naming_the_caller(&self, values: &[&str]) {
+        let Matrix {
+            client,
+            ns,
+            app_subject,
+            other_subject,
+            foreign_subject,
+            ..
+        } = self;
+        // Denials naming an existing object are Events on it.
+        let on_db: Vec<(&str, &str)> = vec![
+            (other_subject, "secret.get"),
+            (foreign_subject, "secret.get"),
+            (app_subject, "secret.rotate"),
+            (app_subject, "secret.delete"),
+            ("bob", "secret.get"),
+            ("bob", "secret.rotate"),
+            ("bob", "secret.delete"),
+        ];
+        eventually("AccessDenied Events on db", || async {
+            let events = cluster::access_denied_events(client, ns, "db").await;
+            let notes: Vec<String> = events.iter().filter_map(|e| e.note.clone()).collect();
+            let missing: Vec<String> = on_db
+                .iter()
+                .filter(|(subject, action)| {
+                    !notes
+                        .iter()
+                        .any(|n| n.contains(&format!("{subject} ")) && n.contains(action))
+                })
+                .map(|(s, a)| format!("{s} {a}"))
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing {missing:?}; notes {notes:?}"))
+            }
+        })
+        .await;
+        // Each names the command as its action and the caller as its related object, so that
+        // denials of different callers or commands are not folded into one another's series.
+        for e in cluster::access_denied_events(client, ns, "db").await {
+            assert_eq!(e.type_.as_deref(), Some("Warning"));
+            let note = e.note.clone().unwrap_or_default();
+            assert!(
+                !values.iter().any(|v| note.contains(v)),
+                "a value in an Event"
+            );
+            let (subject, action) = note
+                .split_once(" was denied ")
+                .expect("note names who and what");
+            assert_eq!(e.action.as_deref(), Some(action), "{e:?}");
+            let related = e.related.clone().expect("the caller as the related object");
+            match subject.strip_prefix("system:serviceaccount:") {
+                Some(rest) => {
+                    let (sa_ns, sa) = rest.split_once(':').unwrap();
+                    assert_eq!(related.kind.as_deref(), Some("ServiceAccount"), "{e:?}");
+                    assert_eq!(related.namespace.as_deref(), Some(sa_ns), "{e:?}");
+                    assert_eq!(related.name.as_deref(), Some(sa), "{e:?}");
+                }
+                None => {
+                    assert_eq!(related.kind.as_deref(), Some("User"), "{e:?}");
+                    assert_eq!(related.name.as_deref(), Some(subject), "{e:?}");
+                }
+            }
+        }
+    }
+
+    async fn cleanup(self) {
+        let Matrix {
+            c,
+            other_env,
+            agent,
+            ..
+        } = self;
+        drop(agent);
+        other_env.cleanup().await;
+        c.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn access_matrix_with_real_tokens() {
     let _lock = cluster::shared().await;
-    let c = Cluster::new("access").await;
-    let other_env = control_plane::test_env("access-other").await;
-    let client = c.client();
-    let ns = c.ns().to_owned();
-    let ns2 = other_env.namespace.clone();
-    let alice = c.alice().await;
-    let bob = c.user_token("bob");
-    let app = cluster::service_account_token(&client, &ns, "app").await;
-    let other = cluster::service_account_token(&client, &ns, "other").await;
-    let foreign = cluster::service_account_token(&client, &ns2, "app").await;
-    let sa = |n: &str, w: &str| format!("system:serviceaccount:{n}:{w}");
-    let (app_subject, other_subject, foreign_subject) =
-        (sa(&ns, "app"), sa(&ns, "other"), sa(&ns2, "app"));
-    let agent = c.agent("a", &[]).await;
-    let denied = "PERMISSION_DENIED";
-
-    // A secret only workload `app` may read.
-    let data = secret_data();
-    agent
-        .invoke(
-            Some(&alice),
-            "secret.create",
-            json!({ "name": "db", "namespace": ns, "data": data, "allowed_workloads": ["app"] }),
-        )
-        .await
-        .payload("alice creates db");
-
-    // Workloads reading.
-    let got = agent
-        .get_secret(&app, &ns, "db")
-        .await
-        .payload("allowed workload reads");
-    assert_eq!(got["data"], data);
-    let got = agent
-        .invoke(Some(&app), "secret.get", json!({ "name": "db" }))
-        .await
-        .payload("allowed workload reads from its own namespace by default");
-    assert_eq!(got["data"], data);
-    let msg = agent
-        .get_secret(&other, &ns, "db")
-        .await
-        .expect_error(denied, "workload not in allowed_workloads");
-    assert!(msg.contains("allowed_workloads"), "{msg}");
-    agent
-        .get_secret(&foreign, &ns, "db")
-        .await
-        .expect_error(denied, "workload of another namespace");
-
-    // Workloads writing without RBAC.
-    agent
-        .invoke(
-            Some(&app),
-            "secret.create",
-            json!({ "name": "app.made", "namespace": ns, "data": secret_data() }),
-        )
-        .await
-        .expect_error(denied, "workload creates");
-    agent
-        .invoke(
-            Some(&app),
-            "secret.rotate",
-            json!({ "name": "db", "namespace": ns, "newData": secret_data() }),
-        )
-        .await
-        .expect_error(denied, "workload rotates");
-    agent
-        .invoke(
-            Some(&app),
-            "secret.delete",
-            json!({ "name": "db", "namespace": ns }),
-        )
-        .await
-        .expect_error(denied, "workload deletes");
-    // Without `list`, a workload lists just the secrets it could read.
-    let listed = agent
-        .invoke(Some(&app), "secret.list", json!({ "namespace": ns }))
-        .await
-        .payload("workload lists what it may read");
-    assert_eq!(
-        listed["secrets"].as_array().map(Vec::len),
-        Some(1),
-        "{listed}"
-    );
-    assert_eq!(listed["secrets"][0]["name"], json!("db"), "{listed}");
-    let listed = agent
-        .invoke(Some(&other), "secret.list", json!({ "namespace": ns }))
-        .await
-        .payload("workload lists what it may read");
-    assert_eq!(listed["secrets"], json!([]), "{listed}");
-    agent
-        .invoke(
-            Some(&app),
-            "config.get",
-            json!({ "name": "anything", "namespace": ns }),
-        )
-        .await
-        .expect_error(denied, "workload reads a config without RBAC");
-
-    // RBAC is what decides: a workload granted `create` may create.
-    let ci = cluster::service_account_token(&client, &ns, "ci").await;
-    cluster::grant(
-        &client,
-        &ns,
-        cluster::service_account_subject(&ns, "ci"),
-        "ci",
-        &["create"],
-        &[],
-    )
-    .await;
-    agent
-        .invoke(
-            Some(&ci),
-            "secret.create",
-            json!({ "name": "ci.made", "namespace": ns, "data": secret_data() }),
-        )
-        .await
-        .payload("workload with RBAC create");
-
-    // Human with a Role: everything.
-    let made = secret_data();
-    agent
-        .invoke(
-            Some(&alice),
-            "secret.create",
-            json!({ "name": "alice.made", "namespace": ns, "data": made }),
-        )
-        .await
-        .payload("alice creates");
-    let rotated = secret_data();
-    let meta = agent
-        .invoke(
-            Some(&alice),
-            "secret.rotate",
-            json!({ "name": "alice.made", "namespace": ns, "newData": rotated }),
-        )
-        .await
-        .payload("alice rotates");
-    assert_eq!(meta["version"], json!(2));
-    let got = agent
-        .get_secret(&alice, &ns, "alice.made")
-        .await
-        .payload("alice reveals");
-    assert_eq!(got["data"], rotated);
-    let got = agent
-        .get_secret(&alice, &ns, "db")
-        .await
-        .payload("alice reveals a secret limited to a workload");
-    assert_eq!(got["data"], data);
-    let listed = agent
-        .invoke(Some(&alice), "secret.list", json!({ "namespace": ns }))
-        .await
-        .payload("alice lists");
-    let names: Vec<&str> = listed["secrets"]
-        .as_array()
-        .expect("secrets array")
-        .iter()
-        .filter_map(|s| s["name"].as_str())
-        .collect();
-    assert!(
-        names.contains(&"db") && names.contains(&"alice.made"),
-        "{listed}"
-    );
-    assert!(
-        !listed
-            .to_string()
-            .contains(data["password"].as_str().unwrap()),
-        "a list never carries values"
-    );
-    agent
-        .invoke(
-            Some(&alice),
-            "secret.delete",
-            json!({ "name": "alice.made", "namespace": ns }),
-        )
-        .await
-        .payload("alice deletes");
-    agent
-        .invoke(
-            Some(&alice),
-            "config.create",
-            json!({ "name": "alice.config", "namespace": ns, "data": { "mode": "fast" } }),
-        )
-        .await
-        .payload("alice creates a config");
-
-    // Human without grants: nothing, although the agent's own credentials (cluster-admin here)
-    // could do all of it.
-    for verb in ["reveal", "list", "create", "update", "delete"] {
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some("clawbernetes.io".to_owned()),
-                    resource: Some("clawsecrets".to_owned()),
-                    verb: Some(verb.to_owned()),
-                    namespace: Some(ns.clone()),
-                    ..ResourceAttributes::default()
-                }),
-                ..SelfSubjectAccessReviewSpec::default()
-            },
-            ..SelfSubjectAccessReview::default()
-        };
-        let status = Api::<SelfSubjectAccessReview>::all(client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .expect("SelfSubjectAccessReview")
-            .status
-            .expect("status");
-        assert!(status.allowed, "the agent's own identity may {verb}");
-    }
-    agent
-        .get_secret(&bob, &ns, "db")
-        .await
-        .expect_error(denied, "bob reads");
-    agent
-        .invoke(Some(&bob), "secret.list", json!({ "namespace": ns }))
-        .await
-        .expect_error(denied, "bob lists");
-    agent
-        .invoke(
-            Some(&bob),
-            "secret.create",
-            json!({ "name": "bob.made", "namespace": ns, "data": secret_data() }),
-        )
-        .await
-        .expect_error(denied, "bob creates");
-    agent
-        .invoke(
-            Some(&bob),
-            "secret.rotate",
-            json!({ "name": "db", "namespace": ns, "newData": secret_data() }),
-        )
-        .await
-        .expect_error(denied, "bob rotates");
-    agent
-        .invoke(
-            Some(&bob),
-            "secret.delete",
-            json!({ "name": "db", "namespace": ns }),
-        )
-        .await
-        .expect_error(denied, "bob deletes");
-    agent
-        .invoke(
-            Some(&bob),
-            "config.create",
-            json!({ "name": "bob.config", "namespace": ns, "data": { "mode": "x" } }),
-        )
-        .await
-        .expect_error(denied, "bob creates a config");
-    agent
-        .invoke(Some(&bob), "config.list", json!({ "namespace": ns }))
-        .await
-        .expect_error(denied, "bob lists configs");
-    // ... and none of it happened.
-    let db = c.secrets().get("db").await.expect("db still exists");
-    assert_eq!(db.spec.sealed.as_ref().map(|s| s.version), Some(1));
-    assert!(c.secrets().get_opt("bob.made").await.unwrap().is_none());
-    assert!(c.secrets().get_opt("app.made").await.unwrap().is_none());
-    assert!(c.configs().get_opt("bob.config").await.unwrap().is_none());
-    let got = agent.get_secret(&app, &ns, "db").await.payload("db intact");
-    assert_eq!(
-        (got["version"].clone(), got["data"].clone()),
-        (json!(1), data.clone())
-    );
-
-    // No token, a forged token, garbage: UNAUTHENTICATED (HTTP 401).
-    let get_db = json!({ "name": "db", "namespace": ns });
-    agent
-        .invoke(None, "secret.get", get_db.clone())
-        .await
-        .expect_error("UNAUTHENTICATED", "no token");
-    agent
-        .invoke(Some(""), "secret.get", get_db.clone())
-        .await
-        .expect_error("UNAUTHENTICATED", "empty token");
-    agent
-        .invoke(
-            Some(&tokens::forge_subject(&app, ":app", ":admin")),
-            "secret.get",
-            get_db.clone(),
-        )
-        .await
-        .expect_error("UNAUTHENTICATED", "tampered token");
-    agent
-        .invoke(Some("not-a-token"), "secret.get", get_db.clone())
-        .await
-        .expect_error("UNAUTHENTICATED", "garbage token");
-
-    // Every denial is in the audit log, with the caller's subject.
-    let audit = agent.audit();
-    let expected: Vec<(&str, &str, Option<&str>)> = vec![
-        (&other_subject, "secret.get", Some("db")),
-        (&foreign_subject, "secret.get", Some("db")),
-        (&app_subject, "secret.create", Some("app.made")),
-        (&app_subject, "secret.rotate", Some("db")),
-        (&app_subject, "secret.delete", Some("db")),
-        ("bob", "secret.get", Some("db")),
-        ("bob", "secret.list", None),
-        ("bob", "secret.create", Some("bob.made")),
-        ("bob", "secret.rotate", Some("db")),
-        ("bob", "secret.delete", Some("db")),
-        ("anonymous", "secret.get", Some("db")),
-    ];
-    for (subject, command, name) in &expected {
-        assert!(
-            audited_denial(&audit, subject, command, &ns, *name),
-            "no audit record of the denial of {command} {name:?} to {subject}; audit log:\n{}",
-            audit
-                .iter()
-                .map(Value::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    }
-    let anonymous = audit
-        .iter()
-        .filter(|r| r["subject"] == json!("anonymous") && r["decision"] == json!("deny"))
-        .count();
-    assert!(anonymous >= 4, "each unauthenticated attempt is recorded");
-    assert!(
-        audit.iter().any(|r| r["decision"] == json!("allow")
-            && r["subject"] == json!(app_subject)
-            && r["command"] == json!("secret.get")),
-        "allowed reads are audited too"
-    );
-    let values = [
-        data["password"].as_str().unwrap(),
-        made["password"].as_str().unwrap(),
-        rotated["password"].as_str().unwrap(),
-    ];
-    let raw = std::fs::read_to_string(agent.data_dir().join("audit.log")).unwrap();
-    for v in values {
-        assert!(!raw.contains(v), "a secret value is in the audit log");
-    }
-
-    // The agent's metrics count what happened, by closed labels only: no value, no name.
-    let (status, metrics) = process::http_get(agent.port, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200, "{metrics}");
-    for line in [
-        "claw_secrets_requests_total{command=\"secret.get\",result=\"PERMISSION_DENIED\"}",
-        "claw_secrets_requests_total{command=\"secret.get\",result=\"UNAUTHENTICATED\"}",
-        "claw_secrets_agent_token_reviews_total{result=\"reviewed\"}",
-        "claw_secrets_agent_token_reviews_total{result=\"rejected\"}",
-        "claw_secrets_audit_append_seconds_count",
-        "claw_secrets_agent_mirror_lag_seconds_count{kind=\"ClawSecret\"}",
-    ] {
-        let sample = metrics
-            .lines()
-            .find(|l| l.starts_with(line))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-        assert!(sample.is_some_and(|n| n > 0.0), "{line} in\n{metrics}");
-    }
-    for v in values.iter().chain([&"alice.made", &"db\""]) {
-        assert!(!metrics.contains(v), "{v} is in the metrics");
-    }
-
-    // Denials naming an existing object are Events on it.
-    let on_db: Vec<(&str, &str)> = vec![
-        (&other_subject, "secret.get"),
-        (&foreign_subject, "secret.get"),
-        (&app_subject, "secret.rotate"),
-        (&app_subject, "secret.delete"),
-        ("bob", "secret.get"),
-        ("bob", "secret.rotate"),
-        ("bob", "secret.delete"),
-    ];
-    eventually("AccessDenied Events on db", || async {
-        let events = cluster::access_denied_events(&client, &ns, "db").await;
-        let notes: Vec<String> = events.iter().filter_map(|e| e.note.clone()).collect();
-        let missing: Vec<String> = on_db
-            .iter()
-            .filter(|(subject, action)| {
-                !notes
-                    .iter()
-                    .any(|n| n.contains(&format!("{subject} ")) && n.contains(action))
-            })
-            .map(|(s, a)| format!("{s} {a}"))
-            .collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("missing {missing:?}; notes {notes:?}"))
-        }
-    })
-    .await;
-    // Each names the command as its action and the caller as its related object, so that
-    // denials of different callers or commands are not folded into one another's series.
-    for e in cluster::access_denied_events(&client, &ns, "db").await {
-        assert_eq!(e.type_.as_deref(), Some("Warning"));
-        let note = e.note.clone().unwrap_or_default();
-        assert!(
-            !values.iter().any(|v| note.contains(v)),
-            "a value in an Event"
-        );
-        let (subject, action) = note
-            .split_once(" was denied ")
-            .expect("note names who and what");
-        assert_eq!(e.action.as_deref(), Some(action), "{e:?}");
-        let related = e.related.clone().expect("the caller as the related object");
-        match subject.strip_prefix("system:serviceaccount:") {
-            Some(rest) => {
-                let (sa_ns, sa) = rest.split_once(':').unwrap();
-                assert_eq!(related.kind.as_deref(), Some("ServiceAccount"), "{e:?}");
-                assert_eq!(related.namespace.as_deref(), Some(sa_ns), "{e:?}");
-                assert_eq!(related.name.as_deref(), Some(sa), "{e:?}");
-            }
-            None => {
-                assert_eq!(related.kind.as_deref(), Some("User"), "{e:?}");
-                assert_eq!(related.name.as_deref(), Some(subject), "{e:?}");
-            }
-        }
-    }
-
-    other_env.cleanup().await;
-    c.cleanup().await;
+    let m = Matrix::new().await;
+    m.workloads_read_only_what_names_them().await;
+    m.workloads_write_only_with_rbac().await;
+    let (made, rotated) = m.a_human_with_a_role_does_everything().await;
+    m.a_human_without_grants_does_nothing_the_agent_could()
+        .await;
+    m.bad_tokens_are_unauthenticated().await;
+    let values = [&m.data, &made, &rotated].map(|d| d["password"].as_str().unwrap().to_owned());
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    m.every_denial_is_audited_and_counted(&values).await;
+    m.denials_are_events_naming_the_caller(&values).await;
+    m.cleanup().await;
 }
 
 /// Every write made through node.invoke is an Event on its object (reason Created, Rotated,
