@@ -1217,239 +1217,478 @@ fn kubectl_apply(kubeconfig: &Path, manifest: &Value) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// The life of a release
+// ---------------------------------------------------------------------------------------------
+
 /// The whole life of a release, sharing one install: install, the operator and an agent with
 /// the chart's ServiceAccounts and flags, access boundaries, upgrade, the examples, uninstall.
+/// Each step is a function below saying what it proves; they run in this order.
 #[tokio::test]
 async fn install_run_upgrade_and_uninstall_a_release() {
-    let started = Instant::now();
-    let env = control_plane::test_env("helm").await;
-    let kc = env.kubeconfig.clone();
-    let kcs = kc.to_str().unwrap().to_owned();
-    let ns = env.namespace.clone();
-    let admin = env.client.clone();
-    let suffix = random_hex(4);
-    let release = format!("h-{suffix}");
-    let fullname = format!("{release}-claw-secrets");
-    let chart = chart();
-    let chart = chart.to_str().unwrap();
-    let work = tempfile::tempdir().expect("temp dir");
-    let step = |what: &str| eprintln!("[{:5.1}s] {what}", started.elapsed().as_secs_f64());
+    let r = Release::new().await;
 
-    // On an external cluster (kind) pods do run: keep this release's operator and agents from
-    // starting there (a second operator would reconcile every namespace with another master
-    // key). Locally nothing runs anyway, and the defaults are installed as they are.
-    let external = control_plane::control_plane().is_external();
-    let replicas = if external { 0 } else { 3 };
-    let mut keep_pods_off: Vec<String> = Vec::new();
-    if external {
-        keep_pods_off.extend([
-            "--set".to_owned(),
-            "operator.replicaCount=0".to_owned(),
-            "--set-string".to_owned(),
-            r"agent.nodeSelector.claw-secrets\.test/never=true".to_owned(),
-        ]);
+    // helm install.
+    let installed = helm_install_creates_exactly_the_rendered_objects(&r).await;
+    an_upgrade_with_a_typo_is_refused(&r);
+
+    // The operator and an agent, as local processes with the chart's ServiceAccounts.
+    let (mut running, generated_key) =
+        operator_and_agent_run_with_the_chart_identities(&r, &installed).await;
+
+    // The flow: kubectl, a workload, an editor, a viewer.
+    let first = a_claw_secret_applied_with_kubectl_is_sealed(&r).await;
+    let reader = the_allowed_workload_reads_it_through_node_invoke(&r, &first).await;
+    let users = alice_is_bound_as_editor_and_bob_as_viewer(&r).await;
+    the_editor_creates_reads_and_rotates_through_node_invoke(&r, &users).await;
+    the_viewer_lists_but_neither_reads_nor_creates(&r, &users);
+    the_editor_deletes_through_node_invoke(&r, &users).await;
+
+    // The boundaries of the chart's roles.
+    the_operator_role_allows_what_it_needs_and_no_more(&r, &running).await;
+    the_agent_role_allows_what_it_needs_and_no_more(&r, &running).await;
+    the_api_server_forbids_what_the_roles_do_not_grant(&r, &running).await;
+
+    // helm upgrade to an existing master key Secret.
+    let upgraded = upgrade_to_an_existing_master_key(&r, &generated_key).await;
+    the_upgraded_workloads_get_the_upgraded_values(&r, &upgraded);
+    the_roles_follow_the_master_key_to_the_existing_secret(&r, &running).await;
+    restarted_with_the_upgraded_flags_the_same_key_seals(
+        &r,
+        &mut running,
+        &upgraded,
+        &first,
+        &reader,
+    )
+    .await;
+
+    // The examples, with the operator watching their namespace.
+    examples_apply_and_become_ready(&r, &mut running, &upgraded).await;
+    let workload = the_example_workload_reads_its_own_secret_only(&r).await;
+    the_example_config_is_readable_when_bound_and_immutable(&r, &workload).await;
+    the_examples_are_deleted_while_the_operator_runs(&r).await;
+
+    // helm uninstall.
+    uninstall_removes_every_object_of_the_release(&r, &mut running);
+    let kept = uninstall_keeps_the_crds_master_keys_and_claw_secrets(&r).await;
+    nothing_is_left_stuck(&r, kept).await;
+    r.done().await;
+}
+
+/// The master key Secret the upgrade points the release to: a copy of the generated one (a
+/// restore), made by the test.
+const RESTORED_MASTER_KEY: &str = "restored-master-key";
+
+/// A release of the chart, and what the steps of its life share: the test's namespace and the
+/// admin client, the names the chart derives from the release's, the kubeconfigs, and a work
+/// dir for the processes' logs and the agent's data.
+struct Release {
+    started: Instant,
+    /// The admin's kubeconfig, and its path as a string (helm's `--kubeconfig`).
+    kc: PathBuf,
+    kcs: String,
+    ns: String,
+    admin: Client,
+    /// Random: part of every name this test creates outside its namespace.
+    suffix: String,
+    /// The release name.
+    name: String,
+    /// `<release>-claw-secrets`: the prefix of the names of the chart's objects.
+    fullname: String,
+    /// The chart's directory, as a string.
+    chart: String,
+    /// On an external cluster (kind), where pods do run.
+    external: bool,
+    /// The operator's replicas the upgrade asks for.
+    replicas: i32,
+    /// The values keeping the release's pods from starting on an external cluster.
+    keep_pods_off: Vec<String>,
+    /// The Node the agent runs as (created by the test).
+    node: String,
+    /// `<fullname>-master-key`: the master key Secret the operator generates.
+    master_key: String,
+    /// The chart's ServiceAccounts, also the names of its Deployment and DaemonSet.
+    operator_sa: String,
+    agent_sa: String,
+    /// Kubeconfigs with the tokens of those ServiceAccounts.
+    operator_kc: PathBuf,
+    agent_kc: PathBuf,
+    /// Where the agent listens, whichever agent process runs, and its data dir.
+    agent_port: u16,
+    agent_addr: String,
+    data_dir: PathBuf,
+    /// Holds the processes' logs and the agent's data dir (removed after the processes).
+    work: tempfile::TempDir,
+    env: control_plane::TestEnv,
+}
+
+impl Release {
+    /// A fresh namespace and the names of a release not installed yet.
+    async fn new() -> Release {
+        let started = Instant::now();
+        let env = control_plane::test_env("helm").await;
+        let kc = env.kubeconfig.clone();
+        let kcs = kc.to_str().unwrap().to_owned();
+        let ns = env.namespace.clone();
+        let admin = env.client.clone();
+        let suffix = random_hex(4);
+        let name = format!("h-{suffix}");
+        let fullname = format!("{name}-claw-secrets");
+        let chart = chart().to_str().unwrap().to_owned();
+        let work = tempfile::tempdir().expect("temp dir");
+
+        // On an external cluster (kind) pods do run: keep this release's operator and agents
+        // from starting there (a second operator would reconcile every namespace with another
+        // master key). Locally nothing runs anyway, and the defaults are installed as they are.
+        let external = control_plane::control_plane().is_external();
+        let replicas = if external { 0 } else { 3 };
+        let mut keep_pods_off: Vec<String> = Vec::new();
+        if external {
+            keep_pods_off.extend([
+                "--set".to_owned(),
+                "operator.replicaCount=0".to_owned(),
+                "--set-string".to_owned(),
+                r"agent.nodeSelector.claw-secrets\.test/never=true".to_owned(),
+            ]);
+        }
+
+        let agent_port = free_port();
+        Release {
+            started,
+            kcs,
+            ns,
+            admin,
+            node: format!("helm-node-{suffix}"),
+            master_key: format!("{fullname}-master-key"),
+            operator_sa: format!("{fullname}-operator"),
+            agent_sa: format!("{fullname}-agent"),
+            operator_kc: work.path().join("operator.kubeconfig"),
+            agent_kc: work.path().join("agent.kubeconfig"),
+            agent_port,
+            agent_addr: format!("http://127.0.0.1:{agent_port}"),
+            data_dir: work.path().join("agent-data"),
+            kc,
+            suffix,
+            name,
+            fullname,
+            chart,
+            external,
+            replicas,
+            keep_pods_off,
+            work,
+            env,
+        }
     }
-    let keep_pods_off: Vec<&str> = keep_pods_off.iter().map(String::as_str).collect();
 
-    // --- helm install: every rendered object is accepted and there.
-    step("helm install");
-    let mut args = vec![
-        "install",
-        &release,
-        chart,
-        "--namespace",
-        &ns,
-        "--kubeconfig",
-        &kcs,
-    ];
-    args.extend_from_slice(&keep_pods_off);
-    let notes = must(helm(&args), "helm install");
-    assert!(
-        notes.contains("NOTES:") && notes.contains(&format!("--clusterrole={fullname}-editor")),
-        "helm install prints the release notes:\n{notes}"
-    );
-    // Helm installed the CRDs from the chart's crds/ (or found them installed); once served:
-    cluster::crds_served(&admin).await;
-    let installed = manifest(&kc, &release, &ns);
-    assert_eq!(
-        labelled(&kc, &release),
-        ids(&installed),
-        "the API server holds exactly the rendered objects"
-    );
-    // A typo in an upgrade fails and changes nothing.
-    let r = helm(&[
-        "upgrade",
-        &release,
-        chart,
-        "--namespace",
-        &ns,
-        "--kubeconfig",
-        &kcs,
-        "--set",
-        "operator.replicaCont=3",
-    ]);
-    assert!(
-        !r.ok && r.stderr.contains("'replicaCont' not allowed"),
-        "{}",
-        r.stderr
-    );
+    /// Progress, with the time since the start of the test.
+    fn step(&self, what: &str) {
+        eprintln!("[{:5.1}s] {what}", self.started.elapsed().as_secs_f64());
+    }
 
-    // --- The operator and an agent, as local processes with the chart's ServiceAccounts.
-    step("operator and agent with the chart's ServiceAccount tokens");
-    let operator_sa = format!("{fullname}-operator");
-    let agent_sa = format!("{fullname}-agent");
-    let operator_kc = work.path().join("operator.kubeconfig");
-    let agent_kc = work.path().join("agent.kubeconfig");
-    tokens::kubeconfig_with_token(
-        &kc,
-        &cluster::service_account_token(&admin, &ns, &operator_sa).await,
-        &operator_kc,
-    );
-    tokens::kubeconfig_with_token(
-        &kc,
-        &cluster::service_account_token(&admin, &ns, &agent_sa).await,
-        &agent_kc,
-    );
-    let operator_client = client_for(&operator_kc).await;
-    let agent_client = client_for(&agent_kc).await;
+    /// `helm VERB RELEASE CHART --namespace NS --kubeconfig KC EXTRA...`
+    fn helm_chart(&self, verb: &str, extra: &[&str]) -> Run {
+        let mut args = vec![
+            verb,
+            &self.name,
+            &self.chart,
+            "--namespace",
+            &self.ns,
+            "--kubeconfig",
+            &self.kcs,
+        ];
+        args.extend_from_slice(extra);
+        helm(&args)
+    }
 
-    let node = format!("helm-node-{suffix}");
-    cluster::create_node(&admin, &node, &[]).await;
-    let downward = |pod: &str| {
+    /// The Secrets of the test's namespace, as the admin.
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    /// `claw-secrets invoke` on the test's node, through the agent.
+    fn invoke(&self, token: &str, command: &str, params: Value) -> Result<Value, String> {
+        invoke(&self.agent_addr, &self.node, token, command, params)
+    }
+
+    /// What the downward API gives a pod `pod` of the release on the test's node.
+    fn downward(&self, pod: &str) -> BTreeMap<&'static str, String> {
         BTreeMap::from([
             ("metadata.name", pod.to_owned()),
-            ("metadata.namespace", ns.clone()),
-            ("spec.nodeName", node.clone()),
+            ("metadata.namespace", self.ns.clone()),
+            ("spec.nodeName", self.node.clone()),
         ])
-    };
-    let start_operator = |objects: &[Value], watch: &str, pod: &str| {
+    }
+
+    /// The operator as the Deployment of `objects` runs it, watching `watch`, as pod `pod`;
+    /// and its metrics port.
+    fn start_operator(&self, objects: &[Value], watch: &str, pod: &str) -> (Proc, u16) {
         let container = &pod_spec(the(objects, "Deployment"))["containers"][0];
         let port = free_port();
         let (args, env) = local_command(
             container,
             &[("--metrics-addr", format!("127.0.0.1:{port}"))],
             &[format!("--watch-namespace={watch}")],
-            &downward(pod),
+            &self.downward(pod),
         );
-        let log = work.path().join(format!("{pod}.log"));
+        let log = self.work.path().join(format!("{pod}.log"));
         (
-            Proc::spawn(&format!("operator {pod}"), &args, &env, &operator_kc, log),
+            Proc::spawn(
+                &format!("operator {pod}"),
+                &args,
+                &env,
+                &self.operator_kc,
+                log,
+            ),
             port,
         )
-    };
-    let agent_port = free_port();
-    let agent_addr = format!("http://127.0.0.1:{agent_port}");
-    let data_dir = work.path().join("agent-data");
-    let start_agent = |objects: &[Value], pod: &str| {
+    }
+
+    /// The agent as the DaemonSet of `objects` runs it, as pod `pod`.
+    fn start_agent(&self, objects: &[Value], pod: &str) -> Proc {
         let container = &pod_spec(the(objects, "DaemonSet"))["containers"][0];
         let (args, env) = local_command(
             container,
             &[
-                ("--data-dir", data_dir.display().to_string()),
-                ("--listen", format!("127.0.0.1:{agent_port}")),
+                ("--data-dir", self.data_dir.display().to_string()),
+                ("--listen", format!("127.0.0.1:{}", self.agent_port)),
             ],
             &[],
-            &downward(pod),
+            &self.downward(pod),
         );
-        let log = work.path().join(format!("{pod}.log"));
-        Proc::spawn(&format!("agent {pod}"), &args, &env, &agent_kc, log)
-    };
+        let log = self.work.path().join(format!("{pod}.log"));
+        Proc::spawn(&format!("agent {pod}"), &args, &env, &self.agent_kc, log)
+    }
 
-    let (mut operator, metrics) = start_operator(&installed, &ns, "operator-0");
+    /// The end: the test's namespace deleted.
+    async fn done(self) {
+        self.step("done");
+        self.env.cleanup().await;
+    }
+}
+
+/// The operator and an agent of the release, running as local processes with the chart's
+/// ServiceAccounts (killed when dropped), and clients acting as those ServiceAccounts.
+struct Running {
+    operator_client: Client,
+    agent_client: Client,
+    operator: Proc,
+    agent: Proc,
+    /// The processes a restart replaced: kept until the end for their logs, should it fail.
+    retired: Vec<Proc>,
+}
+
+impl Running {
+    /// Replaces the operator by `started` (from `Release::start_operator`: the process and its
+    /// metrics port) and waits until it leads.
+    async fn replace_operator(&mut self, (started, metrics): (Proc, u16)) {
+        self.retired
+            .push(std::mem::replace(&mut self.operator, started));
+        self.operator
+            .wait_for(metrics, "/metrics", "claw_secrets_operator_leader 1")
+            .await;
+    }
+
+    /// Replaces the agent by `started` (from `Release::start_agent`) and waits until it is
+    /// ready.
+    async fn replace_agent(&mut self, r: &Release, started: Proc) {
+        self.retired
+            .push(std::mem::replace(&mut self.agent, started));
+        self.agent.wait_for(r.agent_port, "/readyz", "").await;
+    }
+}
+
+/// `helm install` prints the release notes, the CRDs are served, and the API server holds
+/// exactly the objects of the release's manifest. Returns that manifest.
+async fn helm_install_creates_exactly_the_rendered_objects(r: &Release) -> Vec<Value> {
+    r.step("helm install");
+    let keep_pods_off: Vec<&str> = r.keep_pods_off.iter().map(String::as_str).collect();
+    let notes = must(r.helm_chart("install", &keep_pods_off), "helm install");
+    assert!(
+        notes.contains("NOTES:") && notes.contains(&format!("--clusterrole={}-editor", r.fullname)),
+        "helm install prints the release notes:\n{notes}"
+    );
+    // Helm installed the CRDs from the chart's crds/ (or found them installed); once served:
+    cluster::crds_served(&r.admin).await;
+    let installed = manifest(&r.kc, &r.name, &r.ns);
+    assert_eq!(
+        labelled(&r.kc, &r.name),
+        ids(&installed),
+        "the API server holds exactly the rendered objects"
+    );
+    installed
+}
+
+/// A typo in a value of `helm upgrade` fails the upgrade, naming the misspelt key.
+fn an_upgrade_with_a_typo_is_refused(r: &Release) {
+    r.step("helm upgrade with a typo: refused");
+    let refused = r.helm_chart("upgrade", &["--set", "operator.replicaCont=3"]);
+    assert!(
+        !refused.ok && refused.stderr.contains("'replicaCont' not allowed"),
+        "helm upgrade with a typo: {}",
+        refused.stderr
+    );
+}
+
+/// The operator and an agent run with the tokens of the ServiceAccounts the chart created and
+/// the flags and environment its Deployment and DaemonSet give them: the operator gets ready,
+/// leads and generates the master key Secret; the agent gets ready. Returns them, and that
+/// Secret.
+async fn operator_and_agent_run_with_the_chart_identities(
+    r: &Release,
+    installed: &[Value],
+) -> (Running, Secret) {
+    r.step("operator and agent with the chart's ServiceAccount tokens");
+    tokens::kubeconfig_with_token(
+        &r.kc,
+        &cluster::service_account_token(&r.admin, &r.ns, &r.operator_sa).await,
+        &r.operator_kc,
+    );
+    tokens::kubeconfig_with_token(
+        &r.kc,
+        &cluster::service_account_token(&r.admin, &r.ns, &r.agent_sa).await,
+        &r.agent_kc,
+    );
+    let operator_client = client_for(&r.operator_kc).await;
+    let agent_client = client_for(&r.agent_kc).await;
+    cluster::create_node(&r.admin, &r.node, &[]).await;
+
+    let (mut operator, metrics) = r.start_operator(installed, &r.ns, "operator-0");
     operator.wait_for(metrics, "/readyz", "").await;
     operator
         .wait_for(metrics, "/metrics", "claw_secrets_operator_leader 1")
         .await;
-    let master_key = format!("{fullname}-master-key");
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
-    let key_secret = secrets.get(&master_key).await.unwrap_or_else(|e| {
+    let generated_key = r.secrets().get(&r.master_key).await.unwrap_or_else(|e| {
         panic!(
-            "the operator created no master key Secret {master_key}: {e}\n{}",
+            "the operator created no master key Secret {}: {e}\n{}",
+            r.master_key,
             operator.log_tail()
         )
     });
-    let mut agent = start_agent(&installed, "agent-0");
-    agent.wait_for(agent_port, "/readyz", "").await;
+    let mut agent = r.start_agent(installed, "agent-0");
+    agent.wait_for(r.agent_port, "/readyz", "").await;
+    let running = Running {
+        operator_client,
+        agent_client,
+        operator,
+        agent,
+        retired: Vec::new(),
+    };
+    (running, generated_key)
+}
 
-    // --- The flow: kubectl, a workload, an editor, a viewer.
-    step("kubectl apply a ClawSecret: sealed and Ready");
+/// ClawSecret `helm.first`, applied before the upgrade: its value, and the key it was sealed
+/// with.
+struct FirstSecret {
+    canary: String,
+    key_id: String,
+}
+
+/// A ClawSecret applied with `kubectl apply` is sealed (its plaintext gone) and Ready.
+async fn a_claw_secret_applied_with_kubectl_is_sealed(r: &Release) -> FirstSecret {
+    r.step("kubectl apply a ClawSecret: sealed and Ready");
     let canary = format!("canary-{}", random_hex(8));
     kubectl_apply(
-        &kc,
+        &r.kc,
         &json!({
             "apiVersion": "clawbernetes.io/v1alpha1",
             "kind": "ClawSecret",
-            "metadata": {"name": "helm.first", "namespace": ns},
+            "metadata": {"name": "helm.first", "namespace": r.ns},
             "spec": {"data": {"password": canary}, "allowedWorkloads": ["reader"]},
         }),
     );
-    let key_id = wait_sealed(&admin, &ns, "helm.first", 1).await;
+    let key_id = wait_sealed(&r.admin, &r.ns, "helm.first", 1).await;
+    FirstSecret { canary, key_id }
+}
 
-    step("node.invoke: workload read; editor create/get/rotate/delete; viewer refused");
-    let reader = cluster::service_account_token(&admin, &ns, "reader").await;
+/// The workload `helm.first` allows reads its value through node.invoke. Returns the
+/// workload's token.
+async fn the_allowed_workload_reads_it_through_node_invoke(
+    r: &Release,
+    first: &FirstSecret,
+) -> String {
+    r.step("node.invoke: the allowed workload reads helm.first");
+    let reader = cluster::service_account_token(&r.admin, &r.ns, "reader").await;
     let got = eventually("the workload reads helm.first", || async {
-        invoke(
-            &agent_addr,
-            &node,
-            &reader,
-            "secret.get",
-            json!({"name": "helm.first"}),
-        )
+        r.invoke(&reader, "secret.get", json!({"name": "helm.first"}))
     })
     .await;
-    assert_eq!(got["data"], json!({"password": canary}));
+    assert_eq!(got["data"], json!({"password": first.canary}));
     assert_eq!(got["version"], 1);
+    reader
+}
 
+/// The tokens of alice, bound to the release's editor role, and of bob, bound to its viewer
+/// role, in the test's namespace.
+struct Users {
+    alice: String,
+    bob: String,
+}
+
+/// The release's editor and viewer ClusterRoles bind (to alice and bob).
+async fn alice_is_bound_as_editor_and_bob_as_viewer(r: &Release) -> Users {
+    r.step("node.invoke: alice edits, bob views");
     bind(
-        &admin,
-        &ns,
+        &r.admin,
+        &r.ns,
         "alice-edits",
-        &format!("{fullname}-editor"),
+        &format!("{}-editor", r.fullname),
         cluster::user_subject("alice"),
     )
     .await;
     bind(
-        &admin,
-        &ns,
+        &r.admin,
+        &r.ns,
         "bob-views",
-        &format!("{fullname}-viewer"),
+        &format!("{}-viewer", r.fullname),
         cluster::user_subject("bob"),
     )
     .await;
     let cp = control_plane::control_plane();
-    let alice = cp.user_token("alice").expect("alice");
-    let bob = cp.user_token("bob").expect("bob");
+    Users {
+        alice: cp.user_token("alice").expect("alice"),
+        bob: cp.user_token("bob").expect("bob"),
+    }
+}
+
+/// Through node.invoke, the editor creates `helm.api`, reads it, rotates it, and the node
+/// serves the rotated value.
+async fn the_editor_creates_reads_and_rotates_through_node_invoke(r: &Release, users: &Users) {
+    let ns = &r.ns;
+    let alice = &users.alice;
     let created = eventually("alice creates helm.api", || async {
-        invoke(&agent_addr, &node, &alice, "secret.create",
-            json!({"name": "helm.api", "namespace": ns, "data": {"key": "v1"}, "allowed_workloads": ["reader"]}))
+        r.invoke(
+            alice,
+            "secret.create",
+            json!({
+                "name": "helm.api",
+                "namespace": ns,
+                "data": {"key": "v1"},
+                "allowed_workloads": ["reader"],
+            }),
+        )
     })
     .await;
     assert_eq!(created["version"], 1);
     let got = eventually("alice reads helm.api", || async {
-        invoke(
-            &agent_addr,
-            &node,
-            &alice,
+        r.invoke(
+            alice,
             "secret.get",
             json!({"name": "helm.api", "namespace": ns}),
         )
     })
     .await;
     assert_eq!(got["data"], json!({"key": "v1"}));
-    let rotated = invoke(
-        &agent_addr,
-        &node,
-        &alice,
-        "secret.rotate",
-        json!({"name": "helm.api", "namespace": ns, "newData": {"key": "v2"}}),
-    )
-    .expect("alice rotates helm.api");
+    let rotated = r
+        .invoke(
+            alice,
+            "secret.rotate",
+            json!({"name": "helm.api", "namespace": ns, "newData": {"key": "v2"}}),
+        )
+        .expect("alice rotates helm.api");
     assert_eq!(rotated["version"], 2);
     eventually("helm.api v2 on the node", || async {
-        let got = invoke(
-            &agent_addr,
-            &node,
-            &alice,
+        let got = r.invoke(
+            alice,
             "secret.get",
             json!({"name": "helm.api", "namespace": ns}),
         )?;
@@ -1458,51 +1697,54 @@ async fn install_run_upgrade_and_uninstall_a_release() {
             .ok_or(format!("{got}"))
     })
     .await;
-    let listed = invoke(
-        &agent_addr,
-        &node,
-        &bob,
-        "secret.list",
-        json!({"namespace": ns}),
-    )
-    .expect("bob lists");
+}
+
+/// Through node.invoke, the viewer lists the namespace's two ClawSecrets but is refused their
+/// values and creating one.
+fn the_viewer_lists_but_neither_reads_nor_creates(r: &Release, users: &Users) {
+    let ns = &r.ns;
+    let bob = &users.bob;
+    let listed = r
+        .invoke(bob, "secret.list", json!({"namespace": ns}))
+        .expect("bob lists");
     assert_eq!(
         listed["secrets"].as_array().map(Vec::len),
         Some(2),
         "{listed}"
     );
-    let denied = invoke(
-        &agent_addr,
-        &node,
-        &bob,
-        "secret.get",
-        json!({"name": "helm.api", "namespace": ns}),
-    )
-    .expect_err("the viewer role reveals no values");
+    let denied = r
+        .invoke(
+            bob,
+            "secret.get",
+            json!({"name": "helm.api", "namespace": ns}),
+        )
+        .expect_err("the viewer role reveals no values");
     assert!(denied.starts_with("PERMISSION_DENIED"), "{denied}");
-    let denied = invoke(
-        &agent_addr,
-        &node,
-        &bob,
-        "secret.create",
-        json!({"name": "bob.secret", "namespace": ns, "data": {"k": "v"}}),
-    )
-    .expect_err("the viewer role creates nothing");
+    let denied = r
+        .invoke(
+            bob,
+            "secret.create",
+            json!({"name": "bob.secret", "namespace": ns, "data": {"k": "v"}}),
+        )
+        .expect_err("the viewer role creates nothing");
     assert!(denied.starts_with("PERMISSION_DENIED"), "{denied}");
-    let deleted = invoke(
-        &agent_addr,
-        &node,
-        &alice,
-        "secret.delete",
-        json!({"name": "helm.api", "namespace": ns}),
-    )
-    .expect("alice deletes helm.api");
+}
+
+/// Through node.invoke, the editor deletes `helm.api`, and it leaves the node.
+async fn the_editor_deletes_through_node_invoke(r: &Release, users: &Users) {
+    let ns = &r.ns;
+    let alice = &users.alice;
+    let deleted = r
+        .invoke(
+            alice,
+            "secret.delete",
+            json!({"name": "helm.api", "namespace": ns}),
+        )
+        .expect("alice deletes helm.api");
     assert_eq!(deleted["deleted"], true);
     eventually("helm.api gone from the node", || async {
-        match invoke(
-            &agent_addr,
-            &node,
-            &alice,
+        match r.invoke(
+            alice,
             "secret.get",
             json!({"name": "helm.api", "namespace": ns}),
         ) {
@@ -1511,17 +1753,29 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         }
     })
     .await;
+}
 
-    // --- The boundaries of the chart's roles.
-    step("the chart's roles: what they allow and what they refuse");
-    let helm_secret = format!("sh.helm.release.v1.{release}.v1");
+/// The `sh.helm.release.v1.<release>.v1` Secret: helm's record of the release, a Secret
+/// neither the operator nor the agent may read.
+fn helm_record(r: &Release) -> String {
+    format!("sh.helm.release.v1.{}.v1", r.name)
+}
+
+/// The operator's ServiceAccount may read its master key Secret, create Secrets and its Lease
+/// in its namespace, write ClawSecrets, ClawConfig statuses and Events everywhere; and nothing
+/// else asked here: no Secret listing, no other Secret, no Lease elsewhere, no Node deletion,
+/// no ClawSecret creation or deletion, no pods, no Deployments.
+async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running: &Running) {
+    r.step("the chart's roles: what they allow and what they refuse");
+    let ns = r.ns.as_str();
+    let helm_secret = helm_record(r);
     expect_access(
         "operator",
-        &operator_client,
+        &running.operator_client,
         &[
-            (true, "get secrets", Some(&ns), Some(&master_key)),
-            (true, "create secrets", Some(&ns), None),
-            (true, "create leases.coordination.k8s.io", Some(&ns), None),
+            (true, "get secrets", Some(ns), Some(&r.master_key)),
+            (true, "create secrets", Some(ns), None),
+            (true, "create leases.coordination.k8s.io", Some(ns), None),
             (
                 true,
                 "patch clawsecrets.clawbernetes.io",
@@ -1536,8 +1790,8 @@ async fn install_run_upgrade_and_uninstall_a_release() {
             ),
             (true, "create events.events.k8s.io", Some("default"), None),
             (false, "list secrets", None, None),
-            (false, "list secrets", Some(&ns), None),
-            (false, "get secrets", Some(&ns), Some(&helm_secret)),
+            (false, "list secrets", Some(ns), None),
+            (false, "get secrets", Some(ns), Some(&helm_secret)),
             (false, "get secrets", Some("kube-system"), None),
             (
                 false,
@@ -1545,7 +1799,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
                 Some("default"),
                 None,
             ),
-            (false, "delete nodes", None, Some(&node)),
+            (false, "delete nodes", None, Some(&r.node)),
             (
                 false,
                 "create clawsecrets.clawbernetes.io",
@@ -1558,16 +1812,25 @@ async fn install_run_upgrade_and_uninstall_a_release() {
                 Some("default"),
                 None,
             ),
-            (false, "create pods", Some(&ns), None),
-            (false, "update deployments.apps", Some(&ns), None),
+            (false, "create pods", Some(ns), None),
+            (false, "update deployments.apps", Some(ns), None),
         ],
     )
     .await;
+}
+
+/// The agent's ServiceAccount may read its master key Secret, review tokens and access, watch
+/// ClawSecrets and Nodes and create ClawSecrets; and nothing else asked here: no other Secret,
+/// no Secret listing or creation, no ClawSecret status, no `reveal`, no Node change, no Lease,
+/// no pods.
+async fn the_agent_role_allows_what_it_needs_and_no_more(r: &Release, running: &Running) {
+    let ns = r.ns.as_str();
+    let helm_secret = helm_record(r);
     expect_access(
         "agent",
-        &agent_client,
+        &running.agent_client,
         &[
-            (true, "get secrets", Some(&ns), Some(&master_key)),
+            (true, "get secrets", Some(ns), Some(&r.master_key)),
             (
                 true,
                 "create tokenreviews.authentication.k8s.io",
@@ -1588,9 +1851,9 @@ async fn install_run_upgrade_and_uninstall_a_release() {
                 None,
             ),
             (true, "watch nodes", None, None),
-            (false, "get secrets", Some(&ns), Some(&helm_secret)),
+            (false, "get secrets", Some(ns), Some(&helm_secret)),
             (false, "list secrets", None, None),
-            (false, "create secrets", Some(&ns), None),
+            (false, "create secrets", Some(ns), None),
             (
                 false,
                 "update clawsecrets/status.clawbernetes.io",
@@ -1603,19 +1866,23 @@ async fn install_run_upgrade_and_uninstall_a_release() {
                 Some("default"),
                 None,
             ),
-            (false, "patch nodes", None, Some(&node)),
-            (false, "delete nodes", None, Some(&node)),
-            (false, "create leases.coordination.k8s.io", Some(&ns), None),
-            (false, "create pods", Some(&ns), None),
+            (false, "patch nodes", None, Some(&r.node)),
+            (false, "delete nodes", None, Some(&r.node)),
+            (false, "create leases.coordination.k8s.io", Some(ns), None),
+            (false, "create pods", Some(ns), None),
         ],
     )
     .await;
-    // And for real: 403 from the API server.
+}
+
+/// And for real: the API server answers 403 to the operator listing Secrets cluster-wide, to
+/// the agent reading helm's record of the release, and to the operator deleting a Node.
+async fn the_api_server_forbids_what_the_roles_do_not_grant(r: &Release, running: &Running) {
     let forbidden =
-        |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
+        |res: Result<_, kube::Error>| matches!(res, Err(kube::Error::Api(s)) if s.code == 403);
     assert!(
         forbidden(
-            Api::<Secret>::all(operator_client.clone())
+            Api::<Secret>::all(running.operator_client.clone())
                 .list(&ListParams::default())
                 .await
                 .map(|_| ())
@@ -1624,8 +1891,8 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     );
     assert!(
         forbidden(
-            Api::<Secret>::namespaced(agent_client.clone(), &ns)
-                .get(&helm_secret)
+            Api::<Secret>::namespaced(running.agent_client.clone(), &r.ns)
+                .get(&helm_record(r))
                 .await
                 .map(|_| ())
         ),
@@ -1633,43 +1900,39 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     );
     assert!(
         forbidden(
-            Api::<k8s_openapi::api::core::v1::Node>::all(operator_client.clone())
-                .delete(&node, &Default::default())
+            Api::<k8s_openapi::api::core::v1::Node>::all(running.operator_client.clone())
+                .delete(&r.node, &Default::default())
                 .await
                 .map(|_| ())
         ),
         "the operator deletes a Node"
     );
+}
 
-    // --- helm upgrade: to an existing master key Secret (the operator's, copied: a restore),
-    // NetworkPolicies on, three replicas, no hostPort, another lease duration.
-    step("helm upgrade to masterKey.existingSecret");
-    let copy = "restored-master-key";
-    secrets
+/// `helm upgrade` to an existing master key Secret (the operator's, copied: a restore),
+/// NetworkPolicies on, `replicas` operator replicas, no hostPort, another lease duration: the
+/// API server then holds exactly the objects of the new manifest, both NetworkPolicies among
+/// them. Returns that manifest.
+async fn upgrade_to_an_existing_master_key(r: &Release, generated_key: &Secret) -> Vec<Value> {
+    r.step("helm upgrade to masterKey.existingSecret");
+    r.secrets()
         .create(
             &PostParams::default(),
             &Secret {
                 metadata: ObjectMeta {
-                    name: Some(copy.to_owned()),
+                    name: Some(RESTORED_MASTER_KEY.to_owned()),
                     ..ObjectMeta::default()
                 },
-                data: key_secret.data.clone(),
-                type_: key_secret.type_.clone(),
+                data: generated_key.data.clone(),
+                type_: generated_key.type_.clone(),
                 ..Secret::default()
             },
         )
         .await
         .expect("copying the master key Secret");
-    let existing = format!("masterKey.existingSecret={copy}");
-    let replica_count = format!("operator.replicaCount={replicas}");
-    let mut args = vec![
-        "upgrade",
-        &release,
-        chart,
-        "--namespace",
-        &ns,
-        "--kubeconfig",
-        &kcs,
+    let existing = format!("masterKey.existingSecret={RESTORED_MASTER_KEY}");
+    let replica_count = format!("operator.replicaCount={}", r.replicas);
+    let mut values = vec![
         "--set",
         &existing,
         "--set",
@@ -1681,11 +1944,11 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         "--set",
         "operator.leaseDurationSeconds=20",
     ];
-    args.extend_from_slice(&keep_pods_off);
-    must(helm(&args), "helm upgrade");
-    let upgraded = manifest(&kc, &release, &ns);
+    values.extend(r.keep_pods_off.iter().map(String::as_str));
+    must(r.helm_chart("upgrade", &values), "helm upgrade");
+    let upgraded = manifest(&r.kc, &r.name, &r.ns);
     assert_eq!(
-        labelled(&kc, &release),
+        labelled(&r.kc, &r.name),
         ids(&upgraded),
         "after the upgrade, exactly its objects"
     );
@@ -1694,28 +1957,44 @@ async fn install_run_upgrade_and_uninstall_a_release() {
             .iter()
             .filter(|o| o["kind"] == "NetworkPolicy")
             .count(),
-        2
+        2,
+        "after the upgrade, two NetworkPolicies"
     );
+    upgraded
+}
+
+/// After the upgrade, the Deployment and DaemonSet the API server holds have the upgraded
+/// values: the replicas, the lease duration flag, the agent's port without a hostPort; and the
+/// upgraded manifest wires the existing master key Secret.
+fn the_upgraded_workloads_get_the_upgraded_values(r: &Release, upgraded: &[Value]) {
     let deployment: Value = serde_json::from_str(&must(
         kubectl(
-            &kc,
-            &["get", "deployment", &operator_sa, "-n", &ns, "-o", "json"],
+            &r.kc,
+            &[
+                "get",
+                "deployment",
+                &r.operator_sa,
+                "-n",
+                &r.ns,
+                "-o",
+                "json",
+            ],
         ),
         "kubectl get deployment",
     ))
     .unwrap();
-    assert_eq!(deployment["spec"]["replicas"], replicas);
+    assert_eq!(deployment["spec"]["replicas"], r.replicas);
     let operator_args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
     assert_eq!(flag(&operator_args, "--lease-duration-seconds"), "20");
     let agent_ports: Value = serde_json::from_str(&must(
         kubectl(
-            &kc,
+            &r.kc,
             &[
                 "get",
                 "daemonset",
-                &agent_sa,
+                &r.agent_sa,
                 "-n",
-                &ns,
+                &r.ns,
                 "-o",
                 "jsonpath={.spec.template.spec.containers[0].ports}",
             ],
@@ -1728,84 +2007,96 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         agent_ports[0].get("hostPort").is_none(),
         "hostPort 0: {agent_ports}"
     );
-    assert_eq!(master_key_wiring(&upgraded, &ns), copy);
+    assert_eq!(master_key_wiring(upgraded, &r.ns), RESTORED_MASTER_KEY);
+}
+
+/// After the upgrade, the operator and the agent may read the existing master key Secret and
+/// no longer the generated one; the operator may no longer create Secrets.
+async fn the_roles_follow_the_master_key_to_the_existing_secret(r: &Release, running: &Running) {
+    let ns = r.ns.as_str();
     expect_access(
         "operator after the upgrade",
-        &operator_client,
+        &running.operator_client,
         &[
-            (true, "get secrets", Some(&ns), Some(copy)),
-            (false, "get secrets", Some(&ns), Some(&master_key)),
-            (false, "create secrets", Some(&ns), None),
+            (true, "get secrets", Some(ns), Some(RESTORED_MASTER_KEY)),
+            (false, "get secrets", Some(ns), Some(&r.master_key)),
+            (false, "create secrets", Some(ns), None),
         ],
     )
     .await;
     expect_access(
         "agent after the upgrade",
-        &agent_client,
+        &running.agent_client,
         &[
-            (true, "get secrets", Some(&ns), Some(copy)),
-            (false, "get secrets", Some(&ns), Some(&master_key)),
+            (true, "get secrets", Some(ns), Some(RESTORED_MASTER_KEY)),
+            (false, "get secrets", Some(ns), Some(&r.master_key)),
         ],
     )
     .await;
+}
 
-    step("operator and agent restarted with the upgraded flags");
-    operator.terminate();
-    agent.terminate();
-    let (mut operator, metrics) = start_operator(&upgraded, &ns, "operator-1");
-    operator
-        .wait_for(metrics, "/metrics", "claw_secrets_operator_leader 1")
+/// The operator and the agent, restarted with the upgraded flags: a new ClawSecret is sealed
+/// with the same key (read from the existing Secret), and the workload reads both it and the
+/// ClawSecret sealed before the upgrade.
+async fn restarted_with_the_upgraded_flags_the_same_key_seals(
+    r: &Release,
+    running: &mut Running,
+    upgraded: &[Value],
+    first: &FirstSecret,
+    reader: &str,
+) {
+    r.step("operator and agent restarted with the upgraded flags");
+    running.operator.terminate();
+    running.agent.terminate();
+    running
+        .replace_operator(r.start_operator(upgraded, &r.ns, "operator-1"))
         .await;
-    let mut agent = start_agent(&upgraded, "agent-1");
-    agent.wait_for(agent_port, "/readyz", "").await;
+    running
+        .replace_agent(r, r.start_agent(upgraded, "agent-1"))
+        .await;
     kubectl_apply(
-        &kc,
+        &r.kc,
         &json!({
             "apiVersion": "clawbernetes.io/v1alpha1",
             "kind": "ClawSecret",
-            "metadata": {"name": "helm.after-upgrade", "namespace": ns},
+            "metadata": {"name": "helm.after-upgrade", "namespace": r.ns},
             "spec": {"data": {"token": "t-2"}, "allowedWorkloads": ["reader"]},
         }),
     );
     assert_eq!(
-        wait_sealed(&admin, &ns, "helm.after-upgrade", 1).await,
-        key_id,
+        wait_sealed(&r.admin, &r.ns, "helm.after-upgrade", 1).await,
+        first.key_id,
         "sealed with the same key, read from the existing Secret"
     );
     for (name, data) in [
-        ("helm.first", json!({"password": canary})),
+        ("helm.first", json!({"password": first.canary})),
         ("helm.after-upgrade", json!({"token": "t-2"})),
     ] {
         let got = eventually(&format!("the workload reads {name}"), || async {
-            invoke(
-                &agent_addr,
-                &node,
-                &reader,
-                "secret.get",
-                json!({"name": name}),
-            )
+            r.invoke(reader, "secret.get", json!({"name": name}))
         })
         .await;
         assert_eq!(got["data"], data);
     }
+}
 
-    // --- The examples, with the operator watching their namespace.
-    step("kubectl apply -f examples/");
-    operator.terminate();
-    let (mut operator, metrics) = start_operator(&upgraded, "claw-demo", "operator-2");
-    operator
-        .wait_for(metrics, "/metrics", "claw_secrets_operator_leader 1")
+/// The namespace of the examples.
+const DEMO: &str = "claw-demo";
+
+/// `kubectl apply -f examples/`, with the operator now watching their namespace, applies
+/// every example; their ClawSecrets are sealed and their ClawConfig is Ready.
+async fn examples_apply_and_become_ready(r: &Release, running: &mut Running, upgraded: &[Value]) {
+    r.step("kubectl apply -f examples/");
+    running.operator.terminate();
+    running
+        .replace_operator(r.start_operator(upgraded, DEMO, "operator-2"))
         .await;
     let examples = repo().join("examples");
-    if external {
+    if r.external {
         // A namespace claw-demo left by an earlier run may still be terminating.
-        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(r.admin.clone());
         eventually("namespace claw-demo not terminating", || async {
-            match namespaces
-                .get_opt("claw-demo")
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            match namespaces.get_opt(DEMO).await.map_err(|e| e.to_string())? {
                 Some(n) if n.metadata.deletion_timestamp.is_some() => Err("terminating".into()),
                 _ => Ok(()),
             }
@@ -1813,7 +2104,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         .await;
     }
     let applied = must(
-        kubectl(&kc, &["apply", "-f", examples.to_str().unwrap()]),
+        kubectl(&r.kc, &["apply", "-f", examples.to_str().unwrap()]),
         "kubectl apply -f examples/",
     );
     eprintln!("{applied}");
@@ -1831,70 +2122,64 @@ async fn install_run_upgrade_and_uninstall_a_release() {
             "{expected} not applied:\n{applied}"
         );
     }
-    let demo = "claw-demo";
-    wait_sealed(&admin, demo, "db.credentials", 1).await;
-    wait_sealed(&admin, demo, "external.openai", 1).await;
-    wait_config_ready(&admin, demo, "app.production").await;
-    // The example workload's own token: its secret, not the other one.
-    let workload = cluster::service_account_token(&admin, demo, "api-server").await;
+    wait_sealed(&r.admin, DEMO, "db.credentials", 1).await;
+    wait_sealed(&r.admin, DEMO, "external.openai", 1).await;
+    wait_config_ready(&r.admin, DEMO, "app.production").await;
+}
+
+/// With its own token, the example workload reads its ClawSecret through node.invoke, and is
+/// refused the other example's. Returns that token.
+async fn the_example_workload_reads_its_own_secret_only(r: &Release) -> String {
+    r.step("the example workload: its secret, not the other one");
+    let workload = cluster::service_account_token(&r.admin, DEMO, "api-server").await;
     let got = eventually("api-server reads db.credentials", || async {
-        invoke(
-            &agent_addr,
-            &node,
-            &workload,
-            "secret.get",
-            json!({"name": "db.credentials"}),
-        )
+        r.invoke(&workload, "secret.get", json!({"name": "db.credentials"}))
     })
     .await;
     assert_eq!(
         got["data"],
         json!({"host": "db.internal", "port": "5432", "username": "app", "password": "secret"})
     );
-    let denied = invoke(
-        &agent_addr,
-        &node,
-        &workload,
-        "secret.get",
-        json!({"name": "external.openai"}),
-    )
-    .expect_err("api-server may not read the inference server's key");
+    let denied = r
+        .invoke(&workload, "secret.get", json!({"name": "external.openai"}))
+        .expect_err("api-server may not read the inference server's key");
     assert!(denied.starts_with("PERMISSION_DENIED"), "{denied}");
-    // Its RoleBinding names the viewer role of a release called "claw-secrets"; this release
-    // is named otherwise, so bind this release's viewer role the same way.
-    let example_binding = Api::<RoleBinding>::namespaced(admin.clone(), demo)
+    workload
+}
+
+/// The example RoleBinding names the viewer role of a release called "claw-secrets"; bound the
+/// same way to this release's viewer role, the example workload reads the example ClawConfig
+/// through node.invoke. That ClawConfig is immutable: the API server refuses a change. The
+/// example Deployment exists.
+async fn the_example_config_is_readable_when_bound_and_immutable(r: &Release, workload: &str) {
+    r.step("the example config: readable with the viewer role, immutable");
+    let example_binding = Api::<RoleBinding>::namespaced(r.admin.clone(), DEMO)
         .get("api-server-reads-configs")
         .await
         .expect("the example RoleBinding");
     assert_eq!(example_binding.role_ref.name, "claw-secrets-viewer");
     bind(
-        &admin,
-        demo,
-        &format!("api-server-reads-configs-{suffix}"),
-        &format!("{fullname}-viewer"),
-        cluster::service_account_subject(demo, "api-server"),
+        &r.admin,
+        DEMO,
+        &format!("api-server-reads-configs-{}", r.suffix),
+        &format!("{}-viewer", r.fullname),
+        cluster::service_account_subject(DEMO, "api-server"),
     )
     .await;
     let config = eventually("api-server reads app.production", || async {
-        invoke(
-            &agent_addr,
-            &node,
-            &workload,
-            "config.get",
-            json!({"name": "app.production"}),
-        )
+        r.invoke(workload, "config.get", json!({"name": "app.production"}))
     })
     .await;
     assert_eq!(config["immutable"], true);
     assert_eq!(config["data"]["log_level"], "warn");
     let refused = kubectl(
-        &kc,
+        &r.kc,
         &[
             "patch",
             "clawconfig",
             "app.production",
             "-n",
-            demo,
+            DEMO,
             "--type",
             "merge",
             "-p",
@@ -1903,14 +2188,20 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     );
     assert!(
         !refused.ok && refused.stderr.contains("immutable"),
-        "{}",
+        "patching the immutable ClawConfig: {}",
         refused.stderr
     );
     must(
-        kubectl(&kc, &["get", "deployment", "api-server", "-n", demo]),
+        kubectl(&r.kc, &["get", "deployment", "api-server", "-n", DEMO]),
         "the example Deployment exists",
     );
-    // Clean up the examples while the operator runs (finalizers).
+}
+
+/// While the operator runs (finalizers), `kubectl delete` removes each example, waiting for
+/// the ClawSecrets and the ClawConfig to go; then the test's RoleBinding and the namespace.
+async fn the_examples_are_deleted_while_the_operator_runs(r: &Release) {
+    r.step("kubectl delete -f examples/");
+    let examples = repo().join("examples");
     for file in [
         "10-db-credentials.yaml",
         "20-api-key.yaml",
@@ -1918,7 +2209,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     ] {
         must(
             kubectl(
-                &kc,
+                &r.kc,
                 &[
                     "delete",
                     "-f",
@@ -1932,7 +2223,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     }
     must(
         kubectl(
-            &kc,
+            &r.kc,
             &[
                 "delete",
                 "-f",
@@ -1941,16 +2232,16 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         ),
         "kubectl delete -f examples/40-workload.yaml",
     );
-    Api::<RoleBinding>::namespaced(admin.clone(), demo)
+    Api::<RoleBinding>::namespaced(r.admin.clone(), DEMO)
         .delete(
-            &format!("api-server-reads-configs-{suffix}"),
+            &format!("api-server-reads-configs-{}", r.suffix),
             &Default::default(),
         )
         .await
         .expect("removing the test's RoleBinding");
     must(
         kubectl(
-            &kc,
+            &r.kc,
             &[
                 "delete",
                 "-f",
@@ -1960,34 +2251,37 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         ),
         "kubectl delete -f examples/00-namespace.yaml",
     );
+}
 
-    // --- helm uninstall: nothing of the release is left but what is kept by design.
-    step("helm uninstall");
-    operator.terminate();
-    agent.terminate();
+/// With the operator and the agent stopped, `helm uninstall` leaves no object labelled with
+/// the release and none of helm's records of it.
+fn uninstall_removes_every_object_of_the_release(r: &Release, running: &mut Running) {
+    r.step("helm uninstall");
+    running.operator.terminate();
+    running.agent.terminate();
     must(
         helm(&[
             "uninstall",
-            &release,
+            &r.name,
             "--namespace",
-            &ns,
+            &r.ns,
             "--kubeconfig",
-            &kcs,
+            &r.kcs,
         ]),
         "helm uninstall",
     );
-    let left = labelled(&kc, &release);
+    let left = labelled(&r.kc, &r.name);
     assert!(left.is_empty(), "orphans of the release: {left:?}");
     let history = must(
         kubectl(
-            &kc,
+            &r.kc,
             &[
                 "get",
                 "secrets",
                 "-n",
-                &ns,
+                &r.ns,
                 "-l",
-                &format!("owner=helm,name={release}"),
+                &format!("owner=helm,name={}", r.name),
                 "-o",
                 "name",
             ],
@@ -1998,23 +2292,27 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         history.trim().is_empty(),
         "helm's release records remain: {history}"
     );
-    // Kept by design: the CRDs, the master key Secrets, the ClawSecrets (and the operator's
-    // Lease and Events, runtime state like the master key).
+}
+
+/// Kept by design after `helm uninstall`: the CRDs, the master key Secrets (generated and
+/// existing), the ClawSecrets (and the operator's Lease and Events, runtime state like the
+/// master key, not checked). Returns the names of the kept ClawSecrets.
+async fn uninstall_keeps_the_crds_master_keys_and_claw_secrets(r: &Release) -> Vec<String> {
     for crd in ["clawsecrets.clawbernetes.io", "clawconfigs.clawbernetes.io"] {
         must(
-            kubectl(&kc, &["get", "crd", crd]),
+            kubectl(&r.kc, &["get", "crd", crd]),
             &format!("CRD {crd} is kept"),
         );
     }
-    secrets
-        .get(&master_key)
+    r.secrets()
+        .get(&r.master_key)
         .await
         .expect("the generated master key Secret is kept");
-    secrets
-        .get(copy)
+    r.secrets()
+        .get(RESTORED_MASTER_KEY)
         .await
         .expect("the user's master key Secret is kept");
-    let kept: Vec<String> = Api::<ClawSecret>::namespaced(admin.clone(), &ns)
+    let kept: Vec<String> = Api::<ClawSecret>::namespaced(r.admin.clone(), &r.ns)
         .list(&ListParams::default())
         .await
         .expect("listing ClawSecrets")
@@ -2027,10 +2325,14 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         ["helm.after-upgrade", "helm.first"],
         "ClawSecrets are kept"
     );
+    kept
+}
 
-    // Leave nothing stuck: the finalizers of the kept objects (no operator any more), the Node.
+/// Leaves nothing stuck: the finalizers of the kept ClawSecrets (no operator any more) are
+/// removed, and the test's Node deleted.
+async fn nothing_is_left_stuck(r: &Release, kept: Vec<String>) {
     for name in kept {
-        Api::<ClawSecret>::namespaced(admin.clone(), &ns)
+        Api::<ClawSecret>::namespaced(r.admin.clone(), &r.ns)
             .patch(
                 &name,
                 &PatchParams::default(),
@@ -2039,9 +2341,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
             .await
             .expect("removing a finalizer");
     }
-    let _ = Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone())
-        .delete(&node, &Default::default())
+    let _ = Api::<k8s_openapi::api::core::v1::Node>::all(r.admin.clone())
+        .delete(&r.node, &Default::default())
         .await;
-    step("done");
-    env.cleanup().await;
 }

@@ -145,7 +145,8 @@ enum Commands {
 }
 
 /// Logs go to stderr; `CLAW_SECRETS_LOG` (or `RUST_LOG`) sets the filter, else `default`
-/// (`info` for the servers; `warn` for `invoke`, whose stderr is for its answer's errors).
+/// (`info` for the servers; for `invoke`, whose stderr carries the answer's error, only this
+/// crate's warnings: a library's own error line would repeat that error in another shape).
 fn init_logging(default: &str) {
     let filter = std::env::var("CLAW_SECRETS_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
@@ -169,7 +170,7 @@ pub fn main() -> ExitCode {
             dev::run(args)
         }
         Commands::Invoke(args) => {
-            init_logging("warn");
+            init_logging("claw_secrets=warn");
             invoke::run(args)
         }
         Commands::Audit(cmd) => audit::run(cmd),
