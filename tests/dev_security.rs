@@ -298,13 +298,7 @@ fn canary_value_never_leaks() {
 
     // Every file the server wrote: data dir (store, audit log, tokens, key) and config home.
     let files = files_under(&env.root);
-    assert!(
-        files.iter().any(|f| f.ends_with("audit.log"))
-            && files
-                .iter()
-                .any(|f| f.parent().is_some_and(|p| p.ends_with("secrets"))),
-        "{files:?}"
-    );
+    files::assert_holds_audit_and_secrets(&files);
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
         canaries.assert_absent(&f.display().to_string(), &bytes);

@@ -50,7 +50,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
-use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Subject};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
@@ -147,40 +147,13 @@ async fn bind(client: &kube::Client, ns: &str, role: &str, subject: Subject) {
 /// and only the proxy is refused).
 async fn grant_pod_list(client: &kube::Client, ns: &str, subject: Subject) {
     let name = format!("pod-lister-{}", subject.name);
-    let meta = ObjectMeta {
-        name: Some(name.clone()),
-        ..ObjectMeta::default()
+    let list_pods = PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["pods".to_owned()]),
+        verbs: vec!["list".to_owned()],
+        ..PolicyRule::default()
     };
-    Api::<Role>::namespaced(client.clone(), ns)
-        .create(
-            &PostParams::default(),
-            &Role {
-                metadata: meta.clone(),
-                rules: Some(vec![PolicyRule {
-                    api_groups: Some(vec![String::new()]),
-                    resources: Some(vec!["pods".to_owned()]),
-                    verbs: vec!["list".to_owned()],
-                    ..PolicyRule::default()
-                }]),
-            },
-        )
-        .await
-        .expect("Role");
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .create(
-            &PostParams::default(),
-            &RoleBinding {
-                metadata: meta,
-                role_ref: RoleRef {
-                    api_group: "rbac.authorization.k8s.io".to_owned(),
-                    kind: "Role".to_owned(),
-                    name,
-                },
-                subjects: Some(vec![subject]),
-            },
-        )
-        .await
-        .expect("RoleBinding");
+    cluster::grant_rules(client, ns, subject, &name, vec![list_pods]).await;
 }
 
 /// Creates the Pod a DaemonSet would have made for `agent` in `ns`: on its Node, with its
@@ -314,6 +287,23 @@ impl Setup {
         (token, kubeconfig)
     }
 
+    /// The deployer ServiceAccount, with the invoker role where the agents run and the editor
+    /// role where its secrets live: its token and a kubeconfig using it.
+    async fn deployer(&self) -> (String, PathBuf) {
+        let client = self.c.client();
+        let (token, kubeconfig) = self.service_account("deployer").await;
+        let subject = || self.sa_subject("deployer");
+        bind(
+            &client,
+            &self.agents.namespace,
+            "claw-secrets-invoker",
+            subject(),
+        )
+        .await;
+        bind(&client, self.ns(), "claw-secrets-editor", subject()).await;
+        (token, kubeconfig)
+    }
+
     fn sa_subject(&self, name: &str) -> Subject {
         cluster::service_account_subject(self.ns(), name)
     }
@@ -409,21 +399,7 @@ async fn node_invoke_plaintext_reaches_no_log_object_or_etcd() {
     let mut s = Setup::new("canary").await;
     let ns = s.ns().to_owned();
     let client = s.c.client();
-    let (token, kubeconfig) = s.service_account("deployer").await;
-    bind(
-        &client,
-        &s.agents.namespace,
-        "claw-secrets-invoker",
-        s.sa_subject("deployer"),
-    )
-    .await;
-    bind(
-        &client,
-        &ns,
-        "claw-secrets-editor",
-        s.sa_subject("deployer"),
-    )
-    .await;
+    let (token, kubeconfig) = s.deployer().await;
     let mut mirror = s.c.agent("m", &[]).await;
     let operator = cluster::Operator::start(
         &s.c.env.kubeconfig,
@@ -553,13 +529,7 @@ async fn node_invoke_plaintext_reaches_no_log_object_or_etcd() {
     }
     for agent in [&s.agent, &mirror] {
         let files = canaries.assert_absent_under(&agent.data_dir());
-        assert!(
-            files.iter().any(|f| f.ends_with("audit.log"))
-                && files
-                    .iter()
-                    .any(|f| f.parent().is_some_and(|p| p.ends_with("secrets"))),
-            "{files:?}"
-        );
+        files::assert_holds_audit_and_secrets(&files);
     }
     let object = serde_json::to_string(&secrets.get(name).await.unwrap()).unwrap();
     assert!(
@@ -595,25 +565,10 @@ async fn invoke_goes_through_the_api_server_as_the_caller() {
     let _lock = cluster::shared().await;
     let s = Setup::new("proxy").await;
     let ns = s.ns().to_owned();
-    let client = s.c.client();
 
     // The deployer ServiceAccount: the invoker role where the agents run, the editor role where
     // its secrets live.
-    let (token, kubeconfig) = s.service_account("deployer").await;
-    bind(
-        &client,
-        &s.agents.namespace,
-        "claw-secrets-invoker",
-        s.sa_subject("deployer"),
-    )
-    .await;
-    bind(
-        &client,
-        &ns,
-        "claw-secrets-editor",
-        s.sa_subject("deployer"),
-    )
-    .await;
+    let (token, kubeconfig) = s.deployer().await;
     let subject = format!("system:serviceaccount:{ns}:deployer");
 
     let data = json!({ "password": format!("pw-{}", random_hex(8)) });
@@ -954,22 +909,7 @@ async fn latency_of_invoke_through_the_api_server_and_directly() {
     let _lock = cluster::exclusive().await;
     let s = Setup::new("proxy-latency").await;
     let ns = s.ns().to_owned();
-    let client = s.c.client();
-    let (token, kubeconfig) = s.service_account("deployer").await;
-    bind(
-        &client,
-        &s.agents.namespace,
-        "claw-secrets-invoker",
-        s.sa_subject("deployer"),
-    )
-    .await;
-    bind(
-        &client,
-        &ns,
-        "claw-secrets-editor",
-        s.sa_subject("deployer"),
-    )
-    .await;
+    let (token, kubeconfig) = s.deployer().await;
     s.agent
         .invoke(
             Some(&token),

@@ -436,7 +436,18 @@ pub async fn grant(
     if !config_verbs.is_empty() {
         rules.push(rule("clawconfigs", config_verbs));
     }
-    let name = format!("claw-test-{role}");
+    grant_rules(client, ns, subject, &format!("claw-test-{role}"), rules).await;
+}
+
+/// A Role `name` in `ns` with `rules`, bound to `subject` (both kept if they exist).
+pub async fn grant_rules(
+    client: &Client,
+    ns: &str,
+    subject: Subject,
+    name: &str,
+    rules: Vec<PolicyRule>,
+) {
+    let name = name.to_owned();
     let meta = ObjectMeta {
         name: Some(name.clone()),
         ..ObjectMeta::default()

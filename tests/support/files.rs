@@ -56,3 +56,16 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Fails the test unless `files` (of a data dir) hold an audit log and at least one stored
+/// secret: a scan of them for leaks had something to find.
+#[track_caller]
+pub fn assert_holds_audit_and_secrets(files: &[PathBuf]) {
+    assert!(
+        files.iter().any(|f| f.ends_with("audit.log"))
+            && files
+                .iter()
+                .any(|f| f.parent().is_some_and(|p| p.ends_with("secrets"))),
+        "no audit log or stored secret among {files:?}"
+    );
+}
