@@ -2,10 +2,13 @@
 # A real Kubernetes control plane (etcd + kube-apiserver) for tests, built from the Go module
 # proxy. No Docker, no release downloads. See docs/control-plane.md.
 #
-#   hack/control-plane.sh install              build kube-apiserver, kubectl, etcd and helm once per
+#   hack/control-plane.sh install [--node]     build kube-apiserver, kubectl, etcd and helm once per
 #                                              version into the cache, with the CRDs every test
 #                                              control plane serves (crds/: the Prometheus
-#                                              Operator's ServiceMonitor); print the bin dir on stdout
+#                                              Operator's ServiceMonitor); print the bin dir on stdout.
+#                                              --node also builds kubelet, kube-proxy,
+#                                              kube-controller-manager and kube-scheduler
+#                                              (hack/node.sh runs them)
 #   hack/control-plane.sh up DIR [--parent-pid PID] [--timeout SECS]
 #                                              start etcd + kube-apiserver on free loopback ports with
 #                                              state in DIR, wait for /readyz, install BIN/crds/*,
@@ -42,6 +45,8 @@ WRAPPERS="$HACK_DIR/k8s-bin"
 MARKER=".claw-control-plane"
 # shellcheck source-path=SCRIPTDIR source=k8s-bin/versions.env
 source "$WRAPPERS/versions.env"
+# shellcheck source-path=SCRIPTDIR source=lib/processes.sh
+source "$HACK_DIR/lib/processes.sh"
 
 log() { printf '[control-plane] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -130,6 +135,12 @@ install_crds() {
 }
 
 cmd_install() {
+    local node=0
+    case "${1:-}" in
+    "") ;;
+    --node) node=1 ;;
+    *) die "usage: $0 install [--node]" ;;
+    esac
     command -v go >/dev/null || die "go is not installed: Go (>= 1.24; etcd needs 1.26, which go fetches itself unless GOTOOLCHAIN=local) builds the control plane"
     BIN="$(bin_dir)"
     mkdir -p "$BIN"
@@ -138,8 +149,8 @@ cmd_install() {
     # through the module proxy, unless GOTOOLCHAIN=local.)
     export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" GOWORK=off
     local w m v
-    for w in kubernetes:k8s.io/kubernetes:$K8S_VERSION etcd:go.etcd.io/etcd/server/v3:$ETCD_VERSION \
-        helm:helm.sh/helm/v3:$HELM_VERSION; do
+    for w in kubernetes:k8s.io/kubernetes:$K8S_VERSION node:k8s.io/kubernetes:$K8S_VERSION \
+        etcd:go.etcd.io/etcd/server/v3:$ETCD_VERSION helm:helm.sh/helm/v3:$HELM_VERSION; do
         IFS=: read -r w m v <<<"$w"
         grep -qE "^[[:space:]]*(require[[:space:]]+)?$m $v( |\$)" "$WRAPPERS/$w/go.mod" ||
             die "hack/k8s-bin/$w/go.mod does not require $m $v (versions.env); run: bash hack/k8s-bin/update.sh"
@@ -158,6 +169,13 @@ cmd_install() {
     done
     build_wrapper kubernetes "-s -w$kv" \
         kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver kubectl=k8s.io/kubernetes/cmd/kubectl
+    if ((node)); then
+        # The node's binaries (hack/node.sh): same version stamp, same Go build cache.
+        build_wrapper node "-s -w$kv" kubelet=k8s.io/kubernetes/cmd/kubelet \
+            kube-proxy=k8s.io/kubernetes/cmd/kube-proxy \
+            kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
+            kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler
+    fi
     build_wrapper etcd "-s -w" etcd=go.etcd.io/etcd/server/v3
 
     # helm's Makefile stamps its own version and the Kubernetes minor it was built against.
@@ -206,71 +224,6 @@ free_port() {
         return 0
     done
     die "no free port found"
-}
-
-# proc_start_time PID: the kernel start time of PID (field 22 of /proc/PID/stat), to tell a
-# live process from a recycled PID.
-proc_start_time() {
-    local stat
-    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    stat="${stat##*) }"
-    # After "comm) ", field 3 is at index 0, so field 22 is at index 19.
-    local -a f
-    read -r -a f <<<"$stat"
-    printf '%s\n' "${f[19]}"
-}
-
-# recorded_pid DIR NAME: print the PID recorded in DIR/NAME.pid if that process is still the one
-# we started (same PID and kernel start time, so a recycled PID is never hit).
-recorded_pid() {
-    local pid start now
-    [[ -f "$1/$2.pid" ]] || return 1
-    read -r pid start <"$1/$2.pid" || true
-    [[ -n "${pid:-}" ]] || return 1
-    now="$(proc_start_time "$pid" 2>/dev/null)" || return 1
-    [[ "$now" == "${start:-}" ]] || return 1
-    printf '%s\n' "$pid"
-}
-
-# kill_recorded DIR NAME...: stop the recorded processes, SIGTERM first (all at once), then
-# SIGKILL whatever is still there after KILL_GRACE seconds (default 10), and wait for that to
-# take effect.
-kill_recorded() {
-    local dir="$1" name pid i
-    shift
-    local -a pids=()
-    for name in "$@"; do
-        pid="$(recorded_pid "$dir" "$name")" || continue
-        kill -TERM "$pid" 2>/dev/null && pids+=("$name")
-    done
-    for ((i = 0; i < ${KILL_GRACE:-10} * 10 && ${#pids[@]} > 0; i++)); do
-        local -a left=()
-        for name in "${pids[@]}"; do
-            recorded_pid "$dir" "$name" >/dev/null && left+=("$name")
-        done
-        pids=("${left[@]}")
-        ((${#pids[@]} == 0)) || sleep 0.1
-    done
-    for name in "${pids[@]}"; do
-        pid="$(recorded_pid "$dir" "$name")" && kill -KILL "$pid" 2>/dev/null
-    done
-    # SIGKILL is not instant either: wait (up to 5 seconds) until they are gone.
-    for ((i = 0; i < 50 && ${#pids[@]} > 0; i++)); do
-        local -a left=()
-        for name in "${pids[@]}"; do
-            recorded_pid "$dir" "$name" >/dev/null && left+=("$name")
-        done
-        pids=("${left[@]}")
-        ((${#pids[@]} == 0)) || sleep 0.1
-    done
-    return 0
-}
-
-# record DIR NAME PID
-record() {
-    local st
-    st="$(proc_start_time "$3")" || st=exited
-    printf '%s %s\n' "$3" "$st" >"$1/$2.pid"
 }
 
 stop_servers() { kill_recorded "$1" kube-apiserver etcd; } # DIR
@@ -390,14 +343,6 @@ EOF
 
 # start_bg DIR NAME CMD...: start CMD detached (own session, no inherited stdio, so whoever ran
 # `up` -- e.g. a test harness capturing output -- is not kept waiting), logging to DIR/NAME.log.
-start_bg() {
-    local dir="$1" name="$2"
-    shift 2
-    setsid "$@" </dev/null >>"$dir/$name.log" 2>&1 &
-    record "$dir" "$name" "$!"
-}
-
-alive() { recorded_pid "$1" "$2" >/dev/null; } # DIR NAME
 
 cmd_up() {
     local dir="" parent="" timeout=120
