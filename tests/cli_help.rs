@@ -291,3 +291,51 @@ fn an_unknown_shell_is_a_usage_error_listing_the_valid_ones() {
         assert!(err.contains(shell), "the error lists {shell}: {err}");
     }
 }
+
+/// Every script the docs run directly (`hack/x.sh ...`, not `bash hack/x.sh`) is executable, as
+/// a fresh clone checks it out: a missing exec bit makes `eval "$(hack/control-plane.sh up
+/// DIR)"` print "Permission denied" and go on with an empty KUBECONFIG.
+#[test]
+fn scripts_the_docs_run_directly_are_executable() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut docs = vec![root.join("README.md"), root.join("examples/README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap().flatten() {
+        docs.push(entry.path());
+    }
+    let mut checked = std::collections::BTreeSet::new();
+    for doc in docs
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+    {
+        let text = std::fs::read_to_string(doc).unwrap();
+        for (at, _) in text.match_indices("hack/") {
+            let rest = &text[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "/_-.".contains(c)))
+                .unwrap_or(rest.len());
+            let script = rest[..end].trim_end_matches('.');
+            if !(script.ends_with(".sh") || script.ends_with(".py")) {
+                continue;
+            }
+            let before = text[..at].trim_end_matches("./");
+            let interpreted = ["bash ", "sh ", "python3 "]
+                .iter()
+                .any(|i| before.ends_with(i));
+            if interpreted {
+                continue;
+            }
+            let mode = std::fs::metadata(root.join(script))
+                .unwrap_or_else(|e| panic!("{} names {script}: {e}", doc.display()))
+                .permissions()
+                .mode();
+            assert!(
+                mode & 0o111 == 0o111,
+                "{} runs {script} directly, but it is not executable (mode {mode:o}): chmod +x it",
+                doc.display()
+            );
+            checked.insert(script.to_owned());
+        }
+    }
+    assert!(checked.contains("hack/control-plane.sh"), "{checked:?}");
+}
