@@ -23,6 +23,7 @@ fi
 version="$(awk -F'"' '/^version = / { print $2; exit }' "$ROOT/Cargo.toml")"
 name="ghcr.io/clawbernetes/claw-secrets:$version"
 
+mkdir -p "$(dirname "$out")"
 rootfs="$(mktemp -d)"
 trap 'rm -rf "$rootfs"' EXIT
 install -D -m 0755 "$binary" "$rootfs/claw-secrets"

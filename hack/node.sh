@@ -353,7 +353,7 @@ cmd_up() {
         start_bg "$dir/proc" watchdog bash -c '
             st() { local s; s="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1; s="${s##*) }"; local -a f; read -r -a f <<<"$s"; printf "%s\n" "${f[19]}"; }
             while [[ "$(st "$1")" == "$2" ]]; do sleep 0.5; done
-            rm -f "$4/pids/watchdog.pid"
+            rm -f "$4/proc/watchdog.pid"
             exec bash "$3" down "$4"
         ' watchdog "$parent" "$pstart" "$HACK_DIR/node.sh" "$dir"
     fi

@@ -2,20 +2,30 @@
 # The whole test suite, from a fresh clone on a fresh machine: the README's test command.
 #
 #   hack/test.sh            formatting, lints, then every test target (unit, dev-mode
-#                           integration, and the cluster tests against a real kube-apiserver)
+#                           integration, the cluster tests against a real kube-apiserver, and
+#                           the chart on a node that runs pods)
 #
-# It installs what it needs: the Rust crates (cargo fetches them) and the Go-built control
-# plane (kube-apiserver, etcd, kubectl, helm) through hack/control-plane.sh, cached outside
-# the repo so the second run takes seconds.
+# It installs what it needs: the Rust crates (cargo fetches them), the Go-built control plane
+# and node (kube-apiserver, etcd, kubectl, helm, kubelet, kube-proxy, controller-manager,
+# scheduler) through hack/control-plane.sh, containerd, runc and the CNI plugins from Debian
+# (hack/node.sh install, as root), cached outside the repo so the second run takes seconds;
+# and it builds the image (hack/image.sh) the node tests install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s ==\n' "$*" >&2; }
 
-if [ -f hack/control-plane.sh ]; then
-  step "control plane binaries (hack/control-plane.sh install)"
+step "control plane and node (hack/node.sh install: apt packages, Go-built binaries, images)"
+# The node tests (tests/k8s_node.rs) run pods, which needs root; as another user they fail
+# and say so.
+if [ "$(id -u)" = 0 ]; then
+  bash hack/node.sh install >/dev/null
+else
   bash hack/control-plane.sh install >/dev/null
 fi
+
+step "the image (hack/image.sh, a release build)"
+bash hack/image.sh target/images/claw-secrets.tar
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -44,6 +44,9 @@ mod cluster;
 #[path = "support/tokens.rs"]
 mod tokens;
 
+#[path = "support/tools.rs"]
+mod tools;
+
 use cluster::bind_cluster_role as bind;
 use process::{free_port, http_get};
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,6 +67,7 @@ use serde_json::{Value, json};
 use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
 use cluster::BIN;
 use random::random_hex;
+use tools::{Run, helm, kubectl, must};
 use wait::{PATIENCE, eventually};
 
 // ---------------------------------------------------------------------------------------------
@@ -80,85 +84,6 @@ fn chart() -> PathBuf {
 
 fn all_options() -> PathBuf {
     chart().join("ci/all-options-values.yaml")
-}
-
-/// `helm` or `kubectl`: from the control plane's binary cache (`hack/control-plane.sh
-/// install` builds both), else from PATH. Missing is a failure with instructions.
-fn tool(name: &str) -> PathBuf {
-    let cached = control_plane::bin_dir().join(name);
-    if cached.is_file() {
-        return cached;
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} is needed: neither {} nor PATH has it. Build it with \
-                 `bash hack/control-plane.sh install` (needs Go), or install it",
-                cached.display()
-            )
-        })
-}
-
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(program: &Path, args: &[&str], envs: &[(&str, &Path)]) -> Run {
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .env_remove("KUBECONFIG");
-    for (k, v) in envs {
-        command.env(k, v);
-    }
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `helm ARGS`, with its config, cache and data under target/tmp (never the user's).
-fn helm(args: &[&str]) -> Run {
-    let home = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("k8s-helm-home");
-    let (config, cache, data) = (home.join("config"), home.join("cache"), home.join("data"));
-    run(
-        &tool("helm"),
-        args,
-        &[
-            ("HELM_CONFIG_HOME", &config),
-            ("HELM_CACHE_HOME", &cache),
-            ("HELM_DATA_HOME", &data),
-        ],
-    )
-}
-
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> Run {
-    let mut all = vec!["--kubeconfig", kubeconfig.to_str().expect("utf-8 path")];
-    all.extend_from_slice(args);
-    run(&tool("kubectl"), &all, &[])
-}
-
-/// The stdout of a command that must succeed.
-#[track_caller]
-fn must(r: Run, what: &str) -> String {
-    assert!(
-        r.ok,
-        "{what} failed:\n--- stderr\n{}\n--- stdout\n{}",
-        r.stderr, r.stdout
-    );
-    r.stdout
 }
 
 /// `helm template RELEASE charts/claw-secrets -n NAMESPACE EXTRA...`

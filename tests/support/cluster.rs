@@ -619,6 +619,19 @@ fn http_client() -> HttpClient<HttpConnector, Full<Bytes>> {
         .build_http()
 }
 
+/// `POST ADDR/v1/invoke` with a raw body (ADDR: `http://HOST:PORT`): the answer, or why there
+/// was none.
+pub async fn post_invoke(addr: &str, token: Option<&str>, body: Vec<u8>) -> Result<Reply, String> {
+    let (status, bytes) = http("POST", &format!("{addr}/v1/invoke"), token, body).await?;
+    let body = serde_json::from_slice(&bytes).map_err(|e| {
+        format!(
+            "HTTP {status} with a non-JSON body ({e}): {:?}",
+            String::from_utf8_lossy(&bytes)
+        )
+    })?;
+    Ok(Reply { status, body })
+}
+
 async fn http(
     method: &str,
     url: &str,
@@ -827,18 +840,9 @@ impl Agent {
 
     /// `POST /v1/invoke` with a raw body.
     pub async fn post(&self, token: Option<&str>, body: Vec<u8>) -> Reply {
-        let url = format!("{}/v1/invoke", self.addr());
-        let (status, bytes) = http("POST", &url, token, body)
+        post_invoke(&self.addr(), token, body)
             .await
-            .unwrap_or_else(|e| panic!("agent {}: {e}; log:\n{}", self.node, self.log_tail(20)));
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            panic!(
-                "agent {} answered HTTP {status} with a non-JSON body ({e}): {:?}",
-                self.node,
-                String::from_utf8_lossy(&bytes)
-            )
-        });
-        Reply { status, body }
+            .unwrap_or_else(|e| panic!("agent {}: {e}; log:\n{}", self.node, self.log_tail(20)))
     }
 
     /// `secret.get` of `ns/name`.

@@ -1,0 +1,504 @@
+//! The chart and the image on a node that runs pods (hack/node.sh: kubelet, containerd, runc,
+//! kube-proxy, controller-manager and scheduler next to the API server), installed the way a
+//! user installs them: `helm install --wait` of charts/claw-secrets with the image
+//! `hack/image.sh` built, imported into the node's containerd under the chart's default name.
+//!
+//! Needs root (the node's bridge, iptables, containerd) and `bash hack/node.sh install`; the
+//! image tar is `target/images/claw-secrets.tar` (`bash hack/image.sh
+//! target/images/claw-secrets.tar`, which `hack/test.sh` runs), or `CLAW_NODE_IMAGE`. Without
+//! them the tests fail with the command to run, never skip. One node per test binary; its
+//! watchdog removes it when this process ends, however it ends.
+
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
+#[path = "support/files.rs"]
+mod files;
+
+#[path = "support/process.rs"]
+mod process;
+
+#[path = "support/protocol.rs"]
+mod protocol;
+
+#[path = "support/relay.rs"]
+mod relay;
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+#[path = "support/tokens.rs"]
+mod tokens;
+
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::{Value, json};
+
+use cluster::{BIN, Reply};
+use random::random_hex;
+use tools::{helm, kubectl, must};
+use wait::eventually;
+
+const RELEASE: &str = "claw-secrets";
+const NAMESPACE: &str = "claw-secrets";
+const OPERATOR: &str = "deployment/claw-secrets-operator";
+const AGENT: &str = "daemonset/claw-secrets-agent";
+const NODE_NAME: &str = "claw-node";
+
+// ---------------------------------------------------------------------------------------------
+// The node
+// ---------------------------------------------------------------------------------------------
+
+struct Node {
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    ip: String,
+}
+
+static NODE: OnceLock<Result<Node, String>> = OnceLock::new();
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The node of this test binary, started on first use with the image imported.
+fn node() -> &'static Node {
+    match NODE.get_or_init(start_node) {
+        Ok(n) => n,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn start_node() -> Result<Node, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "the node tests need root (the node's bridge, iptables, containerd): run them as root"
+                .into(),
+        );
+    }
+    let image = std::env::var_os("CLAW_NODE_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/images/claw-secrets.tar"));
+    if !image.is_file() {
+        return Err(format!(
+            "no image at {}: build it with `bash hack/image.sh {}` (or set CLAW_NODE_IMAGE)",
+            image.display(),
+            image.display()
+        ));
+    }
+    let script = repo().join("hack/node.sh");
+    let dir = std::env::temp_dir().join(format!(
+        "claw-node-{}-{}",
+        std::process::id(),
+        random_hex(4)
+    ));
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("up")
+        .arg(&dir)
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string())
+        .output()
+        .map_err(|e| format!("running hack/node.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`hack/node.sh up` failed (run `bash hack/node.sh install` first):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let imported = Command::new("bash")
+        .arg(&script)
+        .arg("import")
+        .arg(&dir)
+        .arg(&image)
+        .output()
+        .map_err(|e| format!("running hack/node.sh import: {e}"))?;
+    if !imported.status.success() {
+        return Err(format!(
+            "importing {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&imported.stderr)
+        ));
+    }
+    let ip = String::from_utf8_lossy(
+        &Command::new("bash")
+            .arg(&script)
+            .arg("node-ip")
+            .output()
+            .map_err(|e| e.to_string())?
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    Ok(Node {
+        kubeconfig: dir.join("admin.kubeconfig"),
+        dir,
+        ip,
+    })
+}
+
+async fn client_of(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig loads");
+    Client::try_from(config).expect("client")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The release
+// ---------------------------------------------------------------------------------------------
+
+/// The chart installed on the node, and what the steps share.
+struct Release<'a> {
+    node: &'a Node,
+    client: Client,
+    /// Where the agent's hostPath lives (inside the node's directory, removed with it).
+    host_path: PathBuf,
+    started: Instant,
+}
+
+impl Release<'_> {
+    fn kubectl(&self, args: &[&str]) -> String {
+        must(
+            kubectl(&self.node.kubeconfig, args),
+            &format!("kubectl {}", args.join(" ")),
+        )
+    }
+
+    fn step(&self, what: &str) {
+        eprintln!("[{:6.1}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn pods(&self, component: &str) -> Vec<Value> {
+        let out = self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            &format!("app.kubernetes.io/component={component}"),
+            "-o",
+            "json",
+        ]);
+        let list: Value = serde_json::from_str(&out).expect("pod list JSON");
+        list["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `helm install --wait`: both rollouts complete, every pod Ready through its probes.
+    fn helm_install_waits_for_ready_pods(&self) {
+        self.step("helm install --wait");
+        let host_path = format!("agent.hostPath={}", self.host_path.display());
+        let kc = self.node.kubeconfig.to_str().unwrap();
+        must(
+            helm(&[
+                "install",
+                RELEASE,
+                repo().join("charts/claw-secrets").to_str().unwrap(),
+                "--namespace",
+                NAMESPACE,
+                "--create-namespace",
+                "--kubeconfig",
+                kc,
+                "--set",
+                &host_path,
+                "--wait",
+                "--timeout",
+                "5m",
+            ]),
+            "helm install --wait",
+        );
+        for what in [OPERATOR, AGENT] {
+            self.kubectl(&["-n", NAMESPACE, "rollout", "status", what, "--timeout=120s"]);
+        }
+        let (operators, agents) = (self.pods("operator"), self.pods("agent"));
+        assert_eq!(operators.len(), 2, "two operator replicas");
+        assert_eq!(agents.len(), 1, "one agent on the one node");
+        for pod in operators.iter().chain(&agents) {
+            let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+            let containers = pod["spec"]["containers"].as_array().unwrap();
+            for c in containers {
+                assert!(
+                    c["readinessProbe"].is_object() && c["livenessProbe"].is_object(),
+                    "{name}/{}: a readiness and a liveness probe",
+                    c["name"]
+                );
+            }
+            let ready = pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            assert!(ready, "{name} is Ready: {}", pod["status"]);
+            for s in pod["status"]["containerStatuses"].as_array().unwrap() {
+                assert_eq!(s["ready"], json!(true), "{name}: {s}");
+                assert!(s["started"] == json!(true), "{name}: {s}");
+            }
+        }
+    }
+
+    /// Exactly one operator leads (its /metrics, read at the pod's own address on the node's
+    /// bridge), and the operators reach the API server with their in-cluster ServiceAccount
+    /// credentials: no kubeconfig anywhere in their pods, a projected token mounted.
+    fn one_operator_leads_with_in_cluster_credentials(&self) {
+        self.step("one leader, in-cluster credentials");
+        let operators = self.pods("operator");
+        let mut leaders = 0;
+        for pod in &operators {
+            let ip = pod["status"]["podIP"].as_str().expect("pod IP");
+            let spec = &pod["spec"];
+            let text = spec.to_string();
+            assert!(
+                !text.contains("KUBECONFIG") && !text.contains("kubeconfig"),
+                "{text}"
+            );
+            assert_ne!(spec["automountServiceAccountToken"], json!(false), "{text}");
+            let port = spec["containers"][0]["ports"][0]["containerPort"]
+                .as_u64()
+                .unwrap();
+            let metrics = metrics_of(ip, port as u16);
+            if metrics
+                .lines()
+                .any(|l| l == "claw_secrets_operator_leader 1")
+            {
+                leaders += 1;
+            }
+        }
+        assert_eq!(leaders, 1, "exactly one operator leads");
+    }
+}
+
+/// GET http://IP:PORT/metrics (a pod address on the node's bridge, local to this machine).
+fn metrics_of(ip: &str, port: u16) -> String {
+    let addr = format!("{ip}:{port}");
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    use std::io::{Read, Write};
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {ip}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+impl Release<'_> {
+    /// The runtime enforces the pods' securityContext: the agent process (found on the host)
+    /// runs as uid/gid 65532 with no capabilities, on a read-only root filesystem.
+    fn the_runtime_enforces_the_security_context(&self) {
+        self.step("securityContext at run time");
+        let pid = host_process("agent").expect("the agent's process on the node");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Uid:"), vec!["65532"; 4], "{status}");
+        assert_eq!(field("Gid:"), vec!["65532"; 4], "{status}");
+        assert_eq!(field("CapEff:"), vec!["0000000000000000"], "{status}");
+        assert_eq!(field("CapPrm:"), vec!["0000000000000000"], "{status}");
+        assert_eq!(field("NoNewPrivs:"), vec!["1"], "{status}");
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let root = mounts
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == Some("/"))
+            .expect("the container's root mount");
+        let options = root.split_whitespace().nth(5).unwrap_or_default();
+        assert!(
+            options.split(',').any(|o| o == "ro"),
+            "root is read-only: {root}"
+        );
+    }
+}
+
+/// The pid of the host process running `/claw-secrets SUBCOMMAND` (in a container).
+fn host_process(subcommand: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|b| *b == 0);
+        (args.next()? == b"/claw-secrets" && args.next()? == subcommand.as_bytes()).then_some(pid)
+    })
+}
+
+impl Release<'_> {
+    /// A ServiceAccount with the chart's editor role in `ns` and the invoker role where the
+    /// agents run; its token.
+    async fn editor(&self, ns: &str, name: &str) -> String {
+        self.kubectl(&["create", "namespace", ns]);
+        let token = cluster::service_account_token(&self.client, ns, name).await;
+        let subject = cluster::service_account_subject(ns, name);
+        cluster::bind_cluster_role(
+            &self.client,
+            ns,
+            name,
+            &format!("{RELEASE}-editor"),
+            subject.clone(),
+        )
+        .await;
+        cluster::bind_cluster_role(
+            &self.client,
+            NAMESPACE,
+            name,
+            &format!("{RELEASE}-invoker"),
+            subject,
+        )
+        .await;
+        token
+    }
+
+    /// node.invoke on the agent's hostPort (the node's address): a secret created, read back.
+    async fn node_invoke_answers_on_the_host_port(&self, token: &str, ns: &str, value: &str) {
+        self.step("node.invoke on the hostPort");
+        let addr = format!("http://{}:7443", self.node.ip);
+        let call = |command: &str, params: Value| {
+            let body = json!({ "nodeId": NODE_NAME, "command": command, "params": params });
+            let addr = addr.clone();
+            async move {
+                cluster::post_invoke(&addr, Some(token), serde_json::to_vec(&body).unwrap())
+                    .await
+                    .unwrap_or_else(|e| panic!("{addr}: {e}"))
+            }
+        };
+        let created: Reply = call(
+            "secret.create",
+            json!({ "name": "node.db", "namespace": ns, "data": { "password": value } }),
+        )
+        .await;
+        assert_eq!(
+            created.payload("secret.create on the hostPort")["version"],
+            json!(1)
+        );
+        let got = eventually("the agent to serve node.db", || async {
+            call("secret.get", json!({ "name": "node.db", "namespace": ns }))
+                .await
+                .result()
+        })
+        .await;
+        assert_eq!(got["data"]["password"], json!(value));
+    }
+
+    /// `claw-secrets invoke claw-node ...` with a kubeconfig: through the API server's pod proxy
+    /// to the agent pod.
+    fn the_cli_reaches_the_agent_through_the_api_server(&self, token: &str, ns: &str, value: &str) {
+        self.step("claw-secrets invoke through the API server");
+        let kubeconfig = tokens::kubeconfig_with_token(
+            &self.node.kubeconfig,
+            token,
+            &self.node.dir.join("editor.kubeconfig"),
+        );
+        let out = Command::new(BIN)
+            .args(["invoke", NODE_NAME, "secret.get"])
+            .arg(json!({ "name": "node.db", "namespace": ns }).to_string())
+            .args(["--agent-namespace", NAMESPACE])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("CLAW_SECRETS_ADDR")
+            .env_remove("CLAW_SECRETS_TOKEN")
+            .env("HOME", &self.node.dir)
+            .output()
+            .expect("claw-secrets invoke");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Value = serde_json::from_slice(&out.stdout).expect("JSON payload");
+        assert_eq!(got["data"]["password"], json!(value));
+    }
+
+    /// The agent's store is on the node: a new agent pod (the old one deleted) serves the same
+    /// secret, and the hostPath holds the store and the audit log.
+    async fn the_store_on_the_host_path_outlives_the_agent_pod(
+        &self,
+        token: &str,
+        ns: &str,
+        value: &str,
+    ) {
+        self.step("agent pod deleted; the store stays");
+        let before = self.pods("agent");
+        let old = before[0]["metadata"]["name"].as_str().unwrap().to_owned();
+        self.kubectl(&["-n", NAMESPACE, "delete", "pod", &old, "--wait=true"]);
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "rollout",
+            "status",
+            AGENT,
+            "--timeout=120s",
+        ]);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
+        eventually("a new agent pod, Ready", || async {
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let ready = list.items.iter().any(|p| {
+                p.metadata.name.as_deref() != Some(old.as_str())
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            });
+            ready.then_some(()).ok_or_else(|| "not yet".to_owned())
+        })
+        .await;
+        let files = files::files_under(&self.host_path);
+        files::assert_holds_audit_and_secrets(&files);
+        self.node_invoke_answers_after_restart(token, ns, value)
+            .await;
+    }
+
+    async fn node_invoke_answers_after_restart(&self, token: &str, ns: &str, value: &str) {
+        let addr = format!("http://{}:7443", self.node.ip);
+        let body = json!({ "nodeId": NODE_NAME, "command": "secret.get",
+                           "params": { "name": "node.db", "namespace": ns } });
+        let got = eventually("the new agent pod to serve node.db", || async {
+            cluster::post_invoke(&addr, Some(token), serde_json::to_vec(&body).unwrap())
+                .await?
+                .result()
+        })
+        .await;
+        assert_eq!(got["data"]["password"], json!(value));
+        assert_eq!(got["version"], json!(1));
+    }
+}
+
+#[tokio::test]
+async fn the_chart_runs_on_a_node() {
+    let node = node();
+    let r = Release {
+        node,
+        client: client_of(&node.kubeconfig).await,
+        host_path: node.dir.join("hostpath/claw-secrets"),
+        started: Instant::now(),
+    };
+    r.helm_install_waits_for_ready_pods();
+    r.one_operator_leads_with_in_cluster_credentials();
+    r.the_runtime_enforces_the_security_context();
+    let ns = "node-apps";
+    let token = r.editor(ns, "deployer").await;
+    let value = format!("pw-{}", random_hex(8));
+    r.node_invoke_answers_on_the_host_port(&token, ns, &value)
+        .await;
+    r.the_cli_reaches_the_agent_through_the_api_server(&token, ns, &value);
+    r.the_store_on_the_host_path_outlives_the_agent_pod(&token, ns, &value)
+        .await;
+    r.step("done");
+}
