@@ -890,10 +890,10 @@ async fn lease_state(leases: &Api<Lease>) -> Option<(String, jiff::Timestamp, ji
 
 /// A partition, not a death: the leader's renewals are black-holed (its relay to the API
 /// server accepts and never answers), while the standby reaches the API server. The leader
-/// must give up (exit non-zero, reporting leader 0) by its renew deadline, counted from its
-/// last renewal, which is before the Lease can expire for anyone else; the standby takes over
-/// only once the lease has expired since that renewal; and sampling both `/metrics`
-/// continuously never shows two leaders.
+/// must step down (report leader 0, count the loss, keep running as a standby: no crash loop)
+/// by its renew deadline, counted from its last renewal, which is before the Lease can expire
+/// for anyone else; the standby takes over only once the lease has expired since that renewal;
+/// and sampling both `/metrics` continuously never shows two leaders.
 #[tokio::test]
 async fn a_leader_that_cannot_renew_steps_down_before_another_takes_over() {
     let env = setup("op-partition").await;
@@ -945,25 +945,26 @@ async fn a_leader_that_cannot_renew_steps_down_before_another_takes_over() {
     };
     hole.black_hole();
     let partitioned = Instant::now();
-    let status = loop {
-        if let Some(status) = leader.exited() {
-            break status;
+    // It steps down (reports leader 0, its own /metrics needs no API server) and stays up.
+    loop {
+        if !leader.is_leader() {
+            break;
         }
         assert!(
             partitioned.elapsed() < PATIENCE,
-            "the partitioned leader did not exit"
+            "the partitioned leader did not step down"
         );
+        assert!(leader.exited().is_none(), "the partitioned leader exited");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
     let exited_after = partitioned.elapsed();
     let exited_at = jiff::Timestamp::now();
     assert!(
-        !status.success(),
-        "a leader that lost its Lease exits non-zero: {status}"
-    );
-    assert!(
-        leader.log_text().contains("could not renew"),
-        "the leader says why it stopped:\n{}",
+        leader.log_text().contains("could not renew")
+            && leader
+                .log_text()
+                .contains("stopped acting as the leader; standing by"),
+        "the leader says why it stopped, and that it stands by:\n{}",
         leader.log_tail()
     );
     // Its last renewal is what the Lease still says; the standby may not act before that
@@ -978,7 +979,7 @@ async fn a_leader_that_cannot_renew_steps_down_before_another_takes_over() {
     let stopped = exited_at.duration_since(last_renewal);
     assert!(
         stopped < jiff::SignedDuration::try_from(lease).unwrap(),
-        "the partitioned leader still ran {stopped:?} after its last renewal, past the lease \
+        "the partitioned leader still led {stopped:?} after its last renewal, past the lease \
          ({lease:?}) a standby waits out"
     );
     let standby_identity = standby.identity.clone();
@@ -999,9 +1000,23 @@ async fn a_leader_that_cannot_renew_steps_down_before_another_takes_over() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (samples, both) = sampler.join().expect("the sampler");
     assert_eq!(both, 0, "{both} of {samples} samples saw two leaders");
+    // The old leader is still running, a standby that counted the loss.
+    assert!(
+        leader.exited().is_none(),
+        "the old leader exited:\n{}",
+        leader.log_tail()
+    );
+    let metrics = leader.get("/metrics").expect("the old leader's /metrics").1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "claw_secrets_operator_leadership_lost_total 1"),
+        "{metrics}"
+    );
     println!(
         "PARTITION: lease {lease_seconds}s (renew deadline {:.1}s): the partitioned leader \
-         exited {:.2}s after the partition, {:.2}s after its last renewal; the standby took over \
+         stepped down {:.2}s after the partition, {:.2}s after its last renewal, and stood by; \
+         the standby took over \
          {:.2}s after that renewal; {samples} samples, never two leaders",
         lease.as_secs_f64() * 2.0 / 3.0,
         exited_after.as_secs_f64(),

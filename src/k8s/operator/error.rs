@@ -37,7 +37,7 @@ pub enum Error {
     },
 
     #[error(
-        "lost the leader Lease {namespace}/{name}: {reason}; exiting so that no two replicas act at once (the Deployment restarts this one as a standby)"
+        "lost the leader Lease {namespace}/{name}: {reason}; its controllers are stopped so that no two replicas act at once"
     )]
     LeaseLost {
         namespace: String,

@@ -11,9 +11,8 @@
 //!   moved first.
 //! - The leader renews every third of the lease duration. If it cannot renew for two thirds of
 //!   the duration (counted from when its last successful renewal was *sent*), it gives up:
-//!   [`LeaderElector::hold`] returns and the process exits non-zero, like controller-runtime,
-//!   so the leader has stopped acting before any standby can consider the Lease expired. The
-//!   Deployment restarts it as a standby.
+//!   [`LeaderElector::hold`] returns, the caller drops its controllers and stands by again, so
+//!   the leader has stopped acting before any standby can consider the Lease expired.
 //! - On a clean shutdown the leader clears `holderIdentity`, so a standby takes over at its
 //!   next poll instead of waiting out the lease.
 //!

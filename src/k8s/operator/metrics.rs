@@ -100,6 +100,7 @@ struct KindLabel {
 pub struct Metrics {
     registry: Registry,
     leader: Gauge,
+    leadership_lost: Counter,
     reconciliations: Family<Reconciled, Counter>,
     errors: Family<Failed, Counter>,
     seals: Family<Sealed, Counter>,
@@ -112,6 +113,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("claw_secrets_operator");
         let leader = Gauge::default();
+        let leadership_lost = Counter::default();
         let reconciliations = Family::<Reconciled, Counter>::default();
         let errors = Family::<Failed, Counter>::default();
         let seals = Family::<Sealed, Counter>::default();
@@ -123,6 +125,12 @@ impl Default for Metrics {
             "leader",
             "1 while this replica holds the leader Lease and runs the controllers",
             leader.clone(),
+        );
+        registry.register(
+            "leadership_lost",
+            "Times this replica lost the leader Lease (it could not renew it in time, or another \
+             replica holds it) and stood by again",
+            leadership_lost.clone(),
         );
         registry.register(
             "reconciliations",
@@ -164,6 +172,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             leader,
+            leadership_lost,
             reconciliations,
             errors,
             seals,
@@ -207,6 +216,10 @@ impl Metrics {
 
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
+    }
+
+    pub fn lost_leadership(&self) {
+        self.leadership_lost.inc();
     }
 
     /// The OpenMetrics text exposition.

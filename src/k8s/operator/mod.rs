@@ -228,7 +228,8 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 /// Runs the operator until `shutdown` completes (then releases the Lease and returns `Ok`),
-/// or until leadership is lost or something fatal happens (`Err`: exit non-zero).
+/// or until something fatal happens (`Err`: exit non-zero). Losing leadership is not fatal:
+/// the replica stands by again.
 pub async fn run(
     client: kube::Client,
     config: OperatorConfig,
@@ -278,7 +279,10 @@ pub async fn run(
     }
 }
 
-/// Stands by for the Lease, then leads until shutdown or until leadership is lost.
+/// Stands by for the Lease, then leads until shutdown; a leader that loses the Lease stops
+/// acting at once (its controllers are dropped, mid-reconcile included) and stands by again,
+/// rather than exit: an API server that blips now and then must not put the operator into
+/// CrashLoopBackOff.
 async fn elect_and_lead(
     client: kube::Client,
     config: &OperatorConfig,
@@ -287,25 +291,32 @@ async fn elect_and_lead(
     stop_rx: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut elector = LeaderElector::new(client.clone(), config.lease.clone());
-    let leading = tokio::select! {
-        () = elector.acquire(|| health.set_ready(true)) => true,
-        () = stopped(stop_rx.clone()) => false,
-    };
-    if leading {
+    loop {
+        let leading = tokio::select! {
+            () = elector.acquire(|| health.set_ready(true)) => true,
+            () = stopped(stop_rx.clone()) => false,
+        };
+        if !leading {
+            return Ok(());
+        }
         health.set_ready(false);
         metrics.set_leader(true);
         let result = tokio::select! {
-            r = lead(client, config, metrics.clone(), health.clone(), stop_rx.clone()) => r,
+            r = lead(client.clone(), config, metrics.clone(), health.clone(), stop_rx.clone()) => r,
             lost = elector.hold() => Err(lost),
         };
         metrics.set_leader(false);
         health.set_ready(false);
-        if !matches!(result, Err(Error::LeaseLost { .. })) {
-            elector.release().await;
+        match result {
+            Err(lost @ Error::LeaseLost { .. }) => {
+                metrics.lost_leadership();
+                tracing::warn!(error = %lost, "stopped acting as the leader; standing by");
+            }
+            other => {
+                elector.release().await;
+                return other;
+            }
         }
-        result
-    } else {
-        Ok(())
     }
 }
 
