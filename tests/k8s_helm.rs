@@ -1701,6 +1701,7 @@ async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running
             (true, "get secrets", Some(ns), Some(&r.master_key)),
             (true, "create secrets", Some(ns), None),
             (true, "create leases.coordination.k8s.io", Some(ns), None),
+            (true, "get pods", Some(ns), None),
             (
                 true,
                 "patch clawsecrets.clawbernetes.io",
@@ -1738,6 +1739,8 @@ async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running
                 None,
             ),
             (false, "create pods", Some(ns), None),
+            (false, "list pods", Some(ns), None),
+            (false, "get pods", Some("default"), None),
             (false, "update deployments.apps", Some(ns), None),
         ],
     )

@@ -50,6 +50,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::{Value, json};
 
+use claw_secrets::k8s::crd::ClawSecret;
 use cluster::{BIN, Reply};
 use random::random_hex;
 use tools::{helm, kubectl, must};
@@ -273,7 +274,7 @@ impl Release<'_> {
             let port = spec["containers"][0]["ports"][0]["containerPort"]
                 .as_u64()
                 .unwrap();
-            let metrics = metrics_of(ip, port as u16);
+            let metrics = metrics_of(ip, port as u16).unwrap_or_else(|e| panic!("{e}"));
             if metrics
                 .lines()
                 .any(|l| l == "claw_secrets_operator_leader 1")
@@ -286,14 +287,15 @@ impl Release<'_> {
 }
 
 /// GET http://IP:PORT/metrics (a pod address on the node's bridge, local to this machine).
-fn metrics_of(ip: &str, port: u16) -> String {
-    let addr = format!("{ip}:{port}");
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+fn metrics_of(ip: &str, port: u16) -> Result<String, String> {
     use std::io::{Read, Write};
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {ip}\r\n\r\n").unwrap();
+    let addr = format!("{ip}:{port}");
+    let fail = |e: std::io::Error| format!("GET {addr}/metrics: {e}");
+    let mut stream = std::net::TcpStream::connect(&addr).map_err(fail)?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {ip}\r\n\r\n").map_err(fail)?;
     let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    out
+    stream.read_to_string(&mut out).map_err(fail)?;
+    Ok(out)
 }
 
 impl Release<'_> {
@@ -480,6 +482,219 @@ impl Release<'_> {
     }
 }
 
+impl Release<'_> {
+    /// The name of the pod holding the leader Lease.
+    fn leader_pod(&self) -> String {
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "lease",
+            &format!("{RELEASE}-operator"),
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    }
+
+    /// A ClawSecret applied with plaintext, as with `kubectl apply`; waits until the operator
+    /// has sealed it (plaintext gone, Ready).
+    async fn sealed_by_the_operator(&self, ns: &str, name: &str) {
+        let manifest = json!({
+            "apiVersion": "clawbernetes.io/v1alpha1",
+            "kind": "ClawSecret",
+            "metadata": { "name": name, "namespace": ns },
+            "spec": { "data": { "token": format!("t-{}", random_hex(6)) } },
+        });
+        let file = self.node.dir.join(format!("{name}.json"));
+        std::fs::write(&file, manifest.to_string()).unwrap();
+        self.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        std::fs::remove_file(&file).unwrap();
+        let secrets: Api<ClawSecret> = Api::namespaced(self.client.clone(), ns);
+        eventually(&format!("{ns}/{name} sealed by the operator"), || async {
+            let obj = secrets.get(name).await.map_err(|e| e.to_string())?;
+            let ready = obj.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            if obj.spec.data.is_none() && obj.spec.sealed.is_some() && ready {
+                Ok(())
+            } else {
+                Err(format!("{:?}", obj.status))
+            }
+        })
+        .await;
+    }
+
+    /// The leader's pod deleted: the other replica takes over (the old one released the
+    /// Lease) and seals a new ClawSecret.
+    async fn the_other_operator_takes_over_from_a_deleted_leader(&self, ns: &str) {
+        self.step("leader pod deleted; the other replica takes over");
+        let old = self.leader_pod();
+        assert!(old.starts_with(&format!("{RELEASE}-operator-")), "{old:?}");
+        self.kubectl(&["-n", NAMESPACE, "delete", "pod", &old, "--wait=false"]);
+        let new = eventually("another operator pod to hold the Lease", || async {
+            let holder = self.leader_pod();
+            if !holder.is_empty() && holder != old {
+                Ok(holder)
+            } else {
+                Err(holder)
+            }
+        })
+        .await;
+        eventually("the new leader to report leader 1", || async {
+            let ip = self.kubectl(&[
+                "-n",
+                NAMESPACE,
+                "get",
+                "pod",
+                &new,
+                "-o",
+                "jsonpath={.status.podIP}",
+            ]);
+            if ip.is_empty() {
+                return Err("no pod IP yet".to_owned());
+            }
+            let m = metrics_of(&ip, 8080)?;
+            m.lines()
+                .any(|l| l == "claw_secrets_operator_leader 1")
+                .then_some(())
+                .ok_or(m)
+        })
+        .await;
+        self.sealed_by_the_operator(ns, "after.failover").await;
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "rollout",
+            "status",
+            OPERATOR,
+            "--timeout=120s",
+        ]);
+    }
+
+    /// `helm upgrade` with a changed value rolls every pod (new names, Ready), and the
+    /// upgraded operators still seal.
+    async fn helm_upgrade_rolls_the_pods(&self, ns: &str) {
+        self.step("helm upgrade");
+        let names = |component: &str| -> Vec<String> {
+            self.pods(component)
+                .iter()
+                .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let before: Vec<String> = [names("operator"), names("agent")].concat();
+        must(
+            helm(&[
+                "upgrade",
+                RELEASE,
+                repo().join("charts/claw-secrets").to_str().unwrap(),
+                "--namespace",
+                NAMESPACE,
+                "--kubeconfig",
+                self.node.kubeconfig.to_str().unwrap(),
+                "--reuse-values",
+                "--set",
+                "operator.logLevel=debug",
+                "--set",
+                "agent.logLevel=debug",
+                "--wait",
+                "--timeout",
+                "5m",
+            ]),
+            "helm upgrade --wait",
+        );
+        for what in [OPERATOR, AGENT] {
+            self.kubectl(&["-n", NAMESPACE, "rollout", "status", what, "--timeout=120s"]);
+        }
+        let after: Vec<String> = [names("operator"), names("agent")].concat();
+        assert_eq!(after.len(), 3, "{after:?}");
+        for pod in &after {
+            assert!(
+                !before.contains(pod),
+                "{pod} was not replaced: {before:?} -> {after:?}"
+            );
+        }
+        self.sealed_by_the_operator(ns, "after.upgrade").await;
+    }
+
+    /// `helm uninstall` removes the release's pods and keeps what docs/helm.md says it keeps:
+    /// the CRDs, the master key Secret, the ClawSecrets, the hostPath store.
+    fn helm_uninstall_keeps_what_the_docs_say(&self, ns: &str) {
+        self.step("helm uninstall");
+        must(
+            helm(&[
+                "uninstall",
+                RELEASE,
+                "--namespace",
+                NAMESPACE,
+                "--kubeconfig",
+                self.node.kubeconfig.to_str().unwrap(),
+                "--wait",
+                "--timeout",
+                "5m",
+            ]),
+            "helm uninstall --wait",
+        );
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "wait",
+            "--for=delete",
+            "pod",
+            "-l",
+            &format!("app.kubernetes.io/instance={RELEASE}"),
+            "--timeout=120s",
+        ]);
+        for crd in ["clawsecrets.clawbernetes.io", "clawconfigs.clawbernetes.io"] {
+            self.kubectl(&["get", "crd", crd]);
+        }
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "secret",
+            &format!("{RELEASE}-master-key"),
+        ]);
+        self.kubectl(&["-n", ns, "get", "clawsecret", "after.upgrade"]);
+        files::assert_holds_audit_and_secrets(&files::files_under(&self.host_path));
+    }
+
+    /// A Lease left behind by a leader that could not release it (as when `helm uninstall`
+    /// deletes its Role first): a new install does not wait it out for a pod that no longer
+    /// exists. Made certain here by writing such a Lease, an hour long, before installing.
+    async fn a_new_install_takes_over_a_lease_whose_pod_is_gone(&self, ns: &str) {
+        self.step("reinstall over a Lease held by a pod that is gone");
+        let lease = json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": { "name": format!("{RELEASE}-operator"), "namespace": NAMESPACE },
+            "spec": {
+                "holderIdentity": format!("{RELEASE}-operator-5d9c8f7b6-gone1"),
+                "leaseDurationSeconds": 3600,
+                "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string(),
+            },
+        });
+        let file = self.node.dir.join("stale-lease.json");
+        std::fs::write(&file, lease.to_string()).unwrap();
+        self.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+        self.helm_install_waits_for_ready_pods();
+        self.sealed_by_the_operator(ns, "after.reinstall").await;
+        let leader = self.leader_pod();
+        let log = self.kubectl(&["-n", NAMESPACE, "logs", &leader]);
+        assert!(
+            log.contains("names a pod that no longer exists"),
+            "the new leader says why it did not wait:\n{log}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_chart_runs_on_a_node() {
     let node = node();
@@ -499,6 +714,12 @@ async fn the_chart_runs_on_a_node() {
         .await;
     r.the_cli_reaches_the_agent_through_the_api_server(&token, ns, &value);
     r.the_store_on_the_host_path_outlives_the_agent_pod(&token, ns, &value)
+        .await;
+    r.the_other_operator_takes_over_from_a_deleted_leader(ns)
+        .await;
+    r.helm_upgrade_rolls_the_pods(ns).await;
+    r.helm_uninstall_keeps_what_the_docs_say(ns);
+    r.a_new_install_takes_over_a_lease_whose_pod_is_gone(ns)
         .await;
     r.step("done");
 }

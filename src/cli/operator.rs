@@ -29,6 +29,11 @@ pub struct OperatorArgs {
     /// HOSTNAME-PID).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The replicas' identities are the names of their pods in --namespace (the chart sets
+    /// this): a Lease holder whose pod no longer exists is taken over at once instead of after
+    /// the lease expires. Needs `get` on pods in --namespace.
+    #[arg(long)]
+    lease_holders_are_pods: bool,
     /// Reconcile only the ClawSecrets and ClawConfigs of this namespace (default: every
     /// namespace).
     #[arg(long, env = "WATCH_NAMESPACE")]
@@ -55,6 +60,7 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
                 .filter(|i| !i.is_empty())
                 .unwrap_or_else(default_identity),
             duration: Duration::from_secs(args.lease_duration_seconds),
+            holders_are_pods: args.lease_holders_are_pods,
         },
         namespace: args.namespace,
         master_key_secret: args.master_key_secret,

@@ -21,6 +21,7 @@
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -36,6 +37,10 @@ pub struct LeaseConfig {
     /// This replica's identity (its pod name); unique per replica.
     pub identity: String,
     pub duration: Duration,
+    /// Identities are the names of pods in `namespace` (the chart's Deployment): a holder whose
+    /// pod no longer exists is not waited for. Set only where that holds, since a holder that
+    /// is not a pod would look gone.
+    pub holders_are_pods: bool,
 }
 
 impl LeaseConfig {
@@ -56,6 +61,8 @@ impl LeaseConfig {
 
 pub struct LeaderElector {
     api: Api<Lease>,
+    /// The pods of `namespace`, when holders are pods.
+    pods: Option<Api<Pod>>,
     config: LeaseConfig,
     /// The Lease as this replica last wrote it; its resourceVersion guards the next write.
     held: Option<Lease>,
@@ -71,6 +78,9 @@ enum RenewError {
 impl LeaderElector {
     pub fn new(client: kube::Client, config: LeaseConfig) -> Self {
         Self {
+            pods: config
+                .holders_are_pods
+                .then(|| Api::namespaced(client.clone(), &config.namespace)),
             api: Api::namespaced(client, &config.namespace),
             config,
             held: None,
@@ -128,6 +138,10 @@ impl LeaderElector {
         let free = match holder.as_deref() {
             None => true,
             Some(h) if h == me => true,
+            Some(h) if self.pod_is_gone(h).await => {
+                tracing::info!(holder = %h, "the leader Lease names a pod that no longer exists; not waiting for it to expire");
+                true
+            }
             Some(_) => {
                 if self
                     .observed
@@ -170,6 +184,23 @@ impl LeaderElector {
             }
             Err(e) if is_conflict(&e) => Ok(Some("another replica".to_owned())),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `holder` is known to be a pod that no longer exists (a leader that could not
+    /// release the Lease: its rights were deleted before it, as `helm uninstall` does). Only
+    /// when holders are pods; any error reading the pod means "not known".
+    async fn pod_is_gone(&self, holder: &str) -> bool {
+        let Some(pods) = &self.pods else {
+            return false;
+        };
+        match pods.get_opt(holder).await {
+            Ok(None) => true,
+            Ok(Some(_)) => false,
+            Err(e) => {
+                tracing::debug!(%holder, error = %e, "cannot tell whether the Lease holder's pod exists");
+                false
+            }
         }
     }
 
@@ -325,6 +356,7 @@ mod tests {
             name: "lease".into(),
             identity: "me".into(),
             duration: Duration::from_secs(15),
+            holders_are_pods: false,
         };
         assert!(c.renew_period() < c.renew_deadline());
         assert!(c.renew_deadline() < c.duration);
