@@ -17,6 +17,7 @@
 #                                      remove DIR
 #   hack/node.sh import DIR TAR...     import OCI image tars into the node's containerd
 #   hack/node.sh node-ip               the node's address (the API server listens there)
+#   hack/node.sh measure DIR [SECONDS] CPU and RSS of every process of the node, idle or not
 #
 # Network containment: the node's address and every pod address are on a bridge this script
 # creates (10.213.0.0/16, the node at 10.213.0.1); an iptables rule drops whatever the pods send
@@ -521,6 +522,57 @@ cmd_down() {
     log "node in $dir stopped and removed"
 }
 
+# measure DIR [SECONDS]: CPU (% of one core, averaged over SECONDS, default 30) and RSS of every
+# process of the node: the components `up` started, containerd's shims, and the containers'
+# processes (named by their command line).
+cmd_measure() {
+    local dir="${1:?usage: $0 measure DIR [SECONDS]}" secs="${2:-30}" hz f pid st p
+    dir="$(cd "$dir" && pwd)"
+    hz="$(getconf CLK_TCK)"
+    declare -A name t0
+    for f in "$dir"/proc/*.pid; do
+        read -r pid st <"$f"
+        [[ "$(proc_start_time "$pid" 2>/dev/null)" == "$st" ]] && name[$pid]="$(basename "$f" .pid)"
+    done
+    local shims=" "
+    for p in /proc/[0-9]*; do
+        if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -q -- "-address $dir/containerd/containerd.sock "; then
+            name[${p#/proc/}]=containerd-shim
+            shims+="${p#/proc/} "
+        fi
+    done
+    # Container processes: descendants of the shims.
+    local added=1
+    while ((added)); do
+        added=0
+        for p in /proc/[0-9]*; do
+            pid=${p#/proc/}
+            [[ -n "${name[$pid]:-}" ]] && continue
+            local ppid
+            ppid="$(awk '/^PPid:/ { print $2 }' "$p/status" 2>/dev/null)" || continue
+            if [[ -n "$ppid" && -n "${name[$ppid]:-}" && ( "$shims" == *" $ppid "* || "${name[$ppid]}" == pod:* ) ]]; then
+                name[$pid]="pod:$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-40)"
+                added=1
+            fi
+        done
+    done
+    tick() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+    for pid in "${!name[@]}"; do t0[$pid]="$(tick "$pid")"; done
+    sleep "$secs"
+    {
+        for pid in "${!name[@]}"; do
+            local t1 rss
+            t1="$(tick "$pid")"
+            rss="$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)"
+            awk -v n="${name[$pid]}" -v a="${t0[$pid]}" -v b="$t1" -v hz="$hz" -v w="$secs" -v r="${rss:-0}" \
+                'BEGIN { printf "%-44s %6.2f %8.1f\n", n, (b - a) / hz / w * 100, r / 1024 }'
+        done
+    } | sort -k2 -n -r -t$'\t' | awk '
+        BEGIN { printf "%-44s %6s %8s\n", "process", "cpu%", "rss_MiB" }
+        { print; cpu += $(NF - 1); rss += $NF }
+        END { printf "%-44s %6.2f %8.1f\n", "total", cpu, rss }'
+}
+
 cmd_import() {
     local dir="${1:?usage: $0 import DIR TAR...}"
     shift
@@ -539,6 +591,7 @@ main() {
     up) cmd_up "$@" ;;
     down) cmd_down "$@" ;;
     import) cmd_import "$@" ;;
+    measure) cmd_measure "$@" ;;
     node-ip) printf '%s\n' "$NODE_IP" ;;
     *)
         sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2

@@ -208,6 +208,7 @@ impl Release<'_> {
         self.step("helm install --wait");
         let host_path = format!("agent.hostPath={}", self.host_path.display());
         let kc = self.node.kubeconfig.to_str().unwrap();
+        let installing = Instant::now();
         must(
             helm(&[
                 "install",
@@ -225,6 +226,10 @@ impl Release<'_> {
                 "5m",
             ]),
             "helm install --wait",
+        );
+        println!(
+            "NODE: helm install --wait (2 operators, 1 agent, image present) took {:.1}s",
+            installing.elapsed().as_secs_f64()
         );
         for what in [OPERATOR, AGENT] {
             self.kubectl(&["-n", NAMESPACE, "rollout", "status", what, "--timeout=120s"]);
@@ -248,6 +253,19 @@ impl Release<'_> {
                 .flatten()
                 .any(|c| c["type"] == "Ready" && c["status"] == "True");
             assert!(ready, "{name} is Ready: {}", pod["status"]);
+            let at = |t: &Value| t.as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            let ready_at = pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Ready")
+                .and_then(|c| at(&c["lastTransitionTime"]));
+            if let (Some(start), Some(ready)) = (at(&pod["status"]["startTime"]), ready_at) {
+                println!(
+                    "NODE: {name} Ready {}s after the kubelet started it (1 s resolution)",
+                    ready.duration_since(start).as_secs()
+                );
+            }
             for s in pod["status"]["containerStatuses"].as_array().unwrap() {
                 assert_eq!(s["ready"], json!(true), "{name}: {s}");
                 assert!(s["started"] == json!(true), "{name}: {s}");
@@ -695,6 +713,138 @@ impl Release<'_> {
     }
 }
 
+impl Release<'_> {
+    /// `kubectl apply -f examples/`: the workload pod's init container reads its secret and its
+    /// config from the agent on its node (hostIP:hostPort) with its projected token, and the
+    /// app sees the value; a pod of another ServiceAccount is refused; `kubectl delete -f
+    /// examples/` (the operator running) completes, the namespace included. Prints how long
+    /// the workload's first read took from the pod's creation.
+    async fn the_examples_run_and_refuse_other_workloads(&self) {
+        self.step("kubectl apply -f examples/");
+        let examples = repo().join("examples");
+        self.kubectl(&["apply", "-f", examples.to_str().unwrap()]);
+        self.kubectl(&[
+            "-n",
+            "claw-demo",
+            "rollout",
+            "status",
+            "deployment/api-server",
+            "--timeout=180s",
+        ]);
+        let pod: Value = serde_json::from_str(&self.kubectl(&[
+            "-n",
+            "claw-demo",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=api-server",
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        let pod = &pod["items"][0];
+        let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+        let fetched = self.kubectl(&["-n", "claw-demo", "logs", &name, "-c", "fetch-credentials"]);
+        assert!(
+            fetched.contains("fetched db.credentials and app.production"),
+            "{fetched}"
+        );
+        let app = eventually("the app to print the version it read", || async {
+            let log = self.kubectl(&["-n", "claw-demo", "logs", &name, "-c", "app"]);
+            log.contains("db.credentials version: 1")
+                .then_some(log.clone())
+                .ok_or(log)
+        })
+        .await;
+        assert!(
+            !app.contains("secret\""),
+            "no value in the app's log: {app}"
+        );
+        let created = pod["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .unwrap();
+        let finished =
+            pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["finishedAt"]
+                .as_str()
+                .map(|t| t.parse::<jiff::Timestamp>().unwrap());
+        if let Some(finished) = finished {
+            println!(
+                "NODE: the example workload's first read done {}s after its pod was created (1 s resolution)",
+                finished.duration_since(created).as_secs()
+            );
+        }
+
+        // Another workload of the namespace, with its own projected token: refused.
+        let intruder = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "intruder", "namespace": "claw-demo" },
+            "spec": {
+                "serviceAccountName": "intruder",
+                "automountServiceAccountToken": false,
+                "restartPolicy": "Never",
+                "securityContext": { "runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": { "type": "RuntimeDefault" } },
+                "containers": [{
+                    "name": "c", "image": "curlimages/curl:8.11.1",
+                    "env": [
+                        { "name": "HOST_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.hostIP" } } },
+                        { "name": "NODE_NAME", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } },
+                    ],
+                    "command": ["/bin/sh", "-c"],
+                    "args": ["curl -s -H \"Authorization: Bearer $(cat /t/claw)\" --data \"{\\\"nodeId\\\": \\\"$NODE_NAME\\\", \\\"command\\\": \\\"secret.get\\\", \\\"params\\\": {\\\"name\\\": \\\"db.credentials\\\"}}\" http://$HOST_IP:7443/v1/invoke"],
+                    "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } },
+                    "volumeMounts": [{ "name": "t", "mountPath": "/t", "readOnly": true }],
+                }],
+                "volumes": [{ "name": "t", "projected": { "sources": [{ "serviceAccountToken": { "path": "claw", "expirationSeconds": 3600 } }] } }],
+            },
+        });
+        self.kubectl(&["-n", "claw-demo", "create", "serviceaccount", "intruder"]);
+        let file = self.node.dir.join("intruder.json");
+        std::fs::write(&file, intruder.to_string()).unwrap();
+        self.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        self.kubectl(&[
+            "-n",
+            "claw-demo",
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/intruder",
+            "--timeout=120s",
+        ]);
+        let answer = self.kubectl(&["-n", "claw-demo", "logs", "intruder"]);
+        let answer: Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        assert_eq!(
+            answer["error"]["code"],
+            json!("PERMISSION_DENIED"),
+            "{answer}"
+        );
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("system:serviceaccount:claw-demo:intruder may not read secret \"db.credentials\"")),
+            "{answer}"
+        );
+        self.kubectl(&[
+            "-n",
+            "claw-demo",
+            "delete",
+            "pod",
+            "intruder",
+            "--wait=true",
+        ]);
+
+        self.step("kubectl delete -f examples/");
+        self.kubectl(&[
+            "delete",
+            "-f",
+            examples.to_str().unwrap(),
+            "--wait=true",
+            "--timeout=180s",
+        ]);
+    }
+}
+
 #[tokio::test]
 async fn the_chart_runs_on_a_node() {
     let node = node();
@@ -715,6 +865,7 @@ async fn the_chart_runs_on_a_node() {
     r.the_cli_reaches_the_agent_through_the_api_server(&token, ns, &value);
     r.the_store_on_the_host_path_outlives_the_agent_pod(&token, ns, &value)
         .await;
+    r.the_examples_run_and_refuse_other_workloads().await;
     r.the_other_operator_takes_over_from_a_deleted_leader(ns)
         .await;
     r.helm_upgrade_rolls_the_pods(ns).await;
