@@ -835,6 +835,7 @@ impl Release<'_> {
         ]);
 
         self.step("kubectl delete -f examples/");
+        let deleting = Instant::now();
         self.kubectl(&[
             "delete",
             "-f",
@@ -842,6 +843,10 @@ impl Release<'_> {
             "--wait=true",
             "--timeout=180s",
         ]);
+        println!(
+            "NODE: kubectl delete -f examples/ (namespace and finalized ClawSecrets included) took {:.1}s",
+            deleting.elapsed().as_secs_f64()
+        );
     }
 }
 
