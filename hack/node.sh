@@ -565,11 +565,11 @@ cmd_measure() {
             t1="$(tick "$pid")"
             rss="$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)"
             awk -v n="${name[$pid]}" -v a="${t0[$pid]}" -v b="$t1" -v hz="$hz" -v w="$secs" -v r="${rss:-0}" \
-                'BEGIN { printf "%-44s %6.2f %8.1f\n", n, (b - a) / hz / w * 100, r / 1024 }'
+                'BEGIN { printf "%s\t%.2f\t%.1f\n", n, (b - a) / hz / w * 100, r / 1024 }'
         done
-    } | sort -k2 -n -r -t$'\t' | awk '
+    } | sort -t$'\t' -k3,3nr | awk -F'\t' '
         BEGIN { printf "%-44s %6s %8s\n", "process", "cpu%", "rss_MiB" }
-        { print; cpu += $(NF - 1); rss += $NF }
+        { printf "%-44s %6.2f %8.1f\n", $1, $2, $3; cpu += $2; rss += $3 }
         END { printf "%-44s %6.2f %8.1f\n", "total", cpu, rss }'
 }
 
