@@ -481,7 +481,9 @@ cmd_down() {
             grep -qx "$p" "$dir/netns.before" || ip netns delete "$p" 2>/dev/null
         done
     fi
-    iptables -D FORWARD -s "$POD_CIDR" ! -d "$POD_CIDR" -m comment --comment "$EGRESS_COMMENT" -j DROP 2>/dev/null
+    # Every rule whose comment starts with claw-node (the egress guard, rules tests add).
+    iptables -S 2>/dev/null | grep -E -- '--comment "?claw-node' | sed 's/^-A /-D /' |
+        while read -r rule; do eval "iptables $rule" 2>/dev/null; done
     local ipt t c
     for ipt in iptables ip6tables; do
         for t in nat filter mangle; do

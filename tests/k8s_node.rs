@@ -304,6 +304,49 @@ impl Release<'_> {
     }
 }
 
+/// An iptables rule dropping what pods send to the API server (what arrives from the pod
+/// bridge for the node's address, where the `kubernetes` Service leads; the host's own
+/// clients, the kubelet among them, come in on loopback), removed when dropped. Its comment starts with `claw-node`,
+/// so `hack/node.sh down` removes it too if the test dies first.
+struct ApiServerCut(Vec<String>);
+
+impl ApiServerCut {
+    fn new(node_ip: &str) -> ApiServerCut {
+        let rule: Vec<String> = [
+            "INPUT",
+            "-i",
+            "clawnode0",
+            "-d",
+            node_ip,
+            "-p",
+            "tcp",
+            "--dport",
+            "6443",
+            "-m",
+            "comment",
+            "--comment",
+            "claw-node-test-cut",
+            "-j",
+            "DROP",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let ok = Command::new("iptables")
+            .arg("-I")
+            .args(&rule)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "iptables -I {rule:?}");
+        ApiServerCut(rule)
+    }
+}
+
+impl Drop for ApiServerCut {
+    fn drop(&mut self) {
+        let _ = Command::new("iptables").arg("-D").args(&self.0).status();
+    }
+}
+
 /// GET http://IP:PORT/metrics (a pod address on the node's bridge, local to this machine).
 fn metrics_of(ip: &str, port: u16) -> Result<String, String> {
     use std::io::{Read, Write};
@@ -451,9 +494,13 @@ impl Release<'_> {
         ns: &str,
         value: &str,
     ) {
-        self.step("agent pod deleted; the store stays");
+        self.step("agent pod deleted, pods cut off from the API server; the store serves");
         let before = self.pods("agent");
         let old = before[0]["metadata"]["name"].as_str().unwrap().to_owned();
+        // From here the pods cannot reach the API server (the kubelet, a host process, still
+        // can, so the new pod is made): whatever the new agent serves comes from its hostPath
+        // (the store, the cached keyring, the token review of the old pod).
+        let _cut = ApiServerCut::new(&self.node.ip);
         self.kubectl(&["-n", NAMESPACE, "delete", "pod", &old, "--wait=true"]);
         self.kubectl(&[
             "-n",
@@ -497,6 +544,13 @@ impl Release<'_> {
         .await;
         assert_eq!(got["data"]["password"], json!(value));
         assert_eq!(got["version"], json!(1));
+        // Served from the store: the new agent never got in sync with the API server.
+        let pod = self.pods("agent")[0]["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let log = self.kubectl(&["-n", NAMESPACE, "logs", &pod]);
+        assert!(!log.contains("in sync with the API server"), "{log}");
     }
 }
 
