@@ -878,6 +878,23 @@ async fn configs_are_accepted_and_immutability_holds_in_the_loop() {
     env.cleanup().await;
 }
 
+/// Waits until the Lease names one of `replicas`, that one reports leader 1, the other not,
+/// and both are ready (the standby once it has seen the holder); returns the holder.
+async fn one_leads_one_stands_by(leases: &Api<Lease>, replicas: [&Operator; 2]) -> String {
+    eventually("one replica to lead, the other to stand by", || async {
+        let h = lease_state(leases).await.map(|s| s.0).unwrap_or_default();
+        let ready = |op: &Operator| op.get("/readyz").is_some_and(|r| r.0 == 200);
+        let leaders = replicas.iter().filter(|op| op.is_leader()).count();
+        let named = replicas.iter().any(|op| op.identity == h);
+        if named && replicas.iter().all(|op| ready(op)) && leaders == 1 {
+            Ok(h)
+        } else {
+            Err(format!("holder {h:?}, leaders {leaders}"))
+        }
+    })
+    .await
+}
+
 /// The Lease's holder and when it was last renewed (as the holder wrote it), if there is one.
 async fn lease_state(leases: &Api<Lease>) -> Option<(String, jiff::Timestamp, jiff::Timestamp)> {
     let spec = leases.get_opt(LEASE).await.ok()??.spec?;
@@ -904,17 +921,7 @@ async fn a_leader_that_cannot_renew_steps_down_before_another_takes_over() {
     let (hole_b, via_b) = relay::BlackHole::in_front_of(&env.kubeconfig).await;
     let mut a = Operator::start_with(&env, "replica-a", lease_seconds, &via_a);
     let mut b = Operator::start_with(&env, "replica-b", lease_seconds, &via_b);
-    let first = eventually("one replica to lead, the other to stand by", || async {
-        let h = lease_state(&leases).await.map(|s| s.0).unwrap_or_default();
-        let ready = |op: &Operator| op.get("/readyz").is_some_and(|r| r.0 == 200);
-        let leaders = [&a, &b].iter().filter(|op| op.is_leader()).count();
-        if (h == "replica-a" || h == "replica-b") && ready(&a) && ready(&b) && leaders == 1 {
-            Ok(h)
-        } else {
-            Err(format!("holder {h:?}, leaders {leaders}"))
-        }
-    })
-    .await;
+    let first = one_leads_one_stands_by(&leases, [&a, &b]).await;
 
     // Both /metrics, sampled back to back from another thread until the test ends.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1049,17 +1056,7 @@ async fn one_leader_at_a_time_and_failover() {
             .and_then(|s| s.holder_identity)
             .unwrap_or_default()
     };
-    let first = eventually("one replica to lead, the other to stand by", || async {
-        let h = holder().await;
-        let ready = |op: &Operator| op.get("/readyz").is_some_and(|r| r.0 == 200);
-        let leaders = [&a, &b].iter().filter(|op| op.is_leader()).count();
-        if (h == "replica-a" || h == "replica-b") && ready(&a) && ready(&b) && leaders == 1 {
-            Ok(h)
-        } else {
-            Err(format!("holder {h:?}, leaders {leaders}"))
-        }
-    })
-    .await;
+    let first = one_leads_one_stands_by(&leases, [&a, &b]).await;
     let (leader, standby) = if first == "replica-a" {
         (&mut a, &mut b)
     } else {

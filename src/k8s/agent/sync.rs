@@ -511,6 +511,19 @@ mod tests {
         obj
     }
 
+    /// `obj` with its deletion in progress.
+    fn deleting(mut obj: ClawSecret) -> ClawSecret {
+        obj.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        obj
+    }
+
+    /// What `stored` returns for `version` of object `uid` holding `value`.
+    fn v(version: u64, uid: &str, value: &str) -> Option<(u64, String, String)> {
+        Some((version, uid.to_owned(), value.to_owned()))
+    }
+
     /// The stored version, origin and decrypted value of `prod/db`.
     fn stored(store: &Store, keyring: &Keyring) -> Option<(u64, String, String)> {
         let r = store.secret(&key())?;
@@ -542,9 +555,6 @@ mod tests {
         let keyring = Keyring::generate().unwrap();
         let labels = Labels::new();
         let (store, _) = open(dir.path(), &keyring);
-        let v = |version: u64, uid: &str, value: &str| {
-            Some((version, uid.to_owned(), value.to_owned()))
-        };
         let db = |uid: &str, rv: u64, version: u64, value: &str| {
             sealed(&keyring, uid, rv, version, value)
         };
@@ -591,9 +601,6 @@ mod tests {
         let keyring = Keyring::generate().unwrap();
         let labels = Labels::new();
         let (store, _) = open(dir.path(), &keyring);
-        let v = |version: u64, uid: &str, value: &str| {
-            Some((version, uid.to_owned(), value.to_owned()))
-        };
         let db = |uid: &str, rv: u64, version: u64, value: &str| {
             sealed(&keyring, uid, rv, version, value)
         };
@@ -613,10 +620,7 @@ mod tests {
         );
         assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
         // ... its deletion in progress, or a selector that no longer picks this node ...
-        let mut being_deleted = db("uid-1", 25, 3, "three");
-        being_deleted.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
-        );
+        let being_deleted = deleting(db("uid-1", 25, 3, "three"));
         assert_eq!(
             apply(&being_deleted, &labels, &store, &keyring),
             Applied::Held(key())
@@ -644,10 +648,7 @@ mod tests {
         assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
 
         // The successor's own deletion removes it.
-        let mut deleted = db("uid-2", 31, 1, "fresh");
-        deleted.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
-        );
+        let deleted = deleting(db("uid-2", 31, 1, "fresh"));
         assert_eq!(apply(&deleted, &labels, &store, &keyring), Applied::Removed);
         assert_eq!(stored(&store, &keyring), None);
     }
@@ -669,10 +670,7 @@ mod tests {
             &store,
             &keyring,
         );
-        assert_eq!(
-            stored(&store, &keyring),
-            Some((1, "uid-2".to_owned(), "fresh".to_owned()))
-        );
+        assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
     }
 
     #[test]
