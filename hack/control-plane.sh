@@ -309,8 +309,16 @@ serve_crds() {
         "$bin/kubectl" --kubeconfig "$dir/kubeconfig" apply --server-side -f "$crd" >/dev/null ||
             die "could not install $crd"
     done
-    "$bin/kubectl" --kubeconfig "$dir/kubeconfig" wait --for condition=established --timeout=60s \
-        crd/servicemonitors.monitoring.coreos.com >/dev/null || die "the ServiceMonitor CRD was not established"
+    # Polled, not `kubectl wait`: that fails at once ("<nil> is of the type <nil>") while the new
+    # CRD has no status conditions yet.
+    local i established
+    for ((i = 0; i < 600; i++)); do
+        established="$("$bin/kubectl" --kubeconfig "$dir/kubeconfig" get crd servicemonitors.monitoring.coreos.com \
+            -o 'jsonpath={.status.conditions[?(@.type=="Established")].status}' 2>/dev/null || true)"
+        [[ "$established" == True ]] && return 0
+        sleep 0.1
+    done
+    die "the ServiceMonitor CRD was not established within 60 s"
 }
 
 write_kubeconfig() { # DIR PORT
