@@ -17,14 +17,18 @@
 #                                      remove DIR
 #   hack/node.sh import DIR TAR...     import OCI image tars into the node's containerd
 #   hack/node.sh node-ip               the node's address (the API server listens there)
+#   hack/node.sh exec CMD...           run CMD in the node's network namespace (its iptables, say)
 #   hack/node.sh measure DIR [SECONDS] CPU and RSS of every process of the node, idle or not
 #
-# Network containment: the node's address and every pod address are on a bridge this script
-# creates (10.213.0.0/16, the node at 10.213.0.1); an iptables rule drops whatever the pods send
-# to any other address, and pods get no DNS server. Nothing is sent anywhere else. One node per
-# machine at a time (the bridge name and addresses are fixed). `down` restores the sysctls,
-# iptables rules, mounts, cgroups, network namespaces, host directories and the bridge that
-# `up` and the node changed.
+# Network containment: every component runs in a network namespace this script creates
+# (`clawnode`), where the node's address and every pod address are on a bridge (10.213.0.0/16,
+# the node at 10.213.0.1). A veth pair (10.212.0.1 here, 10.212.0.2 there) and one route let
+# this host reach the node and its pods; the namespace has no other route, so nothing in it can
+# send anywhere but the node, its pods and this host, and pods get no DNS server. The node's
+# iptables rules (kube-proxy, hostPorts) and net sysctls stay in the namespace: the host's are
+# never touched. One node per machine at a time (the names and addresses are fixed). `down`
+# deletes the namespace and the veth, and restores the mounts, cgroups, host sysctls and host
+# directories the node changed.
 #
 # Progress goes to stderr (each component's log and pid to DIR/proc/); stdout carries only the
 # documented result line.
@@ -48,11 +52,20 @@ API_PORT=6443
 ETCD_PORT=12379
 ETCD_PEER_PORT=12380
 CNI_BIN=/usr/lib/cni
-EGRESS_COMMENT=claw-node-no-egress
+NETNS=clawnode
+VETH_HOST=clawnode-h
+VETH_NODE=clawnode-n
+LINK_HOST_IP=10.212.0.1
+LINK_NODE_IP=10.212.0.2
 PAUSE_IMAGE=localhost/claw-node/pause:3.10
 APT_PACKAGES=(containerd runc containernetworking-plugins iptables busybox-static curl gcc libc6-dev)
 
 bin_dir() { bash "$HACK_DIR/control-plane.sh" bin-dir; }
+
+# in_node CMD...: run CMD in the node's network namespace (only that: the mounts stay the
+# host's, so the kubelet's volume mounts are where containerd sees them).
+IN_NODE=(nsenter "--net=/run/netns/$NETNS")
+in_node() { "${IN_NODE[@]}" "$@"; }
 
 # ---------------------------------------------------------------------------------------------
 # install
@@ -304,11 +317,10 @@ EOF
 # The host state `up` changes, remembered for `down`.
 remember_host() { # DIR
     local d="$1" k
-    for k in net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables kernel.panic \
-        kernel.panic_on_oops vm.overcommit_memory vm.panic_on_oom net.ipv4.conf.all.route_localnet; do
+    # Sysctls the kubelet sets on the host (its net.* ones stay in the node's namespace).
+    for k in kernel.panic kernel.panic_on_oops vm.overcommit_memory vm.panic_on_oom; do
         printf '%s=%s\n' "$k" "$(sysctl -n "$k" 2>/dev/null || true)"
     done >"$d/sysctl.orig"
-    { ls /var/run/netns 2>/dev/null || true; } >"$d/netns.before"
     # Host paths the kubelet and containerd create outside DIR whatever they are told.
     for k in /var/lib/kubelet /var/lib/cni /run/containerd /var/log/containers /var/log/pods; do
         [[ -e $k ]] && echo "$k"
@@ -340,8 +352,8 @@ cmd_up() {
     for b in bridge host-local portmap loopback; do
         [[ -x "$CNI_BIN/$b" ]] || die "$CNI_BIN/$b missing: run \`bash hack/node.sh install\`"
     done
-    ip link show "$BRIDGE" >/dev/null 2>&1 &&
-        die "bridge $BRIDGE exists: another node runs here (or a dead one: hack/node.sh down ITS_DIR)"
+    [[ -e "/run/netns/$NETNS" ]] &&
+        die "network namespace $NETNS exists: another node runs here (or a dead one: hack/node.sh down ITS_DIR)"
     [[ -e "$dir" ]] && die "$dir exists; pick a new directory"
     mkdir -p "$dir"/{proc,containerd,cni/net.d,cni/ipam,kubelet,pod-logs}
     dir="$(cd "$dir" && pwd)"
@@ -360,28 +372,39 @@ cmd_up() {
     fi
     local start=$SECONDS
     remember_host "$dir"
-    # The node's address: the gateway of the pod bridge (the kubelet refuses a loopback node IP,
-    # and the address must be one this script made).
-    ip link add "$BRIDGE" type bridge
-    ip addr add "$NODE_IP/16" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
-    iptables -I FORWARD 1 -s "$POD_CIDR" ! -d "$POD_CIDR" -m comment --comment "$EGRESS_COMMENT" -j DROP
+    # The node lives in a network namespace of its own: its address is the gateway of the pod
+    # bridge there (the kubelet refuses a loopback node IP), and a veth pair joins it to this
+    # host, which routes the node's subnet to it. The namespace has no other route: nothing in
+    # it can send anywhere but the node, its pods and this host.
+    ip netns add "$NETNS"
+    ip link add "$VETH_HOST" type veth peer name "$VETH_NODE"
+    ip link set "$VETH_NODE" netns "$NETNS"
+    ip addr add "$LINK_HOST_IP/30" dev "$VETH_HOST"
+    ip link set "$VETH_HOST" up
+    ip -n "$NETNS" link set lo up
+    ip -n "$NETNS" addr add "$LINK_NODE_IP/30" dev "$VETH_NODE"
+    ip -n "$NETNS" link set "$VETH_NODE" up
+    ip -n "$NETNS" link add "$BRIDGE" type bridge
+    ip -n "$NETNS" addr add "$NODE_IP/16" dev "$BRIDGE"
+    ip -n "$NETNS" link set "$BRIDGE" up
+    ip route add "$POD_CIDR" via "$LINK_NODE_IP" dev "$VETH_HOST"
     modprobe br_netfilter 2>/dev/null || true
-    sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
+    in_node sysctl -qw net.ipv4.ip_forward=1
+    in_node sysctl -qw net.bridge.bridge-nf-call-iptables=1 2>/dev/null || true
     gen_pki "$dir"
     write_configs "$dir"
     local p="$dir/pki" sock="$dir/containerd/containerd.sock"
     export KUBECONFIG="$dir/admin.kubeconfig"
 
-    start_bg "$dir/proc" etcd "$bin/etcd" --name=claw-node --data-dir="$dir/etcd" \
+    start_bg "$dir/proc" etcd "${IN_NODE[@]}" "$bin/etcd" --name=claw-node --data-dir="$dir/etcd" \
         --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
         --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
         --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
         --initial-cluster="claw-node=http://127.0.0.1:$ETCD_PEER_PORT" \
         --unsafe-no-fsync=true --log-level=warn
-    start_bg "$dir/proc" containerd containerd --config "$dir/containerd/config.toml"
-    wait_for "$dir" etcd 60 etcd curl -sf "http://127.0.0.1:$ETCD_PORT/health"
-    start_bg "$dir/proc" kube-apiserver "$bin/kube-apiserver" \
+    start_bg "$dir/proc" containerd "${IN_NODE[@]}" containerd --config "$dir/containerd/config.toml"
+    wait_for "$dir" etcd 60 etcd in_node curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+    start_bg "$dir/proc" kube-apiserver "${IN_NODE[@]}" "$bin/kube-apiserver" \
         --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
         --bind-address="$NODE_IP" --advertise-address="$NODE_IP" --secure-port="$API_PORT" \
         --tls-cert-file="$p/apiserver.crt" --tls-private-key-file="$p/apiserver.key" \
@@ -400,7 +423,7 @@ cmd_up() {
     ctr --address "$sock" -n k8s.io images import "$bin/images/curl.tar" >/dev/null
     apiready() { curl -sf --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" "https://$NODE_IP:$API_PORT/readyz"; }
     wait_for "$dir" "kube-apiserver /readyz" "$timeout" kube-apiserver apiready
-    start_bg "$dir/proc" kube-controller-manager "$bin/kube-controller-manager" \
+    start_bg "$dir/proc" kube-controller-manager "${IN_NODE[@]}" "$bin/kube-controller-manager" \
         --kubeconfig="$dir/controller-manager.kubeconfig" \
         --authentication-kubeconfig="$dir/controller-manager.kubeconfig" \
         --authorization-kubeconfig="$dir/controller-manager.kubeconfig" \
@@ -409,15 +432,15 @@ cmd_up() {
         --root-ca-file="$p/ca.crt" --cluster-signing-cert-file="$p/ca.crt" \
         --cluster-signing-key-file="$p/ca.key" --service-cluster-ip-range="$SVC_CIDR" \
         --allocate-node-cidrs=false --profiling=false --v=1
-    start_bg "$dir/proc" kube-scheduler "$bin/kube-scheduler" \
+    start_bg "$dir/proc" kube-scheduler "${IN_NODE[@]}" "$bin/kube-scheduler" \
         --kubeconfig="$dir/scheduler.kubeconfig" \
         --authentication-kubeconfig="$dir/scheduler.kubeconfig" \
         --authorization-kubeconfig="$dir/scheduler.kubeconfig" \
         --bind-address=127.0.0.1 --secure-port=10259 --leader-elect=false --profiling=false --v=1
-    start_bg "$dir/proc" kubelet "$bin/kubelet" --config="$dir/kubelet/config.yaml" \
+    start_bg "$dir/proc" kubelet "${IN_NODE[@]}" "$bin/kubelet" --config="$dir/kubelet/config.yaml" \
         --kubeconfig="$dir/kubelet.kubeconfig" --root-dir="$dir/kubelet/root" \
         --cert-dir="$dir/kubelet/pki" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" --v=1
-    start_bg "$dir/proc" kube-proxy "$bin/kube-proxy" --config="$dir/kube-proxy.yaml" --v=1
+    start_bg "$dir/proc" kube-proxy "${IN_NODE[@]}" "$bin/kube-proxy" --config="$dir/kube-proxy.yaml" --v=1
     nodeready() {
         [[ "$("$bin/kubectl" get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" == True ]]
     }
@@ -465,8 +488,8 @@ cmd_down() {
         done
     fi
     kill_recorded "$dir/proc" containerd kube-controller-manager kube-scheduler kube-apiserver etcd
-    # 3. What is left: shims of this containerd, mounts under DIR, network namespaces, iptables
-    # rules and chains, the bridge, the kubelet's cgroups, sysctls, host directories.
+    # 3. What is left: shims of this containerd, mounts under DIR, the node's network namespace,
+    # the kubelet's cgroups, the host sysctls it set, host directories.
     local p
     for p in /proc/[0-9]*; do
         if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -q -- "-address $sock "; then
@@ -476,28 +499,14 @@ cmd_down() {
     sleep 0.5
     awk -v r="$dir/" 'index($5, r) == 1 { print $5 }' /proc/self/mountinfo | sort -r |
         while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
-    if [[ -f "$dir/netns.before" ]]; then
-        for p in $(ls /var/run/netns 2>/dev/null | grep '^cni-'); do
-            grep -qx "$p" "$dir/netns.before" || ip netns delete "$p" 2>/dev/null
-        done
+    # The node's network namespace holds the bridge, the pods' veths, every iptables rule the
+    # kubelet, kube-proxy and the CNI plugins wrote, and the node's sysctls: deleting it (its
+    # processes are gone) deletes all of them; the host keeps only the veth end and the route,
+    # which go with it.
+    if [[ -e "/run/netns/$NETNS" ]]; then
+        ip netns delete "$NETNS" 2>/dev/null
     fi
-    # Every rule whose comment starts with claw-node (the egress guard, rules tests add).
-    iptables -S 2>/dev/null | grep -E -- '--comment "?claw-node' | sed 's/^-A /-D /' |
-        while read -r rule; do eval "iptables $rule" 2>/dev/null; done
-    local ipt t c
-    for ipt in iptables ip6tables; do
-        for t in nat filter mangle; do
-            "$ipt" -t "$t" -S 2>/dev/null | grep -E '^-A .*-j (KUBE|CNI)-' | sed 's/^-A /-D /' |
-                while read -r rule; do eval "$ipt -t $t $rule" 2>/dev/null; done
-            for c in $("$ipt" -t "$t" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^(KUBE|CNI)-/ { print $2 }'); do
-                "$ipt" -t "$t" -F "$c" 2>/dev/null
-            done
-            for c in $("$ipt" -t "$t" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^(KUBE|CNI)-/ { print $2 }'); do
-                "$ipt" -t "$t" -X "$c" 2>/dev/null
-            done
-        done
-    done
-    ip link del "$BRIDGE" 2>/dev/null
+    ip link del "$VETH_HOST" 2>/dev/null
     for p in /sys/fs/cgroup/*/ /sys/fs/cgroup/unified/; do
         [[ -d "$p/kubepods" ]] && find "$p/kubepods" -depth -type d -exec rmdir {} \; 2>/dev/null
     done
@@ -595,6 +604,7 @@ main() {
     import) cmd_import "$@" ;;
     measure) cmd_measure "$@" ;;
     node-ip) printf '%s\n' "$NODE_IP" ;;
+    exec) in_node "$@" ;;
     *)
         sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
         exit 2

@@ -304,10 +304,19 @@ impl Release<'_> {
     }
 }
 
-/// An iptables rule dropping what pods send to the API server (what arrives from the pod
-/// bridge for the node's address, where the `kubernetes` Service leads; the host's own
-/// clients, the kubelet among them, come in on loopback), removed when dropped. Its comment starts with `claw-node`,
-/// so `hack/node.sh down` removes it too if the test dies first.
+/// `iptables` in the node's network namespace (`hack/node.sh exec`).
+fn node_iptables() -> Command {
+    let mut command = Command::new("bash");
+    command
+        .arg(repo().join("hack/node.sh"))
+        .args(["exec", "iptables"]);
+    command
+}
+
+/// An iptables rule in the node's network namespace dropping what pods send to the API server
+/// (what arrives from the pod bridge for the node's address, where the `kubernetes` Service
+/// leads; the kubelet and this host come in on loopback and the veth), removed when dropped,
+/// and with the namespace by `hack/node.sh down` if the test dies first.
 struct ApiServerCut(Vec<String>);
 
 impl ApiServerCut {
@@ -331,7 +340,7 @@ impl ApiServerCut {
         ]
         .map(str::to_owned)
         .to_vec();
-        let ok = Command::new("iptables")
+        let ok = node_iptables()
             .arg("-I")
             .args(&rule)
             .status()
@@ -343,7 +352,7 @@ impl ApiServerCut {
 
 impl Drop for ApiServerCut {
     fn drop(&mut self) {
-        let _ = Command::new("iptables").arg("-D").args(&self.0).status();
+        let _ = node_iptables().arg("-D").args(&self.0).status();
     }
 }
 
