@@ -31,34 +31,37 @@ recorded_pid() {
 # SIGKILL whatever is still there after KILL_GRACE seconds (default 10), and wait for that to
 # take effect.
 kill_recorded() {
-    local dir="$1" name pid i
+    local dir="$1" name pid
     shift
     local -a pids=()
     for name in "$@"; do
         pid="$(recorded_pid "$dir" "$name")" || continue
         kill -TERM "$pid" 2>/dev/null && pids+=("$name")
     done
-    for ((i = 0; i < ${KILL_GRACE:-10} * 10 && ${#pids[@]} > 0; i++)); do
-        local -a left=()
-        for name in "${pids[@]}"; do
-            recorded_pid "$dir" "$name" >/dev/null && left+=("$name")
-        done
-        pids=("${left[@]}")
-        ((${#pids[@]} == 0)) || sleep 0.1
-    done
+    mapfile -t pids < <(wait_gone "$dir" $((${KILL_GRACE:-10} * 10)) "${pids[@]}")
     for name in "${pids[@]}"; do
         pid="$(recorded_pid "$dir" "$name")" && kill -KILL "$pid" 2>/dev/null
     done
     # SIGKILL is not instant either: wait (up to 5 seconds) until they are gone.
-    for ((i = 0; i < 50 && ${#pids[@]} > 0; i++)); do
-        local -a left=()
-        for name in "${pids[@]}"; do
-            recorded_pid "$dir" "$name" >/dev/null && left+=("$name")
-        done
-        pids=("${left[@]}")
-        ((${#pids[@]} == 0)) || sleep 0.1
-    done
+    wait_gone "$dir" 50 "${pids[@]}" >/dev/null
     return 0
+}
+
+# wait_gone DIR TENTHS NAME...: wait up to TENTHS tenths of a second for the recorded processes
+# to end; print the names of those still running.
+wait_gone() {
+    local dir="$1" tenths="$2" i name
+    shift 2
+    local -a left=("$@")
+    for ((i = 0; i < tenths && ${#left[@]} > 0; i++)); do
+        local -a running=()
+        for name in "${left[@]}"; do
+            recorded_pid "$dir" "$name" >/dev/null && running+=("$name")
+        done
+        left=("${running[@]}")
+        ((${#left[@]} == 0)) || sleep 0.1
+    done
+    ((${#left[@]} == 0)) || printf '%s\n' "${left[@]}"
 }
 
 # record DIR NAME PID
