@@ -176,6 +176,40 @@ struct Release<'a> {
     started: Instant,
 }
 
+/// A failed step shows what the node saw: the pods (terminating ones included), the events, the
+/// logs of the release's pods and the kubelet's last words about them.
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let show = |args: &[&str]| {
+            let r = kubectl(&self.node.kubeconfig, args);
+            eprintln!("--- kubectl {}\n{}{}", args.join(" "), r.stdout, r.stderr);
+        };
+        show(&["get", "pods", "-A", "-o", "wide"]);
+        show(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
+        let names = kubectl(
+            &self.node.kubeconfig,
+            &["-n", NAMESPACE, "get", "pods", "-o", "name"],
+        )
+        .stdout;
+        for pod in names.lines() {
+            show(&["-n", NAMESPACE, "logs", pod, "--all-containers", "--tail=40"]);
+        }
+        let kubelet = std::fs::read_to_string(self.node.dir.join("proc/kubelet.log"))
+            .unwrap_or_default();
+        let lines: Vec<&str> = kubelet
+            .lines()
+            .filter(|l| l.contains(NAMESPACE) && (l.starts_with('E') || l.starts_with('W')))
+            .collect();
+        eprintln!(
+            "--- kubelet warnings and errors about {NAMESPACE} (last 40)\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
+    }
+}
+
 impl Release<'_> {
     fn kubectl(&self, args: &[&str]) -> String {
         must(
@@ -688,8 +722,17 @@ impl Release<'_> {
         for what in [OPERATOR, AGENT] {
             self.kubectl(&["-n", NAMESPACE, "rollout", "status", what, "--timeout=120s"]);
         }
-        let after: Vec<String> = [names("operator"), names("agent")].concat();
-        assert_eq!(after.len(), 3, "{after:?}");
+        // The rollouts are complete once the new pods are available; the old ones may still be
+        // stopping (each within its grace period, the operator's drain included).
+        let after = eventually("the old pods to be gone", || async {
+            let after: Vec<String> = [names("operator"), names("agent")].concat();
+            if after.len() == 3 {
+                Ok(after)
+            } else {
+                Err(format!("{after:?}"))
+            }
+        })
+        .await;
         for pod in &after {
             assert!(
                 !before.contains(pod),

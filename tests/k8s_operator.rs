@@ -30,6 +30,9 @@ mod control_plane;
 #[path = "support/cluster.rs"]
 mod cluster;
 
+#[path = "support/tokens.rs"]
+mod tokens;
+
 use process::{free_port, http_get};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -40,6 +43,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Secret};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
@@ -1113,5 +1117,99 @@ async fn one_leader_at_a_time_and_failover() {
         standby.log_tail()
     );
     assert_eq!(holder().await, "", "the Lease was released");
+    env.cleanup().await;
+}
+
+/// The pod's `terminationGracePeriodSeconds` (charts/claw-secrets, the Kubernetes default): after
+/// it the kubelet SIGKILLs, and a leader killed holding the Lease leaves the standby waiting out
+/// the whole lease.
+const TERMINATION_GRACE: Duration = Duration::from_secs(30);
+
+/// A leader whose controllers never got their first list (here: no right to list ClawConfigs,
+/// as after an RBAC mistake; the same happens with an API server that fails lists) still stops
+/// on SIGTERM before the kubelet's SIGKILL, exits 0 and releases the Lease. (kube-runtime's
+/// graceful shutdown waits for a cache that will never fill: seen as an operator pod stuck in
+/// Terminating for its full grace period on the node test.)
+#[tokio::test]
+async fn a_leader_with_caches_that_never_fill_still_stops_on_sigterm() {
+    let env = setup("op-stuck-list").await;
+    let leases: Api<Lease> = env.api();
+    let account = "operator-without-configs";
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
+        resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    };
+    // The operator's rights (deploy/rbac/operator.yaml) without ClawConfigs.
+    cluster::grant_rules(
+        &env.client,
+        &env.namespace,
+        cluster::service_account_subject(&env.namespace, account),
+        "operator-without-configs",
+        vec![
+            rule(
+                &["clawbernetes.io"],
+                &["clawsecrets"],
+                &["get", "list", "watch", "patch", "update"],
+            ),
+            rule(
+                &["clawbernetes.io"],
+                &["clawsecrets/status"],
+                &["get", "patch", "update"],
+            ),
+            rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
+            rule(
+                &["coordination.k8s.io"],
+                &["leases"],
+                &["get", "create", "update"],
+            ),
+            rule(&[""], &["secrets"], &["get", "create"]),
+        ],
+    )
+    .await;
+    let token = cluster::service_account_token(&env.client, &env.namespace, account).await;
+    let kubeconfig = tokens::kubeconfig_with_token(
+        &env.kubeconfig,
+        &token,
+        &std::env::temp_dir().join(format!("{}-{account}.kubeconfig", env.namespace)),
+    );
+    let mut op = Operator::start_with(&env, "replica-a", 15, &kubeconfig);
+    eventually("the operator to lead, its ClawConfig list refused", || async {
+        let refused = op.log_text().contains("clawconfigs") && op.log_text().contains("403");
+        if op.is_leader() && refused {
+            Ok(())
+        } else {
+            Err(op.log_tail())
+        }
+    })
+    .await;
+
+    op.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = op.exited() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < TERMINATION_GRACE,
+            "still running {TERMINATION_GRACE:?} after SIGTERM (the kubelet would SIGKILL it \
+             now, the Lease still held); log:\n{}",
+            op.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "OPERATOR: a leader with a cache that never filled exited {:.1}s after SIGTERM",
+        signalled.elapsed().as_secs_f64()
+    );
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        op.log_tail()
+    );
+    let holder = lease_state(&leases).await.map(|s| s.0);
+    assert_eq!(holder, None, "the Lease was released");
+    std::fs::remove_file(&kubeconfig).ok();
     env.cleanup().await;
 }

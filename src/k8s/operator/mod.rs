@@ -53,6 +53,14 @@ const RESYNC: Duration = Duration::from_secs(3600);
 /// Reconciliations in flight at once, per kind.
 const CONCURRENCY: u16 = 32;
 
+/// How long a stopping leader lets the reconciles in flight finish before it drops them (they
+/// are idempotent; the next leader redoes whatever was cut short). kube-runtime's graceful
+/// shutdown alone can wait forever: a controller whose cache never got its first list (no right
+/// to list, an API server failing lists) holds its queue until that list arrives, and the
+/// trigger that would bring it is what the shutdown stopped. Well inside the pod's 30 s
+/// termination grace, with room for releasing the Lease (at most 5 s) after it.
+const DRAIN: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct OperatorConfig {
     /// Where the master key Secret lives (and the Lease, see `lease`).
@@ -368,16 +376,31 @@ async fn lead(
     // Both controllers run until shutdown; one that stops before it has stopped the operator.
     let secrets: futures::future::BoxFuture<'_, ()> = Box::pin(secrets);
     let configs: futures::future::BoxFuture<'_, ()> = Box::pin(configs);
-    let (first, other) = match futures::future::select(secrets, configs).await {
-        futures::future::Either::Left(((), other)) => ("ClawSecret controller", other),
-        futures::future::Either::Right(((), other)) => ("ClawConfig controller", other),
+    let controllers = async {
+        let (first, other) = match futures::future::select(secrets, configs).await {
+            futures::future::Either::Left(((), other)) => ("ClawSecret controller", other),
+            futures::future::Either::Right(((), other)) => ("ClawConfig controller", other),
+        };
+        if !*stop.borrow() {
+            return Err(Error::TaskEnded { task: first });
+        }
+        other.await;
+        tracing::info!("controllers stopped");
+        Ok(())
     };
-    if !*stop.borrow() {
-        return Err(Error::TaskEnded { task: first });
+    let drained = async {
+        stopped(stop.clone()).await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    tokio::select! {
+        result = controllers => result,
+        () = drained => {
+            // Dropping the controllers aborts their reconciles (spawned tasks, cancelled on drop).
+            tracing::warn!(drain_seconds = DRAIN.as_secs(),
+                "controllers did not stop in time; abandoning what is in flight");
+            Ok(())
+        }
     }
-    other.await;
-    tracing::info!("controllers stopped");
-    Ok(())
 }
 
 /// A controller over every object of `api`, whose cache keeps objects without their
