@@ -2,54 +2,45 @@
 # The container image and the Helm chart on a real kind cluster, then the cluster test suite
 # against that cluster. For a machine with Docker; CI has no Docker engine and never runs this.
 #
-#   hack/kind-e2e.sh [--name NAME] [--keep] [--skip-tests] [--namespace NS] [--release NAME]
-#                    [--set KEY=VALUE]... [-- TEST_ARGS...]
+#   hack/kind-e2e.sh [--name NAME] [--keep] [--skip-tests] [-- TEST_ARGS...]
 #
 #   --name NAME       kind cluster name (default claw-secrets-e2e); an existing cluster of that
-#                     name is reused, and then never deleted
+#                     name is reused, and then never deleted (it must have no claw-secrets
+#                     release: the node test installs its own)
 #   --keep            keep the cluster this run created (default: delete it at the end)
-#   --skip-tests      stop after the in-cluster smoke test; do not run cargo test
-#   --namespace NS    namespace of the Helm release (default claw-secrets: the agent's default
-#                     --master-key-secret is claw-secrets/claw-secrets-master-key)
-#   --release NAME    Helm release name (default claw-secrets)
-#   --set KEY=VALUE   extra Helm value, passed on as `helm --set` (repeatable)
-#   -- TEST_ARGS      passed to the test binaries, e.g. `-- access_matrix --nocapture`
+#   --skip-tests      stop after the node test; do not run the rest of the suite
+#   -- TEST_ARGS      passed to the test binaries of step 5, e.g. `-- access_matrix --nocapture`
 #
 # Environment: KIND_NODE_IMAGE (kind's --image, default: kind's own), IMAGE_REPOSITORY (default
-# ghcr.io/clawbernetes/claw-secrets), E2E_TIMEOUT (seconds per wait, default 180).
+# ghcr.io/clawbernetes/claw-secrets).
 #
 # What it does:
 #   1. Checks for docker (and a running engine), kind, kubectl, helm and cargo.
-#   2. Creates the kind cluster, or reuses it. A cluster this script creates also accepts two
-#      static bearer tokens for the human test users alice and bob (an API server
+#   2. Creates the kind cluster (one node), or reuses it. A cluster this script creates also
+#      accepts two static bearer tokens for the human test users alice and bob (an API server
 #      --token-auth-file, as hack/control-plane.sh sets up), which the cluster tests need; the
 #      tokens stay in ${XDG_CACHE_HOME:-~/.cache}/claw-secrets/kind/NAME/ for later runs. The
 #      kubeconfig is written there too: ~/.kube/config is left alone.
-#   3. Builds the image from ./Dockerfile, tags it by content (e2e-<image id>) so a changed
-#      image always rolls the pods, and loads it into the cluster with `kind load docker-image`.
-#   4. Installs the chart from charts/claw-secrets (`helm upgrade --install --wait`) with
-#      image.repository, image.tag and image.pullPolicy=Never, and waits for the operator
-#      Deployment and the agent DaemonSet to roll out. If the chart has no CRDs, they are
-#      applied first from the image itself (`claw-secrets crd`).
-#   5. Smoke test of the pods: a ClawSecret applied with kubectl is sealed by the operator pod,
-#      then read back through the agent pod on the kind node (kubectl port-forward) with a
-#      ServiceAccount token, by the workload its allowedWorkloads names.
-#   6. Runs the cluster test suite against the cluster:
+#   3. Builds the image from ./Dockerfile under the chart's default name
+#      (IMAGE_REPOSITORY:appVersion) and loads it into the cluster with `kind load`.
+#   4. Runs tests/k8s_node.rs on the kind node: the same test CI runs on the node hack/node.sh
+#      starts (helm install --wait, probes, in-cluster credentials, the runtime's
+#      securityContext, the hostPort, the pod proxy, the hostPath store with the pods cut off
+#      from the API server, the examples, leader failover, upgrade, uninstall, reinstall), with
+#      CLAW_NODE_KUBECONFIG and CLAW_NODE_EXEC="docker exec NAME-control-plane". It removes
+#      what it installed when it passes.
+#   5. Runs the rest of the cluster test suite against the cluster:
 #        KUBECONFIG_E2E=<kubeconfig> cargo test --test 'k8s_*'
-#      with the in-cluster operator scaled to 0 meanwhile (two operators with different master
-#      keys must never reconcile the same objects; the tests bring their own), then scales it
-#      back.
+#      with the ServiceMonitor CRD applied first (from the pinned Prometheus Operator module
+#      that hack/control-plane.sh install fetches), so the chart's ServiceMonitor is validated
+#      by the API server.
 #
-# What this exercises, and what it does not. Steps 3-5 are the only ones that exercise the
-# image, the chart (RBAC, probes, the hostPath data dir, readOnlyRootFilesystem, the non-root
-# user) and in-cluster ServiceAccount credentials. The cargo test suite of step 6 does NOT run
-# the image: its test binaries start their own `claw-secrets operator` and `agent` processes on
-# this machine (the cargo-built binary, with the kind kubeconfig), and register Node objects
-# of their own; kind contributes a real API server (TokenReview, SubjectAccessReview, RBAC,
-# CRD validation, Events) with a real kubelet and controllers behind it. Tests that stop and
-# start the API server fail on an external cluster, so they are left out by name (LOCAL_ONLY);
-# the ServiceMonitor CRD is installed from the pinned Prometheus Operator module so the chart's
-# ServiceMonitor is validated by the API server.
+# What step 5 exercises, and what it does not: its test binaries start their own `claw-secrets
+# operator` and `agent` processes on this machine (the cargo-built binary, with the kind
+# kubeconfig), and register Node objects of their own; kind contributes a real API server
+# (TokenReview, SubjectAccessReview, RBAC, CRD validation, Events). Tests that stop and start
+# the API server or read etcd's files need the local control plane, so they are left out by
+# name (LOCAL_ONLY).
 set -euo pipefail
 
 if ((BASH_VERSINFO[0] < 4)); then
@@ -63,13 +54,9 @@ CHART="$ROOT/charts/claw-secrets"
 NAME=claw-secrets-e2e
 KEEP=0
 SKIP_TESTS=0
-NS=claw-secrets
-RELEASE=claw-secrets
-HELM_SETS=()
 TEST_ARGS=()
 REPOSITORY="${IMAGE_REPOSITORY:-ghcr.io/clawbernetes/claw-secrets}"
-TIMEOUT="${E2E_TIMEOUT:-180}"
-SMOKE_NS=claw-e2e-smoke
+TIMEOUT=180
 
 log() { printf '[kind-e2e] %s\n' "$*" >&2; }
 die() {
@@ -86,16 +73,12 @@ while (($#)); do
     --name) NAME="${2:?--name needs a value}" && shift ;;
     --keep) KEEP=1 ;;
     --skip-tests) SKIP_TESTS=1 ;;
-    --namespace) NS="${2:?--namespace needs a value}" && shift ;;
-    --release) RELEASE="${2:?--release needs a value}" && shift ;;
-    --set) HELM_SETS+=(--set "${2:?--set needs KEY=VALUE}") && shift ;;
     -h | --help) usage 0 ;;
     --) shift && TEST_ARGS=("$@") && break ;;
     *) log "unknown argument: $1" && usage 2 ;;
     esac
     shift
 done
-[[ "$TIMEOUT" =~ ^[0-9]+$ ]] || die "E2E_TIMEOUT must be a number of seconds, not '$TIMEOUT'"
 
 STATE="${XDG_CACHE_HOME:-$HOME/.cache}/claw-secrets/kind/$NAME"
 KUBECONFIG_FILE="$STATE/kubeconfig"
@@ -140,25 +123,14 @@ cluster_exists() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Cleanup: whatever happens, stop the port-forward, give the operator its replicas back, and
-# delete the cluster if this run created it and --keep was not given.
+# Cleanup: whatever happens, delete the cluster if this run created it and --keep was not
+# given.
 # ---------------------------------------------------------------------------------------------
 
 CREATED=0
-PF_PID=""
-OPERATOR_DEPLOY=""
-OPERATOR_REPLICAS=""
 
 cleanup() {
     local rc=$?
-    if [[ -n "$PF_PID" ]]; then
-        kill "$PF_PID" 2>/dev/null || true
-        wait "$PF_PID" 2>/dev/null || true
-    fi
-    if [[ -n "$OPERATOR_REPLICAS" ]] && { ((CREATED == 0)) || ((KEEP)); }; then
-        log "scaling $OPERATOR_DEPLOY back to $OPERATOR_REPLICAS replica(s)"
-        kc -n "$NS" scale "$OPERATOR_DEPLOY" --replicas="$OPERATOR_REPLICAS" >/dev/null || true
-    fi
     if ((CREATED)) && ((KEEP == 0)); then
         if ((rc != 0)); then
             log "failed; deleting cluster $NAME (rerun with --keep to look into it)"
@@ -170,18 +142,6 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
-
-# What went wrong in the release's namespace, on stderr.
-diagnose() {
-    log "--- pods, events and logs in namespace $NS"
-    kc -n "$NS" get pods -o wide >&2 || true
-    kc -n "$NS" get events --sort-by=.lastTimestamp 2>/dev/null | tail -n 20 >&2 || true
-    local pod
-    for pod in $(kc -n "$NS" get pods -o name 2>/dev/null); do
-        log "--- $pod (last 40 lines)"
-        kc -n "$NS" logs "$pod" --all-containers --tail=40 >&2 2>&1 || true
-    done
-}
 
 # ---------------------------------------------------------------------------------------------
 # 2. The cluster
@@ -260,22 +220,20 @@ for user in alice bob; do
 done
 
 # ---------------------------------------------------------------------------------------------
-# 3. The image
+# 3. The image, under the name the chart uses by default
 # ---------------------------------------------------------------------------------------------
 
-log "building the image from $ROOT/Dockerfile"
+APP_VERSION="$(awk -F'"' '/^appVersion:/ { print $2 }' "$CHART/Chart.yaml")"
+[[ -n "$APP_VERSION" ]] || die "no appVersion in $CHART/Chart.yaml"
+IMAGE="$REPOSITORY:$APP_VERSION"
+log "building $IMAGE from $ROOT/Dockerfile"
 if docker buildx version >/dev/null 2>&1; then
     # No provenance attestation: with Docker's containerd image store, `kind load docker-image`
     # cannot import an image that has one (kind issue 3795).
-    docker buildx build --load --provenance=false -t "$REPOSITORY:e2e-build" "$ROOT"
+    docker buildx build --load --provenance=false -t "$IMAGE" "$ROOT"
 else
-    docker build -t "$REPOSITORY:e2e-build" "$ROOT"
+    docker build -t "$IMAGE" "$ROOT"
 fi
-image_id="$(docker image inspect --format '{{.Id}}' "$REPOSITORY:e2e-build")"
-image_id="${image_id#sha256:}"
-TAG="e2e-${image_id:0:12}"
-IMAGE="$REPOSITORY:$TAG"
-docker tag "$REPOSITORY:e2e-build" "$IMAGE"
 log "loading $IMAGE into cluster $NAME"
 if ! kind load docker-image "$IMAGE" --name "$NAME"; then
     log "kind load docker-image failed; loading a single-platform image archive instead"
@@ -287,163 +245,46 @@ if ! kind load docker-image "$IMAGE" --name "$NAME"; then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 4. The chart
+# 4. The node test, the same code CI runs on its own node
 # ---------------------------------------------------------------------------------------------
 
-if grep -rqs 'kind: CustomResourceDefinition' "$CHART"; then
-    log "the chart installs the CRDs"
-else
-    log "the chart has no CRDs: applying them from the image (claw-secrets crd)"
-    docker run --rm "$IMAGE" crd | kc apply --server-side --force-conflicts -f -
-fi
-
-log "helm upgrade --install $RELEASE (namespace $NS, image $IMAGE)"
-if ! helm upgrade --install "$RELEASE" "$CHART" \
-    --kubeconfig "$KUBECONFIG_FILE" \
-    --namespace "$NS" --create-namespace \
-    --set image.repository="$REPOSITORY" \
-    --set image.tag="$TAG" \
-    --set image.pullPolicy=Never \
-    ${HELM_SETS[@]+"${HELM_SETS[@]}"} \
-    --wait --timeout "${TIMEOUT}s"; then
-    diagnose
-    die "helm upgrade --install failed"
-fi
-
-# The label selector of a Deployment or DaemonSet of the release, as key=value,...
-selector_of() {
-    local s
-    # shellcheck disable=SC2016 # a Go template, not shell
-    s="$(kc -n "$NS" get "$1" -o go-template='{{range $k, $v := .spec.selector.matchLabels}}{{$k}}={{$v}},{{end}}')"
-    printf '%s\n' "${s%,}"
-}
-
-# The release's workloads, by Helm's standard instance label; else whatever is in $NS.
-workloads() { # KIND
-    local found
-    found="$(kc -n "$NS" get "$1" -l "app.kubernetes.io/instance=$RELEASE" -o name)"
-    [[ -n "$found" ]] || found="$(kc -n "$NS" get "$1" -o name)"
-    printf '%s\n' "$found"
-}
-deployments="$(workloads deployments)"
-daemonsets="$(workloads daemonsets)"
-[[ -n "$deployments" ]] || die "the release has no Deployment (the operator) in namespace $NS"
-[[ -n "$daemonsets" ]] || die "the release has no DaemonSet (the agent) in namespace $NS"
-for w in $deployments $daemonsets; do
-    log "waiting for $w to roll out"
-    if ! kc -n "$NS" rollout status "$w" --timeout "${TIMEOUT}s"; then
-        diagnose
-        die "$w did not roll out within ${TIMEOUT}s"
-    fi
-done
-(($(wc -w <<<"$deployments") == 1)) ||
-    die "expected one operator Deployment in $NS, found: $deployments"
-(($(wc -w <<<"$daemonsets") == 1)) || die "expected one agent DaemonSet in $NS, found: $daemonsets"
-OPERATOR="$deployments"
-AGENT="$daemonsets"
-
-# ---------------------------------------------------------------------------------------------
-# 5. Smoke test of the pods: sealed by the operator pod, read through the agent pod
-# ---------------------------------------------------------------------------------------------
-
-log "smoke test: a ClawSecret sealed in the cluster and read through the agent pod"
-log "building the CLI (cargo build) for the client side"
-(cd "$ROOT" && cargo build --locked --quiet --bin claw-secrets)
-CLI="$ROOT/target/debug/claw-secrets"
-
-kc delete namespace "$SMOKE_NS" --ignore-not-found --wait=true >/dev/null
-kc create namespace "$SMOKE_NS" >/dev/null
-kc -n "$SMOKE_NS" create serviceaccount reader >/dev/null
-canary="smoke-$(random_token)"
-kc -n "$SMOKE_NS" apply -f - >/dev/null <<EOF
-apiVersion: clawbernetes.io/v1alpha1
-kind: ClawSecret
-metadata:
-  name: smoke
-spec:
-  data:
-    password: $canary
-  allowedWorkloads: ["reader"]
-EOF
-
-deadline=$((SECONDS + TIMEOUT))
-until [[ "$(kc -n "$SMOKE_NS" get clawsecret smoke -o jsonpath='{.spec.sealed.version}')" == 1 &&
-    -z "$(kc -n "$SMOKE_NS" get clawsecret smoke -o jsonpath='{.spec.data}')" ]]; do
-    if ((SECONDS > deadline)); then
-        kc -n "$SMOKE_NS" get clawsecret smoke -o yaml >&2 || true
-        diagnose
-        die "the operator pod did not seal ClawSecret $SMOKE_NS/smoke within ${TIMEOUT}s"
-    fi
-    sleep 1
-done
-log "sealed by the operator pod: $(kc -n "$SMOKE_NS" get clawsecret smoke -o jsonpath='{.spec.sealed.keyId}')"
-
-selector="$(selector_of "$AGENT")"
-agent_pod="$(kc -n "$NS" get pods -l "$selector" --field-selector status.phase=Running \
-    -o jsonpath='{.items[0].metadata.name}')"
-[[ -n "$agent_pod" ]] || die "no running agent pod (selector $selector)"
-node="$(kc -n "$NS" get pod "$agent_pod" -o jsonpath='{.spec.nodeName}')"
-agent_port="$(kc -n "$NS" get pod "$agent_pod" -o jsonpath='{.spec.containers[0].ports[0].containerPort}')"
-agent_port="${agent_port:-7443}"
-kc -n "$NS" port-forward "pod/$agent_pod" ":$agent_port" >"$STATE/port-forward.log" 2>&1 &
-PF_PID=$!
-local_port=""
-for _ in $(seq 1 100); do
-    local_port="$(awk '/^Forwarding from 127\.0\.0\.1:/ {
-        sub(/^Forwarding from 127\.0\.0\.1:/, ""); sub(/ .*/, ""); print; exit }' "$STATE/port-forward.log")"
-    [[ -n "$local_port" ]] && break
-    kill -0 "$PF_PID" 2>/dev/null || break
-    sleep 0.1
-done
-[[ -n "$local_port" ]] || die "kubectl port-forward to $agent_pod failed: $(cat "$STATE/port-forward.log")"
-
-reader_token="$(kc -n "$SMOKE_NS" create token reader)"
-deadline=$((SECONDS + TIMEOUT))
-until answer="$("$CLI" invoke "$node" secret.get "{\"name\":\"smoke\",\"namespace\":\"$SMOKE_NS\"}" \
-    --addr "http://127.0.0.1:$local_port" --token "$reader_token" 2>&1)" &&
-    grep -q "$canary" <<<"$answer"; do
-    if ((SECONDS > deadline)); then
-        log "last answer: $answer"
-        diagnose
-        die "the agent pod $agent_pod did not serve $SMOKE_NS/smoke within ${TIMEOUT}s"
-    fi
-    sleep 1
-done
-log "read back through agent pod $agent_pod on node $node as $SMOKE_NS/reader: OK"
-kill "$PF_PID" 2>/dev/null || true
-wait "$PF_PID" 2>/dev/null || true
-PF_PID=""
-# The tests' own operators reconcile every namespace with other master keys: leave them none of
-# ours to trip over.
-kc delete namespace "$SMOKE_NS" --wait=true >/dev/null
+# The kind node is a container: the test runs what it must do on the node (its iptables, a
+# look at the agent's process and hostPath) with docker exec, everything else through the API
+# server. It installs the chart as a user does and removes it when it passes.
+NODE_CONTAINER="$NAME-control-plane"
+docker inspect "$NODE_CONTAINER" >/dev/null 2>&1 ||
+    die "no node container $NODE_CONTAINER: the node test needs kind's one-node cluster"
+log "CLAW_NODE_KUBECONFIG=$KUBECONFIG_FILE CLAW_NODE_EXEC='docker exec $NODE_CONTAINER' cargo test --test k8s_node"
+(
+    cd "$ROOT"
+    CLAW_NODE_KUBECONFIG="$KUBECONFIG_FILE" CLAW_NODE_EXEC="docker exec $NODE_CONTAINER" \
+        cargo test --locked --test k8s_node -- --nocapture
+)
 
 if ((SKIP_TESTS)); then
-    log "image, chart and smoke test: OK (--skip-tests: not running cargo test)"
+    log "image, chart and node test: OK (--skip-tests: not running the rest of the suite)"
     exit 0
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 6. The cluster test suite, against this cluster
+# 5. The rest of the cluster test suite, against this cluster
 # ---------------------------------------------------------------------------------------------
 
-OPERATOR_DEPLOY="$OPERATOR"
-OPERATOR_REPLICAS="$(kc -n "$NS" get "$OPERATOR" -o jsonpath='{.spec.replicas}')"
-log "scaling $OPERATOR to 0 while the tests run their own operators"
-kc -n "$NS" scale "$OPERATOR" --replicas=0 >/dev/null
-kc -n "$NS" wait --for=delete pod -l "$(selector_of "$OPERATOR")" --timeout "${TIMEOUT}s" \
-    >/dev/null 2>&1 || true
-
 # Tests that need the local control plane (one stops and starts kube-apiserver, one reads
-# etcd's data directory) fail on an external cluster: left out by name.
-# tests/k8s_node.rs brings its own node (hack/node.sh, root): steps 3-5 above are kind's
-# counterpart, not yet the same code.
+# etcd's data directory) fail on an external cluster: left out by name. The node test ran in
+# step 4.
 LOCAL_ONLY=(--skip api_server_outage_reads_continue_and_writes_are_unavailable
     --skip node_invoke_plaintext_reaches_no_log_object_or_etcd
     --skip the_chart_runs_on_a_node)
+monitors="$(bash "$ROOT/hack/control-plane.sh" bin-dir)/crds/monitoring.coreos.com_servicemonitors.yaml"
+[[ -f "$monitors" ]] ||
+    die "no $monitors: run \`hack/control-plane.sh install\` (it fetches the pinned Prometheus Operator module)"
+kc apply --server-side -f "$monitors" >/dev/null
+kc wait --for=condition=Established crd/servicemonitors.monitoring.coreos.com --timeout=60s >/dev/null
 log "KUBECONFIG_E2E=$KUBECONFIG_FILE cargo test --test 'k8s_*' -- ${LOCAL_ONLY[*]}"
 (
     cd "$ROOT"
     KUBECONFIG_E2E="$KUBECONFIG_FILE" cargo test --locked --test 'k8s_*' -- "${LOCAL_ONLY[@]}" \
         ${TEST_ARGS[@]+"${TEST_ARGS[@]}"}
 )
-log "image, chart, smoke test and cluster test suite: OK"
+log "image, chart, node test and cluster test suite: OK"

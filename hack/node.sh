@@ -17,6 +17,7 @@
 #                                      remove DIR
 #   hack/node.sh import DIR TAR...     import OCI image tars into the node's containerd
 #   hack/node.sh node-ip               the node's address (the API server listens there)
+#   hack/node.sh pod-cidr              the range of the pods' addresses
 #   hack/node.sh exec CMD...           run CMD in the node's network namespace (its iptables, say)
 #   hack/node.sh measure DIR [SECONDS] CPU and RSS of every process of the node, idle or not
 #
@@ -291,7 +292,10 @@ resolvConf: ""                  # pods get no upstream nameserver: no traffic of
 staticPodPath: ""
 podLogsDir: $d/pod-logs
 serializeImagePulls: false
-evictionHard: {memory.available: "100Mi", nodefs.available: "2%", imagefs.available: "2%"}
+# Absolute and small: the node shares the machine's disk, which the builds of a CI run fill; 2% of
+# a large disk is gigabytes, and under DiskPressure the kubelet refuses every new pod (the
+# DaemonSet controller then re-creates the agent's pod in a loop, with a growing backoff).
+evictionHard: {memory.available: "100Mi", nodefs.available: "512Mi", imagefs.available: "512Mi"}
 imageGCHighThresholdPercent: 99
 imageGCLowThresholdPercent: 98
 nodeStatusReportFrequency: 10s
@@ -604,6 +608,7 @@ main() {
     import) cmd_import "$@" ;;
     measure) cmd_measure "$@" ;;
     node-ip) printf '%s\n' "$NODE_IP" ;;
+    pod-cidr) printf '%s\n' "$POD_CIDR" ;;
     exec) in_node "$@" ;;
     *)
         sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2

@@ -8,6 +8,14 @@
 //! target/images/claw-secrets.tar`, which `hack/test.sh` runs), or `CLAW_NODE_IMAGE`. Without
 //! them the tests fail with the command to run, never skip. One node per test binary; its
 //! watchdog removes it when this process ends, however it ends.
+//!
+//! The same checks run on a one-node cluster from elsewhere (`hack/kind-e2e.sh` on a machine
+//! with Docker): `CLAW_NODE_KUBECONFIG` (its admin kubeconfig, the image already on the node
+//! under the chart's default name) and `CLAW_NODE_EXEC` (the command that runs a command on
+//! the node, e.g. `docker exec claw-secrets-e2e-control-plane`). Everything the test does on the
+//! node goes through that command (`hack/node.sh exec` for a node of its own), everything else
+//! through the API server, so both paths run the same code. Such a cluster must not have a
+//! claw-secrets release; the test removes what it installed when it passes.
 
 #[path = "support/random.rs"]
 mod random;
@@ -60,16 +68,32 @@ const RELEASE: &str = "claw-secrets";
 const NAMESPACE: &str = "claw-secrets";
 const OPERATOR: &str = "deployment/claw-secrets-operator";
 const AGENT: &str = "daemonset/claw-secrets-agent";
-const NODE_NAME: &str = "claw-node";
+/// The namespace of the test's secrets (and the editor's ServiceAccount).
+const APPS: &str = "node-apps";
 
 // ---------------------------------------------------------------------------------------------
 // The node
 // ---------------------------------------------------------------------------------------------
 
+/// The one node the chart runs on, and how the test reaches it.
 struct Node {
-    dir: PathBuf,
+    /// The cluster's admin kubeconfig.
     kubeconfig: PathBuf,
+    /// The test's own files (manifests, kubeconfigs).
+    scratch: PathBuf,
+    /// The Node's name and InternalIP, as the cluster has them.
+    name: String,
     ip: String,
+    /// The address range of the node's pods (for cutting them off the API server).
+    pod_cidr: String,
+    /// Runs a command on the node (in its network namespace, seeing its files and processes).
+    exec: Vec<String>,
+    /// The agent's hostPath on the node.
+    host_path: String,
+    /// The kubelet's log, when the test started the node itself.
+    kubelet_log: Option<PathBuf>,
+    /// A cluster from elsewhere: the test cleans up after itself there.
+    external: bool,
 }
 
 static NODE: OnceLock<Result<Node, String>> = OnceLock::new();
@@ -87,6 +111,115 @@ fn node() -> &'static Node {
 }
 
 fn start_node() -> Result<Node, String> {
+    match std::env::var_os("CLAW_NODE_KUBECONFIG") {
+        Some(kubeconfig) => external_node(PathBuf::from(kubeconfig)),
+        None => node_of_our_own(),
+    }
+}
+
+/// A one-node cluster from elsewhere (`hack/kind-e2e.sh`).
+fn external_node(kubeconfig: PathBuf) -> Result<Node, String> {
+    let exec: Vec<String> = std::env::var("CLAW_NODE_EXEC")
+        .map_err(|_| {
+            "CLAW_NODE_KUBECONFIG is set but CLAW_NODE_EXEC is not: give the command that runs \
+             a command on the node (e.g. `docker exec NODE_CONTAINER`)"
+                .to_owned()
+        })?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let existing = kubectl(
+        &kubeconfig,
+        &[
+            "get",
+            "namespace",
+            NAMESPACE,
+            APPS,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ],
+    );
+    if !existing.stdout.trim().is_empty() {
+        return Err(format!(
+            "the cluster of {} already has {}: run the node test on a cluster without a \
+             claw-secrets release",
+            kubeconfig.display(),
+            existing.stdout.trim()
+        ));
+    }
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "k8s-node-{}-{}",
+        std::process::id(),
+        random_hex(4)
+    ));
+    std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+    described(Node {
+        kubeconfig,
+        scratch,
+        name: String::new(),
+        ip: String::new(),
+        pod_cidr: std::env::var("CLAW_NODE_POD_CIDR").unwrap_or_default(),
+        exec,
+        host_path: format!("/var/lib/claw-secrets-node-test-{}", random_hex(4)),
+        kubelet_log: None,
+        external: true,
+    })
+}
+
+/// The Node's name, address and pod range, from the cluster, which must have exactly one Ready
+/// node (Node objects without a kubelet, as other cluster tests register, do not count).
+fn described(mut node: Node) -> Result<Node, String> {
+    let out = kubectl(&node.kubeconfig, &["get", "nodes", "-o", "json"]);
+    if !out.ok {
+        return Err(format!("kubectl get nodes: {}", out.stderr));
+    }
+    let list: Value = serde_json::from_str(&out.stdout).map_err(|e| e.to_string())?;
+    let ready: Vec<Value> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| {
+            n["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .cloned()
+        .collect();
+    let [one] = ready.as_slice() else {
+        return Err(format!(
+            "the node test needs a cluster with one Ready node, not {}",
+            ready.len()
+        ));
+    };
+    node.name = one["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    node.ip = one["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["type"] == "InternalIP")
+        .and_then(|a| a["address"].as_str())
+        .ok_or_else(|| format!("Node {} has no InternalIP", node.name))?
+        .to_owned();
+    if let Some(cidr) = one["spec"]["podCIDR"].as_str() {
+        node.pod_cidr = cidr.to_owned();
+    }
+    if node.pod_cidr.is_empty() {
+        return Err(format!(
+            "Node {} has no spec.podCIDR: set CLAW_NODE_POD_CIDR to its pods' range",
+            node.name
+        ));
+    }
+    Ok(node)
+}
+
+/// A node started here by `hack/node.sh`, with the image imported.
+fn node_of_our_own() -> Result<Node, String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(
@@ -138,21 +271,59 @@ fn start_node() -> Result<Node, String> {
             String::from_utf8_lossy(&imported.stderr)
         ));
     }
-    let ip = String::from_utf8_lossy(
+    let pod_cidr = String::from_utf8_lossy(
         &Command::new("bash")
             .arg(&script)
-            .arg("node-ip")
+            .arg("pod-cidr")
             .output()
             .map_err(|e| e.to_string())?
             .stdout,
     )
     .trim()
     .to_owned();
-    Ok(Node {
+    described(Node {
         kubeconfig: dir.join("admin.kubeconfig"),
-        dir,
-        ip,
+        scratch: dir.clone(),
+        name: String::new(),
+        ip: String::new(),
+        pod_cidr,
+        exec: vec![
+            "bash".to_owned(),
+            script.to_str().expect("utf-8 path").to_owned(),
+            "exec".to_owned(),
+        ],
+        // Inside the node's directory: removed with it.
+        host_path: dir.join("hostpath/claw-secrets").display().to_string(),
+        kubelet_log: Some(dir.join("proc/kubelet.log")),
+        external: false,
     })
+}
+
+impl Node {
+    /// `ARGS` run on the node: its stdout, or a panic with what went wrong.
+    #[track_caller]
+    fn exec(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.exec[0])
+            .args(&self.exec[1..])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {:?}: {e}", self.exec));
+        assert!(
+            out.status.success(),
+            "on the node: {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The files under the agent's hostPath on the node.
+    fn host_path_files(&self) -> Vec<PathBuf> {
+        self.exec(&["find", &self.host_path, "-type", "f"])
+            .lines()
+            .map(PathBuf::from)
+            .collect()
+    }
 }
 
 async fn client_of(kubeconfig: &Path) -> Client {
@@ -171,8 +342,6 @@ async fn client_of(kubeconfig: &Path) -> Client {
 struct Release<'a> {
     node: &'a Node,
     client: Client,
-    /// Where the agent's hostPath lives (inside the node's directory, removed with it).
-    host_path: PathBuf,
     started: Instant,
 }
 
@@ -195,10 +364,19 @@ impl Drop for Release<'_> {
         )
         .stdout;
         for pod in names.lines() {
-            show(&["-n", NAMESPACE, "logs", pod, "--all-containers", "--tail=40"]);
+            show(&[
+                "-n",
+                NAMESPACE,
+                "logs",
+                pod,
+                "--all-containers",
+                "--tail=40",
+            ]);
         }
-        let kubelet = std::fs::read_to_string(self.node.dir.join("proc/kubelet.log"))
-            .unwrap_or_default();
+        let Some(kubelet) = &self.node.kubelet_log else {
+            return;
+        };
+        let kubelet = std::fs::read_to_string(kubelet).unwrap_or_default();
         let lines: Vec<&str> = kubelet
             .lines()
             .filter(|l| l.contains(NAMESPACE) && (l.starts_with('E') || l.starts_with('W')))
@@ -240,7 +418,7 @@ impl Release<'_> {
     /// `helm install --wait`: both rollouts complete, every pod Ready through its probes.
     fn helm_install_waits_for_ready_pods(&self) {
         self.step("helm install --wait");
-        let host_path = format!("agent.hostPath={}", self.host_path.display());
+        let host_path = format!("agent.hostPath={}", self.node.host_path);
         let kc = self.node.kubeconfig.to_str().unwrap();
         let installing = Instant::now();
         must(
@@ -315,7 +493,7 @@ impl Release<'_> {
         let operators = self.pods("operator");
         let mut leaders = 0;
         for pod in &operators {
-            let ip = pod["status"]["podIP"].as_str().expect("pod IP");
+            let name = pod["metadata"]["name"].as_str().expect("pod name");
             let spec = &pod["spec"];
             let text = spec.to_string();
             assert!(
@@ -326,7 +504,9 @@ impl Release<'_> {
             let port = spec["containers"][0]["ports"][0]["containerPort"]
                 .as_u64()
                 .unwrap();
-            let metrics = metrics_of(ip, port as u16).unwrap_or_else(|e| panic!("{e}"));
+            let metrics = self
+                .metrics_of(name, port)
+                .unwrap_or_else(|e| panic!("{e}"));
             if metrics
                 .lines()
                 .any(|l| l == "claw_secrets_operator_leader 1")
@@ -338,33 +518,31 @@ impl Release<'_> {
     }
 }
 
-/// `iptables` in the node's network namespace (`hack/node.sh exec`).
-fn node_iptables() -> Command {
-    let mut command = Command::new("bash");
-    command
-        .arg(repo().join("hack/node.sh"))
-        .args(["exec", "iptables"]);
-    command
+/// An iptables rule on the node dropping what its pods send to the API server: packets from
+/// the pod range (not from one of the node's own addresses: the kubelet's) to the port of the
+/// `kubernetes` Service's endpoint, where kube-proxy leads them. The kubelet and this test
+/// still reach the API server. Removed when dropped (and, on a node of the test's own, with
+/// its network namespace if the test dies first).
+struct ApiServerCut<'a> {
+    node: &'a Node,
+    rule: Vec<String>,
 }
 
-/// An iptables rule in the node's network namespace dropping what pods send to the API server
-/// (what arrives from the pod bridge for the node's address, where the `kubernetes` Service
-/// leads; the kubelet and this host come in on loopback and the veth), removed when dropped,
-/// and with the namespace by `hack/node.sh down` if the test dies first.
-struct ApiServerCut(Vec<String>);
-
-impl ApiServerCut {
-    fn new(node_ip: &str) -> ApiServerCut {
+impl<'a> ApiServerCut<'a> {
+    fn new(node: &'a Node, api_server_port: &str) -> ApiServerCut<'a> {
         let rule: Vec<String> = [
             "INPUT",
-            "-i",
-            "clawnode0",
-            "-d",
-            node_ip,
+            "-s",
+            &node.pod_cidr,
+            "-m",
+            "addrtype",
+            "!",
+            "--src-type",
+            "LOCAL",
             "-p",
             "tcp",
             "--dport",
-            "6443",
+            api_server_port,
             "-m",
             "comment",
             "--comment",
@@ -374,32 +552,51 @@ impl ApiServerCut {
         ]
         .map(str::to_owned)
         .to_vec();
-        let ok = node_iptables()
-            .arg("-I")
-            .args(&rule)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "iptables -I {rule:?}");
-        ApiServerCut(rule)
+        let mut insert = vec!["iptables", "-I"];
+        insert.extend(rule.iter().map(String::as_str));
+        node.exec(&insert);
+        ApiServerCut { node, rule }
     }
 }
 
-impl Drop for ApiServerCut {
+impl Drop for ApiServerCut<'_> {
     fn drop(&mut self) {
-        let _ = node_iptables().arg("-D").args(&self.0).status();
+        let mut delete = vec!["iptables", "-D"];
+        delete.extend(self.rule.iter().map(String::as_str));
+        self.node.exec(&delete);
     }
 }
 
-/// GET http://IP:PORT/metrics (a pod address on the node's bridge, local to this machine).
-fn metrics_of(ip: &str, port: u16) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let addr = format!("{ip}:{port}");
-    let fail = |e: std::io::Error| format!("GET {addr}/metrics: {e}");
-    let mut stream = std::net::TcpStream::connect(&addr).map_err(fail)?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {ip}\r\n\r\n").map_err(fail)?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out).map_err(fail)?;
-    Ok(out)
+impl Release<'_> {
+    /// GET /metrics of a pod through the API server's pod proxy (as the admin).
+    fn metrics_of(&self, pod: &str, port: u64) -> Result<String, String> {
+        let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{pod}:{port}/proxy/metrics");
+        let r = kubectl(&self.node.kubeconfig, &["get", "--raw", &path]);
+        if r.ok {
+            Ok(r.stdout)
+        } else {
+            Err(format!("GET {path}: {}", r.stderr))
+        }
+    }
+
+    /// The port the `kubernetes` Service leads to (the API server's on the node).
+    fn api_server_port(&self) -> String {
+        let port = self.kubectl(&[
+            "-n",
+            "default",
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=kubernetes",
+            "-o",
+            "jsonpath={.items[0].ports[0].port}",
+        ]);
+        assert!(
+            port.parse::<u16>().is_ok(),
+            "the kubernetes Service's port: {port:?}"
+        );
+        port
+    }
 }
 
 impl Release<'_> {
@@ -407,8 +604,20 @@ impl Release<'_> {
     /// runs as uid/gid 65532 with no capabilities, on a read-only root filesystem.
     fn the_runtime_enforces_the_security_context(&self) {
         self.step("securityContext at run time");
-        let pid = host_process("agent").expect("the agent's process on the node");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        // The first process whose command line is `/claw-secrets agent`: its status, then its
+        // mounts.
+        let found = self.node.exec(&[
+            "sh",
+            "-c",
+            "for p in /proc/[0-9]*; do \
+               if [ \"$(tr '\\0' ' ' <\"$p/cmdline\" 2>/dev/null | cut -d' ' -f1-2)\" = '/claw-secrets agent' ]; then \
+                 cat \"$p/status\" && echo '--- mountinfo' && cat \"$p/mountinfo\" && exit 0; \
+               fi; \
+             done; echo 'no /claw-secrets agent process' >&2; exit 1",
+        ]);
+        let (status, mounts) = found
+            .split_once("--- mountinfo\n")
+            .expect("the agent's status and mounts");
         let field = |name: &str| {
             status
                 .lines()
@@ -421,7 +630,6 @@ impl Release<'_> {
         assert_eq!(field("CapEff:"), vec!["0000000000000000"], "{status}");
         assert_eq!(field("CapPrm:"), vec!["0000000000000000"], "{status}");
         assert_eq!(field("NoNewPrivs:"), vec!["1"], "{status}");
-        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
         let root = mounts
             .lines()
             .find(|l| l.split_whitespace().nth(4) == Some("/"))
@@ -432,16 +640,6 @@ impl Release<'_> {
             "root is read-only: {root}"
         );
     }
-}
-
-/// The pid of the host process running `/claw-secrets SUBCOMMAND` (in a container).
-fn host_process(subcommand: &str) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let mut args = cmdline.split(|b| *b == 0);
-        (args.next()? == b"/claw-secrets" && args.next()? == subcommand.as_bytes()).then_some(pid)
-    })
 }
 
 impl Release<'_> {
@@ -475,7 +673,7 @@ impl Release<'_> {
         self.step("node.invoke on the hostPort");
         let addr = format!("http://{}:7443", self.node.ip);
         let call = |command: &str, params: Value| {
-            let body = json!({ "nodeId": NODE_NAME, "command": command, "params": params });
+            let body = json!({ "nodeId": self.node.name, "command": command, "params": params });
             let addr = addr.clone();
             async move {
                 cluster::post_invoke(&addr, Some(token), serde_json::to_vec(&body).unwrap())
@@ -508,16 +706,16 @@ impl Release<'_> {
         let kubeconfig = tokens::kubeconfig_with_token(
             &self.node.kubeconfig,
             token,
-            &self.node.dir.join("editor.kubeconfig"),
+            &self.node.scratch.join("editor.kubeconfig"),
         );
         let out = Command::new(BIN)
-            .args(["invoke", NODE_NAME, "secret.get"])
+            .args(["invoke", &self.node.name, "secret.get"])
             .arg(json!({ "name": "node.db", "namespace": ns }).to_string())
             .args(["--agent-namespace", NAMESPACE])
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("CLAW_SECRETS_ADDR")
             .env_remove("CLAW_SECRETS_TOKEN")
-            .env("HOME", &self.node.dir)
+            .env("HOME", &self.node.scratch)
             .output()
             .expect("claw-secrets invoke");
         assert!(
@@ -543,7 +741,7 @@ impl Release<'_> {
         // From here the pods cannot reach the API server (the kubelet, a host process, still
         // can, so the new pod is made): whatever the new agent serves comes from its hostPath
         // (the store, the cached keyring, the token review of the old pod).
-        let _cut = ApiServerCut::new(&self.node.ip);
+        let _cut = ApiServerCut::new(self.node, &self.api_server_port());
         self.kubectl(&["-n", NAMESPACE, "delete", "pod", &old, "--wait=true"]);
         self.kubectl(&[
             "-n",
@@ -569,7 +767,7 @@ impl Release<'_> {
             ready.then_some(()).ok_or_else(|| "not yet".to_owned())
         })
         .await;
-        let files = files::files_under(&self.host_path);
+        let files = self.node.host_path_files();
         files::assert_holds_audit_and_secrets(&files);
         self.node_invoke_answers_after_restart(token, ns, value)
             .await;
@@ -577,7 +775,7 @@ impl Release<'_> {
 
     async fn node_invoke_answers_after_restart(&self, token: &str, ns: &str, value: &str) {
         let addr = format!("http://{}:7443", self.node.ip);
-        let body = json!({ "nodeId": NODE_NAME, "command": "secret.get",
+        let body = json!({ "nodeId": self.node.name, "command": "secret.get",
                            "params": { "name": "node.db", "namespace": ns } });
         let got = eventually("the new agent pod to serve node.db", || async {
             cluster::post_invoke(&addr, Some(token), serde_json::to_vec(&body).unwrap())
@@ -620,7 +818,7 @@ impl Release<'_> {
             "metadata": { "name": name, "namespace": ns },
             "spec": { "data": { "token": format!("t-{}", random_hex(6)) } },
         });
-        let file = self.node.dir.join(format!("{name}.json"));
+        let file = self.node.scratch.join(format!("{name}.json"));
         std::fs::write(&file, manifest.to_string()).unwrap();
         self.kubectl(&["apply", "-f", file.to_str().unwrap()]);
         std::fs::remove_file(&file).unwrap();
@@ -658,19 +856,7 @@ impl Release<'_> {
         })
         .await;
         eventually("the new leader to report leader 1", || async {
-            let ip = self.kubectl(&[
-                "-n",
-                NAMESPACE,
-                "get",
-                "pod",
-                &new,
-                "-o",
-                "jsonpath={.status.podIP}",
-            ]);
-            if ip.is_empty() {
-                return Err("no pod IP yet".to_owned());
-            }
-            let m = metrics_of(&ip, 8080)?;
+            let m = self.metrics_of(&new, 8080)?;
             m.lines()
                 .any(|l| l == "claw_secrets_operator_leader 1")
                 .then_some(())
@@ -781,7 +967,7 @@ impl Release<'_> {
             &format!("{RELEASE}-master-key"),
         ]);
         self.kubectl(&["-n", ns, "get", "clawsecret", "after.upgrade"]);
-        files::assert_holds_audit_and_secrets(&files::files_under(&self.host_path));
+        files::assert_holds_audit_and_secrets(&self.node.host_path_files());
     }
 
     /// A Lease left behind by a leader that could not release it (as when `helm uninstall`
@@ -799,7 +985,7 @@ impl Release<'_> {
                 "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string(),
             },
         });
-        let file = self.node.dir.join("stale-lease.json");
+        let file = self.node.scratch.join("stale-lease.json");
         std::fs::write(&file, lease.to_string()).unwrap();
         self.kubectl(&[
             "apply",
@@ -816,6 +1002,42 @@ impl Release<'_> {
             log.contains("names a pod that no longer exists"),
             "the new leader says why it did not wait:\n{log}"
         );
+    }
+}
+
+impl Release<'_> {
+    /// On a cluster from elsewhere, what the test made is removed (a node of the test's own
+    /// goes whole): the apps' namespace while the operator still runs (it removes its
+    /// finalizers), then the release, its namespace and the hostPath. The CRDs stay, as
+    /// `helm uninstall` leaves them.
+    fn removes_what_it_installed(&self) {
+        if !self.node.external {
+            return;
+        }
+        self.step("removing what the test installed");
+        self.kubectl(&["delete", "namespace", APPS, "--wait=true", "--timeout=180s"]);
+        must(
+            helm(&[
+                "uninstall",
+                RELEASE,
+                "--namespace",
+                NAMESPACE,
+                "--kubeconfig",
+                self.node.kubeconfig.to_str().unwrap(),
+                "--wait",
+                "--timeout",
+                "5m",
+            ]),
+            "helm uninstall --wait",
+        );
+        self.kubectl(&[
+            "delete",
+            "namespace",
+            NAMESPACE,
+            "--wait=true",
+            "--timeout=180s",
+        ]);
+        self.node.exec(&["rm", "-rf", &self.node.host_path]);
     }
 }
 
@@ -906,7 +1128,7 @@ impl Release<'_> {
             },
         });
         self.kubectl(&["-n", "claw-demo", "create", "serviceaccount", "intruder"]);
-        let file = self.node.dir.join("intruder.json");
+        let file = self.node.scratch.join("intruder.json");
         std::fs::write(&file, intruder.to_string()).unwrap();
         self.kubectl(&["apply", "-f", file.to_str().unwrap()]);
         self.kubectl(&[
@@ -962,13 +1184,12 @@ async fn the_chart_runs_on_a_node() {
     let r = Release {
         node,
         client: client_of(&node.kubeconfig).await,
-        host_path: node.dir.join("hostpath/claw-secrets"),
         started: Instant::now(),
     };
     r.helm_install_waits_for_ready_pods();
     r.one_operator_leads_with_in_cluster_credentials();
     r.the_runtime_enforces_the_security_context();
-    let ns = "node-apps";
+    let ns = APPS;
     let token = r.editor(ns, "deployer").await;
     let value = format!("pw-{}", random_hex(8));
     r.node_invoke_answers_on_the_host_port(&token, ns, &value)
@@ -983,5 +1204,6 @@ async fn the_chart_runs_on_a_node() {
     r.helm_uninstall_keeps_what_the_docs_say(ns);
     r.a_new_install_takes_over_a_lease_whose_pod_is_gone(ns)
         .await;
+    r.removes_what_it_installed();
     r.step("done");
 }

@@ -1175,14 +1175,17 @@ async fn a_leader_with_caches_that_never_fill_still_stops_on_sigterm() {
         &std::env::temp_dir().join(format!("{}-{account}.kubeconfig", env.namespace)),
     );
     let mut op = Operator::start_with(&env, "replica-a", 15, &kubeconfig);
-    eventually("the operator to lead, its ClawConfig list refused", || async {
-        let refused = op.log_text().contains("clawconfigs") && op.log_text().contains("403");
-        if op.is_leader() && refused {
-            Ok(())
-        } else {
-            Err(op.log_tail())
-        }
-    })
+    eventually(
+        "the operator to lead, its ClawConfig list refused",
+        || async {
+            let refused = op.log_text().contains("clawconfigs") && op.log_text().contains("403");
+            if op.is_leader() && refused {
+                Ok(())
+            } else {
+                Err(op.log_tail())
+            }
+        },
+    )
     .await;
 
     op.signal(libc::SIGTERM);
