@@ -38,6 +38,9 @@ mod cluster;
 #[path = "support/tokens.rs"]
 mod tokens;
 
+#[path = "support/tools.rs"]
+mod tools;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -49,8 +52,10 @@ use serde_json::{Value, json};
 
 use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
 use cluster::{Agent, Cluster, GPU};
+use k8s_openapi::api::events::v1::Event;
 use random::random_hex;
 use relay::BlackHole;
+use tools::must;
 use wait::{PATIENCE, eventually};
 
 // ---------------------------------------------------------------------------------------------
@@ -733,11 +738,17 @@ impl Matrix {
         }
     }
 
-    /// Denials naming an existing object are Warning Events on it, with the command as action and the caller as related object, and no value.
+    /// Denials naming an existing object, by a caller of its namespace or a human user, are
+    /// Warning Events on it (its uid included, so `kubectl describe` shows them), with the
+    /// command as action and the caller as related object, and no value. Denials about names
+    /// that do not exist, or by a workload of another namespace, are audited but make no Event.
     async fn denials_are_events_naming_the_caller(&self, values: &[&str]) {
         let Matrix {
             client,
             ns,
+            agent,
+            other,
+            foreign,
             app_subject,
             other_subject,
             foreign_subject,
@@ -746,7 +757,6 @@ impl Matrix {
         // Denials naming an existing object are Events on it.
         let on_db: Vec<(&str, &str)> = vec![
             (other_subject, "secret.get"),
-            (foreign_subject, "secret.get"),
             (app_subject, "secret.rotate"),
             (app_subject, "secret.delete"),
             ("bob", "secret.get"),
@@ -772,9 +782,107 @@ impl Matrix {
             }
         })
         .await;
+        // `kubectl describe` finds Events by the object's uid: they carry it.
+        let uid = Api::<ClawSecret>::namespaced(client.clone(), ns)
+            .get("db")
+            .await
+            .unwrap()
+            .metadata
+            .uid;
+        let describe = must(
+            tools::kubectl(
+                self.c.cp().kubeconfig(),
+                &["-n", ns, "describe", "clawsecret", "db"],
+            ),
+            "kubectl describe clawsecret db",
+        );
+        assert!(
+            describe.contains("AccessDenied")
+                && describe.contains(&format!("{other_subject} was denied secret.get")),
+            "{describe}"
+        );
+        // Made-up names, and a workload of another namespace: audited, no Event. (Spam: any
+        // token could otherwise make the agent write Events about arbitrary names.)
+        let made_up: Vec<String> = (0..15).map(|i| format!("no-such-{i}")).collect();
+        for name in &made_up {
+            agent
+                .invoke(
+                    Some(other),
+                    "secret.get",
+                    json!({ "name": name, "namespace": ns }),
+                )
+                .await
+                .expect_error(DENIED, "a made-up name");
+        }
+        let audit = agent.audit();
+        for name in &made_up {
+            assert!(
+                audited_denial(&audit, other_subject, "secret.get", ns, Some(name)),
+                "the denial on {name} is audited"
+            );
+        }
+        agent
+            .invoke(
+                Some(foreign),
+                "secret.get",
+                json!({ "name": "db", "namespace": ns }),
+            )
+            .await
+            .expect_error(DENIED, "another namespace's workload");
+        // The agent publishes in the background: give it a moment to (wrongly) publish, by
+        // waiting for an Event it does publish after those.
+        agent
+            .invoke(
+                Some(other),
+                "secret.delete",
+                json!({ "name": "db", "namespace": ns }),
+            )
+            .await
+            .expect_error(DENIED, "a denial that is an Event");
+        eventually("the last denial's Event", || async {
+            let notes: Vec<String> = cluster::access_denied_events(client, ns, "db")
+                .await
+                .iter()
+                .filter_map(|e| e.note.clone())
+                .collect();
+            notes
+                .iter()
+                .any(|n| n.contains(&format!("{other_subject} was denied secret.delete")))
+                .then_some(())
+                .ok_or_else(|| format!("{notes:?}"))
+        })
+        .await;
+        let all = Api::<Event>::namespaced(client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        for e in &all {
+            let name = e
+                .regarding
+                .as_ref()
+                .and_then(|r| r.name.clone())
+                .unwrap_or_default();
+            assert!(
+                !made_up.contains(&name),
+                "an Event about a made-up name: {e:?}"
+            );
+            assert!(
+                !e.note
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains(foreign_subject.as_str()),
+                "an Event about another namespace's workload: {e:?}"
+            );
+        }
         // Each names the command as its action and the caller as its related object, so that
         // denials of different callers or commands are not folded into one another's series.
         for e in cluster::access_denied_events(client, ns, "db").await {
+            assert_eq!(
+                e.regarding.as_ref().and_then(|r| r.uid.clone()),
+                uid,
+                "the Event carries the object's uid"
+            );
             assert_eq!(e.type_.as_deref(), Some("Warning"));
             let note = e.note.clone().unwrap_or_default();
             assert!(

@@ -557,6 +557,7 @@ async fn malformed_objects_are_reported_and_do_not_stall_others() {
                 key_id: "k-0000000000000000".to_owned(),
                 envelope: "bm90IGFuIGVudmVsb3Bl".to_owned(),
                 sealed_at: "2025-01-01T00:00:00Z".to_owned(),
+                data_digest: None,
             }),
         },
     );
@@ -704,6 +705,7 @@ async fn the_api_server_enforces_the_crd_rules() {
         key_id: "k-0000000000000000".to_owned(),
         envelope: "AAAA".to_owned(),
         sealed_at: "2025-01-01T00:00:00Z".to_owned(),
+        data_digest: None,
     });
     secrets
         .create(&PostParams::default(), &sealed)
@@ -1214,5 +1216,196 @@ async fn a_leader_with_caches_that_never_fill_still_stops_on_sigterm() {
     let holder = lease_state(&leases).await.map(|s| s.0);
     assert_eq!(holder, None, "the Lease was released");
     std::fs::remove_file(&kubeconfig).ok();
+    env.cleanup().await;
+}
+
+/// `kubectl apply` of the same manifest again (as a GitOps controller does on every sync)
+/// leaves the version alone: the operator recognises the current version's data by its keyed
+/// digest and only removes the plaintext. Changed data makes a new version, once.
+#[tokio::test]
+async fn reapplying_the_same_manifest_does_not_rotate() {
+    let env = setup("op-reapply").await;
+    let Some(kubectl) = kubectl() else {
+        panic!("kubectl is needed: `bash hack/control-plane.sh install` builds it");
+    };
+    let secrets: Api<ClawSecret> = env.api();
+    let op = Operator::start(&env, "replica-a", 15);
+    let manifest = |value: &str| {
+        json!({
+            "apiVersion": "clawbernetes.io/v1alpha1",
+            "kind": "ClawSecret",
+            "metadata": { "name": "gitops" },
+            "spec": { "data": { "password": value, "user": "app" } },
+        })
+    };
+    let unchanged_count = || {
+        op.get("/metrics")
+            .map(|(_, body)| {
+                body.lines()
+                    .find_map(|l| {
+                        l.strip_prefix("claw_secrets_operator_seals_total{event=\"unchanged\"} ")
+                    })
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+
+    kubectl_apply(&kubectl, &env.kubeconfig, &env.namespace, &manifest("one"));
+    let first = sealed_at(&secrets, "gitops", 1).await;
+    for n in 1..=2 {
+        kubectl_apply(&kubectl, &env.kubeconfig, &env.namespace, &manifest("one"));
+        eventually("the operator to take the plaintext out again", || async {
+            let s = secrets.get("gitops").await.map_err(|e| e.to_string())?;
+            (s.spec.data.is_none() && unchanged_count() == n.to_string())
+                .then_some(())
+                .ok_or_else(|| {
+                    format!(
+                        "data present: {}, unchanged {}",
+                        s.spec.data.is_some(),
+                        unchanged_count()
+                    )
+                })
+        })
+        .await;
+        let again = sealed_at(&secrets, "gitops", 1).await;
+        assert_eq!(
+            again.spec.sealed, first.spec.sealed,
+            "the same version, untouched"
+        );
+    }
+
+    kubectl_apply(&kubectl, &env.kubeconfig, &env.namespace, &manifest("two"));
+    let second = sealed_at(&secrets, "gitops", 2).await;
+    kubectl_apply(&kubectl, &env.kubeconfig, &env.namespace, &manifest("two"));
+    eventually("the operator to take the plaintext out again", || async {
+        let s = secrets.get("gitops").await.map_err(|e| e.to_string())?;
+        (s.spec.data.is_none() && unchanged_count() == "3")
+            .then_some(())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let after = sealed_at(&secrets, "gitops", 2).await;
+    assert_eq!(after.spec.sealed, second.spec.sealed);
+    let digest = after.spec.sealed.unwrap().data_digest.unwrap();
+    assert!(digest.starts_with("hmac-sha256:"), "{digest}");
+    assert!(
+        !raw_json(&env.client, &env.namespace, "gitops")
+            .await
+            .contains("\"two\"")
+    );
+    env.cleanup().await;
+}
+
+/// A version rotated away cannot be put back, by any route the API allows: with `spec.sealed`
+/// replaced by (invalid) `spec.data` in between, the saved version-1 `sealed` is refused by the
+/// API server against `status.version`, the highest version the secret has had; and
+/// `status.version` itself never goes back.
+#[tokio::test]
+async fn a_rotated_away_version_cannot_be_reinstated() {
+    let env = setup("op-reinstate").await;
+    let secrets: Api<ClawSecret> = env.api();
+    let _op = Operator::start(&env, "replica-a", 15);
+    secrets
+        .create(&PostParams::default(), &secret("db", &[("password", "v1")]))
+        .await
+        .unwrap();
+    let saved = sealed_at(&secrets, "db", 1).await.spec.sealed.unwrap();
+    let merge = |patch: Value| {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .patch("db", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        }
+    };
+    merge(json!({ "spec": { "data": { "password": "v2" } } }))
+        .await
+        .unwrap();
+    sealed_at(&secrets, "db", 2).await;
+    // Allowed by the rules on the spec alone: sealed gone, data present (invalid: a bad key).
+    merge(json!({ "spec": { "sealed": null, "data": { "bad key!": "x" } } }))
+        .await
+        .unwrap();
+    eventually("the operator to report the invalid data", || async {
+        let s = secrets.get("db").await.map_err(|e| e.to_string())?;
+        secret_ready(&s)
+            .filter(|r| r.0 == "False" && r.1 == "InvalidData")
+            .ok_or_else(|| format!("{:?}", secret_ready(&s)))
+    })
+    .await;
+    let (code, message) =
+        api_code(merge(json!({ "spec": { "data": null, "sealed": saved } })).await);
+    assert_eq!(code, 422, "{message}");
+    assert!(message.contains("cannot be put back"), "{message}");
+    let status = json!({ "status": { "version": 1 } });
+    let (code, message) = api_code(
+        secrets
+            .patch_status("db", &PatchParams::default(), &Patch::Merge(&status))
+            .await,
+    );
+    assert_eq!(code, 422, "{message}");
+    assert!(
+        message.contains("status.version only moves forward"),
+        "{message}"
+    );
+    let stored = secrets.get("db").await.unwrap();
+    assert_eq!(stored.status.and_then(|s| s.version), Some(2));
+    assert!(stored.spec.sealed.is_none());
+    env.cleanup().await;
+}
+
+/// A new ClawSecret's plaintext is in one revision only, the one its creator wrote: the
+/// operator's first write both seals it and adds the finalizer (two writes once put the
+/// plaintext into a second revision, kept by etcd like the first). Watched from the create.
+#[tokio::test]
+async fn the_first_seal_adds_the_finalizer_in_the_same_write() {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::api::{WatchEvent, WatchParams};
+    let env = setup("op-one-write").await;
+    let secrets: Api<ClawSecret> = env.api();
+    let _op = Operator::start(&env, "replica-a", 15);
+    let created = secrets
+        .create(
+            &PostParams::default(),
+            &secret("fresh", &[("password", "once")]),
+        )
+        .await
+        .unwrap();
+    let from = created.resource_version().unwrap();
+    let params = WatchParams::default()
+        .fields("metadata.name=fresh")
+        .timeout(60);
+    let mut stream = secrets.watch(&params, &from).await.unwrap().boxed();
+    let mut revisions = Vec::new();
+    while let Some(event) = stream.try_next().await.unwrap() {
+        let WatchEvent::Modified(obj) = event else {
+            continue;
+        };
+        let ready = secret_ready(&obj).is_some_and(|r| r.0 == "True");
+        revisions.push((
+            obj.spec.data.is_some(),
+            obj.spec.sealed.as_ref().map(|s| s.version),
+            obj.finalizers().to_vec(),
+        ));
+        if ready {
+            break;
+        }
+    }
+    assert!(
+        revisions.iter().all(|(data, _, _)| !data),
+        "a revision after the create still holds the plaintext: {revisions:?}"
+    );
+    assert!(
+        !revisions.is_empty(),
+        "no update seen within the watch's 60 s"
+    );
+    let (_, sealed, finalizers) = &revisions[0];
+    assert_eq!(*sealed, Some(1), "{revisions:?}");
+    assert_eq!(
+        finalizers,
+        &vec!["clawbernetes.io/cleanup".to_owned()],
+        "{revisions:?}"
+    );
     env.cleanup().await;
 }

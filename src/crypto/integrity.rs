@@ -23,6 +23,8 @@ pub enum Purpose {
     StoreManifest,
     /// The keyed digest that tells a retried write from a different one.
     WriteFingerprint,
+    /// The keyed digest of the data a secret version was sealed from ([`super::DataDigest`]).
+    DataDigest,
 }
 
 impl Purpose {
@@ -31,6 +33,7 @@ impl Purpose {
             Purpose::StoreEntry => b"claw-secrets/v1/mac/store-entry",
             Purpose::StoreManifest => b"claw-secrets/v1/mac/store-manifest",
             Purpose::WriteFingerprint => b"claw-secrets/v1/mac/write-fingerprint",
+            Purpose::DataDigest => b"claw-secrets/v1/mac/data-digest",
         }
     }
 }

@@ -7,11 +7,13 @@
 //! - what is kept in clear (store metadata, the store manifest, write fingerprints) is
 //!   authenticated with HMAC-SHA256 under keys derived from the keyring ([`MacKey`]).
 
+mod digest;
 mod envelope;
 mod integrity;
 mod keyring;
 mod seal;
 
+pub use digest::DataDigest;
 pub use envelope::{ALGORITHM_HKDF_SHA256_CHACHA20POLY1305, Envelope, FORMAT_V1};
 pub use integrity::{MacKey, Purpose, TAG_LEN as MAC_TAG_LEN, Tagger};
 pub use keyring::{KeyId, Keyring, MasterKey, SharedKeyring};

@@ -215,6 +215,19 @@ pub fn secret_record(
             "sealed.keyId does not match the key id inside the envelope",
         ));
     }
+    // status.version is the highest version the object has had (the operator only moves it
+    // forward, the API server refuses it going back): anything sealed below it is a version
+    // put back after it was rotated away, never served (also by an agent with no copy yet).
+    let high_water = obj.status.as_ref().and_then(|s| s.version).unwrap_or(0);
+    if version.get() < high_water {
+        return Err(invalid(
+            "VersionRegressed",
+            format!(
+                "spec.sealed is version {} but version {high_water} was already current; versions only move forward: write spec.data to seal a new version",
+                version.get()
+            ),
+        ));
+    }
     Ok(Some(SecretRecord {
         key,
         version,

@@ -46,6 +46,7 @@ pub const GROUP: &str = "clawbernetes.io";
         json_path = ".metadata.creationTimestamp"
     )
 )]
+#[kube(validation = Rule::new("!has(self.spec.sealed) || !has(self.status) || !has(self.status.version) || self.spec.sealed.version >= self.status.version").message("spec.sealed.version is below status.version, the highest version this secret has had: a rotated-away version cannot be put back; write spec.data to seal a new version"))]
 #[x_kube(validation = Rule::new("has(self.data) || has(self.sealed)").message("give data (plaintext to be sealed) or sealed"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.sealed) || !has(self.sealed) || self.sealed.version >= oldSelf.sealed.version").message("sealed.version only moves forward"))]
 #[serde(rename_all = "camelCase")]
@@ -96,6 +97,14 @@ pub struct SealedData {
     pub envelope: String,
     /// When this version was sealed (RFC 3339): the secret's updatedAt.
     pub sealed_at: String,
+    /// Keyed digest (HMAC-SHA256 under a key derived from the master key it names) of the data
+    /// this version was sealed from, bound to the secret's namespace, name and version: the
+    /// same data applied again is recognised and makes no new version. Reveals nothing about
+    /// the data without the master key. Absent on versions written through node.invoke (the
+    /// next applied data then counts as new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub data_digest: Option<String>,
 }
 
 /// `Debug` shows the data's keys, never its values (plaintext until the operator seals it).
@@ -117,10 +126,12 @@ impl std::fmt::Debug for ClawSecretSpec {
 }
 
 /// What the operator observed.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(oldSelf.version) || (has(self.version) && self.version >= oldSelf.version)").message("status.version only moves forward"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClawSecretStatus {
-    /// The current version: 1 after the first seal, one more after each rotation.
+    /// The current version: 1 after the first seal, one more after each rotation; the highest
+    /// version the secret has had, so a lower `spec.sealed.version` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
     /// The metadata.generation this status describes.

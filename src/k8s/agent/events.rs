@@ -1,7 +1,15 @@
 //! The agent's Events: writes made through node.invoke (Normal: Created, Rotated, Updated,
-//! Deleted) and refusals (Warning: AccessDenied), on the ClawSecret or ClawConfig, with the
-//! caller as the related object, so `kubectl describe` shows who did what from which node.
-//! Published in the background: the audit log, written first, is the record of truth.
+//! Deleted) and refusals (Warning: AccessDenied), on the ClawSecret or ClawConfig (its uid
+//! included, which `kubectl describe` matches on), with the caller as the related object, so
+//! `kubectl describe` shows who did what from which node. Published in the background: the
+//! audit log, written first, is the record of truth.
+//!
+//! A refusal becomes an Event only about an object this node holds, and only for a caller of
+//! that object's namespace (or a human user): anyone with a token could otherwise make the
+//! agent write Events about made-up names, or into namespaces that are none of their business.
+//! Those refusals are in the node's audit log and metrics all the same.
+
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource as _;
@@ -11,6 +19,7 @@ use crate::domain::{Kind, Name, Namespace, ObjectKey};
 use crate::invoke::{Access, Caller, Resource, Verb};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
 use crate::k8s::names::object_name;
+use crate::store::Store;
 
 #[derive(Clone)]
 pub struct AgentEvents {
@@ -20,10 +29,12 @@ pub struct AgentEvents {
     recorder: Recorder,
     /// `claw-secrets-agent`, instance = the node name.
     reporter: Reporter,
+    /// The node's copies: the uid of the object a refusal is about, and whether it exists.
+    store: Arc<Store>,
 }
 
 /// The ClawSecret or ClawConfig an Event is about.
-fn regarding(kind: Kind, ns: &Namespace, name: &Name) -> ObjectReference {
+fn regarding(kind: Kind, ns: &Namespace, name: &Name, uid: Option<String>) -> ObjectReference {
     let api_version = match kind {
         Kind::Secret => ClawSecret::api_version(&()).into_owned(),
         Kind::Config => ClawConfig::api_version(&()).into_owned(),
@@ -33,6 +44,7 @@ fn regarding(kind: Kind, ns: &Namespace, name: &Name) -> ObjectReference {
         kind: Some(kind.as_str().to_owned()),
         namespace: Some(ns.to_string()),
         name: Some(object_name(name)),
+        uid,
         ..ObjectReference::default()
     }
 }
@@ -73,7 +85,7 @@ fn command_of(access: &Access<'_>) -> &'static str {
 }
 
 impl AgentEvents {
-    pub fn new(client: kube::Client, node_name: &str) -> Self {
+    pub fn new(client: kube::Client, node_name: &str, store: Arc<Store>) -> Self {
         let reporter = Reporter {
             controller: "claw-secrets-agent".to_owned(),
             instance: Some(node_name.to_owned()),
@@ -82,15 +94,19 @@ impl AgentEvents {
             recorder: Recorder::new(client.clone(), reporter.clone()),
             reporter,
             client,
+            store,
         }
     }
 
-    /// A write made through node.invoke (`reason`: Created, Rotated, Updated or Deleted;
-    /// `action`: the command). Each is its own Event (see [`crate::k8s::events::emit`]).
+    /// A write made through node.invoke to the object with `uid` (`reason`: Created, Rotated,
+    /// Updated or Deleted; `action`: the command). Each is its own Event (see
+    /// [`crate::k8s::events::emit`]).
+    #[allow(clippy::too_many_arguments)] // one Event's fields, each named at the call
     pub fn write(
         &self,
         kind: Kind,
         key: &ObjectKey,
+        uid: Option<String>,
         reason: &str,
         action: &str,
         note: String,
@@ -107,7 +123,7 @@ impl AgentEvents {
             action: action.to_owned(),
             secondary: Some(caller_reference(caller)),
         };
-        let reference = regarding(kind, &key.namespace, &key.name);
+        let reference = regarding(kind, &key.namespace, &key.name, uid);
         let (client, reporter) = (self.client.clone(), self.reporter.clone());
         tokio::spawn(async move {
             if let Err(e) = crate::k8s::events::emit(&client, &reporter, &reference, &event).await {
@@ -116,14 +132,33 @@ impl AgentEvents {
         });
     }
 
-    /// A refusal of an access to a named object.
+    /// A refusal of an access to a named object: an Event on it if this node holds it and the
+    /// caller is of its namespace (or a human user); nothing otherwise (see the module docs).
     pub fn access_denied(&self, caller: &Caller, access: &Access<'_>) {
         let Some(name) = access.name else {
             return;
         };
+        if caller
+            .namespace
+            .as_ref()
+            .is_some_and(|ns| ns != access.namespace)
+        {
+            return;
+        }
         let kind = match access.resource {
             Resource::Secrets => Kind::Secret,
             Resource::Configs => Kind::Config,
+        };
+        let key = ObjectKey {
+            namespace: access.namespace.clone(),
+            name: name.clone(),
+        };
+        let origin = match kind {
+            Kind::Secret => self.store.secret(&key).and_then(|r| r.origin.clone()),
+            Kind::Config => self.store.config(&key).and_then(|r| r.origin.clone()),
+        };
+        let Some(origin) = origin else {
+            return;
         };
         let action = command_of(access);
         // The recorder folds Events with the same regarding object, action and related object
@@ -137,7 +172,7 @@ impl AgentEvents {
             action: action.to_owned(),
             secondary: Some(caller_reference(caller)),
         };
-        let reference = regarding(kind, access.namespace, name);
+        let reference = regarding(kind, access.namespace, name, Some(origin.uid));
         let recorder = self.recorder.clone();
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &reference).await {

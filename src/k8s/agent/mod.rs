@@ -242,7 +242,7 @@ pub async fn run(
         ),
     );
 
-    let events = AgentEvents::new(bounded.clone(), &config.node_name);
+    let events = AgentEvents::new(bounded.clone(), &config.node_name, store.clone());
     let identity = KubeIdentity::new(bounded.clone())
         .with_review_file(config.data_dir.join("token-reviews.json"))
         .with_metrics(metrics.token_reviews());

@@ -199,7 +199,7 @@ impl KubeRepository {
         kind: Kind,
         key: &ObjectKey,
         base: Option<&Revision>,
-    ) -> Result<(), InvokeError>
+    ) -> Result<Option<String>, InvokeError>
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
@@ -210,9 +210,16 @@ impl KubeRepository {
             }),
             ..DeleteParams::default()
         };
+        // The deleted object's uid, for the Event: from the object itself while finalizers
+        // hold it, else from the server's status.
         api.delete(&object_name(&key.name), &params)
             .await
-            .map(|_| ())
+            .map(|deleted| {
+                deleted.either(
+                    |obj| obj.meta().uid.clone(),
+                    |status| status.details.map(|d| d.uid).filter(|u| !u.is_empty()),
+                )
+            })
             .map_err(|e| api_error(e, kind, key))
     }
 }
@@ -299,6 +306,7 @@ impl Repository for KubeRepository {
         self.events.write(
             Kind::Secret,
             key,
+            created.metadata.uid.clone(),
             "Created",
             "secret.create",
             format!(
@@ -317,12 +325,15 @@ impl Repository for KubeRepository {
         caller: &Caller,
     ) -> Result<Arc<SecretRecord>, InvokeError> {
         let key = &record.key;
+        let mut sealed = json!(sealed_data(&record));
+        // A merge patch keeps the fields it does not name: the replaced version's digest goes.
+        sealed["dataDigest"] = Value::Null;
         let patch = json!({
             "metadata": {
                 "resourceVersion": current.revision.0,
                 "annotations": self.writes_patch(Kind::Secret, key, &record.writes)?,
             },
-            "spec": { "sealed": sealed_data(&record) },
+            "spec": { "sealed": sealed },
         });
         let updated = self
             .secrets(key)
@@ -336,6 +347,7 @@ impl Repository for KubeRepository {
         self.events.write(
             Kind::Secret,
             key,
+            updated.metadata.uid.clone(),
             "Rotated",
             "secret.rotate",
             format!(
@@ -355,11 +367,13 @@ impl Repository for KubeRepository {
         writes: Vec<WriteRecord>,
         caller: &Caller,
     ) -> Result<(), InvokeError> {
-        self.delete_object(self.secrets(key), Kind::Secret, key, base)
+        let uid = self
+            .delete_object(self.secrets(key), Kind::Secret, key, base)
             .await?;
         self.events.write(
             Kind::Secret,
             key,
+            uid,
             "Deleted",
             "secret.delete",
             "deleted; nodes remove their copies".to_owned(),
@@ -399,6 +413,7 @@ impl Repository for KubeRepository {
         self.events.write(
             Kind::Config,
             key,
+            created.metadata.uid.clone(),
             "Created",
             "config.create",
             note.to_owned(),
@@ -452,6 +467,7 @@ impl Repository for KubeRepository {
         self.events.write(
             Kind::Config,
             key,
+            updated.metadata.uid.clone(),
             "Updated",
             "config.update",
             note.to_owned(),
@@ -467,11 +483,13 @@ impl Repository for KubeRepository {
         writes: Vec<WriteRecord>,
         caller: &Caller,
     ) -> Result<(), InvokeError> {
-        self.delete_object(self.configs(key), Kind::Config, key, base)
+        let uid = self
+            .delete_object(self.configs(key), Kind::Config, key, base)
             .await?;
         self.events.write(
             Kind::Config,
             key,
+            uid,
             "Deleted",
             "config.delete",
             "deleted; nodes remove their copies".to_owned(),
@@ -482,13 +500,15 @@ impl Repository for KubeRepository {
     }
 }
 
-/// `spec.sealed` for a record the core sealed.
+/// `spec.sealed` for a record the core sealed. No data digest: the next applied data counts as
+/// new (a digest bound to an earlier version, were one left behind, would not match either).
 fn sealed_data(record: &SecretRecord) -> SealedData {
     SealedData {
         version: record.version.get(),
         key_id: record.envelope.key_id().to_string(),
         envelope: B64.encode(record.envelope.to_bytes()),
         sealed_at: record.updated_at.to_string(),
+        data_digest: None,
     }
 }
 

@@ -502,6 +502,7 @@ mod tests {
                     key_id: envelope.key_id().to_string(),
                     envelope: B64.encode(envelope.to_bytes()),
                     sealed_at: "2025-01-01T00:00:00Z".into(),
+                    data_digest: None,
                 }),
             },
         );

@@ -144,7 +144,7 @@ impl Default for Metrics {
         );
         registry.register(
             "seals",
-            "Secret versions sealed: the first version (created) or a rotation (rotated)",
+            "Plaintext data the operator took out of ClawSecrets: sealed as the first version (created) or a rotation (rotated), or the current version's data again (unchanged: no new version)",
             seals.clone(),
         );
         registry.register(
@@ -166,7 +166,7 @@ impl Default for Metrics {
             }
             let _ = durations.get_or_create(&KindLabel { kind });
         }
-        for event in ["created", "rotated"] {
+        for event in ["created", "rotated", "unchanged"] {
             let _ = seals.get_or_create(&Sealed { event });
         }
         Metrics {
@@ -205,6 +205,13 @@ impl Metrics {
     pub fn sealed(&self, created: bool) {
         let event = if created { "created" } else { "rotated" };
         self.seals.get_or_create(&Sealed { event }).inc();
+    }
+
+    /// Data equal to the current version's was applied again: plaintext removed, no new version.
+    pub fn unchanged(&self) {
+        self.seals
+            .get_or_create(&Sealed { event: "unchanged" })
+            .inc();
     }
 
     /// An object was newly reported not Ready with `reason`.

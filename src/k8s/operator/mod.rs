@@ -185,11 +185,31 @@ where
     F: FnOnce(finalizer::Event<K>) -> Fut,
     Fut: Future<Output = Result<Action, Error>>,
 {
-    let started = Instant::now();
     let key = failure_key(obj.as_ref());
-    let result = finalizer(api, FINALIZER, obj, reconcile)
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
+    counted::<K>(ctx, key, async {
+        finalizer(api, FINALIZER, obj, reconcile)
+            .await
+            .map_err(|e| Error::Finalizer(Box::new(e)))
+    })
+    .await
+}
+
+/// Whether the object carries the operator's finalizer.
+fn has_finalizer<K: Resource>(obj: &K) -> bool {
+    obj.meta()
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
+}
+
+/// Runs one reconciliation of the object `key`, counting its outcome.
+async fn counted<K: Kinded>(
+    ctx: &Context,
+    key: (ObjectKind, String, String),
+    run: impl Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = run.await;
     let outcome = match &result {
         Ok(_) => {
             ctx.failures().remove(&key);

@@ -17,8 +17,8 @@ use super::conditions::{self, READY};
 use super::error::{Error, is_conflict};
 use super::metrics::ObjectKind;
 use super::{Context, RESYNC};
-use crate::crypto::{self, KeyId, Keyring, SecretIdentity};
-use crate::domain::{Kind, ObjectKey, Version};
+use crate::crypto::{self, DataDigest, KeyId, Keyring, SecretIdentity};
+use crate::domain::{Kind, ObjectKey, SecretData, Version};
 use crate::k8s::convert::{self, Invalid};
 use crate::k8s::crd::{ClawSecret, ClawSecretStatus, SealedData};
 
@@ -33,6 +33,15 @@ pub(super) async fn reconcile(obj: Arc<ClawSecret>, ctx: Arc<Context>) -> Result
     let api: Api<ClawSecret> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let (ctx, api) = (&ctx, &api);
+    if obj.spec.data.is_some()
+        && obj.metadata.deletion_timestamp.is_none()
+        && !super::has_finalizer(obj.as_ref())
+    {
+        // A new object with plaintext: the seal adds the finalizer in the same write, so one
+        // revision in etcd holds the plaintext instead of two (finalizer first, then the seal).
+        let key = super::failure_key(obj.as_ref());
+        return super::counted::<ClawSecret>(ctx, key, apply(obj, ctx, api)).await;
+    }
     super::finalized(api, obj, ctx, move |event| async move {
         match event {
             Finalizer::Apply(obj) => apply(obj, ctx, api).await,
@@ -77,7 +86,33 @@ fn next_version(obj: &ClawSecret) -> Version {
     Version::new(current.saturating_add(1)).expect("at least 1")
 }
 
-/// Seals `spec.data` and writes the result in one patch that also removes the plaintext.
+/// Whether `data` is the data the object's current version was sealed from (its digest says
+/// so): applying the same manifest again then makes no new version.
+fn unchanged(obj: &ClawSecret, key: &ObjectKey, data: &SecretData, keyring: &Keyring) -> bool {
+    let Some(sealed) = &obj.spec.sealed else {
+        return false;
+    };
+    let current = obj.status.as_ref().and_then(|s| s.version).unwrap_or(0);
+    let (Some(version), Some(digest)) = (
+        Version::new(sealed.version).filter(|v| v.get() >= current),
+        sealed
+            .data_digest
+            .as_deref()
+            .and_then(|d| DataDigest::parse(d).ok()),
+    ) else {
+        return false;
+    };
+    let identity = SecretIdentity {
+        kind: Kind::Secret,
+        namespace: &key.namespace,
+        name: &key.name,
+        version,
+    };
+    digest.matches(keyring, &identity, data)
+}
+
+/// Seals `spec.data` and writes the result in one patch that also removes the plaintext; data
+/// equal to the current version's only has its plaintext removed (no new version).
 /// `Ok(Err(_))`: the data (or the write) is invalid; it is reported on the status.
 async fn seal_plaintext(
     obj: &ClawSecret,
@@ -90,6 +125,18 @@ async fn seal_plaintext(
         Ok(d) => d,
         Err(invalid) => return Ok(Err(invalid)),
     };
+    if unchanged(obj, key, &data, &ctx.keyring) {
+        drop(data);
+        if let Err(invalid) = patch_spec(obj, key, api, &plaintext_removal_patch(obj, None)).await?
+        {
+            return Ok(Err(invalid));
+        }
+        ctx.metrics.unchanged();
+        tracing::info!(namespace = %key.namespace, name = %key.name,
+            version = obj.spec.sealed.as_ref().map(|s| s.version),
+            "data unchanged since the current version; plaintext removed, no new version");
+        return Ok(Ok(()));
+    }
     let version = next_version(obj);
     let identity = SecretIdentity {
         kind: Kind::Secret,
@@ -97,6 +144,7 @@ async fn seal_plaintext(
         name: &key.name,
         version,
     };
+    let digest = DataDigest::of(&ctx.keyring, &identity, &data);
     let envelope = crypto::seal(&ctx.keyring, &identity, &data).map_err(|source| Error::Seal {
         namespace: key.namespace.to_string(),
         name: key.name.to_string(),
@@ -108,38 +156,13 @@ async fn seal_plaintext(
         key_id: envelope.key_id().to_string(),
         envelope: B64.encode(envelope.to_bytes()),
         sealed_at: Timestamp::now().to_string(),
+        data_digest: Some(digest.to_string()),
     };
-    let name = obj.name_any();
-    let updated = match api
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(&seal_patch(obj, &sealed)),
-        )
-        .await
-    {
-        Ok(updated) => updated,
-        Err(e) if is_conflict(&e) => {
-            return Err(Error::Conflict {
-                kind: "ClawSecret",
-                namespace: key.namespace.to_string(),
-                name,
-            });
-        }
-        // The server refuses the object itself (too large once sealed, say): say so on the
-        // status rather than retrying forever. The patch holds no plaintext, so neither can
-        // the server's message about it.
-        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 413 | 422) => {
-            return Ok(Err(Invalid {
-                reason: "SealRejected",
-                message: format!(
-                    "the API server refused the sealed data ({} {}): {}",
-                    s.code, s.reason, s.message
-                ),
-            }));
-        }
-        Err(e) => return Err(Error::Kube(e)),
-    };
+    let updated =
+        match patch_spec(obj, key, api, &plaintext_removal_patch(obj, Some(&sealed))).await? {
+            Ok(updated) => updated,
+            Err(invalid) => return Ok(Err(invalid)),
+        };
     let created = version == Version::FIRST;
     ctx.metrics.sealed(created);
     tracing::info!(namespace = %key.namespace, name = %key.name, version = version.get(),
@@ -166,13 +189,54 @@ async fn seal_plaintext(
     Ok(Ok(()))
 }
 
-/// The merge patch that stores `sealed` and removes the plaintext, guarded by the object's
-/// resourceVersion so that an edit made since it was read is never overwritten (409 instead).
-fn seal_patch(obj: &ClawSecret, sealed: &SealedData) -> Value {
+/// Writes a patch of the object's spec. `Ok(Err(_))`: the server refused the object itself
+/// (too large once sealed, say), said on the status rather than retried forever; the patch
+/// holds no plaintext, so neither can the server's message about it.
+async fn patch_spec(
+    obj: &ClawSecret,
+    key: &ObjectKey,
+    api: &Api<ClawSecret>,
+    patch: &Value,
+) -> Result<Result<ClawSecret, Invalid>, Error> {
+    let name = obj.name_any();
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(updated) => Ok(Ok(updated)),
+        Err(e) if is_conflict(&e) => Err(Error::Conflict {
+            kind: "ClawSecret",
+            namespace: key.namespace.to_string(),
+            name,
+        }),
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 413 | 422) => Ok(Err(Invalid {
+            reason: "SealRejected",
+            message: format!(
+                "the API server refused the sealed data ({} {}): {}",
+                s.code, s.reason, s.message
+            ),
+        })),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// The merge patch that removes the plaintext (from `spec.data` and kubectl's last-applied
+/// annotation) and stores `sealed` if given, guarded by the object's resourceVersion so that an
+/// edit made since it was read is never overwritten (409 instead).
+fn plaintext_removal_patch(obj: &ClawSecret, sealed: Option<&SealedData>) -> Value {
     let mut patch = json!({
         "metadata": { "resourceVersion": obj.resource_version() },
-        "spec": { "data": null, "sealed": sealed },
+        "spec": { "data": null },
     });
+    if let Some(sealed) = sealed {
+        patch["spec"]["sealed"] = json!(sealed);
+    }
+    if !super::has_finalizer(obj) {
+        // The list is replaced whole by a merge patch; the resourceVersion guard makes that safe.
+        let mut finalizers = obj.finalizers().to_vec();
+        finalizers.push(super::FINALIZER.to_owned());
+        patch["metadata"]["finalizers"] = json!(finalizers);
+    }
     if let Some(applied) = obj.annotations().get(LAST_APPLIED) {
         patch["metadata"]["annotations"] = json!({ LAST_APPLIED: scrub_last_applied(applied) });
     }
@@ -208,16 +272,6 @@ fn verdict(obj: &ClawSecret, keyring: &Keyring, keyring_secret: &str) -> Result<
         .sealed
         .as_ref()
         .expect("a record comes from sealed");
-    let current = obj.status.as_ref().and_then(|s| s.version).unwrap_or(0);
-    if record.version.get() < current {
-        return Err(invalid(
-            "VersionRegressed",
-            format!(
-                "spec.sealed is version {} but version {current} was already current; versions only move forward: write spec.data to seal a new version",
-                record.version.get()
-            ),
-        ));
-    }
     let known = KeyId::parse(&sealed.key_id)
         .ok()
         .is_some_and(|id| keyring.get(&id).is_some());
@@ -390,12 +444,52 @@ mod tests {
             &data,
         )
         .unwrap();
+        let identity = SecretIdentity {
+            kind: Kind::Secret,
+            namespace: &key.namespace,
+            name: &key.name,
+            version,
+        };
         obj.spec.sealed = Some(SealedData {
             version: version.get(),
             key_id: env.key_id().to_string(),
             envelope: B64.encode(env.to_bytes()),
             sealed_at: "2025-01-01T00:00:00Z".into(),
+            data_digest: Some(DataDigest::of(keyring, &identity, &data).to_string()),
         });
+    }
+
+    #[test]
+    fn the_current_versions_data_again_is_unchanged_anything_else_is_new() {
+        let ring = Keyring::generate().unwrap();
+        let mut s = secret(None);
+        let key = convert::secret_key(&s).unwrap();
+        let data =
+            |v: &str| convert::secret_data(&BTreeMap::from([("k".into(), v.into())])).unwrap();
+        assert!(
+            !unchanged(&s, &key, &data("v"), &ring),
+            "nothing sealed yet"
+        );
+        sealed_with(&ring, &mut s, 2);
+        assert!(unchanged(&s, &key, &data("v"), &ring));
+        assert!(!unchanged(&s, &key, &data("w"), &ring));
+        // Another master key: unknown digest key, so new data.
+        assert!(!unchanged(
+            &s,
+            &key,
+            &data("v"),
+            &Keyring::generate().unwrap()
+        ));
+        // A version below the high-water mark is not current: its data counts as new.
+        s.status = Some(ClawSecretStatus {
+            version: Some(3),
+            ..Default::default()
+        });
+        assert!(!unchanged(&s, &key, &data("v"), &ring));
+        s.status = None;
+        // No digest (a version written through node.invoke): new.
+        s.spec.sealed.as_mut().unwrap().data_digest = None;
+        assert!(!unchanged(&s, &key, &data("v"), &ring));
     }
 
     #[test]
@@ -429,13 +523,19 @@ mod tests {
             key_id: "k-1".into(),
             envelope: "AAAA".into(),
             sealed_at: "2025-01-01T00:00:00Z".into(),
+            data_digest: None,
         };
-        let patch = seal_patch(&s, &sealed);
+        let patch = plaintext_removal_patch(&s, Some(&sealed));
         let text = patch.to_string();
         assert!(!text.contains("canary"), "{text}");
         assert_eq!(patch["metadata"]["resourceVersion"], "42");
         assert!(patch["spec"]["data"].is_null());
         assert_eq!(patch["spec"]["sealed"]["keyId"], "k-1");
+        // A first seal adds the finalizer in the same write.
+        assert_eq!(
+            patch["metadata"]["finalizers"],
+            json!([super::super::FINALIZER])
+        );
         let applied: Value = serde_json::from_str(
             patch["metadata"]["annotations"][LAST_APPLIED]
                 .as_str()
@@ -446,7 +546,7 @@ mod tests {
         // An annotation that cannot be read is dropped rather than kept.
         assert_eq!(scrub_last_applied("{not json canary"), None);
         // Objects created without kubectl apply get no annotation in the patch.
-        let plain = seal_patch(&secret(Some("x")), &sealed);
+        let plain = plaintext_removal_patch(&secret(Some("x")), Some(&sealed));
         assert!(plain["metadata"].get("annotations").is_none());
     }
 
