@@ -1162,6 +1162,21 @@ impl Release<'_> {
             "--wait=true",
         ]);
 
+        // Applied again, unchanged (as a GitOps controller does on every sync): no secret
+        // moves to a new version.
+        self.step("kubectl apply -f examples/ again");
+        self.kubectl(&["apply", "-f", examples.to_str().unwrap()]);
+        let secrets: Api<ClawSecret> = Api::namespaced(self.client.clone(), "claw-demo");
+        for name in ["db.credentials", "external.openai"] {
+            let s = eventually(&format!("{name} without plaintext again"), || async {
+                let s = secrets.get(name).await.map_err(|e| e.to_string())?;
+                s.spec.data.is_none().then_some(s).ok_or_else(|| "not yet".to_owned())
+            })
+            .await;
+            assert_eq!(s.spec.sealed.map(|s| s.version), Some(1), "{name}");
+            assert_eq!(s.status.and_then(|s| s.version), Some(1), "{name}");
+        }
+
         self.step("kubectl delete -f examples/");
         let deleting = Instant::now();
         self.kubectl(&[
