@@ -1170,7 +1170,11 @@ impl Release<'_> {
         for name in ["db.credentials", "external.openai"] {
             let s = eventually(&format!("{name} without plaintext again"), || async {
                 let s = secrets.get(name).await.map_err(|e| e.to_string())?;
-                s.spec.data.is_none().then_some(s).ok_or_else(|| "not yet".to_owned())
+                s.spec
+                    .data
+                    .is_none()
+                    .then_some(s)
+                    .ok_or_else(|| "not yet".to_owned())
             })
             .await;
             assert_eq!(s.spec.sealed.map(|s| s.version), Some(1), "{name}");

@@ -1251,42 +1251,45 @@ async fn reapplying_the_same_manifest_does_not_rotate() {
             .unwrap_or_default()
     };
 
+    // kubectl apply has returned, so the object holds the plaintext until the operator has
+    // handled it: its absence means the operator is done with this apply.
+    let handled = || async {
+        eventually("the operator to take the plaintext out", || async {
+            let s = secrets.get("gitops").await.map_err(|e| e.to_string())?;
+            s.spec
+                .data
+                .is_none()
+                .then_some(s)
+                .ok_or_else(|| "data present".to_owned())
+        })
+        .await
+    };
+    let counted = |n: &'static str| {
+        eventually("the unchanged data counted", move || async move {
+            (unchanged_count() == n)
+                .then_some(())
+                .ok_or_else(unchanged_count)
+        })
+    };
+
     kubectl_apply(&kubectl, &env.kubeconfig, &env.namespace, &manifest("one"));
     let first = sealed_at(&secrets, "gitops", 1).await;
-    for n in 1..=2 {
+    for n in ["1", "2"] {
         kubectl_apply(&kubectl, &env.kubeconfig, &env.namespace, &manifest("one"));
-        eventually("the operator to take the plaintext out again", || async {
-            let s = secrets.get("gitops").await.map_err(|e| e.to_string())?;
-            (s.spec.data.is_none() && unchanged_count() == n.to_string())
-                .then_some(())
-                .ok_or_else(|| {
-                    format!(
-                        "data present: {}, unchanged {}",
-                        s.spec.data.is_some(),
-                        unchanged_count()
-                    )
-                })
-        })
-        .await;
-        let again = sealed_at(&secrets, "gitops", 1).await;
+        let again = handled().await;
         assert_eq!(
             again.spec.sealed, first.spec.sealed,
-            "the same version, untouched"
+            "the same data applied again: the same version, untouched"
         );
+        counted(n).await;
     }
 
     kubectl_apply(&kubectl, &env.kubeconfig, &env.namespace, &manifest("two"));
     let second = sealed_at(&secrets, "gitops", 2).await;
     kubectl_apply(&kubectl, &env.kubeconfig, &env.namespace, &manifest("two"));
-    eventually("the operator to take the plaintext out again", || async {
-        let s = secrets.get("gitops").await.map_err(|e| e.to_string())?;
-        (s.spec.data.is_none() && unchanged_count() == "3")
-            .then_some(())
-            .ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
-    let after = sealed_at(&secrets, "gitops", 2).await;
+    let after = handled().await;
     assert_eq!(after.spec.sealed, second.spec.sealed);
+    counted("3").await;
     let digest = after.spec.sealed.unwrap().data_digest.unwrap();
     assert!(digest.starts_with("hmac-sha256:"), "{digest}");
     assert!(
