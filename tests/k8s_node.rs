@@ -928,10 +928,8 @@ impl Release<'_> {
         self.sealed_by_the_operator(ns, "after.upgrade").await;
     }
 
-    /// `helm uninstall` removes the release's pods and keeps what docs/helm.md says it keeps:
-    /// the CRDs, the master key Secret, the ClawSecrets, the hostPath store.
-    fn helm_uninstall_keeps_what_the_docs_say(&self, ns: &str) {
-        self.step("helm uninstall");
+    /// `helm uninstall --wait` of the release.
+    fn helm_uninstall(&self) {
         must(
             helm(&[
                 "uninstall",
@@ -946,6 +944,13 @@ impl Release<'_> {
             ]),
             "helm uninstall --wait",
         );
+    }
+
+    /// `helm uninstall` removes the release's pods and keeps what docs/helm.md says it keeps:
+    /// the CRDs, the master key Secret, the ClawSecrets, the hostPath store.
+    fn helm_uninstall_keeps_what_the_docs_say(&self, ns: &str) {
+        self.step("helm uninstall");
+        self.helm_uninstall();
         self.kubectl(&[
             "-n",
             NAMESPACE,
@@ -1016,20 +1021,7 @@ impl Release<'_> {
         }
         self.step("removing what the test installed");
         self.kubectl(&["delete", "namespace", APPS, "--wait=true", "--timeout=180s"]);
-        must(
-            helm(&[
-                "uninstall",
-                RELEASE,
-                "--namespace",
-                NAMESPACE,
-                "--kubeconfig",
-                self.node.kubeconfig.to_str().unwrap(),
-                "--wait",
-                "--timeout",
-                "5m",
-            ]),
-            "helm uninstall --wait",
-        );
+        self.helm_uninstall();
         self.kubectl(&[
             "delete",
             "namespace",
