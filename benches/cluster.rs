@@ -649,6 +649,33 @@ struct Sampled {
 }
 
 /// `last`: nothing runs after this part (kube-apiserver may be left stopped).
+/// What a watch saw of the burst's objects: every revision (a watch delivers each write), those
+/// still holding plaintext, and the objects that reached Ready.
+#[derive(Default)]
+struct Revisions {
+    seen: usize,
+    with_plaintext: usize,
+    ready: BTreeSet<String>,
+}
+
+impl Revisions {
+    fn saw(&mut self, obj: &ClawSecret) {
+        self.seen += 1;
+        if obj.spec.data.is_some() {
+            self.with_plaintext += 1;
+        }
+        let ready = obj.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        if ready {
+            self.ready
+                .insert(obj.metadata.name.clone().unwrap_or_default());
+        }
+    }
+}
+
 fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
     let n: usize = if bench {
         env_or("BENCH_SECRETS", 10_000)
@@ -681,8 +708,11 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
             .collect();
         let api = c.secrets();
 
-        // The operator's progress, from a watch: when the last of the N was seen sealed.
+        // The operator's progress, from a watch: when the last of the N was seen sealed, and
+        // how many revisions the N went through (each write is one; the create included), how
+        // many of them with plaintext, and how many objects reached Ready.
         let (sealed_tx, mut sealed_rx) = tokio::sync::watch::channel((0usize, None));
+        let revisions = Arc::new(Mutex::new(Revisions::default()));
         let mut stream = watcher(api.clone(), watcher::Config::default()).boxed();
         while let Some(event) = stream.next().await {
             if matches!(event, Ok(watcher::Event::InitDone)) {
@@ -690,23 +720,27 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
             }
         }
         let start = Instant::now();
-        let watch_task = tokio::spawn(async move {
-            let mut sealed = BTreeSet::new();
-            while let Some(event) = stream.next().await {
-                let obj = match event {
-                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
-                    _ => continue,
-                };
-                if obj.spec.sealed.is_some() && obj.spec.data.is_none() {
-                    sealed.insert(obj.metadata.name.unwrap_or_default());
-                    let at = (sealed.len() >= n).then(|| start.elapsed());
-                    sealed_tx.send_replace((sealed.len(), at));
-                    if at.is_some() {
-                        return;
+        let watch_task = {
+            let revisions = revisions.clone();
+            tokio::spawn(async move {
+                let mut sealed = BTreeSet::new();
+                while let Some(event) = stream.next().await {
+                    let obj = match event {
+                        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
+                        _ => continue,
+                    };
+                    revisions.lock().unwrap().saw(&obj);
+                    if obj.spec.sealed.is_some()
+                        && obj.spec.data.is_none()
+                        && sealed.len() < n
+                        && sealed.insert(obj.metadata.name.clone().unwrap_or_default())
+                    {
+                        let at = (sealed.len() >= n).then(|| start.elapsed());
+                        sealed_tx.send_replace((sealed.len(), at));
                     }
                 }
-            }
-        });
+            })
+        };
 
         // The agents' stores and everyone's RSS, every 50 ms, from a plain thread. A store is
         // complete when it holds N files more than before the burst (secrets of other
@@ -782,7 +816,12 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
         let cpu1 = (Instant::now(), cpu_snapshot());
         stop.store(true, Ordering::Relaxed);
         sampler.join().expect("sampler");
+        // The status writes follow the seals: counted once every object is Ready.
+        while done && revisions.lock().unwrap().ready.len() < n && start.elapsed() < patience {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         watch_task.abort();
+        let revisions = std::mem::take(&mut *revisions.lock().unwrap());
         let (sealed_count, sealed_at) = *sealed_rx.borrow();
         let s = std::mem::take(&mut *sampled.lock().unwrap());
         let peaks: Vec<(u64, u64)> = pids
@@ -823,6 +862,13 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
                     secs(s.stored_at[i])
                 );
             }
+            println!(
+                "writes          {:.2} revisions per secret seen by a watch (the create \
+                 included), {:.2} of them with plaintext; {} of {n} Ready",
+                revisions.seen as f64 / n as f64,
+                revisions.with_plaintext as f64 / n as f64,
+                revisions.ready.len()
+            );
             let last = s.stored_at.iter().copied().max().flatten().zip(sealed_at);
             println!(
                 "all done        {}",
