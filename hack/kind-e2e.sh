@@ -28,7 +28,9 @@
 #      securityContext, the hostPort, the pod proxy, the hostPath store with the pods cut off
 #      from the API server, the examples, leader failover, upgrade, uninstall, reinstall), with
 #      CLAW_NODE_KUBECONFIG and CLAW_NODE_EXEC="docker exec NAME-control-plane". It removes
-#      what it installed when it passes.
+#      what it installed when it passes. It calls the agent's hostPort at the node's address,
+#      so it needs a Linux host, where the kind node's address is reachable (Docker Desktop's
+#      is not); the examples' pods pull curlimages/curl from Docker Hub.
 #   5. Runs the rest of the cluster test suite against the cluster:
 #        KUBECONFIG_E2E=<kubeconfig> cargo test --test 'k8s_*'
 #      with the ServiceMonitor CRD applied first (from the pinned Prometheus Operator module

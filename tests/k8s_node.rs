@@ -303,18 +303,24 @@ impl Node {
     /// `ARGS` run on the node: its stdout, or a panic with what went wrong.
     #[track_caller]
     fn exec(&self, args: &[&str]) -> String {
+        self.try_exec(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `ARGS` run on the node: its stdout, or what went wrong.
+    fn try_exec(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(&self.exec[0])
             .args(&self.exec[1..])
             .args(args)
             .stdin(std::process::Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("running {:?}: {e}", self.exec));
-        assert!(
-            out.status.success(),
-            "on the node: {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .map_err(|e| format!("running {:?}: {e}", self.exec))?;
+        if !out.status.success() {
+            return Err(format!(
+                "on the node: {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The files under the agent's hostPath on the node.
@@ -563,7 +569,11 @@ impl Drop for ApiServerCut<'_> {
     fn drop(&mut self) {
         let mut delete = vec!["iptables", "-D"];
         delete.extend(self.rule.iter().map(String::as_str));
-        self.node.exec(&delete);
+        // Never a panic here (it may run while a failed step unwinds): said, and left to the
+        // node's teardown.
+        if let Err(e) = self.node.try_exec(&delete) {
+            eprintln!("removing the API-server cut: {e}");
+        }
     }
 }
 
