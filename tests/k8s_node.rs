@@ -243,44 +243,16 @@ fn node_of_our_own() -> Result<Node, String> {
         std::process::id(),
         random_hex(4)
     ));
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg("up")
-        .arg(&dir)
-        .arg("--parent-pid")
-        .arg(std::process::id().to_string())
-        .output()
-        .map_err(|e| format!("running hack/node.sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`hack/node.sh up` failed (run `bash hack/node.sh install` first):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let imported = Command::new("bash")
-        .arg(&script)
-        .arg("import")
-        .arg(&dir)
-        .arg(&image)
-        .output()
-        .map_err(|e| format!("running hack/node.sh import: {e}"))?;
-    if !imported.status.success() {
-        return Err(format!(
-            "importing {}: {}",
-            image.display(),
-            String::from_utf8_lossy(&imported.stderr)
-        ));
-    }
-    let pod_cidr = String::from_utf8_lossy(
-        &Command::new("bash")
-            .arg(&script)
-            .arg("pod-cidr")
-            .output()
-            .map_err(|e| e.to_string())?
-            .stdout,
-    )
-    .trim()
-    .to_owned();
+    let parent = std::process::id().to_string();
+    node_sh(&[
+        "up".as_ref(),
+        dir.as_ref(),
+        "--parent-pid".as_ref(),
+        parent.as_ref(),
+    ])
+    .map_err(|e| format!("{e}\n(run `bash hack/node.sh install` first)"))?;
+    node_sh(&["import".as_ref(), dir.as_ref(), image.as_ref()])?;
+    let pod_cidr = node_sh(&["pod-cidr".as_ref()])?.trim().to_owned();
     described(Node {
         kubeconfig: dir.join("admin.kubeconfig"),
         scratch: dir.clone(),
@@ -297,6 +269,27 @@ fn node_of_our_own() -> Result<Node, String> {
         kubelet_log: Some(dir.join("proc/kubelet.log")),
         external: false,
     })
+}
+
+/// `bash hack/node.sh ARGS`: its stdout, or its stderr when it fails.
+fn node_sh(args: &[&std::ffi::OsStr]) -> Result<String, String> {
+    let shown = args
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new("bash")
+        .arg(repo().join("hack/node.sh"))
+        .args(args)
+        .output()
+        .map_err(|e| format!("running hack/node.sh {shown}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`hack/node.sh {shown}` failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Node {
