@@ -119,6 +119,15 @@ const CASES: &[Case] = &[
         example: "claw-secrets crd | kubectl apply -f -",
     },
     Case {
+        args: &["seal"],
+        purpose: &[
+            "Encrypt a ClawSecret's data to the cluster's public key: a manifest safe to commit",
+            "only for this namespace and object name",
+            "Plaintext stays on this machine",
+        ],
+        example: "claw-secrets seal --key sealing-key.txt -f db-secret.yaml -o db-secret.sealed.yaml",
+    },
+    Case {
         args: &["completions"],
         purpose: &["Print a shell completion script", "It writes no files"],
         example: "claw-secrets completions bash > ~/.local/share/bash-completion/completions/claw-secrets",

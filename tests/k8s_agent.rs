@@ -1853,6 +1853,7 @@ async fn latency_one_secret_applied_to_ready_and_all_nodes() {
             ClawSecretSpec {
                 name: None,
                 data: Some([("token".to_owned(), value.clone())].into()),
+                encrypted_data: None,
                 allowed_workloads: vec![],
                 node_selector: None,
                 sealed: None,
@@ -1924,6 +1925,7 @@ async fn latency_burst_of_1000_secrets_sealed_by_the_operator() {
                             )]
                             .into(),
                         ),
+                        encrypted_data: None,
                         allowed_workloads: vec![],
                         node_selector: None,
                         sealed: None,

@@ -189,6 +189,7 @@ fn secret(name: &str, data: &[(&str, &str)]) -> ClawSecret {
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect(),
             ),
+            encrypted_data: None,
             allowed_workloads: vec![],
             node_selector: None,
             sealed: None,
@@ -412,6 +413,10 @@ async fn seals_rotates_and_deletes_a_secret_without_leaking_plaintext() {
     let created = wait_event(&client, ns, "db.password", "Created").await;
     assert_eq!(created[0].0, "Normal");
     assert!(created[0].1.contains("version 1") && created[0].1.contains(&sealed.key_id));
+    // No webhook in this test: the plaintext was stored first, and that is said as a Warning.
+    let stored = wait_event(&client, ns, "db.password", "PlaintextStored").await;
+    assert_eq!(stored[0].0, "Warning");
+    assert!(stored[0].1.contains("webhook"), "{stored:?}");
 
     // The master key Secret exists where the operator lives, holding the key that sealed it.
     let key_secret = Api::<Secret>::namespaced(client.clone(), ns)
@@ -550,6 +555,7 @@ async fn malformed_objects_are_reported_and_do_not_stall_others() {
         ClawSecretSpec {
             name: None,
             data: None,
+            encrypted_data: None,
             allowed_workloads: vec![],
             node_selector: None,
             sealed: Some(claw_secrets::k8s::crd::SealedData {

@@ -10,6 +10,7 @@ mod invoke;
 mod kubeconfig;
 mod operator;
 mod paths;
+pub mod seal;
 mod token;
 
 use clap::{Parser, Subcommand};
@@ -131,6 +132,28 @@ enum Commands {
   claw-secrets crd | kubectl apply -f -
   claw-secrets crd > crds.yaml")]
     Crd,
+    /// Encrypt a ClawSecret's data to the cluster's public key: a manifest safe to commit
+    ///
+    /// Reads a plaintext ClawSecret manifest (-f, YAML or JSON), or data given with
+    /// --from-literal/--from-file and --name/--namespace, and writes the same ClawSecret with
+    /// spec.data replaced by spec.encryptedData: the data encrypted (HPKE: X25519,
+    /// HKDF-SHA256, ChaCha20-Poly1305) to the cluster's public sealing key. Only the operator
+    /// of that cluster can open it, and only for this namespace and object name: the same
+    /// file applied under another name or in another namespace is refused. Commit the output;
+    /// `kubectl apply` it, and the operator seals it under the master key as it would
+    /// spec.data. Plaintext stays on this machine.
+    ///
+    /// The public key comes from --key FILE, else from the cluster (ConfigMap
+    /// claw-secrets-sealing-key in --operator-namespace, read with your kubeconfig);
+    /// `--fetch-key -o FILE` saves it once, for sealing offline later. Exits 1 on failure (2
+    /// for a usage error) with the reason on stderr; the reason never quotes a value.
+    #[command(after_help = "Examples:
+  claw-secrets seal --fetch-key -o sealing-key.txt        # once: save the cluster's public key
+  claw-secrets seal --key sealing-key.txt -f db-secret.yaml -o db-secret.sealed.yaml
+  claw-secrets seal --key sealing-key.txt --namespace team-a --name db \\
+      --from-file password=./password.txt --from-literal user=admin > db.sealed.yaml
+  kubectl apply -f db-secret.sealed.yaml")]
+    Seal(seal::SealArgs),
     /// Print a shell completion script for bash, zsh, fish, powershell or elvish
     ///
     /// Prints a completion script for SHELL on stdout, covering every subcommand and flag. It
@@ -194,6 +217,15 @@ pub fn main() -> ExitCode {
         Commands::Crd => {
             print!("{}", crate::k8s::crd::crds_yaml());
             ExitCode::SUCCESS
+        }
+        Commands::Seal(args) => {
+            init_logging("claw_secrets=warn");
+            // It holds plaintext while it works: no core dump of it either.
+            if let Err(e) = harden_process() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            seal::run(args)
         }
         Commands::Completions(args) => completions::run(args),
     }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::k8s::operator::{LeaseConfig, OperatorConfig, run};
+use crate::k8s::operator::{CertSource, LeaseConfig, OperatorConfig, WebhookConfig, run};
 
 #[derive(Debug, Args)]
 pub struct OperatorArgs {
@@ -38,6 +38,27 @@ pub struct OperatorArgs {
     /// namespace).
     #[arg(long, env = "WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Serve the admission webhook that seals ClawSecret data before it is stored, on this
+    /// address (the chart sets it). Without it, plaintext is stored and then sealed by the
+    /// reconcile loop.
+    #[arg(long)]
+    webhook_addr: Option<SocketAddr>,
+    /// DNS names and IP addresses the webhook's certificate covers (the Service's names, or
+    /// the host of the webhook configuration's url); repeat or separate with commas. Needed
+    /// unless --webhook-cert-dir is given.
+    #[arg(long, value_delimiter = ',')]
+    webhook_host: Vec<String>,
+    /// Secret in --namespace where the operator keeps the webhook's CA and serving
+    /// certificate (created on first start).
+    #[arg(long, default_value = "claw-secrets-webhook-tls")]
+    webhook_cert_secret: String,
+    /// The MutatingWebhookConfiguration whose caBundle the operator keeps equal to its CA.
+    #[arg(long)]
+    webhook_configuration: Option<String>,
+    /// Serve tls.crt and tls.key from this directory instead (cert-manager writes them; its
+    /// CA injector then keeps the caBundle). Re-read every 10 minutes.
+    #[arg(long, conflicts_with_all = ["webhook_host", "webhook_configuration"])]
+    webhook_cert_dir: Option<std::path::PathBuf>,
 }
 
 fn default_identity() -> String {
@@ -50,8 +71,43 @@ fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// The webhook's settings, or why they do not hold together.
+fn webhook(args: &OperatorArgs) -> Result<Option<WebhookConfig>, String> {
+    let Some(addr) = args.webhook_addr else {
+        return Ok(None);
+    };
+    let certs = match &args.webhook_cert_dir {
+        Some(dir) => CertSource::Files { dir: dir.clone() },
+        None => {
+            let hosts: Vec<String> = args
+                .webhook_host
+                .iter()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .collect();
+            if hosts.is_empty() {
+                return Err("--webhook-addr needs --webhook-host (the names the API server calls the webhook by) or --webhook-cert-dir".into());
+            }
+            CertSource::Managed {
+                secret: args.webhook_cert_secret.clone(),
+                hosts,
+                configuration: args.webhook_configuration.clone(),
+            }
+        }
+    };
+    Ok(Some(WebhookConfig { addr, certs }))
+}
+
 pub fn run_cli(args: OperatorArgs) -> ExitCode {
+    let webhook = match webhook(&args) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = OperatorConfig {
+        webhook,
         lease: LeaseConfig {
             namespace: args.namespace.clone(),
             name: args.lease_name,

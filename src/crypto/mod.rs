@@ -5,18 +5,24 @@
 //!   so a blob opened under another name, namespace, kind, version or key fails;
 //! - the envelope is versioned, and a keyring keeps retired master keys able to decrypt;
 //! - what is kept in clear (store metadata, the store manifest, write fingerprints) is
-//!   authenticated with HMAC-SHA256 under keys derived from the keyring ([`MacKey`]).
+//!   authenticated with HMAC-SHA256 under keys derived from the keyring ([`MacKey`]);
+//! - offline sealing (`claw-secrets seal`): HPKE to an X25519 key derived from a master key,
+//!   bound to the ClawSecret's namespace and name ([`seal_offline`], [`open_offline`]).
 
 mod digest;
 mod envelope;
 mod integrity;
 mod keyring;
+mod offline_seal;
 mod seal;
 
 pub use digest::DataDigest;
 pub use envelope::{ALGORITHM_HKDF_SHA256_CHACHA20POLY1305, Envelope, FORMAT_V1};
 pub use integrity::{MacKey, Purpose, TAG_LEN as MAC_TAG_LEN, Tagger};
 pub use keyring::{KeyId, Keyring, MasterKey, SharedKeyring};
+pub use offline_seal::{
+    SealScope, SealingPrivateKey, SealingPublicKey, open_offline, seal_offline,
+};
 pub use seal::{SecretIdentity, open, open_write_records, seal, seal_write_records};
 
 /// Why sealing or opening failed. Messages never contain plaintext or key bytes.
@@ -36,6 +42,8 @@ pub enum CryptoError {
     AuthenticationFailed,
     #[error("keyring is invalid: {0}")]
     InvalidKeyring(String),
+    #[error("sealing key is invalid: {0}")]
+    InvalidSealingKey(String),
     #[error("the operating system's random number generator failed: {0}")]
     Random(String),
 }

@@ -149,7 +149,7 @@ fn open_buffer(
 /// Plaintext encoding: entry count, then each key and value, all u32-length-prefixed. The exact
 /// size is computed first so the buffer never reallocates (a reallocation would leave an
 /// unzeroized copy of the plaintext behind).
-fn encode_plaintext(data: &SecretData) -> Zeroizing<Vec<u8>> {
+pub(crate) fn encode_plaintext(data: &SecretData) -> Zeroizing<Vec<u8>> {
     let size = 4 + data
         .iter()
         .map(|(k, v)| 8 + k.as_str().len() + v.expose().len())
@@ -165,7 +165,7 @@ fn encode_plaintext(data: &SecretData) -> Zeroizing<Vec<u8>> {
     buf
 }
 
-fn decode_plaintext(buf: &[u8]) -> Result<SecretData, CryptoError> {
+pub(crate) fn decode_plaintext(buf: &[u8]) -> Result<SecretData, CryptoError> {
     const BAD: CryptoError = CryptoError::MalformedEnvelope("decrypted data is not well formed");
     fn take<'b>(buf: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
         if buf.len() < n {

@@ -61,12 +61,16 @@ fn key_of(
 }
 
 pub fn secret_key(obj: &ClawSecret) -> Result<ObjectKey, Invalid> {
-    key_of(
-        "ClawSecret",
-        obj.spec.name.as_ref(),
-        &obj.name_any(),
-        obj.namespace(),
-    )
+    secret_key_of(obj.spec.name.as_ref(), &obj.name_any(), obj.namespace())
+}
+
+/// [`secret_key`] from the parts of an object not (yet) read as a [`ClawSecret`].
+pub fn secret_key_of(
+    spec_name: Option<&String>,
+    object: &str,
+    namespace: Option<String>,
+) -> Result<ObjectKey, Invalid> {
+    key_of("ClawSecret", spec_name, object, namespace)
 }
 
 pub fn config_key(obj: &ClawConfig) -> Result<ObjectKey, Invalid> {
@@ -283,6 +287,7 @@ mod tests {
             ClawSecretSpec {
                 name: spec_name.map(str::to_owned),
                 data: None,
+                encrypted_data: None,
                 allowed_workloads: vec![],
                 node_selector: None,
                 sealed: None,

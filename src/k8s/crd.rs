@@ -47,7 +47,8 @@ pub const GROUP: &str = "clawbernetes.io";
     )
 )]
 #[kube(validation = Rule::new("!has(self.spec.sealed) || !has(self.status) || !has(self.status.version) || self.spec.sealed.version >= self.status.version").message("spec.sealed.version is below status.version, the highest version this secret has had: a rotated-away version cannot be put back; write spec.data to seal a new version"))]
-#[x_kube(validation = Rule::new("has(self.data) || has(self.sealed)").message("give data (plaintext to be sealed) or sealed"))]
+#[x_kube(validation = Rule::new("has(self.data) || has(self.encryptedData) || has(self.sealed)").message("give data (plaintext to be sealed), encryptedData (the output of claw-secrets seal) or sealed"))]
+#[x_kube(validation = Rule::new("!(has(self.data) && has(self.encryptedData))").message("give data or encryptedData, not both"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.sealed) || !has(self.sealed) || self.sealed.version >= oldSelf.sealed.version").message("sealed.version only moves forward"))]
 #[serde(rename_all = "camelCase")]
 pub struct ClawSecretSpec {
@@ -63,6 +64,13 @@ pub struct ClawSecretSpec {
     /// characters of letters, digits, '-', '_' and '.'; keys plus values are at most 1 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<BTreeMap<String, String>>,
+
+    /// Data encrypted to the cluster's public sealing key by `claw-secrets seal` (HPKE, bound to
+    /// this namespace and name): safe to commit to Git. The operator opens it at admission and
+    /// stores it as `sealed`, like `data`; applying the same file again changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2_000_000))]
+    pub encrypted_data: Option<String>,
 
     /// Workloads (ServiceAccount names in this namespace) that may read the secret. Empty
     /// means every workload of the namespace may.
@@ -118,6 +126,10 @@ impl std::fmt::Debug for ClawSecretSpec {
         f.debug_struct("ClawSecretSpec")
             .field("name", &self.name)
             .field("data", &data)
+            .field(
+                "encrypted_data",
+                &self.encrypted_data.as_ref().map(|_| "[ciphertext]"),
+            )
             .field("allowed_workloads", &self.allowed_workloads)
             .field("node_selector", &self.node_selector)
             .field("sealed", &self.sealed)
@@ -253,6 +265,7 @@ mod tests {
         let spec = super::ClawSecretSpec {
             name: None,
             data: Some([("password".to_owned(), "canary-7731".to_owned())].into()),
+            encrypted_data: None,
             allowed_workloads: vec![],
             node_selector: None,
             sealed: None,

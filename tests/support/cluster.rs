@@ -950,6 +950,17 @@ impl Operator {
         lease: &str,
         watch_namespace: Option<&str>,
     ) -> Operator {
+        Operator::start_with(kubeconfig, master_key, lease, watch_namespace, &[]).await
+    }
+
+    /// [`Operator::start`] with more arguments (the webhook's, say).
+    pub async fn start_with(
+        kubeconfig: &Path,
+        master_key: &str,
+        lease: &str,
+        watch_namespace: Option<&str>,
+        extra: &[String],
+    ) -> Operator {
         let (ns, name) = master_key.split_once('/').expect("NAMESPACE/NAME");
         let dir = tempfile::Builder::new()
             .prefix("claw-operator-")
@@ -972,6 +983,7 @@ impl Operator {
         if let Some(watch) = watch_namespace {
             command.arg("--watch-namespace").arg(watch);
         }
+        command.args(extra);
         let child = command
             .env("KUBECONFIG", kubeconfig)
             .env("CLAW_SECRETS_LOG", LOG_FILTER)
@@ -1021,6 +1033,13 @@ impl Operator {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Stops the operator with SIGKILL (it may still be running as far as anyone else knows).
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.take() {
+            crate::process::kill(child);
+        }
     }
 
     /// Fails the test if the operator has exited.

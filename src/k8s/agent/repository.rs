@@ -288,6 +288,7 @@ impl Repository for KubeRepository {
             ClawSecretSpec {
                 name: (object != key.name.as_str()).then(|| key.name.to_string()),
                 data: None,
+                encrypted_data: None,
                 allowed_workloads: record
                     .allowed_workloads
                     .iter()

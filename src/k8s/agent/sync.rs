@@ -495,6 +495,7 @@ mod tests {
             ClawSecretSpec {
                 name: None,
                 data: None,
+                encrypted_data: None,
                 allowed_workloads: vec![],
                 node_selector: None,
                 sealed: Some(SealedData {

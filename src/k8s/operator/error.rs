@@ -52,6 +52,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot serve the admission webhook: {reason}")]
+    Webhook { reason: String },
+
     /// A part of the operator that runs for its whole life stopped: the process exits so the
     /// Deployment restarts it, rather than going on half-working behind a green probe.
     #[error("the operator's {task} stopped unexpectedly; exiting so it is restarted")]
@@ -82,12 +85,13 @@ impl Error {
             Error::Seal { .. } => "seal",
             Error::LeaseLost { .. } => "lease_lost",
             Error::Serve { .. } => "serve",
+            Error::Webhook { .. } => "webhook",
             Error::TaskEnded { .. } => "task_ended",
         }
     }
 
     /// Every label `metric_label` can return, so metrics can be pre-declared.
-    pub const METRIC_LABELS: [&'static str; 8] = [
+    pub const METRIC_LABELS: [&'static str; 9] = [
         "kube",
         "conflict",
         "keyring",
@@ -95,6 +99,7 @@ impl Error {
         "seal",
         "lease_lost",
         "serve",
+        "webhook",
         "task_ended",
     ];
 

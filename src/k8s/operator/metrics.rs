@@ -66,6 +66,33 @@ impl EncodeLabelValue for Outcome {
     }
 }
 
+/// How the admission webhook answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Sealed,
+    Unchanged,
+    Refused,
+    Failed,
+}
+
+impl Admission {
+    const ALL: [Admission; 4] = [
+        Admission::Sealed,
+        Admission::Unchanged,
+        Admission::Refused,
+        Admission::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Admission::Sealed => "sealed",
+            Admission::Unchanged => "unchanged",
+            Admission::Refused => "refused",
+            Admission::Failed => "failed",
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the reconcile duration histogram.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
@@ -87,6 +114,11 @@ struct Sealed {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Admitted {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Rejected {
     kind: ObjectKind,
     reason: &'static str,
@@ -104,6 +136,10 @@ pub struct Metrics {
     reconciliations: Family<Reconciled, Counter>,
     errors: Family<Failed, Counter>,
     seals: Family<Sealed, Counter>,
+    /// ClawSecrets the reconcile loop found stored with plaintext (the webhook did not seal them).
+    plaintext_stored: Counter,
+    /// Admission reviews answered by this replica's webhook, by result.
+    admissions: Family<Admitted, Counter>,
     /// Objects reported not Ready, by condition reason (a small fixed set of CamelCase words).
     rejections: Family<Rejected, Counter>,
     durations: Family<KindLabel, Histogram>,
@@ -117,6 +153,8 @@ impl Default for Metrics {
         let reconciliations = Family::<Reconciled, Counter>::default();
         let errors = Family::<Failed, Counter>::default();
         let seals = Family::<Sealed, Counter>::default();
+        let plaintext_stored = Counter::default();
+        let admissions = Family::<Admitted, Counter>::default();
         let rejections = Family::<Rejected, Counter>::default();
         let durations = Family::<KindLabel, Histogram>::new_with_constructor(
             (|| Histogram::new(BUCKETS)) as fn() -> Histogram,
@@ -148,6 +186,20 @@ impl Default for Metrics {
             seals.clone(),
         );
         registry.register(
+            "plaintext_stored",
+            "ClawSecrets found stored with plaintext in spec.data (the admission webhook was down, \
+             bypassed or not installed) and sealed by the reconcile loop: the plaintext is in \
+             etcd's files until they are compacted and defragmented",
+            plaintext_stored.clone(),
+        );
+        registry.register(
+            "admissions",
+            "ClawSecret writes with data answered by this replica's admission webhook: sealed (a \
+             new version), unchanged (the current version's data), refused (invalid data, the \
+             rule named in the answer) or failed (this replica could not seal)",
+            admissions.clone(),
+        );
+        registry.register(
             "not_ready",
             "Times an object was reported not Ready, by kind and condition reason",
             rejections.clone(),
@@ -169,6 +221,11 @@ impl Default for Metrics {
         for event in ["created", "rotated", "unchanged"] {
             let _ = seals.get_or_create(&Sealed { event });
         }
+        for result in Admission::ALL {
+            let _ = admissions.get_or_create(&Admitted {
+                result: result.label(),
+            });
+        }
         Metrics {
             registry,
             leader,
@@ -176,6 +233,8 @@ impl Default for Metrics {
             reconciliations,
             errors,
             seals,
+            plaintext_stored,
+            admissions,
             rejections,
             durations,
         }
@@ -211,6 +270,20 @@ impl Metrics {
     pub fn unchanged(&self) {
         self.seals
             .get_or_create(&Sealed { event: "unchanged" })
+            .inc();
+    }
+
+    /// The reconcile loop sealed plaintext that had been stored (the webhook did not).
+    pub fn sealed_after_storage(&self) {
+        self.plaintext_stored.inc();
+    }
+
+    /// The webhook answered an admission review.
+    pub fn admitted(&self, result: Admission) {
+        self.admissions
+            .get_or_create(&Admitted {
+                result: result.label(),
+            })
             .inc();
     }
 

@@ -6,6 +6,7 @@
 //! - `conditions.rs`: status conditions; `metrics.rs` and `http.rs`: `/metrics`, `/healthz`,
 //!   `/readyz`; `error.rs`: the error type.
 
+mod admission;
 mod conditions;
 mod configs;
 mod error;
@@ -14,6 +15,7 @@ mod leader;
 mod metrics;
 mod secrets;
 
+pub use admission::{CertSource, WebhookConfig};
 pub use error::Error;
 pub use leader::LeaseConfig;
 
@@ -70,12 +72,15 @@ pub struct OperatorConfig {
     pub metrics_addr: SocketAddr,
     /// Reconcile only this namespace's objects; `None`: every namespace.
     pub watch_namespace: Option<String>,
+    /// The admission webhook that seals data before it is stored; `None`: not served (the
+    /// reconcile loop seals what was stored with plaintext).
+    pub webhook: Option<WebhookConfig>,
 }
 
 /// What both reconcilers share.
 pub(crate) struct Context {
     client: kube::Client,
-    keyring: Keyring,
+    keyring: Arc<Keyring>,
     /// `namespace/name` of the master key Secret, for messages.
     keyring_secret: String,
     reporter: Reporter,
@@ -286,9 +291,48 @@ pub async fn run(
         stopped(stop_rx.clone()),
     ));
 
+    // Every replica needs the keyring, leader or not: each serves the webhook.
+    let keyring = tokio::select! {
+        r = load_keyring(&client, &config) => Arc::new(r?),
+        () = stopped(stop_rx.clone()) => return Ok(()),
+    };
+    // Public by design; a failure only delays `claw-secrets seal --fetch-key` (retried at
+    // the next start), so it does not stop the operator.
+    match crate::k8s::sealing_key::publish(&client, &config.namespace, &keyring).await {
+        Ok(key_id) => tracing::info!(configmap = %format!("{}/{}", config.namespace,
+            crate::k8s::sealing_key::CONFIGMAP), %key_id, "published the public sealing key"),
+        Err(e) => tracing::warn!(error = %e, "could not publish the public sealing key"),
+    }
+    let webhook = match &config.webhook {
+        Some(webhook) => {
+            let bound = admission::Webhook::bind(&client, &config.namespace, webhook.clone())
+                .await
+                .map_err(|reason| Error::Webhook { reason })?;
+            tracing::info!(addr = ?bound.local_addr(), path = admission::PATH,
+                "serving the admission webhook");
+            Some(tokio::spawn(bound.serve(
+                client.clone(),
+                config.namespace.clone(),
+                keyring.clone(),
+                metrics.clone(),
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => None,
+    };
+    let webhook_ended = async move {
+        match webhook {
+            Some(task) => {
+                let _ = task.await;
+            }
+            None => futures::future::pending().await,
+        }
+    };
+
     let mut operate = std::pin::pin!(elect_and_lead(
         client,
         &config,
+        keyring,
         metrics,
         health,
         stop_rx.clone()
@@ -304,6 +348,13 @@ pub async fn run(
                 Err(Error::TaskEnded { task: "metrics and health server" })
             }
         }
+        () = webhook_ended => {
+            if *stop_rx.borrow() {
+                operate.await
+            } else {
+                Err(Error::TaskEnded { task: "admission webhook" })
+            }
+        }
     }
 }
 
@@ -314,6 +365,7 @@ pub async fn run(
 async fn elect_and_lead(
     client: kube::Client,
     config: &OperatorConfig,
+    keyring: Arc<Keyring>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     stop_rx: watch::Receiver<bool>,
@@ -330,7 +382,7 @@ async fn elect_and_lead(
         health.set_ready(false);
         metrics.set_leader(true);
         let result = tokio::select! {
-            r = lead(client.clone(), config, metrics.clone(), health.clone(), stop_rx.clone()) => r,
+            r = lead(client.clone(), config, keyring.clone(), metrics.clone(), health.clone(), stop_rx.clone()) => r,
             lost = elector.hold() => Err(lost),
         };
         metrics.set_leader(false);
@@ -348,18 +400,15 @@ async fn elect_and_lead(
     }
 }
 
-/// The leader's work: the master keyring, then both controllers until shutdown.
+/// The leader's work: both controllers until shutdown.
 async fn lead(
     client: kube::Client,
     config: &OperatorConfig,
+    keyring: Arc<Keyring>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let keyring = tokio::select! {
-        r = load_keyring(&client, config) => r?,
-        () = stopped(stop.clone()) => return Ok(()),
-    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         keyring,

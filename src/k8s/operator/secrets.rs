@@ -1,8 +1,6 @@
 //! ClawSecret reconciliation: seal plaintext `spec.data` into `spec.sealed` (removing the
 //! plaintext in the same write), move the version forward, and report on `status`.
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 use jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -17,13 +15,12 @@ use super::conditions::{self, READY};
 use super::error::{Error, is_conflict};
 use super::metrics::ObjectKind;
 use super::{Context, RESYNC};
-use crate::crypto::{self, DataDigest, KeyId, Keyring, SecretIdentity};
-use crate::domain::{Kind, ObjectKey, SecretData, Version};
+use crate::crypto::{KeyId, Keyring};
+use crate::domain::ObjectKey;
 use crate::k8s::convert::{self, Invalid};
 use crate::k8s::crd::{ClawSecret, ClawSecretStatus, SealedData};
-
-/// kubectl's client-side apply keeps the applied manifest, plaintext included, here.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+use crate::k8s::last_applied;
+use crate::k8s::sealing::{self, Current, Sealing};
 
 pub(super) async fn reconcile(obj: Arc<ClawSecret>, ctx: Arc<Context>) -> Result<Action, Error> {
     // Names and counters only: the object may carry plaintext in spec.data.
@@ -74,43 +71,6 @@ async fn apply(
     write_status(&obj, ctx, api, verdict).await
 }
 
-/// The version the next seal gets: one more than any version the object has carried.
-fn next_version(obj: &ClawSecret) -> Version {
-    let current = obj
-        .spec
-        .sealed
-        .as_ref()
-        .map(|s| s.version)
-        .max(obj.status.as_ref().and_then(|s| s.version))
-        .unwrap_or(0);
-    Version::new(current.saturating_add(1)).expect("at least 1")
-}
-
-/// Whether `data` is the data the object's current version was sealed from (its digest says
-/// so): applying the same manifest again then makes no new version.
-fn unchanged(obj: &ClawSecret, key: &ObjectKey, data: &SecretData, keyring: &Keyring) -> bool {
-    let Some(sealed) = &obj.spec.sealed else {
-        return false;
-    };
-    let current = obj.status.as_ref().and_then(|s| s.version).unwrap_or(0);
-    let (Some(version), Some(digest)) = (
-        Version::new(sealed.version).filter(|v| v.get() >= current),
-        sealed
-            .data_digest
-            .as_deref()
-            .and_then(|d| DataDigest::parse(d).ok()),
-    ) else {
-        return false;
-    };
-    let identity = SecretIdentity {
-        kind: Kind::Secret,
-        namespace: &key.namespace,
-        name: &key.name,
-        version,
-    };
-    digest.matches(keyring, &identity, data)
-}
-
 /// Seals `spec.data` and writes the result in one patch that also removes the plaintext; data
 /// equal to the current version's only has its plaintext removed (no new version).
 /// `Ok(Err(_))`: the data (or the write) is invalid; it is reported on the status.
@@ -125,68 +85,59 @@ async fn seal_plaintext(
         Ok(d) => d,
         Err(invalid) => return Ok(Err(invalid)),
     };
-    if unchanged(obj, key, &data, &ctx.keyring) {
-        drop(data);
-        if let Err(invalid) = patch_spec(obj, key, api, &plaintext_removal_patch(obj, None)).await?
-        {
-            return Ok(Err(invalid));
-        }
-        ctx.metrics.unchanged();
-        tracing::info!(namespace = %key.namespace, name = %key.name,
-            version = obj.spec.sealed.as_ref().map(|s| s.version),
-            "data unchanged since the current version; plaintext removed, no new version");
-        return Ok(Ok(()));
-    }
-    let version = next_version(obj);
-    let identity = SecretIdentity {
-        kind: Kind::Secret,
-        namespace: &key.namespace,
-        name: &key.name,
-        version,
+    let current = Current {
+        sealed: obj.spec.sealed.as_ref(),
+        high_water: obj.status.as_ref().and_then(|s| s.version),
     };
-    let digest = DataDigest::of(&ctx.keyring, &identity, &data);
-    let envelope = crypto::seal(&ctx.keyring, &identity, &data).map_err(|source| Error::Seal {
-        namespace: key.namespace.to_string(),
-        name: key.name.to_string(),
-        source,
-    })?;
+    let sealing =
+        sealing::seal_applied(&ctx.keyring, key, current, &data).map_err(|source| Error::Seal {
+            namespace: key.namespace.to_string(),
+            name: key.name.to_string(),
+            source,
+        })?;
     drop(data);
-    let sealed = SealedData {
-        version: version.get(),
-        key_id: envelope.key_id().to_string(),
-        envelope: B64.encode(envelope.to_bytes()),
-        sealed_at: Timestamp::now().to_string(),
-        data_digest: Some(digest.to_string()),
+    let (sealed, created) = match sealing {
+        Sealing::Unchanged => {
+            if let Err(invalid) =
+                patch_spec(obj, key, api, &plaintext_removal_patch(obj, None)).await?
+            {
+                return Ok(Err(invalid));
+            }
+            ctx.metrics.unchanged();
+            ctx.metrics.sealed_after_storage();
+            tracing::info!(namespace = %key.namespace, name = %key.name,
+                version = obj.spec.sealed.as_ref().map(|s| s.version),
+                "data unchanged since the current version; plaintext removed, no new version");
+            stored_with_plaintext(obj, ctx).await;
+            return Ok(Ok(()));
+        }
+        Sealing::New { sealed, created } => (sealed, created),
     };
     let updated =
         match patch_spec(obj, key, api, &plaintext_removal_patch(obj, Some(&sealed))).await? {
             Ok(updated) => updated,
             Err(invalid) => return Ok(Err(invalid)),
         };
-    let created = version == Version::FIRST;
     ctx.metrics.sealed(created);
-    tracing::info!(namespace = %key.namespace, name = %key.name, version = version.get(),
+    ctx.metrics.sealed_after_storage();
+    tracing::info!(namespace = %key.namespace, name = %key.name, version = sealed.version,
         key_id = %sealed.key_id, "sealed; plaintext removed from the object");
-    let (reason, note) = if created {
-        (
-            "Created",
-            format!(
-                "version 1 sealed with master key {}; plaintext removed from the object",
-                sealed.key_id
-            ),
-        )
-    } else {
-        (
-            "Rotated",
-            format!(
-                "rotated to version {} sealed with master key {}; plaintext removed from the object",
-                sealed.version, sealed.key_id
-            ),
-        )
-    };
-    ctx.event(&updated, EventType::Normal, reason, "Seal", note)
-        .await;
+    let _ = created;
+    stored_with_plaintext(&updated, ctx).await;
     Ok(Ok(()))
+}
+
+/// The reconcile loop found plaintext stored: said as a Warning, since the plaintext stays in
+/// etcd's files (and backups) until they are compacted and defragmented.
+async fn stored_with_plaintext(obj: &ClawSecret, ctx: &Context) {
+    ctx.event(
+        obj,
+        EventType::Warning,
+        "PlaintextStored",
+        "Seal",
+        "spec.data was stored before it was sealed (the admission webhook is not installed, was down or was bypassed): sealed and removed now, but etcd's files keep the plaintext until they are compacted and defragmented; check the webhook (docs/operator.md)".to_owned(),
+    )
+    .await;
 }
 
 /// Writes a patch of the object's spec. `Ok(Err(_))`: the server refused the object itself
@@ -237,20 +188,11 @@ fn plaintext_removal_patch(obj: &ClawSecret, sealed: Option<&SealedData>) -> Val
         finalizers.push(super::FINALIZER.to_owned());
         patch["metadata"]["finalizers"] = json!(finalizers);
     }
-    if let Some(applied) = obj.annotations().get(LAST_APPLIED) {
-        patch["metadata"]["annotations"] = json!({ LAST_APPLIED: scrub_last_applied(applied) });
+    if let Some(applied) = obj.annotations().get(last_applied::ANNOTATION) {
+        patch["metadata"]["annotations"] =
+            json!({ last_applied::ANNOTATION: last_applied::without_plaintext(applied) });
     }
     patch
-}
-
-/// kubectl's last-applied annotation without `spec.data`; `None` (remove the annotation) when
-/// it cannot be read, since it may hold plaintext. kubectl recreates it on the next apply.
-fn scrub_last_applied(applied: &str) -> Option<String> {
-    let mut manifest: Value = serde_json::from_str(applied).ok()?;
-    if let Some(spec) = manifest.get_mut("spec").and_then(Value::as_object_mut) {
-        spec.remove("data");
-    }
-    serde_json::to_string(&manifest).ok()
 }
 
 /// What a secret without plaintext is: sealed and deliverable, or why not.
@@ -362,6 +304,32 @@ async fn write_status(
         }
         Err(e) => return Err(Error::Kube(e)),
     }
+    if let Ok(ready) = &verdict {
+        let sealed_by_operator = obj
+            .spec
+            .sealed
+            .as_ref()
+            .is_some_and(|s| s.data_digest.is_some());
+        if desired.version > current.version && sealed_by_operator {
+            // Versions written through node.invoke have no digest; their agent reports them.
+            let (reason, note) = if ready.version == 1 {
+                (
+                    "Created",
+                    format!("version 1 sealed with master key {}", ready.key_id),
+                )
+            } else {
+                (
+                    "Rotated",
+                    format!(
+                        "rotated to version {} sealed with master key {}",
+                        ready.version, ready.key_id
+                    ),
+                )
+            };
+            ctx.event(obj, EventType::Normal, reason, "Seal", note)
+                .await;
+        }
+    }
     if let Err(invalid) = &verdict {
         let ready = conditions::find(&desired.conditions, READY).expect("just set");
         if conditions::ready_changed(&current.conditions, ready) {
@@ -410,7 +378,11 @@ async fn cleanup(obj: &ClawSecret, ctx: &Context) -> Result<Action, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{self, DataDigest, SecretIdentity};
+    use crate::domain::{Kind, Version};
     use crate::k8s::crd::ClawSecretSpec;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
 
     fn secret(data: Option<&str>) -> ClawSecret {
         let mut s = ClawSecret::new(
@@ -418,6 +390,7 @@ mod tests {
             ClawSecretSpec {
                 name: None,
                 data: data.map(|v| BTreeMap::from([("password".to_owned(), v.to_owned())])),
+                encrypted_data: None,
                 allowed_workloads: vec![],
                 node_selector: None,
                 sealed: None,
@@ -460,57 +433,10 @@ mod tests {
     }
 
     #[test]
-    fn the_current_versions_data_again_is_unchanged_anything_else_is_new() {
-        let ring = Keyring::generate().unwrap();
-        let mut s = secret(None);
-        let key = convert::secret_key(&s).unwrap();
-        let data =
-            |v: &str| convert::secret_data(&BTreeMap::from([("k".into(), v.into())])).unwrap();
-        assert!(
-            !unchanged(&s, &key, &data("v"), &ring),
-            "nothing sealed yet"
-        );
-        sealed_with(&ring, &mut s, 2);
-        assert!(unchanged(&s, &key, &data("v"), &ring));
-        assert!(!unchanged(&s, &key, &data("w"), &ring));
-        // Another master key: unknown digest key, so new data.
-        assert!(!unchanged(
-            &s,
-            &key,
-            &data("v"),
-            &Keyring::generate().unwrap()
-        ));
-        // A version below the high-water mark is not current: its data counts as new.
-        s.status = Some(ClawSecretStatus {
-            version: Some(3),
-            ..Default::default()
-        });
-        assert!(!unchanged(&s, &key, &data("v"), &ring));
-        s.status = None;
-        // No digest (a version written through node.invoke): new.
-        s.spec.sealed.as_mut().unwrap().data_digest = None;
-        assert!(!unchanged(&s, &key, &data("v"), &ring));
-    }
-
-    #[test]
-    fn versions_only_move_forward() {
-        let mut s = secret(Some("x"));
-        assert_eq!(next_version(&s).get(), 1);
-        s.status = Some(ClawSecretStatus {
-            version: Some(4),
-            ..Default::default()
-        });
-        assert_eq!(next_version(&s).get(), 5);
-        let ring = Keyring::generate().unwrap();
-        sealed_with(&ring, &mut s, 7);
-        assert_eq!(next_version(&s).get(), 8);
-    }
-
-    #[test]
     fn the_seal_patch_removes_plaintext_everywhere_and_is_guarded() {
         let mut s = secret(Some("canary-7f3a"));
         s.metadata.annotations = Some(BTreeMap::from([(
-            LAST_APPLIED.to_owned(),
+            last_applied::ANNOTATION.to_owned(),
             serde_json::to_string(&json!({
                 "apiVersion": "clawbernetes.io/v1alpha1", "kind": "ClawSecret",
                 "metadata": {"name": "db.password"},
@@ -537,14 +463,12 @@ mod tests {
             json!([super::super::FINALIZER])
         );
         let applied: Value = serde_json::from_str(
-            patch["metadata"]["annotations"][LAST_APPLIED]
+            patch["metadata"]["annotations"][last_applied::ANNOTATION]
                 .as_str()
                 .unwrap(),
         )
         .unwrap();
         assert_eq!(applied["spec"], json!({"allowedWorkloads": ["api"]}));
-        // An annotation that cannot be read is dropped rather than kept.
-        assert_eq!(scrub_last_applied("{not json canary"), None);
         // Objects created without kubectl apply get no annotation in the patch.
         let plain = plaintext_removal_patch(&secret(Some("x")), Some(&sealed));
         assert!(plain["metadata"].get("annotations").is_none());

@@ -1,0 +1,266 @@
+//! The mutating admission webhook: ClawSecret data is sealed before the API server stores the
+//! object, so plaintext never reaches etcd. Every replica serves it (leader or not); the
+//! reconcile loop only seals what arrives stored anyway (webhook bypassed or not installed).
+//!
+//! - `review.rs`: one AdmissionReview in, a JSON patch (or a refusal naming the rule) out.
+//! - `certs.rs`: the serving certificate (managed by the operator, or files from cert-manager).
+//! - this file: the HTTPS server, and keeping its certificate current.
+//!
+//! The chart's MutatingWebhookConfiguration sends only writes that carry data (a
+//! `matchConditions` expression), with `failurePolicy: Fail`: while no replica answers,
+//! plaintext is refused rather than stored, and every other write (status, finalizers,
+//! sealed objects, deletion) goes through.
+
+mod certs;
+mod review;
+
+pub use certs::CertSource;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
+use tokio_rustls::rustls::{self, ServerConfig};
+use zeroize::Zeroizing;
+
+use super::metrics::Metrics;
+use crate::crypto::Keyring;
+
+/// The path the webhook configuration calls.
+pub const PATH: &str = "/seal";
+
+/// Largest review body read: an object (at most ~3 MiB in etcd) and its previous state.
+const MAX_BODY: usize = 8 << 20;
+
+/// How often the certificate is looked at again (renewal, a new file from cert-manager).
+const REFRESH: Duration = Duration::from_secs(600);
+
+/// A TLS handshake or a request that takes longer than this is dropped (the API server's
+/// webhook timeout is at most 30 s).
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub addr: SocketAddr,
+    pub certs: CertSource,
+}
+
+/// The certificate the server presents; replaced in place when renewed.
+#[derive(Debug)]
+struct CurrentCert(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+fn certified_key(serving: &certs::Serving) -> Result<Arc<CertifiedKey>, String> {
+    let chain = CertificateDer::pem_slice_iter(serving.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the serving certificate is not PEM: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(serving.key_pem.as_bytes())
+        .map_err(|e| format!("the serving key is not PEM: {e}"))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("the serving key is not usable: {e}"))?;
+    Ok(Arc::new(CertifiedKey::new(chain, key)))
+}
+
+/// Binds the webhook's port and gets its certificate: both must work before the operator
+/// reports itself started.
+pub struct Webhook {
+    listener: TcpListener,
+    cert: Arc<CurrentCert>,
+    serving: certs::Serving,
+    config: WebhookConfig,
+}
+
+impl Webhook {
+    pub async fn bind(
+        client: &kube::Client,
+        namespace: &str,
+        config: WebhookConfig,
+    ) -> Result<Webhook, String> {
+        let serving = certs::current(client, namespace, &config.certs)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cert = Arc::new(CurrentCert(RwLock::new(certified_key(&serving)?)));
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .map_err(|e| format!("cannot serve the admission webhook on {}: {e}", config.addr))?;
+        Ok(Webhook {
+            listener,
+            cert,
+            serving,
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `stop` resolves, re-reading the certificate every [`REFRESH`].
+    pub async fn serve(
+        self,
+        client: kube::Client,
+        namespace: String,
+        keyring: Arc<Keyring>,
+        metrics: Arc<Metrics>,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let Webhook {
+            listener,
+            cert,
+            mut serving,
+            config,
+        } = self;
+        let refresher = {
+            let cert = cert.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(REFRESH).await;
+                    match certs::current(&client, &namespace, &config.certs).await {
+                        Ok(next) if next != serving => match certified_key(&next) {
+                            Ok(key) => {
+                                *cert.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+                                serving = next;
+                                tracing::info!("the webhook serves a new certificate");
+                            }
+                            Err(e) => tracing::warn!(error = %e, "kept the webhook's certificate"),
+                        },
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not check the webhook's certificate")
+                        }
+                    }
+                }
+            }
+        };
+        let mut tls =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("the ring provider supports TLS 1.2 and 1.3")
+                .with_no_client_auth()
+                .with_cert_resolver(cert);
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        let accept = async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "webhook: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, keyring, metrics) =
+                    (acceptor.clone(), keyring.clone(), metrics.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(tls)) = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await
+                    else {
+                        tracing::debug!(%peer, "webhook: TLS handshake failed or timed out");
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        handle(req, keyring.clone(), metrics.clone())
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(IO_TIMEOUT)
+                        .serve_connection(TokioIo::new(tls), service);
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "webhook: connection ended");
+                    }
+                });
+            }
+        };
+        tokio::select! {
+            () = accept => {}
+            () = refresher => {}
+            () = stop => {}
+        }
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let reply = |status: StatusCode, body: Vec<u8>, json: bool| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        if json {
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+        }
+        Ok(r)
+    };
+    if req.uri().path() != PATH {
+        return reply(StatusCode::NOT_FOUND, b"not found\n".to_vec(), false);
+    }
+    if req.method() != Method::POST {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            b"POST only\n".to_vec(),
+            false,
+        );
+    }
+    let body = match tokio::time::timeout(
+        IO_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                b"the review could not be read (over 8 MiB, or too slow)\n".to_vec(),
+                false,
+            );
+        }
+    };
+    // The request holds plaintext: copied once into a buffer wiped on drop, and the original
+    // wiped where it is ours alone.
+    let body = wipe_after_copy(body);
+    match review::review(&body, &keyring) {
+        Ok(answer) => {
+            if let Some(result) = answer.result {
+                metrics.admitted(result);
+            }
+            if let Some(s) = &answer.sealed {
+                metrics.sealed(s.version == 1);
+                tracing::info!(namespace = %s.namespace, name = %s.name, version = s.version,
+                    key_id = %s.key_id, "sealed at admission; the plaintext was never stored");
+            }
+            reply(StatusCode::OK, answer.body, true)
+        }
+        Err(message) => reply(StatusCode::BAD_REQUEST, message.into_bytes(), false),
+    }
+}
+
+/// The body in a buffer wiped on drop; the received one wiped too when no one else holds it.
+fn wipe_after_copy(body: Bytes) -> Zeroizing<Vec<u8>> {
+    let copy = Zeroizing::new(body.to_vec());
+    if let Ok(mut owned) = body.try_into_mut() {
+        zeroize::Zeroize::zeroize(&mut owned[..]);
+    }
+    copy
+}

@@ -1,0 +1,46 @@
+//! Where the cluster's public sealing key is published (`claw-secrets seal` encrypts to it),
+//! and the operator's publication of it: a ConfigMap in the operator's namespace, readable by
+//! whoever may read ConfigMaps there. It is public by design; the private half is derived from
+//! the master key (docs/crypto.md) and never leaves the operator's memory.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use crate::crypto::{Keyring, SealingPrivateKey};
+
+/// The ConfigMap holding the public sealing key, in the operator's namespace.
+pub const CONFIGMAP: &str = "claw-secrets-sealing-key";
+/// Its data key: the key's one-line text form.
+pub const CONFIGMAP_KEY: &str = "sealing-key";
+
+/// Writes the public key of the keyring's active master key (server-side apply: every replica
+/// writes the same content, and a later master key replaces it).
+pub async fn publish(
+    client: &kube::Client,
+    namespace: &str,
+    keyring: &Keyring,
+) -> Result<String, kube::Error> {
+    let public = SealingPrivateKey::derive(keyring.active()).public_key();
+    let text = public.to_text();
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let manifest = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": CONFIGMAP,
+            "labels": { "app.kubernetes.io/managed-by": "claw-secrets-operator" },
+            "annotations": {
+                "clawbernetes.io/usage": "claw-secrets seal --fetch-key saves this key; claw-secrets seal --key FILE encrypts ClawSecret data to it (safe to commit)",
+            },
+        },
+        "data": { CONFIGMAP_KEY: text },
+    });
+    api.patch(
+        CONFIGMAP,
+        &PatchParams::apply("claw-secrets-operator").force(),
+        &Patch::Apply(&manifest),
+    )
+    .await?;
+    Ok(public.master_key_id().to_string())
+}

@@ -1,0 +1,720 @@
+//! Cluster tests of the operator's admission webhook against a real kube-apiserver and etcd:
+//! ClawSecret data is sealed before the object is stored, by every way a user writes one
+//! (`kubectl apply`, `apply --server-side`, `create`, `replace`, `edit`, `helm install`), so
+//! the plaintext is in no file of etcd's data dir and no log; with the webhook down, plaintext
+//! is refused and nothing stored; manifests from `claw-secrets seal` apply once, and only as
+//! the object they were sealed for.
+//!
+//! Each test registers a MutatingWebhookConfiguration like the chart's (same rules, match
+//! condition and failure policy) that selects only its own namespaces and calls its own
+//! operator process at 127.0.0.1 (no pods run on the test control plane; tests/k8s_node.rs
+//! runs the chart's webhook in pods).
+
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
+#[path = "support/files.rs"]
+mod files;
+
+#[path = "support/process.rs"]
+mod process;
+
+#[path = "support/protocol.rs"]
+mod protocol;
+
+#[path = "support/relay.rs"]
+mod relay;
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+#[path = "support/canary.rs"]
+mod canary;
+
+#[path = "support/tokens.rs"]
+mod tokens;
+
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::path::Path;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+
+use canary::Canaries;
+use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
+use cluster::Cluster;
+use process::free_port;
+use random::random_hex;
+use tools::{Run, kubectl, must};
+use wait::eventually;
+
+/// The webhook's name in the chart's configuration: kubectl's refusals name it.
+const WEBHOOK: &str = "seal.clawsecrets.clawbernetes.io";
+
+/// A webhook configuration for `namespaces`, calling an operator at 127.0.0.1:`port`.
+struct Webhook {
+    configuration: String,
+    port: u16,
+    client: Client,
+}
+
+impl Webhook {
+    async fn register(client: &Client, namespaces: &[&str]) -> Webhook {
+        let port = free_port();
+        let configuration = format!("claw-secrets-test-{}", random_hex(4));
+        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": { "name": configuration },
+            "webhooks": [{
+                "name": WEBHOOK,
+                "clientConfig": { "url": format!("https://127.0.0.1:{port}/seal") },
+                "rules": [{
+                    "apiGroups": ["clawbernetes.io"], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["clawsecrets"],
+                    "scope": "Namespaced",
+                }],
+                "namespaceSelector": { "matchExpressions": [{
+                    "key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces,
+                }]},
+                "matchConditions": [{
+                    "name": "carries-data",
+                    "expression": "has(object.spec.data) || has(object.spec.encryptedData)",
+                }],
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 10,
+            }],
+        }))
+        .expect("a webhook configuration");
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &mwc)
+            .await
+            .expect("create the webhook configuration");
+        Webhook {
+            configuration,
+            port,
+            client: client.clone(),
+        }
+    }
+
+    /// The operator's flags for serving this webhook with a certificate it manages.
+    fn operator_args(&self) -> Vec<String> {
+        [
+            "--webhook-addr",
+            &format!("127.0.0.1:{}", self.port),
+            "--webhook-host",
+            "127.0.0.1",
+            "--webhook-configuration",
+            &self.configuration,
+            "--webhook-cert-secret",
+            &format!("{}-tls", self.configuration),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// Starts an operator serving this webhook, and waits until the API server seals through
+    /// it (the operator wrote its CA into the caBundle, and answers).
+    async fn operator(&self, c: &Cluster) -> cluster::Operator {
+        let op = cluster::Operator::start_with(
+            &c.env.kubeconfig,
+            &c.master_key,
+            &format!("admission-{}", random_hex(4)),
+            Some(c.ns()),
+            &self.operator_args(),
+        )
+        .await;
+        let api = c.secrets();
+        eventually("the API server to seal through the webhook", || async {
+            let probe = secret("webhook-probe", &[("k", "v")]);
+            let created = api
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..PostParams::default()
+                    },
+                    &probe,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            match (&created.spec.data, &created.spec.sealed) {
+                (None, Some(s)) if s.version == 1 => Ok(()),
+                _ => Err("not sealed at admission".to_owned()),
+            }
+        })
+        .await;
+        op
+    }
+
+    async fn remove(self) {
+        let _ = Api::<MutatingWebhookConfiguration>::all(self.client)
+            .delete(&self.configuration, &DeleteParams::default())
+            .await;
+    }
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> ClawSecret {
+    ClawSecret::new(
+        name,
+        ClawSecretSpec {
+            name: None,
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            encrypted_data: None,
+            allowed_workloads: vec![],
+            node_selector: None,
+            sealed: None,
+        },
+    )
+}
+
+/// A plaintext ClawSecret manifest, as a user writes it.
+fn manifest(ns: &str, name: &str, value: &str) -> String {
+    json!({
+        "apiVersion": "clawbernetes.io/v1alpha1",
+        "kind": "ClawSecret",
+        "metadata": { "name": name, "namespace": ns },
+        "spec": { "data": { "token": value }, "allowedWorkloads": ["api"] },
+    })
+    .to_string()
+}
+
+/// Waits until `name` is stored sealed at `version`, without data, and the operator reports it
+/// Ready; returns the object as JSON (every field the API server serves).
+async fn sealed_at(c: &Cluster, name: &str, version: u64) -> String {
+    let api = c.secrets();
+    eventually(&format!("{name} sealed at version {version}"), || async {
+        let s = api.get(name).await.map_err(|e| e.to_string())?;
+        let ready = s.status.as_ref().is_some_and(|st| {
+            st.version == Some(version)
+                && st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        match &s.spec.sealed {
+            Some(sealed) if s.spec.data.is_none() && sealed.version == version && ready => {
+                Ok(serde_json::to_string(&s).unwrap())
+            }
+            _ => Err(format!(
+                "data: {}, sealed: {:?}, status: {:?}",
+                s.spec.data.is_some(),
+                s.spec.sealed.as_ref().map(|x| x.version),
+                s.status
+            )),
+        }
+    })
+    .await
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write a file");
+    path.to_str().expect("utf-8").to_owned()
+}
+
+/// Every way a user writes a ClawSecret with plaintext goes through the webhook: the canary of
+/// each is sealed before the object is stored, so it is in no file of etcd's data dir (WAL and
+/// db, raw, hex and base64 at every alignment; an etcd range read reads these files), in no
+/// log of etcd, the API server or the operator, and in no object. The same manifest applied
+/// again changes nothing (not even the resourceVersion).
+#[tokio::test]
+async fn plaintext_written_every_way_is_sealed_before_it_is_stored() {
+    let _lock = cluster::shared().await;
+    let test = "plaintext_written_every_way_is_sealed_before_it_is_stored";
+    let state = control_plane::local_control_plane(test)
+        .state_dir()
+        .expect("a local control plane has a state dir")
+        .to_owned();
+    let c = Cluster::new("admission").await;
+    let ns = c.ns().to_owned();
+    let webhook = Webhook::register(&c.client(), &[&ns]).await;
+    let operator = webhook.operator(&c).await;
+    let kc = c.env.kubeconfig.clone();
+    let work = tempfile::tempdir().expect("temp dir");
+    let forms = [
+        "apply",
+        "server-side",
+        "create",
+        "replace",
+        "edit",
+        "helm",
+        "replaced",
+        "edited",
+    ];
+    let canaries: Vec<(String, String)> = forms
+        .iter()
+        .map(|f| ((*f).to_owned(), canary::canary(&format!("canary-{f}"))))
+        .collect();
+    let value = |form: &str| {
+        canaries
+            .iter()
+            .find(|(f, _)| f == form)
+            .map(|(_, v)| v.clone())
+            .expect("a canary per form")
+    };
+
+    // kubectl apply (client-side: kubectl copies the manifest into its annotation).
+    let applied = write(
+        work.path(),
+        "apply.json",
+        &manifest(&ns, "by-apply", &value("apply")),
+    );
+    must(kubectl(&kc, &["apply", "-f", &applied]), "kubectl apply");
+    // kubectl apply --server-side.
+    let ssa = write(
+        work.path(),
+        "ssa.json",
+        &manifest(&ns, "by-ssa", &value("server-side")),
+    );
+    must(
+        kubectl(&kc, &["apply", "--server-side", "-f", &ssa]),
+        "kubectl apply --server-side",
+    );
+    // kubectl create.
+    let created = write(
+        work.path(),
+        "create.json",
+        &manifest(&ns, "by-create", &value("create")),
+    );
+    must(kubectl(&kc, &["create", "-f", &created]), "kubectl create");
+    // kubectl replace of an existing secret: a new version.
+    let first = write(
+        work.path(),
+        "replace-1.json",
+        &manifest(&ns, "by-replace", &value("replace")),
+    );
+    must(kubectl(&kc, &["create", "-f", &first]), "kubectl create");
+    sealed_at(&c, "by-replace", 1).await;
+    let second = write(
+        work.path(),
+        "replace-2.json",
+        &manifest(&ns, "by-replace", &value("replaced")),
+    );
+    must(kubectl(&kc, &["replace", "-f", &second]), "kubectl replace");
+    // kubectl edit (the editor a script adding data under spec): a new version.
+    let base = write(
+        work.path(),
+        "edit-1.json",
+        &manifest(&ns, "by-edit", &value("edit")),
+    );
+    must(kubectl(&kc, &["create", "-f", &base]), "kubectl create");
+    sealed_at(&c, "by-edit", 1).await;
+    let editor = write(
+        work.path(),
+        "editor.sh",
+        &format!(
+            "#!/bin/sh\nset -e\nsed -i 's/^spec:$/spec:\\n  data:\\n    token: {}/' \"$1\"\n",
+            value("edited")
+        ),
+    );
+    std::fs::set_permissions(&editor, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let edit = tools::run(
+        &tools::tool("kubectl"),
+        &[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "edit",
+            "clawsecret",
+            "by-edit",
+            "-n",
+            &ns,
+            "-o",
+            "yaml",
+        ],
+        &[("KUBE_EDITOR", Path::new(&editor))],
+    );
+    must(edit, "kubectl edit");
+    // helm install of a chart holding a ClawSecret.
+    let chart = work.path().join("chart");
+    std::fs::create_dir_all(chart.join("templates")).unwrap();
+    write(
+        &chart,
+        "Chart.yaml",
+        "apiVersion: v2\nname: holds-a-secret\nversion: 0.1.0\n",
+    );
+    write(
+        &chart.join("templates"),
+        "secret.yaml",
+        "apiVersion: clawbernetes.io/v1alpha1\nkind: ClawSecret\nmetadata:\n  name: by-helm\nspec:\n  data:\n    token: {{ .Values.token }}\n",
+    );
+    let release = format!("r-{}", random_hex(3));
+    must(
+        tools::helm(&[
+            "install",
+            &release,
+            chart.to_str().unwrap(),
+            "-n",
+            &ns,
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--set",
+            &format!("token={}", value("helm")),
+        ]),
+        "helm install",
+    );
+
+    // Invalid data is refused at admission, naming the rule, and never stored (it used to
+    // stay in spec.data, in plaintext, until someone deleted the object).
+    let bad = json!({
+        "apiVersion": "clawbernetes.io/v1alpha1", "kind": "ClawSecret",
+        "metadata": { "name": "bad-key", "namespace": ns },
+        "spec": { "data": { "not a key!": value("apply") } },
+    });
+    let bad = write(work.path(), "bad.json", &bad.to_string());
+    let refused = kubectl(&kc, &["apply", "-f", &bad]);
+    assert!(!refused.ok, "invalid data was admitted");
+    assert!(
+        refused.stderr.contains(WEBHOOK) && refused.stderr.contains("spec.data"),
+        "{}",
+        refused.stderr
+    );
+    assert!(c.secrets().get_opt("bad-key").await.unwrap().is_none());
+
+    let mut objects = Vec::new();
+    for (name, version) in [
+        ("by-apply", 1),
+        ("by-ssa", 1),
+        ("by-create", 1),
+        ("by-replace", 2),
+        ("by-edit", 2),
+        ("by-helm", 1),
+    ] {
+        objects.push((name, sealed_at(&c, name, version).await));
+    }
+
+    // The same manifests again: no new version, not even a new generation (the spec is
+    // byte for byte the same). The resourceVersion may move: the API server re-records
+    // kubectl's field ownership (managedFields' time and order), which is not ours to avoid.
+    let api = c.secrets();
+    for (file, name, server_side) in [(&applied, "by-apply", false), (&ssa, "by-ssa", true)] {
+        let before = api.get(name).await.unwrap();
+        let mut args = vec!["apply", "-f", file.as_str()];
+        if server_side {
+            args.insert(1, "--server-side");
+        }
+        must(kubectl(&kc, &args), "kubectl apply again");
+        let after = api.get(name).await.unwrap();
+        assert_eq!(
+            (after.metadata.generation, &after.spec),
+            (before.metadata.generation, &before.spec),
+            "{name}: applying the same manifest changed the secret"
+        );
+    }
+
+    // Where the plaintext must not be. Helm keeps its release record (the rendered manifest,
+    // gzip) in a Secret: not looked into here; docs/crypto.md says so.
+    let all = Canaries::of(canaries.iter().map(|(_, v)| v.clone()));
+    for (name, json) in &objects {
+        all.assert_absent(&format!("ClawSecret {name} as served"), json.as_bytes());
+    }
+    all.assert_absent("the operator's log", operator.log_text().as_bytes());
+    for log in ["kube-apiserver.log", "etcd.log"] {
+        let text = std::fs::read(state.join(log)).unwrap_or_default();
+        all.assert_absent(log, &text);
+    }
+    let files = all.assert_absent_under(&state.join("etcd-data"));
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "wal")),
+        "etcd's write-ahead log is among {files:?}"
+    );
+    println!(
+        "ADMISSION: {} canaries x {} forms (6 ways to write) in none of {} etcd files, 2 server \
+         logs, the operator's log, 6 objects",
+        canaries.len(),
+        all.forms(),
+        files.len()
+    );
+    // The operator reports the versions it sealed at admission; nothing was stored plaintext.
+    let events_api = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.client(), &ns);
+    let events = eventually("Created and Rotated Events", || async {
+        let events = events_api
+            .list(&Default::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items;
+        let has = |name: &str, reason: &str| {
+            events.iter().any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    && e.reason.as_deref() == Some(reason)
+            })
+        };
+        if has("by-replace", "Rotated") && has("by-helm", "Created") {
+            Ok(events)
+        } else {
+            Err(format!("{} Events so far", events.len()))
+        }
+    })
+    .await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("PlaintextStored"))
+    );
+    all.assert_absent(
+        "the namespace's Events",
+        serde_json::to_string(&events).unwrap().as_bytes(),
+    );
+    let metrics = operator_metrics(&operator);
+    assert!(
+        metrics.contains("claw_secrets_operator_plaintext_stored_total 0"),
+        "{metrics}"
+    );
+
+    let _ = tools::helm(&[
+        "uninstall",
+        &release,
+        "-n",
+        &ns,
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+    ]);
+    drop(operator);
+    webhook.remove().await;
+    c.cleanup().await;
+}
+
+fn operator_metrics(op: &cluster::Operator) -> String {
+    let (status, body) = process::http_get(op.metrics_port, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+/// With no replica answering, a write carrying plaintext is refused, naming the webhook, and
+/// nothing is stored; writes without data (a sealed object, status, finalizers) go through.
+#[tokio::test]
+async fn with_the_webhook_down_plaintext_is_refused_and_nothing_stored() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("webhook-down").await;
+    let ns = c.ns().to_owned();
+    let webhook = Webhook::register(&c.client(), &[&ns]).await;
+    let mut operator = webhook.operator(&c).await;
+    let api = c.secrets();
+    api.create(&PostParams::default(), &secret("before", &[("k", "v")]))
+        .await
+        .expect("sealed while the webhook runs");
+    let sealed = api
+        .get("before")
+        .await
+        .unwrap()
+        .spec
+        .sealed
+        .expect("sealed");
+    operator.kill();
+
+    let canary = canary::canary("canary-down");
+    let work = tempfile::tempdir().unwrap();
+    let file = write(work.path(), "s.json", &manifest(&ns, "while-down", &canary));
+    let refused: Run = kubectl(&c.env.kubeconfig, &["apply", "-f", &file]);
+    assert!(
+        !refused.ok,
+        "applied with the webhook down: {}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains(WEBHOOK) && refused.stderr.contains("failed calling webhook"),
+        "the refusal should name the webhook: {}",
+        refused.stderr
+    );
+    assert!(!refused.stderr.contains(&canary), "{}", refused.stderr);
+    assert!(
+        api.get_opt("while-down").await.unwrap().is_none(),
+        "nothing is stored"
+    );
+    // A rotation of an existing secret is refused alike, and the stored version stays.
+    let rotate = write(work.path(), "r.json", &manifest(&ns, "before", &canary));
+    assert!(!kubectl(&c.env.kubeconfig, &["apply", "-f", &rotate]).ok);
+    assert_eq!(
+        api.get("before").await.unwrap().spec.sealed,
+        Some(sealed.clone())
+    );
+    // A sealed object (no data) is not the webhook's business.
+    let mut copy = ClawSecret::new(
+        "sealed-copy",
+        ClawSecretSpec {
+            data: None,
+            sealed: Some(sealed),
+            ..secret("x", &[]).spec
+        },
+    );
+    copy.metadata.namespace = Some(ns.clone());
+    api.create(&PostParams::default(), &copy)
+        .await
+        .expect("a write without data needs no webhook");
+    // Nor is removing the finalizer (which a deletion waits for).
+    api.delete("sealed-copy", &DeleteParams::default())
+        .await
+        .unwrap();
+    for name in ["before"] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+        api.patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("remove the finalizer of {name}: {e}"));
+    }
+    webhook.remove().await;
+    c.cleanup().await;
+}
+
+/// `claw-secrets seal` output applied to the cluster is sealed under the master key with the
+/// data it was made from; applied again it changes nothing; under another name or in another
+/// namespace it is refused; the file holds no plaintext.
+#[tokio::test]
+async fn a_manifest_from_claw_secrets_seal_applies_once_and_only_where_it_was_sealed_for() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("offline-seal").await;
+    let ns = c.ns().to_owned();
+    let other = format!("{ns}-b");
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.client());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": other } })).unwrap(),
+        )
+        .await
+        .expect("a second namespace");
+    let webhook = Webhook::register(&c.client(), &[&ns, &other]).await;
+    let operator = webhook.operator(&c).await;
+    let kc = c.env.kubeconfig.clone();
+    let work = tempfile::tempdir().unwrap();
+    let (operator_ns, _) = c.master_key.split_once('/').unwrap();
+
+    // The public key, fetched once (what a user does before sealing offline).
+    let key = work.path().join("sealing-key.txt");
+    let cli = |args: &[&str]| {
+        tools::run(
+            Path::new(cluster::BIN),
+            args,
+            &[("KUBECONFIG", kc.as_path())],
+        )
+    };
+    let fetch = cli(&[
+        "seal",
+        "--fetch-key",
+        "--operator-namespace",
+        operator_ns,
+        "-o",
+        key.to_str().unwrap(),
+    ]);
+    must(fetch, "claw-secrets seal --fetch-key");
+
+    let canary = canary::canary("canary-offline");
+    let plain = write(
+        work.path(),
+        "plain.json",
+        &manifest(&ns, "from-git", &canary),
+    );
+    let sealed_file = work.path().join("sealed.yaml");
+    must(
+        cli(&[
+            "seal",
+            "--key",
+            key.to_str().unwrap(),
+            "-f",
+            &plain,
+            "-o",
+            sealed_file.to_str().unwrap(),
+        ]),
+        "claw-secrets seal",
+    );
+    let sealed_text = std::fs::read_to_string(&sealed_file).unwrap();
+    let canaries = Canaries::of([canary.clone()]);
+    canaries.assert_absent("the sealed manifest", sealed_text.as_bytes());
+    assert!(sealed_text.contains("encryptedData"), "{sealed_text}");
+
+    must(
+        kubectl(&kc, &["apply", "-f", sealed_file.to_str().unwrap()]),
+        "kubectl apply of the sealed manifest",
+    );
+    let stored = sealed_at(&c, "from-git", 1).await;
+    canaries.assert_absent("the stored object", stored.as_bytes());
+    let obj = c.secrets().get("from-git").await.unwrap();
+    assert!(
+        obj.spec.encrypted_data.is_none(),
+        "encryptedData is not stored"
+    );
+    let data = open_sealed(&c, &obj).await;
+    assert_eq!(data.get("token").map(|v| v.expose()), Some(canary.as_str()));
+
+    // Applied again: the same version, the same spec.
+    must(
+        kubectl(&kc, &["apply", "-f", sealed_file.to_str().unwrap()]),
+        "kubectl apply again",
+    );
+    let again = c.secrets().get("from-git").await.unwrap();
+    assert_eq!(
+        (again.metadata.generation, &again.spec),
+        (obj.metadata.generation, &obj.spec)
+    );
+
+    // The same ciphertext as another object: refused, nothing stored.
+    for (what, text) in [
+        (
+            "another name",
+            sealed_text.replace("name: from-git", "name: stolen"),
+        ),
+        (
+            "another namespace",
+            sealed_text.replace(&format!("namespace: {ns}"), &format!("namespace: {other}")),
+        ),
+    ] {
+        assert_ne!(text, sealed_text, "{what}: the manifest was not changed");
+        let file = write(work.path(), "moved.yaml", &text);
+        let refused = kubectl(&kc, &["apply", "-f", &file]);
+        assert!(!refused.ok, "{what}: applied");
+        assert!(
+            refused.stderr.contains("spec.encryptedData does not open"),
+            "{what}: {}",
+            refused.stderr
+        );
+    }
+    assert!(c.secrets().get_opt("stolen").await.unwrap().is_none());
+    let in_other: Api<ClawSecret> = Api::namespaced(c.client(), &other);
+    assert!(in_other.get_opt("from-git").await.unwrap().is_none());
+    canaries.assert_absent("the operator's log", operator.log_text().as_bytes());
+
+    drop(operator);
+    webhook.remove().await;
+    let _ = namespaces.delete(&other, &DeleteParams::default()).await;
+    c.cleanup().await;
+}
+
+/// Opens a stored secret's current version with the master keyring, as an agent does.
+async fn open_sealed(c: &Cluster, obj: &ClawSecret) -> claw_secrets::domain::SecretData {
+    let (ns, name) = c.master_key.split_once('/').unwrap();
+    let secret = Api::<Secret>::namespaced(c.client(), ns)
+        .get(name)
+        .await
+        .unwrap();
+    let bytes = &secret.data.unwrap()[claw_secrets::k8s::keyring::KEYRING_KEY].0;
+    let keyring = claw_secrets::crypto::Keyring::from_json(bytes).unwrap();
+    let record = claw_secrets::k8s::convert::secret_record(obj, Vec::new())
+        .expect("a readable record")
+        .expect("sealed");
+    let identity = claw_secrets::crypto::SecretIdentity {
+        kind: claw_secrets::domain::Kind::Secret,
+        namespace: &record.key.namespace,
+        name: &record.key.name,
+        version: record.version,
+    };
+    claw_secrets::crypto::open(&keyring, &identity, &record.envelope).expect("the envelope opens")
+}
