@@ -468,6 +468,9 @@ start_servers() {
         --service-account-key-file="$pki/sa.pub"
         --service-account-signing-key-file="$pki/sa.key"
         --service-cluster-ip-range=10.0.0.0/24
+        # No kube-proxy here, so nothing routes a Service's ClusterIP: the API server must call
+        # webhook (and aggregated API) Services at their endpoints, the pods' addresses.
+        --enable-aggregator-routing=true
         --allow-privileged=true
         --disable-admission-plugins=ServiceAccount
         --profiling=false

@@ -5,20 +5,28 @@
 //!   `helm template` pass with the defaults and with every option set
 //!   (`charts/claw-secrets/ci/all-options-values.yaml`); the schema refuses misspelt keys at
 //!   every level; every value is documented; the rendered pods are hardened, get the flags the
-//!   binary takes and one master key name; the chart's RBAC is `deploy/rbac/` exactly; the
-//!   agent's init container prepares a data dir for real.
+//!   binary takes and one master key name; the admission webhook's configuration sends only
+//!   ClawSecret writes carrying data, to a Service and port that match the operator's, with the
+//!   certificate flags of its mode (managed, cert-manager, off); the chart's RBAC is
+//!   `deploy/rbac/` exactly; the agent's init container prepares a data dir for real.
 //! - with the API server: every object of the every-option rendering is accepted by a
 //!   server-side dry run, the ServiceMonitor included (the test control plane serves its CRD;
-//!   a cluster without it fails the test); `helm install` of a release, then the operator and an
+//!   a cluster without it fails the test), cert-manager's objects only where its CRDs are
+//!   served; `helm install` of a release, then the operator and an
 //!   agent run as local processes with the tokens of the ServiceAccounts the chart created and
 //!   the flags and environment its Deployment and DaemonSet give them: a ClawSecret is sealed,
 //!   node.invoke creates, reads, rotates and deletes, and what lies outside their roles is
 //!   refused; `kubectl apply -f examples/` and each example reaching Ready; `helm upgrade` to an
-//!   existing master key Secret and `helm uninstall`, leaving only what is kept by design.
+//!   existing master key Secret and `helm uninstall`, leaving only what is kept by design
+//!   (that release without the webhook: its operator is a local process, out of the webhook
+//!   Service's reach); then a release with the webhook, whose operator writes its CA into the
+//!   configuration's caBundle, which `helm upgrade` keeps, and which, with no replica
+//!   reachable, refuses ClawSecrets carrying data and lets every other write through.
 //!
 //! Not proven here (no container runtime, no kubelet): that the image runs, that pods start,
-//! that the probes, hostPath, hostPort, securityContext and NetworkPolicy behave on a node.
-//! `hack/kind-e2e.sh` is the path for those.
+//! that the probes, hostPath, hostPort, securityContext and NetworkPolicy behave on a node, that
+//! the API server reaches the webhook through its Service. `tests/k8s_node.rs` and
+//! `hack/kind-e2e.sh` are the path for those.
 
 #[path = "support/random.rs"]
 mod random;
@@ -291,8 +299,9 @@ fn lint_and_template_pass_with_defaults_and_every_option() {
             "Service",
             "DaemonSet",
             "Deployment",
+            "MutatingWebhookConfiguration",
         ]),
-        "what the defaults create (no ServiceMonitor, no NetworkPolicy)"
+        "what the defaults create (no ServiceMonitor, no NetworkPolicy, no cert-manager objects)"
     );
 
     let every = render("r", "ops", &["-f", options]);
@@ -302,6 +311,12 @@ fn lint_and_template_pass_with_defaults_and_every_option() {
         .filter(|o| o["kind"] == "NetworkPolicy")
         .collect();
     assert_eq!(policies.len(), 2, "agent and operator NetworkPolicies");
+    let operator_policy = named(&every, "NetworkPolicy", "claw-all-operator");
+    assert_eq!(
+        operator_policy["spec"]["ingress"][1],
+        json!({"ports": [{"port": "webhook", "protocol": "TCP"}]}),
+        "the webhook from anywhere (the API server), on its port only"
+    );
     let monitor = the(&every, "ServiceMonitor");
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
@@ -319,6 +334,26 @@ fn lint_and_template_pass_with_defaults_and_every_option() {
         assert!(spec["affinity"].is_object() && spec["priorityClassName"].is_string());
     }
     assert_eq!(operator["spec"]["replicas"], 3);
+    // webhook.*: port 9443, a 5 s timeout, cert-manager with the given ClusterIssuer (so no
+    // self-signed Issuer).
+    let op_container = &pod_spec(operator)["containers"][0];
+    let op_args = strings(&op_container["args"]);
+    assert_eq!(flag(&op_args, "--webhook-addr"), "0.0.0.0:9443");
+    assert_eq!(
+        flag(&op_args, "--webhook-cert-dir"),
+        "/var/run/claw-secrets/webhook-tls"
+    );
+    assert_eq!(op_container["ports"][1]["containerPort"], 9443);
+    let mwc = the(&every, "MutatingWebhookConfiguration");
+    assert_eq!(mwc["webhooks"][0]["timeoutSeconds"], 5);
+    assert_eq!(
+        the(&every, "Certificate")["spec"]["issuerRef"],
+        json!({"name": "cluster-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+    );
+    assert!(
+        !every.iter().any(|o| o["kind"] == "Issuer"),
+        "an issuer is given: no self-signed Issuer"
+    );
     let agent_container = &pod_spec(agent)["containers"][0];
     assert_eq!(agent_container["ports"][0]["containerPort"], 7444);
     assert_eq!(agent_container["ports"][0]["hostPort"], 17443);
@@ -539,13 +574,17 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         }
     }
 
-    // The operator: two replicas, probes on the metrics port, downward API identity.
+    // The operator: two replicas, probes on the metrics port, the webhook's port, downward API
+    // identity.
     assert_eq!(operator["spec"]["replicas"], 2);
     let op = &pod_spec(operator)["containers"][0];
     assert_eq!(op["args"][0], "operator");
     assert_eq!(
         op["ports"],
-        json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}])
+        json!([
+            {"name": "metrics", "containerPort": 8080, "protocol": "TCP"},
+            {"name": "webhook", "containerPort": 8443, "protocol": "TCP"},
+        ])
     );
     assert_eq!(
         op["livenessProbe"]["httpGet"],
@@ -640,21 +679,361 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
             .any(|r| r["resources"] == json!(["secrets"]) && r["verbs"] == json!(["create"])),
         "by default the operator may create the master key Secret"
     );
-    // ... or the user's Secret, which the operator then may not create.
+    // ... or the user's Secret. The operator then creates a Secret only for the webhook's own
+    // certificate (managed mode); without it (webhook off, or cert-manager) it may create none.
+    let may_create_secrets = |objects: &[Value]| {
+        named(objects, "Role", "mine-claw-secrets-operator")["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["verbs"] == json!(["create"]) && r["resources"] == json!(["secrets"]))
+    };
     let existing = render(
         "mine",
         "ops",
         &["--set", "masterKey.existingSecret=vault-keyring"],
     );
     assert_eq!(master_key_wiring(&existing, "ops"), "vault-keyring");
-    let operator_role = named(&existing, "Role", "mine-claw-secrets-operator");
     assert!(
-        !operator_role["rules"]
+        may_create_secrets(&existing),
+        "with masterKey.existingSecret and the managed webhook, the operator creates the \
+         webhook's certificate Secret"
+    );
+    for without_webhook_secret in ["webhook.enabled=false", "webhook.certManager.enabled=true"] {
+        let existing = render(
+            "mine",
+            "ops",
+            &[
+                "--set",
+                "masterKey.existingSecret=vault-keyring",
+                "--set",
+                without_webhook_secret,
+            ],
+        );
+        assert_eq!(master_key_wiring(&existing, "ops"), "vault-keyring");
+        assert!(
+            !may_create_secrets(&existing),
+            "with masterKey.existingSecret and {without_webhook_secret} the operator may not \
+             create Secrets"
+        );
+    }
+
+    // Every flag the chart passes is one the binary takes, and together they parse: the
+    // operator gets as far as looking for credentials (exit 1), never to a usage error (2).
+    for (what, extra) in [
+        ("defaults", vec![]),
+        (
+            "cert-manager",
+            vec!["--set", "webhook.certManager.enabled=true"],
+        ),
+        ("no webhook", vec!["--set", "webhook.enabled=false"]),
+    ] {
+        let objects = render("claw-secrets", "claw-secrets", &extra);
+        for workload in ["Deployment", "DaemonSet"] {
+            let args = strings(&pod_spec(the(&objects, workload))["containers"][0]["args"]);
+            let help = Command::new(BIN)
+                .args([args[0].as_str(), "--help"])
+                .output()
+                .expect("claw-secrets --help");
+            let help = String::from_utf8_lossy(&help.stdout);
+            for arg in &args[1..] {
+                let name = arg.split_once('=').map_or(arg.as_str(), |(n, _)| n);
+                assert!(
+                    help.contains(&format!("{name} ")) || help.contains(&format!("{name}\n")),
+                    "{what}: `claw-secrets {}` has no flag {name}",
+                    args[0]
+                );
+            }
+        }
+        let op_args = strings(&pod_spec(the(&objects, "Deployment"))["containers"][0]["args"]);
+        let out = Command::new(BIN)
+            .args(&op_args)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env("POD_NAMESPACE", "claw-secrets")
+            .env("POD_NAME", "operator-0")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running the operator's command line");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what}: {op_args:?} should parse and stop for want of credentials: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The chart's admission webhook: what reaches it, where it is served, and the certificate it
+/// is served with. Only writes carrying data (`spec.data`, `spec.encryptedData`) of
+/// ClawSecrets go to it, refused rather than stored when no replica answers; everything else
+/// never waits for it.
+#[test]
+fn the_webhook_is_scoped_to_writes_carrying_data() {
+    let objects = render("claw-secrets", "claw-secrets", &[]);
+    let mwc = the(&objects, "MutatingWebhookConfiguration");
+    assert_eq!(mwc["metadata"]["name"], "claw-secrets");
+    assert!(mwc["metadata"].get("namespace").is_none(), "cluster-scoped");
+    assert_eq!(
+        mwc["metadata"]["labels"]["app.kubernetes.io/instance"],
+        "claw-secrets"
+    );
+    assert!(
+        mwc["metadata"].get("annotations").is_none(),
+        "no CA injection without cert-manager: {}",
+        mwc["metadata"]
+    );
+    let webhooks = mwc["webhooks"].as_array().expect("webhooks");
+    assert_eq!(webhooks.len(), 1);
+    let hook = &webhooks[0];
+    assert_eq!(hook["name"], "seal.clawsecrets.clawbernetes.io");
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["admissionReviewVersions"], json!(["v1"]));
+    assert_eq!(hook["timeoutSeconds"], 10);
+    assert_eq!(hook["reinvocationPolicy"], "Never");
+    assert_eq!(hook["matchPolicy"], "Equivalent");
+    assert_eq!(
+        hook["matchConditions"],
+        json!([{
+            "name": "carries-data",
+            "expression": "has(object.spec.data) || has(object.spec.encryptedData)",
+        }])
+    );
+    assert_eq!(
+        hook["rules"],
+        json!([{
+            "apiGroups": ["clawbernetes.io"],
+            "apiVersions": ["*"],
+            "operations": ["CREATE", "UPDATE"],
+            "resources": ["clawsecrets"],
+            "scope": "Namespaced",
+        }]),
+        "ClawSecrets only, never their status, never deletions"
+    );
+    // No caBundle: the operator writes it (and helm's three-way merge leaves it on upgrade).
+    assert!(
+        hook["clientConfig"].get("caBundle").is_none(),
+        "{}",
+        hook["clientConfig"]
+    );
+
+    // The Service it calls selects the operator pods and forwards to their port "webhook".
+    let service = &hook["clientConfig"]["service"];
+    assert_eq!(
+        service,
+        &json!({"namespace": "claw-secrets", "name": "claw-secrets-webhook", "path": "/seal", "port": 443})
+    );
+    let svc = named(&objects, "Service", "claw-secrets-webhook");
+    assert_eq!(svc["metadata"]["namespace"], "claw-secrets");
+    assert_eq!(
+        svc["spec"]["ports"],
+        json!([{"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}])
+    );
+    let operator = the(&objects, "Deployment");
+    assert_eq!(
+        svc["spec"]["selector"],
+        operator["spec"]["selector"]["matchLabels"]
+    );
+    let op = &pod_spec(operator)["containers"][0];
+    let port = op["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "webhook")
+        .expect("the operator's port named webhook");
+    assert_eq!(port["containerPort"], 8443);
+
+    // Managed mode: the operator serves there, with its own certificate for the Service's
+    // names, and writes its CA into this configuration; no volume.
+    let args = strings(&op["args"]);
+    assert_eq!(
+        flag(&args, "--webhook-addr"),
+        format!("0.0.0.0:{}", port["containerPort"])
+    );
+    let hosts = flag(&args, "--webhook-host");
+    assert_eq!(
+        hosts.split(',').collect::<Vec<_>>(),
+        [
+            "claw-secrets-webhook",
+            "claw-secrets-webhook.claw-secrets",
+            "claw-secrets-webhook.claw-secrets.svc",
+            "claw-secrets-webhook.claw-secrets.svc.cluster.local",
+        ]
+    );
+    assert_eq!(
+        flag(&args, "--webhook-cert-secret"),
+        "claw-secrets-webhook-tls"
+    );
+    assert_eq!(
+        flag(&args, "--webhook-configuration"),
+        mwc["metadata"]["name"].as_str().unwrap()
+    );
+    assert!(!args.iter().any(|a| a.starts_with("--webhook-cert-dir")));
+    assert!(pod_spec(operator).get("volumes").is_none());
+    assert!(op.get("volumeMounts").is_none());
+    // Its RBAC: that configuration and that Secret, by name.
+    let cluster_role = named(&objects, "ClusterRole", "claw-secrets-operator");
+    assert!(
+        cluster_role["rules"].as_array().unwrap().contains(&json!({
+            "apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["mutatingwebhookconfigurations"],
+            "resourceNames": ["claw-secrets"],
+            "verbs": ["get", "update"],
+        })),
+        "{}",
+        cluster_role["rules"]
+    );
+    let role = named(&objects, "Role", "claw-secrets-operator");
+    assert!(
+        role["rules"].as_array().unwrap().contains(&json!({
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["claw-secrets-webhook-tls"],
+            "verbs": ["get", "update"],
+        })),
+        "{}",
+        role["rules"]
+    );
+
+    // cert-manager mode, no issuer given: a self-signed Issuer, a Certificate for the
+    // Service's names, its CA injected into the configuration, its Secret mounted read-only
+    // and served from there; the operator neither makes a certificate nor writes a caBundle.
+    let cm = render("r", "ops", &["--set", "webhook.certManager.enabled=true"]);
+    let issuer = the(&cm, "Issuer");
+    assert_eq!(
+        issuer["metadata"]["name"],
+        "r-claw-secrets-webhook-selfsigned"
+    );
+    assert_eq!(issuer["metadata"]["namespace"], "ops");
+    assert_eq!(issuer["spec"], json!({"selfSigned": {}}));
+    let cert = the(&cm, "Certificate");
+    assert_eq!(cert["metadata"]["name"], "r-claw-secrets-webhook");
+    assert_eq!(cert["metadata"]["namespace"], "ops");
+    assert_eq!(cert["spec"]["secretName"], "r-claw-secrets-webhook-cert");
+    assert_eq!(
+        cert["spec"]["dnsNames"],
+        json!([
+            "r-claw-secrets-webhook",
+            "r-claw-secrets-webhook.ops",
+            "r-claw-secrets-webhook.ops.svc",
+            "r-claw-secrets-webhook.ops.svc.cluster.local",
+        ])
+    );
+    assert_eq!(
+        cert["spec"]["issuerRef"],
+        json!({"name": "r-claw-secrets-webhook-selfsigned", "kind": "Issuer", "group": "cert-manager.io"})
+    );
+    let mwc = the(&cm, "MutatingWebhookConfiguration");
+    assert_eq!(
+        mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "ops/r-claw-secrets-webhook"
+    );
+    assert!(mwc["webhooks"][0]["clientConfig"].get("caBundle").is_none());
+    let deployment = the(&cm, "Deployment");
+    let op = &pod_spec(deployment)["containers"][0];
+    let args = strings(&op["args"]);
+    assert_eq!(flag(&args, "--webhook-addr"), "0.0.0.0:8443");
+    assert_eq!(
+        flag(&args, "--webhook-cert-dir"),
+        "/var/run/claw-secrets/webhook-tls"
+    );
+    for managed_only in [
+        "--webhook-host",
+        "--webhook-cert-secret",
+        "--webhook-configuration",
+    ] {
+        assert!(
+            !args.iter().any(|a| a.starts_with(managed_only)),
+            "cert-manager mode passes no {managed_only}: {args:?}"
+        );
+    }
+    assert_eq!(
+        op["volumeMounts"],
+        json!([{"name": "webhook-tls", "mountPath": "/var/run/claw-secrets/webhook-tls", "readOnly": true}])
+    );
+    assert_eq!(
+        pod_spec(deployment)["volumes"],
+        json!([{"name": "webhook-tls", "secret": {"secretName": "r-claw-secrets-webhook-cert"}}])
+    );
+    let cluster_role = named(&cm, "ClusterRole", "r-claw-secrets-operator");
+    assert!(
+        !cluster_role["rules"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|r| r["verbs"] == json!(["create"]) && r["resources"] == json!(["secrets"])),
-        "with masterKey.existingSecret the operator may not create Secrets"
+            .any(|r| r["apiGroups"] == json!(["admissionregistration.k8s.io"])),
+        "with cert-manager the operator may not touch the webhook configuration"
+    );
+    let role = named(&cm, "Role", "r-claw-secrets-operator");
+    assert!(
+        !role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resourceNames"] == json!(["r-claw-secrets-webhook-tls"])),
+        "with cert-manager the operator keeps no certificate Secret"
+    );
+
+    // Off: no configuration, no Service, no flag, no port, no RBAC for it.
+    let off = render(
+        "claw-secrets",
+        "claw-secrets",
+        &["--set", "webhook.enabled=false"],
+    );
+    for kind in ["MutatingWebhookConfiguration", "Certificate", "Issuer"] {
+        assert!(
+            !off.iter().any(|o| o["kind"] == kind),
+            "webhook off: a {kind}"
+        );
+    }
+    assert!(
+        !off.iter()
+            .any(|o| o["metadata"]["name"] == "claw-secrets-webhook"),
+        "webhook off: the Service"
+    );
+    let op = &pod_spec(the(&off, "Deployment"))["containers"][0];
+    let args = strings(&op["args"]);
+    assert!(
+        !args.iter().any(|a| a.starts_with("--webhook")),
+        "webhook off: {args:?}"
+    );
+    assert_eq!(op["ports"].as_array().map(Vec::len), Some(1));
+    let cluster_role = named(&off, "ClusterRole", "claw-secrets-operator");
+    assert!(
+        !cluster_role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["apiGroups"] == json!(["admissionregistration.k8s.io"]))
+    );
+    // The public sealing key ConfigMap is published either way.
+    let role = named(&off, "Role", "claw-secrets-operator");
+    assert!(
+        role["rules"].as_array().unwrap().contains(&json!({
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["claw-secrets-sealing-key"],
+            "verbs": ["get", "create", "update", "patch"],
+        })),
+        "{}",
+        role["rules"]
+    );
+
+    // The webhook's port may not be the metrics port.
+    let clash = template(
+        "claw-secrets",
+        "claw-secrets",
+        &["--set", "webhook.port=8080"],
+    );
+    assert!(
+        !clash.ok
+            && clash
+                .stderr
+                .contains("webhook.port and operator.metricsPort must differ"),
+        "{}",
+        clash.stderr
     );
 }
 
@@ -786,11 +1165,23 @@ async fn every_option_is_accepted_by_the_api_server() {
     let ns = env.namespace.clone();
     let options = all_options();
     require_service_monitors(&kc);
+    // cert-manager's Certificate and Issuer (webhook.certManager) only where its CRDs are
+    // served: the local control plane does not install cert-manager, so there they are checked
+    // by `helm template` alone (the_webhook_is_scoped_to_writes_carrying_data).
+    let cert_manager = kubectl(&kc, &["get", "crd", "certificates.cert-manager.io"]).ok;
     for (what, extra) in [
         ("defaults", vec![]),
         ("every option", vec!["-f", options.to_str().unwrap()]),
     ] {
-        let checked = render("claw-secrets", &ns, &extra);
+        let checked: Vec<Value> = render("claw-secrets", &ns, &extra)
+            .into_iter()
+            .filter(|o| {
+                cert_manager
+                    || !o["apiVersion"]
+                        .as_str()
+                        .is_some_and(|v| v.starts_with("cert-manager.io/"))
+            })
+            .collect();
         let file = tempfile::NamedTempFile::new().expect("temp file");
         let stream: Vec<String> = checked
             .iter()
@@ -1051,14 +1442,16 @@ fn invoke(
 }
 
 /// The release's objects as the API server lists them, found by the label
-/// `app.kubernetes.io/instance`, over every kind the chart creates (ServiceMonitors aside: the
-/// releases installed here create none) plus Secrets and ConfigMaps.
+/// `app.kubernetes.io/instance`, over every kind the chart creates (ServiceMonitors and
+/// cert-manager's kinds aside: the releases installed here create none) plus Secrets and
+/// ConfigMaps.
 fn labelled(kubeconfig: &Path, release: &str) -> BTreeSet<Id> {
     let kinds = "serviceaccounts,secrets,configmaps,services,deployments.apps,daemonsets.apps,\
                  roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,\
                  clusterroles.rbac.authorization.k8s.io,\
                  clusterrolebindings.rbac.authorization.k8s.io,\
-                 networkpolicies.networking.k8s.io";
+                 networkpolicies.networking.k8s.io,\
+                 mutatingwebhookconfigurations.admissionregistration.k8s.io";
     let selector = format!("app.kubernetes.io/instance={release}");
     let out = must(
         kubectl(
@@ -1196,7 +1589,23 @@ async fn install_run_upgrade_and_uninstall_a_release() {
     // helm uninstall.
     uninstall_removes_every_object_of_the_release(&r, &mut running);
     let kept = uninstall_keeps_the_crds_master_keys_and_claw_secrets(&r).await;
-    nothing_is_left_stuck(&r, kept).await;
+
+    // The chart's webhook while no replica answers (local control plane only: on an external
+    // cluster its configuration would refuse every other ClawSecret write meanwhile).
+    let webhook = if r.external {
+        nothing_is_left_stuck(&r, kept).await;
+        None
+    } else {
+        let w = a_webhook_release_gets_its_ca_bundle_from_the_operator(&r).await;
+        helm_upgrade_keeps_the_ca_bundle(&r, &w).await;
+        with_no_replica_answering_only_writes_carrying_data_are_refused(&r, &kept).await;
+        // The finalizers go while the webhook cannot answer.
+        nothing_is_left_stuck(&r, kept).await;
+        Some(w)
+    };
+    if let Some(w) = webhook {
+        the_webhook_release_is_uninstalled(&r, w);
+    }
     r.done().await;
 }
 
@@ -1226,8 +1635,9 @@ struct Release {
     external: bool,
     /// The operator's replicas the upgrade asks for.
     replicas: i32,
-    /// The values keeping the release's pods from starting on an external cluster.
-    keep_pods_off: Vec<String>,
+    /// The values every install and upgrade of the release passes: the webhook off (see
+    /// `Release::new`), and on an external cluster, the release's pods kept from starting.
+    values: Vec<String>,
     /// The Node the agent runs as (created by the test).
     node: String,
     /// `<fullname>-master-key`: the master key Secret the operator generates.
@@ -1267,9 +1677,15 @@ impl Release {
         // master key). Locally nothing runs anyway, and the defaults are installed as they are.
         let external = control_plane::control_plane().is_external();
         let replicas = if external { 0 } else { 3 };
-        let mut keep_pods_off: Vec<String> = Vec::new();
+        // The operator runs here as a local process, not in a pod: the chart's webhook Service
+        // would have no endpoints, and with failurePolicy Fail every ClawSecret write carrying
+        // data would be refused. So this release goes without the webhook (the operator then
+        // seals by reconciling, as it did before the webhook). tests/k8s_node.rs exercises the
+        // chart's webhook with real pods, tests/k8s_operator.rs the webhook itself; the end of
+        // this test checks what the chart's webhook does while no replica answers.
+        let mut values: Vec<String> = vec!["--set".to_owned(), "webhook.enabled=false".to_owned()];
         if external {
-            keep_pods_off.extend([
+            values.extend([
                 "--set".to_owned(),
                 "operator.replicaCount=0".to_owned(),
                 "--set-string".to_owned(),
@@ -1299,7 +1715,7 @@ impl Release {
             chart,
             external,
             replicas,
-            keep_pods_off,
+            values,
             work,
             env,
         }
@@ -1426,8 +1842,8 @@ impl Running {
 /// exactly the objects of the release's manifest. Returns that manifest.
 async fn helm_install_creates_exactly_the_rendered_objects(r: &Release) -> Vec<Value> {
     r.step("helm install");
-    let keep_pods_off: Vec<&str> = r.keep_pods_off.iter().map(String::as_str).collect();
-    let notes = must(r.helm_chart("install", &keep_pods_off), "helm install");
+    let values: Vec<&str> = r.values.iter().map(String::as_str).collect();
+    let notes = must(r.helm_chart("install", &values), "helm install");
     assert!(
         notes.contains("NOTES:") && notes.contains(&format!("--clusterrole={}-editor", r.fullname)),
         "helm install prints the release notes:\n{notes}"
@@ -1489,6 +1905,21 @@ async fn operator_and_agent_run_with_the_chart_identities(
             operator.log_tail()
         )
     });
+    // The public sealing key, published with the chart's RBAC (server-side apply).
+    let published = eventually("the sealing key ConfigMap", || async {
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(r.admin.clone(), &r.ns)
+            .get(SEALING_KEY)
+            .await
+            .map_err(|e| format!("{e}\n{}", operator.log_tail()))
+    })
+    .await;
+    assert!(
+        published
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key("sealing-key")),
+        "{published:?}"
+    );
     let mut agent = r.start_agent(installed, "agent-0");
     agent.wait_for(r.agent_port, "/readyz", "").await;
     let running = Running {
@@ -1500,6 +1931,9 @@ async fn operator_and_agent_run_with_the_chart_identities(
     };
     (running, generated_key)
 }
+
+/// The ConfigMap the operator publishes the public sealing key in, in its namespace.
+const SEALING_KEY: &str = "claw-secrets-sealing-key";
 
 /// ClawSecret `helm.first`, applied before the upgrade: its value, and the key it was sealed
 /// with.
@@ -1687,9 +2121,11 @@ fn helm_record(r: &Release) -> String {
 }
 
 /// The operator's ServiceAccount may read its master key Secret, create Secrets and its Lease
-/// in its namespace, write ClawSecrets, ClawConfig statuses and Events everywhere; and nothing
-/// else asked here: no Secret listing, no other Secret, no Lease elsewhere, no Node deletion,
-/// no ClawSecret creation or deletion, no pods, no Deployments.
+/// in its namespace, write the sealing key ConfigMap there, write ClawSecrets, ClawConfig
+/// statuses and Events everywhere; and nothing else asked here: no Secret listing, no other
+/// Secret, no other ConfigMap, no Lease elsewhere, no Node deletion, no ClawSecret creation or
+/// deletion, no pods, no Deployments, and (this release has no webhook) no webhook
+/// configuration and no webhook certificate Secret.
 async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running: &Running) {
     r.step("the chart's roles: what they allow and what they refuse");
     let ns = r.ns.as_str();
@@ -1715,6 +2151,32 @@ async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running
                 None,
             ),
             (true, "create events.events.k8s.io", Some("default"), None),
+            (true, "create configmaps", Some(ns), Some(SEALING_KEY)),
+            (true, "patch configmaps", Some(ns), Some(SEALING_KEY)),
+            (true, "get configmaps", Some(ns), Some(SEALING_KEY)),
+            (false, "create configmaps", Some(ns), Some("other")),
+            // A plain POST names no object: refused (the operator creates by apply).
+            (false, "create configmaps", Some(ns), None),
+            (false, "patch configmaps", Some(ns), Some("other")),
+            (false, "list configmaps", Some(ns), None),
+            (
+                false,
+                "create configmaps",
+                Some("default"),
+                Some(SEALING_KEY),
+            ),
+            (
+                false,
+                "update mutatingwebhookconfigurations.admissionregistration.k8s.io",
+                None,
+                Some(&r.fullname),
+            ),
+            (
+                false,
+                "update secrets",
+                Some(ns),
+                Some(&format!("{}-webhook-tls", r.fullname)),
+            ),
             (false, "list secrets", None, None),
             (false, "list secrets", Some(ns), None),
             (false, "get secrets", Some(ns), Some(&helm_secret)),
@@ -1872,7 +2334,7 @@ async fn upgrade_to_an_existing_master_key(r: &Release, generated_key: &Secret) 
         "--set",
         "operator.leaseDurationSeconds=20",
     ];
-    values.extend(r.keep_pods_off.iter().map(String::as_str));
+    values.extend(r.values.iter().map(String::as_str));
     must(r.helm_chart("upgrade", &values), "helm upgrade");
     let upgraded = manifest(&r.kc, &r.name, &r.ns);
     assert_eq!(
@@ -2254,6 +2716,224 @@ async fn uninstall_keeps_the_crds_master_keys_and_claw_secrets(r: &Release) -> V
         "ClawSecrets are kept"
     );
     kept
+}
+
+/// A second release, with the chart's defaults (the webhook on, managed by the operator), and
+/// its operator, a local process with its ServiceAccount's token and its Deployment's flags.
+struct WebhookRelease {
+    name: String,
+    /// The MutatingWebhookConfiguration, `<release>-claw-secrets`.
+    configuration: String,
+    operator: Proc,
+}
+
+/// The MutatingWebhookConfiguration `name`, as the admin reads it.
+async fn webhook_configuration(
+    r: &Release,
+    name: &str,
+) -> k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration {
+    Api::all(r.admin.clone())
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("MutatingWebhookConfiguration {name}: {e}"))
+}
+
+/// A release with the webhook on: its configuration comes without a caBundle; its operator,
+/// with the chart's RBAC, creates its certificate Secret and writes that Secret's CA into the
+/// configuration's caBundle.
+async fn a_webhook_release_gets_its_ca_bundle_from_the_operator(r: &Release) -> WebhookRelease {
+    r.step("a release with the webhook: the operator writes the caBundle");
+    let name = format!("w-{}", r.suffix);
+    let fullname = format!("{name}-claw-secrets");
+    let helm_release = |verb: &str, extra: &[&str]| {
+        let mut args = vec![
+            verb,
+            name.as_str(),
+            r.chart.as_str(),
+            "--namespace",
+            r.ns.as_str(),
+            "--kubeconfig",
+            r.kcs.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        helm(&args)
+    };
+    must(helm_release("install", &[]), "helm install (webhook on)");
+    let installed = manifest(&r.kc, &name, &r.ns);
+    assert_eq!(labelled(&r.kc, &name), ids(&installed));
+    let configuration = fullname.clone();
+    let before = webhook_configuration(r, &configuration).await;
+    let hooks = before.webhooks.unwrap_or_default();
+    assert_eq!(hooks.len(), 1);
+    assert!(
+        hooks[0].client_config.ca_bundle.is_none(),
+        "helm installs no caBundle"
+    );
+
+    // Its operator: serves the webhook on a free local port (not reached: the Service has no
+    // endpoints here), reconciles a namespace that holds nothing.
+    let sa = format!("{fullname}-operator");
+    let kc = r.work.path().join("webhook-operator.kubeconfig");
+    tokens::kubeconfig_with_token(
+        &r.kc,
+        &cluster::service_account_token(&r.admin, &r.ns, &sa).await,
+        &kc,
+    );
+    let container = &pod_spec(the(&installed, "Deployment"))["containers"][0];
+    let metrics = free_port();
+    let (args, env) = local_command(
+        container,
+        &[
+            ("--metrics-addr", format!("127.0.0.1:{metrics}")),
+            ("--webhook-addr", format!("127.0.0.1:{}", free_port())),
+        ],
+        &[format!("--watch-namespace=nothing-{}", r.suffix)],
+        &r.downward("webhook-operator-0"),
+    );
+    let mut operator = Proc::spawn(
+        "operator of the webhook release",
+        &args,
+        &env,
+        &kc,
+        r.work.path().join("webhook-operator-0.log"),
+    );
+    operator.wait_for(metrics, "/readyz", "").await;
+    let tls_secret = format!("{fullname}-webhook-tls");
+    let ca = eventually("the webhook's certificate Secret", || async {
+        let secret = r
+            .secrets()
+            .get(&tls_secret)
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+        let data = secret.data.unwrap_or_default();
+        for key in ["tls.crt", "tls.key"] {
+            assert!(data.contains_key(key), "{tls_secret} has no {key}");
+        }
+        data.get("ca.crt")
+            .cloned()
+            .ok_or_else(|| format!("{tls_secret} has no ca.crt"))
+    })
+    .await;
+    eventually("the operator's CA in the caBundle", || async {
+        let hooks = webhook_configuration(r, &configuration)
+            .await
+            .webhooks
+            .unwrap_or_default();
+        (hooks[0].client_config.ca_bundle.as_ref() == Some(&ca))
+            .then_some(())
+            .ok_or_else(|| format!("caBundle {:?}", hooks[0].client_config.ca_bundle.is_some()))
+    })
+    .await;
+    operator.assert_running();
+    WebhookRelease {
+        name,
+        configuration,
+        operator,
+    }
+}
+
+/// `helm upgrade` with a changed webhook value: the change is applied, and the caBundle the
+/// operator wrote stays (helm's three-way merge leaves a field absent from both manifests).
+async fn helm_upgrade_keeps_the_ca_bundle(r: &Release, w: &WebhookRelease) {
+    r.step("helm upgrade keeps the caBundle");
+    let before = webhook_configuration(r, &w.configuration)
+        .await
+        .webhooks
+        .unwrap();
+    assert!(before[0].client_config.ca_bundle.is_some());
+    must(
+        helm(&[
+            "upgrade",
+            &w.name,
+            &r.chart,
+            "--namespace",
+            &r.ns,
+            "--kubeconfig",
+            &r.kcs,
+            "--set",
+            "webhook.timeoutSeconds=7",
+        ]),
+        "helm upgrade (webhook on)",
+    );
+    let after = webhook_configuration(r, &w.configuration)
+        .await
+        .webhooks
+        .unwrap();
+    assert_eq!(after[0].timeout_seconds, Some(7), "the upgrade is applied");
+    assert_eq!(
+        after[0].client_config.ca_bundle, before[0].client_config.ca_bundle,
+        "helm upgrade kept the operator's caBundle"
+    );
+}
+
+/// With the webhook configured and no replica answering (its Service has no endpoints here):
+/// a ClawSecret carrying `data` or `encryptedData` is refused, naming the webhook, rather than
+/// stored; a change to a sealed ClawSecret (a label) never waits for the webhook.
+async fn with_no_replica_answering_only_writes_carrying_data_are_refused(
+    r: &Release,
+    kept: &[String],
+) {
+    r.step("no replica answers: plaintext refused, other writes pass");
+    let api: Api<ClawSecret> = Api::namespaced(r.admin.clone(), &r.ns);
+    for (name, spec) in [
+        (
+            "helm.refused",
+            json!({"data": {"password": "never-stored"}}),
+        ),
+        (
+            "helm.refused-encrypted",
+            json!({"encryptedData": "not-even-opened"}),
+        ),
+    ] {
+        let object: ClawSecret = serde_json::from_value(json!({
+            "apiVersion": "clawbernetes.io/v1alpha1",
+            "kind": "ClawSecret",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .expect("a ClawSecret");
+        match api.create(&PostParams::default(), &object).await {
+            Err(kube::Error::Api(s)) => assert!(
+                s.message.contains("seal.clawsecrets.clawbernetes.io"),
+                "{name}: refused, but not by the webhook: {s:?}"
+            ),
+            other => panic!("{name} with no webhook replica answering: {other:?}"),
+        }
+        assert!(
+            api.get_opt(name).await.expect("get").is_none(),
+            "{name} stored"
+        );
+    }
+    for name in kept {
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"claw-secrets.test/touched": "yes"}}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("labelling the sealed ClawSecret {name}: {e}"));
+    }
+}
+
+/// The webhook release's operator stops and `helm uninstall` removes its objects, its
+/// MutatingWebhookConfiguration included.
+fn the_webhook_release_is_uninstalled(r: &Release, mut w: WebhookRelease) {
+    r.step("helm uninstall (webhook on)");
+    w.operator.terminate();
+    must(
+        helm(&[
+            "uninstall",
+            &w.name,
+            "--namespace",
+            &r.ns,
+            "--kubeconfig",
+            &r.kcs,
+        ]),
+        "helm uninstall (webhook on)",
+    );
+    let left = labelled(&r.kc, &w.name);
+    assert!(left.is_empty(), "orphans of the webhook release: {left:?}");
 }
 
 /// Leaves nothing stuck: the finalizers of the kept ClawSecrets (no operator any more) are

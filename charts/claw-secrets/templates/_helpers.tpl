@@ -103,3 +103,41 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+The admission webhook's names. The Service "<fullname>-webhook" (also the name of the
+cert-manager Certificate), the MutatingWebhookConfiguration "<fullname>" (cluster-scoped), the
+Secret the operator keeps its own CA and serving certificate in (managed mode) and the one
+cert-manager writes (cert-manager mode).
+*/}}
+{{- define "claw-secrets.webhookService" -}}
+{{- include "claw-secrets.component" (list . "webhook") }}
+{{- end }}
+
+{{- define "claw-secrets.webhookConfiguration" -}}
+{{- include "claw-secrets.fullname" . }}
+{{- end }}
+
+{{- define "claw-secrets.webhookTlsSecret" -}}
+{{- include "claw-secrets.component" (list . "webhook-tls") }}
+{{- end }}
+
+{{- define "claw-secrets.webhookCertManagerSecret" -}}
+{{- include "claw-secrets.component" (list . "webhook-cert") }}
+{{- end }}
+
+{{/* The names the API server may call the webhook's Service by: what its certificate covers. */}}
+{{- define "claw-secrets.webhookHosts" -}}
+{{- $svc := include "claw-secrets.webhookService" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- printf "%s,%s.%s,%s.%s.svc,%s.%s.svc.cluster.local" $svc $svc $ns $svc $ns $svc $ns }}
+{{- end }}
+
+{{/*
+"true" when the webhook is on and the operator manages its certificate itself (the default:
+it needs the certificate Secret and the MutatingWebhookConfiguration's caBundle); empty
+otherwise (webhook off, or cert-manager mode).
+*/}}
+{{- define "claw-secrets.webhookManaged" -}}
+{{- if and .Values.webhook.enabled (not .Values.webhook.certManager.enabled) }}true{{ end }}
+{{- end }}
