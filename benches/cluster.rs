@@ -24,6 +24,8 @@
 //! - BENCH_SECRETS         ClawSecrets in the burst (default 10000)
 //! - BENCH_BURST_INFLIGHT  creates in flight during the burst (default 32)
 //! - BENCH_BURST_PATIENCE  seconds the burst may take before it is reported as not done (600)
+//! - BENCH_BURST_WEBHOOK   1 (default): the operator seals at admission, as the chart installs
+//!   it; 0: no webhook, the reconcile loop seals what was stored (the "before" of issue 14)
 //! - BENCH_STARTUP_RUNS    agent restarts with the API server down (default 10)
 //! - BENCH_BURST_RESTARTS  after the burst, restarts of node-c (10,001 secrets in its store)
 //!   with the API server down (default 5, on an external cluster 0: set there, it fails)
@@ -59,6 +61,9 @@ mod cluster;
 
 #[path = "../tests/support/dev_server.rs"]
 mod dev_server;
+
+#[path = "../tests/support/webhook.rs"]
+mod webhook;
 
 #[path = "support/loadgen.rs"]
 mod loadgen;
@@ -690,13 +695,24 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
         let ns = c.ns().to_owned();
         let alice = c.alice().await;
         let mut agents = c.three_agents().await;
-        let mut operator = cluster::Operator::start(
-            &c.env.kubeconfig,
-            &c.master_key,
-            &format!("claw-bench-{}", c.suffix()),
-            Some(&ns),
-        )
-        .await;
+        let with_webhook = env_or("BENCH_BURST_WEBHOOK", 1u8) != 0;
+        let webhook = if with_webhook {
+            Some(webhook::Webhook::register(&c.client(), &[&ns]).await)
+        } else {
+            None
+        };
+        let mut operator = match &webhook {
+            Some(w) => w.operator(&c).await,
+            None => {
+                cluster::Operator::start(
+                    &c.env.kubeconfig,
+                    &c.master_key,
+                    &format!("claw-bench-{}", c.suffix()),
+                    Some(&ns),
+                )
+                .await
+            }
+        };
         let mut pids = vec![operator.pid().expect("operator pid")];
         pids.extend(agents.iter().map(|a| a.pid().expect("agent pid")));
         let names: Vec<String> = std::iter::once("operator".to_owned())
@@ -758,7 +774,8 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
             let dirs: Vec<_> = agents.iter().map(Agent::data_dir).collect();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let rss: Vec<u64> = pids.iter().map(|p| memory(*p).map_or(0, |m| m.1)).collect();
+                    let rss: Vec<u64> =
+                        pids.iter().map(|p| memory(*p).map_or(0, |m| m.1)).collect();
                     let mut s = sampled.lock().unwrap();
                     for (peak, now) in s.peak_rss.iter_mut().zip(rss) {
                         *peak = (*peak).max(now);
@@ -806,7 +823,12 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
         while start.elapsed() < patience {
             operator.assert_running();
             let sealed = sealed_rx.borrow_and_update().1.is_some();
-            let stored = sampled.lock().unwrap().stored_at.iter().all(Option::is_some);
+            let stored = sampled
+                .lock()
+                .unwrap()
+                .stored_at
+                .iter()
+                .all(Option::is_some);
             if sealed && stored {
                 done = true;
                 break;
@@ -830,17 +852,28 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
             .collect();
 
         let secs = |d: Option<Duration>| {
-            d.map_or("NOT DONE".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
+            d.map_or("NOT DONE".to_owned(), |d| {
+                format!("{:.1} s", d.as_secs_f64())
+            })
         };
         let mut cpu_pids = pids.clone();
-        cpu_pids.extend(["kube-apiserver", "etcd"].into_iter().filter_map(recorded_pid));
+        cpu_pids.extend(
+            ["kube-apiserver", "etcd"]
+                .into_iter()
+                .filter_map(recorded_pid),
+        );
         cpu_pids.push(std::process::id());
         let (cores, others, busy) = cores_between(&cpu0, &cpu1, &cpu_pids);
         if bench || !done {
             println!(
                 "\n== burst: {n} ClawSecrets with plaintext spec.data created through the API, \
-                 {inflight} in flight, operator + 3 agents running (target: all sealed and on every \
-                 agent <= 60 s; RSS operator <= 64 MiB, agent <= 48 MiB) =="
+                 {inflight} in flight, operator + 3 agents running, sealed {} (target: all sealed \
+                 and on every agent <= 60 s; RSS operator <= 64 MiB, agent <= 48 MiB) ==",
+                if with_webhook {
+                    "at admission by the webhook"
+                } else {
+                    "by the reconcile loop (no webhook)"
+                }
             );
             if baseline.iter().any(|b| *b > 0) {
                 println!("stores held     {baseline:?} other secrets before the burst");
@@ -870,10 +903,7 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
                 revisions.ready.len()
             );
             let last = s.stored_at.iter().copied().max().flatten().zip(sealed_at);
-            println!(
-                "all done        {}",
-                secs(last.map(|(a, b)| a.max(b)))
-            );
+            println!("all done        {}", secs(last.map(|(a, b)| a.max(b))));
             for (i, name) in names.iter().enumerate() {
                 println!(
                     "memory          {name:<16} VmHWM (peak) {:>9}  VmRSS now {:>9}  largest VmRSS \
@@ -952,6 +982,9 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
         }
         drop(operator);
         drop(agents);
+        if let Some(w) = webhook {
+            w.remove().await;
+        }
         c.cleanup().await;
     });
 }

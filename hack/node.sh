@@ -420,7 +420,12 @@ cmd_up() {
         --kubelet-client-certificate="$p/apiserver-kubelet-client.crt" \
         --kubelet-client-key="$p/apiserver-kubelet-client.key" \
         --kubelet-certificate-authority="$p/ca.crt" --kubelet-preferred-address-types=InternalIP \
-        --allow-privileged=true --profiling=false --v=1
+        --allow-privileged=true --profiling=false --v=1 \
+        --enable-aggregator-routing=true
+    # --enable-aggregator-routing: the API server calls webhook Services (the operator's
+    # admission webhook) at their endpoints, the pod IPs on the node's bridge. The node's
+    # namespace has no default route, so a ClusterIP is "network unreachable" before kube-proxy's
+    # rules could translate it; a real node's API server has one.
     wait_for "$dir" containerd 60 containerd ctr --address "$sock" version
     ctr --address "$sock" -n k8s.io images import "$bin/images/pause.tar" >/dev/null
     ctr --address "$sock" -n k8s.io images label "$PAUSE_IMAGE" io.cri-containerd.pinned=pinned >/dev/null

@@ -43,126 +43,22 @@ mod tokens;
 #[path = "support/tools.rs"]
 mod tools;
 
+#[path = "support/webhook.rs"]
+mod webhook;
+
 use std::path::Path;
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
 use canary::Canaries;
 use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
 use cluster::Cluster;
-use process::free_port;
 use random::random_hex;
 use tools::{Run, kubectl, must};
 use wait::eventually;
-
-/// The webhook's name in the chart's configuration: kubectl's refusals name it.
-const WEBHOOK: &str = "seal.clawsecrets.clawbernetes.io";
-
-/// A webhook configuration for `namespaces`, calling an operator at 127.0.0.1:`port`.
-struct Webhook {
-    configuration: String,
-    port: u16,
-    client: Client,
-}
-
-impl Webhook {
-    async fn register(client: &Client, namespaces: &[&str]) -> Webhook {
-        let port = free_port();
-        let configuration = format!("claw-secrets-test-{}", random_hex(4));
-        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": { "name": configuration },
-            "webhooks": [{
-                "name": WEBHOOK,
-                "clientConfig": { "url": format!("https://127.0.0.1:{port}/seal") },
-                "rules": [{
-                    "apiGroups": ["clawbernetes.io"], "apiVersions": ["*"],
-                    "operations": ["CREATE", "UPDATE"], "resources": ["clawsecrets"],
-                    "scope": "Namespaced",
-                }],
-                "namespaceSelector": { "matchExpressions": [{
-                    "key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces,
-                }]},
-                "matchConditions": [{
-                    "name": "carries-data",
-                    "expression": "has(object.spec.data) || has(object.spec.encryptedData)",
-                }],
-                "failurePolicy": "Fail",
-                "sideEffects": "None",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": 10,
-            }],
-        }))
-        .expect("a webhook configuration");
-        Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .create(&PostParams::default(), &mwc)
-            .await
-            .expect("create the webhook configuration");
-        Webhook {
-            configuration,
-            port,
-            client: client.clone(),
-        }
-    }
-
-    /// The operator's flags for serving this webhook with a certificate it manages.
-    fn operator_args(&self) -> Vec<String> {
-        [
-            "--webhook-addr",
-            &format!("127.0.0.1:{}", self.port),
-            "--webhook-host",
-            "127.0.0.1",
-            "--webhook-configuration",
-            &self.configuration,
-            "--webhook-cert-secret",
-            &format!("{}-tls", self.configuration),
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    }
-
-    /// Starts an operator serving this webhook, and waits until the API server seals through
-    /// it (the operator wrote its CA into the caBundle, and answers).
-    async fn operator(&self, c: &Cluster) -> cluster::Operator {
-        let op = cluster::Operator::start_with(
-            &c.env.kubeconfig,
-            &c.master_key,
-            &format!("admission-{}", random_hex(4)),
-            Some(c.ns()),
-            &self.operator_args(),
-        )
-        .await;
-        let api = c.secrets();
-        eventually("the API server to seal through the webhook", || async {
-            let probe = secret("webhook-probe", &[("k", "v")]);
-            let created = api
-                .create(
-                    &PostParams {
-                        dry_run: true,
-                        ..PostParams::default()
-                    },
-                    &probe,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            match (&created.spec.data, &created.spec.sealed) {
-                (None, Some(s)) if s.version == 1 => Ok(()),
-                _ => Err("not sealed at admission".to_owned()),
-            }
-        })
-        .await;
-        op
-    }
-
-    async fn remove(self) {
-        let _ = Api::<MutatingWebhookConfiguration>::all(self.client)
-            .delete(&self.configuration, &DeleteParams::default())
-            .await;
-    }
-}
+use webhook::{WEBHOOK, Webhook};
 
 fn secret(name: &str, data: &[(&str, &str)]) -> ClawSecret {
     ClawSecret::new(
@@ -596,46 +492,9 @@ async fn a_manifest_from_claw_secrets_seal_applies_once_and_only_where_it_was_se
     let operator = webhook.operator(&c).await;
     let kc = c.env.kubeconfig.clone();
     let work = tempfile::tempdir().unwrap();
-    let (operator_ns, _) = c.master_key.split_once('/').unwrap();
-
-    // The public key, fetched once (what a user does before sealing offline).
-    let key = work.path().join("sealing-key.txt");
-    let cli = |args: &[&str]| {
-        tools::run(
-            Path::new(cluster::BIN),
-            args,
-            &[("KUBECONFIG", kc.as_path())],
-        )
-    };
-    let fetch = cli(&[
-        "seal",
-        "--fetch-key",
-        "--operator-namespace",
-        operator_ns,
-        "-o",
-        key.to_str().unwrap(),
-    ]);
-    must(fetch, "claw-secrets seal --fetch-key");
 
     let canary = canary::canary("canary-offline");
-    let plain = write(
-        work.path(),
-        "plain.json",
-        &manifest(&ns, "from-git", &canary),
-    );
-    let sealed_file = work.path().join("sealed.yaml");
-    must(
-        cli(&[
-            "seal",
-            "--key",
-            key.to_str().unwrap(),
-            "-f",
-            &plain,
-            "-o",
-            sealed_file.to_str().unwrap(),
-        ]),
-        "claw-secrets seal",
-    );
+    let sealed_file = seal_offline(&c, work.path(), "from-git", &canary);
     let sealed_text = std::fs::read_to_string(&sealed_file).unwrap();
     let canaries = Canaries::of([canary.clone()]);
     canaries.assert_absent("the sealed manifest", sealed_text.as_bytes());
@@ -695,6 +554,96 @@ async fn a_manifest_from_claw_secrets_seal_applies_once_and_only_where_it_was_se
     drop(operator);
     webhook.remove().await;
     let _ = namespaces.delete(&other, &DeleteParams::default()).await;
+    c.cleanup().await;
+}
+
+/// `claw-secrets seal` as a user runs it: the cluster's public key fetched once (`--fetch-key`),
+/// then a plaintext manifest for `name` in the test's namespace sealed offline with it; returns
+/// the sealed manifest's path.
+fn seal_offline(c: &Cluster, dir: &Path, name: &str, value: &str) -> std::path::PathBuf {
+    let (operator_ns, _) = c.master_key.split_once('/').unwrap();
+    let kc = c.env.kubeconfig.clone();
+    let cli = |args: &[&str]| {
+        tools::run(
+            Path::new(cluster::BIN),
+            args,
+            &[("KUBECONFIG", kc.as_path())],
+        )
+    };
+    let key = dir.join("sealing-key.txt");
+    must(
+        cli(&[
+            "seal",
+            "--fetch-key",
+            "--operator-namespace",
+            operator_ns,
+            "-o",
+            key.to_str().unwrap(),
+        ]),
+        "claw-secrets seal --fetch-key",
+    );
+    let plain = write(
+        dir,
+        &format!("{name}.plain.json"),
+        &manifest(c.ns(), name, value),
+    );
+    let sealed = dir.join(format!("{name}.sealed.yaml"));
+    must(
+        cli(&[
+            "seal",
+            "--key",
+            key.to_str().unwrap(),
+            "-f",
+            &plain,
+            "-o",
+            sealed.to_str().unwrap(),
+        ]),
+        "claw-secrets seal",
+    );
+    sealed
+}
+
+/// Without the webhook, a `claw-secrets seal` manifest is stored as it is (ciphertext) and the
+/// reconcile loop seals it under the master key, with no PlaintextStored warning (nothing in it
+/// was plaintext).
+#[tokio::test]
+async fn without_the_webhook_a_sealed_manifest_is_sealed_by_the_reconcile_loop() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("offline-loop").await;
+    let operator = cluster::Operator::start(
+        &c.env.kubeconfig,
+        &c.master_key,
+        &format!("loop-{}", random_hex(4)),
+        Some(c.ns()),
+    )
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let canary = canary::canary("canary-loop");
+    let sealed = seal_offline(&c, work.path(), "from-git", &canary);
+    must(
+        kubectl(
+            &c.env.kubeconfig,
+            &["apply", "-f", sealed.to_str().unwrap()],
+        ),
+        "kubectl apply",
+    );
+    let stored = sealed_at(&c, "from-git", 1).await;
+    Canaries::of([canary.clone()]).assert_absent("the stored object", stored.as_bytes());
+    let obj = c.secrets().get("from-git").await.unwrap();
+    assert!(obj.spec.encrypted_data.is_none());
+    let data = open_sealed(&c, &obj).await;
+    assert_eq!(data.get("token").map(|v| v.expose()), Some(canary.as_str()));
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.client(), c.ns())
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("PlaintextStored"))
+    );
+    drop(operator);
     c.cleanup().await;
 }
 

@@ -1175,6 +1175,13 @@ impl Release<'_> {
             assert_eq!(s.spec.sealed.map(|s| s.version), Some(1), "{name}");
             assert_eq!(s.status.and_then(|s| s.version), Some(1), "{name}");
         }
+        // The chart's webhook sealed them before they were stored: the reconcile loop found no
+        // plaintext to seal (it would have said so with a PlaintextStored Warning).
+        let events = self.kubectl(&["-n", "claw-demo", "get", "events", "-o", "json"]);
+        assert!(
+            !events.contains("PlaintextStored"),
+            "plaintext was stored before the seal: {events}"
+        );
 
         self.step("kubectl delete -f examples/");
         let deleting = Instant::now();

@@ -235,11 +235,11 @@ impl Repository for KubeRepository {
             Ok(_) => return Ok(Current::Missing),
             Err(e) => return Err(api_error(e, Kind::Secret, key)),
         };
-        if obj.spec.data.is_some() {
+        if obj.spec.data.is_some() || obj.spec.encrypted_data.is_some() {
             return Err(InvokeError::new(
                 ErrorCode::Conflict,
                 format!(
-                    "secret {:?} has plaintext waiting for the operator to seal it; retry once it is sealed",
+                    "secret {:?} has data waiting for the operator to seal it; retry once it is sealed",
                     key.name.as_str()
                 ),
             ));

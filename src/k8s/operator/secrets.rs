@@ -15,8 +15,8 @@ use super::conditions::{self, READY};
 use super::error::{Error, is_conflict};
 use super::metrics::ObjectKind;
 use super::{Context, RESYNC};
-use crate::crypto::{KeyId, Keyring};
-use crate::domain::ObjectKey;
+use crate::crypto::{self, KeyId, Keyring, SealScope};
+use crate::domain::{ObjectKey, SecretData};
 use crate::k8s::convert::{self, Invalid};
 use crate::k8s::crd::{ClawSecret, ClawSecretStatus, SealedData};
 use crate::k8s::last_applied;
@@ -30,7 +30,7 @@ pub(super) async fn reconcile(obj: Arc<ClawSecret>, ctx: Arc<Context>) -> Result
     let api: Api<ClawSecret> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let (ctx, api) = (&ctx, &api);
-    if obj.spec.data.is_some()
+    if Applied::of(&obj).is_some()
         && obj.metadata.deletion_timestamp.is_none()
         && !super::has_finalizer(obj.as_ref())
     {
@@ -59,8 +59,8 @@ async fn apply(
         Ok(key) => key,
         Err(invalid) => return write_status(&obj, ctx, api, Err(invalid)).await,
     };
-    if let Some(plain) = &obj.spec.data {
-        return match seal_plaintext(&obj, plain, &key, ctx, api).await? {
+    if let Some(applied) = Applied::of(&obj) {
+        return match seal_stored(&obj, applied, &key, ctx, api).await? {
             // The status follows from the watch event of this very write: writing it now,
             // from here, would race that event's reconciliation (a 409 for one of them).
             Ok(()) => Ok(Action::requeue(RESYNC)),
@@ -71,20 +71,67 @@ async fn apply(
     write_status(&obj, ctx, api, verdict).await
 }
 
-/// Seals `spec.data` and writes the result in one patch that also removes the plaintext; data
-/// equal to the current version's only has its plaintext removed (no new version).
-/// `Ok(Err(_))`: the data (or the write) is invalid; it is reported on the status.
-async fn seal_plaintext(
+/// Data stored in the object, not sealed yet: the admission webhook did not see it (not
+/// installed, down with a policy that let it through, bypassed).
+#[derive(Clone, Copy)]
+enum Applied<'a> {
+    /// `spec.data`: plaintext, now in etcd's files.
+    Plaintext(&'a BTreeMap<String, String>),
+    /// `spec.encryptedData`: the output of `claw-secrets seal`, ciphertext.
+    Encrypted(&'a str),
+}
+
+impl<'a> Applied<'a> {
+    fn of(obj: &'a ClawSecret) -> Option<Applied<'a>> {
+        match (&obj.spec.data, &obj.spec.encrypted_data) {
+            (Some(plain), _) => Some(Applied::Plaintext(plain)),
+            (None, Some(text)) => Some(Applied::Encrypted(text)),
+            (None, None) => None,
+        }
+    }
+
+    /// The data, parsed (plaintext) or opened (encrypted) by the same rules as at admission.
+    fn data(
+        self,
+        obj: &ClawSecret,
+        key: &ObjectKey,
+        keyring: &Keyring,
+    ) -> Result<SecretData, Invalid> {
+        match self {
+            Applied::Plaintext(plain) => convert::secret_data(plain),
+            Applied::Encrypted(text) => {
+                let name = obj.name_any();
+                let scope = SealScope {
+                    namespace: key.namespace.as_str(),
+                    name: &name,
+                };
+                crypto::open_offline(keyring, &scope, text).map_err(|e| Invalid {
+                    reason: "InvalidEncryptedData",
+                    message: format!(
+                        "spec.encryptedData does not open as ClawSecret {}/{name}: {e}; it was sealed for another namespace or name, or with another cluster's sealing key",
+                        key.namespace
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// Seals data that was stored (`spec.data` or `spec.encryptedData`) and writes the result in
+/// one patch that also removes it; data equal to the current version's is only removed (no new
+/// version). `Ok(Err(_))`: the data (or the write) is invalid; it is reported on the status.
+async fn seal_stored(
     obj: &ClawSecret,
-    plain: &BTreeMap<String, String>,
+    applied: Applied<'_>,
     key: &ObjectKey,
     ctx: &Context,
     api: &Api<ClawSecret>,
 ) -> Result<Result<(), Invalid>, Error> {
-    let data = match convert::secret_data(plain) {
+    let data = match applied.data(obj, key, &ctx.keyring) {
         Ok(d) => d,
         Err(invalid) => return Ok(Err(invalid)),
     };
+    let plaintext = matches!(applied, Applied::Plaintext(_));
     let current = Current {
         sealed: obj.spec.sealed.as_ref(),
         high_water: obj.status.as_ref().and_then(|s| s.version),
@@ -104,11 +151,12 @@ async fn seal_plaintext(
                 return Ok(Err(invalid));
             }
             ctx.metrics.unchanged();
-            ctx.metrics.sealed_after_storage();
             tracing::info!(namespace = %key.namespace, name = %key.name,
                 version = obj.spec.sealed.as_ref().map(|s| s.version),
-                "data unchanged since the current version; plaintext removed, no new version");
-            stored_with_plaintext(obj, ctx).await;
+                "data unchanged since the current version; removed from the object, no new version");
+            if plaintext {
+                stored_with_plaintext(obj, ctx).await;
+            }
             return Ok(Ok(()));
         }
         Sealing::New { sealed, created } => (sealed, created),
@@ -119,17 +167,18 @@ async fn seal_plaintext(
             Err(invalid) => return Ok(Err(invalid)),
         };
     ctx.metrics.sealed(created);
-    ctx.metrics.sealed_after_storage();
     tracing::info!(namespace = %key.namespace, name = %key.name, version = sealed.version,
-        key_id = %sealed.key_id, "sealed; plaintext removed from the object");
-    let _ = created;
-    stored_with_plaintext(&updated, ctx).await;
+        key_id = %sealed.key_id, "sealed; the applied data removed from the object");
+    if plaintext {
+        stored_with_plaintext(&updated, ctx).await;
+    }
     Ok(Ok(()))
 }
 
 /// The reconcile loop found plaintext stored: said as a Warning, since the plaintext stays in
 /// etcd's files (and backups) until they are compacted and defragmented.
 async fn stored_with_plaintext(obj: &ClawSecret, ctx: &Context) {
+    ctx.metrics.sealed_after_storage();
     ctx.event(
         obj,
         EventType::Warning,
@@ -177,7 +226,7 @@ async fn patch_spec(
 fn plaintext_removal_patch(obj: &ClawSecret, sealed: Option<&SealedData>) -> Value {
     let mut patch = json!({
         "metadata": { "resourceVersion": obj.resource_version() },
-        "spec": { "data": null },
+        "spec": { "data": null, "encryptedData": null },
     });
     if let Some(sealed) = sealed {
         patch["spec"]["sealed"] = json!(sealed);

@@ -1,0 +1,137 @@
+//! An admission webhook configuration like the chart's (same rules, match condition and
+//! failure policy), selecting only given namespaces and calling an operator process at
+//! 127.0.0.1: on the test control plane no pods run, so the chart's Service cannot be used
+//! (tests/k8s_node.rs runs the chart's webhook in pods).
+//!
+//! ```ignore
+//! #[path = "support/webhook.rs"]
+//! mod webhook;
+//! ```
+#![allow(dead_code)] // every test target uses a different subset
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use kube::Client;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+
+use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
+
+use crate::cluster::{self, Cluster};
+use crate::process::free_port;
+use crate::random::random_hex;
+use crate::wait::eventually;
+
+/// The webhook's name in the chart's configuration: kubectl's refusals name it.
+pub const WEBHOOK: &str = "seal.clawsecrets.clawbernetes.io";
+
+/// A webhook configuration for `namespaces`, calling an operator at 127.0.0.1:`port`.
+pub struct Webhook {
+    configuration: String,
+    port: u16,
+    client: Client,
+}
+
+impl Webhook {
+    pub async fn register(client: &Client, namespaces: &[&str]) -> Webhook {
+        let port = free_port();
+        let configuration = format!("claw-secrets-test-{}", random_hex(4));
+        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": { "name": configuration },
+            "webhooks": [{
+                "name": WEBHOOK,
+                "clientConfig": { "url": format!("https://127.0.0.1:{port}/seal") },
+                "rules": [{
+                    "apiGroups": ["clawbernetes.io"], "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"], "resources": ["clawsecrets"],
+                    "scope": "Namespaced",
+                }],
+                "namespaceSelector": { "matchExpressions": [{
+                    "key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces,
+                }]},
+                "matchConditions": [{
+                    "name": "carries-data",
+                    "expression": "has(object.spec.data) || has(object.spec.encryptedData)",
+                }],
+                "failurePolicy": "Fail",
+                "sideEffects": "None",
+                "admissionReviewVersions": ["v1"],
+                "timeoutSeconds": 10,
+            }],
+        }))
+        .expect("a webhook configuration");
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &mwc)
+            .await
+            .expect("create the webhook configuration");
+        Webhook {
+            configuration,
+            port,
+            client: client.clone(),
+        }
+    }
+
+    /// The operator's flags for serving this webhook with a certificate it manages.
+    pub fn operator_args(&self) -> Vec<String> {
+        [
+            "--webhook-addr",
+            &format!("127.0.0.1:{}", self.port),
+            "--webhook-host",
+            "127.0.0.1",
+            "--webhook-configuration",
+            &self.configuration,
+            "--webhook-cert-secret",
+            &format!("{}-tls", self.configuration),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// Starts an operator serving this webhook, and waits until the API server seals through
+    /// it (the operator wrote its CA into the caBundle, and answers).
+    pub async fn operator(&self, c: &Cluster) -> cluster::Operator {
+        let op = cluster::Operator::start_with(
+            &c.env.kubeconfig,
+            &c.master_key,
+            &format!("admission-{}", random_hex(4)),
+            Some(c.ns()),
+            &self.operator_args(),
+        )
+        .await;
+        let api = c.secrets();
+        eventually("the API server to seal through the webhook", || async {
+            let probe = ClawSecret::new(
+                "webhook-probe",
+                ClawSecretSpec {
+                    name: None,
+                    data: Some([("k".to_owned(), "v".to_owned())].into()),
+                    encrypted_data: None,
+                    allowed_workloads: vec![],
+                    node_selector: None,
+                    sealed: None,
+                },
+            );
+            let created = api
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..PostParams::default()
+                    },
+                    &probe,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            match (&created.spec.data, &created.spec.sealed) {
+                (None, Some(s)) if s.version == 1 => Ok(()),
+                _ => Err("not sealed at admission".to_owned()),
+            }
+        })
+        .await;
+        op
+    }
+
+    pub async fn remove(self) {
+        let _ = Api::<MutatingWebhookConfiguration>::all(self.client)
+            .delete(&self.configuration, &DeleteParams::default())
+            .await;
+    }
+}
