@@ -392,6 +392,60 @@ fn operator_metrics(op: &cluster::Operator) -> String {
     body
 }
 
+/// The webhook does not wait for the leader: a standby replica (another holds the Lease) seals
+/// at admission, and the leader reports the status.
+#[tokio::test]
+async fn a_standby_replica_seals_at_admission() {
+    let _lock = cluster::shared().await;
+    let c = Cluster::new("standby-seals").await;
+    let lease = format!("replicas-{}", random_hex(4));
+    let leader =
+        cluster::Operator::start(&c.env.kubeconfig, &c.master_key, &lease, Some(c.ns())).await;
+    eventually("the first replica to lead", || async {
+        operator_metrics(&leader)
+            .lines()
+            .any(|l| l == "claw_secrets_operator_leader 1")
+            .then_some(())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let webhook = Webhook::register(&c.client(), &[c.ns()]).await;
+    let standby = webhook.operator_on_lease(&c, &lease).await;
+    let before = sealed_admissions(&operator_metrics(&standby));
+    c.secrets()
+        .create(&PostParams::default(), &secret("by-standby", &[("k", "v")]))
+        .await
+        .expect("create");
+    sealed_at(&c, "by-standby", 1).await;
+    let metrics = operator_metrics(&standby);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "claw_secrets_operator_leader 0"),
+        "{metrics}"
+    );
+    assert_eq!(sealed_admissions(&metrics), before + 1, "{metrics}");
+    assert!(
+        operator_metrics(&leader)
+            .lines()
+            .any(|l| l == "claw_secrets_operator_leader 1")
+    );
+    drop(standby);
+    drop(leader);
+    webhook.remove().await;
+    c.cleanup().await;
+}
+
+/// `claw_secrets_operator_admissions_total{result="sealed"}` (dry runs included: the probe
+/// that waits for the webhook is one).
+fn sealed_admissions(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("claw_secrets_operator_admissions_total{result=\"sealed\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sealed admissions counter in {metrics}"))
+}
+
 /// With no replica answering, a write carrying plaintext is refused, naming the webhook, and
 /// nothing is stored; writes without data (a sealed object, status, finalizers) go through.
 #[tokio::test]
@@ -493,6 +547,8 @@ async fn a_manifest_from_claw_secrets_seal_applies_once_and_only_where_it_was_se
     let kc = c.env.kubeconfig.clone();
     let work = tempfile::tempdir().unwrap();
 
+    let alice = c.alice().await;
+    let mut agent = c.agent("a", &[]).await;
     let canary = canary::canary("canary-offline");
     let sealed_file = seal_offline(&c, work.path(), "from-git", &canary);
     let sealed_text = std::fs::read_to_string(&sealed_file).unwrap();
@@ -513,6 +569,16 @@ async fn a_manifest_from_claw_secrets_seal_applies_once_and_only_where_it_was_se
     );
     let data = open_sealed(&c, &obj).await;
     assert_eq!(data.get("token").map(|v| v.expose()), Some(canary.as_str()));
+    // An agent delivers it: the data the file was sealed from, as version 1.
+    eventually("the agent to serve the sealed manifest's data", || async {
+        let reply = agent.get_secret(&alice, &ns, "from-git").await;
+        match reply.result() {
+            Ok(p) if p["version"] == json!(1) && p["data"]["token"] == json!(canary) => Ok(()),
+            Ok(p) => Err(format!("version {}", p["version"])),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
 
     // Applied again: the same version, the same spec.
     must(
@@ -550,6 +616,11 @@ async fn a_manifest_from_claw_secrets_seal_applies_once_and_only_where_it_was_se
     let in_other: Api<ClawSecret> = Api::namespaced(c.client(), &other);
     assert!(in_other.get_opt("from-git").await.unwrap().is_none());
     canaries.assert_absent("the operator's log", operator.log_text().as_bytes());
+    agent.terminate();
+    canaries.assert_absent(
+        "the agent's log",
+        std::fs::read(agent.log_path()).unwrap().as_slice(),
+    );
 
     drop(operator);
     webhook.remove().await;

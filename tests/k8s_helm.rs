@@ -812,6 +812,21 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
         }]),
         "ClawSecrets only, never their status, never deletions"
     );
+    // deploy/webhook/local-operator.yaml (an operator outside the cluster; the README, the
+    // admission tests) is the same webhook but for how it is reached.
+    let local: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(repo().join("deploy/webhook/local-operator.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut local_hook = local["webhooks"][0].clone();
+    let mut chart_hook = hook.clone();
+    for h in [&mut local_hook, &mut chart_hook] {
+        h.as_object_mut().unwrap().remove("clientConfig");
+    }
+    assert_eq!(
+        local_hook, chart_hook,
+        "deploy/webhook/local-operator.yaml drifted from the chart"
+    );
     // No caBundle: the operator writes it (and helm's three-way merge leaves it on upgrade).
     assert!(
         hook["clientConfig"].get("caBundle").is_none(),

@@ -35,30 +35,20 @@ impl Webhook {
     pub async fn register(client: &Client, namespaces: &[&str]) -> Webhook {
         let port = free_port();
         let configuration = format!("claw-secrets-test-{}", random_hex(4));
-        let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": { "name": configuration },
-            "webhooks": [{
-                "name": WEBHOOK,
-                "clientConfig": { "url": format!("https://127.0.0.1:{port}/seal") },
-                "rules": [{
-                    "apiGroups": ["clawbernetes.io"], "apiVersions": ["*"],
-                    "operations": ["CREATE", "UPDATE"], "resources": ["clawsecrets"],
-                    "scope": "Namespaced",
-                }],
-                "namespaceSelector": { "matchExpressions": [{
-                    "key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces,
-                }]},
-                "matchConditions": [{
-                    "name": "carries-data",
-                    "expression": "has(object.spec.data) || has(object.spec.encryptedData)",
-                }],
-                "failurePolicy": "Fail",
-                "sideEffects": "None",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": 10,
-            }],
-        }))
-        .expect("a webhook configuration");
+        // deploy/webhook/local-operator.yaml, with its own name, port and namespaces.
+        let file = crate::control_plane::repo_root().join("deploy/webhook/local-operator.yaml");
+        let text = std::fs::read_to_string(&file).expect("deploy/webhook/local-operator.yaml");
+        let mut mwc: MutatingWebhookConfiguration =
+            serde_saphyr::from_str(&text).expect("a webhook configuration");
+        mwc.metadata.name = Some(configuration.clone());
+        let hook = &mut mwc.webhooks.as_mut().expect("webhooks")[0];
+        hook.client_config.url = Some(format!("https://127.0.0.1:{port}/seal"));
+        hook.namespace_selector = Some(
+            serde_json::from_value(json!({ "matchExpressions": [{
+                "key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces,
+            }]}))
+            .expect("a label selector"),
+        );
         Api::<MutatingWebhookConfiguration>::all(client.clone())
             .create(&PostParams::default(), &mwc)
             .await
@@ -89,10 +79,17 @@ impl Webhook {
     /// Starts an operator serving this webhook, and waits until the API server seals through
     /// it (the operator wrote its CA into the caBundle, and answers).
     pub async fn operator(&self, c: &Cluster) -> cluster::Operator {
+        self.operator_on_lease(c, &format!("admission-{}", random_hex(4)))
+            .await
+    }
+
+    /// [`Webhook::operator`] electing its leader with the Lease `lease` (shared with other
+    /// replicas).
+    pub async fn operator_on_lease(&self, c: &Cluster, lease: &str) -> cluster::Operator {
         let op = cluster::Operator::start_with(
             &c.env.kubeconfig,
             &c.master_key,
-            &format!("admission-{}", random_hex(4)),
+            lease,
             Some(c.ns()),
             &self.operator_args(),
         )
