@@ -308,7 +308,7 @@ pub async fn run(
             let bound = admission::Webhook::bind(&client, &config.namespace, webhook.clone())
                 .await
                 .map_err(|reason| Error::Webhook { reason })?;
-            tracing::info!(addr = ?bound.local_addr(), path = admission::PATH,
+            tracing::info!(addr = %webhook.addr, path = admission::PATH,
                 "serving the admission webhook");
             Some(tokio::spawn(bound.serve(
                 client.clone(),

@@ -108,7 +108,7 @@ impl<'a> Applied<'a> {
                 crypto::open_offline(keyring, &scope, text).map_err(|e| Invalid {
                     reason: "InvalidEncryptedData",
                     message: format!(
-                        "spec.encryptedData does not open as ClawSecret {}/{name}: {e}; it was sealed for another namespace or name, or with another cluster's sealing key",
+                        "spec.encryptedData does not open as ClawSecret {}/{name} ({e}): claw-secrets seal binds it to one namespace, name and cluster; seal it again for this one",
                         key.namespace
                     ),
                 })

@@ -108,10 +108,6 @@ impl Webhook {
         })
     }
 
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
-    }
-
     /// Serves until `stop` resolves, re-reading the certificate every [`REFRESH`].
     pub async fn serve(
         self,
@@ -149,14 +145,7 @@ impl Webhook {
                 }
             }
         };
-        let mut tls =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("the ring provider supports TLS 1.2 and 1.3")
-                .with_no_client_auth()
-                .with_cert_resolver(cert);
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        let acceptor = TlsAcceptor::from(Arc::new(tls_config(cert)));
         let accept = async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -194,6 +183,18 @@ impl Webhook {
             () = stop => {}
         }
     }
+}
+
+/// TLS 1.2 and 1.3 (what kube-apiserver speaks), HTTP/1.1, the current certificate.
+fn tls_config(cert: Arc<CurrentCert>) -> ServerConfig {
+    let mut tls =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("the ring provider supports TLS 1.2 and 1.3")
+            .with_no_client_auth()
+            .with_cert_resolver(cert);
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls
 }
 
 async fn handle(
@@ -263,4 +264,60 @@ fn wipe_after_copy(body: Bytes) -> Zeroizing<Vec<u8>> {
         zeroize::Zeroize::zeroize(&mut owned[..]);
     }
     copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::rustls::pki_types::ServerName;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    /// A TLS handshake with the server's configuration serving `serving`, by a client that
+    /// trusts only `ca_pem` (as the API server trusts only the caBundle) and asks for `host`.
+    async fn handshake(serving: &certs::Serving, ca_pem: &str, host: &str) -> Result<(), String> {
+        let cert = Arc::new(CurrentCert(RwLock::new(certified_key(serving)?)));
+        let acceptor = TlsAcceptor::from(Arc::new(tls_config(cert)));
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let client =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let connector = TlsConnector::from(Arc::new(client));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        let (server, client) = tokio::join!(acceptor.accept(a), connector.connect(name, b));
+        client.map_err(|e| e.to_string())?;
+        server.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_serving_certificate_verifies_against_the_ca_for_its_hosts_only() {
+        let (ca, ca_key) = certs::tests::new_ca_for_tests();
+        let hosts = [
+            "claw-secrets-webhook.claw-secrets.svc".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
+        let first = certs::tests::issue_for_tests(&ca_key, &hosts);
+        let renewed = certs::tests::issue_for_tests(&ca_key, &hosts);
+        assert!(first.chain_pem != renewed.chain_pem);
+        for serving in [&first, &renewed] {
+            for host in &hosts {
+                handshake(serving, &ca, host).await.unwrap();
+            }
+            let wrong = handshake(serving, &ca, "other.claw-secrets.svc").await;
+            assert!(wrong.is_err(), "a name the certificate does not cover");
+        }
+        let (other_ca, _) = certs::tests::new_ca_for_tests();
+        assert!(
+            handshake(&first, &other_ca, &hosts[0]).await.is_err(),
+            "another CA"
+        );
+    }
 }

@@ -271,7 +271,7 @@ fn decide(request: RequestIn, keyring: &Keyring) -> Result<Option<Decision>, Ref
             };
             crypto::open_offline(keyring, &scope, &text).map_err(|e| {
                 refused(format!(
-                    "spec.encryptedData does not open as ClawSecret {}/{name}: {e}; it was sealed for another namespace or name, or with another cluster's sealing key (claw-secrets seal --fetch-key gets this cluster's)",
+                    "spec.encryptedData does not open as ClawSecret {}/{name} ({e}): claw-secrets seal binds it to one namespace, name and cluster; seal it again for this one (claw-secrets seal --fetch-key gets this cluster's key)",
                     key.namespace
                 ))
             })?
