@@ -337,6 +337,16 @@ async fn plaintext_written_every_way_is_sealed_before_it_is_stored() {
         all.forms(),
         files.len()
     );
+    // The operator's status writes are its own (managedFields name it, not "unknown").
+    let replaced = c.secrets().get("by-replace").await.unwrap();
+    assert!(
+        replaced.metadata.managed_fields.iter().flatten().any(|m| {
+            m.manager.as_deref() == Some("claw-secrets-operator")
+                && m.subresource.as_deref() == Some("status")
+        }),
+        "{:?}",
+        replaced.metadata.managed_fields
+    );
     // The operator reports the versions it sealed at admission; nothing was stored plaintext.
     let events_api = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.client(), &ns);
     let events = eventually("Created and Rotated Events", || async {

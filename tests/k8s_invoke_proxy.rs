@@ -531,7 +531,28 @@ async fn node_invoke_plaintext_reaches_no_log_object_or_etcd() {
         let files = canaries.assert_absent_under(&agent.data_dir());
         files::assert_holds_audit_and_secrets(&files);
     }
-    let object = serde_json::to_string(&secrets.get(name).await.unwrap()).unwrap();
+    let stored = secrets.get(name).await.unwrap();
+    // Writes are attributed: the agent created and rotated it, the operator wrote the status.
+    let managers: Vec<(String, Option<String>)> = stored
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| (m.manager.clone().unwrap_or_default(), m.subresource.clone()))
+        .collect();
+    for expected in [
+        ("claw-secrets-agent".to_owned(), None),
+        (
+            "claw-secrets-operator".to_owned(),
+            Some("status".to_owned()),
+        ),
+    ] {
+        assert!(
+            managers.contains(&expected),
+            "{expected:?} not in {managers:?}"
+        );
+    }
+    let object = serde_json::to_string(&stored).unwrap();
     assert!(
         object.contains("managedFields") && object.contains("clawbernetes.io/writes"),
         "{object}"

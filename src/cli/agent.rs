@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::k8s::agent::{AgentConfig, run};
+use crate::k8s::component::Component;
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -109,7 +110,10 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
         // Building a client reads the kubeconfig (or the in-cluster account) only; it does not
         // contact the API server, so an agent starts serving reads while the server is down.
         let client = match kube::Config::infer().await {
-            Ok(c) => c,
+            Ok(mut c) => {
+                Component::Agent.identify(&mut c);
+                c
+            }
             Err(e) => {
                 eprintln!("error: no Kubernetes credentials (KUBECONFIG or in-cluster): {e}");
                 return ExitCode::FAILURE;

@@ -15,6 +15,7 @@ use super::{ClientConfig, client_config_path};
 use crate::invoke::{
     ClientError, ClientTimeouts, ErrorBody, InvokeClient, InvokeError, LOCAL_NODE_ALIAS,
 };
+use crate::k8s::component::Component;
 use crate::k8s::proxy::{
     AgentLocator, DEFAULT_AGENT_NAMESPACE, DEFAULT_AGENT_SELECTOR, find_agent, post_invoke,
     valid_node_name,
@@ -346,6 +347,7 @@ async fn through_api_server(
     // perhaps) for minutes. The caller decides whether to retry.
     config.default_retry = false;
     config.connect_timeout = Some(args.connect_timeout);
+    Component::Cli.identify(&mut config);
     let client = kube::Client::try_from(config)
         .map_err(|e| ClientError::Usage(format!("cannot build a Kubernetes client: {e}")))?;
     let locator = AgentLocator {

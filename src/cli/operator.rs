@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::k8s::component::Component;
 use crate::k8s::operator::{CertSource, LeaseConfig, OperatorConfig, WebhookConfig, run};
 
 #[derive(Debug, Args)]
@@ -134,8 +135,15 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
         }
     };
     let code = runtime.block_on(async move {
-        let client = match kube::Client::try_default().await {
-            Ok(c) => c,
+        let client = match kube::Config::infer().await.map(|mut c| {
+            Component::Operator.identify(&mut c);
+            kube::Client::try_from(c)
+        }) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                eprintln!("error: cannot build a Kubernetes client: {e}");
+                return ExitCode::FAILURE;
+            }
             Err(e) => {
                 eprintln!("error: no Kubernetes credentials (KUBECONFIG or in-cluster): {e}");
                 return ExitCode::FAILURE;

@@ -671,6 +671,7 @@ async fn fetch_key_text(args: &SealArgs) -> Result<String, Failure> {
         ))
     })?;
     config.connect_timeout = Some(Duration::from_secs(10));
+    crate::k8s::component::Component::Cli.identify(&mut config);
     let client = kube::Client::try_from(config)
         .map_err(|e| failed(format!("cannot build a Kubernetes client: {e}")))?;
     let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, namespace);

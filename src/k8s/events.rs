@@ -9,10 +9,7 @@
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
-/// `reportingController` of the operator's Events.
-pub const OPERATOR_CONTROLLER: &str = "claw-secrets-operator";
-
-/// Who reports: a controller name (e.g. [`OPERATOR_CONTROLLER`]) and the instance (pod name).
+/// Who reports: a controller name (`Component::controller`) and the instance (pod name).
 pub fn reporter(controller: &str, instance: &str) -> Reporter {
     Reporter {
         controller: controller.to_owned(),

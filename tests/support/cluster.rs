@@ -536,7 +536,9 @@ pub async fn access_denied_events(client: &Client, ns: &str, object: &str) -> Ve
 /// `object` in `ns`, oldest first.
 pub async fn agent_events(client: &Client, ns: &str, object: &str) -> Vec<Event> {
     let mut events = events_on(client, ns, object).await;
-    events.retain(|e| e.reporting_controller.as_deref() == Some("claw-secrets-agent"));
+    events.retain(|e| {
+        e.reporting_controller.as_deref() == Some("clawbernetes.io/claw-secrets-agent")
+    });
     events
 }
 

@@ -17,6 +17,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use crate::domain::{Kind, Name, Namespace, ObjectKey};
 use crate::invoke::{Access, Caller, Resource, Verb};
+use crate::k8s::component::Component;
 use crate::k8s::crd::{ClawConfig, ClawSecret};
 use crate::k8s::names::object_name;
 use crate::store::Store;
@@ -87,7 +88,7 @@ fn command_of(access: &Access<'_>) -> &'static str {
 impl AgentEvents {
     pub fn new(client: kube::Client, node_name: &str, store: Arc<Store>) -> Self {
         let reporter = Reporter {
-            controller: "claw-secrets-agent".to_owned(),
+            controller: Component::Agent.controller(),
             instance: Some(node_name.to_owned()),
         };
         AgentEvents {

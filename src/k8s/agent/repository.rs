@@ -7,7 +7,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, Preconditions};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use crate::domain::{ErrorCode, Kind, ObjectKey, Version};
 use crate::invoke::{
     Caller, Current, CurrentConfig, CurrentSecret, InvokeError, Repository, Revision,
 };
+use crate::k8s::component::Component;
 use crate::k8s::convert;
 use crate::k8s::crd::{ClawConfig, ClawConfigSpec, ClawSecret, ClawSecretSpec, SealedData};
 use crate::k8s::names::object_name;
@@ -301,7 +302,7 @@ impl Repository for KubeRepository {
         obj.metadata.annotations = self.annotations(Kind::Secret, key, &record.writes)?;
         let created = self
             .secrets(key)
-            .create(&PostParams::default(), &obj)
+            .create(&Component::Agent.post(), &obj)
             .await
             .map_err(|e| api_error(e, Kind::Secret, key))?;
         self.events.write(
@@ -340,7 +341,7 @@ impl Repository for KubeRepository {
             .secrets(key)
             .patch(
                 &object_name(&key.name),
-                &PatchParams::default(),
+                &Component::Agent.patch(),
                 &Patch::Merge(&patch),
             )
             .await
@@ -403,7 +404,7 @@ impl Repository for KubeRepository {
         obj.metadata.annotations = self.annotations(Kind::Config, key, &record.writes)?;
         let created = self
             .configs(key)
-            .create(&PostParams::default(), &obj)
+            .create(&Component::Agent.post(), &obj)
             .await
             .map_err(|e| api_error(e, Kind::Config, key))?;
         let note = if record.immutable {
@@ -455,7 +456,7 @@ impl Repository for KubeRepository {
             .configs(key)
             .patch(
                 &object_name(&key.name),
-                &PatchParams::default(),
+                &Component::Agent.patch(),
                 &Patch::Merge(&patch),
             )
             .await

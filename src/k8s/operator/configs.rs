@@ -6,7 +6,7 @@
 //! over an immutable config is never accepted, so no node ever serves it.
 
 use jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::Event as Finalizer;
@@ -18,6 +18,7 @@ use super::conditions::{self, READY};
 use super::error::{Error, is_conflict};
 use super::metrics::ObjectKind;
 use super::{Context, RESYNC};
+use crate::k8s::component::Component;
 use crate::k8s::convert::{self, Invalid};
 use crate::k8s::crd::{ClawConfig, ClawConfigStatus};
 
@@ -105,7 +106,7 @@ async fn apply(obj: &ClawConfig, ctx: &Context, api: &Api<ClawConfig>) -> Result
             "status": desired,
         });
         match api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&name, &Component::Operator.patch(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => {}

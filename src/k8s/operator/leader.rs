@@ -24,7 +24,9 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta};
+
+use crate::k8s::component::Component;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -123,7 +125,7 @@ impl LeaderElector {
         let me = self.config.identity.clone();
         let Some(current) = self.api.get_opt(&self.config.name).await? else {
             let lease = self.record(Timestamp::now(), 0, None);
-            return match self.api.create(&PostParams::default(), &lease).await {
+            return match self.api.create(&Component::Operator.post(), &lease).await {
                 Ok(written) => {
                     self.held = Some(written);
                     Ok(None)
@@ -172,7 +174,7 @@ impl LeaderElector {
         let lease = self.record(acquired, transitions, Some(version));
         match self
             .api
-            .replace(&self.config.name, &PostParams::default(), &lease)
+            .replace(&self.config.name, &Component::Operator.post(), &lease)
             .await
         {
             Ok(written) => {
@@ -287,7 +289,7 @@ impl LeaderElector {
             }
             match self
                 .api
-                .replace(&self.config.name, &PostParams::default(), &lease)
+                .replace(&self.config.name, &Component::Operator.post(), &lease)
                 .await
             {
                 Ok(written) => {
@@ -331,7 +333,7 @@ impl LeaderElector {
             spec.lease_duration_seconds = Some(1);
             spec.renew_time = Some(MicroTime(Timestamp::now()));
             self.api
-                .replace(&self.config.name, &PostParams::default(), &lease)
+                .replace(&self.config.name, &Component::Operator.post(), &lease)
                 .await?;
             Ok::<_, kube::Error>(true)
         };

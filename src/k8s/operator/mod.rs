@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::crypto::Keyring;
+use crate::k8s::component::Component;
 use crate::k8s::crd::{ClawConfig, ClawSecret};
 use crate::k8s::events;
 use http::Health;
@@ -413,7 +414,7 @@ async fn lead(
         client: client.clone(),
         keyring,
         keyring_secret: format!("{}/{}", config.namespace, config.master_key_secret),
-        reporter: events::reporter(events::OPERATOR_CONTROLLER, &config.lease.identity),
+        reporter: events::reporter(&Component::Operator.controller(), &config.lease.identity),
         metrics,
         failures: Mutex::default(),
     });

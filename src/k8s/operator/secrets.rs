@@ -2,7 +2,7 @@
 //! plaintext in the same write), move the version forward, and report on `status`.
 
 use jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::Event as Finalizer;
@@ -17,6 +17,7 @@ use super::metrics::ObjectKind;
 use super::{Context, RESYNC};
 use crate::crypto::{self, KeyId, Keyring, SealScope};
 use crate::domain::{ObjectKey, SecretData};
+use crate::k8s::component::Component;
 use crate::k8s::convert::{self, Invalid};
 use crate::k8s::crd::{ClawSecret, ClawSecretStatus, SealedData};
 use crate::k8s::last_applied;
@@ -200,7 +201,7 @@ async fn patch_spec(
 ) -> Result<Result<ClawSecret, Invalid>, Error> {
     let name = obj.name_any();
     match api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .patch(&name, &Component::Operator.patch(), &Patch::Merge(patch))
         .await
     {
         Ok(updated) => Ok(Ok(updated)),
@@ -340,7 +341,7 @@ async fn write_status(
         "status": desired,
     });
     match api
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch_status(&name, &Component::Operator.patch(), &Patch::Merge(&patch))
         .await
     {
         Ok(_) => {}

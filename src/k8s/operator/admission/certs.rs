@@ -17,7 +17,9 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ObjectMeta};
+
+use crate::k8s::component::Component;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -173,9 +175,10 @@ async fn managed(
             ..Secret::default()
         };
         let written = if existing.is_some() {
-            api.replace(name, &PostParams::default(), &secret).await
+            api.replace(name, &Component::Operator.post(), &secret)
+                .await
         } else {
-            api.create(&PostParams::default(), &secret).await
+            api.create(&Component::Operator.post(), &secret).await
         };
         match written {
             Ok(_) => {
@@ -320,7 +323,7 @@ async fn inject_ca_bundle(
         }
         // A replace guarded by the resourceVersion: an edit made meanwhile is read again.
         match api
-            .replace(configuration, &PostParams::default(), &config)
+            .replace(configuration, &Component::Operator.post(), &config)
             .await
         {
             Ok(_) => {
