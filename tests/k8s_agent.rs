@@ -1237,7 +1237,11 @@ async fn versions_only_move_forward() {
     match &err {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 422, "{s:?}");
-            assert!(s.message.contains("only moves forward"), "{}", s.message);
+            assert!(
+                s.message.contains("must only move forward"),
+                "{}",
+                s.message
+            );
         }
         other => panic!("unexpected error {other}"),
     }

@@ -1030,7 +1030,7 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
             "apiGroups": [""],
             "resources": ["configmaps"],
             "resourceNames": ["claw-secrets-sealing-key"],
-            "verbs": ["get", "create", "update", "patch"],
+            "verbs": ["create", "patch"],
         })),
         "{}",
         role["rules"]
@@ -1121,10 +1121,19 @@ fn rbac(objects: &[Value]) -> BTreeMap<Id, Value> {
             )
         })
         .map(|o| {
+            // Which built-in roles (view, edit, admin) a ClusterRole is part of.
+            let aggregated: BTreeMap<String, Value> = o["metadata"]["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.starts_with("rbac.authorization.k8s.io/aggregate-to-"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             let grants = json!({
                 "rules": o["rules"],
                 "roleRef": o["roleRef"],
                 "subjects": o["subjects"],
+                "aggregated": aggregated,
             });
             (id(o), grants)
         })
@@ -2168,7 +2177,22 @@ async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running
             (true, "create events.events.k8s.io", Some("default"), None),
             (true, "create configmaps", Some(ns), Some(SEALING_KEY)),
             (true, "patch configmaps", Some(ns), Some(SEALING_KEY)),
-            (true, "get configmaps", Some(ns), Some(SEALING_KEY)),
+            // Nothing the operator does not use: it never reads the ConfigMap back, never
+            // updates (PUT) the objects or their status, never patches an Event.
+            (false, "get configmaps", Some(ns), Some(SEALING_KEY)),
+            (
+                false,
+                "update clawsecrets.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (
+                false,
+                "update clawsecrets/status.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (false, "patch events.events.k8s.io", Some("default"), None),
             (false, "create configmaps", Some(ns), Some("other")),
             // A plain POST names no object: refused (the operator creates by apply).
             (false, "create configmaps", Some(ns), None),

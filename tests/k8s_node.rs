@@ -702,6 +702,71 @@ impl Release<'_> {
         assert_eq!(got["data"]["password"], json!(value));
     }
 
+    /// The chart's user roles are part of the built-in ones (the cluster's role aggregation
+    /// controller, in kube-controller-manager, merges them): a ServiceAccount bound only to
+    /// `edit` creates and reveals a secret whose allowedWorkloads do not name it; one bound only
+    /// to `view` lists it but may not reveal it.
+    async fn the_built_in_roles_include_the_chart_roles(&self, ns: &str) {
+        self.step("built-in edit and view roles");
+        let addr = format!("http://{}:7443", self.node.ip);
+        let mut tokens = Vec::new();
+        for (sa, role) in [("dev-edit", "edit"), ("dev-view", "view")] {
+            tokens.push(cluster::service_account_token(&self.client, ns, sa).await);
+            cluster::bind_cluster_role(
+                &self.client,
+                ns,
+                sa,
+                role,
+                cluster::service_account_subject(ns, sa),
+            )
+            .await;
+        }
+        let (editor, viewer) = (&tokens[0], &tokens[1]);
+        let call = |token: &str, command: &str, params: Value| {
+            let body = json!({ "nodeId": self.node.name, "command": command, "params": params });
+            let (addr, token) = (addr.clone(), token.to_owned());
+            async move {
+                cluster::post_invoke(&addr, Some(&token), serde_json::to_vec(&body).unwrap())
+                    .await
+                    .unwrap_or_else(|e| panic!("{addr}: {e}"))
+            }
+        };
+        let value = format!("edit-{}", random_hex(6));
+        let params = json!({ "name": "edit.made", "namespace": ns, "data": { "k": value },
+            "allowed_workloads": ["someone-else"] });
+        // Aggregation is asynchronous: the first calls may come before it.
+        eventually(
+            "a ServiceAccount bound to edit to create a secret",
+            || async { call(editor, "secret.create", params.clone()).await.result() },
+        )
+        .await;
+        let got = eventually("the edit-bound ServiceAccount to reveal it", || async {
+            call(
+                editor,
+                "secret.get",
+                json!({ "name": "edit.made", "namespace": ns }),
+            )
+            .await
+            .result()
+        })
+        .await;
+        assert_eq!(got["data"]["k"], json!(value));
+        let listed = eventually("a ServiceAccount bound to view to list it", || async {
+            call(viewer, "secret.list", json!({ "namespace": ns }))
+                .await
+                .result()
+        })
+        .await;
+        assert!(listed.to_string().contains("edit.made"), "{listed}");
+        let refused = call(
+            viewer,
+            "secret.get",
+            json!({ "name": "edit.made", "namespace": ns }),
+        )
+        .await;
+        refused.expect_error("PERMISSION_DENIED", "view may not reveal");
+    }
+
     /// `claw-secrets invoke claw-node ...` with a kubeconfig: through the API server's pod proxy
     /// to the agent pod.
     fn the_cli_reaches_the_agent_through_the_api_server(&self, token: &str, ns: &str, value: &str) {
@@ -1216,6 +1281,7 @@ async fn the_chart_runs_on_a_node() {
     r.node_invoke_answers_on_the_host_port(&token, ns, &value)
         .await;
     r.the_cli_reaches_the_agent_through_the_api_server(&token, ns, &value);
+    r.the_built_in_roles_include_the_chart_roles(ns).await;
     r.the_store_on_the_host_path_outlives_the_agent_pod(&token, ns, &value)
         .await;
     r.the_examples_run_and_refuse_other_workloads().await;

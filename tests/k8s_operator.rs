@@ -727,7 +727,7 @@ async fn the_api_server_enforces_the_crd_rules() {
             .await,
     );
     assert_eq!(code, 422, "{message}");
-    assert!(message.contains("only moves forward"), "{message}");
+    assert!(message.contains("must only move forward"), "{message}");
     secrets
         .patch(
             "sealed",
@@ -736,6 +736,24 @@ async fn the_api_server_enforces_the_crd_rules() {
         )
         .await
         .expect("a higher version is fine");
+    // The refusals name the field and the rule: spec.sealed.version, "must".
+    assert!(message.contains("spec.sealed.version"), "{message}");
+
+    // spec.name is fixed at creation: set, changed or removed later is refused.
+    let (code, message) = api_code(
+        secrets
+            .patch(
+                "sealed",
+                &pp,
+                &Patch::Merge(json!({ "spec": { "name": "sealed" } })),
+            )
+            .await,
+    );
+    assert_eq!(code, 422, "{message}");
+    assert!(
+        message.contains("spec.name") && message.contains("must not change after creation"),
+        "{message}"
+    );
     env.cleanup().await;
 }
 
@@ -1355,7 +1373,7 @@ async fn a_rotated_away_version_cannot_be_reinstated() {
     );
     assert_eq!(code, 422, "{message}");
     assert!(
-        message.contains("status.version only moves forward"),
+        message.contains("status.version must only move forward"),
         "{message}"
     );
     let stored = secrets.get("db").await.unwrap();

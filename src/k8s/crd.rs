@@ -28,6 +28,7 @@ pub const GROUP: &str = "clawbernetes.io";
     namespaced,
     status = "ClawSecretStatus",
     doc = "An encrypted secret delivered to Clawbernetes nodes: write plaintext into spec.data, and the operator seals it into spec.sealed and removes the plaintext.",
+    selectable = ".spec.name",
     printcolumn(
         name = "Version",
         type_ = "integer",
@@ -44,12 +45,34 @@ pub const GROUP: &str = "clawbernetes.io";
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why it is (not) Ready",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Key",
+        type_ = "string",
+        json_path = ".spec.sealed.keyId",
+        description = "The master key that sealed the current version",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Seed-Name",
+        type_ = "string",
+        json_path = ".spec.name",
+        description = "The name node.invoke knows it by, when the object name is a hash of it",
+        priority = "1"
     )
 )]
-#[kube(validation = Rule::new("!has(self.spec.sealed) || !has(self.status) || !has(self.status.version) || self.spec.sealed.version >= self.status.version").message("spec.sealed.version is below status.version, the highest version this secret has had: a rotated-away version cannot be put back; write spec.data to seal a new version"))]
-#[x_kube(validation = Rule::new("has(self.data) || has(self.encryptedData) || has(self.sealed)").message("give data (plaintext to be sealed), encryptedData (the output of claw-secrets seal) or sealed"))]
-#[x_kube(validation = Rule::new("!(has(self.data) && has(self.encryptedData))").message("give data or encryptedData, not both"))]
-#[x_kube(validation = Rule::new("!has(oldSelf.sealed) || !has(self.sealed) || self.sealed.version >= oldSelf.sealed.version").message("sealed.version only moves forward"))]
+#[kube(validation = Rule::new("!has(self.spec.sealed) || !has(self.status) || !has(self.status.version) || self.spec.sealed.version >= self.status.version").message("spec.sealed.version must not be below status.version, the highest version this secret has had: a rotated-away version cannot be put back; write spec.data to seal a new version").field_path(".spec.sealed.version").reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("has(self.data) || has(self.encryptedData) || has(self.sealed)").message("spec must give data (plaintext to seal), encryptedData (the output of claw-secrets seal) or sealed").reason(Reason::FieldValueRequired))]
+#[x_kube(validation = Rule::new("!(has(self.data) && has(self.encryptedData))").message("spec must give data or encryptedData, not both").field_path(".encryptedData").reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("!has(oldSelf.sealed) || !has(self.sealed) || self.sealed.version >= oldSelf.sealed.version").message("sealed.version must only move forward").field_path(".sealed.version").reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)").message("spec.name must not change after creation; create an object for the other name").field_path(".name").reason(Reason::FieldValueForbidden))]
 #[serde(rename_all = "camelCase")]
 pub struct ClawSecretSpec {
     /// The secret's name as node.invoke knows it, when that name cannot be an object name
@@ -139,7 +162,7 @@ impl std::fmt::Debug for ClawSecretSpec {
 
 /// What the operator observed.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("!has(oldSelf.version) || (has(self.version) && self.version >= oldSelf.version)").message("status.version only moves forward"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.version) || (has(self.version) && self.version >= oldSelf.version)").message("status.version must only move forward").field_path(".version").reason(Reason::FieldValueForbidden))]
 #[serde(rename_all = "camelCase")]
 pub struct ClawSecretStatus {
     /// The current version: 1 after the first seal, one more after each rotation; the highest
@@ -167,6 +190,7 @@ pub struct ClawSecretStatus {
     namespaced,
     status = "ClawConfigStatus",
     doc = "Plain (unencrypted) configuration delivered to Clawbernetes nodes; immutable configs cannot be changed after creation.",
+    selectable = ".spec.name",
     printcolumn(
         name = "Immutable",
         type_ = "boolean",
@@ -183,10 +207,25 @@ pub struct ClawSecretStatus {
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why it is (not) Ready",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Seed-Name",
+        type_ = "string",
+        json_path = ".spec.name",
+        description = "The name node.invoke knows it by, when the object name is a hash of it",
+        priority = "1"
     )
 )]
-#[x_kube(validation = Rule::new("!has(oldSelf.immutable) || !oldSelf.immutable || (has(self.immutable) && self.immutable)").message("immutable cannot be set back to false"))]
-#[x_kube(validation = Rule::new("!has(oldSelf.immutable) || !oldSelf.immutable || self.data == oldSelf.data").message("the data of an immutable ClawConfig cannot be changed; delete it and create it again"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.immutable) || !oldSelf.immutable || (has(self.immutable) && self.immutable)").message("immutable must not be set back to false").field_path(".immutable").reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("!has(oldSelf.immutable) || !oldSelf.immutable || self.data == oldSelf.data").message("the data of an immutable ClawConfig must not change; delete it and create it again").field_path(".data").reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)").message("spec.name must not change after creation; create an object for the other name").field_path(".name").reason(Reason::FieldValueForbidden))]
 #[serde(rename_all = "camelCase")]
 pub struct ClawConfigSpec {
     /// The config's name as node.invoke knows it, when that name cannot be an object name;
@@ -252,14 +291,71 @@ pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
     let mut out = String::from("# Generated by `claw-secrets crd`; do not edit by hand.\n");
     for crd in [ClawSecret::crd(), ClawConfig::crd()] {
+        let mut crd = serde_json::to_value(&crd).expect("a CRD serializes");
+        unwrap_descriptions(&mut crd);
         out.push_str("---\n");
         out.push_str(&serde_saphyr::to_string(&crd).expect("CRDs serialize to YAML"));
     }
     out
 }
 
+/// Joins the lines of every schema description into paragraphs: doc comments break lines at
+/// 100 columns, and `kubectl explain` wraps the text again to the terminal, so kept breaks
+/// would show as ragged half-lines. Blank lines (paragraphs) stay.
+fn unwrap_descriptions(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                match v {
+                    serde_json::Value::String(text) if key == "description" => {
+                        *text = text
+                            .split("\n\n")
+                            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+                            .collect::<Vec<_>>()
+                            .join("\n\n");
+                    }
+                    other => unwrap_descriptions(other),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(unwrap_descriptions),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn descriptions_are_paragraphs_not_wrapped_lines() {
+        let yaml = super::crds_yaml();
+        let crds: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
+        let mut descriptions = Vec::new();
+        fn collect(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        match v {
+                            serde_json::Value::String(s) if k == "description" => {
+                                out.push(s.clone())
+                            }
+                            other => collect(other, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| collect(v, out)),
+                _ => {}
+            }
+        }
+        crds.iter().for_each(|c| collect(c, &mut descriptions));
+        assert!(descriptions.len() > 20);
+        for d in descriptions {
+            assert!(
+                !d.replace("\n\n", "").contains('\n'),
+                "a description with a hard line break: {d:?}"
+            );
+        }
+    }
+
     #[test]
     fn debug_never_prints_plaintext() {
         let spec = super::ClawSecretSpec {
