@@ -17,6 +17,8 @@ pub const GROUP: &str = "clawbernetes.io";
 /// Write plaintext into `data`; the operator seals it (ChaCha20-Poly1305, per-write key from
 /// HKDF-SHA256) into `sealed`, removes `data`, and moves `status.version` forward. Writing
 /// `data` again rotates the secret.
+// clippy reads the printer columns' repeated `type_ = "string"` as one attribute given twice.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, PartialEq)]
 #[kube(
     group = "clawbernetes.io",
@@ -179,6 +181,8 @@ pub struct ClawSecretStatus {
 }
 
 /// Plain (unencrypted) configuration delivered to Clawbernetes nodes.
+// clippy reads the printer columns' repeated `type_ = "string"` as one attribute given twice.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "clawbernetes.io",
