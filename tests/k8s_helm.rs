@@ -1623,7 +1623,7 @@ async fn install_run_upgrade_and_uninstall_a_release() {
         let w = a_webhook_release_gets_its_ca_bundle_from_the_operator(&r).await;
         helm_upgrade_keeps_the_ca_bundle(&r, &w).await;
         with_no_replica_answering_only_writes_carrying_data_are_refused(&r, &kept).await;
-        // The finalizers go while the webhook cannot answer.
+        // Deletions go through while the webhook cannot answer, and no operator runs.
         nothing_is_left_stuck(&r, kept).await;
         Some(w)
     };
@@ -2626,7 +2626,7 @@ async fn the_example_config_is_readable_when_bound_and_immutable(r: &Release, wo
     );
 }
 
-/// While the operator runs (finalizers), `kubectl delete` removes each example, waiting for
+/// `kubectl delete` removes each example (nothing waits for the operator), waiting for
 /// the ClawSecrets and the ClawConfig to go; then the test's RoleBinding and the namespace.
 async fn the_examples_are_deleted_while_the_operator_runs(r: &Release) {
     r.step("kubectl delete -f examples/");
@@ -2975,18 +2975,18 @@ fn the_webhook_release_is_uninstalled(r: &Release, mut w: WebhookRelease) {
     assert!(left.is_empty(), "orphans of the webhook release: {left:?}");
 }
 
-/// Leaves nothing stuck: the finalizers of the kept ClawSecrets (no operator any more) are
-/// removed, and the test's Node deleted.
+/// Leaves nothing stuck: the kept ClawSecrets carry no finalizer, so they are deleted at once
+/// with no operator running; and the test's Node is deleted.
 async fn nothing_is_left_stuck(r: &Release, kept: Vec<String>) {
+    let api = Api::<ClawSecret>::namespaced(r.admin.clone(), &r.ns);
     for name in kept {
-        Api::<ClawSecret>::namespaced(r.admin.clone(), &r.ns)
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-            )
+        api.delete(&name, &Default::default())
             .await
-            .expect("removing a finalizer");
+            .expect("deleting a kept ClawSecret");
+        assert!(
+            api.get_opt(&name).await.unwrap().is_none(),
+            "{name} waits for an operator that is gone"
+        );
     }
     let _ = Api::<k8s_openapi::api::core::v1::Node>::all(r.admin.clone())
         .delete(&r.node, &Default::default())

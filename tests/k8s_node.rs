@@ -907,6 +907,57 @@ impl Release<'_> {
         .await;
     }
 
+    /// A namespace holding ClawSecrets is deleted while no operator runs, and its deletion
+    /// completes: nothing the operator puts on an object waits for it (no finalizer).
+    async fn a_namespace_deletes_while_the_operator_is_stopped(&self) {
+        self.step("namespace deleted while the operator is stopped");
+        let ns = "claw-orphans";
+        self.kubectl(&["create", "namespace", ns]);
+        let manifest = self.node.scratch.join("orphan.json");
+        std::fs::write(
+            &manifest,
+            json!({
+                "apiVersion": "clawbernetes.io/v1alpha1", "kind": "ClawSecret",
+                "metadata": { "name": "orphan", "namespace": ns },
+                "spec": { "data": { "k": random_hex(8) } },
+            })
+            .to_string(),
+        )
+        .unwrap();
+        self.kubectl(&["apply", "-f", manifest.to_str().unwrap()]);
+        let secrets: Api<ClawSecret> = Api::namespaced(self.client.clone(), ns);
+        eventually("the orphan to be sealed and Ready", || async {
+            let s = secrets.get("orphan").await.map_err(|e| e.to_string())?;
+            (s.status.and_then(|st| st.version) == Some(1))
+                .then_some(())
+                .ok_or_else(|| "not yet".to_owned())
+        })
+        .await;
+        self.kubectl(&["-n", NAMESPACE, "scale", OPERATOR, "--replicas=0"]);
+        eventually("no operator pod", || async {
+            let left = self.pods("operator").len();
+            (left == 0)
+                .then_some(())
+                .ok_or_else(|| format!("{left} left"))
+        })
+        .await;
+        let deleting = Instant::now();
+        self.kubectl(&["delete", "namespace", ns, "--wait=true", "--timeout=120s"]);
+        println!(
+            "NODE: namespace with a ClawSecret deleted with no operator running in {:.1}s",
+            deleting.elapsed().as_secs_f64()
+        );
+        self.kubectl(&["-n", NAMESPACE, "scale", OPERATOR, "--replicas=2"]);
+        self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "rollout",
+            "status",
+            OPERATOR,
+            "--timeout=180s",
+        ]);
+    }
+
     /// The leader's pod deleted: the other replica takes over (the old one released the
     /// Lease) and seals a new ClawSecret.
     async fn the_other_operator_takes_over_from_a_deleted_leader(&self, ns: &str) {
@@ -1285,6 +1336,7 @@ async fn the_chart_runs_on_a_node() {
     r.the_store_on_the_host_path_outlives_the_agent_pod(&token, ns, &value)
         .await;
     r.the_examples_run_and_refuse_other_workloads().await;
+    r.a_namespace_deletes_while_the_operator_is_stopped().await;
     r.the_other_operator_takes_over_from_a_deleted_leader(ns)
         .await;
     r.helm_upgrade_rolls_the_pods(ns).await;

@@ -405,11 +405,8 @@ async fn seals_rotates_and_deletes_a_secret_without_leaking_plaintext() {
         ready.2,
         format!("version 1 sealed with key {}", sealed.key_id)
     );
-    assert!(
-        v1.finalizers()
-            .iter()
-            .any(|f| f == "clawbernetes.io/cleanup")
-    );
+    // No finalizer: a deletion never waits for the operator.
+    assert!(v1.finalizers().is_empty(), "{:?}", v1.finalizers());
     let created = wait_event(&client, ns, "db.password", "Created").await;
     assert_eq!(created[0].0, "Normal");
     assert!(created[0].1.contains("version 1") && created[0].1.contains(&sealed.key_id));
@@ -473,7 +470,7 @@ async fn seals_rotates_and_deletes_a_secret_without_leaking_plaintext() {
     );
     assert_eq!(code, 422);
 
-    // Deletion: a Deleted Event, and the object goes (the finalizer is removed).
+    // Deletion: the object goes at once, and the operator reports it from the watch.
     api.delete("db.password", &DeleteParams::default())
         .await
         .expect("delete");
@@ -1382,11 +1379,12 @@ async fn a_rotated_away_version_cannot_be_reinstated() {
     env.cleanup().await;
 }
 
-/// A new ClawSecret's plaintext is in one revision only, the one its creator wrote: the
-/// operator's first write both seals it and adds the finalizer (two writes once put the
-/// plaintext into a second revision, kept by etcd like the first). Watched from the create.
+/// Without the webhook, a new ClawSecret's plaintext is in one revision only, the one its
+/// creator wrote: the operator's first write seals it (a separate finalizer write once put the
+/// plaintext into a second revision, kept by etcd like the first; no finalizer is added now).
+/// Watched from the create.
 #[tokio::test]
-async fn the_first_seal_adds_the_finalizer_in_the_same_write() {
+async fn the_first_seal_is_the_operators_first_write() {
     use futures::{StreamExt, TryStreamExt};
     use kube::api::{WatchEvent, WatchParams};
     let env = setup("op-one-write").await;
@@ -1429,10 +1427,49 @@ async fn the_first_seal_adds_the_finalizer_in_the_same_write() {
     );
     let (_, sealed, finalizers) = &revisions[0];
     assert_eq!(*sealed, Some(1), "{revisions:?}");
-    assert_eq!(
-        finalizers,
-        &vec!["clawbernetes.io/cleanup".to_owned()],
-        "{revisions:?}"
-    );
+    assert!(finalizers.is_empty(), "{revisions:?}");
+    env.cleanup().await;
+}
+
+/// Objects from earlier versions carry the finalizer `clawbernetes.io/cleanup`: the operator
+/// removes it from a live object (it stays), and lets one being deleted go, with its Deleted
+/// Event.
+#[tokio::test]
+async fn the_legacy_finalizer_is_removed_and_held_deletions_complete() {
+    let env = setup("op-legacy").await;
+    let secrets: Api<ClawSecret> = env.api();
+    for name in ["kept", "going"] {
+        let mut s = secret(name, &[("k", "v")]);
+        s.metadata.finalizers = Some(vec!["clawbernetes.io/cleanup".to_owned()]);
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    // Deleted while no operator runs: held by the finalizer, as before this version.
+    secrets
+        .delete("going", &DeleteParams::default())
+        .await
+        .unwrap();
+    let held = secrets.get("going").await.unwrap();
+    assert!(held.metadata.deletion_timestamp.is_some());
+
+    let _op = Operator::start(&env, "replica-a", 15);
+    let kept = sealed_at(&secrets, "kept", 1).await;
+    eventually("the legacy finalizer to go from a live object", || async {
+        let s = secrets.get("kept").await.map_err(|e| e.to_string())?;
+        s.finalizers()
+            .is_empty()
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", s.finalizers()))
+    })
+    .await;
+    assert_eq!(kept.spec.sealed.map(|s| s.version), Some(1));
+    eventually("the held deletion to complete", || async {
+        match secrets.get_opt("going").await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(s) => Err(format!("still there, finalizers {:?}", s.finalizers())),
+        }
+    })
+    .await;
+    let deleted = wait_event(&env.client, &env.namespace, "going", "Deleted").await;
+    assert_eq!(deleted[0].0, "Normal");
     env.cleanup().await;
 }

@@ -9,7 +9,6 @@ use jiff::Timestamp;
 use kube::api::{Api, Patch};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
@@ -34,12 +33,13 @@ pub(super) async fn reconcile(obj: Arc<ClawConfig>, ctx: Arc<Context>) -> Result
     let api: Api<ClawConfig> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let (ctx, api) = (&ctx, &api);
-    super::finalized(api, obj, ctx, move |event| async move {
-        match event {
-            Finalizer::Apply(obj) => apply(&obj, ctx, api).await,
-            Finalizer::Cleanup(obj) => cleanup(&obj, ctx).await,
-        }
-    })
+    super::reconciled(
+        api,
+        obj,
+        ctx,
+        |obj| async move { apply(&obj, ctx, api).await },
+        |obj| async move { deleted(&obj, ctx).await },
+    )
     .await
 }
 
@@ -208,7 +208,8 @@ fn desired_status(obj: &ClawConfig, decision: &Decision, now: Timestamp) -> Claw
     status
 }
 
-async fn cleanup(obj: &ClawConfig, ctx: &Context) -> Result<Action, Error> {
+/// The Deleted Event of a config the watch saw deleted.
+pub(super) async fn deleted(obj: &ClawConfig, ctx: &Context) {
     tracing::info!(namespace = %obj.namespace().unwrap_or_default(), name = %obj.name_any(),
         "ClawConfig deleted");
     ctx.event(
@@ -219,7 +220,6 @@ async fn cleanup(obj: &ClawConfig, ctx: &Context) -> Result<Action, Error> {
         "deleted; nodes remove their copies".to_owned(),
     )
     .await;
-    Ok(Action::await_change())
 }
 
 #[cfg(test)]

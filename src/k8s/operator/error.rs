@@ -4,8 +4,6 @@
 //! Objects that are merely invalid are not errors: they are reported on their own status and
 //! the controller moves on (see `secrets.rs` and `configs.rs`).
 
-use kube::runtime::finalizer;
-
 use crate::crypto::CryptoError;
 use crate::k8s::keyring::KeyringError;
 
@@ -24,9 +22,6 @@ pub enum Error {
 
     #[error(transparent)]
     Keyring(#[from] KeyringError),
-
-    #[error("{0}")]
-    Finalizer(#[source] Box<finalizer::Error<Error>>),
 
     #[error("sealing {namespace}/{name} failed: {source}")]
     Seal {
@@ -62,26 +57,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// The error inside the finalizer wrapper, if any: what actually failed.
-    pub fn root(&self) -> &Error {
-        match self {
-            Error::Finalizer(e) => match e.as_ref() {
-                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
-                    inner.root()
-                }
-                _ => self,
-            },
-            _ => self,
-        }
-    }
-
     /// A short, stable label for metrics.
     pub fn metric_label(&self) -> &'static str {
-        match self.root() {
+        match self {
             Error::Kube(_) => "kube",
             Error::Conflict { .. } => "conflict",
             Error::Keyring(_) => "keyring",
-            Error::Finalizer(_) => "finalizer",
             Error::Seal { .. } => "seal",
             Error::LeaseLost { .. } => "lease_lost",
             Error::Serve { .. } => "serve",
@@ -91,11 +72,10 @@ impl Error {
     }
 
     /// Every label `metric_label` can return, so metrics can be pre-declared.
-    pub const METRIC_LABELS: [&'static str; 9] = [
+    pub const METRIC_LABELS: [&'static str; 8] = [
         "kube",
         "conflict",
         "keyring",
-        "finalizer",
         "seal",
         "lease_lost",
         "serve",
@@ -104,7 +84,7 @@ impl Error {
     ];
 
     pub fn is_conflict(&self) -> bool {
-        matches!(self.root(), Error::Conflict { .. })
+        matches!(self, Error::Conflict { .. })
     }
 }
 
@@ -118,18 +98,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn labels_see_through_the_finalizer_wrapper() {
-        let conflict = || Error::Conflict {
+    fn every_label_is_declared() {
+        let conflict = Error::Conflict {
             kind: "ClawSecret",
             namespace: "ns".into(),
             name: "a".into(),
         };
-        let wrapped = Error::Finalizer(Box::new(finalizer::Error::ApplyFailed(conflict())));
-        assert_eq!(wrapped.metric_label(), "conflict");
-        assert!(wrapped.is_conflict());
-        let finalizer_only = Error::Finalizer(Box::new(finalizer::Error::UnnamedObject));
-        assert_eq!(finalizer_only.metric_label(), "finalizer");
-        for e in [conflict(), wrapped, finalizer_only] {
+        assert_eq!(conflict.metric_label(), "conflict");
+        assert!(conflict.is_conflict());
+        for e in [
+            conflict,
+            Error::TaskEnded { task: "x" },
+            Error::Webhook { reason: "r".into() },
+        ] {
             assert!(Error::METRIC_LABELS.contains(&e.metric_label()));
         }
     }

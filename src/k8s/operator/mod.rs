@@ -24,7 +24,6 @@ use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Reporter};
-use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -35,7 +34,7 @@ use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::crypto::Keyring;
 use crate::k8s::component::Component;
@@ -45,9 +44,11 @@ use http::Health;
 use leader::LeaderElector;
 use metrics::{Metrics, ObjectKind, Outcome};
 
-/// The finalizer both kinds carry, so that a deletion is seen (and audited) before the object
-/// is gone.
-pub const FINALIZER: &str = "clawbernetes.io/cleanup";
+/// The finalizer earlier versions put on both kinds, so that a deletion was seen (and got its
+/// Deleted Event) before the object was gone. It also blocked the deletion of the objects, and
+/// of their namespaces, whenever no operator ran; so it is no longer added, and the operator
+/// removes it wherever it finds it. Deletions are reported from the watch instead.
+pub const LEGACY_FINALIZER: &str = "clawbernetes.io/cleanup";
 
 /// How often a healthy object is looked at again without any change (a safety net against
 /// missed watch events; it writes nothing when nothing changed).
@@ -179,33 +180,84 @@ fn failure_key<K: Resource + Kinded>(obj: &K) -> (ObjectKind, String, String) {
     )
 }
 
-/// Runs `reconcile` under the finalizer (Apply or Cleanup), counting the outcome.
-async fn finalized<K, F, Fut>(
+/// Runs `apply` on a live object, counting the outcome. An object that still carries the
+/// legacy finalizer only has it removed (with its Deleted Event if it is being deleted: the
+/// watch will not report that deletion, the object being already gone from it when it ends);
+/// an object being deleted is left to the API server.
+async fn reconciled<K, A, AFut, D, DFut>(
     api: &Api<K>,
     obj: Arc<K>,
     ctx: &Context,
-    reconcile: F,
+    apply: A,
+    deleted: D,
 ) -> Result<Action, Error>
 where
     K: Resource<DynamicType = ()> + Kinded + Clone + DeserializeOwned + Serialize + Debug,
-    F: FnOnce(finalizer::Event<K>) -> Fut,
-    Fut: Future<Output = Result<Action, Error>>,
+    A: FnOnce(Arc<K>) -> AFut,
+    AFut: Future<Output = Result<Action, Error>>,
+    D: FnOnce(Arc<K>) -> DFut,
+    DFut: Future<Output = ()>,
 {
     let key = failure_key(obj.as_ref());
-    counted::<K>(ctx, key, async {
-        finalizer(api, FINALIZER, obj, reconcile)
-            .await
-            .map_err(|e| Error::Finalizer(Box::new(e)))
-    })
-    .await
+    let deleting = obj.meta().deletion_timestamp.is_some();
+    if has_legacy_finalizer(obj.as_ref()) {
+        return counted::<K>(ctx, key, async {
+            remove_legacy_finalizer(api, obj.as_ref()).await?;
+            if deleting {
+                deleted(obj).await;
+            }
+            Ok(Action::await_change())
+        })
+        .await;
+    }
+    if deleting {
+        return Ok(Action::await_change());
+    }
+    counted::<K>(ctx, key, apply(obj)).await
 }
 
-/// Whether the object carries the operator's finalizer.
-fn has_finalizer<K: Resource>(obj: &K) -> bool {
+/// Whether the object carries the finalizer of earlier versions.
+fn has_legacy_finalizer<K: Resource>(obj: &K) -> bool {
     obj.meta()
         .finalizers
         .as_ref()
-        .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
+        .is_some_and(|f| f.iter().any(|f| f == LEGACY_FINALIZER))
+}
+
+/// Removes the legacy finalizer, keeping any other, guarded by the resourceVersion (the list is
+/// replaced whole by a merge patch).
+async fn remove_legacy_finalizer<K>(api: &Api<K>, obj: &K) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Kinded + Clone + DeserializeOwned + Debug,
+{
+    let kept: Vec<&String> = obj
+        .meta()
+        .finalizers
+        .iter()
+        .flatten()
+        .filter(|f| *f != LEGACY_FINALIZER)
+        .collect();
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": obj.meta().resource_version, "finalizers": kept },
+    });
+    let name = obj.meta().name.clone().unwrap_or_default();
+    match api
+        .patch(
+            &name,
+            &Component::Operator.patch(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) if error::is_conflict(&e) => Err(Error::Conflict {
+            kind: K::KIND.label(),
+            namespace: obj.meta().namespace.clone().unwrap_or_default(),
+            name,
+        }),
+        Err(e) => Err(Error::Kube(e)),
+    }
 }
 
 /// Runs one reconciliation of the object `key`, counting its outcome.
@@ -419,24 +471,49 @@ async fn lead(
         failures: Mutex::default(),
     });
 
-    let secrets = lean_controller(scoped_api::<DeserializeGuard<ClawSecret>>(&client, config))
-        .with_config(controller::Config::default().concurrency(CONCURRENCY))
-        .graceful_shutdown_on(stopped(stop.clone()))
-        .run(
-            |obj, ctx| guarded(obj, ctx, secrets::reconcile),
-            error_policy,
-            ctx.clone(),
+    let (deleted_secrets, secret_deletions) = mpsc::unbounded_channel();
+    let (deleted_configs, config_deletions) = mpsc::unbounded_channel();
+    let deletions = {
+        let (a, b) = (ctx.clone(), ctx.clone());
+        futures::future::join(
+            report_deletions(secret_deletions, move |obj: ClawSecret| {
+                let ctx = a.clone();
+                async move { secrets::deleted(&obj, &ctx).await }
+            }),
+            report_deletions(config_deletions, move |obj: ClawConfig| {
+                let ctx = b.clone();
+                async move { configs::deleted(&obj, &ctx).await }
+            }),
         )
-        .for_each(|r| async move { log_result("ClawSecret", r) });
-    let configs = lean_controller(scoped_api::<DeserializeGuard<ClawConfig>>(&client, config))
-        .with_config(controller::Config::default().concurrency(CONCURRENCY))
-        .graceful_shutdown_on(stopped(stop.clone()))
-        .run(
-            |obj, ctx| guarded(obj, ctx, configs::reconcile),
-            error_policy,
-            ctx,
-        )
-        .for_each(|r| async move { log_result("ClawConfig", r) });
+    };
+    // Stops with the leadership: a replica that no longer leads reports nothing.
+    let _deletions = AbortOnDrop(tokio::spawn(async move {
+        deletions.await;
+    }));
+    let secrets = lean_controller(
+        scoped_api::<DeserializeGuard<ClawSecret>>(&client, config),
+        deleted_secrets,
+    )
+    .with_config(controller::Config::default().concurrency(CONCURRENCY))
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(
+        |obj, ctx| guarded(obj, ctx, secrets::reconcile),
+        error_policy,
+        ctx.clone(),
+    )
+    .for_each(|r| async move { log_result("ClawSecret", r) });
+    let configs = lean_controller(
+        scoped_api::<DeserializeGuard<ClawConfig>>(&client, config),
+        deleted_configs,
+    )
+    .with_config(controller::Config::default().concurrency(CONCURRENCY))
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(
+        |obj, ctx| guarded(obj, ctx, configs::reconcile),
+        error_policy,
+        ctx,
+    )
+    .for_each(|r| async move { log_result("ClawConfig", r) });
 
     health.set_ready(true);
     tracing::info!(
@@ -473,11 +550,23 @@ async fn lead(
     }
 }
 
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A controller over every object of `api`, whose cache keeps objects without their
 /// `metadata.managedFields`. The reconcilers never read them, and at 10,000 ClawSecrets they
 /// were most of the operator's memory (BENCHMARKS.md); everything else is kept as the API
 /// server sent it, so the reconcilers see the same objects as with `Controller::new`.
-fn lean_controller<K>(api: Api<K>) -> Controller<K>
+///
+/// Every object the watch sees deleted is sent to `deleted` (the Deleted Event: there is no
+/// finalizer to hold the object back for a reconcile).
+fn lean_controller<K>(api: Api<K>, deleted: mpsc::UnboundedSender<K>) -> Controller<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -485,10 +574,34 @@ where
     let trigger = reflector(
         writer,
         watcher(api, watcher::Config::default().any_semantic())
-            .modify(|obj: &mut K| obj.managed_fields_mut().clear()),
+            .modify(|obj: &mut K| obj.managed_fields_mut().clear())
+            .inspect(move |event| {
+                if let Ok(watcher::Event::Delete(obj)) = event {
+                    let _ = deleted.send(obj.clone());
+                }
+            }),
     )
     .applied_objects();
     Controller::for_stream(trigger, reader)
+}
+
+/// Publishes the Deleted Event of every object `deleted` receives, one after another, until
+/// the controllers stop (the sender goes with them).
+async fn report_deletions<K, F, Fut>(
+    mut deleted: mpsc::UnboundedReceiver<DeserializeGuard<K>>,
+    report: F,
+) where
+    K: Resource,
+    F: Fn(K) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    while let Some(guard) = deleted.recv().await {
+        // An object this version cannot read gets no Deleted Event (nothing to name it by
+        // beyond what the watch's Unreadable Warning already said).
+        if let Ok(obj) = guard.0 {
+            report(obj).await;
+        }
+    }
 }
 
 fn scoped_api<K>(client: &kube::Client, config: &OperatorConfig) -> Api<K>

@@ -5,7 +5,6 @@ use jiff::Timestamp;
 use kube::api::{Api, Patch};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::Event as Finalizer;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -31,21 +30,13 @@ pub(super) async fn reconcile(obj: Arc<ClawSecret>, ctx: Arc<Context>) -> Result
     let api: Api<ClawSecret> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let (ctx, api) = (&ctx, &api);
-    if Applied::of(&obj).is_some()
-        && obj.metadata.deletion_timestamp.is_none()
-        && !super::has_finalizer(obj.as_ref())
-    {
-        // A new object with plaintext: the seal adds the finalizer in the same write, so one
-        // revision in etcd holds the plaintext instead of two (finalizer first, then the seal).
-        let key = super::failure_key(obj.as_ref());
-        return super::counted::<ClawSecret>(ctx, key, apply(obj, ctx, api)).await;
-    }
-    super::finalized(api, obj, ctx, move |event| async move {
-        match event {
-            Finalizer::Apply(obj) => apply(obj, ctx, api).await,
-            Finalizer::Cleanup(obj) => cleanup(&obj, ctx).await,
-        }
-    })
+    super::reconciled(
+        api,
+        obj,
+        ctx,
+        |obj| apply(obj, ctx, api),
+        |obj| async move { deleted(&obj, ctx).await },
+    )
     .await
 }
 
@@ -232,12 +223,6 @@ fn plaintext_removal_patch(obj: &ClawSecret, sealed: Option<&SealedData>) -> Val
     if let Some(sealed) = sealed {
         patch["spec"]["sealed"] = json!(sealed);
     }
-    if !super::has_finalizer(obj) {
-        // The list is replaced whole by a merge patch; the resourceVersion guard makes that safe.
-        let mut finalizers = obj.finalizers().to_vec();
-        finalizers.push(super::FINALIZER.to_owned());
-        patch["metadata"]["finalizers"] = json!(finalizers);
-    }
     if let Some(applied) = obj.annotations().get(last_applied::ANNOTATION) {
         patch["metadata"]["annotations"] =
             json!({ last_applied::ANNOTATION: last_applied::without_plaintext(applied) });
@@ -407,7 +392,8 @@ fn next_action(verdict: &Result<Ready, Invalid>) -> Action {
     }
 }
 
-async fn cleanup(obj: &ClawSecret, ctx: &Context) -> Result<Action, Error> {
+/// The Deleted Event of a secret the watch saw deleted.
+pub(super) async fn deleted(obj: &ClawSecret, ctx: &Context) {
     let version = obj
         .spec
         .sealed
@@ -422,7 +408,6 @@ async fn cleanup(obj: &ClawSecret, ctx: &Context) -> Result<Action, Error> {
         "ClawSecret deleted");
     ctx.event(obj, EventType::Normal, "Deleted", "Delete", note)
         .await;
-    Ok(Action::await_change())
 }
 
 #[cfg(test)]
@@ -507,11 +492,9 @@ mod tests {
         assert_eq!(patch["metadata"]["resourceVersion"], "42");
         assert!(patch["spec"]["data"].is_null());
         assert_eq!(patch["spec"]["sealed"]["keyId"], "k-1");
-        // A first seal adds the finalizer in the same write.
-        assert_eq!(
-            patch["metadata"]["finalizers"],
-            json!([super::super::FINALIZER])
-        );
+        // No finalizer: deleting never waits for the operator.
+        assert!(patch["metadata"].get("finalizers").is_none());
+        assert!(patch["spec"]["encryptedData"].is_null());
         let applied: Value = serde_json::from_str(
             patch["metadata"]["annotations"][last_applied::ANNOTATION]
                 .as_str()

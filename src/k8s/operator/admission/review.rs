@@ -20,7 +20,6 @@ use crate::k8s::crd::SealedData;
 use crate::k8s::last_applied;
 use crate::k8s::sealing::{self, Current, Sealing};
 
-use super::super::FINALIZER;
 use super::super::metrics::Admission;
 
 /// A string that may hold plaintext: wiped when dropped.
@@ -67,11 +66,7 @@ struct IncomingMeta {
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
-    finalizers: Option<Vec<String>>,
-    #[serde(default)]
     annotations: Option<BTreeMap<String, Sensitive>>,
-    #[serde(default)]
-    deletion_timestamp: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -311,18 +306,6 @@ fn decide(request: RequestIn, keyring: &Keyring) -> Result<Option<Decision>, Ref
         }
     };
     patch.push(json!({ "op": "add", "path": "/spec/sealed", "value": sealed }));
-    if object.metadata.deletion_timestamp.is_none() {
-        match &object.metadata.finalizers {
-            None => patch
-                .push(json!({ "op": "add", "path": "/metadata/finalizers", "value": [FINALIZER] })),
-            Some(list) if !list.iter().any(|f| f == FINALIZER) => {
-                patch.push(
-                    json!({ "op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER }),
-                );
-            }
-            Some(_) => {}
-        }
-    }
     if let Some(applied) = object
         .metadata
         .annotations
@@ -437,9 +420,10 @@ mod tests {
         };
         let data = crypto::open(&keyring, &identity, &envelope).unwrap();
         assert_eq!(data.get("password").unwrap().expose(), CANARY);
-        assert_eq!(
-            op(&ops, "/metadata/finalizers")["value"],
-            json!([FINALIZER])
+        // No finalizer: deletion never waits for the operator.
+        assert!(
+            !ops.iter()
+                .any(|o| o["path"].as_str().unwrap().contains("finalizers"))
         );
         let applied = op(
             &ops,
@@ -453,16 +437,11 @@ mod tests {
 
         // The same data applied again: the stored version stays, nothing new is sealed.
         let old = json!({"spec": {"sealed": sealed}, "status": {"version": 1}});
-        let mut again = with_data(json!({"password": CANARY}));
-        again["metadata"]["finalizers"] = json!(["other", FINALIZER]);
+        let again = with_data(json!({"password": CANARY}));
         let answer = review(&request("UPDATE", again, Some(old.clone())), &keyring).unwrap();
         assert_eq!(answer.result, Some(Admission::Unchanged));
         let ops = patch(&response(&answer));
         assert_eq!(op(&ops, "/spec/sealed")["value"], old["spec"]["sealed"]);
-        assert!(
-            !ops.iter()
-                .any(|o| o["path"].as_str().unwrap().contains("finalizers"))
-        );
 
         // Other data: version 2.
         let changed = with_data(json!({"password": "other"}));
