@@ -559,7 +559,7 @@ async fn malformed_objects_are_reported_and_do_not_stall_others() {
                 version: 1,
                 key_id: "k-0000000000000000".to_owned(),
                 envelope: "bm90IGFuIGVudmVsb3Bl".to_owned(),
-                sealed_at: "2025-01-01T00:00:00Z".to_owned(),
+                seal_time: "2025-01-01T00:00:00Z".to_owned(),
                 data_digest: None,
             }),
         },
@@ -707,7 +707,7 @@ async fn the_api_server_enforces_the_crd_rules() {
         version: 3,
         key_id: "k-0000000000000000".to_owned(),
         envelope: "AAAA".to_owned(),
-        sealed_at: "2025-01-01T00:00:00Z".to_owned(),
+        seal_time: "2025-01-01T00:00:00Z".to_owned(),
         data_digest: None,
     });
     secrets
@@ -807,8 +807,8 @@ async fn configs_are_accepted_and_immutability_holds_in_the_loop() {
         .expect("update");
     let c2 = accepted("app.settings", data_hash(&second)).await;
     let (t1, t2) = (
-        c1.status.unwrap().updated_at.unwrap(),
-        c2.status.unwrap().updated_at.unwrap(),
+        c1.status.unwrap().accepted_time.unwrap(),
+        c2.status.unwrap().accepted_time.unwrap(),
     );
     assert!(t2 > t1, "updatedAt moves with the data: {t1} -> {t2}");
 

@@ -236,7 +236,7 @@ pub fn secret_record(
         key,
         version,
         created_at: created_at(&obj.metadata),
-        updated_at: parse_time(&sealed.sealed_at, "sealed.sealedAt")?,
+        updated_at: parse_time(&sealed.seal_time, "sealed.sealTime")?,
         allowed_workloads: workloads(&obj.spec.allowed_workloads)?,
         envelope,
         origin: origin(&obj.metadata),
@@ -252,8 +252,8 @@ pub fn config_record(obj: &ClawConfig, writes: Vec<WriteRecord>) -> Result<Confi
     let updated = obj
         .status
         .as_ref()
-        .and_then(|s| s.updated_at.as_deref())
-        .map(|t| parse_time(t, "status.updatedAt"))
+        .and_then(|s| s.accepted_time.as_deref())
+        .map(|t| parse_time(t, "status.acceptedTime"))
         .transpose()?
         .unwrap_or(created);
     Ok(ConfigRecord {

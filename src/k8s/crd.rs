@@ -102,7 +102,8 @@ pub struct ClawSecretSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 256),
-        inner(regex(pattern = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$"))
+        inner(regex(pattern = r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")),
+        extend("x-kubernetes-list-type" = "set")
     )]
     pub allowed_workloads: Vec<String>,
 
@@ -121,15 +122,17 @@ pub struct ClawSecretSpec {
 pub struct SealedData {
     /// The version these bytes were sealed for; bound into the ciphertext, so the bytes cannot
     /// be replayed as another version. Only moves forward.
-    #[schemars(range(min = 1))]
+    // An int64 on the wire, as the API conventions ask (no unsigned integers).
+    #[schemars(with = "i64", range(min = 1))]
     pub version: u64,
     /// Id of the master key that sealed them (an entry of the operator's keyring).
     #[schemars(length(min = 1, max = 64))]
     pub key_id: String,
     /// Base64 of the versioned envelope (format, algorithm, key id, salt, nonce, ciphertext).
     pub envelope: String,
-    /// When this version was sealed (RFC 3339): the secret's updatedAt.
-    pub sealed_at: String,
+    /// When this version was sealed (RFC 3339): the secret's updatedAt in node.invoke.
+    #[schemars(extend("format" = "date-time"))]
+    pub seal_time: String,
     /// Keyed digest (HMAC-SHA256 under a key derived from the master key it names) of the data
     /// this version was sealed from, bound to the secret's namespace, name and version: the
     /// same data applied again is recognised and makes no new version. Reveals nothing about
@@ -170,6 +173,7 @@ pub struct ClawSecretStatus {
     /// The current version: 1 after the first seal, one more after each rotation; the highest
     /// version the secret has had, so a lower `spec.sealed.version` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<i64>", range(min = 1))]
     pub version: Option<u64>,
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +181,7 @@ pub struct ClawSecretStatus {
     /// Ready is True once the secret is sealed and deliverable; otherwise its reason and
     /// message say what is wrong and how to fix it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
@@ -255,9 +260,11 @@ pub struct ClawConfigSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClawConfigStatus {
-    /// When the operator first saw the current data (RFC 3339): the config's updatedAt.
+    /// When the operator accepted the current data (RFC 3339): the config's updatedAt in
+    /// node.invoke.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub updated_at: Option<String>,
+    #[schemars(extend("format" = "date-time"))]
+    pub accepted_time: Option<String>,
     /// SHA-256 (hex) of the data the operator accepted; an immutable config whose data no
     /// longer matches it is refused (ImmutableViolation) and nodes keep the accepted data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -267,6 +274,7 @@ pub struct ClawConfigStatus {
     pub observed_generation: Option<i64>,
     /// Ready is True once the config is accepted; otherwise the reason says what is wrong.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 
@@ -276,17 +284,31 @@ pub struct ClawConfigStatus {
 pub struct Condition {
     /// The condition's type, e.g. Ready.
     #[serde(rename = "type")]
+    #[schemars(
+        length(max = 316),
+        regex(
+            pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+        )
+    )]
     pub type_: String,
     /// True, False or Unknown.
+    #[schemars(extend("enum" = ["True", "False", "Unknown"]))]
     pub status: String,
     /// A CamelCase reason, e.g. Sealed, InvalidName, ImmutableViolation.
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(pattern = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    )]
     pub reason: String,
     /// What happened and, when something is wrong, what to do. Never contains secret values.
+    #[schemars(length(max = 32768))]
     pub message: String,
     /// When the status last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: String,
     /// The metadata.generation the condition was set for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
 }
 
@@ -329,6 +351,64 @@ fn unwrap_descriptions(value: &mut serde_json::Value) {
 
 #[cfg(test)]
 mod tests {
+    /// The API conventions the schemas follow, checked on the generated CRDs: conditions are a
+    /// map keyed on type with metav1.Condition's constraints, no unsigned integers, time fields
+    /// are named ...Time and typed date-time, workload lists are sets.
+    #[test]
+    fn the_schemas_follow_the_api_conventions() {
+        let crds: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&super::crds_yaml()).unwrap();
+        let mut checked = 0;
+        fn walk(v: &serde_json::Value, path: &str, f: &mut dyn FnMut(&str, &serde_json::Value)) {
+            if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+                for (k, child) in props {
+                    let p = format!("{path}.{k}");
+                    f(&p, child);
+                    walk(child, &p, f);
+                }
+            }
+            if let Some(items) = v.get("items") {
+                walk(items, &format!("{path}[]"), f);
+            }
+        }
+        for crd in &crds {
+            let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            walk(schema, "", &mut |path, field| {
+                let format = field.get("format").and_then(|f| f.as_str());
+                assert!(
+                    !format.is_some_and(|f| f.starts_with("uint")),
+                    "{path}: unsigned integer"
+                );
+                if path.ends_with("Time") {
+                    assert_eq!(format, Some("date-time"), "{path}");
+                }
+                assert!(
+                    !path.ends_with("At"),
+                    "{path}: time fields are named ...Time"
+                );
+                if path.ends_with(".conditions") {
+                    assert_eq!(field["x-kubernetes-list-type"], "map", "{path}");
+                    assert_eq!(
+                        field["x-kubernetes-list-map-keys"],
+                        serde_json::json!(["type"])
+                    );
+                    let item = &field["items"]["properties"];
+                    assert_eq!(
+                        item["status"]["enum"],
+                        serde_json::json!(["True", "False", "Unknown"])
+                    );
+                    assert!(item["reason"]["pattern"].is_string());
+                    assert_eq!(item["message"]["maxLength"], 32768);
+                    checked += 1;
+                }
+                if path.ends_with(".allowedWorkloads") {
+                    assert_eq!(field["x-kubernetes-list-type"], "set", "{path}");
+                }
+            });
+        }
+        assert_eq!(checked, 2, "both kinds have conditions");
+    }
+
     #[test]
     fn descriptions_are_paragraphs_not_wrapped_lines() {
         let yaml = super::crds_yaml();

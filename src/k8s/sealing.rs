@@ -57,7 +57,7 @@ pub fn seal_applied(
             version: version.get(),
             key_id: envelope.key_id().to_string(),
             envelope: B64.encode(envelope.to_bytes()),
-            sealed_at: Timestamp::now().to_string(),
+            seal_time: Timestamp::now().to_string(),
             data_digest: Some(digest.to_string()),
         },
         created: version == Version::FIRST,

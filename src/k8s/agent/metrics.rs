@@ -48,7 +48,7 @@ impl AgentMetrics {
         );
         agent.register(
             "mirror_lag_seconds",
-            "From an object's last change (its sealedAt, or a config's updatedAt) until this node stored it, by kind (includes clock skew between nodes)",
+            "From an object's last change (its sealTime, or a config's acceptedTime) until this node stored it, by kind (includes clock skew between nodes)",
             self.mirror_lag.clone(),
         );
         agent.register(

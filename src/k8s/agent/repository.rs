@@ -509,7 +509,7 @@ fn sealed_data(record: &SecretRecord) -> SealedData {
         version: record.version.get(),
         key_id: record.envelope.key_id().to_string(),
         envelope: B64.encode(record.envelope.to_bytes()),
-        sealed_at: record.updated_at.to_string(),
+        seal_time: record.updated_at.to_string(),
         data_digest: None,
     }
 }

@@ -502,7 +502,7 @@ mod tests {
                     version,
                     key_id: envelope.key_id().to_string(),
                     envelope: B64.encode(envelope.to_bytes()),
-                    sealed_at: "2025-01-01T00:00:00Z".into(),
+                    seal_time: "2025-01-01T00:00:00Z".into(),
                     data_digest: None,
                 }),
             },
@@ -561,7 +561,7 @@ mod tests {
             sealed(&keyring, uid, rv, version, value)
         };
 
-        // Written now: stored, with when it last changed (its sealedAt).
+        // Written now: stored, with when it last changed (its sealTime).
         let first = apply(&db("uid-1", 10, 2, "two"), &labels, &store, &keyring);
         assert!(
             matches!(first, Applied::Stored(ref k, _) if *k == key()),
@@ -682,7 +682,7 @@ mod tests {
                 "apiVersion": "clawbernetes.io/v1alpha1",
                 "kind": "ClawSecret",
                 "metadata": {"name": name, "namespace": "prod"},
-                "spec": {"sealed": {"version": "canary-4711", "keyId": "k", "envelope": "", "sealedAt": ""}},
+                "spec": {"sealed": {"version": "canary-4711", "keyId": "k", "envelope": "", "sealTime": ""}},
             })
         };
         let guard: DeserializeGuard<ClawSecret> = serde_json::from_value(object("db")).unwrap();

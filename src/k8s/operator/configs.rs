@@ -164,8 +164,8 @@ fn desired_status(obj: &ClawConfig, decision: &Decision, now: Timestamp) -> Claw
     let ready = match decision {
         Decision::Accept { changed } => {
             let hash = convert::data_hash(&obj.spec.data);
-            if *changed || status.updated_at.is_none() {
-                status.updated_at = Some(now.to_string());
+            if *changed || status.accepted_time.is_none() {
+                status.accepted_time = Some(now.to_string());
             }
             let message = format!(
                 "data accepted (sha256 {}); nodes deliver it",
@@ -302,7 +302,7 @@ mod tests {
         let first = desired_status(&c, &Decision::Accept { changed: true }, t0);
         let accepted = convert::data_hash(&c.spec.data);
         assert_eq!(first.accepted_data_hash.as_deref(), Some(accepted.as_str()));
-        assert_eq!(first.updated_at, Some(t0.to_string()));
+        assert_eq!(first.accepted_time, Some(t0.to_string()));
         assert!(accepted_as_immutable(&first));
         c.status = Some(first);
 
@@ -321,7 +321,7 @@ mod tests {
             refused.accepted_data_hash.as_deref(),
             Some(accepted.as_str())
         );
-        assert_eq!(refused.updated_at, Some(t0.to_string()));
+        assert_eq!(refused.accepted_time, Some(t0.to_string()));
         let ready = conditions::find(&refused.conditions, READY).unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),

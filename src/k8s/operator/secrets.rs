@@ -462,7 +462,7 @@ mod tests {
             version: version.get(),
             key_id: env.key_id().to_string(),
             envelope: B64.encode(env.to_bytes()),
-            sealed_at: "2025-01-01T00:00:00Z".into(),
+            seal_time: "2025-01-01T00:00:00Z".into(),
             data_digest: Some(DataDigest::of(keyring, &identity, &data).to_string()),
         });
     }
@@ -483,7 +483,7 @@ mod tests {
             version: 1,
             key_id: "k-1".into(),
             envelope: "AAAA".into(),
-            sealed_at: "2025-01-01T00:00:00Z".into(),
+            seal_time: "2025-01-01T00:00:00Z".into(),
             data_digest: None,
         };
         let patch = plaintext_removal_patch(&s, Some(&sealed));
