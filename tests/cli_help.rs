@@ -111,6 +111,14 @@ const CASES: &[Case] = &[
         example: "claw-secrets operator --metrics-addr 127.0.0.1:8080 --watch-namespace team-a",
     },
     Case {
+        args: &["migrate-storage"],
+        purpose: &[
+            "Rewrite stored ClawSecrets and ClawConfigs in the CRDs' storage version",
+            "prunes status.storedVersions",
+        ],
+        example: "claw-secrets migrate-storage",
+    },
+    Case {
         args: &["crd"],
         purpose: &[
             "Print the ClawSecret and ClawConfig CustomResourceDefinitions as YAML",
@@ -121,7 +129,7 @@ const CASES: &[Case] = &[
     Case {
         args: &["seal"],
         purpose: &[
-            "Encrypt a ClawSecret's data to the cluster's public key: a manifest safe to commit",
+            "Encrypt a ClawSecret's data to the cluster's key: a manifest safe to commit",
             "only for this namespace and object name",
             "Plaintext stays on this machine",
         ],

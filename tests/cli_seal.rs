@@ -131,7 +131,7 @@ fn scope<'a>(namespace: &'a str, name: &'a str) -> SealScope<'a> {
 fn manifest(password: &str) -> String {
     format!(
         "# a comment\n\
-apiVersion: clawbernetes.io/v1alpha1
+apiVersion: clawbernetes.io/v1beta1
 kind: ClawSecret
 metadata:
   name: db-credentials
@@ -167,7 +167,7 @@ fn a_sealed_manifest_keeps_its_fields_holds_no_plaintext_and_opens_only_where_it
 
     let text = stdout(&out);
     let doc = yaml(&text);
-    assert_eq!(doc["apiVersion"], "clawbernetes.io/v1alpha1");
+    assert_eq!(doc["apiVersion"], "clawbernetes.io/v1beta1");
     assert_eq!(doc["kind"], "ClawSecret");
     assert_eq!(doc["metadata"]["name"], "db-credentials");
     assert_eq!(doc["metadata"]["namespace"], "team-a");
@@ -234,7 +234,7 @@ fn json_from_stdin_with_the_namespace_from_the_flag_and_output_to_a_0644_file() 
     let s = setup();
     let secret = canary::canary("seal-canary");
     let json = format!(
-        r#"{{"apiVersion":"clawbernetes.io/v1alpha1","kind":"ClawSecret",
+        r#"{{"apiVersion":"clawbernetes.io/v1beta1","kind":"ClawSecret",
             "metadata":{{"name":"api-token"}},"spec":{{"data":{{"token":"{secret}"}}}}}}"#
     );
     let out_file = s.dir.path().join("api-token.sealed.yaml");
@@ -302,7 +302,7 @@ fn from_literal_and_from_file_build_a_fresh_manifest() {
     canaries.assert_absent("stdout", &out.stdout);
     canaries.assert_absent("stderr", &out.stderr);
     let doc = yaml(&stdout(&out));
-    assert_eq!(doc["apiVersion"], "clawbernetes.io/v1alpha1");
+    assert_eq!(doc["apiVersion"], "clawbernetes.io/v1beta1");
     assert_eq!(doc["kind"], "ClawSecret");
     assert_eq!(doc["metadata"]["name"], "db");
     assert_eq!(doc["metadata"]["namespace"], "team-a");
@@ -429,8 +429,8 @@ fn manifests_that_are_sealed_already_or_incomplete_are_refused() {
             "only a ClawSecret can be sealed",
         ),
         (
-            base.replace("clawbernetes.io/v1alpha1", "v1"),
-            "clawbernetes.io/v1alpha1",
+            base.replace("clawbernetes.io/v1beta1", "v1"),
+            "clawbernetes.io/v1beta1",
         ),
         (
             base.replace("name: db-credentials", "name: DB_Credentials"),

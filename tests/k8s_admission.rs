@@ -81,7 +81,7 @@ fn secret(name: &str, data: &[(&str, &str)]) -> ClawSecret {
 /// A plaintext ClawSecret manifest, as a user writes it.
 fn manifest(ns: &str, name: &str, value: &str) -> String {
     json!({
-        "apiVersion": "clawbernetes.io/v1alpha1",
+        "apiVersion": "clawbernetes.io/v1beta1",
         "kind": "ClawSecret",
         "metadata": { "name": name, "namespace": ns },
         "spec": { "data": { "token": value }, "allowedWorkloads": ["api"] },
@@ -246,7 +246,7 @@ async fn plaintext_written_every_way_is_sealed_before_it_is_stored() {
     write(
         &chart.join("templates"),
         "secret.yaml",
-        "apiVersion: clawbernetes.io/v1alpha1\nkind: ClawSecret\nmetadata:\n  name: by-helm\nspec:\n  data:\n    token: {{ .Values.token }}\n",
+        "apiVersion: clawbernetes.io/v1beta1\nkind: ClawSecret\nmetadata:\n  name: by-helm\nspec:\n  data:\n    token: {{ .Values.token }}\n",
     );
     let release = format!("r-{}", random_hex(3));
     must(
@@ -267,7 +267,7 @@ async fn plaintext_written_every_way_is_sealed_before_it_is_stored() {
     // Invalid data is refused at admission, naming the rule, and never stored (it used to
     // stay in spec.data, in plaintext, until someone deleted the object).
     let bad = json!({
-        "apiVersion": "clawbernetes.io/v1alpha1", "kind": "ClawSecret",
+        "apiVersion": "clawbernetes.io/v1beta1", "kind": "ClawSecret",
         "metadata": { "name": "bad-key", "namespace": ns },
         "spec": { "data": { "not a key!": value("apply") } },
     });

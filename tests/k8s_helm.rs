@@ -1973,7 +1973,7 @@ async fn a_claw_secret_applied_with_kubectl_is_sealed(r: &Release) -> FirstSecre
     kubectl_apply(
         &r.kc,
         &json!({
-            "apiVersion": "clawbernetes.io/v1alpha1",
+            "apiVersion": "clawbernetes.io/v1beta1",
             "kind": "ClawSecret",
             "metadata": {"name": "helm.first", "namespace": r.ns},
             "spec": {"data": {"password": canary}, "allowedWorkloads": ["reader"]},
@@ -2486,7 +2486,7 @@ async fn restarted_with_the_upgraded_flags_the_same_key_seals(
     kubectl_apply(
         &r.kc,
         &json!({
-            "apiVersion": "clawbernetes.io/v1alpha1",
+            "apiVersion": "clawbernetes.io/v1beta1",
             "kind": "ClawSecret",
             "metadata": {"name": "helm.after-upgrade", "namespace": r.ns},
             "spec": {"data": {"token": "t-2"}, "allowedWorkloads": ["reader"]},
@@ -2926,7 +2926,7 @@ async fn with_no_replica_answering_only_writes_carrying_data_are_refused(
         ),
     ] {
         let object: ClawSecret = serde_json::from_value(json!({
-            "apiVersion": "clawbernetes.io/v1alpha1",
+            "apiVersion": "clawbernetes.io/v1beta1",
             "kind": "ClawSecret",
             "metadata": {"name": name},
             "spec": spec,

@@ -881,7 +881,7 @@ impl Release<'_> {
     /// has sealed it (plaintext gone, Ready).
     async fn sealed_by_the_operator(&self, ns: &str, name: &str) {
         let manifest = json!({
-            "apiVersion": "clawbernetes.io/v1alpha1",
+            "apiVersion": "clawbernetes.io/v1beta1",
             "kind": "ClawSecret",
             "metadata": { "name": name, "namespace": ns },
             "spec": { "data": { "token": format!("t-{}", random_hex(6)) } },
@@ -917,7 +917,7 @@ impl Release<'_> {
         std::fs::write(
             &manifest,
             json!({
-                "apiVersion": "clawbernetes.io/v1alpha1", "kind": "ClawSecret",
+                "apiVersion": "clawbernetes.io/v1beta1", "kind": "ClawSecret",
                 "metadata": { "name": "orphan", "namespace": ns },
                 "spec": { "data": { "k": random_hex(8) } },
             })

@@ -379,7 +379,7 @@ async fn seals_rotates_and_deletes_a_secret_without_leaking_plaintext() {
 
     // Version 1, applied the way users do (kubectl apply, last-applied annotation and all).
     let manifest = json!({
-        "apiVersion": "clawbernetes.io/v1alpha1",
+        "apiVersion": "clawbernetes.io/v1beta1",
         "kind": "ClawSecret",
         "metadata": { "name": "db.password" },
         "spec": { "data": { "password": canary, "user": "admin" }, "allowedWorkloads": ["api"] },
@@ -1253,7 +1253,7 @@ async fn reapplying_the_same_manifest_does_not_rotate() {
     let op = Operator::start(&env, "replica-a", 15);
     let manifest = |value: &str| {
         json!({
-            "apiVersion": "clawbernetes.io/v1alpha1",
+            "apiVersion": "clawbernetes.io/v1beta1",
             "kind": "ClawSecret",
             "metadata": { "name": "gitops" },
             "spec": { "data": { "password": value, "user": "app" } },

@@ -8,6 +8,7 @@ mod duration;
 mod http_limits;
 mod invoke;
 mod kubeconfig;
+mod migrate;
 mod operator;
 mod paths;
 pub mod seal;
@@ -105,7 +106,7 @@ enum Commands {
   claw-secrets agent --node-name \"$NODE_NAME\"   # in a pod: NODE_NAME from the downward API
   claw-secrets agent --node-name node-a --data-dir /tmp/claw-agent-a --listen 127.0.0.1:7443")]
     Agent(agent::AgentArgs),
-    /// Run the operator: seal ClawSecrets, guard ClawConfigs, keep their status and Events
+    /// Run the operator: seal ClawSecrets, guard ClawConfigs, report status and Events
     ///
     /// Runs the operator (in Kubernetes, a Deployment). It seals the plaintext data of every
     /// ClawSecret with the master key and removes the plaintext in the same write, moves a
@@ -132,7 +133,20 @@ enum Commands {
   claw-secrets crd | kubectl apply -f -
   claw-secrets crd > crds.yaml")]
     Crd,
-    /// Encrypt a ClawSecret's data to the cluster's public key: a manifest safe to commit
+    /// Rewrite stored ClawSecrets and ClawConfigs in the CRDs' storage version
+    ///
+    /// After an upgrade that changed the CRDs' storage version (v1alpha1 to v1beta1), objects
+    /// written before are still encoded in the old version in etcd, and the CRDs'
+    /// status.storedVersions still names it. This rewrites every ClawSecret and ClawConfig in
+    /// every namespace as it is (nothing it says changes; its resourceVersion moves) and then
+    /// prunes status.storedVersions to the storage version, so a later release may stop serving
+    /// the old one. Run it once after `kubectl apply` of the new CRDs, with a cluster admin's
+    /// kubeconfig; it is safe to run again.
+    #[command(after_help = "Example:
+  claw-secrets crd | kubectl apply --server-side -f -
+  claw-secrets migrate-storage")]
+    MigrateStorage,
+    /// Encrypt a ClawSecret's data to the cluster's key: a manifest safe to commit
     ///
     /// Reads a plaintext ClawSecret manifest (-f, YAML or JSON), or data given with
     /// --from-literal/--from-file and --name/--namespace, and writes the same ClawSecret with
@@ -217,6 +231,10 @@ pub fn main() -> ExitCode {
         Commands::Crd => {
             print!("{}", crate::k8s::crd::crds_yaml());
             ExitCode::SUCCESS
+        }
+        Commands::MigrateStorage => {
+            init_logging("claw_secrets=warn");
+            migrate::run()
         }
         Commands::Seal(args) => {
             init_logging("claw_secrets=warn");

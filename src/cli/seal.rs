@@ -24,7 +24,20 @@ use crate::k8s::sealing_key::{
     CONFIGMAP as SEALING_KEY_CONFIGMAP, CONFIGMAP_KEY as SEALING_KEY_CONFIGMAP_KEY,
 };
 
-const API_VERSION: &str = "clawbernetes.io/v1alpha1";
+/// The apiVersion written: the types' (the CRDs' storage version).
+fn api_version() -> String {
+    use kube::Resource;
+    crate::k8s::crd::ClawSecret::api_version(&()).into_owned()
+}
+
+/// Whether a manifest's apiVersion is one the CRDs serve.
+fn served(api_version: &str) -> bool {
+    use crate::k8s::crd::{DEPRECATED_VERSIONS, GROUP};
+    api_version == self::api_version()
+        || DEPRECATED_VERSIONS
+            .iter()
+            .any(|v| api_version == format!("{GROUP}/{v}"))
+}
 const KIND: &str = "ClawSecret";
 const DEFAULT_OPERATOR_NAMESPACE: &str = "claw-secrets";
 /// A plaintext manifest larger than this is refused before it is parsed: a ClawSecret's data is
@@ -41,7 +54,7 @@ const MIN_LEAK_CHECK_LEN: usize = 16;
 pub struct SealArgs {
     /// The plaintext ClawSecret manifest (YAML or JSON) to seal; `-` reads stdin.
     ///
-    /// It must be one ClawSecret (apiVersion clawbernetes.io/v1alpha1) with metadata.name,
+    /// It must be one ClawSecret (apiVersion clawbernetes.io/v1beta1) with metadata.name,
     /// metadata.namespace (or --namespace) and spec.data. The output is the same manifest with
     /// spec.data replaced by spec.encryptedData; labels, annotations, spec.name,
     /// spec.allowedWorkloads and spec.nodeSelector are kept.
@@ -260,7 +273,7 @@ fn from_flags(args: &SealArgs) -> Result<Sealable, Failure> {
         Value::String(namespace.as_str().to_owned()),
     );
     let mut top = Map::new();
-    top.insert("apiVersion".into(), Value::String(API_VERSION.into()));
+    top.insert("apiVersion".into(), Value::String(api_version()));
     top.insert("kind".into(), Value::String(KIND.into()));
     top.insert("metadata".into(), Value::Object(metadata));
     top.insert("spec".into(), Value::Object(Map::new()));
@@ -332,11 +345,12 @@ fn manifest_to_sealable(manifest: Manifest, args: &SealArgs) -> Result<Sealable,
     };
     let shown = |v: Option<String>| v.map_or_else(|| "missing".to_owned(), |v| format!("{v:?}"));
     match field(&top, "apiVersion") {
-        Some(v) if v == API_VERSION => {}
+        Some(v) if served(&v) => {}
         other => {
             return Err(failed(format!(
-                "apiVersion is {}; a ClawSecret's is {API_VERSION:?}",
-                shown(other)
+                "apiVersion is {}; a ClawSecret's is {:?}",
+                shown(other),
+                api_version()
             )));
         }
     }
@@ -747,7 +761,7 @@ mod tests {
         }
     }
 
-    const YAML: &str = "apiVersion: clawbernetes.io/v1alpha1
+    const YAML: &str = "apiVersion: clawbernetes.io/v1beta1
 kind: ClawSecret
 metadata:
   name: db
@@ -772,7 +786,7 @@ spec:
             spec.keys().collect::<Vec<_>>(),
             ["name", "allowedWorkloads"]
         );
-        let json = r#"{"apiVersion":"clawbernetes.io/v1alpha1","kind":"ClawSecret",
+        let json = r#"{"apiVersion":"clawbernetes.io/v1beta1","kind":"ClawSecret",
             "metadata":{"name":"db","namespace":"team-a"},"spec":{"data":{"password":"x"}}}"#;
         let m = parse_manifest(json.as_bytes()).unwrap();
         assert_eq!(m.data.unwrap().get("password").unwrap().expose(), "x");

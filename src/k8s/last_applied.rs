@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn spec_data_is_dropped_and_everything_else_kept() {
         let applied = json!({
-            "apiVersion": "clawbernetes.io/v1alpha1",
+            "apiVersion": "clawbernetes.io/v1beta1",
             "kind": "ClawSecret",
             "metadata": {"name": "db", "namespace": "team", "annotations": {"a": "b"}},
             "spec": {
@@ -118,7 +118,7 @@ mod tests {
         assert_eq!(
             v,
             json!({
-                "apiVersion": "clawbernetes.io/v1alpha1",
+                "apiVersion": "clawbernetes.io/v1beta1",
                 "kind": "ClawSecret",
                 "metadata": {"name": "db", "namespace": "team", "annotations": {"a": "b"}},
                 "spec": {"allowedWorkloads": ["api"], "encryptedData": "AQID"},

@@ -9,6 +9,7 @@ pub mod events;
 pub mod identity;
 pub mod keyring;
 pub mod last_applied;
+pub mod migrate;
 pub mod names;
 pub mod operator;
 pub mod proxy;

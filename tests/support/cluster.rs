@@ -34,8 +34,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt};
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -221,7 +221,7 @@ pub const GPU: &str = "claw-secrets.test/gpu";
 /// Applies both CRDs (server-side apply; idempotent) and waits until they are served.
 pub async fn install_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [ClawSecret::crd(), ClawConfig::crd()] {
+    for crd in claw_secrets::k8s::crd::crds() {
         let name = crd.metadata.name.clone().expect("CRD name");
         api.patch(
             &name,

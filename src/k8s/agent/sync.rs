@@ -679,7 +679,7 @@ mod tests {
     fn an_unreadable_object_keeps_its_copy_and_its_value_out_of_messages() {
         let object = |name: &str| {
             serde_json::json!({
-                "apiVersion": "clawbernetes.io/v1alpha1",
+                "apiVersion": "clawbernetes.io/v1beta1",
                 "kind": "ClawSecret",
                 "metadata": {"name": name, "namespace": "prod"},
                 "spec": {"sealed": {"version": "canary-4711", "keyId": "k", "envelope": "", "sealTime": ""}},

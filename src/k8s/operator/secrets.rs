@@ -473,7 +473,7 @@ mod tests {
         s.metadata.annotations = Some(BTreeMap::from([(
             last_applied::ANNOTATION.to_owned(),
             serde_json::to_string(&json!({
-                "apiVersion": "clawbernetes.io/v1alpha1", "kind": "ClawSecret",
+                "apiVersion": "clawbernetes.io/v1beta1", "kind": "ClawSecret",
                 "metadata": {"name": "db.password"},
                 "spec": {"data": {"password": "canary-7f3a"}, "allowedWorkloads": ["api"]},
             }))
