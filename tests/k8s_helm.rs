@@ -1161,6 +1161,87 @@ fn chart_rbac_is_deploy_rbac() {
     }
 }
 
+/// docs/rbac.md says what the operator's and the agent's roles grant: for every resource, the
+/// verbs its table lists are the verbs of deploy/rbac/ (read from the tables' first two
+/// columns: the backquoted resources, and the verbs named in the second).
+#[test]
+fn docs_rbac_tables_are_the_deployed_roles() {
+    const VERBS: [&str; 9] = [
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "deletecollection",
+        "reveal",
+    ];
+    let text = std::fs::read_to_string(repo().join("docs/rbac.md")).unwrap();
+    for (file, role, heading) in [
+        (
+            "deploy/rbac/operator.yaml",
+            "claw-secrets-operator",
+            "## The operator",
+        ),
+        (
+            "deploy/rbac/agent.yaml",
+            "claw-secrets-agent",
+            "## The node agent",
+        ),
+    ] {
+        let mut deployed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for doc in docs(&std::fs::read_to_string(repo().join(file)).unwrap()) {
+            let is_role = matches!(doc["kind"].as_str(), Some("Role" | "ClusterRole"));
+            if !is_role || doc["metadata"]["name"] != role {
+                continue;
+            }
+            for rule in doc["rules"].as_array().unwrap() {
+                for resource in strings(&rule["resources"]) {
+                    deployed
+                        .entry(resource)
+                        .or_default()
+                        .extend(strings(&rule["verbs"]));
+                }
+            }
+        }
+        let section = text
+            .split(heading)
+            .nth(1)
+            .unwrap_or_else(|| panic!("docs/rbac.md has no {heading:?}"));
+        let section = section.split("\n## ").next().unwrap();
+        let mut documented: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        // The section's first table, the one headed "| resource | verbs | why |".
+        let table = section
+            .lines()
+            .skip_while(|l| !l.starts_with("| resource |"))
+            .take_while(|l| l.starts_with('|'));
+        for line in table.filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let verbs: BTreeSet<String> = cells[2]
+                .split(|c: char| !c.is_ascii_alphabetic())
+                .filter(|w| VERBS.contains(w))
+                .map(str::to_owned)
+                .collect();
+            for resource in cells[1].split('`').skip(1).step_by(2) {
+                // `events.k8s.io/events` names the group; `clawsecrets/status` a subresource.
+                let resource = match resource.split_once('/') {
+                    Some((group, name)) if group.contains('.') => name,
+                    _ => resource,
+                };
+                documented
+                    .entry(resource.to_owned())
+                    .or_default()
+                    .extend(verbs.iter().cloned());
+            }
+        }
+        assert_eq!(
+            documented, deployed,
+            "docs/rbac.md {heading:?} against {file}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // With the API server
 // ---------------------------------------------------------------------------------------------
