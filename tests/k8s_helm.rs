@@ -94,7 +94,8 @@ fn all_options() -> PathBuf {
     chart().join("ci/all-options-values.yaml")
 }
 
-/// `helm template RELEASE charts/claw-secrets -n NAMESPACE EXTRA...`
+/// `helm template RELEASE charts/claw-secrets -n NAMESPACE --skip-tests EXTRA...`: what an
+/// install creates (the `helm test` hooks are created by `helm test` only).
 fn template(release: &str, namespace: &str, extra: &[&str]) -> Run {
     let chart = chart();
     let mut args = vec![
@@ -103,6 +104,7 @@ fn template(release: &str, namespace: &str, extra: &[&str]) -> Run {
         chart.to_str().expect("utf-8 path"),
         "--namespace",
         namespace,
+        "--skip-tests",
     ];
     args.extend_from_slice(extra);
     helm(&args)
@@ -1159,6 +1161,61 @@ fn chart_rbac_is_deploy_rbac() {
             "{key:?}: the chart's rules differ from deploy/rbac/"
         );
     }
+}
+
+/// `helm test`: a workload of the test's own reads a marker ClawSecret back through the agent
+/// on its node, as a workload would (hostIP and hostPort, projected token, named in
+/// allowedWorkloads); created before the pod, all deleted once it succeeds. Nothing without a
+/// hostPort to reach the agent at.
+#[test]
+fn helm_test_reads_a_secret_back_through_the_agent() {
+    let chart = chart();
+    let show = |extra: &[&str]| {
+        let mut args = vec![
+            "template",
+            "claw-secrets",
+            chart.to_str().unwrap(),
+            "--namespace",
+            "claw-secrets",
+            "--show-only",
+            "templates/tests/read-back.yaml",
+        ];
+        args.extend_from_slice(extra);
+        helm(&args)
+    };
+    let hooks = docs(&must(show(&[]), "helm template --show-only the test"));
+    let kinds: BTreeSet<&str> = hooks.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["ServiceAccount", "ClawSecret", "Pod"])
+    );
+    for hook in &hooks {
+        let a = &hook["metadata"]["annotations"];
+        assert_eq!(a["helm.sh/hook"], "test", "{hook}");
+        assert!(
+            a["helm.sh/hook-delete-policy"]
+                .as_str()
+                .unwrap()
+                .contains("hook-succeeded")
+        );
+    }
+    let (secret, pod) = (the(&hooks, "ClawSecret"), the(&hooks, "Pod"));
+    assert_eq!(
+        secret["spec"]["allowedWorkloads"],
+        json!([pod["spec"]["serviceAccountName"]])
+    );
+    let args = strings(&pod["spec"]["containers"][0]["args"]);
+    assert_eq!(&args[..3], ["invoke", "$(NODE_NAME)", "secret.get"]);
+    assert!(
+        args.contains(&"http://$(HOST_IP):7443".to_owned()),
+        "{args:?}"
+    );
+    let off = show(&["--set", "agent.hostPort=0"]);
+    assert!(
+        !off.ok || docs(&off.stdout).is_empty(),
+        "no test without a hostPort: {}",
+        off.stdout
+    );
 }
 
 /// docs/rbac.md says what the operator's and the agent's roles grant: for every resource, the

@@ -907,6 +907,32 @@ impl Release<'_> {
         .await;
     }
 
+    /// `helm test`: the chart's own check, a pod reading a ClawSecret back through the agent on
+    /// its node.
+    fn helm_test_passes(&self) {
+        self.step("helm test");
+        let kc = self.node.kubeconfig.to_str().unwrap();
+        let testing = Instant::now();
+        let out = must(
+            helm(&[
+                "test",
+                RELEASE,
+                "--namespace",
+                NAMESPACE,
+                "--kubeconfig",
+                kc,
+                "--timeout",
+                "3m",
+            ]),
+            "helm test",
+        );
+        assert!(out.contains("Phase:          Succeeded"), "{out}");
+        println!(
+            "NODE: helm test (a pod reads a ClawSecret back through its agent) passed in {:.1}s",
+            testing.elapsed().as_secs_f64()
+        );
+    }
+
     /// A namespace holding ClawSecrets is deleted while no operator runs, and its deletion
     /// completes: nothing the operator puts on an object waits for it (no finalizer).
     async fn a_namespace_deletes_while_the_operator_is_stopped(&self) {
@@ -1336,6 +1362,7 @@ async fn the_chart_runs_on_a_node() {
     r.the_store_on_the_host_path_outlives_the_agent_pod(&token, ns, &value)
         .await;
     r.the_examples_run_and_refuse_other_workloads().await;
+    r.helm_test_passes();
     r.a_namespace_deletes_while_the_operator_is_stopped().await;
     r.the_other_operator_takes_over_from_a_deleted_leader(ns)
         .await;
