@@ -258,6 +258,8 @@ pub struct ClawConfigSpec {
     pub node_selector: Option<BTreeMap<String, String>>,
 }
 
+/// What the operator observed: the data it accepted (by hash), when, and whether the config is
+/// Ready.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClawConfigStatus {
