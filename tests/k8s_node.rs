@@ -1335,7 +1335,7 @@ impl Release<'_> {
             "--timeout=180s",
         ]);
         println!(
-            "NODE: kubectl delete -f examples/ (namespace and finalized ClawSecrets included) took {:.1}s",
+            "NODE: kubectl delete -f examples/ (the namespace and its ClawSecrets included) took {:.1}s",
             deleting.elapsed().as_secs_f64()
         );
     }

@@ -18,17 +18,10 @@ pub fn run() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let client = match kube::Config::infer().await.map(|mut c| {
-            Component::Cli.identify(&mut c);
-            kube::Client::try_from(c)
-        }) {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                eprintln!("error: cannot build a Kubernetes client: {e}");
-                return ExitCode::FAILURE;
-            }
+        let client = match Component::Cli.client().await {
+            Ok(c) => c,
             Err(e) => {
-                eprintln!("error: no Kubernetes credentials (KUBECONFIG or in-cluster): {e}");
+                eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         };
