@@ -234,29 +234,39 @@ fn local_command(
 // Without a cluster: the chart's files and what it renders
 // ---------------------------------------------------------------------------------------------
 
+/// The chart installs and upgrades the CRDs from templates (files/crds.yaml, a copy of
+/// crds/crds.yaml), kept on uninstall; crds.install=false leaves them out. No crds/ directory:
+/// Helm would install that once and never upgrade it.
 #[test]
 fn chart_crds_are_the_repository_crds() {
-    let entries: Vec<String> = std::fs::read_dir(chart().join("crds"))
-        .expect("charts/claw-secrets/crds/")
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    assert_eq!(
-        entries,
-        ["crds.yaml"],
-        "charts/claw-secrets/crds/ must hold exactly crds.yaml"
+    assert!(
+        !chart().join("crds").exists(),
+        "charts/claw-secrets/crds/ would be installed once and never upgraded by Helm"
     );
-    let ours = std::fs::read(chart().join("crds/crds.yaml")).expect("chart CRDs");
+    let ours = std::fs::read(chart().join("files/crds.yaml")).expect("chart CRDs");
     let theirs = std::fs::read(repo().join("crds/crds.yaml")).expect("repository CRDs");
     assert!(
         ours == theirs,
-        "charts/claw-secrets/crds/crds.yaml differs from crds/crds.yaml: copy it \
-         (`cp crds/crds.yaml charts/claw-secrets/crds/crds.yaml`) and commit both"
+        "charts/claw-secrets/files/crds.yaml differs from crds/crds.yaml: copy it \
+         (`cp crds/crds.yaml charts/claw-secrets/files/crds.yaml`) and commit both"
     );
+    let rendered: Vec<Value> = render("claw-secrets", "claw-secrets", &[])
+        .into_iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .collect();
+    assert_eq!(rendered, docs(&String::from_utf8(theirs).unwrap()));
+    for crd in &rendered {
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "helm uninstall must not delete the CRDs (and every object with them)"
+        );
+    }
+    let off = render(
+        "claw-secrets",
+        "claw-secrets",
+        &["--set", "crds.install=false"],
+    );
+    assert!(!off.iter().any(|o| o["kind"] == "CustomResourceDefinition"));
 }
 
 #[test]
@@ -302,6 +312,7 @@ fn lint_and_template_pass_with_defaults_and_every_option() {
             "DaemonSet",
             "Deployment",
             "MutatingWebhookConfiguration",
+            "CustomResourceDefinition",
         ]),
         "what the defaults create (no ServiceMonitor, no NetworkPolicy, no cert-manager objects)"
     );
@@ -1371,13 +1382,13 @@ async fn every_option_is_accepted_by_the_api_server() {
         );
     }
     // The CRDs, as helm would install them.
-    let crds = chart().join("crds");
+    let crds = chart().join("files/crds.yaml");
     must(
         kubectl(
             &kc,
             &["apply", "--dry-run=server", "-f", crds.to_str().unwrap()],
         ),
-        "kubectl apply --dry-run=server charts/claw-secrets/crds/",
+        "kubectl apply --dry-run=server charts/claw-secrets/files/crds.yaml",
     );
     // `helm install` refuses a typo before creating anything.
     let release = format!("typo-{}", random_hex(4));
@@ -1626,6 +1637,30 @@ fn labelled(kubeconfig: &Path, release: &str) -> BTreeSet<Id> {
     list["items"].as_array().unwrap().iter().map(id).collect()
 }
 
+/// The release's objects: those labelled with it, and the CRDs it manages (generated, they carry
+/// no chart labels; Helm marks what it manages with its release annotation). Kept CRDs keep
+/// that annotation after `helm uninstall`, which is why the orphan checks use [`labelled`].
+fn release_objects(kubeconfig: &Path, release: &str) -> BTreeSet<Id> {
+    let mut ids = labelled(kubeconfig, release);
+    let out = must(
+        kubectl(
+            kubeconfig,
+            &["get", "customresourcedefinitions", "-o", "json"],
+        ),
+        "listing the CRDs",
+    );
+    let list: Value = serde_json::from_str(&out).expect("kubectl JSON");
+    ids.extend(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["metadata"]["annotations"]["meta.helm.sh/release-name"] == release)
+            .map(id),
+    );
+    ids
+}
+
 /// The release's manifest, as helm recorded it.
 fn manifest(kubeconfig: &Path, release: &str, ns: &str) -> Vec<Value> {
     docs(&must(
@@ -1846,6 +1881,18 @@ impl Release {
         // chart's webhook with real pods, tests/k8s_operator.rs the webhook itself; the end of
         // this test checks what the chart's webhook does while no replica answers.
         let mut values: Vec<String> = vec!["--set".to_owned(), "webhook.enabled=false".to_owned()];
+        // The release installs the CRDs (templates, kept on uninstall) unless they exist
+        // already: on an external cluster other test binaries applied them without Helm, and
+        // Helm refuses to take over objects it did not create.
+        let crds = Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(admin.clone());
+        if crds
+            .get_opt("clawsecrets.clawbernetes.io")
+            .await
+            .expect("reading the CRDs")
+            .is_some()
+        {
+            values.extend(["--set".to_owned(), "crds.install=false".to_owned()]);
+        }
         if external {
             values.extend([
                 "--set".to_owned(),
@@ -2014,7 +2061,7 @@ async fn helm_install_creates_exactly_the_rendered_objects(r: &Release) -> Vec<V
     cluster::crds_served(&r.admin).await;
     let installed = manifest(&r.kc, &r.name, &r.ns);
     assert_eq!(
-        labelled(&r.kc, &r.name),
+        release_objects(&r.kc, &r.name),
         ids(&installed),
         "the API server holds exactly the rendered objects"
     );
@@ -2515,7 +2562,7 @@ async fn upgrade_to_an_existing_master_key(r: &Release, generated_key: &Secret) 
     must(r.helm_chart("upgrade", &values), "helm upgrade");
     let upgraded = manifest(&r.kc, &r.name, &r.ns);
     assert_eq!(
-        labelled(&r.kc, &r.name),
+        release_objects(&r.kc, &r.name),
         ids(&upgraded),
         "after the upgrade, exactly its objects"
     );
@@ -2935,9 +2982,12 @@ async fn a_webhook_release_gets_its_ca_bundle_from_the_operator(r: &Release) -> 
         args.extend_from_slice(extra);
         helm(&args)
     };
-    must(helm_release("install", &[]), "helm install (webhook on)");
+    must(
+        helm_release("install", &["--set", "crds.install=false"]),
+        "helm install (webhook on)",
+    );
     let installed = manifest(&r.kc, &name, &r.ns);
-    assert_eq!(labelled(&r.kc, &name), ids(&installed));
+    assert_eq!(release_objects(&r.kc, &name), ids(&installed));
     let configuration = fullname.clone();
     let before = webhook_configuration(r, &configuration).await;
     let hooks = before.webhooks.unwrap_or_default();
@@ -3030,6 +3080,8 @@ async fn helm_upgrade_keeps_the_ca_bundle(r: &Release, w: &WebhookRelease) {
             &r.kcs,
             "--set",
             "webhook.timeoutSeconds=7",
+            "--set",
+            "crds.install=false",
         ]),
         "helm upgrade (webhook on)",
     );

@@ -1,6 +1,6 @@
 //! The CRDs' versions against a real kube-apiserver and etcd: objects written when v1alpha1 was
-//! the only version (the previous release's CRDs) are served as v1beta1 once the new CRDs are
-//! applied, and `claw-secrets migrate-storage` re-encodes them in etcd as v1beta1 and prunes
+//! the only version (the previous release's CRDs) are served as v1beta1 once `helm upgrade` of
+//! this chart has upgraded the CRDs, and `claw-secrets migrate-storage` re-encodes them in etcd as v1beta1 and prunes
 //! the CRDs' `status.storedVersions`, read back from etcd itself.
 //!
 //! This binary has its own control plane: it installs the previous release's CRDs, which no
@@ -30,6 +30,9 @@ mod cluster;
 #[path = "support/tokens.rs"]
 mod tokens;
 
+#[path = "support/tools.rs"]
+mod tools;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -46,8 +49,10 @@ use wait::eventually;
 const OLD: &str = "v1alpha1";
 const NEW: &str = "v1beta1";
 
-/// The previous release's CRDs: this release's, with v1alpha1 the only version.
-fn previous_release_crds() -> Vec<CustomResourceDefinition> {
+/// The previous release's CRDs: this release's, with v1alpha1 the only version, as the chart's
+/// release `release` in `ns` installed them (Helm's ownership marks: `helm upgrade` takes them
+/// over and upgrades them).
+fn previous_release_crds(release: &str, ns: &str) -> Vec<CustomResourceDefinition> {
     claw_secrets::k8s::crd::crds()
         .into_iter()
         .map(|crd| {
@@ -59,6 +64,9 @@ fn previous_release_crds() -> Vec<CustomResourceDefinition> {
             let v = v.as_object_mut().unwrap();
             v.remove("deprecated");
             v.remove("deprecationWarning");
+            crd["metadata"]["labels"] = json!({ "app.kubernetes.io/managed-by": "Helm" });
+            crd["metadata"]["annotations"]["meta.helm.sh/release-name"] = release.into();
+            crd["metadata"]["annotations"]["meta.helm.sh/release-namespace"] = ns.into();
             serde_json::from_value(crd).unwrap()
         })
         .collect()
@@ -125,7 +133,8 @@ async fn objects_of_the_previous_version_are_migrated_and_stored_versions_pruned
     let (client, ns) = (env.client.clone(), env.namespace.clone());
 
     // The previous release: v1alpha1 only; a secret and a config written then.
-    apply_crds(&client, previous_release_crds()).await;
+    let release = "claw-secrets";
+    apply_crds(&client, previous_release_crds(release, &ns)).await;
     let resource =
         |kind: &str| ApiResource::from_gvk(&GroupVersionKind::gvk("clawbernetes.io", OLD, kind));
     let old_secrets: Api<DynamicObject> =
@@ -161,8 +170,25 @@ async fn objects_of_the_previous_version_are_migrated_and_stored_versions_pruned
         format!("clawbernetes.io/{OLD}")
     );
 
-    // This release's CRDs: v1beta1 the storage version, v1alpha1 still served.
-    cluster::install_crds(&client).await;
+    // This release's chart, upgrading its CRDs: v1beta1 the storage version, v1alpha1 still
+    // served. (No pods run here; the webhook is left out, as nothing it would call runs.)
+    let chart = control_plane::repo_root().join("charts/claw-secrets");
+    tools::must(
+        tools::helm(&[
+            "upgrade",
+            "--install",
+            release,
+            chart.to_str().unwrap(),
+            "--namespace",
+            &ns,
+            "--kubeconfig",
+            env.kubeconfig.to_str().unwrap(),
+            "--set",
+            "webhook.enabled=false",
+        ]),
+        "helm upgrade --install",
+    );
+    cluster::crds_served(&client).await;
     let secret_crd = "clawsecrets.clawbernetes.io";
     assert_eq!(stored_versions(&client, secret_crd).await, vec![OLD, NEW]);
     let secrets: Api<ClawSecret> = Api::namespaced(client.clone(), &ns);
@@ -214,5 +240,19 @@ async fn objects_of_the_previous_version_are_migrated_and_stored_versions_pruned
         .get("db")
         .await
         .expect("v1alpha1 is still served");
+    tools::must(
+        tools::helm(&[
+            "uninstall",
+            release,
+            "--namespace",
+            &ns,
+            "--kubeconfig",
+            env.kubeconfig.to_str().unwrap(),
+        ]),
+        "helm uninstall",
+    );
+    // Kept by the uninstall, and the objects with them.
+    assert_eq!(stored_versions(&client, secret_crd).await, vec![NEW]);
+    secrets.get("db").await.expect("kept");
     env.cleanup().await;
 }

@@ -323,7 +323,8 @@ pub struct Condition {
 pub const DEPRECATED_VERSIONS: &[&str] = &["v1alpha1"];
 
 /// Both CRDs as installed: the types' version (served, the storage version) and every
-/// [`DEPRECATED_VERSIONS`] entry, descriptions unwrapped for `kubectl explain`.
+/// [`DEPRECATED_VERSIONS`] entry, descriptions unwrapped for `kubectl explain`, kept by `helm
+/// uninstall`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     use kube::CustomResourceExt;
     [ClawSecret::crd(), ClawConfig::crd()]
@@ -332,11 +333,16 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
             let kind = crd.spec.names.kind.clone();
             let mut crd = serde_json::to_value(&crd).expect("a CRD serializes");
             unwrap_descriptions(&mut crd);
+            // With the chart (templates/crds.yaml), `helm uninstall` keeps them: deleting a CRD
+            // deletes every object of its kind. Harmless with kubectl.
+            crd["metadata"]["annotations"] =
+                serde_json::json!({ "helm.sh/resource-policy": "keep" });
             let versions = crd["spec"]["versions"]
                 .as_array_mut()
                 .expect("a CRD has versions");
             let current = versions[0].clone();
             let storage = current["name"].as_str().expect("a version name").to_owned();
+
             for old in DEPRECATED_VERSIONS {
                 let mut served = current.clone();
                 served["name"] = (*old).into();
