@@ -400,7 +400,7 @@ fn manifests_that_are_sealed_already_or_incomplete_are_refused() {
         (
             base.replace(
                 "  allowedWorkloads:",
-                "  sealed:\n    version: 1\n    keyId: k-1\n    envelope: QUJD\n    sealedAt: x\n  allowedWorkloads:",
+                "  sealed:\n    version: 1\n    keyId: k-1\n    envelope: QUJD\n    sealTime: x\n  allowedWorkloads:",
             ),
             "spec.sealed is set",
         ),

@@ -54,29 +54,11 @@ use serde_json::json;
 
 use canary::Canaries;
 use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
-use cluster::Cluster;
+use cluster::{Cluster, secret_with_data};
 use random::random_hex;
 use tools::{Run, kubectl, must};
 use wait::eventually;
 use webhook::{WEBHOOK, Webhook};
-
-fn secret(name: &str, data: &[(&str, &str)]) -> ClawSecret {
-    ClawSecret::new(
-        name,
-        ClawSecretSpec {
-            name: None,
-            data: Some(
-                data.iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect(),
-            ),
-            encrypted_data: None,
-            allowed_workloads: vec![],
-            node_selector: None,
-            sealed: None,
-        },
-    )
-}
 
 /// A plaintext ClawSecret manifest, as a user writes it.
 fn manifest(ns: &str, name: &str, value: &str) -> String {
@@ -423,7 +405,10 @@ async fn a_standby_replica_seals_at_admission() {
     let standby = webhook.operator_on_lease(&c, &lease).await;
     let before = sealed_admissions(&operator_metrics(&standby));
     c.secrets()
-        .create(&PostParams::default(), &secret("by-standby", &[("k", "v")]))
+        .create(
+            &PostParams::default(),
+            &secret_with_data("by-standby", &[("k", "v")]),
+        )
         .await
         .expect("create");
     sealed_at(&c, "by-standby", 1).await;
@@ -466,9 +451,12 @@ async fn with_the_webhook_down_plaintext_is_refused_and_nothing_stored() {
     let webhook = Webhook::register(&c.client(), &[&ns]).await;
     let mut operator = webhook.operator(&c).await;
     let api = c.secrets();
-    api.create(&PostParams::default(), &secret("before", &[("k", "v")]))
-        .await
-        .expect("sealed while the webhook runs");
+    api.create(
+        &PostParams::default(),
+        &secret_with_data("before", &[("k", "v")]),
+    )
+    .await
+    .expect("sealed while the webhook runs");
     let sealed = api
         .get("before")
         .await
@@ -510,7 +498,7 @@ async fn with_the_webhook_down_plaintext_is_refused_and_nothing_stored() {
         ClawSecretSpec {
             data: None,
             sealed: Some(sealed),
-            ..secret("x", &[]).spec
+            ..secret_with_data("x", &[]).spec
         },
     );
     copy.metadata.namespace = Some(ns.clone());

@@ -53,7 +53,7 @@ use serde_json::{Value, json};
 use claw_secrets::k8s::convert::data_hash;
 use claw_secrets::k8s::crd::{ClawConfig, ClawConfigSpec, ClawSecret, ClawSecretSpec};
 
-use cluster::BIN;
+use cluster::{BIN, secret_with_data};
 use control_plane::TestEnv;
 use wait::{PATIENCE, eventually};
 
@@ -177,24 +177,6 @@ impl Drop for Operator {
             let _ = std::fs::remove_file(&self.log);
         }
     }
-}
-
-fn secret(name: &str, data: &[(&str, &str)]) -> ClawSecret {
-    ClawSecret::new(
-        name,
-        ClawSecretSpec {
-            name: None,
-            data: Some(
-                data.iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect(),
-            ),
-            encrypted_data: None,
-            allowed_workloads: vec![],
-            node_selector: None,
-            sealed: None,
-        },
-    )
 }
 
 fn config(name: &str, data: &[(&str, &str)], immutable: bool) -> ClawConfig {
@@ -535,12 +517,12 @@ async fn malformed_objects_are_reported_and_do_not_stall_others() {
     secrets
         .create(
             &PostParams::default(),
-            &secret("bad-key", &[("bad key", &canary)]),
+            &secret_with_data("bad-key", &[("bad key", &canary)]),
         )
         .await
         .expect("create bad-key");
     // spec.name that does not belong to this object name.
-    let mut mismatch = secret("mismatch", &[("password", "x")]);
+    let mut mismatch = secret_with_data("mismatch", &[("password", "x")]);
     mismatch.spec.name = Some("someone.else".to_owned());
     secrets
         .create(&PostParams::default(), &mismatch)
@@ -580,7 +562,7 @@ async fn malformed_objects_are_reported_and_do_not_stall_others() {
     secrets
         .create(
             &PostParams::default(),
-            &secret("good", &[("password", "fine")]),
+            &secret_with_data("good", &[("password", "fine")]),
         )
         .await
         .expect("create good");
@@ -691,17 +673,17 @@ async fn the_api_server_enforces_the_crd_rules() {
         .await
         .expect("delete an immutable config");
 
-    let mut upper = secret("upper", &[("k", "v")]);
+    let mut upper = secret_with_data("upper", &[("k", "v")]);
     upper.spec.name = Some("Upper".to_owned());
     let (code, message) = api_code(secrets.create(&PostParams::default(), &upper).await);
     assert_eq!(code, 422, "{message}");
 
-    let mut empty = secret("empty", &[]);
+    let mut empty = secret_with_data("empty", &[]);
     empty.spec.data = None;
     let (code, message) = api_code(secrets.create(&PostParams::default(), &empty).await);
     assert_eq!(code, 422, "{message}");
 
-    let mut sealed = secret("sealed", &[]);
+    let mut sealed = secret_with_data("sealed", &[]);
     sealed.spec.data = None;
     sealed.spec.sealed = Some(claw_secrets::k8s::crd::SealedData {
         version: 3,
@@ -1091,7 +1073,10 @@ async fn one_leader_at_a_time_and_failover() {
     };
     assert!(leader.is_leader() && !standby.is_leader());
     secrets
-        .create(&PostParams::default(), &secret("before", &[("k", "v")]))
+        .create(
+            &PostParams::default(),
+            &secret_with_data("before", &[("k", "v")]),
+        )
         .await
         .unwrap();
     let before = sealed_at(&secrets, "before", 1).await;
@@ -1109,7 +1094,10 @@ async fn one_leader_at_a_time_and_failover() {
     .await;
     assert_ne!(second, first);
     secrets
-        .create(&PostParams::default(), &secret("after", &[("k", "v")]))
+        .create(
+            &PostParams::default(),
+            &secret_with_data("after", &[("k", "v")]),
+        )
         .await
         .unwrap();
     let after = sealed_at(&secrets, "after", 1).await;
@@ -1331,7 +1319,10 @@ async fn a_rotated_away_version_cannot_be_reinstated() {
     let secrets: Api<ClawSecret> = env.api();
     let _op = Operator::start(&env, "replica-a", 15);
     secrets
-        .create(&PostParams::default(), &secret("db", &[("password", "v1")]))
+        .create(
+            &PostParams::default(),
+            &secret_with_data("db", &[("password", "v1")]),
+        )
         .await
         .unwrap();
     let saved = sealed_at(&secrets, "db", 1).await.spec.sealed.unwrap();
@@ -1393,7 +1384,7 @@ async fn the_first_seal_is_the_operators_first_write() {
     let created = secrets
         .create(
             &PostParams::default(),
-            &secret("fresh", &[("password", "once")]),
+            &secret_with_data("fresh", &[("password", "once")]),
         )
         .await
         .unwrap();
@@ -1439,7 +1430,7 @@ async fn the_legacy_finalizer_is_removed_and_held_deletions_complete() {
     let env = setup("op-legacy").await;
     let secrets: Api<ClawSecret> = env.api();
     for name in ["kept", "going"] {
-        let mut s = secret(name, &[("k", "v")]);
+        let mut s = secret_with_data(name, &[("k", "v")]);
         s.metadata.finalizers = Some(vec!["clawbernetes.io/cleanup".to_owned()]);
         secrets.create(&PostParams::default(), &s).await.unwrap();
     }

@@ -64,6 +64,27 @@ pub fn seal_applied(
     })
 }
 
+/// Opens `spec.encryptedData` (the output of `claw-secrets seal`) of the object named `object`
+/// (its metadata.name: what the file was sealed for) in `key`'s namespace. `Err` is the message
+/// for the user, the same at admission and in the reconcile loop.
+pub fn open_encrypted(
+    keyring: &Keyring,
+    key: &ObjectKey,
+    object: &str,
+    text: &str,
+) -> Result<SecretData, String> {
+    let scope = crypto::SealScope {
+        namespace: key.namespace.as_str(),
+        name: object,
+    };
+    crypto::open_offline(keyring, &scope, text).map_err(|e| {
+        format!(
+            "spec.encryptedData does not open as ClawSecret {}/{object} ({e}): claw-secrets seal binds it to one namespace, name and cluster; seal it again for this one (claw-secrets seal --fetch-key gets this cluster's key)",
+            key.namespace
+        )
+    })
+}
+
 /// One more than any version the object has carried.
 fn next_version(current: Current<'_>) -> Version {
     let highest = current

@@ -59,6 +59,25 @@ const LOG_FILTER: &str = if cfg!(test) {
     "info"
 };
 
+/// A ClawSecret named `name` with plaintext `data` (what a user applies).
+pub fn secret_with_data(name: &str, data: &[(&str, &str)]) -> ClawSecret {
+    ClawSecret::new(
+        name,
+        claw_secrets::k8s::crd::ClawSecretSpec {
+            name: None,
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            encrypted_data: None,
+            allowed_workloads: vec![],
+            node_selector: None,
+            sealed: None,
+        },
+    )
+}
+
 /// Name of the master key Secret every agent and operator of this test process uses.
 pub const MASTER_KEY_NAME: &str = "claw-secrets-master-key";
 

@@ -14,8 +14,6 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
-use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
-
 use crate::cluster::{self, Cluster};
 use crate::process::free_port;
 use crate::random::random_hex;
@@ -96,17 +94,7 @@ impl Webhook {
         .await;
         let api = c.secrets();
         eventually("the API server to seal through the webhook", || async {
-            let probe = ClawSecret::new(
-                "webhook-probe",
-                ClawSecretSpec {
-                    name: None,
-                    data: Some([("k".to_owned(), "v".to_owned())].into()),
-                    encrypted_data: None,
-                    allowed_workloads: vec![],
-                    node_selector: None,
-                    sealed: None,
-                },
-            );
+            let probe = cluster::secret_with_data("webhook-probe", &[("k", "v")]);
             let created = api
                 .create(
                     &PostParams {

@@ -1,7 +1,10 @@
-//! The operator: one leader-elected replica seals ClawSecrets, accepts (or refuses) ClawConfig
-//! data, keeps their status and emits their audit Events. See docs/operator.md.
+//! The operator. Every replica serves the admission webhook, which seals ClawSecret data
+//! before it is stored; one leader-elected replica runs the controllers: it keeps the status of
+//! ClawSecrets (sealing what was stored with plaintext anyway), accepts (or refuses) ClawConfig
+//! data, and emits their audit Events. See docs/operator.md.
 //!
-//! - `leader.rs`: the Lease; nothing below runs unless this replica holds it.
+//! - `admission/`: the webhook (every replica).
+//! - `leader.rs`: the Lease; the controllers run only while this replica holds it.
 //! - `secrets.rs`, `configs.rs`: the two reconcilers.
 //! - `conditions.rs`: status conditions; `metrics.rs` and `http.rs`: `/metrics`, `/healthz`,
 //!   `/readyz`; `error.rs`: the error type.

@@ -14,7 +14,7 @@ use super::conditions::{self, READY};
 use super::error::{Error, is_conflict};
 use super::metrics::ObjectKind;
 use super::{Context, RESYNC};
-use crate::crypto::{self, KeyId, Keyring, SealScope};
+use crate::crypto::{KeyId, Keyring};
 use crate::domain::{ObjectKey, SecretData};
 use crate::k8s::component::Component;
 use crate::k8s::convert::{self, Invalid};
@@ -92,17 +92,11 @@ impl<'a> Applied<'a> {
         match self {
             Applied::Plaintext(plain) => convert::secret_data(plain),
             Applied::Encrypted(text) => {
-                let name = obj.name_any();
-                let scope = SealScope {
-                    namespace: key.namespace.as_str(),
-                    name: &name,
-                };
-                crypto::open_offline(keyring, &scope, text).map_err(|e| Invalid {
-                    reason: "InvalidEncryptedData",
-                    message: format!(
-                        "spec.encryptedData does not open as ClawSecret {}/{name} ({e}): claw-secrets seal binds it to one namespace, name and cluster; seal it again for this one",
-                        key.namespace
-                    ),
+                sealing::open_encrypted(keyring, key, &obj.name_any(), text).map_err(|message| {
+                    Invalid {
+                        reason: "InvalidEncryptedData",
+                        message,
+                    }
                 })
             }
         }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use zeroize::Zeroizing;
 
-use crate::crypto::{self, Keyring, SealScope};
+use crate::crypto::Keyring;
 use crate::domain::{DataKey, SecretData, SecretValue};
 use crate::k8s::convert;
 use crate::k8s::crd::SealedData;
@@ -260,16 +260,7 @@ fn decide(request: RequestIn, keyring: &Keyring) -> Result<Option<Decision>, Ref
     let data = match from {
         Source::Plaintext(plain) => parse_data(plain)?,
         Source::Encrypted(text) => {
-            let scope = SealScope {
-                namespace: key.namespace.as_str(),
-                name: &name,
-            };
-            crypto::open_offline(keyring, &scope, &text).map_err(|e| {
-                refused(format!(
-                    "spec.encryptedData does not open as ClawSecret {}/{name} ({e}): claw-secrets seal binds it to one namespace, name and cluster; seal it again for this one (claw-secrets seal --fetch-key gets this cluster's key)",
-                    key.namespace
-                ))
-            })?
+            sealing::open_encrypted(keyring, &key, &name, &text).map_err(refused)?
         }
     };
     let stored = request.old_object.unwrap_or_default();
@@ -349,7 +340,7 @@ fn parse_data(plain: BTreeMap<String, Sensitive>) -> Result<SecretData, Refusal>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{Envelope, SecretIdentity};
+    use crate::crypto::{self, Envelope, SecretIdentity};
     use crate::domain::{Kind, Name, Namespace, Version};
 
     const CANARY: &str = "canary-4e1d9c";
