@@ -606,8 +606,15 @@ async fn malformed_objects_are_reported_and_do_not_stall_others() {
         let warned = wait_event(&client, ns, name, reason).await;
         assert_eq!(warned[0].0, "Warning");
     }
-    let c = configs.get("bad-config").await.unwrap();
-    let (status, why, _) = config_ready(&c).expect("bad-config reported");
+    let c = eventually("bad-config reported", || async {
+        let c = configs.get("bad-config").await.map_err(|e| e.to_string())?;
+        match config_ready(&c) {
+            Some(_) => Ok(c),
+            None => Err("no Ready condition yet".to_owned()),
+        }
+    })
+    .await;
+    let (status, why, _) = config_ready(&c).expect("reported");
     assert_eq!((status.as_str(), why.as_str()), ("False", "InvalidData"));
     assert!(c.status.unwrap().accepted_data_hash.is_none());
 
@@ -737,10 +744,9 @@ async fn the_api_server_enforces_the_crd_rules() {
 }
 
 /// Config data is accepted into status.acceptedDataHash (what node agents deliver); a mutable
-/// config's new data is accepted again; data written over a config the operator accepted as
-/// immutable is refused with ImmutableViolation and the accepted hash stays.
+/// config's new data is accepted again; the status is rebuilt by observation when lost.
 #[tokio::test]
-async fn configs_are_accepted_and_immutability_holds_in_the_loop() {
+async fn configs_are_accepted_and_their_status_rebuilt_by_observation() {
     let env = setup("op-config").await;
     let ns = env.namespace.as_str();
     let client = env.client.clone();
@@ -794,7 +800,7 @@ async fn configs_are_accepted_and_immutability_holds_in_the_loop() {
     );
     assert!(t2 > t1, "updatedAt moves with the data: {t1} -> {t2}");
 
-    // Immutable: accepted, and remembered as such.
+    // Immutable: accepted like any other (the API server keeps it immutable: see the CEL test).
     configs
         .create(
             &PostParams::default(),
@@ -803,69 +809,43 @@ async fn configs_are_accepted_and_immutability_holds_in_the_loop() {
         .await
         .expect("create immutable");
     let frozen = accepted("frozen", data_hash(&first)).await;
-    let remembered = frozen
-        .status
-        .unwrap()
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Immutable" && c.status == "True");
-    assert!(
-        remembered,
-        "the operator records that it accepted the config as immutable"
+    let before = frozen.status.clone().unwrap();
+    assert_eq!(
+        before
+            .conditions
+            .iter()
+            .map(|c| c.type_.as_str())
+            .collect::<Vec<_>>(),
+        ["Ready"],
+        "no condition remembers anything the spec does not say"
     );
 
-    // A server without CEL would let new data through; here CEL refuses it (see the CEL
-    // test), so simulate the loophole: a mutable config the operator has accepted as
-    // immutable (status forged) gets new data and immutable: true in one write, which CEL
-    // allows because the previous object was mutable.
-    configs
-        .create(
-            &PostParams::default(),
-            &config("loophole", &[("mode", "fast")], false),
-        )
-        .await
-        .expect("create loophole");
-    let loophole = accepted("loophole", data_hash(&first)).await;
-    let mut conditions = loophole.status.clone().unwrap().conditions;
-    conditions.push(claw_secrets::k8s::crd::Condition {
-        type_: "Immutable".to_owned(),
-        status: "True".to_owned(),
-        reason: "AcceptedAsImmutable".to_owned(),
-        message: "forged by the test".to_owned(),
-        last_transition_time: "2025-01-01T00:00:00Z".to_owned(),
-        observed_generation: None,
-    });
+    // The status is rebuilt by observation: wiped, it comes back the same (the time of
+    // acceptance becomes the time it was observed again).
     configs
         .patch_status(
-            "loophole",
+            "frozen",
             &PatchParams::default(),
-            &Patch::Merge(json!({ "status": { "conditions": conditions } })),
+            &Patch::Merge(json!({ "status": null })),
         )
         .await
-        .expect("forge status");
-    configs
-        .patch(
-            "loophole",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "immutable": true, "data": { "mode": "slow" } } })),
-        )
-        .await
-        .expect("CEL lets a mutable config change data and become immutable at once");
-    let refused = eventually("loophole refused", || async {
-        let c = configs.get("loophole").await.map_err(|e| e.to_string())?;
-        match config_ready(&c) {
-            Some(r) if r.1 == "ImmutableViolation" && r.2.contains("data of an immutable") => Ok(c),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
-    assert_eq!(
-        refused.status.unwrap().accepted_data_hash,
-        Some(data_hash(&first)),
-        "nodes keep the accepted data"
+        .expect("wipe the status");
+    let wiped = configs.get("frozen").await.unwrap();
+    assert!(
+        wiped
+            .status
+            .as_ref()
+            .is_none_or(|s| s.accepted_data_hash.is_none()),
+        "status wiped: {:?}",
+        wiped.status
     );
-    let warned = wait_event(&client, ns, "loophole", "ImmutableViolation").await;
-    assert_eq!(warned[0].0, "Warning");
+    let rebuilt = accepted("frozen", data_hash(&first)).await;
+    let after = rebuilt.status.unwrap();
+    assert_eq!(
+        (after.accepted_data_hash, after.observed_generation),
+        (before.accepted_data_hash, before.observed_generation)
+    );
+    assert!(after.accepted_time.unwrap() >= before.accepted_time.unwrap());
 
     // Deleting a config: Deleted Event, object gone.
     configs

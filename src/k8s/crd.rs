@@ -268,8 +268,8 @@ pub struct ClawConfigStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("format" = "date-time"))]
     pub accepted_time: Option<String>,
-    /// SHA-256 (hex) of the data the operator accepted; an immutable config whose data no
-    /// longer matches it is refused (ImmutableViolation) and nodes keep the accepted data.
+    /// SHA-256 (hex) of the data the operator accepted, the data nodes deliver; absent while
+    /// the data is invalid (nodes keep the copy they have).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_data_hash: Option<String>,
     /// The metadata.generation this status describes.
@@ -297,7 +297,7 @@ pub struct Condition {
     /// True, False or Unknown.
     #[schemars(extend("enum" = ["True", "False", "Unknown"]))]
     pub status: String,
-    /// A CamelCase reason, e.g. Sealed, InvalidName, ImmutableViolation.
+    /// A CamelCase reason, e.g. Sealed, Accepted, InvalidName.
     #[schemars(
         length(min = 1, max = 1024),
         regex(pattern = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")

@@ -1,7 +1,7 @@
 //! Audit Events on ClawSecrets and ClawConfigs (`kubectl describe` shows them).
 //!
 //! Reasons used by this project: `Created`, `Rotated`, `Deleted` (operator, Normal),
-//! `ImmutableViolation` and invalid-object reasons such as `InvalidData` (operator, Warning),
+//! invalid-object reasons such as `InvalidData` and `PlaintextStored` (operator, Warning),
 //! `Created`, `Rotated`, `Updated`, `Deleted` for writes made through node.invoke (node agents,
 //! Normal, with the caller as the related object) and `AccessDenied` (node agents, Warning).
 //! Notes name objects, versions, key ids and callers, never values.

@@ -200,8 +200,8 @@ impl Mirrored for ClawConfig {
     }
 
     fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<Option<Timestamp>, StoreError> {
-        // Only data the operator accepted is delivered: an immutable config whose data was
-        // changed anyway (a server without CEL) keeps the accepted copy on every node.
+        // Only data the operator accepted (validated, and timestamped in status.acceptedTime,
+        // the config's updatedAt) is delivered; until then a node keeps the copy it has.
         let accepted = self
             .status
             .as_ref()

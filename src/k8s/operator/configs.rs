@@ -1,9 +1,11 @@
-//! ClawConfig reconciliation: accept the data (record its hash in `status.acceptedDataHash`)
-//! or refuse it (ImmutableViolation), and report on `status`.
+//! ClawConfig reconciliation: validate the data, and report on `status` what the nodes deliver
+//! (`status.acceptedDataHash`) and whether the config is Ready.
 //!
-//! Node agents deliver a config's data only while its hash equals `status.acceptedDataHash`.
-//! That is how immutability holds even on API servers without CEL validation: data written
-//! over an immutable config is never accepted, so no node ever serves it.
+//! The status is a function of the spec (and the time it was first observed): deleted, it is
+//! rebuilt the same by the next reconcile. Immutability is the API server's, as for core
+//! ConfigMaps: the CRD's CEL transition rules refuse new data over an immutable config and
+//! `immutable` going back to false (the chart requires Kubernetes 1.28, where they are always
+//! enforced), so the operator keeps no memory of what it accepted before.
 
 use jiff::Timestamp;
 use kube::api::{Api, Patch};
@@ -20,10 +22,6 @@ use super::{Context, RESYNC};
 use crate::k8s::component::Component;
 use crate::k8s::convert::{self, Invalid};
 use crate::k8s::crd::{ClawConfig, ClawConfigStatus};
-
-/// Condition recording that the operator accepted the config as immutable: from then on no
-/// other data is accepted and `immutable` cannot go back to false, whatever the server allowed.
-pub const IMMUTABLE: &str = "Immutable";
 
 pub(super) async fn reconcile(obj: Arc<ClawConfig>, ctx: Arc<Context>) -> Result<Action, Error> {
     // Names and counters only: the object may carry plaintext in spec.data.
@@ -43,62 +41,15 @@ pub(super) async fn reconcile(obj: Arc<ClawConfig>, ctx: Arc<Context>) -> Result
     .await
 }
 
-/// What to do with a config's current data.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// Accept it; `changed` when it differs from the data accepted before (if any).
-    Accept { changed: bool },
-    /// Refuse it: nodes keep the data accepted before.
-    Refuse(Invalid),
-}
-
-/// The immutability rule, decided from the data's hash, the hash accepted before, whether the
-/// accepted config was immutable, and whether the config says it is immutable now.
-///
-/// Immutability belongs to what was accepted: a config accepted as immutable accepts no other
-/// data and cannot become mutable again. A mutable config that is made immutable and given
-/// new data in the same write is accepted with that data (the API server's CEL rule, which
-/// compares with the previous object, allows exactly that too).
-pub(crate) fn decide(
-    hash: &str,
-    accepted: Option<&str>,
-    accepted_as_immutable: bool,
-    immutable_now: bool,
-) -> Decision {
-    let short = |h: &str| h.get(..12).unwrap_or(h).to_owned();
-    if accepted_as_immutable && !immutable_now {
-        return Decision::Refuse(Invalid {
-            reason: "ImmutableViolation",
-            message: "spec.immutable cannot be set back to false once the config was accepted as immutable; set it to true again (nodes keep the accepted data), or delete the ClawConfig and create it again".to_owned(),
-        });
-    }
-    match accepted {
-        None => Decision::Accept { changed: true },
-        Some(a) if a == hash => Decision::Accept { changed: false },
-        Some(a) if accepted_as_immutable => Decision::Refuse(Invalid {
-            reason: "ImmutableViolation",
-            message: format!(
-                "the data of an immutable ClawConfig cannot change: nodes keep delivering the accepted data (sha256 {}); restore it, or delete the ClawConfig and create it again",
-                short(a)
-            ),
-        }),
-        Some(_) => Decision::Accept { changed: true },
-    }
+/// Whether a config's current data can be delivered: its name and data are valid.
+fn validate(obj: &ClawConfig) -> Result<(), Invalid> {
+    convert::config_key(obj).and_then(|_| convert::config_data(&obj.spec.data).map(|_| ()))
 }
 
 async fn apply(obj: &ClawConfig, ctx: &Context, api: &Api<ClawConfig>) -> Result<Action, Error> {
     let current = obj.status.clone().unwrap_or_default();
-    let decision = match convert::config_key(obj).and_then(|_| convert::config_data(&obj.spec.data))
-    {
-        Err(invalid) => Decision::Refuse(invalid),
-        Ok(_) => decide(
-            &convert::data_hash(&obj.spec.data),
-            current.accepted_data_hash.as_deref(),
-            accepted_as_immutable(&current),
-            obj.spec.immutable,
-        ),
-    };
-    let desired = desired_status(obj, &decision, Timestamp::now());
+    let verdict = validate(obj);
+    let desired = desired_status(obj, &verdict, Timestamp::now());
     if desired != current {
         let name = obj.name_any();
         let patch = json!({
@@ -120,13 +71,14 @@ async fn apply(obj: &ClawConfig, ctx: &Context, api: &Api<ClawConfig>) -> Result
             Err(e) => return Err(Error::Kube(e)),
         }
         let namespace = obj.namespace().unwrap_or_default();
-        match &decision {
-            Decision::Accept { changed: true } => {
-                tracing::info!(%namespace, %name, hash = %desired.accepted_data_hash.as_deref().unwrap_or_default(),
-                    "ClawConfig data accepted");
+        match &verdict {
+            Ok(()) => {
+                if desired.accepted_data_hash != current.accepted_data_hash {
+                    tracing::info!(%namespace, %name, hash = %desired.accepted_data_hash.as_deref().unwrap_or_default(),
+                        "ClawConfig data accepted");
+                }
             }
-            Decision::Accept { changed: false } => {}
-            Decision::Refuse(invalid) => {
+            Err(invalid) => {
                 let ready = conditions::find(&desired.conditions, READY).expect("just set");
                 if conditions::ready_changed(&current.conditions, ready) {
                     ctx.metrics.rejected(ObjectKind::Config, invalid.reason);
@@ -144,68 +96,69 @@ async fn apply(obj: &ClawConfig, ctx: &Context, api: &Api<ClawConfig>) -> Result
             }
         }
     }
-    Ok(match decision {
-        Decision::Accept { .. } => Action::requeue(RESYNC),
-        Decision::Refuse(_) => Action::await_change(),
+    Ok(match verdict {
+        Ok(()) => Action::requeue(RESYNC),
+        Err(_) => Action::await_change(),
     })
 }
 
-fn accepted_as_immutable(status: &ClawConfigStatus) -> bool {
-    conditions::find(&status.conditions, IMMUTABLE).is_some_and(|c| c.status == "True")
-}
-
-fn desired_status(obj: &ClawConfig, decision: &Decision, now: Timestamp) -> ClawConfigStatus {
+/// The status a config should have: computed from its spec, keeping from the current status
+/// only the times of what did not change (`acceptedTime` while the data is the same, each
+/// condition's `lastTransitionTime` while its status is the same).
+///
+/// Valid data is accepted: its hash is what nodes deliver. Invalid data is not: the hash is
+/// cleared, and nodes keep the copy they have until the data is fixed or the config deleted.
+fn desired_status(
+    obj: &ClawConfig,
+    verdict: &Result<(), Invalid>,
+    now: Timestamp,
+) -> ClawConfigStatus {
     let current = obj.status.clone().unwrap_or_default();
     let generation = obj.meta().generation;
-    let mut status = ClawConfigStatus {
-        observed_generation: generation,
-        ..current.clone()
-    };
-    let ready = match decision {
-        Decision::Accept { changed } => {
+    let (accepted_data_hash, accepted_time, ready) = match verdict {
+        Ok(()) => {
             let hash = convert::data_hash(&obj.spec.data);
-            if *changed || status.accepted_time.is_none() {
-                status.accepted_time = Some(now.to_string());
-            }
-            let message = format!(
-                "data accepted (sha256 {}); nodes deliver it",
-                hash.get(..12).unwrap_or(&hash)
-            );
-            status.accepted_data_hash = Some(hash);
-            if obj.spec.immutable {
-                let immutable = conditions::condition(
-                    &current.conditions,
-                    IMMUTABLE,
-                    true,
-                    "AcceptedAsImmutable",
-                    "accepted as immutable: its data can no longer change".to_owned(),
-                    generation,
-                    now,
-                );
-                status.conditions = conditions::with(status.conditions, immutable);
-            }
-            conditions::condition(
+            let accepted_time = match &current.accepted_time {
+                Some(t) if current.accepted_data_hash.as_deref() == Some(hash.as_str()) => {
+                    t.clone()
+                }
+                _ => now.to_string(),
+            };
+            let ready = conditions::condition(
                 &current.conditions,
                 READY,
                 true,
                 "Accepted",
-                message,
+                format!(
+                    "data accepted (sha256 {}); nodes deliver it",
+                    hash.get(..12).unwrap_or(&hash)
+                ),
                 generation,
                 now,
-            )
+            );
+            (Some(hash), Some(accepted_time), ready)
         }
-        Decision::Refuse(invalid) => conditions::condition(
-            &current.conditions,
-            READY,
-            false,
-            invalid.reason,
-            invalid.message.clone(),
-            generation,
-            now,
-        ),
+        Err(invalid) => {
+            let ready = conditions::condition(
+                &current.conditions,
+                READY,
+                false,
+                invalid.reason,
+                invalid.message.clone(),
+                generation,
+                now,
+            );
+            (None, None, ready)
+        }
     };
-    status.conditions = conditions::with(status.conditions, ready);
-    status
+    ClawConfigStatus {
+        accepted_time,
+        accepted_data_hash,
+        observed_generation: generation,
+        // Ready is the one condition; any other (e.g. the `Immutable` latch of releases before
+        // v1beta1) is dropped.
+        conditions: vec![ready],
+    }
 }
 
 /// The Deleted Event of a config the watch saw deleted.
@@ -225,56 +178,8 @@ pub(super) async fn deleted(obj: &ClawConfig, ctx: &Context) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::crd::ClawConfigSpec;
+    use crate::k8s::crd::{ClawConfigSpec, Condition};
     use std::collections::BTreeMap;
-
-    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
-
-    fn reason(d: Decision) -> &'static str {
-        match d {
-            Decision::Refuse(i) => i.reason,
-            Decision::Accept { .. } => "Accepted",
-        }
-    }
-
-    #[test]
-    fn immutability_is_enforced_by_the_accepted_state() {
-        // First sight: whatever the data, it is accepted.
-        assert_eq!(
-            decide(A, None, false, false),
-            Decision::Accept { changed: true }
-        );
-        assert_eq!(
-            decide(A, None, false, true),
-            Decision::Accept { changed: true }
-        );
-        // Unchanged data.
-        assert_eq!(
-            decide(A, Some(A), true, true),
-            Decision::Accept { changed: false }
-        );
-        // A mutable config takes new data, also when it becomes immutable in the same write.
-        assert_eq!(
-            decide(B, Some(A), false, false),
-            Decision::Accept { changed: true }
-        );
-        assert_eq!(
-            decide(B, Some(A), false, true),
-            Decision::Accept { changed: true }
-        );
-        // An immutable one does not (a server without CEL let the write through).
-        assert_eq!(reason(decide(B, Some(A), true, true)), "ImmutableViolation");
-        // Nor can it be made mutable again, with or without new data.
-        assert_eq!(
-            reason(decide(A, Some(A), true, false)),
-            "ImmutableViolation"
-        );
-        assert_eq!(
-            reason(decide(B, Some(A), true, false)),
-            "ImmutableViolation"
-        );
-    }
 
     fn config(data: &[(&str, &str)], immutable: bool) -> ClawConfig {
         let mut c = ClawConfig::new(
@@ -294,42 +199,79 @@ mod tests {
         c
     }
 
+    fn observe(c: &ClawConfig, now: Timestamp) -> ClawConfigStatus {
+        desired_status(c, &validate(c), now)
+    }
+
+    /// A condition without its times.
+    type Fact = (String, String, String);
+
+    /// The status without its times: what must come out the same however it was lost.
+    fn observed_facts(s: &ClawConfigStatus) -> (Option<String>, Option<i64>, Vec<Fact>) {
+        (
+            s.accepted_data_hash.clone(),
+            s.observed_generation,
+            s.conditions
+                .iter()
+                .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+                .collect(),
+        )
+    }
+
     #[test]
-    fn refused_data_keeps_the_accepted_hash_for_the_agents() {
+    fn the_status_is_rebuilt_from_the_spec_alone() {
         let t0: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
         let t1: Timestamp = "2025-01-02T00:00:00Z".parse().unwrap();
-        let mut c = config(&[("mode", "fast")], true);
-        let first = desired_status(&c, &Decision::Accept { changed: true }, t0);
-        let accepted = convert::data_hash(&c.spec.data);
-        assert_eq!(first.accepted_data_hash.as_deref(), Some(accepted.as_str()));
-        assert_eq!(first.accepted_time, Some(t0.to_string()));
-        assert!(accepted_as_immutable(&first));
-        c.status = Some(first);
-
-        // The data changes behind CEL's back.
-        c.spec.data.insert("mode".into(), "slow".into());
-        c.metadata.generation = Some(2);
-        let status = c.status.as_ref().unwrap();
-        let d = decide(
-            &convert::data_hash(&c.spec.data),
-            status.accepted_data_hash.as_deref(),
-            accepted_as_immutable(status),
-            c.spec.immutable,
-        );
-        let refused = desired_status(&c, &d, t1);
+        let accepted_a = observe(&config(&[("mode", "fast")], true), t0);
+        let mut latched = accepted_a.clone();
+        latched.conditions.push(Condition {
+            type_: "Immutable".into(),
+            status: "True".into(),
+            reason: "AcceptedAsImmutable".into(),
+            message: "the latch of earlier releases".into(),
+            last_transition_time: t0.to_string(),
+            observed_generation: Some(1),
+        });
+        let refused = observe(&config(&[("bad key", "x")], true), t0);
+        for (immutable, data) in [
+            (true, ("mode", "slow")),
+            (false, ("mode", "slow")),
+            (true, ("bad key", "x")),
+        ] {
+            let fresh = config(&[data], immutable);
+            let expected = observe(&fresh, t1);
+            for prior in [&accepted_a, &latched, &refused] {
+                let mut c = fresh.clone();
+                c.status = Some(prior.clone());
+                assert_eq!(
+                    observed_facts(&observe(&c, t1)),
+                    observed_facts(&expected),
+                    "status {prior:?} for {data:?} (immutable: {immutable})"
+                );
+            }
+        }
+        // Whatever it was before, new valid data is what nodes deliver.
+        let mut c = config(&[("mode", "slow")], true);
+        c.status = Some(latched);
+        let status = observe(&c, t1);
         assert_eq!(
-            refused.accepted_data_hash.as_deref(),
-            Some(accepted.as_str())
+            status.accepted_data_hash,
+            Some(convert::data_hash(&c.spec.data))
         );
-        assert_eq!(refused.accepted_time, Some(t0.to_string()));
-        let ready = conditions::find(&refused.conditions, READY).unwrap();
+        assert_eq!(status.accepted_time, Some(t1.to_string()));
+        assert_eq!(status.conditions.len(), 1, "the Immutable latch is dropped");
+    }
+
+    #[test]
+    fn invalid_data_is_not_delivered() {
+        let t0: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
+        let status = observe(&config(&[("bad key", "x")], false), t0);
+        assert_eq!(status.accepted_data_hash, None);
+        assert_eq!(status.accepted_time, None);
+        let ready = conditions::find(&status.conditions, READY).unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
-            ("False", "ImmutableViolation")
-        );
-        assert!(
-            accepted_as_immutable(&refused),
-            "the memory of immutability stays"
+            ("False", "InvalidData")
         );
     }
 
@@ -338,9 +280,14 @@ mod tests {
         let t0: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
         let t1: Timestamp = "2025-01-02T00:00:00Z".parse().unwrap();
         let mut c = config(&[("mode", "fast")], false);
-        c.status = Some(desired_status(&c, &Decision::Accept { changed: true }, t0));
-        let again = desired_status(&c, &Decision::Accept { changed: false }, t1);
+        c.status = Some(observe(&c, t0));
+        let again = observe(&c, t1);
         assert_eq!(Some(&again), c.status.as_ref());
-        assert!(!accepted_as_immutable(&again));
+        // New data is a new update.
+        c.spec.data.insert("mode".into(), "slow".into());
+        c.metadata.generation = Some(2);
+        let changed = observe(&c, t1);
+        assert_eq!(changed.accepted_time, Some(t1.to_string()));
+        assert_eq!(changed.observed_generation, Some(2));
     }
 }
