@@ -312,6 +312,8 @@ fn lint_and_template_pass_with_defaults_and_every_option() {
             "DaemonSet",
             "Deployment",
             "MutatingWebhookConfiguration",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
             "CustomResourceDefinition",
         ]),
         "what the defaults create (no ServiceMonitor, no NetworkPolicy, no cert-manager objects)"
@@ -1130,10 +1132,19 @@ fn rbac(objects: &[Value]) -> BTreeMap<Id, Value> {
                         | "ClusterRole"
                         | "RoleBinding"
                         | "ClusterRoleBinding"
+                        | "ValidatingAdmissionPolicy"
+                        | "ValidatingAdmissionPolicyBinding"
                 )
             )
         })
         .map(|o| {
+            if o["kind"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"))
+            {
+                // A policy's whole spec grants or refuses.
+                return (id(o), o["spec"].clone());
+            }
             // Which built-in roles (view, edit, admin) a ClusterRole is part of.
             let aggregated: BTreeMap<String, Value> = o["metadata"]["labels"]
                 .as_object()
@@ -1624,7 +1635,9 @@ fn labelled(kubeconfig: &Path, release: &str) -> BTreeSet<Id> {
                  clusterroles.rbac.authorization.k8s.io,\
                  clusterrolebindings.rbac.authorization.k8s.io,\
                  networkpolicies.networking.k8s.io,\
-                 mutatingwebhookconfigurations.admissionregistration.k8s.io";
+                 mutatingwebhookconfigurations.admissionregistration.k8s.io,\
+                 validatingadmissionpolicies.admissionregistration.k8s.io,\
+                 validatingadmissionpolicybindings.admissionregistration.k8s.io";
     let selector = format!("app.kubernetes.io/instance={release}");
     let out = must(
         kubectl(

@@ -55,6 +55,8 @@ const NEW: &str = "v1beta1";
 fn previous_release_crds(release: &str, ns: &str) -> Vec<CustomResourceDefinition> {
     claw_secrets::k8s::crd::crds()
         .into_iter()
+        // The kinds that existed then (ClawNode came with v1beta1).
+        .filter(|crd| crd.spec.versions.iter().any(|v| v.name == OLD))
         .map(|crd| {
             let mut crd = serde_json::to_value(crd).unwrap();
             let versions = crd["spec"]["versions"].as_array_mut().unwrap();

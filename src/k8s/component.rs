@@ -61,6 +61,11 @@ impl Component {
         }
     }
 
+    /// Parameters of a server-side apply this component makes: it owns the fields it sets.
+    pub fn apply(self) -> PatchParams {
+        PatchParams::apply(self.name())
+    }
+
     /// Parameters of a create or replace this component makes.
     pub fn post(self) -> PostParams {
         PostParams {

@@ -1,4 +1,4 @@
-//! The `ClawSecret` and `ClawConfig` custom resources (group `clawbernetes.io`).
+//! The `ClawSecret`, `ClawConfig` and `ClawNode` custom resources (group `clawbernetes.io`).
 //!
 //! The YAML under `crds/` is generated from these types by `claw-secrets crd` and checked
 //! against them by a test. Field descriptions come from the doc comments below, so they are
@@ -315,6 +315,46 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
 }
 
+/// A node's public key, published by the node's agent: what the operator seals the node's
+/// deliveries to (docs/crypto.md, "Per-node keys").
+///
+/// Cluster-scoped and named after the Node. Only the agent on that node can write it: a
+/// ValidatingAdmissionPolicy compares the object's name with the node name the API server put
+/// in the agent's pod-bound token (`authentication.kubernetes.io/node-name`). Owned by its Node,
+/// so it goes when the Node goes.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "clawbernetes.io",
+    version = "v1beta1",
+    kind = "ClawNode",
+    plural = "clawnodes",
+    shortname = "cnode",
+    category = "claw",
+    doc = "A Clawbernetes node's public key, published by the node's claw-secrets agent; secrets are sealed to it for that node alone.",
+    printcolumn(
+        name = "Key-ID",
+        type_ = "string",
+        json_path = ".spec.keyId",
+        description = "The node key's id"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClawNodeSpec {
+    /// The node's public key (HPKE: X25519), as `claw-secrets-sealing-key-v1:<key id>:<base64url
+    /// of 32 bytes>`. Its private half never leaves the node.
+    #[schemars(length(min = 1, max = 256))]
+    pub public_key: String,
+    /// The id of the node key the public key was derived from (`k-` and 16 hex digits); a new
+    /// id means a new key (a replaced node, or a wiped data dir).
+    #[schemars(regex(pattern = r"^k-[0-9a-f]{16}$"))]
+    pub key_id: String,
+}
+
 /// Versions still served beside the types' own (the storage version), with the same schema, so
 /// the API server converts between them by changing `apiVersion` alone (no conversion webhook).
 /// Deprecated: kubectl warns on every use. `claw-secrets migrate-storage` rewrites stored
@@ -322,44 +362,48 @@ pub struct Condition {
 /// later release may stop serving them (docs/operator.md, "Versions").
 pub const DEPRECATED_VERSIONS: &[&str] = &["v1alpha1"];
 
-/// Both CRDs as installed: the types' version (served, the storage version) and every
-/// [`DEPRECATED_VERSIONS`] entry, descriptions unwrapped for `kubectl explain`, kept by `helm
-/// uninstall`.
+/// Every CRD as installed: the types' version (served, the storage version) and, for the kinds
+/// that had one, every [`DEPRECATED_VERSIONS`] entry; descriptions unwrapped for `kubectl
+/// explain`; kept by `helm uninstall`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    [ClawSecret::crd(), ClawConfig::crd()]
-        .into_iter()
-        .map(|crd| {
-            let kind = crd.spec.names.kind.clone();
-            let mut crd = serde_json::to_value(&crd).expect("a CRD serializes");
-            unwrap_descriptions(&mut crd);
-            // With the chart (templates/crds.yaml), `helm uninstall` keeps them: deleting a CRD
-            // deletes every object of its kind. Harmless with kubectl.
-            crd["metadata"]["annotations"] =
-                serde_json::json!({ "helm.sh/resource-policy": "keep" });
-            let versions = crd["spec"]["versions"]
-                .as_array_mut()
-                .expect("a CRD has versions");
-            let current = versions[0].clone();
-            let storage = current["name"].as_str().expect("a version name").to_owned();
+    // ClawNode came with v1beta1: it never had an older version to serve.
+    [
+        (ClawSecret::crd(), DEPRECATED_VERSIONS),
+        (ClawConfig::crd(), DEPRECATED_VERSIONS),
+        (ClawNode::crd(), &[][..]),
+    ]
+    .into_iter()
+    .map(|(crd, deprecated)| {
+        let kind = crd.spec.names.kind.clone();
+        let mut crd = serde_json::to_value(&crd).expect("a CRD serializes");
+        unwrap_descriptions(&mut crd);
+        // With the chart (templates/crds.yaml), `helm uninstall` keeps them: deleting a CRD
+        // deletes every object of its kind. Harmless with kubectl.
+        crd["metadata"]["annotations"] = serde_json::json!({ "helm.sh/resource-policy": "keep" });
+        let versions = crd["spec"]["versions"]
+            .as_array_mut()
+            .expect("a CRD has versions");
+        let current = versions[0].clone();
+        let storage = current["name"].as_str().expect("a version name").to_owned();
 
-            for old in DEPRECATED_VERSIONS {
-                let mut served = current.clone();
-                served["name"] = (*old).into();
-                served["storage"] = false.into();
-                served["deprecated"] = true.into();
-                served["deprecationWarning"] = format!(
-                    "{GROUP}/{old} {kind} is deprecated: use {GROUP}/{storage} (the same fields)"
-                )
-                .into();
-                versions.push(served);
-            }
-            serde_json::from_value(crd).expect("still a CRD")
-        })
-        .collect()
+        for old in deprecated {
+            let mut served = current.clone();
+            served["name"] = (*old).into();
+            served["storage"] = false.into();
+            served["deprecated"] = true.into();
+            served["deprecationWarning"] = format!(
+                "{GROUP}/{old} {kind} is deprecated: use {GROUP}/{storage} (the same fields)"
+            )
+            .into();
+            versions.push(served);
+        }
+        serde_json::from_value(crd).expect("still a CRD")
+    })
+    .collect()
 }
 
-/// Both CRDs as one multi-document YAML stream: what `claw-secrets crd` prints.
+/// Every CRD as one multi-document YAML stream: what `claw-secrets crd` prints.
 pub fn crds_yaml() -> String {
     let mut out = String::from("# Generated by `claw-secrets crd`; do not edit by hand.\n");
     for crd in crds() {

@@ -4,10 +4,11 @@
 //! the master key (docs/crypto.md) and never leaves the operator's memory.
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 use serde_json::json;
 
 use crate::crypto::{Keyring, SealingPrivateKey};
+use crate::k8s::component::Component;
 
 /// The ConfigMap holding the public sealing key, in the operator's namespace.
 pub const CONFIGMAP: &str = "claw-secrets-sealing-key";
@@ -38,7 +39,7 @@ pub async fn publish(
     });
     api.patch(
         CONFIGMAP,
-        &PatchParams::apply("claw-secrets-operator").force(),
+        &Component::Operator.apply().force(),
         &Patch::Apply(&manifest),
     )
     .await?;

@@ -212,14 +212,25 @@ impl Cluster {
         ip: IpAddr,
         kubeconfig: &Path,
     ) -> Agent {
+        let node = self.node(letter, labels).await;
+        self.start_agent(&node, kubeconfig, ip).await
+    }
+
+    /// Creates Node `node-<letter>-<suffix>` with `labels` (deleted by [`Cluster::cleanup`]).
+    pub async fn node(&self, letter: &str, labels: &[(&str, &str)]) -> String {
         let node = format!("node-{letter}-{}", self.suffix());
         create_node(&self.client(), &node, labels).await;
         self.nodes.lock().unwrap().push(node.clone());
+        node
+    }
+
+    /// Starts an agent for the existing Node `node`, with the credentials of `kubeconfig`.
+    pub async fn start_agent(&self, node: &str, kubeconfig: &Path, ip: IpAddr) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix(&format!("claw-agent-{node}-"))
             .tempdir()
             .expect("temp dir");
-        Agent::start_on(kubeconfig, &node, dir, &self.master_key, ip).await
+        Agent::start_on(kubeconfig, node, dir, &self.master_key, ip).await
     }
 
     /// node-a (zone a, gpu), node-b (zone b, gpu), node-c (zone c, no gpu).

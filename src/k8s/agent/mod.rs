@@ -14,6 +14,7 @@
 mod authorizer;
 mod events;
 mod metrics;
+pub mod node_key;
 mod repository;
 mod sync;
 
@@ -177,6 +178,7 @@ pub async fn run(
     let bounded = kube::Client::try_from(bounded_config)
         .map_err(|e| setup(format!("cannot build a Kubernetes client: {e}")))?;
     create_private_dir(&config.data_dir).map_err(|e| setup(e.to_string()))?;
+    let node_key = node_key::load_or_create(&config.data_dir).map_err(setup)?;
     let keyring = match cached_keyring(&config.data_dir.join("master.key")) {
         Some(ring) => ring,
         None => first_keyring(&client, &config).await,
@@ -216,6 +218,15 @@ pub async fn run(
     background.spawn(
         "keyring refresh",
         refresh_keyring(client.clone(), config.clone(), keys.clone()),
+    );
+    background.spawn(
+        "node key publication",
+        node_key::publish(
+            client.clone(),
+            config.node_name.clone(),
+            config.data_dir.clone(),
+            node_key,
+        ),
     );
     background.spawn(
         "node label watch",

@@ -4,7 +4,7 @@
 //! The status is a function of the spec (and the time it was first observed): deleted, it is
 //! rebuilt the same by the next reconcile. Immutability is the API server's, as for core
 //! ConfigMaps: the CRD's CEL transition rules refuse new data over an immutable config and
-//! `immutable` going back to false (the chart requires Kubernetes 1.28, where they are always
+//! `immutable` going back to false (the chart requires Kubernetes 1.30, where they are always
 //! enforced), so the operator keeps no memory of what it accepted before.
 
 use jiff::Timestamp;

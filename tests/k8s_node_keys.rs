@@ -1,0 +1,224 @@
+//! Per-node keys against a real kube-apiserver (issue 16, docs/crypto.md "Per-node keys"):
+//! every agent runs with the agent's real identity (deploy/rbac/agent.yaml as shipped, and a
+//! ServiceAccount token bound to its Node, as the token projected into its pod is), generates
+//! its own key on first start and publishes its public key in the ClawNode named after its
+//! Node; the API server's admission policy keeps each agent to its own node's ClawNode.
+
+#[path = "support/random.rs"]
+mod random;
+
+#[path = "support/wait.rs"]
+mod wait;
+
+#[path = "support/files.rs"]
+mod files;
+
+#[path = "support/process.rs"]
+mod process;
+
+#[path = "support/protocol.rs"]
+mod protocol;
+
+#[path = "support/relay.rs"]
+mod relay;
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+
+#[path = "support/cluster.rs"]
+mod cluster;
+
+#[path = "support/tokens.rs"]
+mod tokens;
+
+#[path = "support/agent_identity.rs"]
+mod agent_identity;
+
+use claw_secrets::crypto::{Keyring, SealingPublicKey};
+use claw_secrets::k8s::agent::node_key::NODE_KEY_FILE;
+use claw_secrets::k8s::crd::{ClawNode, ClawNodeSpec};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use cluster::{Agent, Cluster};
+use wait::eventually;
+
+/// The agent's Kubernetes client for `node`: the agent ServiceAccount's token bound to that
+/// Node, in a kubeconfig at `dir`.
+async fn node_client(c: &Cluster, node: &str, dir: &Path) -> (kube::Client, PathBuf) {
+    let ns = cluster::master_key_namespace();
+    let token = agent_identity::node_bound_token(&c.client(), ns, node).await;
+    let kubeconfig = dir.join(format!("{node}.kubeconfig"));
+    let client = agent_identity::client_with_token(&c.env.kubeconfig, &token, &kubeconfig).await;
+    (client, kubeconfig)
+}
+
+/// The key the agent keeps in its data dir.
+fn node_key_of(agent: &Agent) -> Keyring {
+    let path = agent.data_dir().join(NODE_KEY_FILE);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{} is private to the agent", path.display());
+    Keyring::from_json(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// Waits until ClawNode `node` carries the public key of `ring`.
+async fn published(c: &Cluster, node: &str, ring: &Keyring) -> ClawNode {
+    let api: Api<ClawNode> = Api::all(c.client());
+    let want = claw_secrets::k8s::agent::node_key::public_key(ring).to_text();
+    eventually(
+        &format!("ClawNode {node} to carry the node's key"),
+        || async {
+            match api.get_opt(node).await.map_err(|e| e.to_string())? {
+                Some(n) if n.spec.public_key == want => Ok(n),
+                other => Err(format!("{:?}", other.map(|n| n.spec))),
+            }
+        },
+    )
+    .await
+}
+
+/// The status code and message of a refused request.
+fn refused<T: std::fmt::Debug>(r: Result<T, kube::Error>) -> (u16, String) {
+    match r {
+        Err(kube::Error::Api(s)) => (s.code, s.message),
+        other => panic!("expected the API server to refuse it, got {other:?}"),
+    }
+}
+
+const POLICY_MESSAGE: &str = "may write only the ClawNode named after its own node";
+
+#[tokio::test]
+async fn each_agent_publishes_its_own_key_and_can_write_no_other() {
+    let c = Cluster::new("node-keys").await;
+    let ns = cluster::master_key_namespace();
+    agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
+    let scratch = tempfile::tempdir().unwrap();
+
+    let (node_a, node_b) = (c.node("a", &[]).await, c.node("b", &[]).await);
+    let (client_a, kubeconfig_a) = node_client(&c, &node_a, scratch.path()).await;
+    let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
+    let local = Ipv4Addr::LOCALHOST.into();
+    let (mut a, b) = tokio::join!(
+        c.start_agent(&node_a, &kubeconfig_a, local),
+        c.start_agent(&node_b, &kubeconfig_b, local),
+    );
+
+    // Each publishes the key it generated, owned by its Node; the two keys differ.
+    let (ring_a, ring_b) = (node_key_of(&a), node_key_of(&b));
+    let published_a = published(&c, &node_a, &ring_a).await;
+    let published_b = published(&c, &node_b, &ring_b).await;
+    assert_ne!(published_a.spec.public_key, published_b.spec.public_key);
+    assert_eq!(published_a.spec.key_id, ring_a.active().id().to_string());
+    SealingPublicKey::parse(&published_a.spec.public_key).expect("a public key");
+    let node_uid = Api::<Node>::all(c.client())
+        .get(&node_a)
+        .await
+        .unwrap()
+        .metadata
+        .uid;
+    let owner = &published_a.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), Some(&owner.uid)),
+        ("Node", node_uid.as_ref())
+    );
+    let managers: Vec<_> = published_a
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.as_deref())
+        .collect();
+    assert_eq!(managers, ["claw-secrets-agent"]);
+
+    // Node-a's own credentials: RBAC lets the agent's ServiceAccount write ClawNodes, the
+    // admission policy only its own node's. Its own passes (dry run, nothing changes) ...
+    let as_a: Api<ClawNode> = Api::all(client_a.clone());
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    as_a.patch(
+        &node_a,
+        &dry_run,
+        &Patch::Merge(serde_json::json!({ "metadata": { "labels": { "probe": "own" } } })),
+    )
+    .await
+    .expect("an agent may write its own node's ClawNode");
+    // ... another node's is refused: overwriting its key, creating one, deleting one.
+    let forged = ClawNode {
+        metadata: ObjectMeta {
+            name: Some(node_b.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: ClawNodeSpec {
+            public_key: published_a.spec.public_key.clone(),
+            key_id: published_a.spec.key_id.clone(),
+        },
+    };
+    let (code, message) = refused(
+        as_a.patch(
+            &node_b,
+            &PatchParams::apply("claw-secrets-agent").force(),
+            &Patch::Apply(&forged),
+        )
+        .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    assert!(message.contains(POLICY_MESSAGE), "{message}");
+    let mut invented = forged.clone();
+    invented.metadata.name = Some(format!("{node_b}-twin"));
+    let (code, message) = refused(as_a.create(&PostParams::default(), &invented).await);
+    assert_eq!(code, 403, "{message}");
+    assert!(message.contains(POLICY_MESSAGE), "{message}");
+    let (code, message) = refused(as_a.delete(&node_b, &DeleteParams::default()).await);
+    assert_eq!(code, 403, "{message}");
+    let untouched: Api<ClawNode> = Api::all(c.client());
+    assert_eq!(
+        untouched.get(&node_b).await.unwrap().spec,
+        published_b.spec,
+        "node-b's key is still node-b's"
+    );
+
+    // The same ServiceAccount's token without a node (not bound to a pod on a node) writes no
+    // ClawNode at all.
+    let unbound = agent_identity::unbound_token(&c.client(), ns).await;
+    let as_nobody: Api<ClawNode> = Api::all(
+        agent_identity::client_with_token(
+            &c.env.kubeconfig,
+            &unbound,
+            &scratch.path().join("unbound"),
+        )
+        .await,
+    );
+    let (code, message) = refused(
+        as_nobody
+            .patch(
+                &node_a,
+                &dry_run,
+                &Patch::Merge(serde_json::json!({ "metadata": { "labels": { "probe": "x" } } })),
+            )
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+
+    // A restart keeps the key; a replaced node (its data dir gone) has a new one, published.
+    a.kill();
+    a.restart().await;
+    assert!(
+        node_key_of(&a).same_as(&ring_a),
+        "a restart keeps the node key"
+    );
+    a.kill();
+    std::fs::remove_dir_all(a.data_dir()).unwrap();
+    a.restart().await;
+    let replaced = node_key_of(&a);
+    assert_ne!(replaced.active().id(), ring_a.active().id());
+    let republished = published(&c, &node_a, &replaced).await;
+    assert_ne!(republished.spec.public_key, published_a.spec.public_key);
+
+    drop((a, b));
+    c.cleanup().await;
+}
