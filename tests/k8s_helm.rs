@@ -2447,7 +2447,8 @@ async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running
 }
 
 /// The agent's ServiceAccount may read its master key Secret, review tokens and access, watch
-/// ClawSecrets and Nodes and create ClawSecrets; and nothing else asked here: no other Secret,
+/// ClawSecrets and Nodes and publish ClawNodes; and nothing else asked here: no ClawSecret or
+/// ClawConfig write (made with the caller's token), no other Secret,
 /// no Secret listing or creation, no ClawSecret status, no `reveal`, no Node change, no Lease,
 /// no pods.
 async fn the_agent_role_allows_what_it_needs_and_no_more(r: &Release, running: &Running) {
@@ -2471,12 +2472,26 @@ async fn the_agent_role_allows_what_it_needs_and_no_more(r: &Release, running: &
                 None,
             ),
             (true, "watch clawsecrets.clawbernetes.io", None, None),
+            // Writes are made with the caller's token: the agent's own makes none.
             (
-                true,
+                false,
                 "create clawsecrets.clawbernetes.io",
                 Some("default"),
                 None,
             ),
+            (
+                false,
+                "update clawsecrets.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (
+                false,
+                "delete clawconfigs.clawbernetes.io",
+                Some("default"),
+                None,
+            ),
+            (true, "create clawnodes.clawbernetes.io", None, None),
             (true, "watch nodes", None, None),
             (false, "get secrets", Some(ns), Some(&helm_secret)),
             (false, "list secrets", None, None),

@@ -222,3 +222,137 @@ async fn each_agent_publishes_its_own_key_and_can_write_no_other() {
     drop((a, b));
     c.cleanup().await;
 }
+
+/// Whether `user` may `verb` ClawSecrets in `ns`, as the API server's authorizer answers.
+async fn may(c: &Cluster, user: &str, verb: &str, ns: &str) -> bool {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_owned()),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some("clawbernetes.io".to_owned()),
+                resource: Some("clawsecrets".to_owned()),
+                verb: Some(verb.to_owned()),
+                namespace: Some(ns.to_owned()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    Api::<SubjectAccessReview>::all(c.client())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SubjectAccessReview")
+        .status
+        .expect("status")
+        .allowed
+}
+
+/// node.invoke writes are made with the caller's token: the agent's own token can create,
+/// change or delete no ClawSecret (SubjectAccessReviews and real 403s), and an authorized
+/// caller's create, rotate and delete through an agent with that token alone still work.
+#[tokio::test]
+async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
+    let c = Cluster::new("agent-writes").await;
+    let ns = cluster::master_key_namespace();
+    let agent_user = agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let node = c.node("a", &[]).await;
+    let (agent_client, kubeconfig) = node_client(&c, &node, scratch.path()).await;
+    let agent = c
+        .start_agent(&node, &kubeconfig, Ipv4Addr::LOCALHOST.into())
+        .await;
+    let alice = c.alice().await;
+    let secrets: Api<claw_secrets::k8s::crd::ClawSecret> = Api::namespaced(c.client(), c.ns());
+
+    // What the agent's ServiceAccount may do, as the API server's authorizer says.
+    for verb in ["get", "list", "watch"] {
+        assert!(may(&c, &agent_user, verb, c.ns()).await, "{verb}");
+    }
+    for verb in ["create", "update", "patch", "delete", "deletecollection"] {
+        assert!(
+            !may(&c, &agent_user, verb, c.ns()).await,
+            "the agent may {verb}"
+        );
+    }
+
+    // An authorized caller's writes through the agent: made as her, named as the agent's.
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.create",
+            serde_json::json!({ "name": "db-password", "namespace": c.ns(), "data": { "password": "first" } }),
+        )
+        .await
+        .payload("secret.create as alice");
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.rotate",
+            serde_json::json!({ "name": "db-password", "namespace": c.ns(), "newData": { "password": "second" } }),
+        )
+        .await
+        .payload("secret.rotate as alice");
+    let obj = secrets.get("db-password").await.unwrap();
+    assert_eq!(obj.spec.sealed.as_ref().map(|s| s.version), Some(2));
+    let managers: Vec<_> = obj
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.as_deref())
+        .collect();
+    assert!(
+        managers.iter().all(|m| *m == "claw-secrets-agent"),
+        "{managers:?}"
+    );
+
+    // The agent's own token: every write refused by the API server.
+    let as_agent: Api<claw_secrets::k8s::crd::ClawSecret> = Api::namespaced(agent_client, c.ns());
+    let mut copy = obj.clone();
+    copy.metadata = ObjectMeta {
+        name: Some("planted".to_owned()),
+        ..ObjectMeta::default()
+    };
+    let (code, message) = refused(as_agent.create(&PostParams::default(), &copy).await);
+    assert_eq!(code, 403, "{message}");
+    let (code, message) = refused(
+        as_agent
+            .patch(
+                "db-password",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "spec": { "allowedWorkloads": ["thief"] } })),
+            )
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    let (code, message) = refused(
+        as_agent
+            .replace("db-password", &PostParams::default(), &obj)
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    let (code, message) = refused(
+        as_agent
+            .delete("db-password", &DeleteParams::default())
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    assert!(secrets.get_opt("db-password").await.unwrap().is_some());
+
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.delete",
+            serde_json::json!({ "name": "db-password", "namespace": c.ns() }),
+        )
+        .await
+        .payload("secret.delete as alice");
+    assert!(secrets.get_opt("db-password").await.unwrap().is_none());
+
+    drop(agent);
+    c.cleanup().await;
+}

@@ -24,6 +24,32 @@ pub struct Caller {
     pub groups: Vec<String>,
     pub uid: Option<String>,
     pub extra: BTreeMap<String, Vec<String>>,
+    /// The credential the caller presented, for a backend that carries out a write as the
+    /// caller (the node agent, to the API server); `None` where the backend acts itself (dev
+    /// mode). Kept for the one request only, never in a cache.
+    pub credential: Option<Credential>,
+}
+
+/// A caller's own bearer token: wiped when dropped, never printed (`Debug` shows that one is
+/// there, not what it is).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential(zeroize::Zeroizing<String>);
+
+impl Credential {
+    pub fn bearer(token: &str) -> Self {
+        Credential(zeroize::Zeroizing::new(token.to_owned()))
+    }
+
+    /// The token, to hand to the client that acts as the caller.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential([redacted])")
+    }
 }
 
 impl Caller {
@@ -37,6 +63,7 @@ impl Caller {
             groups: Vec::new(),
             uid: None,
             extra: Default::default(),
+            credential: None,
         }
     }
 

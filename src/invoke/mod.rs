@@ -13,7 +13,7 @@ mod protocol;
 mod repository;
 mod server;
 
-pub use access::{Access, Authorizer, Caller, Decision, Resource, Verb};
+pub use access::{Access, Authorizer, Caller, Credential, Decision, Resource, Verb};
 pub use client::{ClientError, ClientTimeouts, InvokeClient};
 pub use command_core::{CommandCore, IdempotencyKey, Request};
 pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS};

@@ -1,11 +1,12 @@
 //! The agent's [`Authorizer`]: Kubernetes decides. Callers are who TokenReview says their token
 //! belongs to; every access is a SubjectAccessReview on the caller's own identity against
 //! `clawsecrets` / `clawconfigs` in group `clawbernetes.io` (`reveal` to read a secret's values).
-//! The agent's own permissions never stand in for the caller's. Refusals of named objects
-//! become AccessDenied Events.
+//! The agent's own permissions never stand in for the caller's: its writes are made with the
+//! caller's own token (see [`super::KubeRepository`]). Refusals of named objects become
+//! AccessDenied Events.
 
 use super::events::AgentEvents;
-use crate::invoke::{Access, Authorizer, Caller, Decision, InvokeError};
+use crate::invoke::{Access, Authorizer, Caller, Credential, Decision, InvokeError};
 use crate::k8s::identity::KubeIdentity;
 
 pub struct KubeAuthorizer {
@@ -21,7 +22,11 @@ impl KubeAuthorizer {
 
 impl Authorizer for KubeAuthorizer {
     async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, InvokeError> {
-        self.identity.authenticate(bearer).await
+        let mut caller = self.identity.authenticate(bearer).await?;
+        // Writes go to the API server as the caller (KubeRepository), with the token the
+        // review just accepted; the review caches never hold it.
+        caller.credential = bearer.map(Credential::bearer);
+        Ok(caller)
     }
 
     async fn check(&self, caller: &Caller, access: Access<'_>) -> Result<Decision, InvokeError> {

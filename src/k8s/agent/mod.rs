@@ -175,7 +175,7 @@ pub async fn run(
     bounded_config.connect_timeout = Some(API_CONNECT_TIMEOUT);
     bounded_config.read_timeout = Some(API_READ_TIMEOUT);
     bounded_config.reset_reader_on_write = true;
-    let bounded = kube::Client::try_from(bounded_config)
+    let bounded = kube::Client::try_from(bounded_config.clone())
         .map_err(|e| setup(format!("cannot build a Kubernetes client: {e}")))?;
     create_private_dir(&config.data_dir).map_err(|e| setup(e.to_string()))?;
     let node_key = node_key::load_or_create(&config.data_dir).map_err(setup)?;
@@ -259,9 +259,11 @@ pub async fn run(
         .with_metrics(metrics.token_reviews());
     let audit_handle = audit.clone();
     let anchored_store = store.clone();
+    let repository =
+        KubeRepository::new(bounded_config, store, keys.clone(), events.clone()).map_err(setup)?;
     let core = CommandCore::new(
-        KubeAuthorizer::new(identity, events.clone()),
-        KubeRepository::new(bounded, store, keys.clone(), events),
+        KubeAuthorizer::new(identity, events),
+        repository,
         audit,
         config.node_name.clone(),
         keys,

@@ -1,14 +1,17 @@
 //! The agent's [`Repository`]: reads from the node's store (what the agent mirrors), writes
-//! through the API server, each guarded by the resourceVersion the core read, so a concurrent
-//! writer on another node makes this one answer CONFLICT instead of overwriting it. A write
+//! through the API server **as the caller**, with the caller's own bearer token: the API
+//! server's authentication and RBAC decide each write, and the agent's ServiceAccount needs (and
+//! has) no right to change any ClawSecret or ClawConfig. Each write is guarded by the
+//! resourceVersion the core read, so a concurrent writer on another node makes this one answer
+//! CONFLICT instead of overwriting it. A rotation or config update is a replace (`PUT`, verb
+//! `update`: the verb the core's SubjectAccessReview asked about), not a patch. A write
 //! carries the sealed data and the remembered writes (idempotency) in the same object update,
 //! so they commit together. What this agent wrote is mirrored into its store at once (the watch
 //! would bring it moments later), and published as an Event naming the caller.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use kube::api::{Api, DeleteParams, Patch, Preconditions};
-use serde_json::{Value, json};
+use kube::api::{Api, DeleteParams, Preconditions};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -28,7 +31,11 @@ use crate::store::{ConfigRecord, Expect, SecretRecord, Store, WriteRecord};
 const LEGACY_LAST_WRITE_ANNOTATION: &str = "clawbernetes.io/last-write";
 
 pub struct KubeRepository {
+    /// The agent's own client: reads of the object a write starts from.
     client: kube::Client,
+    /// The agent's client configuration without its credentials: a write's client is this
+    /// with the caller's token.
+    caller_config: kube::Config,
     store: Arc<Store>,
     keys: SharedKeyring,
     events: AgentEvents,
@@ -38,6 +45,28 @@ fn noun(kind: Kind) -> &'static str {
     match kind {
         Kind::Secret => "secret",
         Kind::Config => "config",
+    }
+}
+
+/// Maps the API server's refusal of a write made as `caller`: its own credentials or rights
+/// were refused, which the caller can fix; anything else as [`api_error`].
+fn caller_error(e: kube::Error, kind: Kind, key: &ObjectKey, caller: &Caller) -> InvokeError {
+    match &e {
+        kube::Error::Api(status) if status.code == 401 => InvokeError::new(
+            ErrorCode::Unauthenticated,
+            format!(
+                "the API server did not accept {}'s token for the write ({}); get a fresh token and retry",
+                caller.subject, status.message
+            ),
+        ),
+        kube::Error::Api(status) if status.code == 403 => InvokeError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "the API server refused the write to {}: {}",
+                caller.subject, status.message
+            ),
+        ),
+        _ => api_error(e, kind, key),
     }
 }
 
@@ -56,10 +85,7 @@ fn api_error(e: kube::Error, kind: Kind, key: &ObjectKey) -> InvokeError {
                 ErrorCode::AlreadyExists,
                 format!("{what} {name:?} already exists in namespace {ns:?}"),
             ),
-            409 => InvokeError::new(
-                ErrorCode::Conflict,
-                format!("{what} {name:?} was changed concurrently; read it again and retry"),
-            ),
+            409 => changed_concurrently(kind, key),
             400 | 422 => {
                 InvokeError::invalid(format!("the API server refused it: {}", status.message))
             }
@@ -82,6 +108,17 @@ fn api_error(e: kube::Error, kind: Kind, key: &ObjectKey) -> InvokeError {
     }
 }
 
+fn changed_concurrently(kind: Kind, key: &ObjectKey) -> InvokeError {
+    InvokeError::new(
+        ErrorCode::Conflict,
+        format!(
+            "{} {:?} was changed concurrently; read it again and retry",
+            noun(kind),
+            key.name.as_str()
+        ),
+    )
+}
+
 fn invalid_object(e: convert::Invalid) -> InvokeError {
     InvokeError::internal(format!("the object is invalid: {e}"))
 }
@@ -91,43 +128,101 @@ fn not_deleting(obj_meta: &kube::api::ObjectMeta) -> bool {
 }
 
 impl KubeRepository {
+    /// `config` is the agent's own client configuration (its credentials are dropped for the
+    /// writes, made as the caller).
     pub fn new(
-        client: kube::Client,
+        config: kube::Config,
         store: Arc<Store>,
         keys: SharedKeyring,
         events: AgentEvents,
-    ) -> Self {
-        KubeRepository {
+    ) -> Result<Self, String> {
+        let client = kube::Client::try_from(config.clone())
+            .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
+        let mut caller_config = config;
+        caller_config.auth_info = kube::config::AuthInfo::default();
+        Ok(KubeRepository {
             client,
+            caller_config,
             store,
             keys,
             events,
-        }
+        })
     }
 
+    /// Reads as the agent.
     fn secrets(&self, key: &ObjectKey) -> Api<ClawSecret> {
         Api::namespaced(self.client.clone(), key.namespace.as_str())
     }
 
+    /// Reads as the agent.
     fn configs(&self, key: &ObjectKey) -> Api<ClawConfig> {
         Api::namespaced(self.client.clone(), key.namespace.as_str())
     }
 
-    /// The annotations a write sets: the sealed remembered writes (or their removal), and the
-    /// removal of the clear-text idempotency mark earlier versions kept (`last-write`: the key
-    /// and a fingerprint of the params, readable by anyone with `get`).
-    fn writes_patch(
+    /// A client that acts as `caller`: the agent's connection settings, the caller's token and
+    /// no other credential.
+    fn as_caller<K>(&self, caller: &Caller, key: &ObjectKey) -> Result<Api<K>, InvokeError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let credential = caller.credential.as_ref().ok_or_else(|| {
+            InvokeError::internal("the caller's token was not kept for the write; this is a bug")
+        })?;
+        let mut config = self.caller_config.clone();
+        config.auth_info = kube::config::AuthInfo {
+            token: Some(secrecy::SecretString::from(credential.expose())),
+            ..kube::config::AuthInfo::default()
+        };
+        let client = kube::Client::try_from(config).map_err(|e| {
+            InvokeError::internal(format!("cannot build a client for the caller: {e}"))
+        })?;
+        Ok(Api::namespaced(client, key.namespace.as_str()))
+    }
+
+    /// Sets on `meta` the annotations a replace carries: the sealed remembered writes (or
+    /// none), and no clear-text idempotency mark of earlier versions (`last-write`: the key and
+    /// a fingerprint of the params, readable by anyone with `get`).
+    fn set_writes(
         &self,
+        meta: &mut kube::api::ObjectMeta,
         kind: Kind,
         key: &ObjectKey,
         writes: &[WriteRecord],
-    ) -> Result<Value, InvokeError> {
+    ) -> Result<(), InvokeError> {
         let sealed = convert::writes_annotation(&self.keys.current(), kind, key, writes)
             .map_err(|e| InvokeError::internal(format!("sealing the write records failed: {e}")))?;
-        Ok(json!({
-            convert::WRITES_ANNOTATION: sealed,
-            LEGACY_LAST_WRITE_ANNOTATION: null,
-        }))
+        let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+        annotations.remove(LEGACY_LAST_WRITE_ANNOTATION);
+        match sealed {
+            Some(s) => annotations.insert(convert::WRITES_ANNOTATION.to_owned(), s),
+            None => annotations.remove(convert::WRITES_ANNOTATION),
+        };
+        Ok(())
+    }
+
+    /// The object a replace starts from: read as the agent, and still the state the core
+    /// decided on (`base`), else CONFLICT.
+    async fn unchanged_since<K>(
+        &self,
+        api: Api<K>,
+        kind: Kind,
+        key: &ObjectKey,
+        base: &Revision,
+    ) -> Result<K, InvokeError>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let obj = api
+            .get(&object_name(&key.name))
+            .await
+            .map_err(|e| api_error(e, kind, key))?;
+        if obj.meta().resource_version.as_deref() != Some(base.0.as_str())
+            || obj.meta().deletion_timestamp.is_some()
+        {
+            return Err(changed_concurrently(kind, key));
+        }
+        Ok(obj)
     }
 
     fn annotations(
@@ -194,16 +289,22 @@ impl KubeRepository {
         }
     }
 
+    /// Deletes as `caller`.
     async fn delete_object<K>(
         &self,
-        api: Api<K>,
         kind: Kind,
         key: &ObjectKey,
         base: Option<&Revision>,
+        caller: &Caller,
     ) -> Result<Option<String>, InvokeError>
     where
-        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
     {
+        let api: Api<K> = self.as_caller(caller, key)?;
         let params = DeleteParams {
             preconditions: base.map(|r| Preconditions {
                 resource_version: Some(r.0.clone()),
@@ -221,7 +322,7 @@ impl KubeRepository {
                     |status| status.details.map(|d| d.uid).filter(|u| !u.is_empty()),
                 )
             })
-            .map_err(|e| api_error(e, kind, key))
+            .map_err(|e| caller_error(e, kind, key, caller))
     }
 }
 
@@ -301,10 +402,10 @@ impl Repository for KubeRepository {
         );
         obj.metadata.annotations = self.annotations(Kind::Secret, key, &record.writes)?;
         let created = self
-            .secrets(key)
+            .as_caller::<ClawSecret>(caller, key)?
             .create(&Component::Agent.post(), &obj)
             .await
-            .map_err(|e| api_error(e, Kind::Secret, key))?;
+            .map_err(|e| caller_error(e, Kind::Secret, key, caller))?;
         self.events.write(
             Kind::Secret,
             key,
@@ -327,25 +428,17 @@ impl Repository for KubeRepository {
         caller: &Caller,
     ) -> Result<Arc<SecretRecord>, InvokeError> {
         let key = &record.key;
-        let mut sealed = json!(sealed_data(&record));
-        // A merge patch keeps the fields it does not name: the replaced version's digest goes.
-        sealed["dataDigest"] = Value::Null;
-        let patch = json!({
-            "metadata": {
-                "resourceVersion": current.revision.0,
-                "annotations": self.writes_patch(Kind::Secret, key, &record.writes)?,
-            },
-            "spec": { "sealed": sealed },
-        });
+        let mut obj = self
+            .unchanged_since(self.secrets(key), Kind::Secret, key, &current.revision)
+            .await?;
+        // The replaced version's data digest goes with it (sealed_data sets none).
+        obj.spec.sealed = Some(sealed_data(&record));
+        self.set_writes(&mut obj.metadata, Kind::Secret, key, &record.writes)?;
         let updated = self
-            .secrets(key)
-            .patch(
-                &object_name(&key.name),
-                &Component::Agent.patch(),
-                &Patch::Merge(&patch),
-            )
+            .as_caller::<ClawSecret>(caller, key)?
+            .replace(&object_name(&key.name), &Component::Agent.post(), &obj)
             .await
-            .map_err(|e| api_error(e, Kind::Secret, key))?;
+            .map_err(|e| caller_error(e, Kind::Secret, key, caller))?;
         self.events.write(
             Kind::Secret,
             key,
@@ -370,7 +463,7 @@ impl Repository for KubeRepository {
         caller: &Caller,
     ) -> Result<(), InvokeError> {
         let uid = self
-            .delete_object(self.secrets(key), Kind::Secret, key, base)
+            .delete_object::<ClawSecret>(Kind::Secret, key, base, caller)
             .await?;
         self.events.write(
             Kind::Secret,
@@ -403,10 +496,10 @@ impl Repository for KubeRepository {
         );
         obj.metadata.annotations = self.annotations(Kind::Config, key, &record.writes)?;
         let created = self
-            .configs(key)
+            .as_caller::<ClawConfig>(caller, key)?
             .create(&Component::Agent.post(), &obj)
             .await
-            .map_err(|e| api_error(e, Kind::Config, key))?;
+            .map_err(|e| caller_error(e, Kind::Config, key, caller))?;
         let note = if record.immutable {
             "created, immutable"
         } else {
@@ -431,36 +524,18 @@ impl Repository for KubeRepository {
         caller: &Caller,
     ) -> Result<Arc<ConfigRecord>, InvokeError> {
         let key = &record.key;
-        // A merge patch merges maps key by key; the data must be replaced whole, so the keys
-        // the object had (as read, which the resourceVersion guard holds to) are sent as null.
-        let mut data: serde_json::Map<String, Value> = current
-            .record
-            .data
-            .iter()
-            .map(|(k, _)| (k.as_str().to_owned(), Value::Null))
-            .collect();
-        for (k, v) in record.data.iter() {
-            data.insert(k.as_str().to_owned(), Value::String(v.clone()));
-        }
-        let mut patch = json!({
-            "metadata": {
-                "resourceVersion": current.revision.0,
-                "annotations": self.writes_patch(Kind::Config, key, &record.writes)?,
-            },
-            "spec": { "data": data },
-        });
-        if record.immutable {
-            patch["spec"]["immutable"] = json!(true);
-        }
+        let mut obj = self
+            .unchanged_since(self.configs(key), Kind::Config, key, &current.revision)
+            .await?;
+        obj.spec.data = config_map(&record);
+        // One-way: an update may make a config immutable, never mutable again.
+        obj.spec.immutable |= record.immutable;
+        self.set_writes(&mut obj.metadata, Kind::Config, key, &record.writes)?;
         let updated = self
-            .configs(key)
-            .patch(
-                &object_name(&key.name),
-                &Component::Agent.patch(),
-                &Patch::Merge(&patch),
-            )
+            .as_caller::<ClawConfig>(caller, key)?
+            .replace(&object_name(&key.name), &Component::Agent.post(), &obj)
             .await
-            .map_err(|e| api_error(e, Kind::Config, key))?;
+            .map_err(|e| caller_error(e, Kind::Config, key, caller))?;
         let note = if updated.spec.immutable {
             "data replaced; now immutable"
         } else {
@@ -486,7 +561,7 @@ impl Repository for KubeRepository {
         caller: &Caller,
     ) -> Result<(), InvokeError> {
         let uid = self
-            .delete_object(self.configs(key), Kind::Config, key, base)
+            .delete_object::<ClawConfig>(Kind::Config, key, base, caller)
             .await?;
         self.events.write(
             Kind::Config,
