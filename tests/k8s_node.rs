@@ -702,6 +702,28 @@ impl Release<'_> {
         assert_eq!(got["data"]["password"], json!(value));
     }
 
+    /// The agent pod published its node's public key: its projected token carries the node
+    /// name, which the chart's admission policy requires of the agent's ServiceAccount.
+    async fn the_agent_published_its_node_key(&self) {
+        self.step("the agent's node key, published with its pod-bound token");
+        let nodes: Api<claw_secrets::k8s::crd::ClawNode> = Api::all(self.client.clone());
+        let published = eventually("ClawNode of the node", || async {
+            nodes
+                .get_opt(&self.node.name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "not published yet".to_owned())
+        })
+        .await;
+        claw_secrets::crypto::SealingPublicKey::parse(&published.spec.public_key)
+            .expect("a public key");
+        let owner = &published.metadata.owner_references.expect("owned")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("Node", self.node.name.as_str())
+        );
+    }
+
     /// The chart's user roles are part of the built-in ones (the cluster's role aggregation
     /// controller, in kube-controller-manager, merges them): a ServiceAccount bound only to
     /// `edit` creates and reveals a secret whose allowedWorkloads do not name it; one bound only
@@ -1357,6 +1379,7 @@ async fn the_chart_runs_on_a_node() {
     let value = format!("pw-{}", random_hex(8));
     r.node_invoke_answers_on_the_host_port(&token, ns, &value)
         .await;
+    r.the_agent_published_its_node_key().await;
     r.the_cli_reaches_the_agent_through_the_api_server(&token, ns, &value);
     r.the_built_in_roles_include_the_chart_roles(ns).await;
     r.the_store_on_the_host_path_outlives_the_agent_pod(&token, ns, &value)

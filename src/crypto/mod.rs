@@ -7,8 +7,11 @@
 //! - what is kept in clear (store metadata, the store manifest, write fingerprints) is
 //!   authenticated with HMAC-SHA256 under keys derived from the keyring ([`MacKey`]);
 //! - offline sealing (`claw-secrets seal`): HPKE to an X25519 key derived from a master key,
-//!   bound to the ClawSecret's namespace and name ([`seal_offline`], [`open_offline`]).
+//!   bound to the ClawSecret's namespace and name ([`seal_offline`], [`open_offline`]);
+//! - deliveries: the same HPKE suite to a node's own key, bound to the node, the secret and its
+//!   version ([`seal_delivery`], [`open_delivery`]).
 
+mod delivery;
 mod digest;
 mod envelope;
 mod integrity;
@@ -16,6 +19,7 @@ mod keyring;
 mod offline_seal;
 mod seal;
 
+pub use delivery::{DeliveryScope, open_delivery, seal_delivery};
 pub use digest::DataDigest;
 pub use envelope::{ALGORITHM_HKDF_SHA256_CHACHA20POLY1305, Envelope, FORMAT_V1};
 pub use integrity::{MacKey, Purpose, TAG_LEN as MAC_TAG_LEN, Tagger};

@@ -33,10 +33,26 @@ type SealAead = ChaCha20Poly1305;
 const PUBLIC_KEY_PREFIX: &str = "claw-secrets-sealing-key-v1:";
 /// HKDF-SHA256 info that turns a master key into the IKM of the sealing key pair.
 const SEALING_KEY_LABEL: &[u8] = b"claw-secrets/v1/sealing-key\0";
-/// First bytes of every AAD: an offline-sealed text is useless to every other format.
-const AAD_LABEL: &[u8] = b"claw-secrets/v1/offline-seal\0";
-/// HPKE `info`: binds the key schedule to this use.
-const HPKE_INFO: &[u8] = b"claw-secrets/v1/offline-seal-info\0";
+/// What one use of HPKE is: its AAD label and HPKE `info` (each use has its own, so a text
+/// sealed for one is useless to every other), and what its framing errors call the text.
+pub(super) struct HpkeUse {
+    /// First bytes of every AAD.
+    pub aad_label: &'static [u8],
+    /// HPKE `info`: binds the key schedule to this use.
+    pub info: &'static [u8],
+    pub not_base64: &'static str,
+    pub too_short: &'static str,
+    pub bad_key_id: &'static str,
+}
+
+/// `claw-secrets seal`: data for one ClawSecret, to the cluster's sealing key.
+const OFFLINE: HpkeUse = HpkeUse {
+    aad_label: b"claw-secrets/v1/offline-seal\0",
+    info: b"claw-secrets/v1/offline-seal-info\0",
+    not_base64: "encryptedData is not base64 (standard alphabet, padded)",
+    too_short: "encryptedData is too short for its framing",
+    bad_key_id: "encryptedData names an invalid master key id",
+};
 /// The only format this build writes and reads.
 const FORMAT_V1: u8 = 1;
 /// X25519 public keys and encapsulated keys (Npk = Nenc = 32).
@@ -178,14 +194,13 @@ fn header(master_key_id: &KeyId) -> Vec<u8> {
     out
 }
 
-/// Label, then namespace and name each u32-length-prefixed (so `("ab","c")` and `("a","bc")`
+/// The purpose's label, then each field u32-length-prefixed (so `("ab","c")` and `("a","bc")`
 /// differ), then the header.
-fn aad(scope: &SealScope<'_>, header: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        AAD_LABEL.len() + 8 + scope.namespace.len() + scope.name.len() + header.len(),
-    );
-    out.extend_from_slice(AAD_LABEL);
-    for field in [scope.namespace.as_bytes(), scope.name.as_bytes()] {
+fn aad(purpose: &HpkeUse, fields: &[&[u8]], header: &[u8]) -> Vec<u8> {
+    let len = purpose.aad_label.len() + fields.iter().map(|f| 4 + f.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(len + header.len());
+    out.extend_from_slice(purpose.aad_label);
+    for field in fields {
         out.extend_from_slice(&(field.len() as u32).to_be_bytes());
         out.extend_from_slice(field);
     }
@@ -243,8 +258,33 @@ pub fn seal_offline(
     scope: &SealScope<'_>,
     data: &SecretData,
 ) -> Result<String, CryptoError> {
+    let fields = [scope.namespace.as_bytes(), scope.name.as_bytes()];
+    Ok(B64.encode(seal_to(public, &OFFLINE, &fields, data)?))
+}
+
+/// Opens what [`seal_offline`] sealed for exactly `scope`, with the private key derived from
+/// the keyring's master key that the text names ([`CryptoError::UnknownKey`] if the keyring
+/// lacks it). Another namespace or name, or any changed byte, is
+/// [`CryptoError::AuthenticationFailed`]; bad framing is [`CryptoError::MalformedEnvelope`].
+pub fn open_offline(
+    keyring: &Keyring,
+    scope: &SealScope<'_>,
+    text: &str,
+) -> Result<SecretData, CryptoError> {
+    let fields = [scope.namespace.as_bytes(), scope.name.as_bytes()];
+    open_with(keyring, &OFFLINE, &fields, text)
+}
+
+/// Encrypts `data` to `public` for `purpose`, bound to `fields`:
+/// `format (1) || len(key id) || key id || enc (32) || ciphertext || tag (16)`.
+pub(super) fn seal_to(
+    public: &SealingPublicKey,
+    purpose: &HpkeUse,
+    fields: &[&[u8]],
+    data: &SecretData,
+) -> Result<Vec<u8>, CryptoError> {
     let header = header(&public.master_key_id);
-    let aad = aad(scope, &header);
+    let aad = aad(purpose, fields, &header);
     // Encrypted in place: the only plaintext buffer is this zeroizing one, and it holds
     // ciphertext when it is moved out below.
     let mut buf = encode_plaintext(data);
@@ -252,7 +292,7 @@ pub fn seal_offline(
     let (enc, tag) = hpke::single_shot_seal_in_place_detached::<SealAead, SealKdf, SealKem, _>(
         &OpModeS::Base,
         &public.key,
-        HPKE_INFO,
+        purpose.info,
         &mut buf,
         &aad,
         &mut rng,
@@ -270,39 +310,34 @@ pub fn seal_offline(
     out.extend_from_slice(&enc.to_bytes());
     out.extend_from_slice(&ciphertext);
     out.extend_from_slice(&tag.to_bytes());
-    Ok(B64.encode(out))
+    Ok(out)
 }
 
-/// Opens what [`seal_offline`] sealed for exactly `scope`, with the private key derived from
-/// the keyring's master key that the text names ([`CryptoError::UnknownKey`] if the keyring
-/// lacks it). Another namespace or name, or any changed byte, is
-/// [`CryptoError::AuthenticationFailed`]; bad framing is [`CryptoError::MalformedEnvelope`].
-pub fn open_offline(
+/// Opens base64 `text` that [`seal_to`] sealed for `purpose` and exactly `fields`, with the
+/// private key derived from the keyring's key that the text names.
+pub(super) fn open_with(
     keyring: &Keyring,
-    scope: &SealScope<'_>,
+    purpose: &HpkeUse,
+    fields: &[&[u8]],
     text: &str,
 ) -> Result<SecretData, CryptoError> {
-    const NOT_BASE64: CryptoError =
-        CryptoError::MalformedEnvelope("encryptedData is not base64 (standard alphabet, padded)");
-    const TOO_SHORT: CryptoError =
-        CryptoError::MalformedEnvelope("encryptedData is too short for its framing");
-    let bytes = B64.decode(text.trim()).map_err(|_| NOT_BASE64)?;
-    let (&format, rest) = bytes.split_first().ok_or(TOO_SHORT)?;
+    let not_base64 = CryptoError::MalformedEnvelope(purpose.not_base64);
+    let too_short = || CryptoError::MalformedEnvelope(purpose.too_short);
+    let bytes = B64.decode(text.trim()).map_err(|_| not_base64)?;
+    let (&format, rest) = bytes.split_first().ok_or_else(too_short)?;
     if format != FORMAT_V1 {
         return Err(CryptoError::UnsupportedFormat(format));
     }
-    let (&id_len, rest) = rest.split_first().ok_or(TOO_SHORT)?;
+    let (&id_len, rest) = rest.split_first().ok_or_else(too_short)?;
     let id_len = usize::from(id_len);
     if id_len == 0 || id_len > KeyId::MAX_LEN || rest.len() < id_len + KEY_LEN + TAG_LEN {
-        return Err(TOO_SHORT);
+        return Err(too_short());
     }
     let (id, rest) = rest.split_at(id_len);
     let id = std::str::from_utf8(id)
         .ok()
         .and_then(|s| KeyId::parse(s).ok())
-        .ok_or(CryptoError::MalformedEnvelope(
-            "encryptedData names an invalid master key id",
-        ))?;
+        .ok_or(CryptoError::MalformedEnvelope(purpose.bad_key_id))?;
     let (enc, rest) = rest.split_at(KEY_LEN);
     let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
 
@@ -311,18 +346,18 @@ pub fn open_offline(
         .ok_or_else(|| CryptoError::UnknownKey(id.to_string()))?;
     let private = SealingPrivateKey::derive(master);
     let header = &bytes[..2 + id_len];
-    let aad = aad(scope, header);
+    let aad = aad(purpose, fields, header);
     // X25519 accepts any 32 bytes and a tag is any 16, so neither fails here.
     let enc = <SealKem as Kem>::EncappedKey::from_bytes(enc)
-        .map_err(|_| CryptoError::MalformedEnvelope("encryptedData's encapsulated key"))?;
+        .map_err(|_| CryptoError::MalformedEnvelope("the encapsulated key"))?;
     let tag = AeadTag::<SealAead>::from_bytes(tag)
-        .map_err(|_| CryptoError::MalformedEnvelope("encryptedData's tag"))?;
+        .map_err(|_| CryptoError::MalformedEnvelope("the tag"))?;
     let mut buf = Zeroizing::new(ciphertext.to_vec());
     hpke::single_shot_open_in_place_detached::<SealAead, SealKdf, SealKem>(
         &OpModeR::Base,
         &private.secret,
         &enc,
-        HPKE_INFO,
+        purpose.info,
         &mut buf,
         &aad,
         &tag,

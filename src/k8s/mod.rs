@@ -5,6 +5,7 @@ pub mod agent;
 pub mod component;
 pub mod convert;
 pub mod crd;
+pub mod delivery;
 pub mod events;
 pub mod identity;
 pub mod keyring;

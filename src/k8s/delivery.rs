@@ -1,0 +1,265 @@
+//! Per-node delivery: which ClawSecrets a node is meant to hold, and each one's data sealed for
+//! that node alone (docs/architecture.md, "Per-node keys and delivery"; docs/crypto.md,
+//! "Per-node keys"). The operator computes deliveries from what it watches
+//! ([`crate::k8s::operator`]'s HTTPS server answers `GET /v1/deliveries`); a node opens them with
+//! its own key ([`crate::crypto::open_delivery`]).
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+use crate::crypto::{self, DeliveryScope, Keyring, SealingPublicKey, SecretIdentity};
+use crate::domain::Kind;
+use crate::k8s::convert;
+use crate::k8s::crd::ClawSecret;
+
+/// The path of the operator's delivery endpoint.
+pub const PATH: &str = "/v1/deliveries";
+
+/// The audience of the token an agent presents to the endpoint: a token for the operator is
+/// worth nothing to the API server, and the reverse.
+pub const AUDIENCE: &str = "claw-secrets-operator";
+
+/// Where the API server puts the node of a pod-bound ServiceAccount token, in the user's extra.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+/// One secret delivered to one node: what the node's store keeps of it, the data sealed to the
+/// node's key (bound to node, namespace, object name and version).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    pub namespace: String,
+    /// The name node.invoke knows it by (`spec.name`, else the object's name).
+    pub name: String,
+    /// The ClawSecret's object name (bound into the sealed data).
+    pub object: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    pub version: u64,
+    pub allowed_workloads: Vec<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339: when this version was sealed.
+    pub updated_at: String,
+    /// The data, sealed for the node ([`crate::crypto::seal_delivery`]).
+    pub data: String,
+}
+
+/// A node's deliveries, as the endpoint answers them: all of them, every time.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDeliveries {
+    pub node: String,
+    /// The node key the data is sealed to (the `ClawNode`'s `spec.keyId`).
+    pub node_key_id: String,
+    /// Changes whenever the set changes (a secret selected or not, a new version, a new node
+    /// key); the agent sends it back to wait for the next change.
+    pub etag: String,
+    pub secrets: Vec<Delivery>,
+}
+
+/// The ClawSecrets meant for a node with `labels`: sealed, not being deleted, selected by their
+/// `nodeSelector`; sorted by namespace and name.
+pub fn selected<'a>(
+    secrets: impl IntoIterator<Item = &'a ClawSecret>,
+    labels: &BTreeMap<String, String>,
+) -> Vec<&'a ClawSecret> {
+    let mut chosen: Vec<&ClawSecret> = secrets
+        .into_iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none() && s.spec.sealed.is_some())
+        .filter(|s| convert::selects(s.spec.node_selector.as_ref(), labels))
+        .collect();
+    chosen.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    chosen
+}
+
+/// What identifies a node's set of deliveries without sealing anything: the node, its key, and
+/// each selected object's uid and resourceVersion (any change to an object changes the latter).
+pub fn etag(node: &str, node_key_id: &str, selected: &[&ClawSecret]) -> String {
+    let mut h = Sha256::new();
+    for part in [node, node_key_id] {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    for s in selected {
+        for part in [
+            s.metadata.namespace.as_deref().unwrap_or_default(),
+            s.metadata.name.as_deref().unwrap_or_default(),
+            s.metadata.uid.as_deref().unwrap_or_default(),
+            s.metadata.resource_version.as_deref().unwrap_or_default(),
+        ] {
+            h.update((part.len() as u32).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    crate::hex::encode(&h.finalize())
+}
+
+/// Opens `obj`'s data with the master keyring and seals it for `node` (whose public key is
+/// `node_key`). `Err` says why this object cannot be delivered (invalid, or sealed with a
+/// master key the keyring no longer has); never a value.
+pub fn deliver(
+    node: &str,
+    node_key: &SealingPublicKey,
+    obj: &ClawSecret,
+    keyring: &Keyring,
+) -> Result<Delivery, String> {
+    let record = convert::secret_record(obj, Vec::new())
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "not sealed yet".to_owned())?;
+    let identity = SecretIdentity {
+        kind: Kind::Secret,
+        namespace: &record.key.namespace,
+        name: &record.key.name,
+        version: record.version,
+    };
+    let data = crypto::open(keyring, &identity, &record.envelope).map_err(|e| e.to_string())?;
+    let object = obj.metadata.name.clone().unwrap_or_default();
+    let scope = DeliveryScope {
+        node,
+        namespace: record.key.namespace.as_str(),
+        name: &object,
+        version: record.version.get(),
+    };
+    let sealed = crypto::seal_delivery(node_key, &scope, &data).map_err(|e| e.to_string())?;
+    Ok(Delivery {
+        namespace: record.key.namespace.to_string(),
+        name: record.key.name.to_string(),
+        object,
+        uid: obj.metadata.uid.clone(),
+        resource_version: obj.metadata.resource_version.clone(),
+        version: record.version.get(),
+        allowed_workloads: record
+            .allowed_workloads
+            .iter()
+            .map(|w| w.to_string())
+            .collect(),
+        created_at: record.created_at.to_string(),
+        updated_at: record.updated_at.to_string(),
+        data: sealed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{SealingPrivateKey, open_delivery};
+    use crate::domain::{Name, Namespace, SecretData, Version};
+    use crate::k8s::crd::{ClawSecretSpec, SealedData};
+    use base64::Engine;
+
+    fn sealed_secret(
+        keyring: &Keyring,
+        name: &str,
+        value: &str,
+        selector: Option<&[(&str, &str)]>,
+    ) -> ClawSecret {
+        let data: SecretData =
+            serde_json::from_value(serde_json::json!({ "password": value })).unwrap();
+        let (namespace, key) = (
+            Namespace::parse("team-a").unwrap(),
+            Name::parse(name).unwrap(),
+        );
+        let identity = SecretIdentity {
+            kind: Kind::Secret,
+            namespace: &namespace,
+            name: &key,
+            version: Version::new(2).unwrap(),
+        };
+        let envelope = crypto::seal(keyring, &identity, &data).unwrap();
+        let mut obj = ClawSecret::new(
+            name,
+            ClawSecretSpec {
+                name: None,
+                data: None,
+                encrypted_data: None,
+                allowed_workloads: vec!["api".to_owned()],
+                node_selector: selector.map(|s| {
+                    s.iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect()
+                }),
+                sealed: Some(SealedData {
+                    version: 2,
+                    key_id: envelope.key_id().to_string(),
+                    envelope: base64::engine::general_purpose::STANDARD.encode(envelope.to_bytes()),
+                    seal_time: "2026-01-01T00:00:00Z".to_owned(),
+                    data_digest: None,
+                }),
+            },
+        );
+        obj.metadata.namespace = Some("team-a".to_owned());
+        obj.metadata.uid = Some(format!("uid-{name}"));
+        obj.metadata.resource_version = Some("7".to_owned());
+        obj
+    }
+
+    #[test]
+    fn a_node_gets_what_selects_it_sealed_to_its_key_alone() {
+        let master = Keyring::generate().unwrap();
+        let node_a = Keyring::generate().unwrap();
+        let node_b = Keyring::generate().unwrap();
+        let public_a = SealingPrivateKey::derive(node_a.active()).public_key();
+        let gpu = [("gpu", "true")];
+        let secrets = [
+            sealed_secret(&master, "everywhere", "canary-1", None),
+            sealed_secret(&master, "gpu-only", "canary-2", Some(&gpu)),
+        ];
+        let labels_a: BTreeMap<String, String> = [("gpu".to_owned(), "true".to_owned())].into();
+        let labels_b = BTreeMap::new();
+        let for_a = selected(&secrets, &labels_a);
+        let for_b = selected(&secrets, &labels_b);
+        assert_eq!(for_a.len(), 2);
+        assert_eq!(
+            for_b
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap())
+                .collect::<Vec<_>>(),
+            ["everywhere"]
+        );
+        assert_ne!(
+            etag("node-a", "k-1", &for_a),
+            etag("node-a", "k-1", &for_b),
+            "the set differs"
+        );
+        assert_ne!(
+            etag("node-a", "k-1", &for_a),
+            etag("node-a", "k-2", &for_a),
+            "a new node key redelivers"
+        );
+
+        let d = deliver("node-a", &public_a, for_a[1], &master).unwrap();
+        assert_eq!((d.name.as_str(), d.version), ("gpu-only", 2));
+        assert_eq!(d.allowed_workloads, ["api"]);
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(!json.contains("canary"), "{json}");
+        let scope = DeliveryScope {
+            node: "node-a",
+            namespace: "team-a",
+            name: "gpu-only",
+            version: 2,
+        };
+        let opened = open_delivery(&node_a, &scope, &d.data).unwrap();
+        assert_eq!(
+            serde_json::to_value(&opened).unwrap()["password"],
+            "canary-2"
+        );
+        // Not on node-b, nor as node-b.
+        assert!(open_delivery(&node_b, &scope, &d.data).is_err());
+        let as_b = DeliveryScope {
+            node: "node-b",
+            ..scope
+        };
+        assert!(open_delivery(&node_a, &as_b, &d.data).is_err());
+
+        // An object sealed with a master key the keyring lacks cannot be delivered: said so,
+        // no value in the reason.
+        let other = Keyring::generate().unwrap();
+        let why = deliver("node-a", &public_a, for_a[0], &other).unwrap_err();
+        assert!(!why.contains("canary"), "{why}");
+    }
+}
