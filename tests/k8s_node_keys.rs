@@ -34,6 +34,9 @@ mod tokens;
 #[path = "support/agent_identity.rs"]
 mod agent_identity;
 
+#[path = "support/webhook.rs"]
+mod webhook;
+
 use claw_secrets::crypto::{Keyring, SealingPublicKey};
 use claw_secrets::k8s::agent::node_key::NODE_KEY_FILE;
 use claw_secrets::k8s::crd::{ClawNode, ClawNodeSpec};
@@ -42,6 +45,7 @@ use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use cluster::{Agent, Cluster};
 use wait::eventually;
@@ -354,5 +358,222 @@ async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
     assert!(secrets.get_opt("db-password").await.unwrap().is_none());
 
     drop(agent);
+    c.cleanup().await;
+}
+
+/// `GET https://127.0.0.1:<port>/v1/deliveries?<query>` trusting only `ca_pem`, with `token`
+/// in the header the API server's service proxy passes on. Returns the status and body.
+async fn get_deliveries(
+    port: u16,
+    ca_pem: &str,
+    token: Option<&str>,
+    query: &str,
+) -> (u16, Vec<u8>) {
+    use http_body_util::BodyExt;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let tls = ClientConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("the operator's certificate verifies against its CA");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut request =
+        hyper::Request::get(format!("/v1/deliveries?{query}")).header("host", "127.0.0.1");
+    if let Some(t) = token {
+        request = request.header("x-claw-secrets-authorization", format!("Bearer {t}"));
+    }
+    let response = sender
+        .send_request(
+            request
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, body)
+}
+
+/// The operator's delivery endpoint: each node gets the secrets that select it, sealed to its
+/// own key (node-b cannot open node-a's); only the agent's tokens bound to a node and for the
+/// operator's audience are answered; a wait ends when the node's set changes.
+#[tokio::test]
+async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
+    use claw_secrets::crypto::{DeliveryScope, open_delivery};
+    use claw_secrets::k8s::delivery::{AUDIENCE, NodeDeliveries};
+
+    let c = Cluster::new("deliveries").await;
+    let ns = cluster::master_key_namespace();
+    agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
+    let hook = webhook::Webhook::register(&c.client(), &[c.ns()]).await;
+    let _operator = hook.operator(&c).await;
+    let ca = hook.ca_pem().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let gpu = [(cluster::GPU, "true")];
+    let (node_a, node_b) = (c.node("a", &gpu).await, c.node("b", &[]).await);
+    let (_, kubeconfig_a) = node_client(&c, &node_a, scratch.path()).await;
+    let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
+    let local = Ipv4Addr::LOCALHOST.into();
+    let (a, b) = tokio::join!(
+        c.start_agent(&node_a, &kubeconfig_a, local),
+        c.start_agent(&node_b, &kubeconfig_b, local),
+    );
+    let (ring_a, ring_b) = (node_key_of(&a), node_key_of(&b));
+    published(&c, &node_a, &ring_a).await;
+    published(&c, &node_b, &ring_b).await;
+
+    // Two secrets applied with plaintext (sealed at admission): one for every node, one for
+    // GPU nodes only.
+    let canary_all = format!("canary-{}", random::random_hex(8));
+    let canary_gpu = format!("canary-{}", random::random_hex(8));
+    let secrets = c.secrets();
+    secrets
+        .create(
+            &PostParams::default(),
+            &cluster::secret_with_data("everywhere", &[("k", &canary_all)]),
+        )
+        .await
+        .unwrap();
+    let mut gpu_only = cluster::secret_with_data("gpu-only", &[("k", &canary_gpu)]);
+    gpu_only.spec.node_selector = Some([(cluster::GPU.to_owned(), "true".to_owned())].into());
+    secrets
+        .create(&PostParams::default(), &gpu_only)
+        .await
+        .unwrap();
+
+    let token_a = agent_identity::node_bound_token_for(&c.client(), ns, &node_a, &[AUDIENCE]).await;
+    let token_b = agent_identity::node_bound_token_for(&c.client(), ns, &node_b, &[AUDIENCE]).await;
+    let port = hook.port();
+    let fetch = |token: String| {
+        let ca = ca.clone();
+        async move {
+            let (status, body) = get_deliveries(port, &ca, Some(&token), "").await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            serde_json::from_slice::<NodeDeliveries>(&body).unwrap()
+        }
+    };
+    let names = |d: &NodeDeliveries| {
+        d.secrets
+            .iter()
+            .filter(|s| s.namespace == c.ns())
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let for_a = eventually("node-a's deliveries", || async {
+        let d = fetch(token_a.clone()).await;
+        (names(&d) == ["everywhere", "gpu-only"])
+            .then_some(d.clone())
+            .ok_or(format!("{:?}", names(&d)))
+    })
+    .await;
+    let for_b = fetch(token_b.clone()).await;
+    assert_eq!(
+        names(&for_b),
+        ["everywhere"],
+        "node-b is not selected by gpu-only"
+    );
+    assert_eq!(for_a.node, node_a);
+    assert_eq!(for_a.node_key_id, ring_a.active().id().to_string());
+    let body = serde_json::to_string(&for_a).unwrap();
+    assert!(
+        !body.contains(&canary_all) && !body.contains(&canary_gpu),
+        "no value in clear"
+    );
+
+    // Each opens with its node's key, as what it was sealed for, and only there.
+    let open = |ring: &Keyring, node: &str, d: &claw_secrets::k8s::delivery::Delivery| {
+        let scope = DeliveryScope {
+            node,
+            namespace: &d.namespace,
+            name: &d.object,
+            version: d.version,
+        };
+        open_delivery(ring, &scope, &d.data).map(|data| {
+            serde_json::to_value(&data).unwrap()["k"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+    };
+    let mine: Vec<_> = for_a
+        .secrets
+        .iter()
+        .filter(|d| d.namespace == c.ns())
+        .map(|d| open(&ring_a, &node_a, d).unwrap())
+        .collect();
+    assert_eq!(mine, [canary_all.clone(), canary_gpu.clone()]);
+    for d in for_a.secrets.iter().filter(|d| d.namespace == c.ns()) {
+        assert!(
+            open(&ring_b, &node_b, d).is_err(),
+            "node-b's key opens none of node-a's"
+        );
+        assert!(open(&ring_b, &node_a, d).is_err());
+    }
+
+    // Who is refused: no token; the agent's token for the API server's audience; the agent's
+    // token bound to no node; a person's token.
+    let (status, _) = get_deliveries(port, &ca, None, "").await;
+    assert_eq!(status, 401);
+    let api_audience = agent_identity::node_bound_token(&c.client(), ns, &node_a).await;
+    let (status, body) = get_deliveries(port, &ca, Some(&api_audience), "").await;
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+    let unbound = agent_identity::unbound_token_for(&c.client(), ns, &[AUDIENCE]).await;
+    let (status, body) = get_deliveries(port, &ca, Some(&unbound), "").await;
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    let alice = c.alice().await;
+    let (status, _) = get_deliveries(port, &ca, Some(&alice), "").await;
+    assert_eq!(status, 401);
+
+    // Unchanged, a wait ends empty-handed; labelled a GPU node meanwhile, node-b's wait ends
+    // with gpu-only.
+    let (status, _) = get_deliveries(
+        port,
+        &ca,
+        Some(&token_b),
+        &format!("have={}&wait=1", for_b.etag),
+    )
+    .await;
+    assert_eq!(status, 304);
+    let waiting = {
+        let (ca, token_b, etag) = (ca.clone(), token_b.clone(), for_b.etag.clone());
+        tokio::spawn(async move {
+            get_deliveries(port, &ca, Some(&token_b), &format!("have={etag}&wait=30")).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster::label_node(&c.client(), &node_b, &gpu).await;
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, 200);
+    let changed: NodeDeliveries = serde_json::from_slice(&body).unwrap();
+    assert_eq!(names(&changed), ["everywhere", "gpu-only"]);
+
+    drop((a, b));
+    hook.remove().await;
     c.cleanup().await;
 }

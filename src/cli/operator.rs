@@ -60,6 +60,10 @@ pub struct OperatorArgs {
     /// CA injector then keeps the caBundle). Re-read every 10 minutes.
     #[arg(long, conflicts_with_all = ["webhook_host", "webhook_configuration"])]
     webhook_cert_dir: Option<std::path::PathBuf>,
+    /// The node agents' ServiceAccount in --namespace: the webhook's HTTPS server answers
+    /// `GET /v1/deliveries` to its tokens bound to a node, with that node's deliveries.
+    #[arg(long, default_value = "claw-secrets-agent")]
+    agent_service_account: String,
 }
 
 fn default_identity() -> String {
@@ -109,6 +113,7 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
     };
     let config = OperatorConfig {
         webhook,
+        agent_service_account: args.agent_service_account,
         lease: LeaseConfig {
             namespace: args.namespace.clone(),
             name: args.lease_name,

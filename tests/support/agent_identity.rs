@@ -130,6 +130,16 @@ where
 /// A one-hour token of the agent's ServiceAccount in `ns`, bound to Node `node`: the API
 /// server writes the node's name into the user's extra, as for the agent pod's own token.
 pub async fn node_bound_token(client: &Client, ns: &str, node: &str) -> String {
+    node_bound_token_for(client, ns, node, &[]).await
+}
+
+/// [`node_bound_token`] for `audiences` (none: the API server's).
+pub async fn node_bound_token_for(
+    client: &Client,
+    ns: &str,
+    node: &str,
+    audiences: &[&str],
+) -> String {
     let uid = Api::<Node>::all(client.clone())
         .get(node)
         .await
@@ -139,6 +149,7 @@ pub async fn node_bound_token(client: &Client, ns: &str, node: &str) -> String {
     token(
         client,
         ns,
+        audiences,
         Some(BoundObjectReference {
             api_version: Some("v1".to_owned()),
             kind: Some("Node".to_owned()),
@@ -151,14 +162,24 @@ pub async fn node_bound_token(client: &Client, ns: &str, node: &str) -> String {
 
 /// A one-hour token of the agent's ServiceAccount in `ns` bound to nothing: no node name.
 pub async fn unbound_token(client: &Client, ns: &str) -> String {
-    token(client, ns, None).await
+    token(client, ns, &[], None).await
 }
 
-async fn token(client: &Client, ns: &str, bound: Option<BoundObjectReference>) -> String {
+/// [`unbound_token`] for `audiences`.
+pub async fn unbound_token_for(client: &Client, ns: &str, audiences: &[&str]) -> String {
+    token(client, ns, audiences, None).await
+}
+
+async fn token(
+    client: &Client,
+    ns: &str,
+    audiences: &[&str],
+    bound: Option<BoundObjectReference>,
+) -> String {
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            audiences: vec![],
+            audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
             expiration_seconds: Some(3600),
             bound_object_ref: bound,
         },

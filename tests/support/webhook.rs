@@ -114,6 +114,26 @@ impl Webhook {
         op
     }
 
+    /// The port the operator serves the webhook (and deliveries) on, at 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The CA the operator wrote into this configuration's caBundle (PEM): what verifies its
+    /// serving certificate.
+    pub async fn ca_pem(&self) -> String {
+        let mwc = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .get(&self.configuration)
+            .await
+            .expect("the webhook configuration");
+        let bundle = mwc.webhooks.expect("webhooks")[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .expect("a caBundle");
+        String::from_utf8(bundle.0).expect("the caBundle is PEM")
+    }
+
     pub async fn remove(self) {
         let _ = Api::<MutatingWebhookConfiguration>::all(self.client)
             .delete(&self.configuration, &DeleteParams::default())

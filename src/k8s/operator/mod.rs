@@ -12,6 +12,7 @@
 mod admission;
 mod conditions;
 mod configs;
+mod deliveries;
 mod error;
 mod http;
 mod leader;
@@ -78,8 +79,11 @@ pub struct OperatorConfig {
     /// Reconcile only this namespace's objects; `None`: every namespace.
     pub watch_namespace: Option<String>,
     /// The admission webhook that seals data before it is stored; `None`: not served (the
-    /// reconcile loop seals what was stored with plaintext).
+    /// reconcile loop seals what was stored with plaintext). Its HTTPS server also answers
+    /// nodes' deliveries.
     pub webhook: Option<WebhookConfig>,
+    /// The agents' ServiceAccount in `namespace`: only its tokens get deliveries.
+    pub agent_service_account: String,
 }
 
 /// What both reconcilers share.
@@ -366,13 +370,28 @@ pub async fn run(
                 .map_err(|reason| Error::Webhook { reason })?;
             tracing::info!(addr = %webhook.addr, path = admission::PATH,
                 "serving the admission webhook");
-            Some(tokio::spawn(bound.serve(
+            let agent_user = format!(
+                "system:serviceaccount:{}:{}",
+                config.namespace, config.agent_service_account
+            );
+            let (deliveries, watching) =
+                deliveries::Deliveries::new(client.clone(), keyring.clone(), agent_user);
+            let stop = stopped(stop_rx.clone());
+            let serving = bound.serve(
                 client.clone(),
                 config.namespace.clone(),
                 keyring.clone(),
                 metrics.clone(),
-                stopped(stop_rx.clone()),
-            )))
+                deliveries,
+                stop,
+            );
+            // The caches' watches retry forever; they end with the server.
+            Some(tokio::spawn(async move {
+                tokio::select! {
+                    () = serving => {}
+                    () = watching => {}
+                }
+            }))
         }
         None => None,
     };

@@ -4,7 +4,8 @@
 //!
 //! - `review.rs`: one AdmissionReview in, a JSON patch (or a refusal naming the rule) out.
 //! - `certs.rs`: the serving certificate (managed by the operator, or files from cert-manager).
-//! - this file: the HTTPS server, and keeping its certificate current.
+//! - this file: the HTTPS server, and keeping its certificate current. The same server answers
+//!   nodes' `GET /v1/deliveries` ([`super::deliveries`]).
 //!
 //! The chart's MutatingWebhookConfiguration sends only writes that carry data (a
 //! `matchConditions` expression), with `failurePolicy: Fail`: while no replica answers,
@@ -32,6 +33,7 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
 use zeroize::Zeroizing;
 
+use super::deliveries::Deliveries;
 use super::metrics::Metrics;
 use crate::crypto::Keyring;
 
@@ -115,6 +117,7 @@ impl Webhook {
         namespace: String,
         keyring: Arc<Keyring>,
         metrics: Arc<Metrics>,
+        deliveries: Arc<Deliveries>,
         stop: impl Future<Output = ()> + Send + 'static,
     ) {
         let Webhook {
@@ -156,8 +159,12 @@ impl Webhook {
                         continue;
                     }
                 };
-                let (acceptor, keyring, metrics) =
-                    (acceptor.clone(), keyring.clone(), metrics.clone());
+                let (acceptor, keyring, metrics, deliveries) = (
+                    acceptor.clone(),
+                    keyring.clone(),
+                    metrics.clone(),
+                    deliveries.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(Ok(tls)) = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await
                     else {
@@ -165,7 +172,7 @@ impl Webhook {
                         return;
                     };
                     let service = hyper::service::service_fn(move |req| {
-                        handle(req, keyring.clone(), metrics.clone())
+                        handle(req, keyring.clone(), metrics.clone(), deliveries.clone())
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -201,6 +208,7 @@ async fn handle(
     req: Request<Incoming>,
     keyring: Arc<Keyring>,
     metrics: Arc<Metrics>,
+    deliveries: Arc<Deliveries>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let reply = |status: StatusCode, body: Vec<u8>, json: bool| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -213,6 +221,16 @@ async fn handle(
         }
         Ok(r)
     };
+    if req.uri().path() == crate::k8s::delivery::PATH {
+        if req.method() != Method::GET {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                b"GET only\n".to_vec(),
+                false,
+            );
+        }
+        return Ok(deliveries.answer(req.headers(), req.uri().query()).await);
+    }
     if req.uri().path() != PATH {
         return reply(StatusCode::NOT_FOUND, b"not found\n".to_vec(), false);
     }

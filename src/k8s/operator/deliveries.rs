@@ -1,0 +1,403 @@
+//! The delivery endpoint every replica serves on its HTTPS server (the admission webhook's):
+//! `GET /v1/deliveries` answers the calling node's deliveries, each secret sealed to that
+//! node's published key ([`crate::k8s::delivery`]).
+//!
+//! Who the caller is, the API server says: the token (header `X-Claw-Secrets-Authorization`,
+//! which the API server's service proxy passes on, or `Authorization`) must be the agent
+//! ServiceAccount's, for the audience [`AUDIENCE`], and bound to a pod on a node (the node
+//! name in the user's extra, [`NODE_NAME_EXTRA`]); that node's deliveries are all it gets. A
+//! token of the agent's ServiceAccount bound to no node, or any other account's, gets none.
+//!
+//! `?have=<etag>&wait=<seconds>` waits (at most a minute) until the node's set differs from
+//! `have`, then answers it whole; unchanged at the end of the wait, `304 Not Modified`.
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Response, StatusCode};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+use crate::crypto::{Keyring, SealingPublicKey};
+use crate::k8s::crd::{ClawNode, ClawSecret};
+use crate::k8s::delivery::{self, AUDIENCE, NODE_NAME_EXTRA, NodeDeliveries};
+
+/// The longest a request may wait for a change.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// A token reviewed this recently is not reviewed again.
+const REVIEW_FOR: Duration = Duration::from_secs(10);
+
+/// At most this many reviews are kept (a flood of distinct tokens cannot exhaust memory).
+const MAX_REVIEWS: usize = 4096;
+
+/// What the endpoint reads: kept current by watches, in every replica.
+pub struct Deliveries {
+    client: kube::Client,
+    keyring: Arc<Keyring>,
+    /// `system:serviceaccount:<namespace>:<name>` of the agents.
+    agent_user: String,
+    secrets: Store<ClawSecret>,
+    nodes: Store<Node>,
+    claw_nodes: Store<ClawNode>,
+    changes: watch::Receiver<u64>,
+    /// Recent answers by SHA-256 of the token (never the token).
+    reviews: Mutex<HashMap<[u8; 32], Reviewed>>,
+}
+
+/// When a token was reviewed, and the node it stands for (or why it stands for none).
+type Reviewed = (Instant, Result<String, Refusal>);
+
+/// Why a caller gets nothing: the status and a message that says what to fix.
+#[derive(Debug, Clone)]
+struct Refusal(StatusCode, String);
+
+impl Deliveries {
+    /// The endpoint, and the task that keeps its caches current (run it for as long as the
+    /// endpoint is served).
+    pub fn new(
+        client: kube::Client,
+        keyring: Arc<Keyring>,
+        agent_user: String,
+    ) -> (Arc<Deliveries>, impl Future<Output = ()> + Send + 'static) {
+        let (changed, changes) = watch::channel(0u64);
+        let (secrets, secrets_writer) = reflector::store::<ClawSecret>();
+        let (nodes, nodes_writer) = reflector::store::<Node>();
+        let (claw_nodes, claw_nodes_writer) = reflector::store::<ClawNode>();
+        let watched = {
+            use futures::StreamExt;
+            let bump = move || {
+                changed.send_modify(|n| *n = n.wrapping_add(1));
+            };
+            let (b1, b2, b3) = (bump.clone(), bump.clone(), bump);
+            let config = watcher::Config::default;
+            let secrets = watcher(Api::<ClawSecret>::all(client.clone()), config())
+                .default_backoff()
+                .reflect(secrets_writer)
+                .for_each(move |_| {
+                    b1();
+                    futures::future::ready(())
+                });
+            let nodes = watcher(Api::<Node>::all(client.clone()), config())
+                .default_backoff()
+                .reflect(nodes_writer)
+                .for_each(move |_| {
+                    b2();
+                    futures::future::ready(())
+                });
+            let claw_nodes = watcher(Api::<ClawNode>::all(client.clone()), config())
+                .default_backoff()
+                .reflect(claw_nodes_writer)
+                .for_each(move |_| {
+                    b3();
+                    futures::future::ready(())
+                });
+            async move {
+                tokio::join!(secrets, nodes, claw_nodes);
+            }
+        };
+        let endpoint = Arc::new(Deliveries {
+            client,
+            keyring,
+            agent_user,
+            secrets,
+            nodes,
+            claw_nodes,
+            changes,
+            reviews: Mutex::new(HashMap::new()),
+        });
+        (endpoint, watched)
+    }
+
+    /// Answers one `GET /v1/deliveries`.
+    pub async fn answer(
+        &self,
+        headers: &hyper::HeaderMap,
+        query: Option<&str>,
+    ) -> Response<Full<Bytes>> {
+        match self.answer_or_refuse(headers, query).await {
+            Ok(Some(body)) => reply(StatusCode::OK, body, true),
+            Ok(None) => reply(StatusCode::NOT_MODIFIED, Vec::new(), false),
+            Err(Refusal(status, message)) => {
+                reply(status, format!("{message}\n").into_bytes(), false)
+            }
+        }
+    }
+
+    async fn answer_or_refuse(
+        &self,
+        headers: &hyper::HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<Vec<u8>>, Refusal> {
+        let token = bearer(headers).ok_or_else(|| {
+            Refusal(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "send the agent's ServiceAccount token for audience {AUDIENCE:?} in \
+                     'X-Claw-Secrets-Authorization: Bearer <token>'"
+                ),
+            )
+        })?;
+        let node = self.node_of(token).await?;
+        let (have, wait) = parse_query(query)?;
+        let ready = async {
+            let (a, b, c) = tokio::join!(
+                self.secrets.wait_until_ready(),
+                self.nodes.wait_until_ready(),
+                self.claw_nodes.wait_until_ready(),
+            );
+            a.and(b).and(c)
+        };
+        let starting = || {
+            Refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the operator is still reading the cluster (or stopping); retry shortly".to_owned(),
+            )
+        };
+        tokio::time::timeout(Duration::from_secs(5), ready)
+            .await
+            .map_err(|_| starting())?
+            .map_err(|_| starting())?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.changes.clone();
+        loop {
+            // Marked seen before reading: a change from here on wakes the wait below.
+            changes.borrow_and_update();
+            let (key_id, public) = self.node_key(&node)?;
+            let labels = self
+                .nodes
+                .get(&reflector::ObjectRef::new(&node))
+                .map(|n| n.metadata.labels.clone().unwrap_or_default())
+                .ok_or_else(|| {
+                    Refusal(
+                        StatusCode::CONFLICT,
+                        format!("there is no Node {node:?} (yet); retry shortly"),
+                    )
+                })?;
+            let all = self.secrets.state();
+            let chosen = delivery::selected(all.iter().map(|s| s.as_ref()), &labels);
+            let etag = delivery::etag(&node, &key_id, &chosen);
+            if have.as_deref() != Some(etag.as_str()) {
+                let mut secrets = Vec::with_capacity(chosen.len());
+                for obj in chosen {
+                    match delivery::deliver(&node, &public, obj, &self.keyring) {
+                        Ok(d) => secrets.push(d),
+                        Err(why) => tracing::warn!(%node,
+                            namespace = obj.metadata.namespace.as_deref().unwrap_or_default(),
+                            name = obj.metadata.name.as_deref().unwrap_or_default(),
+                            reason = %why, "a secret meant for this node cannot be delivered"),
+                    }
+                }
+                let body = NodeDeliveries {
+                    node,
+                    node_key_id: key_id,
+                    etag,
+                    secrets,
+                };
+                return Ok(Some(
+                    serde_json::to_vec(&body).expect("deliveries serialize"),
+                ));
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "the operator is stopping".to_owned()));
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Ok(None),
+            }
+        }
+    }
+
+    /// The node's published key, checked: its id and the key's agree.
+    fn node_key(&self, node: &str) -> Result<(String, SealingPublicKey), Refusal> {
+        let published = self
+            .claw_nodes
+            .get(&reflector::ObjectRef::new(node))
+            .ok_or_else(|| {
+                Refusal(
+                    StatusCode::CONFLICT,
+                    format!("node {node:?} has published no key (ClawNode {node:?}); its agent publishes it at start"),
+                )
+            })?;
+        let public = SealingPublicKey::parse(&published.spec.public_key)
+            .ok()
+            .filter(|k| k.master_key_id().as_str() == published.spec.key_id)
+            .ok_or_else(|| {
+                Refusal(
+                    StatusCode::CONFLICT,
+                    format!("ClawNode {node:?} holds no usable public key; restart its agent to publish it again"),
+                )
+            })?;
+        Ok((published.spec.key_id.clone(), public))
+    }
+
+    /// The node a token stands for: TokenReview (audience [`AUDIENCE`]); the agent's
+    /// ServiceAccount, bound to a pod on a node. Answers are kept [`REVIEW_FOR`].
+    async fn node_of(&self, token: &str) -> Result<String, Refusal> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = Instant::now();
+        {
+            let reviews = self.reviews.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, answer)) = reviews.get(&digest)
+                && now.duration_since(*at) < REVIEW_FOR
+            {
+                return answer.clone();
+            }
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![AUDIENCE.to_owned()]),
+            },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                Refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the token could not be reviewed ({e}); retry shortly"),
+                )
+            })?;
+        let answer = self.judge(reviewed);
+        let mut reviews = self.reviews.lock().unwrap_or_else(|p| p.into_inner());
+        if reviews.len() >= MAX_REVIEWS {
+            reviews.retain(|_, (at, _)| now.duration_since(*at) < REVIEW_FOR);
+        }
+        if reviews.len() < MAX_REVIEWS {
+            reviews.insert(digest, (now, answer.clone()));
+        }
+        answer
+    }
+
+    fn judge(&self, reviewed: TokenReview) -> Result<String, Refusal> {
+        let status = reviewed.status.unwrap_or_default();
+        let audience_ok = status
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|a| a == AUDIENCE));
+        if status.authenticated != Some(true) || !audience_ok {
+            return Err(Refusal(
+                StatusCode::UNAUTHORIZED,
+                format!("the token is not valid for audience {AUDIENCE:?}"),
+            ));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.agent_user {
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{username} is not the claw-secrets agent ({}): deliveries go to agents only",
+                    self.agent_user
+                ),
+            ));
+        }
+        match user
+            .extra
+            .unwrap_or_default()
+            .remove(NODE_NAME_EXTRA)
+            .as_deref()
+        {
+            Some([node]) if !node.is_empty() => Ok(node.clone()),
+            _ => Err(Refusal(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the token is bound to no node ({NODE_NAME_EXTRA}): use the token projected into the agent's pod"
+                ),
+            )),
+        }
+    }
+}
+
+/// The bearer token of `X-Claw-Secrets-Authorization`, else of `Authorization`.
+fn bearer(headers: &hyper::HeaderMap) -> Option<&str> {
+    ["x-claw-secrets-authorization", "authorization"]
+        .iter()
+        .filter_map(|h| headers.get(*h))
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// `have` (an etag: hex) and `wait` (whole seconds, at most [`MAX_WAIT`]).
+fn parse_query(query: Option<&str>) -> Result<(Option<String>, Duration), Refusal> {
+    let bad = |what: &str| Refusal(StatusCode::BAD_REQUEST, what.to_owned());
+    let (mut have, mut wait) = (None, Duration::ZERO);
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("have", v)) if v.len() <= 128 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                have = Some(v.to_owned());
+            }
+            Some(("wait", v)) => {
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|_| bad("wait must be a whole number of seconds"))?;
+                wait = Duration::from_secs(secs).min(MAX_WAIT);
+            }
+            _ => return Err(bad("the parameters are have=<etag> and wait=<seconds>")),
+        }
+    }
+    Ok((have, wait))
+}
+
+fn reply(status: StatusCode, body: Vec<u8>, json: bool) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    let kind = if json {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_query_is_parsed_strictly() {
+        assert_eq!(parse_query(None).unwrap().0, None);
+        let (have, wait) = parse_query(Some("have=ab12&wait=30")).unwrap();
+        assert_eq!(
+            (have.as_deref(), wait),
+            (Some("ab12"), Duration::from_secs(30))
+        );
+        assert_eq!(parse_query(Some("wait=3600")).unwrap().1, MAX_WAIT);
+        for bad in ["have=../x", "wait=-1", "node=other", "have"] {
+            assert!(parse_query(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_proxy_header_wins_over_authorization() {
+        let mut h = hyper::HeaderMap::new();
+        h.insert("authorization", "Bearer api-server-token".parse().unwrap());
+        assert_eq!(bearer(&h), Some("api-server-token"));
+        h.insert(
+            "x-claw-secrets-authorization",
+            "Bearer node-token".parse().unwrap(),
+        );
+        assert_eq!(bearer(&h), Some("node-token"));
+        assert_eq!(bearer(&hyper::HeaderMap::new()), None);
+    }
+}
