@@ -17,6 +17,9 @@
 #[path = "support/random.rs"]
 mod random;
 
+#[path = "support/host.rs"]
+mod host;
+
 #[path = "support/wait.rs"]
 mod wait;
 
@@ -44,7 +47,7 @@ mod canary;
 #[path = "support/tokens.rs"]
 mod tokens;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,50 +67,9 @@ use wait::eventually;
 // Fixtures
 // ---------------------------------------------------------------------------------------------
 
-/// The address the agents listen on: `CLAW_TEST_AGENT_IP`, else the first IPv4 address of this
-/// host that is up and neither loopback nor link-local.
+/// The address the agents listen on (see [`host::proxyable_ip`]).
 fn agent_ip() -> IpAddr {
-    if let Some(ip) = std::env::var("CLAW_TEST_AGENT_IP")
-        .ok()
-        .filter(|s| !s.is_empty())
-    {
-        return ip
-            .parse()
-            .unwrap_or_else(|e| panic!("CLAW_TEST_AGENT_IP={ip:?} is not an IP address: {e}"));
-    }
-    let mut found = None;
-    // SAFETY: getifaddrs hands out a list we only read, and free exactly once.
-    unsafe {
-        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-        assert_eq!(
-            libc::getifaddrs(&mut list),
-            0,
-            "getifaddrs: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut cur = list;
-        while !cur.is_null() {
-            let ifa = &*cur;
-            if !ifa.ifa_addr.is_null()
-                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
-                && ifa.ifa_flags & (libc::IFF_UP as u32) != 0
-            {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() {
-                    found = Some(ip);
-                    break;
-                }
-            }
-            cur = ifa.ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    IpAddr::V4(found.expect(
-        "this host has no IPv4 address other than loopback and link-local, and the API server \
-         refuses to proxy to those: give the host one, or set CLAW_TEST_AGENT_IP to an address \
-         of this host that the API server can reach",
-    ))
+    host::proxyable_ip()
 }
 
 const AGENT_LABELS: [(&str, &str); 2] = [

@@ -37,6 +37,9 @@ mod agent_identity;
 #[path = "support/webhook.rs"]
 mod webhook;
 
+#[path = "support/host.rs"]
+mod host;
+
 use claw_secrets::crypto::{Keyring, SealingPublicKey};
 use claw_secrets::k8s::agent::node_key::NODE_KEY_FILE;
 use claw_secrets::k8s::crd::{ClawNode, ClawNodeSpec};
@@ -96,6 +99,7 @@ const POLICY_MESSAGE: &str = "may write only the ClawNode named after its own no
 
 #[tokio::test]
 async fn each_agent_publishes_its_own_key_and_can_write_no_other() {
+    let _lock = cluster::shared().await;
     let c = Cluster::new("node-keys").await;
     let ns = cluster::master_key_namespace();
     agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
@@ -260,6 +264,7 @@ async fn may(c: &Cluster, user: &str, verb: &str, ns: &str) -> bool {
 /// caller's create, rotate and delete through an agent with that token alone still work.
 #[tokio::test]
 async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
+    let _lock = cluster::shared().await;
     let c = Cluster::new("agent-writes").await;
     let ns = cluster::master_key_namespace();
     let agent_user = agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
@@ -420,24 +425,87 @@ async fn get_deliveries(
     (status, body)
 }
 
+/// The Service the chart puts in front of the operator's webhook, `claw-secrets-webhook` port
+/// 443, in `ns`, as the cluster would keep it for an operator pod on `node` at this host's
+/// proxyable address, serving on `port`. No kubelet or controller runs here, so the Pod's
+/// status and the Endpoints are written by hand; the API server's service proxy goes to an
+/// endpoint only if it names a Pod holding that address.
+async fn service_for_the_operator(c: &Cluster, ns: &str, node: &str, port: u16) {
+    use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+    let ip = host::proxyable_ip().to_string();
+    let apply = PatchParams::apply("claw-secrets-tests").force();
+    let pods: Api<Pod> = Api::namespaced(c.client(), ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "claw-secrets-operator-test", "namespace": ns },
+        "spec": {
+            "nodeName": node,
+            "containers": [{ "name": "operator", "image": "claw-secrets:test",
+                             "ports": [{ "name": "webhook", "containerPort": port }] }],
+        },
+    }))
+    .unwrap();
+    pods.patch("claw-secrets-operator-test", &apply, &Patch::Apply(&pod))
+        .await
+        .expect("the operator's Pod");
+    pods.patch_status(
+        "claw-secrets-operator-test",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }],
+            "conditions": [{ "type": "Ready", "status": "True" }],
+        }})),
+    )
+    .await
+    .expect("the operator Pod's status");
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "claw-secrets-webhook", "namespace": ns },
+        "spec": { "ports": [{ "name": "webhook", "port": 443, "targetPort": port, "protocol": "TCP" }] },
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(c.client(), ns)
+        .patch("claw-secrets-webhook", &apply, &Patch::Apply(&service))
+        .await
+        .expect("the operator's Service");
+    #[allow(deprecated)]
+    let endpoints: Endpoints = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "claw-secrets-webhook", "namespace": ns },
+        "subsets": [{
+            "addresses": [{ "ip": ip, "nodeName": node, "targetRef": {
+                "kind": "Pod", "name": "claw-secrets-operator-test", "namespace": ns } }],
+            "ports": [{ "name": "webhook", "port": port, "protocol": "TCP" }],
+        }],
+    }))
+    .unwrap();
+    #[allow(deprecated)]
+    Api::<Endpoints>::namespaced(c.client(), ns)
+        .patch("claw-secrets-webhook", &apply, &Patch::Apply(&endpoints))
+        .await
+        .expect("its Endpoints");
+}
+
 /// The operator's delivery endpoint: each node gets the secrets that select it, sealed to its
 /// own key (node-b cannot open node-a's); only the agent's tokens bound to a node and for the
 /// operator's audience are answered; a wait ends when the node's set changes.
 #[tokio::test]
 async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
+    // Alone: a node's set holds every namespace's secrets that select it, so another test's
+    // secrets would change it while a wait is expected to end unchanged.
+    let _lock = cluster::exclusive().await;
     use claw_secrets::crypto::{DeliveryScope, open_delivery};
     use claw_secrets::k8s::delivery::{AUDIENCE, NodeDeliveries};
 
     let c = Cluster::new("deliveries").await;
     let ns = cluster::master_key_namespace();
     agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
-    let hook = webhook::Webhook::register(&c.client(), &[c.ns()]).await;
+    let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
+        .await
+        .on_every_address();
     let _operator = hook.operator(&c).await;
     let ca = hook.ca_pem().await;
     let scratch = tempfile::tempdir().unwrap();
     let gpu = [(cluster::GPU, "true")];
     let (node_a, node_b) = (c.node("a", &gpu).await, c.node("b", &[]).await);
-    let (_, kubeconfig_a) = node_client(&c, &node_a, scratch.path()).await;
+    let (client_a, kubeconfig_a) = node_client(&c, &node_a, scratch.path()).await;
     let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
     let local = Ipv4Addr::LOCALHOST.into();
     let (a, b) = tokio::join!(
@@ -535,6 +603,45 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
         );
         assert!(open(&ring_b, &node_a, d).is_err());
     }
+
+    // The agent's way: through the API server's service proxy to the operator's webhook
+    // Service (here with an endpoint at this host's address), with the agent's own
+    // credentials for the API server (its Role allows exactly that proxy) and the node's
+    // token for the operator in the header the proxy passes on.
+    service_for_the_operator(&c, ns, &node_a, hook.port()).await;
+    let token_file = scratch.path().join("delivery-token-a");
+    std::fs::write(&token_file, &token_a).unwrap();
+    let proxied = claw_secrets::k8s::agent::deliveries::DeliveryClient::new(
+        client_a,
+        ns,
+        "claw-secrets-webhook",
+        443,
+        token_file,
+    );
+    let through_proxy = eventually("deliveries through the API server's proxy", || async {
+        proxied
+            .fetch(None, Duration::ZERO)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "no answer".to_owned())
+    })
+    .await;
+    assert_eq!(names(&through_proxy), ["everywhere", "gpu-only"]);
+    assert_eq!(through_proxy.etag, for_a.etag);
+    // A wait through the proxy: nothing changed, so it ends with "no change" after its time.
+    let started = std::time::Instant::now();
+    let unchanged = proxied
+        .fetch(Some(&through_proxy.etag), Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(
+        unchanged.is_none(),
+        "{} after {:?}, had {}",
+        unchanged.as_ref().unwrap().etag,
+        started.elapsed(),
+        through_proxy.etag
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
 
     // Who is refused: no token; the agent's token for the API server's audience; the agent's
     // token bound to no node; a person's token.

@@ -78,7 +78,10 @@ pub fn selected<'a>(
 }
 
 /// What identifies a node's set of deliveries without sealing anything: the node, its key, and
-/// each selected object's uid and resourceVersion (any change to an object changes the latter).
+/// each selected object's uid and `metadata.generation` (moved by every spec change). Not the
+/// resourceVersion: the operator's status writes move it without changing what is delivered
+/// (`status.version` only follows `spec.sealed.version`, which the API server's rules never
+/// let go back).
 pub fn etag(node: &str, node_key_id: &str, selected: &[&ClawSecret]) -> String {
     let mut h = Sha256::new();
     for part in [node, node_key_id] {
@@ -90,11 +93,11 @@ pub fn etag(node: &str, node_key_id: &str, selected: &[&ClawSecret]) -> String {
             s.metadata.namespace.as_deref().unwrap_or_default(),
             s.metadata.name.as_deref().unwrap_or_default(),
             s.metadata.uid.as_deref().unwrap_or_default(),
-            s.metadata.resource_version.as_deref().unwrap_or_default(),
         ] {
             h.update((part.len() as u32).to_be_bytes());
             h.update(part.as_bytes());
         }
+        h.update(s.metadata.generation.unwrap_or_default().to_be_bytes());
     }
     crate::hex::encode(&h.finalize())
 }
@@ -230,6 +233,19 @@ mod tests {
             etag("node-a", "k-1", &for_a),
             etag("node-a", "k-2", &for_a),
             "a new node key redelivers"
+        );
+        // A status write (a new resourceVersion, same generation) changes nothing delivered;
+        // a spec change does.
+        let mut touched = secrets.clone();
+        touched[0].metadata.resource_version = Some("8".to_owned());
+        assert_eq!(
+            etag("node-a", "k-1", &selected(&touched, &labels_a)),
+            etag("node-a", "k-1", &for_a)
+        );
+        touched[0].metadata.generation = Some(2);
+        assert_ne!(
+            etag("node-a", "k-1", &selected(&touched, &labels_a)),
+            etag("node-a", "k-1", &for_a)
         );
 
         let d = deliver("node-a", &public_a, for_a[1], &master).unwrap();

@@ -27,6 +27,9 @@ pub struct Webhook {
     configuration: String,
     port: u16,
     client: Client,
+    /// The address the operator listens on: 127.0.0.1, or every address
+    /// ([`Webhook::on_every_address`]).
+    bind: &'static str,
 }
 
 impl Webhook {
@@ -55,14 +58,22 @@ impl Webhook {
             configuration,
             port,
             client: client.clone(),
+            bind: "127.0.0.1",
         }
+    }
+
+    /// The operator listens on every address of this host, so that the API server's service
+    /// proxy can reach it too (it refuses loopback).
+    pub fn on_every_address(mut self) -> Self {
+        self.bind = "0.0.0.0";
+        self
     }
 
     /// The operator's flags for serving this webhook with a certificate it manages.
     pub fn operator_args(&self) -> Vec<String> {
         [
             "--webhook-addr",
-            &format!("127.0.0.1:{}", self.port),
+            &format!("{}:{}", self.bind, self.port),
             "--webhook-host",
             "127.0.0.1",
             "--webhook-configuration",

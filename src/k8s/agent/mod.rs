@@ -12,6 +12,7 @@
 //! [`KubeRepository`] (the store for reads, the API server for writes).
 
 mod authorizer;
+pub mod deliveries;
 mod events;
 mod metrics;
 pub mod node_key;
