@@ -13,15 +13,19 @@
 //!    sealed by the operator and until all are in every agent's store (target <= 60 s for
 //!    10,000), and the peak RSS of the operator (<= 64 MiB) and of each agent (<= 48 MiB).
 //!
+//! 4. `deliveries`: N sealed ClawSecrets split across 3 nodes by `nodeSelector`: the bytes and
+//!    objects every agent lists today (all of them) against each node's `GET /v1/deliveries`
+//!    (its share, sealed to its key), and the operator's time to answer.
+//!
 //! Run with:
 //!
 //!     cargo bench --bench cluster
 //!     BENCH_PARTS=burst BENCH_SECRETS=10000 cargo bench --bench cluster
 //!
 //! Environment:
-//! - BENCH_PARTS           which parts, in this order (default get,startup,burst; the smoke
-//!   run does get,burst,startup)
-//! - BENCH_SECRETS         ClawSecrets in the burst (default 10000)
+//! - BENCH_PARTS           which parts, in this order (default get,startup,burst,deliveries;
+//!   the smoke run does get,burst,deliveries,startup)
+//! - BENCH_SECRETS         ClawSecrets in the burst and in `deliveries` (default 10000)
 //! - BENCH_BURST_INFLIGHT  creates in flight during the burst (default 32)
 //! - BENCH_BURST_PATIENCE  seconds the burst may take before it is reported as not done (600)
 //! - BENCH_BURST_WEBHOOK   1 (default): the operator seals at admission, as the chart installs
@@ -65,6 +69,12 @@ mod dev_server;
 #[path = "../tests/support/webhook.rs"]
 mod webhook;
 
+#[path = "../tests/support/tokens.rs"]
+mod tokens;
+
+#[path = "../tests/support/agent_identity.rs"]
+mod agent_identity;
+
 #[path = "support/loadgen.rs"]
 mod loadgen;
 
@@ -101,9 +111,9 @@ fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     // The smoke run does `startup` last, so it need not wait for kube-apiserver to come back.
     let default_parts = if bench {
-        "get,startup,burst"
+        "get,startup,burst,deliveries"
     } else {
-        "get,burst,startup"
+        "get,burst,deliveries,startup"
     };
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| default_parts.to_owned());
     let client = tokio::runtime::Builder::new_multi_thread()
@@ -137,7 +147,10 @@ fn main() {
             "get" => side_by_side(&client, bench),
             "startup" => startup(&client, bench, i + 1 == parts.len()),
             "burst" => burst(&client, bench, i + 1 == parts.len()),
-            other => panic!("BENCH_PARTS: unknown part {other:?} (get, startup, burst)"),
+            "deliveries" => deliveries(&client, bench),
+            other => {
+                panic!("BENCH_PARTS: unknown part {other:?} (get, startup, burst, deliveries)")
+            }
         }
     }
     if !bench {
@@ -987,4 +1000,183 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
         }
         c.cleanup().await;
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part `deliveries`: what each node receives, before (every ClawSecret) and after (its share)
+// ---------------------------------------------------------------------------------------------
+
+/// N sealed ClawSecrets split across 3 nodes by `nodeSelector` (a third each), the operator
+/// serving deliveries. Prints, per node: the bytes and objects of what an agent lists today
+/// (every ClawSecret, as its watch's initial list), and of its `GET /v1/deliveries` (its share,
+/// sealed to its key), with the time the operator took to answer; then an unchanged re-check
+/// (`have=<etag>`, 304).
+fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
+    use claw_secrets::crypto::{Keyring, SecretIdentity};
+    use claw_secrets::domain::{Kind, Name, Namespace, SecretData, Version};
+    use claw_secrets::k8s::crd::ClawNode;
+    use claw_secrets::k8s::delivery::{AUDIENCE, NodeDeliveries};
+
+    let n: usize = if bench {
+        env_or("BENCH_SECRETS", 10_000)
+    } else {
+        30
+    };
+    client.block_on(async {
+        let c = Cluster::new("bench-deliveries").await;
+        let keys_ns = cluster::master_key_namespace();
+        agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, keys_ns).await;
+        let hook = webhook::Webhook::register(&c.client(), &[c.ns()]).await;
+        let _operator = hook.operator(&c).await;
+        let ca = hook.ca_pem().await;
+
+        // Three nodes, each with a key the bench publishes for it (as its agent would).
+        let letters = ["a", "b", "c"];
+        let mut nodes = Vec::new();
+        for letter in letters {
+            let node = c.node(letter, &[("bench.claw-secrets/node", letter)]).await;
+            let uid = Api::<k8s_openapi::api::core::v1::Node>::all(c.client())
+                .get(&node)
+                .await
+                .unwrap()
+                .metadata
+                .uid
+                .unwrap();
+            let ring = Keyring::generate().unwrap();
+            let published: ClawNode = claw_secrets::k8s::agent::node_key::claw_node(&node, &uid, &ring);
+            Api::<ClawNode>::all(c.client())
+                .create(&PostParams::default(), &published)
+                .await
+                .unwrap();
+            nodes.push(node);
+        }
+
+        // N sealed ClawSecrets (sealed here with the master keyring: no webhook work), a third
+        // selecting each node.
+        let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
+        let secret = Api::<Secret>::namespaced(c.client(), key_ns)
+            .get(key_name)
+            .await
+            .unwrap();
+        let master = Keyring::from_json(
+            &secret.data.unwrap()[claw_secrets::k8s::keyring::KEYRING_KEY].0,
+        )
+        .unwrap();
+        let namespace = Namespace::parse(c.ns()).unwrap();
+        let api = c.secrets();
+        let started = Instant::now();
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let (api, master, namespace) = (api.clone(), &master, &namespace);
+                async move {
+                    let name = format!("s-{i:05}");
+                    let data: SecretData = serde_json::from_value(
+                        json!({ "token": format!("canary-{}", random::random_hex(12)) }),
+                    )
+                    .unwrap();
+                    let key = Name::parse(&name).unwrap();
+                    let identity = SecretIdentity {
+                        kind: Kind::Secret,
+                        namespace,
+                        name: &key,
+                        version: Version::new(1).unwrap(),
+                    };
+                    let envelope = claw_secrets::crypto::seal(master, &identity, &data).unwrap();
+                    let mut obj = cluster::secret_with_data(&name, &[]);
+                    obj.spec.data = None;
+                    obj.spec.node_selector = Some(
+                        [(
+                            "bench.claw-secrets/node".to_owned(),
+                            letters[i % 3].to_owned(),
+                        )]
+                        .into(),
+                    );
+                    obj.spec.sealed = Some(claw_secrets::k8s::crd::SealedData {
+                        version: 1,
+                        key_id: envelope.key_id().to_string(),
+                        envelope: base64::Engine::encode(
+                            &base64::engine::general_purpose::STANDARD,
+                            envelope.to_bytes(),
+                        ),
+                        seal_time: "2026-01-01T00:00:00Z".to_owned(),
+                        data_digest: None,
+                    });
+                    api.create(&PostParams::default(), &obj).await.unwrap();
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<()>>()
+            .await;
+        println!(
+            "deliveries: {n} sealed ClawSecrets created in {:.1} s, a third selecting each of 3 nodes",
+            started.elapsed().as_secs_f64()
+        );
+
+        // Before: what every agent lists (its watch's initial list), all namespaces.
+        let list = c
+            .client()
+            .request_text(
+                hyper::Request::get("/apis/clawbernetes.io/v1beta1/clawsecrets")
+                    .body(Vec::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let listed: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let all = listed["items"].as_array().map_or(0, Vec::len);
+        println!(
+            "deliveries: before, each agent lists {all} ClawSecrets, {:.2} MiB",
+            list.len() as f64 / MIB
+        );
+
+        // After: each node's share, from the operator.
+        for node in &nodes {
+            let token =
+                agent_identity::node_bound_token_for(&c.client(), keys_ns, node, &[AUDIENCE])
+                    .await;
+            let got = wait::eventually(&format!("{node}'s deliveries"), || async {
+                let t = Instant::now();
+                let (status, body) =
+                    webhook::get_deliveries(hook.port(), &ca, Some(&token), "").await;
+                let d: NodeDeliveries = serde_json::from_slice(&body)
+                    .map_err(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))?;
+                let mine = d.secrets.iter().filter(|s| s.namespace == c.ns()).count();
+                // The operator's cache may still be filling.
+                (mine == n / 3 + usize::from(letters_index(node) < n % 3))
+                    .then_some((t.elapsed(), body.len(), d))
+                    .ok_or(format!("{mine} so far"))
+            })
+            .await;
+            let (took, bytes, d) = got;
+            let t = Instant::now();
+            let (status, _) = webhook::get_deliveries(
+                hook.port(),
+                &ca,
+                Some(&token),
+                &format!("have={}&wait=0", d.etag),
+            )
+            .await;
+            assert_eq!(status, 304);
+            println!(
+                "deliveries: after, {node} receives {} secrets, {:.2} MiB, answered in {} ms; unchanged re-check (304) {} ms",
+                d.secrets.len(),
+                bytes as f64 / MIB,
+                took.as_millis(),
+                t.elapsed().as_millis()
+            );
+            // Every delivery is sealed: no value of the bench's in clear.
+            assert!(!String::from_utf8_lossy(&serde_json::to_vec(&d).unwrap()).contains("canary-"));
+        }
+        hook.remove().await;
+        c.cleanup().await;
+    });
+}
+
+/// `node-<letter>-...`'s position among a, b, c.
+fn letters_index(node: &str) -> usize {
+    match node.as_bytes().get(5) {
+        Some(b'a') => 0,
+        Some(b'b') => 1,
+        _ => 2,
+    }
 }

@@ -366,65 +366,6 @@ async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
     c.cleanup().await;
 }
 
-/// `GET https://127.0.0.1:<port>/v1/deliveries?<query>` trusting only `ca_pem`, with `token`
-/// in the header the API server's service proxy passes on. Returns the status and body.
-async fn get_deliveries(
-    port: u16,
-    ca_pem: &str,
-    token: Option<&str>,
-    query: &str,
-) -> (u16, Vec<u8>) {
-    use http_body_util::BodyExt;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let tls = ClientConfig::builder_with_provider(std::sync::Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .expect("the operator's certificate verifies against its CA");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut request =
-        hyper::Request::get(format!("/v1/deliveries?{query}")).header("host", "127.0.0.1");
-    if let Some(t) = token {
-        request = request.header("x-claw-secrets-authorization", format!("Bearer {t}"));
-    }
-    let response = sender
-        .send_request(
-            request
-                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    (status, body)
-}
-
 /// The Service the chart puts in front of the operator's webhook, `claw-secrets-webhook` port
 /// 443, in `ns`, as the cluster would keep it for an operator pod on `node` at this host's
 /// proxyable address, serving on `port`. No kubelet or controller runs here, so the Pod's
@@ -541,7 +482,7 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     let fetch = |token: String| {
         let ca = ca.clone();
         async move {
-            let (status, body) = get_deliveries(port, &ca, Some(&token), "").await;
+            let (status, body) = webhook::get_deliveries(port, &ca, Some(&token), "").await;
             assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
             serde_json::from_slice::<NodeDeliveries>(&body).unwrap()
         }
@@ -645,21 +586,21 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
 
     // Who is refused: no token; the agent's token for the API server's audience; the agent's
     // token bound to no node; a person's token.
-    let (status, _) = get_deliveries(port, &ca, None, "").await;
+    let (status, _) = webhook::get_deliveries(port, &ca, None, "").await;
     assert_eq!(status, 401);
     let api_audience = agent_identity::node_bound_token(&c.client(), ns, &node_a).await;
-    let (status, body) = get_deliveries(port, &ca, Some(&api_audience), "").await;
+    let (status, body) = webhook::get_deliveries(port, &ca, Some(&api_audience), "").await;
     assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
     let unbound = agent_identity::unbound_token_for(&c.client(), ns, &[AUDIENCE]).await;
-    let (status, body) = get_deliveries(port, &ca, Some(&unbound), "").await;
+    let (status, body) = webhook::get_deliveries(port, &ca, Some(&unbound), "").await;
     assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
     let alice = c.alice().await;
-    let (status, _) = get_deliveries(port, &ca, Some(&alice), "").await;
+    let (status, _) = webhook::get_deliveries(port, &ca, Some(&alice), "").await;
     assert_eq!(status, 401);
 
     // Unchanged, a wait ends empty-handed; labelled a GPU node meanwhile, node-b's wait ends
     // with gpu-only.
-    let (status, _) = get_deliveries(
+    let (status, _) = webhook::get_deliveries(
         port,
         &ca,
         Some(&token_b),
@@ -670,7 +611,8 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     let waiting = {
         let (ca, token_b, etag) = (ca.clone(), token_b.clone(), for_b.etag.clone());
         tokio::spawn(async move {
-            get_deliveries(port, &ca, Some(&token_b), &format!("have={etag}&wait=30")).await
+            webhook::get_deliveries(port, &ca, Some(&token_b), &format!("have={etag}&wait=30"))
+                .await
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -151,3 +151,62 @@ impl Webhook {
             .await;
     }
 }
+
+/// `GET https://127.0.0.1:<port>/v1/deliveries?<query>` trusting only `ca_pem`, with `token`
+/// in the header the API server's service proxy passes on. Returns the status and body.
+pub async fn get_deliveries(
+    port: u16,
+    ca_pem: &str,
+    token: Option<&str>,
+    query: &str,
+) -> (u16, Vec<u8>) {
+    use http_body_util::BodyExt;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let tls = ClientConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("the operator's certificate verifies against its CA");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut request =
+        hyper::Request::get(format!("/v1/deliveries?{query}")).header("host", "127.0.0.1");
+    if let Some(t) = token {
+        request = request.header("x-claw-secrets-authorization", format!("Bearer {t}"));
+    }
+    let response = sender
+        .send_request(
+            request
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, body)
+}
