@@ -1009,8 +1009,8 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
 /// N sealed ClawSecrets split across 3 nodes by `nodeSelector` (a third each), the operator
 /// serving deliveries. Prints, per node: the bytes and objects of what an agent lists today
 /// (every ClawSecret, as its watch's initial list), and of its `GET /v1/deliveries` (its share,
-/// sealed to its key), with the time the operator took to answer; then an unchanged re-check
-/// (`have=<etag>`, 304).
+/// sealed to its key), with the time the operator took to answer; then a re-check with its
+/// cursor (`304`), and the answer after one of its secrets changed (that one alone).
 fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
     use claw_secrets::crypto::{Keyring, SecretIdentity};
     use claw_secrets::domain::{Kind, Name, Namespace, SecretData, Version};
@@ -1111,6 +1111,20 @@ fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
             "deliveries: {n} sealed ClawSecrets created in {:.1} s, a third selecting each of 3 nodes",
             started.elapsed().as_secs_f64()
         );
+        // Settled: the operator has written every status (a status write is a change too).
+        wait::eventually("every ClawSecret's status written", || async {
+            let listed = api
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let done = listed
+                .items
+                .iter()
+                .filter(|s| s.status.as_ref().and_then(|st| st.version) == Some(1))
+                .count();
+            (done == n).then_some(()).ok_or(format!("{done} of {n}"))
+        })
+        .await;
 
         // Before: what every agent lists (its watch's initial list), all namespaces.
         let list = c
@@ -1157,12 +1171,37 @@ fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
             )
             .await;
             assert_eq!(status, 304);
+            let unchanged = t.elapsed();
+            // One of the node's secrets changes: the next answer is that one alone.
+            let one = &d.secrets.iter().find(|s| s.namespace == c.ns()).unwrap().object;
+            api.patch(
+                one,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "spec": { "allowedWorkloads": ["bench"] } })),
+            )
+            .await
+            .unwrap();
+            let t = Instant::now();
+            let (status, body) = webhook::get_deliveries(
+                hook.port(),
+                &ca,
+                Some(&token),
+                &format!("have={}&wait=30", d.etag),
+            )
+            .await;
+            let changed_after = t.elapsed();
+            assert_eq!(status, 200);
+            let delta: NodeDeliveries = serde_json::from_slice(&body).unwrap();
+            assert!(!delta.full);
             println!(
-                "deliveries: after, {node} receives {} secrets, {:.2} MiB, answered in {} ms; unchanged re-check (304) {} ms",
+                "deliveries: after, {node} receives {} secrets, {:.2} MiB, answered in {} ms; unchanged re-check (304) {} ms; one secret changed: {} secret(s), {} bytes, {} ms",
                 d.secrets.len(),
                 bytes as f64 / MIB,
                 took.as_millis(),
-                t.elapsed().as_millis()
+                unchanged.as_millis(),
+                delta.secrets.len(),
+                body.len(),
+                changed_after.as_millis()
             );
             // Every delivery is sealed: no value of the bench's in clear.
             assert!(!String::from_utf8_lossy(&serde_json::to_vec(&d).unwrap()).contains("canary-"));

@@ -475,6 +475,21 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
         .create(&PostParams::default(), &gpu_only)
         .await
         .unwrap();
+    // Both Ready (the operator's status written), so that nothing more changes unasked.
+    for name in ["everywhere", "gpu-only"] {
+        eventually(&format!("{name} Ready"), || async {
+            let s = secrets.get(name).await.map_err(|e| e.to_string())?;
+            let ready = s.status.as_ref().is_some_and(|st| {
+                st.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            ready
+                .then_some(())
+                .ok_or_else(|| "not Ready yet".to_owned())
+        })
+        .await;
+    }
 
     let token_a = agent_identity::node_bound_token_for(&c.client(), ns, &node_a, &[AUDIENCE]).await;
     let token_b = agent_identity::node_bound_token_for(&c.client(), ns, &node_b, &[AUDIENCE]).await;
@@ -568,7 +583,10 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     })
     .await;
     assert_eq!(names(&through_proxy), ["everywhere", "gpu-only"]);
-    assert_eq!(through_proxy.etag, for_a.etag);
+    assert!(
+        through_proxy.full && for_a.full,
+        "no cursor given: the whole set"
+    );
     // A wait through the proxy: nothing changed, so it ends with "no change" after its time.
     let started = std::time::Instant::now();
     let unchanged = proxied
@@ -621,6 +639,50 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     assert_eq!(status, 200);
     let changed: NodeDeliveries = serde_json::from_slice(&body).unwrap();
     assert_eq!(names(&changed), ["everywhere", "gpu-only"]);
+    assert!(changed.full, "new labels: the whole set again");
+
+    // From then on only changes: gpu-only deleted is one name to drop and no secret; a new
+    // secret is that secret alone.
+    let next = |cursor: String| {
+        let (ca, token_b) = (ca.clone(), token_b.clone());
+        async move {
+            let (status, body) = webhook::get_deliveries(
+                port,
+                &ca,
+                Some(&token_b),
+                &format!("have={cursor}&wait=30"),
+            )
+            .await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            serde_json::from_slice::<NodeDeliveries>(&body).unwrap()
+        }
+    };
+    secrets
+        .delete("gpu-only", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    let dropped = next(changed.etag.clone()).await;
+    assert!(!dropped.full);
+    assert!(dropped.secrets.is_empty(), "{:?}", names(&dropped));
+    assert_eq!(
+        dropped
+            .removed
+            .iter()
+            .map(|r| r.object.as_str())
+            .collect::<Vec<_>>(),
+        ["gpu-only"]
+    );
+    secrets
+        .create(
+            &PostParams::default(),
+            &cluster::secret_with_data("later", &[("k", "v")]),
+        )
+        .await
+        .unwrap();
+    let added = next(dropped.etag.clone()).await;
+    assert!(!added.full);
+    assert_eq!(names(&added), ["later"]);
+    assert!(added.removed.is_empty());
 
     drop((a, b));
     hook.remove().await;

@@ -47,17 +47,119 @@ pub struct Delivery {
     pub data: String,
 }
 
-/// A node's deliveries, as the endpoint answers them: all of them, every time.
+/// A node's deliveries, as the endpoint answers them: the whole set (`full`), or what changed
+/// since the agent's cursor.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeDeliveries {
     pub node: String,
     /// The node key the data is sealed to (the `ClawNode`'s `spec.keyId`).
     pub node_key_id: String,
-    /// Changes whenever the set changes (a secret selected or not, a new version, a new node
-    /// key); the agent sends it back to wait for the next change.
+    /// The cursor ([`Cursor`]): the agent sends it back as `have` to get what changes next.
     pub etag: String,
+    /// `true`: `secrets` is the node's whole set (drop anything else held); `false`: `secrets`
+    /// were added or changed and `removed` must be dropped, everything else held stays.
+    pub full: bool,
     pub secrets: Vec<Delivery>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<Removed>,
+}
+
+/// A secret the node must drop (deleted, or no longer selecting it), if it holds it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Removed {
+    pub namespace: String,
+    /// The ClawSecret's object name.
+    pub object: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+impl Removed {
+    pub fn of(obj: &ClawSecret) -> Removed {
+        Removed {
+            namespace: obj.metadata.namespace.clone().unwrap_or_default(),
+            object: obj.metadata.name.clone().unwrap_or_default(),
+            uid: obj.metadata.uid.clone(),
+        }
+    }
+}
+
+/// Where an agent's copy stands: the node key and labels its set was computed for, and the
+/// highest ClawSecret `resourceVersion` (the API server's etcd revision) it reflects. Text:
+/// `v1.<key id>.<labels digest>.<revision>`. A cursor for another key or other labels, or
+/// older than what the operator replica remembers deletions for, gets the whole set again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub key_id: String,
+    pub labels: String,
+    pub revision: u64,
+}
+
+impl Cursor {
+    pub fn parse(text: &str) -> Option<Cursor> {
+        let rest = text.strip_prefix("v1.")?;
+        let (rest, revision) = rest.rsplit_once('.')?;
+        let (key_id, labels) = rest.rsplit_once('.')?;
+        Some(Cursor {
+            key_id: key_id.to_owned(),
+            labels: labels.to_owned(),
+            revision: revision.parse().ok()?,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        format!("v1.{}.{}.{}", self.key_id, self.labels, self.revision)
+    }
+}
+
+/// A short digest of a node's labels: what its selection depends on.
+pub fn labels_digest(labels: &BTreeMap<String, String>) -> String {
+    let mut h = Sha256::new();
+    for (k, v) in labels {
+        for part in [k, v] {
+            h.update((part.len() as u32).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    crate::hex::encode(&h.finalize()[..8])
+}
+
+/// An object's `resourceVersion` as a revision; `None` when it is not a number (an API server
+/// not backed by etcd), in which case only whole sets are answered.
+pub fn revision(obj: &ClawSecret) -> Option<u64> {
+    obj.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+/// What changed for a node with `labels` after revision `since`: the objects it is meant to
+/// hold that changed (to deliver), and those that changed and no longer select it (to drop: a
+/// `nodeSelector` edited away from it; a never-selected object has not been edited, so
+/// generation 1 is left out). `None` if a revision is not a number.
+pub fn changed_since<'a>(
+    secrets: impl IntoIterator<Item = &'a ClawSecret>,
+    labels: &BTreeMap<String, String>,
+    since: u64,
+) -> Option<(Vec<&'a ClawSecret>, Vec<Removed>)> {
+    let all: Vec<&ClawSecret> = secrets.into_iter().collect();
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    for obj in &all {
+        if revision(obj)? <= since {
+            continue;
+        }
+        if selected([*obj], labels).is_empty() {
+            if obj.metadata.generation.unwrap_or(1) > 1 {
+                removed.push(Removed::of(obj));
+            }
+        } else {
+            changed.push(*obj);
+        }
+    }
+    changed.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    Some((changed, removed))
 }
 
 /// The ClawSecrets meant for a node with `labels`: sealed, not being deleted, selected by their
@@ -75,31 +177,6 @@ pub fn selected<'a>(
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
     chosen
-}
-
-/// What identifies a node's set of deliveries without sealing anything: the node, its key, and
-/// each selected object's uid and `metadata.generation` (moved by every spec change). Not the
-/// resourceVersion: the operator's status writes move it without changing what is delivered
-/// (`status.version` only follows `spec.sealed.version`, which the API server's rules never
-/// let go back).
-pub fn etag(node: &str, node_key_id: &str, selected: &[&ClawSecret]) -> String {
-    let mut h = Sha256::new();
-    for part in [node, node_key_id] {
-        h.update((part.len() as u32).to_be_bytes());
-        h.update(part.as_bytes());
-    }
-    for s in selected {
-        for part in [
-            s.metadata.namespace.as_deref().unwrap_or_default(),
-            s.metadata.name.as_deref().unwrap_or_default(),
-            s.metadata.uid.as_deref().unwrap_or_default(),
-        ] {
-            h.update((part.len() as u32).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-        h.update(s.metadata.generation.unwrap_or_default().to_be_bytes());
-    }
-    crate::hex::encode(&h.finalize())
 }
 
 /// Opens `obj`'s data with the master keyring and seals it for `node` (whose public key is
@@ -202,6 +279,20 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_reads_back_what_it_wrote() {
+        let c = Cursor {
+            key_id: "k-0123456789abcdef".to_owned(),
+            labels: labels_digest(&[("gpu".to_owned(), "true".to_owned())].into()),
+            revision: 4711,
+        };
+        assert_eq!(Cursor::parse(&c.to_text()), Some(c.clone()));
+        for bad in ["", "v2.k-1.ab.3", "v1.k-1.ab", "v1.k-1.ab.x"] {
+            assert_eq!(Cursor::parse(bad), None, "{bad}");
+        }
+        assert_ne!(labels_digest(&BTreeMap::new()), c.labels);
+    }
+
+    #[test]
     fn a_node_gets_what_selects_it_sealed_to_its_key_alone() {
         let master = Keyring::generate().unwrap();
         let node_a = Keyring::generate().unwrap();
@@ -224,29 +315,25 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["everywhere"]
         );
-        assert_ne!(
-            etag("node-a", "k-1", &for_a),
-            etag("node-a", "k-1", &for_b),
-            "the set differs"
-        );
-        assert_ne!(
-            etag("node-a", "k-1", &for_a),
-            etag("node-a", "k-2", &for_a),
-            "a new node key redelivers"
-        );
-        // A status write (a new resourceVersion, same generation) changes nothing delivered;
-        // a spec change does.
-        let mut touched = secrets.clone();
-        touched[0].metadata.resource_version = Some("8".to_owned());
-        assert_eq!(
-            etag("node-a", "k-1", &selected(&touched, &labels_a)),
-            etag("node-a", "k-1", &for_a)
-        );
-        touched[0].metadata.generation = Some(2);
-        assert_ne!(
-            etag("node-a", "k-1", &selected(&touched, &labels_a)),
-            etag("node-a", "k-1", &for_a)
-        );
+        // Changes since a revision: what the node holds that changed, what it must drop.
+        let mut later = secrets.clone();
+        later[1].metadata.resource_version = Some("9".to_owned());
+        let (changed, removed) = changed_since(&later, &labels_a, 7).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].metadata.name.as_deref(), Some("gpu-only"));
+        assert!(removed.is_empty());
+        // gpu-only's selector edited away from GPU nodes: node-a drops it.
+        later[1].spec.node_selector = Some([("gpu".to_owned(), "false".to_owned())].into());
+        later[1].metadata.generation = Some(2);
+        let (changed, removed) = changed_since(&later, &labels_a, 7).unwrap();
+        assert!(changed.is_empty());
+        assert_eq!(removed, [Removed::of(&later[1])]);
+        // Created elsewhere and never selected: nothing for node-b to drop.
+        let (_, removed) = changed_since(&secrets[1..], &labels_b, 6).unwrap();
+        assert!(removed.is_empty());
+        // Not an etcd revision: no continuation.
+        later[0].metadata.resource_version = Some("opaque".to_owned());
+        assert!(changed_since(&later, &labels_a, 7).is_none());
 
         let d = deliver("node-a", &public_a, for_a[1], &master).unwrap();
         assert_eq!((d.name.as_str(), d.version), ("gpu-only", 2));

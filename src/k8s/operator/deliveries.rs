@@ -8,8 +8,11 @@
 //! name in the user's extra, [`NODE_NAME_EXTRA`]); that node's deliveries are all it gets. A
 //! token of the agent's ServiceAccount bound to no node, or any other account's, gets none.
 //!
-//! `?have=<etag>&wait=<seconds>` waits (at most a minute) until the node's set differs from
-//! `have`, then answers it whole; unchanged at the end of the wait, `304 Not Modified`.
+//! Without `have`, or with a cursor this replica cannot continue (another node key, other
+//! labels, older than the deletions it remembers), the answer is the node's whole set
+//! (`full`). With a cursor it can continue, only what changed since: the secrets added or
+//! changed, and the objects to drop (deleted, or no longer selecting the node). `wait=<seconds>`
+//! waits (at most a minute) for something to change for the node; nothing did: `304`.
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -20,14 +23,14 @@ use kube::api::{Api, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::crypto::{Keyring, SealingPublicKey};
 use crate::k8s::crd::{ClawNode, ClawSecret};
-use crate::k8s::delivery::{self, AUDIENCE, NODE_NAME_EXTRA, NodeDeliveries};
+use crate::k8s::delivery::{self, AUDIENCE, Cursor, NODE_NAME_EXTRA, NodeDeliveries, Removed};
 
 /// The longest a request may wait for a change.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -37,6 +40,64 @@ const REVIEW_FOR: Duration = Duration::from_secs(10);
 
 /// At most this many reviews are kept (a flood of distinct tokens cannot exhaust memory).
 const MAX_REVIEWS: usize = 4096;
+
+/// Deletions remembered, at most: a cursor older than the oldest gets the whole set again.
+const MAX_TOMBSTONES: usize = 50_000;
+
+/// What the ClawSecret watch has seen: the highest revision, and the deletions since `horizon`
+/// (every deletion after that revision was seen; before it, some may not have been).
+struct ChangeLog {
+    /// The highest revision in the cache (events are applied to it before they are seen here).
+    max: u64,
+    /// The highest revision of a (re)list in progress: its objects reach the cache only at its
+    /// end, all at once.
+    listing: u64,
+    horizon: u64,
+    tombstones: VecDeque<(u64, Removed)>,
+}
+
+impl ChangeLog {
+    fn saw(&mut self, event: &watcher::Event<ClawSecret>) {
+        match event {
+            watcher::Event::Apply(o) => {
+                self.max = self.max.max(delivery::revision(o).unwrap_or(0));
+            }
+            watcher::Event::InitApply(o) => {
+                self.listing = self.listing.max(delivery::revision(o).unwrap_or(0));
+            }
+            watcher::Event::Delete(o) => {
+                let at = delivery::revision(o).unwrap_or(self.max);
+                self.max = self.max.max(at);
+                self.tombstones.push_back((at, Removed::of(o)));
+                if self.tombstones.len() > MAX_TOMBSTONES
+                    && let Some((dropped, _)) = self.tombstones.pop_front()
+                {
+                    self.horizon = self.horizon.max(dropped);
+                }
+            }
+            // A (re)list: deletions before it were not seen. Until the revision it reached is
+            // known (see `relisted`), no cursor is continued.
+            watcher::Event::Init => {
+                self.horizon = u64::MAX;
+                self.listing = 0;
+            }
+            watcher::Event::InitDone => self.max = self.max.max(self.listing),
+        }
+    }
+
+    /// After a (re)list: every deletion after `revision` (at least the list's own) is seen.
+    fn relisted(&mut self, revision: u64) {
+        self.horizon = revision;
+        self.tombstones.retain(|(at, _)| *at > revision);
+    }
+
+    fn deleted_since(&self, since: u64) -> impl Iterator<Item = &Removed> {
+        self.tombstones
+            .iter()
+            .filter(move |(at, _)| *at > since)
+            .map(|(_, r)| r)
+    }
+}
 
 /// What the endpoint reads: kept current by watches, in every replica.
 pub struct Deliveries {
@@ -48,6 +109,7 @@ pub struct Deliveries {
     nodes: Store<Node>,
     claw_nodes: Store<ClawNode>,
     changes: watch::Receiver<u64>,
+    log: Arc<Mutex<ChangeLog>>,
     /// Recent answers by SHA-256 of the token (never the token).
     reviews: Mutex<HashMap<[u8; 32], Reviewed>>,
 }
@@ -71,6 +133,12 @@ impl Deliveries {
         let (secrets, secrets_writer) = reflector::store::<ClawSecret>();
         let (nodes, nodes_writer) = reflector::store::<Node>();
         let (claw_nodes, claw_nodes_writer) = reflector::store::<ClawNode>();
+        let log = Arc::new(Mutex::new(ChangeLog {
+            max: 0,
+            listing: 0,
+            horizon: u64::MAX,
+            tombstones: VecDeque::new(),
+        }));
         let watched = {
             use futures::StreamExt;
             let bump = move || {
@@ -78,12 +146,34 @@ impl Deliveries {
             };
             let (b1, b2, b3) = (bump.clone(), bump.clone(), bump);
             let config = watcher::Config::default;
-            let secrets = watcher(Api::<ClawSecret>::all(client.clone()), config())
+            let (secrets_api, log_w) = (Api::<ClawSecret>::all(client.clone()), log.clone());
+            let secrets = watcher(secrets_api.clone(), config())
                 .default_backoff()
                 .reflect(secrets_writer)
-                .for_each(move |_| {
-                    b1();
-                    futures::future::ready(())
+                .for_each(move |event| {
+                    let (secrets_api, log_w, b1) = (secrets_api.clone(), log_w.clone(), b1.clone());
+                    async move {
+                        if let Ok(event) = &event {
+                            log_w.lock().unwrap_or_else(|p| p.into_inner()).saw(event);
+                            if matches!(event, watcher::Event::InitDone) {
+                                // The revision the API server is at now is at or past the
+                                // list's: every deletion after it comes through this watch.
+                                let now = secrets_api
+                                    .list_metadata(&kube::api::ListParams::default().limit(1))
+                                    .await
+                                    .ok()
+                                    .and_then(|l| l.metadata.resource_version)
+                                    .and_then(|v| v.parse().ok());
+                                if let Some(now) = now {
+                                    log_w
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .relisted(now);
+                                }
+                            }
+                        }
+                        b1();
+                    }
                 });
             let nodes = watcher(Api::<Node>::all(client.clone()), config())
                 .default_backoff()
@@ -111,6 +201,7 @@ impl Deliveries {
             nodes,
             claw_nodes,
             changes,
+            log,
             reviews: Mutex::new(HashMap::new()),
         });
         (endpoint, watched)
@@ -181,10 +272,29 @@ impl Deliveries {
                         format!("there is no Node {node:?} (yet); retry shortly"),
                     )
                 })?;
+            // The revision first, then the objects: everything at or below it is in them.
+            let (now, horizon) = {
+                let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+                (log.max, log.horizon)
+            };
             let all = self.secrets.state();
-            let chosen = delivery::selected(all.iter().map(|s| s.as_ref()), &labels);
-            let etag = delivery::etag(&node, &key_id, &chosen);
-            if have.as_deref() != Some(etag.as_str()) {
+            let all = all.iter().map(|s| s.as_ref());
+            let labels_digest = delivery::labels_digest(&labels);
+            let continued = have.as_deref().and_then(Cursor::parse).filter(|c| {
+                c.key_id == key_id && c.labels == labels_digest && c.revision >= horizon
+            });
+            let (full, chosen, removed, since) = match &continued {
+                Some(c) => match delivery::changed_since(all.clone(), &labels, c.revision) {
+                    Some((changed, mut removed)) => {
+                        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+                        removed.extend(log.deleted_since(c.revision).cloned());
+                        (false, changed, removed, c.revision)
+                    }
+                    None => (true, delivery::selected(all, &labels), Vec::new(), 0),
+                },
+                None => (true, delivery::selected(all, &labels), Vec::new(), 0),
+            };
+            if full || !chosen.is_empty() || !removed.is_empty() {
                 let mut secrets = Vec::with_capacity(chosen.len());
                 for obj in chosen {
                     match delivery::deliver(&node, &public, obj, &self.keyring) {
@@ -195,11 +305,18 @@ impl Deliveries {
                             reason = %why, "a secret meant for this node cannot be delivered"),
                     }
                 }
+                let cursor = Cursor {
+                    key_id: key_id.clone(),
+                    labels: labels_digest,
+                    revision: now.max(since),
+                };
                 let body = NodeDeliveries {
                     node,
                     node_key_id: key_id,
-                    etag,
+                    etag: cursor.to_text(),
+                    full,
                     secrets,
+                    removed,
                 };
                 return Ok(Some(
                     serde_json::to_vec(&body).expect("deliveries serialize"),
@@ -330,7 +447,7 @@ fn bearer(headers: &hyper::HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// `have` (an etag: hex) and `wait` (whole seconds, at most [`MAX_WAIT`]).
+/// `have` (a cursor: letters, digits, '.', '-') and `wait` (whole seconds, at most [`MAX_WAIT`]).
 fn parse_query(query: Option<&str>) -> Result<(Option<String>, Duration), Refusal> {
     let bad = |what: &str| Refusal(StatusCode::BAD_REQUEST, what.to_owned());
     let (mut have, mut wait) = (None, Duration::ZERO);
@@ -340,7 +457,11 @@ fn parse_query(query: Option<&str>) -> Result<(Option<String>, Duration), Refusa
         .filter(|p| !p.is_empty())
     {
         match pair.split_once('=') {
-            Some(("have", v)) if v.len() <= 128 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(("have", v))
+                if v.len() <= 128
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') =>
+            {
                 have = Some(v.to_owned());
             }
             Some(("wait", v)) => {
@@ -383,9 +504,57 @@ mod tests {
             (Some("ab12"), Duration::from_secs(30))
         );
         assert_eq!(parse_query(Some("wait=3600")).unwrap().1, MAX_WAIT);
-        for bad in ["have=../x", "wait=-1", "node=other", "have"] {
+        for bad in ["have=../x", "have=a/b", "wait=-1", "node=other", "have"] {
             assert!(parse_query(Some(bad)).is_err(), "{bad}");
         }
+    }
+
+    fn secret(name: &str, rv: u64) -> ClawSecret {
+        let mut s = crate::k8s::crd::ClawSecret::new(
+            name,
+            serde_json::from_value(serde_json::json!({ "allowedWorkloads": [] })).unwrap(),
+        );
+        s.metadata.namespace = Some("team-a".to_owned());
+        s.metadata.resource_version = Some(rv.to_string());
+        s
+    }
+
+    #[test]
+    fn deletions_are_remembered_only_from_where_the_watch_saw_them_all() {
+        let mut log = ChangeLog {
+            max: 0,
+            listing: 0,
+            horizon: u64::MAX,
+            tombstones: VecDeque::new(),
+        };
+        log.saw(&watcher::Event::Init);
+        log.saw(&watcher::Event::InitApply(secret("a", 10)));
+        assert_eq!(
+            log.max, 0,
+            "listed objects reach the cache at the list's end"
+        );
+        log.saw(&watcher::Event::InitDone);
+        assert_eq!(log.max, 10);
+        assert_eq!(
+            log.horizon,
+            u64::MAX,
+            "no cursor continues before the list's revision is known"
+        );
+        log.relisted(20);
+        assert_eq!(log.horizon, 20);
+        log.saw(&watcher::Event::Delete(secret("b", 25)));
+        log.saw(&watcher::Event::Apply(secret("c", 30)));
+        assert_eq!(log.max, 30);
+        let names = |since| {
+            log.deleted_since(since)
+                .map(|r| r.object.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(21), ["b"]);
+        assert!(names(25).is_empty());
+        // A relist forgets nothing it still needs, and continues no cursor until it is known.
+        log.saw(&watcher::Event::Init);
+        assert_eq!(log.horizon, u64::MAX);
     }
 
     #[test]
