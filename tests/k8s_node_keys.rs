@@ -441,7 +441,7 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
         .await
         .on_every_address();
-    let _operator = hook.operator(&c).await;
+    let operator = hook.operator(&c).await;
     let ca = hook.ca_pem().await;
     let scratch = tempfile::tempdir().unwrap();
     let gpu = [(cluster::GPU, "true")];
@@ -683,6 +683,22 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     assert!(!added.full);
     assert_eq!(names(&added), ["later"]);
     assert!(added.removed.is_empty());
+
+    // The operator counts its answers (no node label), and nothing undeliverable.
+    let (status, metrics) =
+        process::http_get(operator.metrics_port, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200);
+    let count = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    assert!(count("claw_secrets_operator_deliveries_total{answer=\"full\"}") >= 4);
+    assert!(count("claw_secrets_operator_deliveries_total{answer=\"changes\"}") >= 2);
+    assert!(count("claw_secrets_operator_deliveries_total{answer=\"unchanged\"}") >= 2);
+    assert!(count("claw_secrets_operator_deliveries_total{answer=\"refused\"}") >= 4);
+    assert_eq!(count("claw_secrets_operator_undeliverable_total"), 0);
 
     drop((a, b));
     hook.remove().await;

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+use super::metrics::{Delivered, Metrics};
 use crate::crypto::{Keyring, SealingPublicKey};
 use crate::k8s::crd::{ClawNode, ClawSecret};
 use crate::k8s::delivery::{self, AUDIENCE, Cursor, NODE_NAME_EXTRA, NodeDeliveries, Removed};
@@ -103,6 +104,7 @@ impl ChangeLog {
 pub struct Deliveries {
     client: kube::Client,
     keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_user: String,
     secrets: Store<ClawSecret>,
@@ -127,6 +129,7 @@ impl Deliveries {
     pub fn new(
         client: kube::Client,
         keyring: Arc<Keyring>,
+        metrics: Arc<Metrics>,
         agent_user: String,
     ) -> (Arc<Deliveries>, impl Future<Output = ()> + Send + 'static) {
         let (changed, changes) = watch::channel(0u64);
@@ -196,6 +199,7 @@ impl Deliveries {
         let endpoint = Arc::new(Deliveries {
             client,
             keyring,
+            metrics,
             agent_user,
             secrets,
             nodes,
@@ -214,9 +218,21 @@ impl Deliveries {
         query: Option<&str>,
     ) -> Response<Full<Bytes>> {
         match self.answer_or_refuse(headers, query).await {
-            Ok(Some(body)) => reply(StatusCode::OK, body, true),
-            Ok(None) => reply(StatusCode::NOT_MODIFIED, Vec::new(), false),
+            Ok(Some((body, full, secrets))) => {
+                let answer = if full {
+                    Delivered::Full
+                } else {
+                    Delivered::Changes
+                };
+                self.metrics.delivered(answer, secrets);
+                reply(StatusCode::OK, body, true)
+            }
+            Ok(None) => {
+                self.metrics.delivered(Delivered::Unchanged, 0);
+                reply(StatusCode::NOT_MODIFIED, Vec::new(), false)
+            }
             Err(Refusal(status, message)) => {
+                self.metrics.delivered(Delivered::Refused, 0);
                 reply(status, format!("{message}\n").into_bytes(), false)
             }
         }
@@ -226,7 +242,7 @@ impl Deliveries {
         &self,
         headers: &hyper::HeaderMap,
         query: Option<&str>,
-    ) -> Result<Option<Vec<u8>>, Refusal> {
+    ) -> Result<Option<(Vec<u8>, bool, usize)>, Refusal> {
         let token = bearer(headers).ok_or_else(|| {
             Refusal(
                 StatusCode::UNAUTHORIZED,
@@ -299,10 +315,13 @@ impl Deliveries {
                 for obj in chosen {
                     match delivery::deliver(&node, &public, obj, &self.keyring) {
                         Ok(d) => secrets.push(d),
-                        Err(why) => tracing::warn!(%node,
+                        Err(why) => {
+                            self.metrics.undeliverable();
+                            tracing::warn!(%node,
                             namespace = obj.metadata.namespace.as_deref().unwrap_or_default(),
                             name = obj.metadata.name.as_deref().unwrap_or_default(),
-                            reason = %why, "a secret meant for this node cannot be delivered"),
+                            reason = %why, "a secret meant for this node cannot be delivered")
+                        }
                     }
                 }
                 let cursor = Cursor {
@@ -310,6 +329,7 @@ impl Deliveries {
                     labels: labels_digest,
                     revision: now.max(since),
                 };
+                let count = secrets.len();
                 let body = NodeDeliveries {
                     node,
                     node_key_id: key_id,
@@ -318,9 +338,11 @@ impl Deliveries {
                     secrets,
                     removed,
                 };
-                return Ok(Some(
+                return Ok(Some((
                     serde_json::to_vec(&body).expect("deliveries serialize"),
-                ));
+                    full,
+                    count,
+                )));
             }
             tokio::select! {
                 changed = changes.changed() => {

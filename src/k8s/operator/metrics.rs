@@ -93,6 +93,37 @@ impl Admission {
     }
 }
 
+/// How a node's `GET /v1/deliveries` was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// The node's whole set.
+    Full,
+    /// What changed since the node's cursor.
+    Changes,
+    /// Nothing changed within the wait (304).
+    Unchanged,
+    /// Refused: no or a wrong token, no key published, still starting.
+    Refused,
+}
+
+impl Delivered {
+    const ALL: [Delivered; 4] = [
+        Delivered::Full,
+        Delivered::Changes,
+        Delivered::Unchanged,
+        Delivered::Refused,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Delivered::Full => "full",
+            Delivered::Changes => "changes",
+            Delivered::Unchanged => "unchanged",
+            Delivered::Refused => "refused",
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the reconcile duration histogram.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
@@ -116,6 +147,11 @@ struct Sealed {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Admitted {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Answered {
+    answer: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -143,6 +179,14 @@ pub struct Metrics {
     /// Objects reported not Ready, by condition reason (a small fixed set of CamelCase words).
     rejections: Family<Rejected, Counter>,
     durations: Family<KindLabel, Histogram>,
+    /// Nodes' delivery requests answered by this replica, by answer (no node label: a cluster
+    /// may have thousands).
+    deliveries: Family<Answered, Counter>,
+    /// Secrets sealed for a node in those answers.
+    secrets_delivered: Counter,
+    /// Secrets meant for a node that could not be delivered (invalid, or sealed with a master
+    /// key the keyring lacks).
+    undeliverable: Counter,
 }
 
 impl Default for Metrics {
@@ -159,6 +203,31 @@ impl Default for Metrics {
         let durations = Family::<KindLabel, Histogram>::new_with_constructor(
             (|| Histogram::new(BUCKETS)) as fn() -> Histogram,
         );
+        let deliveries = Family::<Answered, Counter>::default();
+        let secrets_delivered = Counter::default();
+        let undeliverable = Counter::default();
+        registry.register(
+            "deliveries",
+            "Nodes' GET /v1/deliveries answered by this replica: full (the node's whole set), \
+             changes (since its cursor), unchanged (nothing within the wait) or refused",
+            deliveries.clone(),
+        );
+        registry.register(
+            "secrets_delivered",
+            "Secrets sealed for a node in this replica's delivery answers",
+            secrets_delivered.clone(),
+        );
+        registry.register(
+            "undeliverable",
+            "Secrets meant for a node that could not be delivered (invalid, or sealed with a \
+             master key the keyring lacks; the operator's log names them)",
+            undeliverable.clone(),
+        );
+        for answer in Delivered::ALL {
+            let _ = deliveries.get_or_create(&Answered {
+                answer: answer.label(),
+            });
+        }
         registry.register(
             "leader",
             "1 while this replica holds the leader Lease and runs the controllers",
@@ -237,6 +306,9 @@ impl Default for Metrics {
             admissions,
             rejections,
             durations,
+            deliveries,
+            secrets_delivered,
+            undeliverable,
         }
     }
 }
@@ -294,6 +366,20 @@ impl Metrics {
             .inc();
     }
 
+    /// A node's delivery request was answered `answer`, with `secrets` sealed for it.
+    pub fn delivered(&self, answer: Delivered, secrets: usize) {
+        self.deliveries
+            .get_or_create(&Answered {
+                answer: answer.label(),
+            })
+            .inc();
+        self.secrets_delivered.inc_by(secrets as u64);
+    }
+
+    pub fn undeliverable(&self) {
+        self.undeliverable.inc();
+    }
+
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
     }
@@ -340,6 +426,8 @@ mod tests {
         );
         m.sealed(true);
         m.rejected(ObjectKind::Secret, "InvalidData");
+        m.delivered(Delivered::Full, 3);
+        m.delivered(Delivered::Changes, 1);
         let text = m.render();
         for line in [
             "claw_secrets_operator_leader 1",
@@ -347,6 +435,9 @@ mod tests {
             "claw_secrets_operator_reconciliations_total{kind=\"ClawConfig\",result=\"error\"} 1",
             "claw_secrets_operator_errors_total{kind=\"ClawConfig\",error=\"conflict\"} 1",
             "claw_secrets_operator_seals_total{event=\"created\"} 1",
+            "claw_secrets_operator_deliveries_total{answer=\"full\"} 1",
+            "claw_secrets_operator_deliveries_total{answer=\"unchanged\"} 0",
+            "claw_secrets_operator_secrets_delivered_total 4",
             "claw_secrets_operator_not_ready_total{kind=\"ClawSecret\",reason=\"InvalidData\"} 1",
             "claw_secrets_operator_reconcile_duration_seconds_bucket{le=\"0.005\",kind=\"ClawSecret\"} 1",
             "claw_secrets_operator_reconcile_duration_seconds_bucket{le=\"0.1\",kind=\"ClawSecret\"} 2",

@@ -374,8 +374,12 @@ pub async fn run(
                 "system:serviceaccount:{}:{}",
                 config.namespace, config.agent_service_account
             );
-            let (deliveries, watching) =
-                deliveries::Deliveries::new(client.clone(), keyring.clone(), agent_user);
+            let (deliveries, watching) = deliveries::Deliveries::new(
+                client.clone(),
+                keyring.clone(),
+                metrics.clone(),
+                agent_user,
+            );
             let stop = stopped(stop_rx.clone());
             let serving = bound.serve(
                 client.clone(),
