@@ -141,42 +141,48 @@ pub fn changed_since<'a>(
     labels: &BTreeMap<String, String>,
     since: u64,
 ) -> Option<(Vec<&'a ClawSecret>, Vec<Removed>)> {
-    let all: Vec<&ClawSecret> = secrets.into_iter().collect();
     let mut changed = Vec::new();
     let mut removed = Vec::new();
-    for obj in &all {
+    for obj in secrets {
         if revision(obj)? <= since {
             continue;
         }
-        if selected([*obj], labels).is_empty() {
-            if obj.metadata.generation.unwrap_or(1) > 1 {
-                removed.push(Removed::of(obj));
-            }
-        } else {
-            changed.push(*obj);
+        if meant_for(obj, labels) {
+            changed.push(obj);
+        } else if obj.metadata.generation.unwrap_or(1) > 1 {
+            removed.push(Removed::of(obj));
         }
     }
-    changed.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
+    sort_by_name(&mut changed);
     Some((changed, removed))
 }
 
-/// The ClawSecrets meant for a node with `labels`: sealed, not being deleted, selected by their
-/// `nodeSelector`; sorted by namespace and name.
+/// Whether a node with `labels` is meant to hold `obj`: sealed, not being deleted, selected by
+/// its `nodeSelector`.
+pub fn meant_for(obj: &ClawSecret, labels: &BTreeMap<String, String>) -> bool {
+    obj.metadata.deletion_timestamp.is_none()
+        && obj.spec.sealed.is_some()
+        && convert::selects(obj.spec.node_selector.as_ref(), labels)
+}
+
+/// The ClawSecrets meant for a node with `labels` ([`meant_for`]), sorted by namespace and
+/// name.
 pub fn selected<'a>(
     secrets: impl IntoIterator<Item = &'a ClawSecret>,
     labels: &BTreeMap<String, String>,
 ) -> Vec<&'a ClawSecret> {
     let mut chosen: Vec<&ClawSecret> = secrets
         .into_iter()
-        .filter(|s| s.metadata.deletion_timestamp.is_none() && s.spec.sealed.is_some())
-        .filter(|s| convert::selects(s.spec.node_selector.as_ref(), labels))
+        .filter(|s| meant_for(s, labels))
         .collect();
-    chosen.sort_by(|a, b| {
+    sort_by_name(&mut chosen);
+    chosen
+}
+
+fn sort_by_name(secrets: &mut [&ClawSecret]) {
+    secrets.sort_by(|a, b| {
         (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
     });
-    chosen
 }
 
 /// Opens `obj`'s data with the master keyring and seals it for `node` (whose public key is

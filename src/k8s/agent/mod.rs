@@ -260,8 +260,13 @@ pub async fn run(
         .with_metrics(metrics.token_reviews());
     let audit_handle = audit.clone();
     let anchored_store = store.clone();
-    let repository =
-        KubeRepository::new(bounded_config, store, keys.clone(), events.clone()).map_err(setup)?;
+    let repository = KubeRepository::new(
+        bounded.clone(),
+        &bounded_config,
+        store,
+        keys.clone(),
+        events.clone(),
+    );
     let core = CommandCore::new(
         KubeAuthorizer::new(identity, events),
         repository,

@@ -128,25 +128,24 @@ fn not_deleting(obj_meta: &kube::api::ObjectMeta) -> bool {
 }
 
 impl KubeRepository {
-    /// `config` is the agent's own client configuration (its credentials are dropped for the
-    /// writes, made as the caller).
+    /// `client` is the agent's own, built from `config`; writes use `config`'s connection
+    /// settings without its credentials, with the caller's token instead.
     pub fn new(
-        config: kube::Config,
+        client: kube::Client,
+        config: &kube::Config,
         store: Arc<Store>,
         keys: SharedKeyring,
         events: AgentEvents,
-    ) -> Result<Self, String> {
-        let client = kube::Client::try_from(config.clone())
-            .map_err(|e| format!("cannot build a Kubernetes client: {e}"))?;
-        let mut caller_config = config;
+    ) -> Self {
+        let mut caller_config = config.clone();
         caller_config.auth_info = kube::config::AuthInfo::default();
-        Ok(KubeRepository {
+        KubeRepository {
             client,
             caller_config,
             store,
             keys,
             events,
-        })
+        }
     }
 
     /// Reads as the agent.

@@ -4,6 +4,7 @@
 
 use jiff::Timestamp;
 
+use crate::k8s::convert::Invalid;
 use crate::k8s::crd::Condition;
 
 pub const READY: &str = "Ready";
@@ -32,6 +33,25 @@ pub fn condition(
         last_transition_time,
         observed_generation: generation,
     }
+}
+
+/// Ready=False for an object that broke `invalid`'s rule: its reason, and its message saying
+/// what to fix.
+pub fn not_ready(
+    previous: &[Condition],
+    invalid: &Invalid,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    condition(
+        previous,
+        READY,
+        false,
+        invalid.reason,
+        invalid.message.clone(),
+        generation,
+        now,
+    )
 }
 
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {

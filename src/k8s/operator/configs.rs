@@ -139,15 +139,7 @@ fn desired_status(
             (Some(hash), Some(accepted_time), ready)
         }
         Err(invalid) => {
-            let ready = conditions::condition(
-                &current.conditions,
-                READY,
-                false,
-                invalid.reason,
-                invalid.message.clone(),
-                generation,
-                now,
-            );
+            let ready = conditions::not_ready(&current.conditions, invalid, generation, now);
             (None, None, ready)
         }
     };

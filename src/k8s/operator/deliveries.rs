@@ -147,10 +147,12 @@ impl Deliveries {
             let bump = move || {
                 changed.send_modify(|n| *n = n.wrapping_add(1));
             };
-            let (b1, b2, b3) = (bump.clone(), bump.clone(), bump);
-            let config = watcher::Config::default;
-            let (secrets_api, log_w) = (Api::<ClawSecret>::all(client.clone()), log.clone());
-            let secrets = watcher(secrets_api.clone(), config())
+            let (secrets_api, log_w, b1) = (
+                Api::<ClawSecret>::all(client.clone()),
+                log.clone(),
+                bump.clone(),
+            );
+            let secrets = watcher(secrets_api.clone(), watcher::Config::default())
                 .default_backoff()
                 .reflect(secrets_writer)
                 .for_each(move |event| {
@@ -178,20 +180,12 @@ impl Deliveries {
                         b1();
                     }
                 });
-            let nodes = watcher(Api::<Node>::all(client.clone()), config())
-                .default_backoff()
-                .reflect(nodes_writer)
-                .for_each(move |_| {
-                    b2();
-                    futures::future::ready(())
-                });
-            let claw_nodes = watcher(Api::<ClawNode>::all(client.clone()), config())
-                .default_backoff()
-                .reflect(claw_nodes_writer)
-                .for_each(move |_| {
-                    b3();
-                    futures::future::ready(())
-                });
+            let nodes = cached(Api::<Node>::all(client.clone()), nodes_writer, bump.clone());
+            let claw_nodes = cached(
+                Api::<ClawNode>::all(client.clone()),
+                claw_nodes_writer,
+                bump,
+            );
             async move {
                 tokio::join!(secrets, nodes, claw_nodes);
             }
@@ -456,6 +450,28 @@ impl Deliveries {
             )),
         }
     }
+}
+
+/// Keeps `writer`'s cache of `api` current, calling `changed` after every event.
+async fn cached<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: impl Fn())
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use futures::StreamExt;
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|_| {
+            changed();
+            futures::future::ready(())
+        })
+        .await
 }
 
 /// The bearer token of `X-Claw-Secrets-Authorization`, else of `Authorization`.

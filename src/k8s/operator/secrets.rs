@@ -283,15 +283,7 @@ fn desired_status(
         ),
         Err(invalid) => (
             current.version,
-            conditions::condition(
-                &current.conditions,
-                READY,
-                false,
-                invalid.reason,
-                invalid.message.clone(),
-                generation,
-                now,
-            ),
+            conditions::not_ready(&current.conditions, invalid, generation, now),
         ),
     };
     ClawSecretStatus {
