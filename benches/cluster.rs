@@ -1015,7 +1015,7 @@ fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
     use claw_secrets::crypto::{Keyring, SecretIdentity};
     use claw_secrets::domain::{Kind, Name, Namespace, SecretData, Version};
     use claw_secrets::k8s::crd::ClawNode;
-    use claw_secrets::k8s::delivery::{AUDIENCE, NodeDeliveries};
+    use claw_secrets::k8s::delivery::{AUDIENCE, Cursor, NodeDeliveries};
 
     let n: usize = if bench {
         env_or("BENCH_SECRETS", 10_000)
@@ -1144,6 +1144,7 @@ fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
         );
 
         // After: each node's share, from the operator.
+        let mut settled = 0u64;
         for node in &nodes {
             let token =
                 agent_identity::node_bound_token_for(&c.client(), keys_ns, node, &[AUDIENCE])
@@ -1156,7 +1157,9 @@ fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
                     .map_err(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))?;
                 let mine = d.secrets.iter().filter(|s| s.namespace == c.ns()).count();
                 // The operator's cache may still be filling.
-                (mine == n / 3 + usize::from(letters_index(node) < n % 3))
+                let revision = Cursor::parse(&d.etag).map(|c| c.revision);
+                (mine == n / 3 + usize::from(letters_index(node) < n % 3)
+                    && revision.is_some_and(|r| r >= settled))
                     .then_some((t.elapsed(), body.len(), d))
                     .ok_or(format!("{mine} so far"))
             })
@@ -1205,6 +1208,21 @@ fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
             );
             // Every delivery is sealed: no value of the bench's in clear.
             assert!(!String::from_utf8_lossy(&serde_json::to_vec(&d).unwrap()).contains("canary-"));
+            // Settle before the next node: the operator's status write for the changed secret is
+            // a change too, and a node that does not hold it is told to drop it (the operator
+            // keeps no record of which node held what), so the next node's unchanged re-check
+            // would not be a 304 if that write landed after its whole set was taken.
+            // The next node's whole set is taken at or after that write's revision.
+            let name = one.clone();
+            settled = wait::eventually("the changed secret's status written", || async {
+                let s = api.get(&name).await.map_err(|e| e.to_string())?;
+                let observed = s.status.as_ref().and_then(|st| st.observed_generation);
+                (observed == s.metadata.generation)
+                    .then(|| s.metadata.resource_version.as_deref()?.parse::<u64>().ok())
+                    .flatten()
+                    .ok_or(format!("observed {observed:?}"))
+            })
+            .await;
         }
         hook.remove().await;
         c.cleanup().await;
