@@ -132,14 +132,36 @@ pub fn revision(obj: &ClawSecret) -> Option<u64> {
     obj.metadata.resource_version.as_deref()?.parse().ok()
 }
 
+/// What decides which nodes an object is meant for ([`meant_for`]): its `nodeSelector`, whether
+/// it is sealed, whether it is being deleted. A change of anything else (data, status) leaves
+/// the object on the nodes it was on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    node_selector: Option<BTreeMap<String, String>>,
+    sealed: bool,
+    deleting: bool,
+}
+
+impl Selection {
+    pub fn of(obj: &ClawSecret) -> Selection {
+        Selection {
+            node_selector: obj.spec.node_selector.clone(),
+            sealed: obj.spec.sealed.is_some(),
+            deleting: obj.metadata.deletion_timestamp.is_some(),
+        }
+    }
+}
+
 /// What changed for a node with `labels` after revision `since`: the objects it is meant to
-/// hold that changed (to deliver), and those that changed and no longer select it (to drop: a
-/// `nodeSelector` edited away from it; a never-selected object has not been edited, so
-/// generation 1 is left out). `None` if a revision is not a number.
+/// hold that changed (to deliver), and those it is not meant to hold whose selection changed
+/// since (`reselected`): to drop, as the node may hold them. An object that was never meant
+/// for the node, whatever else changed in it, is not named: a status write does not reach
+/// every node. `None` if a revision is not a number.
 pub fn changed_since<'a>(
     secrets: impl IntoIterator<Item = &'a ClawSecret>,
     labels: &BTreeMap<String, String>,
     since: u64,
+    reselected: impl Fn(&ClawSecret) -> bool,
 ) -> Option<(Vec<&'a ClawSecret>, Vec<Removed>)> {
     let mut changed = Vec::new();
     let mut removed = Vec::new();
@@ -149,7 +171,7 @@ pub fn changed_since<'a>(
         }
         if meant_for(obj, labels) {
             changed.push(obj);
-        } else if obj.metadata.generation.unwrap_or(1) > 1 {
+        } else if reselected(obj) {
             removed.push(Removed::of(obj));
         }
     }
@@ -324,22 +346,25 @@ mod tests {
         // Changes since a revision: what the node holds that changed, what it must drop.
         let mut later = secrets.clone();
         later[1].metadata.resource_version = Some("9".to_owned());
-        let (changed, removed) = changed_since(&later, &labels_a, 7).unwrap();
+        let never = |_: &ClawSecret| false;
+        let (changed, removed) = changed_since(&later, &labels_a, 7, never).unwrap();
         assert_eq!(changed.len(), 1);
         assert_eq!(changed[0].metadata.name.as_deref(), Some("gpu-only"));
         assert!(removed.is_empty());
         // gpu-only's selector edited away from GPU nodes: node-a drops it.
+        let before = Selection::of(&later[1]);
         later[1].spec.node_selector = Some([("gpu".to_owned(), "false".to_owned())].into());
-        later[1].metadata.generation = Some(2);
-        let (changed, removed) = changed_since(&later, &labels_a, 7).unwrap();
+        assert_ne!(Selection::of(&later[1]), before);
+        let gpu_only = |s: &ClawSecret| s.metadata.name.as_deref() == Some("gpu-only");
+        let (changed, removed) = changed_since(&later, &labels_a, 7, gpu_only).unwrap();
         assert!(changed.is_empty());
         assert_eq!(removed, [Removed::of(&later[1])]);
-        // Created elsewhere and never selected: nothing for node-b to drop.
-        let (_, removed) = changed_since(&secrets[1..], &labels_b, 6).unwrap();
-        assert!(removed.is_empty());
+        // Changed elsewhere, its selection never moved (a status write): nothing for node-b.
+        let (changed, removed) = changed_since(&later[1..], &labels_b, 6, never).unwrap();
+        assert!(changed.is_empty() && removed.is_empty());
         // Not an etcd revision: no continuation.
         later[0].metadata.resource_version = Some("opaque".to_owned());
-        assert!(changed_since(&later, &labels_a, 7).is_none());
+        assert!(changed_since(&later, &labels_a, 7, never).is_none());
 
         let d = deliver("node-a", &public_a, for_a[1], &master).unwrap();
         assert_eq!((d.name.as_str(), d.version), ("gpu-only", 2));

@@ -23,7 +23,7 @@ use kube::api::{Api, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -31,7 +31,9 @@ use tokio::sync::watch;
 use super::metrics::{Delivered, Metrics};
 use crate::crypto::{Keyring, SealingPublicKey};
 use crate::k8s::crd::{ClawNode, ClawSecret};
-use crate::k8s::delivery::{self, AUDIENCE, Cursor, NODE_NAME_EXTRA, NodeDeliveries, Removed};
+use crate::k8s::delivery::{
+    self, AUDIENCE, Cursor, NODE_NAME_EXTRA, NodeDeliveries, Removed, Selection,
+};
 
 /// The longest a request may wait for a change.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -45,8 +47,9 @@ const MAX_REVIEWS: usize = 4096;
 /// Deletions remembered, at most: a cursor older than the oldest gets the whole set again.
 const MAX_TOMBSTONES: usize = 50_000;
 
-/// What the ClawSecret watch has seen: the highest revision, and the deletions since `horizon`
-/// (every deletion after that revision was seen; before it, some may not have been).
+/// What the ClawSecret watch has seen: the highest revision, the deletions and the selection
+/// changes since `horizon` (every one after that revision was seen; before it, some may not
+/// have been).
 struct ChangeLog {
     /// The highest revision in the cache (events are applied to it before they are seen here).
     max: u64,
@@ -55,20 +58,59 @@ struct ChangeLog {
     listing: u64,
     horizon: u64,
     tombstones: VecDeque<(u64, Removed)>,
+    /// Each object's selection as last seen, by namespace and name.
+    selections: HashMap<(String, String), Selection>,
+    /// Objects whose selection changed, with the revision of the change.
+    reselections: VecDeque<(u64, (String, String))>,
+}
+
+fn object_key(obj: &ClawSecret) -> (String, String) {
+    (
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 impl ChangeLog {
+    fn new() -> ChangeLog {
+        ChangeLog {
+            max: 0,
+            listing: 0,
+            horizon: u64::MAX,
+            tombstones: VecDeque::new(),
+            selections: HashMap::new(),
+            reselections: VecDeque::new(),
+        }
+    }
+
     fn saw(&mut self, event: &watcher::Event<ClawSecret>) {
         match event {
             watcher::Event::Apply(o) => {
-                self.max = self.max.max(delivery::revision(o).unwrap_or(0));
+                let at = delivery::revision(o).unwrap_or(0);
+                self.max = self.max.max(at);
+                // A new object was on no node; one whose selection moved may be on nodes it no
+                // longer selects.
+                let key = object_key(o);
+                let selection = Selection::of(o);
+                if let Some(before) = self.selections.insert(key.clone(), selection.clone())
+                    && before != selection
+                {
+                    self.reselections.push_back((at, key));
+                    if self.reselections.len() > MAX_TOMBSTONES
+                        && let Some((dropped, _)) = self.reselections.pop_front()
+                    {
+                        self.horizon = self.horizon.max(dropped);
+                    }
+                }
             }
             watcher::Event::InitApply(o) => {
                 self.listing = self.listing.max(delivery::revision(o).unwrap_or(0));
+                self.selections.insert(object_key(o), Selection::of(o));
             }
             watcher::Event::Delete(o) => {
                 let at = delivery::revision(o).unwrap_or(self.max);
                 self.max = self.max.max(at);
+                self.selections.remove(&object_key(o));
                 self.tombstones.push_back((at, Removed::of(o)));
                 if self.tombstones.len() > MAX_TOMBSTONES
                     && let Some((dropped, _)) = self.tombstones.pop_front()
@@ -76,20 +118,23 @@ impl ChangeLog {
                     self.horizon = self.horizon.max(dropped);
                 }
             }
-            // A (re)list: deletions before it were not seen. Until the revision it reached is
-            // known (see `relisted`), no cursor is continued.
+            // A (re)list: deletions and selection changes before it were not seen. Until the
+            // revision it reached is known (see `relisted`), no cursor is continued.
             watcher::Event::Init => {
                 self.horizon = u64::MAX;
                 self.listing = 0;
+                self.selections.clear();
             }
             watcher::Event::InitDone => self.max = self.max.max(self.listing),
         }
     }
 
-    /// After a (re)list: every deletion after `revision` (at least the list's own) is seen.
+    /// After a (re)list: every deletion and selection change after `revision` (at least the
+    /// list's own) is seen.
     fn relisted(&mut self, revision: u64) {
         self.horizon = revision;
         self.tombstones.retain(|(at, _)| *at > revision);
+        self.reselections.retain(|(at, _)| *at > revision);
     }
 
     fn deleted_since(&self, since: u64) -> impl Iterator<Item = &Removed> {
@@ -97,6 +142,16 @@ impl ChangeLog {
             .iter()
             .filter(move |(at, _)| *at > since)
             .map(|(_, r)| r)
+    }
+
+    /// The objects whose selection changed after `since`.
+    fn reselected_since(&self, since: u64) -> HashSet<(String, String)> {
+        self.reselections
+            .iter()
+            .rev()
+            .take_while(|(at, _)| *at > since)
+            .map(|(_, key)| key.clone())
+            .collect()
     }
 }
 
@@ -136,12 +191,7 @@ impl Deliveries {
         let (secrets, secrets_writer) = reflector::store::<ClawSecret>();
         let (nodes, nodes_writer) = reflector::store::<Node>();
         let (claw_nodes, claw_nodes_writer) = reflector::store::<ClawNode>();
-        let log = Arc::new(Mutex::new(ChangeLog {
-            max: 0,
-            listing: 0,
-            horizon: u64::MAX,
-            tombstones: VecDeque::new(),
-        }));
+        let log = Arc::new(Mutex::new(ChangeLog::new()));
         let watched = {
             use futures::StreamExt;
             let bump = move || {
@@ -294,14 +344,22 @@ impl Deliveries {
                 c.key_id == key_id && c.labels == labels_digest && c.revision >= horizon
             });
             let (full, chosen, removed, since) = match &continued {
-                Some(c) => match delivery::changed_since(all.clone(), &labels, c.revision) {
-                    Some((changed, mut removed)) => {
+                Some(c) => {
+                    let (reselected, deleted) = {
                         let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-                        removed.extend(log.deleted_since(c.revision).cloned());
-                        (false, changed, removed, c.revision)
+                        let deleted: Vec<Removed> =
+                            log.deleted_since(c.revision).cloned().collect();
+                        (log.reselected_since(c.revision), deleted)
+                    };
+                    let moved = |o: &ClawSecret| reselected.contains(&object_key(o));
+                    match delivery::changed_since(all.clone(), &labels, c.revision, moved) {
+                        Some((changed, mut removed)) => {
+                            removed.extend(deleted);
+                            (false, changed, removed, c.revision)
+                        }
+                        None => (true, delivery::selected(all, &labels), Vec::new(), 0),
                     }
-                    None => (true, delivery::selected(all, &labels), Vec::new(), 0),
-                },
+                }
                 None => (true, delivery::selected(all, &labels), Vec::new(), 0),
             };
             if full || !chosen.is_empty() || !removed.is_empty() {
@@ -559,12 +617,7 @@ mod tests {
 
     #[test]
     fn deletions_are_remembered_only_from_where_the_watch_saw_them_all() {
-        let mut log = ChangeLog {
-            max: 0,
-            listing: 0,
-            horizon: u64::MAX,
-            tombstones: VecDeque::new(),
-        };
+        let mut log = ChangeLog::new();
         log.saw(&watcher::Event::Init);
         log.saw(&watcher::Event::InitApply(secret("a", 10)));
         assert_eq!(
@@ -593,6 +646,35 @@ mod tests {
         // A relist forgets nothing it still needs, and continues no cursor until it is known.
         log.saw(&watcher::Event::Init);
         assert_eq!(log.horizon, u64::MAX);
+    }
+
+    #[test]
+    fn only_selection_changes_are_removals_for_other_nodes() {
+        let mut log = ChangeLog::new();
+        log.saw(&watcher::Event::Init);
+        log.saw(&watcher::Event::InitApply(secret("a", 10)));
+        log.saw(&watcher::Event::InitDone);
+        log.relisted(10);
+        // A status write, a data change: the selection is the same.
+        log.saw(&watcher::Event::Apply(secret("a", 11)));
+        // A new object: it was on no node.
+        log.saw(&watcher::Event::Apply(secret("b", 12)));
+        assert!(log.reselected_since(10).is_empty());
+        // a's selector moves: nodes it selected before may hold it.
+        let mut moved = secret("a", 13);
+        moved.spec.node_selector = Some([("gpu".to_owned(), "true".to_owned())].into());
+        log.saw(&watcher::Event::Apply(moved.clone()));
+        let key = ("team-a".to_owned(), "a".to_owned());
+        assert_eq!(log.reselected_since(12), [key.clone()].into());
+        assert!(log.reselected_since(13).is_empty());
+        // Its status written afterwards: still named to a cursor from before the move.
+        moved.metadata.resource_version = Some("14".to_owned());
+        log.saw(&watcher::Event::Apply(moved));
+        assert_eq!(log.reselected_since(12), [key].into());
+        assert!(log.reselected_since(13).is_empty());
+        // A relist forgets what it would no longer continue from.
+        log.relisted(20);
+        assert!(log.reselected_since(0).is_empty());
     }
 
     #[test]
