@@ -11,7 +11,7 @@
 //! Without `have`, or with a cursor this replica cannot continue (another node key, other
 //! labels, older than the deletions it remembers), the answer is the node's whole set
 //! (`full`). With a cursor it can continue, only what changed since: the secrets added or
-//! changed, and the objects to drop (deleted, or no longer selecting the node). `wait=<seconds>`
+//! changed, and the objects to drop (deleted, or whose selection moved off the node). `wait=<seconds>`
 //! waits (at most a minute) for something to change for the node; nothing did: `304`.
 
 use http_body_util::Full;
