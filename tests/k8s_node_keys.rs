@@ -37,6 +37,9 @@ mod agent_identity;
 #[path = "support/webhook.rs"]
 mod webhook;
 
+#[path = "support/canary.rs"]
+mod canary;
+
 #[path = "support/host.rs"]
 mod host;
 
@@ -701,6 +704,184 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     assert_eq!(count("claw_secrets_operator_undeliverable_total"), 0);
 
     drop((a, b));
+    hook.remove().await;
+    c.cleanup().await;
+}
+
+/// Waits until `agent` answers `secret.get` of `ns/name` at `version` with `{"k": value}`.
+async fn holds(agent: &Agent, token: &str, ns: &str, name: &str, version: u64, value: &str) {
+    let want = serde_json::json!({ "k": value });
+    eventually(&format!("{name} v{version} on {}", agent.node), || async {
+        let got = agent.get_secret(token, ns, name).await.result()?;
+        (got["version"] == serde_json::json!(version) && got["data"] == want)
+            .then_some(())
+            .ok_or(format!("version {}", got["version"]))
+    })
+    .await
+}
+
+/// Waits until `agent` answers `secret.get` of `ns/name` with NOT_FOUND.
+async fn lacks(agent: &Agent, token: &str, ns: &str, name: &str) {
+    eventually(&format!("{name} gone from {}", agent.node), || async {
+        let reply = agent.get_secret(token, ns, name).await;
+        (reply.code() == Some("NOT_FOUND"))
+            .then_some(())
+            .ok_or(format!("{}: {}", reply.status, reply.body))
+    })
+    .await
+}
+
+/// Agents that take their secrets from the operator's deliveries (`--delivery-token-file`, the
+/// chart's setting): each node's store holds what selects it and nothing else, follows label
+/// changes, rotations and deletions, and keeps serving reads from its store across an API
+/// server outage and a restart.
+#[tokio::test]
+async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
+    use claw_secrets::k8s::delivery::AUDIENCE;
+    use serde_json::json;
+    // Alone: the operator's Service for the agents lives in the shared agent namespace.
+    let _lock = cluster::exclusive().await;
+    let c = Cluster::new("delivered").await;
+    let ns = cluster::master_key_namespace();
+    agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
+    let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
+        .await
+        .on_every_address();
+    let operator = hook.operator(&c).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let gpu = [(cluster::GPU, "true")];
+    let (node_a, node_b) = (c.node("a", &gpu).await, c.node("b", &[]).await);
+    service_for_the_operator(&c, ns, &node_a, hook.port()).await;
+    // Node-a reaches the API server through a relay the test can black-hole.
+    let (hole, relayed) = relay::BlackHole::in_front_of(&c.env.kubeconfig).await;
+    let kubeconfig_a = tokens::kubeconfig_with_token(
+        &relayed,
+        &agent_identity::node_bound_token(&c.client(), ns, &node_a).await,
+        &scratch.path().join(format!("{node_a}.kubeconfig")),
+    );
+    let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
+    let delivery_args = |node: &str| {
+        let node = node.to_owned();
+        let scratch = scratch.path().to_owned();
+        let client = c.client();
+        async move {
+            let token = agent_identity::node_bound_token_for(&client, ns, &node, &[AUDIENCE]).await;
+            let file = scratch.join(format!("{node}.delivery-token"));
+            std::fs::write(&file, token).unwrap();
+            vec![
+                "--delivery-token-file".to_owned(),
+                file.display().to_string(),
+                "--operator-service".to_owned(),
+                format!("{ns}/claw-secrets-webhook:443"),
+            ]
+        }
+    };
+    let local = Ipv4Addr::LOCALHOST.into();
+    let (args_a, args_b) = (delivery_args(&node_a).await, delivery_args(&node_b).await);
+    let (mut a, b) = tokio::join!(
+        c.start_agent_with(&node_a, &kubeconfig_a, local, args_a),
+        c.start_agent_with(&node_b, &kubeconfig_b, local, args_b),
+    );
+
+    let canary_all = format!("canary-{}", random::random_hex(8));
+    let canary_gpu = format!("canary-{}", random::random_hex(8));
+    let secrets = c.secrets();
+    // `everywhere` is also for the workload `app` (read by its token with no API server).
+    let mut everywhere = cluster::secret_with_data("everywhere", &[("k", &canary_all)]);
+    everywhere.spec.allowed_workloads = vec!["app".to_owned()];
+    secrets
+        .create(&PostParams::default(), &everywhere)
+        .await
+        .unwrap();
+    let mut gpu_only = cluster::secret_with_data("gpu-only", &[("k", &canary_gpu)]);
+    gpu_only.spec.node_selector = Some([(cluster::GPU.to_owned(), "true".to_owned())].into());
+    secrets
+        .create(&PostParams::default(), &gpu_only)
+        .await
+        .unwrap();
+
+    let alice = c.alice().await;
+    let app = cluster::service_account_token(&c.client(), c.ns(), "app").await;
+    holds(&a, &alice, c.ns(), "everywhere", 1, &canary_all).await;
+    holds(&a, &alice, c.ns(), "gpu-only", 1, &canary_gpu).await;
+    holds(&b, &alice, c.ns(), "everywhere", 1, &canary_all).await;
+    // Node-b is not selected: its agent never received it, so it cannot answer it. Settled
+    // first: node-b holds everything else by now.
+    lacks(&b, &alice, c.ns(), "gpu-only").await;
+    let synced = |log: &str, kind: &str| {
+        log.lines().any(|l| {
+            l.contains("in sync with the API server") && l.contains(&format!("kind=\"{kind}\""))
+        })
+    };
+    for agent in [&a, &b] {
+        // ClawConfigs are still watched; the same line for ClawSecrets would be the watch's.
+        eventually(
+            &format!("{}'s ClawConfig watch in sync", agent.node),
+            || async {
+                let log = std::fs::read_to_string(agent.log_path()).unwrap();
+                synced(&log, "ClawConfig")
+                    .then_some(())
+                    .ok_or_else(|| "not yet".to_owned())
+            },
+        )
+        .await;
+        let log = std::fs::read_to_string(agent.log_path()).unwrap();
+        assert!(
+            log.contains("secrets in sync with this node's deliveries")
+                && !synced(&log, "ClawSecret"),
+            "{} takes its secrets from deliveries and watches no ClawSecret:\n{}",
+            agent.node,
+            agent.log_tail(30)
+        );
+    }
+
+    // Node-b labelled a GPU node: it receives gpu-only; node-a unlabelled: it loses it.
+    cluster::label_node(&c.client(), &node_b, &gpu).await;
+    holds(&b, &alice, c.ns(), "gpu-only", 1, &canary_gpu).await;
+    let nodes: Api<Node> = Api::all(c.client());
+    nodes
+        .patch(
+            &node_a,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { cluster::GPU: null } } })),
+        )
+        .await
+        .unwrap();
+    lacks(&a, &alice, c.ns(), "gpu-only").await;
+
+    // A rotation (new data applied) reaches every node it selects; a deletion leaves them all.
+    let rotated = format!("canary-{}", random::random_hex(8));
+    secrets
+        .patch(
+            "everywhere",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "data": { "k": rotated } } })),
+        )
+        .await
+        .unwrap();
+    holds(&a, &alice, c.ns(), "everywhere", 2, &rotated).await;
+    holds(&b, &alice, c.ns(), "everywhere", 2, &rotated).await;
+    secrets
+        .delete("gpu-only", &DeleteParams::default())
+        .await
+        .unwrap();
+    lacks(&b, &alice, c.ns(), "gpu-only").await;
+
+    // Nothing in clear on either node's disk.
+    let canaries = canary::Canaries::of([canary_all.clone(), canary_gpu.clone(), rotated.clone()]);
+    for agent in [&a, &b] {
+        canaries.assert_absent_under(&agent.data_dir());
+    }
+
+    // The API server unreachable for node-a, its agent restarted: it serves `app` from its
+    // store (the review of app's token it saved vouches for it).
+    holds(&a, &app, c.ns(), "everywhere", 2, &rotated).await;
+    hole.black_hole();
+    a.kill();
+    a.restart().await;
+    holds(&a, &app, c.ns(), "everywhere", 2, &rotated).await;
+
+    drop((a, b, operator));
     hook.remove().await;
     c.cleanup().await;
 }

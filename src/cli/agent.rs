@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::k8s::agent::{AgentConfig, run};
+use crate::k8s::agent::{AgentConfig, DeliverySource, run};
 use crate::k8s::component::Component;
 
 #[derive(Debug, Args)]
@@ -44,6 +44,16 @@ pub struct AgentArgs {
     /// audit.log.reset-<time>, and the new chain's first record names the old head.
     #[arg(long)]
     accept_audit_reset: bool,
+    /// Take this node's secrets from the operator's deliveries, sealed to the node's own key,
+    /// instead of watching every ClawSecret: the file holds a ServiceAccount token of this
+    /// agent's pod for the audience `claw-secrets-operator` (a projected volume; the chart
+    /// mounts one), read again for every fetch.
+    #[arg(long, env = "CLAW_SECRETS_DELIVERY_TOKEN_FILE", value_name = "PATH")]
+    delivery_token_file: Option<PathBuf>,
+    /// The operator's HTTPS Service that answers deliveries, as NAMESPACE/NAME:PORT, reached
+    /// through the API server's service proxy (RBAC: `get` on `services/proxy` for it).
+    #[arg(long, default_value = "claw-secrets/claw-secrets-webhook:443")]
+    operator_service: String,
     #[command(flatten)]
     http: super::http_limits::HttpLimitArgs,
 }
@@ -78,6 +88,16 @@ fn prepare_data_dir(dir: &Path, owner: &str) -> ExitCode {
     }
 }
 
+/// `NAMESPACE/NAME:PORT`.
+fn parse_service(s: &str) -> Option<(String, String, u16)> {
+    let (namespace, rest) = s.split_once('/')?;
+    let (name, port) = rest.rsplit_once(':')?;
+    let valid = |part: &str| crate::domain::dns::is_label(part);
+    (valid(namespace) && valid(name))
+        .then(|| Some((namespace.to_owned(), name.to_owned(), port.parse().ok()?)))
+        .flatten()
+}
+
 pub fn run_cli(args: AgentArgs) -> ExitCode {
     if let Some(owner) = &args.prepare_data_dir {
         return prepare_data_dir(&args.data_dir, owner);
@@ -85,6 +105,24 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
     let Some((ns, name)) = args.master_key_secret.split_once('/') else {
         eprintln!("usage error: --master-key-secret must be NAMESPACE/NAME");
         return ExitCode::from(2);
+    };
+    let deliveries = match args.delivery_token_file {
+        None => None,
+        Some(token_file) => match parse_service(&args.operator_service) {
+            Some((namespace, service, port)) => Some(DeliverySource {
+                namespace,
+                service,
+                port,
+                token_file,
+            }),
+            None => {
+                eprintln!(
+                    "usage error: --operator-service must be NAMESPACE/NAME:PORT, not {:?}",
+                    args.operator_service
+                );
+                return ExitCode::from(2);
+            }
+        },
     };
     let config = AgentConfig {
         node_name: args.node_name,
@@ -95,6 +133,7 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
         rebuild_store_manifest: args.rebuild_store_manifest,
         accept_audit_reset: args.accept_audit_reset,
         http: args.http.limits(),
+        deliveries,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -253,14 +253,15 @@ pub fn deliver(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crypto::{SealingPrivateKey, open_delivery};
     use crate::domain::{Name, Namespace, SecretData, Version};
     use crate::k8s::crd::{ClawSecretSpec, SealedData};
     use base64::Engine;
 
-    fn sealed_secret(
+    /// A ClawSecret `team-a/<name>` sealed under `keyring` at version 2 with `password: value`.
+    pub(crate) fn sealed_secret(
         keyring: &Keyring,
         name: &str,
         value: &str,

@@ -226,11 +226,23 @@ impl Cluster {
 
     /// Starts an agent for the existing Node `node`, with the credentials of `kubeconfig`.
     pub async fn start_agent(&self, node: &str, kubeconfig: &Path, ip: IpAddr) -> Agent {
+        self.start_agent_with(node, kubeconfig, ip, Vec::new())
+            .await
+    }
+
+    /// Like [`Cluster::start_agent`], with further arguments.
+    pub async fn start_agent_with(
+        &self,
+        node: &str,
+        kubeconfig: &Path,
+        ip: IpAddr,
+        args: Vec<String>,
+    ) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix(&format!("claw-agent-{node}-"))
             .tempdir()
             .expect("temp dir");
-        Agent::start_on(kubeconfig, node, dir, &self.master_key, ip).await
+        Agent::start_with_args(kubeconfig, node, dir, &self.master_key, ip, args).await
     }
 
     /// node-a (zone a, gpu), node-b (zone b, gpu), node-c (zone c, no gpu).
@@ -706,6 +718,8 @@ pub struct Agent {
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
     master_key: String,
+    /// Further arguments of every spawn.
+    args: Vec<String>,
     child: Option<Child>,
     /// When the current process was spawned.
     pub spawned_at: Instant,
@@ -737,6 +751,18 @@ impl Agent {
         master_key: &str,
         ip: IpAddr,
     ) -> Agent {
+        Agent::start_with_args(kubeconfig, node, dir, master_key, ip, Vec::new()).await
+    }
+
+    /// Like [`Agent::start_on`], with further arguments (kept for restarts).
+    pub async fn start_with_args(
+        kubeconfig: &Path,
+        node: &str,
+        dir: tempfile::TempDir,
+        master_key: &str,
+        ip: IpAddr,
+        args: Vec<String>,
+    ) -> Agent {
         let mut agent = Agent {
             node: node.to_owned(),
             ip,
@@ -744,6 +770,7 @@ impl Agent {
             dir,
             kubeconfig: kubeconfig.to_owned(),
             master_key: master_key.to_owned(),
+            args,
             child: None,
             spawned_at: Instant::now(),
         };
@@ -788,11 +815,13 @@ impl Agent {
             .arg(SocketAddr::new(self.ip, self.port).to_string())
             .arg("--master-key-secret")
             .arg(&self.master_key)
+            .args(&self.args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("CLAW_SECRETS_LOG", LOG_FILTER)
             .env_remove("RUST_LOG")
             .env_remove("NODE_NAME")
             .env_remove("CLAW_SECRETS_DATA_DIR")
+            .env_remove("CLAW_SECRETS_DELIVERY_TOKEN_FILE")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

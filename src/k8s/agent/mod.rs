@@ -16,6 +16,7 @@ pub mod deliveries;
 mod events;
 mod metrics;
 pub mod node_key;
+pub mod receive;
 mod repository;
 mod sync;
 
@@ -51,6 +52,22 @@ pub struct AgentConfig {
     pub accept_audit_reset: bool,
     /// What the node.invoke server allows a client.
     pub http: crate::invoke::HttpLimits,
+    /// Where the node's secrets come from: the operator's deliveries (sealed to this node's
+    /// key), or, without, a watch of every ClawSecret opened with the master keyring.
+    pub deliveries: Option<DeliverySource>,
+}
+
+/// The operator's delivery endpoint, reached through the API server's service proxy, and the
+/// node's token for it.
+#[derive(Debug, Clone)]
+pub struct DeliverySource {
+    /// The operator's webhook Service: namespace, name, port.
+    pub namespace: String,
+    pub service: String,
+    pub port: u16,
+    /// A ServiceAccount token for the audience `claw-secrets-operator`, bound to this agent's
+    /// pod (a projected volume the kubelet renews); read again for every fetch.
+    pub token_file: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,23 +243,41 @@ pub async fn run(
             client.clone(),
             config.node_name.clone(),
             config.data_dir.clone(),
-            node_key,
+            node_key.clone(),
         ),
     );
     background.spawn(
         "node label watch",
         sync::watch_node_labels(client.clone(), config.node_name.clone(), labels_tx),
     );
-    background.spawn(
-        "ClawSecret mirror",
-        sync::mirror::<ClawSecret>(
-            client.clone(),
-            store.clone(),
-            keys.clone(),
-            metrics.clone(),
-            labels_rx.clone(),
+    match &config.deliveries {
+        Some(source) => background.spawn(
+            "deliveries",
+            receive::follow(
+                deliveries::DeliveryClient::new(
+                    client.clone(),
+                    &source.namespace,
+                    &source.service,
+                    source.port,
+                    source.token_file.clone(),
+                ),
+                store.clone(),
+                node_key.clone(),
+                keys.clone(),
+                metrics.clone(),
+            ),
         ),
-    );
+        None => background.spawn(
+            "ClawSecret mirror",
+            sync::mirror::<ClawSecret>(
+                client.clone(),
+                store.clone(),
+                keys.clone(),
+                metrics.clone(),
+                labels_rx.clone(),
+            ),
+        ),
+    }
     background.spawn(
         "ClawConfig mirror",
         sync::mirror::<ClawConfig>(
