@@ -650,14 +650,51 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         ag["readinessProbe"]["httpGet"],
         json!({"path": "/readyz", "port": "invoke"})
     );
+    // Its volumes: the data dir, and the node's token for the operator's deliveries (bound
+    // to the pod, for the operator's audience only), which the agent is pointed at, with the
+    // webhook Service its Role may proxy to.
     assert_eq!(
         spec["volumes"],
-        json!([{"name": "data", "hostPath": {"path": "/var/lib/claw-secrets", "type": "DirectoryOrCreate"}}])
+        json!([
+            {"name": "data", "hostPath": {"path": "/var/lib/claw-secrets", "type": "DirectoryOrCreate"}},
+            {"name": "delivery-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "claw-secrets-operator", "expirationSeconds": 3600, "path": "token"}}]}},
+        ])
     );
     let data_dir = flag(&strings(&ag["args"]), "--data-dir");
+    let token_dir = "/var/run/secrets/claw-secrets/delivery";
     assert_eq!(
         ag["volumeMounts"],
-        json!([{"name": "data", "mountPath": data_dir}])
+        json!([
+            {"name": "data", "mountPath": data_dir},
+            {"name": "delivery-token", "mountPath": token_dir, "readOnly": true},
+        ])
+    );
+    assert_eq!(
+        flag(&strings(&ag["args"]), "--delivery-token-file"),
+        format!("{token_dir}/token")
+    );
+    let operator_service = flag(&strings(&ag["args"]), "--operator-service");
+    let (_, service) = operator_service.split_once('/').unwrap();
+    let proxied = format!("https:{}", service);
+    let agent_role = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "Role"
+                && o["rules"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r["resources"] == json!(["services/proxy"]))
+        })
+        .expect("the agent's Role");
+    assert!(
+        agent_role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resourceNames"] == json!([proxied])),
+        "the agent may proxy to {proxied}, the Service it is pointed at"
     );
     let labels = &agent["spec"]["template"]["metadata"]["labels"];
     assert_eq!(labels["app.kubernetes.io/name"], "claw-secrets");
@@ -675,7 +712,10 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         json!({"drop": ["ALL"], "add": ["CHOWN"]})
     );
     assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
-    assert_eq!(init["volumeMounts"], ag["volumeMounts"]);
+    assert_eq!(
+        init["volumeMounts"],
+        json!([{"name": "data", "mountPath": data_dir}])
+    );
     let init_args = strings(&init["args"]);
     assert_eq!(flag(&init_args, "--data-dir"), data_dir);
     assert_eq!(flag(&init_args, "--prepare-data-dir"), "65532:65532");
