@@ -11,19 +11,13 @@
 //! The command core's seams: [`KubeAuthorizer`] (TokenReview, SubjectAccessReview) and
 //! [`KubeRepository`] (the store for reads, the API server for writes).
 
-mod authorizer;
 pub mod deliveries;
-mod events;
 mod metrics;
 pub mod node_key;
 pub mod receive;
-mod repository;
 mod sync;
 
-pub use authorizer::KubeAuthorizer;
-pub use events::AgentEvents;
 pub use metrics::AgentMetrics;
-pub use repository::KubeRepository;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::crypto::{Keyring, SharedKeyring};
 use crate::invoke::{CommandCore, Dispatcher};
+use crate::k8s::backend::{InvokeEvents, KubeAuthorizer, KubeRepository};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
 use crate::k8s::identity::KubeIdentity;
 use crate::store::{OpenOptions, Store, create_private_dir, write_private_file_atomic};
@@ -289,7 +284,7 @@ pub async fn run(
         ),
     );
 
-    let events = AgentEvents::new(bounded.clone(), &config.node_name, store.clone());
+    let events = InvokeEvents::new(bounded.clone(), &config.node_name, store.clone());
     let identity = KubeIdentity::new(bounded.clone())
         .with_review_file(config.data_dir.join("token-reviews.json"))
         .with_metrics(metrics.token_reviews());

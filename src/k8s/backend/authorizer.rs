@@ -1,21 +1,21 @@
-//! The agent's [`Authorizer`]: Kubernetes decides. Callers are who TokenReview says their token
+//! The Kubernetes [`Authorizer`] (agent and operator alike): Kubernetes decides. Callers are who TokenReview says their token
 //! belongs to; every access is a SubjectAccessReview on the caller's own identity against
 //! `clawsecrets` / `clawconfigs` in group `clawbernetes.io` (`reveal` to read a secret's values).
-//! The agent's own permissions never stand in for the caller's: its writes are made with the
+//! The server's own permissions never stand in for the caller's: its writes are made with the
 //! caller's own token (see [`super::KubeRepository`]). Refusals of named objects become
 //! AccessDenied Events.
 
-use super::events::AgentEvents;
+use super::events::InvokeEvents;
 use crate::invoke::{Access, Authorizer, Caller, Credential, Decision, InvokeError};
 use crate::k8s::identity::KubeIdentity;
 
 pub struct KubeAuthorizer {
     identity: KubeIdentity,
-    events: AgentEvents,
+    events: InvokeEvents,
 }
 
 impl KubeAuthorizer {
-    pub fn new(identity: KubeIdentity, events: AgentEvents) -> Self {
+    pub fn new(identity: KubeIdentity, events: InvokeEvents) -> Self {
         KubeAuthorizer { identity, events }
     }
 }

@@ -1,4 +1,5 @@
-//! The agent's Events: writes made through node.invoke (Normal: Created, Rotated, Updated,
+//! The Events of node.invoke calls (made by the agent, or by the operator carrying a node's
+//! write): writes made through node.invoke (Normal: Created, Rotated, Updated,
 //! Deleted) and refusals (Warning: AccessDenied), on the ClawSecret or ClawConfig (its uid
 //! included, which `kubectl describe` matches on), with the caller as the related object, so
 //! `kubectl describe` shows who did what from which node. Published in the background: the
@@ -23,7 +24,7 @@ use crate::k8s::names::object_name;
 use crate::store::Store;
 
 #[derive(Clone)]
-pub struct AgentEvents {
+pub struct InvokeEvents {
     client: kube::Client,
     /// Folds repeated denials (same object, caller and command) into a series, so a caller
     /// hammering a secret cannot flood the API server.
@@ -85,13 +86,13 @@ fn command_of(access: &Access<'_>) -> &'static str {
     }
 }
 
-impl AgentEvents {
+impl InvokeEvents {
     pub fn new(client: kube::Client, node_name: &str, store: Arc<Store>) -> Self {
         let reporter = Reporter {
             controller: Component::Agent.controller(),
             instance: Some(node_name.to_owned()),
         };
-        AgentEvents {
+        InvokeEvents {
             recorder: Recorder::new(client.clone(), reporter.clone()),
             reporter,
             client,

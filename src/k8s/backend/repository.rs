@@ -1,4 +1,4 @@
-//! The agent's [`Repository`]: reads from the node's store (what the agent mirrors), writes
+//! The Kubernetes [`Repository`]: reads from the node's store (what the agent mirrors), writes
 //! through the API server **as the caller**, with the caller's own bearer token: the API
 //! server's authentication and RBAC decide each write, and the agent's ServiceAccount needs (and
 //! has) no right to change any ClawSecret or ClawConfig. Each write is guarded by the
@@ -15,7 +15,7 @@ use kube::api::{Api, DeleteParams, Preconditions};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::events::AgentEvents;
+use super::events::InvokeEvents;
 use crate::crypto::SharedKeyring;
 use crate::domain::{ErrorCode, Kind, ObjectKey, Version};
 use crate::invoke::{
@@ -38,7 +38,7 @@ pub struct KubeRepository {
     caller_config: kube::Config,
     store: Arc<Store>,
     keys: SharedKeyring,
-    events: AgentEvents,
+    events: InvokeEvents,
 }
 
 fn noun(kind: Kind) -> &'static str {
@@ -135,7 +135,7 @@ impl KubeRepository {
         config: &kube::Config,
         store: Arc<Store>,
         keys: SharedKeyring,
-        events: AgentEvents,
+        events: InvokeEvents,
     ) -> Self {
         let mut caller_config = config.clone();
         caller_config.auth_info = kube::config::AuthInfo::default();
