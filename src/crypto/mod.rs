@@ -9,11 +9,14 @@
 //! - offline sealing (`claw-secrets seal`): HPKE to an X25519 key derived from a master key,
 //!   bound to the ClawSecret's namespace and name ([`seal_offline`], [`open_offline`]);
 //! - deliveries: the same HPKE suite to a node's own key, bound to the node, the secret and its
-//!   version ([`seal_delivery`], [`open_delivery`]).
+//!   version ([`seal_delivery`], [`open_delivery`]);
+//! - forwarded writes: the same HPKE suite to the cluster's key, bound to the forwarding node,
+//!   the request id and the command ([`seal_forwarded`], [`open_forwarded`]).
 
 mod delivery;
 mod digest;
 mod envelope;
+mod forward;
 mod integrity;
 mod keyring;
 mod offline_seal;
@@ -22,6 +25,7 @@ mod seal;
 pub use delivery::{DeliveryScope, open_delivery, seal_delivery};
 pub use digest::DataDigest;
 pub use envelope::{ALGORITHM_HKDF_SHA256_CHACHA20POLY1305, Envelope, FORMAT_V1};
+pub use forward::{ForwardScope, open_forwarded, seal_forwarded};
 pub use integrity::{MacKey, Purpose, TAG_LEN as MAC_TAG_LEN, Tagger};
 pub use keyring::{KeyId, Keyring, MasterKey, SharedKeyring};
 pub use offline_seal::{
