@@ -28,6 +28,9 @@ pub struct Caller {
     /// caller (the node agent, to the API server); `None` where the backend acts itself (dev
     /// mode). Kept for the one request only, never in a cache.
     pub credential: Option<Credential>,
+    /// The node whose agent passed the call on, when the server answering is not that node
+    /// (the operator carrying a node's write): for the records of the change.
+    pub via_node: Option<String>,
 }
 
 /// A caller's own bearer token: wiped when dropped, never printed (`Debug` shows that one is
@@ -64,6 +67,7 @@ impl Caller {
             uid: None,
             extra: Default::default(),
             credential: None,
+            via_node: None,
         }
     }
 

@@ -18,10 +18,10 @@ pub use client::{ClientError, ClientTimeouts, InvokeClient};
 pub use command_core::{CommandCore, IdempotencyKey, Request};
 pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS};
 pub use metrics::InvokeMetrics;
-pub(crate) use params::withhold_quoted;
 pub use params::{
     Command, ConfigCreate, ConfigUpdate, ListParams, NameParams, SecretCreate, SecretRotate,
 };
+pub(crate) use params::{sanitize_serde_message, withhold_quoted};
 pub use protocol::{
     ConfigMeta, ConfigView, Deleted, ErrorBody, InvokeError, InvokeRequest, InvokeResponse,
     MAX_BODY_BYTES, Payload, SecretMeta, SecretView,

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod crd;
 pub mod delivery;
 pub mod events;
+pub mod forward;
 pub mod identity;
 pub mod keyring;
 pub mod last_applied;

@@ -284,7 +284,12 @@ pub async fn run(
         ),
     );
 
-    let events = InvokeEvents::new(bounded.clone(), &config.node_name, store.clone());
+    let events = InvokeEvents::new(
+        bounded.clone(),
+        crate::k8s::component::Component::Agent,
+        &config.node_name,
+        store.clone(),
+    );
     let identity = KubeIdentity::new(bounded.clone())
         .with_review_file(config.data_dir.join("token-reviews.json"))
         .with_metrics(metrics.token_reviews());

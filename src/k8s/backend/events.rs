@@ -87,10 +87,17 @@ fn command_of(access: &Access<'_>) -> &'static str {
 }
 
 impl InvokeEvents {
-    pub fn new(client: kube::Client, node_name: &str, store: Arc<Store>) -> Self {
+    /// Events reported by `component` (the agent, or the operator carrying nodes' writes), as
+    /// `instance` (the node, or the operator's replica).
+    pub fn new(
+        client: kube::Client,
+        component: Component,
+        instance: &str,
+        store: Arc<Store>,
+    ) -> Self {
         let reporter = Reporter {
-            controller: Component::Agent.controller(),
-            instance: Some(node_name.to_owned()),
+            controller: component.controller(),
+            instance: Some(instance.to_owned()),
         };
         InvokeEvents {
             recorder: Recorder::new(client.clone(), reporter.clone()),
@@ -114,7 +121,12 @@ impl InvokeEvents {
         note: String,
         caller: &Caller,
     ) {
-        let node = self.reporter.instance.as_deref().unwrap_or_default();
+        // The node the call came through: the caller's, when another server carries it.
+        let node = caller
+            .via_node
+            .as_deref()
+            .or(self.reporter.instance.as_deref())
+            .unwrap_or_default();
         let event = Event {
             type_: EventType::Normal,
             reason: reason.to_owned(),
