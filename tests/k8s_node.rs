@@ -722,6 +722,33 @@ impl Release<'_> {
             (owner.kind.as_str(), owner.name.as_str()),
             ("Node", self.node.name.as_str())
         );
+        // Its secrets come from the operator's deliveries (the chart's projected token for the
+        // operator's audience, through the API server's proxy to the operator's pods), not
+        // from a watch of every ClawSecret.
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
+        eventually("the agent pod in sync with its deliveries", || async {
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut logs = String::new();
+            for pod in &list.items {
+                let name = pod.metadata.name.as_deref().unwrap_or_default();
+                let params = kube::api::LogParams {
+                    container: Some("agent".to_owned()),
+                    ..kube::api::LogParams::default()
+                };
+                logs += &pods.logs(name, &params).await.map_err(|e| e.to_string())?;
+            }
+            let watched = logs.lines().any(|l| {
+                l.contains("in sync with the API server") && l.contains("kind=\"ClawSecret\"")
+            });
+            assert!(!watched, "an agent pod watches ClawSecrets:\n{logs}");
+            logs.contains("secrets in sync with this node's deliveries")
+                .then_some(())
+                .ok_or_else(|| "not yet".to_owned())
+        })
+        .await;
     }
 
     /// The chart's user roles are part of the built-in ones (the cluster's role aggregation

@@ -64,6 +64,11 @@ pub struct OperatorArgs {
     /// `GET /v1/deliveries` to its tokens bound to a node, with that node's deliveries.
     #[arg(long, default_value = "claw-secrets-agent")]
     agent_service_account: String,
+    /// Carry the node agents' node.invoke writes (`POST /v1/writes` on the webhook's HTTPS
+    /// server: agents hold no master keyring), keeping their audit log and the writes of
+    /// deleted objects in this directory (the chart: an emptyDir). Without it, none are carried.
+    #[arg(long, requires = "webhook_addr")]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 fn default_identity() -> String {
@@ -128,6 +133,7 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
         master_key_secret: args.master_key_secret,
         metrics_addr: args.metrics_addr,
         watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
+        data_dir: args.data_dir,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

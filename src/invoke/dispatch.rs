@@ -4,7 +4,7 @@
 use super::params::{sanitize_serde_message, truncate_for_message};
 use super::{
     Authorizer, Caller, Command, CommandCore, IdempotencyKey, InvokeError, InvokeRequest,
-    InvokeResponse, Repository, Request,
+    InvokeResponse, Repository, Request, WriteCarrier,
 };
 use crate::domain::ErrorCode;
 use prometheus_client::registry::Registry;
@@ -14,6 +14,9 @@ pub const LOCAL_NODE_ALIAS: &str = "local";
 
 pub struct Dispatcher<A, R> {
     core: CommandCore<A, R>,
+    /// Where writes go when this server cannot make them itself (a node agent without the
+    /// master keyring); `None`: the core makes them.
+    carrier: Option<std::sync::Arc<dyn WriteCarrier>>,
     /// What `GET /metrics` shows: the core's metrics, and whatever the backend adds.
     registry: Registry,
 }
@@ -22,7 +25,17 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
     pub fn new(core: CommandCore<A, R>) -> Self {
         let mut registry = Registry::with_prefix("claw_secrets");
         core.metrics().register(&mut registry);
-        Dispatcher { core, registry }
+        Dispatcher {
+            core,
+            carrier: None,
+            registry,
+        }
+    }
+
+    /// Writes are passed on to `carrier` (after this server's own authorization and audit).
+    pub fn with_carrier(mut self, carrier: std::sync::Arc<dyn WriteCarrier>) -> Self {
+        self.carrier = Some(carrier);
+        self
     }
 
     /// The registry `GET /metrics` encodes, for the backend's own metrics (prefix
@@ -158,6 +171,18 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
                 return InvokeResponse::failure(request_id, err);
             }
         };
+        if let Some(carrier) = &self.carrier
+            && request.command.is_write()
+        {
+            return match self
+                .core
+                .execute_carried(&caller, &request, req, carrier.as_ref())
+                .await
+            {
+                Ok(payload) => InvokeResponse::success(request_id, payload),
+                Err(e) => InvokeResponse::failure(request_id, e),
+            };
+        }
         match self.core.execute(&caller, request).await {
             Ok(payload) => InvokeResponse::success(request_id, payload),
             Err(e) => InvokeResponse::failure(request_id, e),

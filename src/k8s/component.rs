@@ -46,11 +46,18 @@ impl Component {
     /// A client from the kubeconfig (KUBECONFIG, else `~/.kube/config`) or the in-cluster
     /// ServiceAccount, identified as this component. `Err` says what is missing, for the user.
     pub async fn client(self) -> Result<kube::Client, String> {
+        let config = self.config().await?;
+        kube::Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
+    }
+
+    /// The client configuration (KUBECONFIG, else the in-cluster account), identified as this
+    /// component.
+    pub async fn config(self) -> Result<kube::Config, String> {
         let mut config = kube::Config::infer()
             .await
             .map_err(|e| format!("no Kubernetes credentials (KUBECONFIG or in-cluster): {e}"))?;
         self.identify(&mut config);
-        kube::Client::try_from(config).map_err(|e| format!("cannot build a Kubernetes client: {e}"))
+        Ok(config)
     }
 
     /// Parameters of a patch this component makes.

@@ -10,6 +10,7 @@
 //! audited attempt, never an unaudited change. Reads of secrets are recorded before they are
 //! answered, and refused if the record cannot be written.
 
+mod carried;
 mod configs;
 mod deletes;
 mod idempotency;
@@ -17,6 +18,7 @@ mod secrets;
 #[cfg(test)]
 mod tests;
 
+pub use carried::WriteCarrier;
 pub use idempotency::IdempotencyKey;
 
 use idempotency::KeyedWrite;
@@ -271,16 +273,35 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         target: &mut Target,
         commit: impl Future<Output = Result<T, InvokeError>>,
     ) -> Result<T, InvokeError> {
+        self.commit_as(call, target, "authorized; committing", commit, |_| None)
+            .await
+    }
+
+    /// [`CommandCore::commit`], with the intent's reason, and the version the outcome record
+    /// names taken from the outcome when it is only known then (`version_of`).
+    async fn commit_as<T>(
+        &self,
+        call: &Call<'_>,
+        target: &mut Target,
+        intent: &str,
+        commit: impl Future<Output = Result<T, InvokeError>>,
+        version_of: impl FnOnce(&T) -> Option<Version>,
+    ) -> Result<T, InvokeError> {
         self.record(
             call,
             target,
             audit::Decision::Allow,
             Some(Phase::Intent),
-            "authorized; committing".to_owned(),
+            intent.to_owned(),
         )
         .await?;
         target.recorded = true;
         let result = commit.await;
+        if let Ok(done) = &result
+            && let Some(version) = version_of(done)
+        {
+            target.version = Some(version);
+        }
         let (decision, phase, reason) = match &result {
             Ok(_) => (
                 audit::Decision::Allow,

@@ -444,3 +444,131 @@ fn core_on(dir: &std::path::Path, audit: AuditLog) -> CommandCore<FakeAuthorizer
         keys,
     )
 }
+
+/// A carrier that answers every write with version 7, or fails, and remembers what it got.
+struct FakeCarrier {
+    fail: bool,
+    carried: Mutex<Vec<(String, String, String)>>,
+}
+
+impl super::WriteCarrier for FakeCarrier {
+    fn carry<'a>(
+        &'a self,
+        caller: &'a Caller,
+        request: &'a crate::invoke::InvokeRequest,
+        request_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, InvokeError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            self.carried.lock().unwrap().push((
+                caller.subject.clone(),
+                request.command.clone(),
+                request_id.to_owned(),
+            ));
+            if self.fail {
+                Err(InvokeError::new(
+                    ErrorCode::Unavailable,
+                    "the operator did not answer",
+                ))
+            } else {
+                Ok(json!({"name": "db", "namespace": "prod", "version": 7}))
+            }
+        })
+    }
+}
+
+/// A server that cannot write passes writes on: after its own authorization (a refusal never
+/// reaches the carrier), with a durable intent before and the outcome after, naming the version
+/// the carrier answered; reads stay its own.
+#[tokio::test]
+async fn carried_writes_are_authorized_and_audited_here_and_made_elsewhere() {
+    for fail in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let audit_path = dir.path().join("audit.log");
+        let (audit, _) = AuditLog::open(&audit_path, "node-a").unwrap();
+        let carrier = Arc::new(FakeCarrier {
+            fail,
+            carried: Mutex::new(Vec::new()),
+        });
+        let f = Fixture {
+            dispatcher: Dispatcher::new(core(dir.path(), audit.clone()))
+                .with_carrier(carrier.clone()),
+            _dir: dir,
+            audit_path,
+            audit_log: audit,
+        };
+        let rotate = json!({"name": "db", "namespace": "prod", "newData": {"k": "canary-c4"}});
+        let refused = f
+            .call(Some("t-intruder"), "secret.rotate", rotate.clone())
+            .await;
+        assert_eq!(outcome(&refused), DENIED);
+        assert!(
+            carrier.carried.lock().unwrap().is_empty(),
+            "a refusal is not passed on"
+        );
+
+        let body = serde_json::to_vec(
+            &json!({"id": "req-9", "command": "secret.rotate", "params": rotate}),
+        )
+        .unwrap();
+        let answer =
+            serde_json::to_value(f.dispatcher.handle(Some("t-admin"), &body).await).unwrap();
+        if fail {
+            assert_eq!(outcome(&answer), "UNAVAILABLE");
+        } else {
+            assert_eq!(answer["payload"]["version"], json!(7), "{answer}");
+        }
+        assert_eq!(
+            *carrier.carried.lock().unwrap(),
+            [(
+                "alice".to_owned(),
+                "secret.rotate".to_owned(),
+                "req-9".to_owned()
+            )]
+        );
+        // Reads are not carried: the node's store answers (here it holds nothing).
+        let read = f
+            .call(
+                Some("t-admin"),
+                "secret.get",
+                json!({"name": "db", "namespace": "prod"}),
+            )
+            .await;
+        assert_eq!(outcome(&read), NOT_FOUND);
+        assert_eq!(carrier.carried.lock().unwrap().len(), 1);
+
+        let records = f.audit().await;
+        let of = |id: &str| -> Vec<(Value, Value, Value)> {
+            records
+                .iter()
+                .filter(|r| r["requestId"] == json!(id))
+                .map(|r| {
+                    (
+                        r["decision"].clone(),
+                        r["phase"].clone(),
+                        r["version"].clone(),
+                    )
+                })
+                .collect()
+        };
+        let expected = if fail {
+            vec![
+                (json!("allow"), json!("intent"), Value::Null),
+                (json!("error"), json!("abort"), Value::Null),
+            ]
+        } else {
+            vec![
+                (json!("allow"), json!("intent"), Value::Null),
+                (json!("allow"), json!("commit"), json!(7)),
+            ]
+        };
+        assert_eq!(of("req-9"), expected);
+        assert!(
+            records
+                .iter()
+                .any(|r| r["decision"] == json!("deny") && r["command"] == json!("secret.rotate"))
+        );
+        let text = std::fs::read_to_string(&f.audit_path).unwrap();
+        assert!(!text.contains("canary"));
+    }
+}

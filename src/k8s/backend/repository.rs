@@ -39,6 +39,11 @@ pub struct KubeRepository {
     store: Arc<Store>,
     keys: SharedKeyring,
     events: InvokeEvents,
+    /// Who makes the writes (their field manager): the agent, or the operator carrying them.
+    writer: Component,
+    /// Whether a written secret is put into the store at once: the agent's store is the node's
+    /// copy; the operator's keeps only the writes of deleted objects.
+    mirrors: bool,
 }
 
 fn noun(kind: Kind) -> &'static str {
@@ -145,7 +150,17 @@ impl KubeRepository {
             store,
             keys,
             events,
+            writer: Component::Agent,
+            mirrors: true,
         }
+    }
+
+    /// The operator's: writes carried for nodes' agents, made as the operator's component and
+    /// not kept in its store.
+    pub fn carrying_for_nodes(mut self) -> Self {
+        self.writer = Component::Operator;
+        self.mirrors = false;
+        self
     }
 
     /// Reads as the agent.
@@ -247,7 +262,7 @@ impl KubeRepository {
         let record = convert::secret_record(obj, writes)
             .map_err(invalid_object)?
             .ok_or_else(|| InvokeError::internal("the written object is not sealed"))?;
-        if obj.spec.node_selector.is_none() {
+        if self.mirrors && obj.spec.node_selector.is_none() {
             let store = self.store.clone();
             let copy = record.clone();
             let mirrored =
@@ -402,7 +417,7 @@ impl Repository for KubeRepository {
         obj.metadata.annotations = self.annotations(Kind::Secret, key, &record.writes)?;
         let created = self
             .as_caller::<ClawSecret>(caller, key)?
-            .create(&Component::Agent.post(), &obj)
+            .create(&self.writer.post(), &obj)
             .await
             .map_err(|e| caller_error(e, Kind::Secret, key, caller))?;
         self.events.write(
@@ -435,7 +450,7 @@ impl Repository for KubeRepository {
         self.set_writes(&mut obj.metadata, Kind::Secret, key, &record.writes)?;
         let updated = self
             .as_caller::<ClawSecret>(caller, key)?
-            .replace(&object_name(&key.name), &Component::Agent.post(), &obj)
+            .replace(&object_name(&key.name), &self.writer.post(), &obj)
             .await
             .map_err(|e| caller_error(e, Kind::Secret, key, caller))?;
         self.events.write(
@@ -496,7 +511,7 @@ impl Repository for KubeRepository {
         obj.metadata.annotations = self.annotations(Kind::Config, key, &record.writes)?;
         let created = self
             .as_caller::<ClawConfig>(caller, key)?
-            .create(&Component::Agent.post(), &obj)
+            .create(&self.writer.post(), &obj)
             .await
             .map_err(|e| caller_error(e, Kind::Config, key, caller))?;
         let note = if record.immutable {
@@ -532,7 +547,7 @@ impl Repository for KubeRepository {
         self.set_writes(&mut obj.metadata, Kind::Config, key, &record.writes)?;
         let updated = self
             .as_caller::<ClawConfig>(caller, key)?
-            .replace(&object_name(&key.name), &Component::Agent.post(), &obj)
+            .replace(&object_name(&key.name), &self.writer.post(), &obj)
             .await
             .map_err(|e| caller_error(e, Kind::Config, key, caller))?;
         let note = if updated.spec.immutable {

@@ -255,6 +255,24 @@ impl Deliveries {
         (endpoint, watched)
     }
 
+    /// The node a request's token (`X-Claw-Secrets-Authorization`) stands for, as for a
+    /// delivery; `Err`: the status and message to refuse with.
+    pub(super) async fn node_of_request(
+        &self,
+        headers: &hyper::HeaderMap,
+    ) -> Result<String, (StatusCode, String)> {
+        let token = bearer(headers).ok_or_else(|| {
+            (
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "send the agent's ServiceAccount token for audience {AUDIENCE:?} in \
+                     'X-Claw-Secrets-Authorization: Bearer <token>'"
+                ),
+            )
+        })?;
+        self.node_of(token).await.map_err(|Refusal(s, m)| (s, m))
+    }
+
     /// Answers one `GET /v1/deliveries`.
     pub async fn answer(
         &self,
@@ -572,7 +590,7 @@ fn parse_query(query: Option<&str>) -> Result<(Option<String>, Duration), Refusa
     Ok((have, wait))
 }
 
-fn reply(status: StatusCode, body: Vec<u8>, json: bool) -> Response<Full<Bytes>> {
+pub(super) fn reply(status: StatusCode, body: Vec<u8>, json: bool) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     let kind = if json {

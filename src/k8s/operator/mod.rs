@@ -18,6 +18,7 @@ mod http;
 mod leader;
 mod metrics;
 mod secrets;
+mod writes;
 
 pub use admission::{CertSource, WebhookConfig};
 pub use error::Error;
@@ -84,6 +85,9 @@ pub struct OperatorConfig {
     pub webhook: Option<WebhookConfig>,
     /// The agents' ServiceAccount in `namespace`: only its tokens get deliveries.
     pub agent_service_account: String,
+    /// Where this replica keeps the audit log (and store) of the node.invoke writes it carries
+    /// for nodes' agents; `None`: it carries none (`POST /v1/writes` answers 503).
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// What both reconcilers share.
@@ -380,6 +384,27 @@ pub async fn run(
                 metrics.clone(),
                 agent_user,
             );
+            let writes = match &config.data_dir {
+                Some(dir) => {
+                    let kube_config = Component::Operator
+                        .config()
+                        .await
+                        .map_err(|reason| Error::Webhook { reason })?;
+                    let writes = writes::Writes::open(
+                        client.clone(),
+                        &kube_config,
+                        keyring.clone(),
+                        deliveries.clone(),
+                        dir,
+                        &config.lease.identity,
+                    )
+                    .await
+                    .map_err(|reason| Error::Webhook { reason })?;
+                    tracing::info!(data_dir = %dir.display(), "carrying nodes' node.invoke writes");
+                    Some(Arc::new(writes))
+                }
+                None => None,
+            };
             let stop = stopped(stop_rx.clone());
             let serving = bound.serve(
                 client.clone(),
@@ -387,6 +412,7 @@ pub async fn run(
                 keyring.clone(),
                 metrics.clone(),
                 deliveries,
+                writes,
                 stop,
             );
             // The caches' watches retry forever; they end with the server.

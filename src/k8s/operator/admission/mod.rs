@@ -35,6 +35,7 @@ use zeroize::Zeroizing;
 
 use super::deliveries::Deliveries;
 use super::metrics::Metrics;
+use super::writes::Writes;
 use crate::crypto::Keyring;
 
 /// The path the webhook configuration calls.
@@ -118,6 +119,7 @@ impl Webhook {
         keyring: Arc<Keyring>,
         metrics: Arc<Metrics>,
         deliveries: Arc<Deliveries>,
+        writes: Option<Arc<Writes>>,
         stop: impl Future<Output = ()> + Send + 'static,
     ) {
         let Webhook {
@@ -159,11 +161,12 @@ impl Webhook {
                         continue;
                     }
                 };
-                let (acceptor, keyring, metrics, deliveries) = (
+                let (acceptor, keyring, metrics, deliveries, writes) = (
                     acceptor.clone(),
                     keyring.clone(),
                     metrics.clone(),
                     deliveries.clone(),
+                    writes.clone(),
                 );
                 tokio::spawn(async move {
                     let Ok(Ok(tls)) = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await
@@ -172,7 +175,13 @@ impl Webhook {
                         return;
                     };
                     let service = hyper::service::service_fn(move |req| {
-                        handle(req, keyring.clone(), metrics.clone(), deliveries.clone())
+                        handle(
+                            req,
+                            keyring.clone(),
+                            metrics.clone(),
+                            deliveries.clone(),
+                            writes.clone(),
+                        )
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -209,6 +218,7 @@ async fn handle(
     keyring: Arc<Keyring>,
     metrics: Arc<Metrics>,
     deliveries: Arc<Deliveries>,
+    writes: Option<Arc<Writes>>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let reply = |status: StatusCode, body: Vec<u8>, json: bool| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -230,6 +240,23 @@ async fn handle(
             );
         }
         return Ok(deliveries.answer(req.headers(), req.uri().query()).await);
+    }
+    if req.uri().path() == crate::k8s::forward::PATH {
+        if req.method() != Method::POST {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                b"POST only\n".to_vec(),
+                false,
+            );
+        }
+        return match writes {
+            Some(writes) => Ok(writes.answer(req).await),
+            None => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                b"this operator replica carries no writes: it runs without --data-dir\n".to_vec(),
+                false,
+            ),
+        };
     }
     if req.uri().path() != PATH {
         return reply(StatusCode::NOT_FOUND, b"not found\n".to_vec(), false);
