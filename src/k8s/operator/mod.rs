@@ -411,8 +411,7 @@ pub async fn run(
                 config.namespace.clone(),
                 keyring.clone(),
                 metrics.clone(),
-                deliveries,
-                writes,
+                admission::NodeEndpoints { deliveries, writes },
                 stop,
             );
             // The caches' watches retry forever; they end with the server.

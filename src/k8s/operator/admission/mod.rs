@@ -118,8 +118,7 @@ impl Webhook {
         namespace: String,
         keyring: Arc<Keyring>,
         metrics: Arc<Metrics>,
-        deliveries: Arc<Deliveries>,
-        writes: Option<Arc<Writes>>,
+        nodes: NodeEndpoints,
         stop: impl Future<Output = ()> + Send + 'static,
     ) {
         let Webhook {
@@ -161,12 +160,11 @@ impl Webhook {
                         continue;
                     }
                 };
-                let (acceptor, keyring, metrics, deliveries, writes) = (
+                let (acceptor, keyring, metrics, nodes) = (
                     acceptor.clone(),
                     keyring.clone(),
                     metrics.clone(),
-                    deliveries.clone(),
-                    writes.clone(),
+                    nodes.clone(),
                 );
                 tokio::spawn(async move {
                     let Ok(Ok(tls)) = tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await
@@ -175,13 +173,7 @@ impl Webhook {
                         return;
                     };
                     let service = hyper::service::service_fn(move |req| {
-                        handle(
-                            req,
-                            keyring.clone(),
-                            metrics.clone(),
-                            deliveries.clone(),
-                            writes.clone(),
-                        )
+                        handle(req, keyring.clone(), metrics.clone(), nodes.clone())
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -201,6 +193,14 @@ impl Webhook {
     }
 }
 
+/// What the webhook's HTTPS server also answers for nodes' agents: their deliveries, and the
+/// writes it carries for them (with a data dir).
+#[derive(Clone)]
+pub struct NodeEndpoints {
+    pub deliveries: Arc<Deliveries>,
+    pub writes: Option<Arc<Writes>>,
+}
+
 /// TLS 1.2 and 1.3 (what kube-apiserver speaks), HTTP/1.1, the current certificate.
 fn tls_config(cert: Arc<CurrentCert>) -> ServerConfig {
     let mut tls =
@@ -217,8 +217,7 @@ async fn handle(
     req: Request<Incoming>,
     keyring: Arc<Keyring>,
     metrics: Arc<Metrics>,
-    deliveries: Arc<Deliveries>,
-    writes: Option<Arc<Writes>>,
+    nodes: NodeEndpoints,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let reply = |status: StatusCode, body: Vec<u8>, json: bool| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -239,7 +238,10 @@ async fn handle(
                 false,
             );
         }
-        return Ok(deliveries.answer(req.headers(), req.uri().query()).await);
+        return Ok(nodes
+            .deliveries
+            .answer(req.headers(), req.uri().query())
+            .await);
     }
     if req.uri().path() == crate::k8s::forward::PATH {
         if req.method() != Method::POST {
@@ -249,7 +251,7 @@ async fn handle(
                 false,
             );
         }
-        return match writes {
+        return match nodes.writes {
             Some(writes) => Ok(writes.answer(req).await),
             None => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
