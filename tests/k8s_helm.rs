@@ -533,11 +533,25 @@ fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
     let operator = &pod_spec(the(objects, "Deployment"))["containers"][0];
     let agent = &pod_spec(the(objects, "DaemonSet"))["containers"][0];
     let name = flag(&strings(&operator["args"]), "--master-key-secret");
+    // With deliveries (the webhook on), the agent holds no master keyring: no flag, no right.
+    let agent_args = strings(&agent["args"]);
+    let agent_reads_it = agent_args
+        .iter()
+        .any(|a| a.starts_with("--master-key-secret"));
     assert_eq!(
-        flag(&strings(&agent["args"]), "--master-key-secret"),
-        format!("{namespace}/{name}"),
-        "the agent reads the operator's master key Secret"
+        agent_reads_it,
+        !agent_args
+            .iter()
+            .any(|a| a.starts_with("--delivery-token-file")),
+        "the agent reads the master keyring exactly when it takes no deliveries"
     );
+    if agent_reads_it {
+        assert_eq!(
+            flag(&agent_args, "--master-key-secret"),
+            format!("{namespace}/{name}"),
+            "the agent reads the operator's master key Secret"
+        );
+    }
     for role in objects.iter().filter(|o| o["kind"] == "Role") {
         let readable: Vec<&Value> = role["rules"]
             .as_array()
@@ -545,6 +559,11 @@ fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
             .iter()
             .filter(|r| r["resources"] == json!(["secrets"]) && r["verbs"] == json!(["get"]))
             .collect();
+        let is_agent = id(role).2.ends_with("-agent");
+        if is_agent && !agent_reads_it {
+            assert!(readable.is_empty(), "{}: may read no Secret", id(role).2);
+            continue;
+        }
         assert_eq!(readable.len(), 1, "{}: one get rule on secrets", id(role).2);
         assert_eq!(readable[0]["resourceNames"], json!([name]));
     }
@@ -941,8 +960,15 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
         mwc["metadata"]["name"].as_str().unwrap()
     );
     assert!(!args.iter().any(|a| a.starts_with("--webhook-cert-dir")));
-    assert!(pod_spec(operator).get("volumes").is_none());
-    assert!(op.get("volumeMounts").is_none());
+    // Its only volume: the pod's own data dir for the writes it carries for the nodes.
+    assert_eq!(
+        pod_spec(operator)["volumes"],
+        json!([{"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}])
+    );
+    assert_eq!(
+        op["volumeMounts"],
+        json!([{"name": "data", "mountPath": flag(&args, "--data-dir")}])
+    );
     // Its RBAC: that configuration and that Secret, by name.
     let cluster_role = named(&objects, "ClusterRole", "claw-secrets-operator");
     assert!(
@@ -1021,11 +1047,17 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
     }
     assert_eq!(
         op["volumeMounts"],
-        json!([{"name": "webhook-tls", "mountPath": "/var/run/claw-secrets/webhook-tls", "readOnly": true}])
+        json!([
+            {"name": "data", "mountPath": "/var/lib/claw-secrets-operator"},
+            {"name": "webhook-tls", "mountPath": "/var/run/claw-secrets/webhook-tls", "readOnly": true},
+        ])
     );
     assert_eq!(
         pod_spec(deployment)["volumes"],
-        json!([{"name": "webhook-tls", "secret": {"secretName": "r-claw-secrets-webhook-cert"}}])
+        json!([
+            {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}},
+            {"name": "webhook-tls", "secret": {"secretName": "r-claw-secrets-webhook-cert"}},
+        ])
     );
     let cluster_role = named(&cm, "ClusterRole", "r-claw-secrets-operator");
     assert!(
@@ -2027,9 +2059,18 @@ impl Release {
     fn start_operator(&self, objects: &[Value], watch: &str, pod: &str) -> (Proc, u16) {
         let container = &pod_spec(the(objects, "Deployment"))["containers"][0];
         let port = free_port();
+        let mut replace = vec![("--metrics-addr", format!("127.0.0.1:{port}"))];
+        // With the webhook, its pod's emptyDir: a directory of this replica's own here.
+        if strings(&container["args"])
+            .iter()
+            .any(|a| a.starts_with("--data-dir="))
+        {
+            let dir = self.work.path().join(format!("{pod}-data"));
+            replace.push(("--data-dir", dir.display().to_string()));
+        }
         let (args, env) = local_command(
             container,
-            &[("--metrics-addr", format!("127.0.0.1:{port}"))],
+            &replace,
             &[format!("--watch-namespace={watch}")],
             &self.downward(pod),
         );
@@ -3081,6 +3122,15 @@ async fn a_webhook_release_gets_its_ca_bundle_from_the_operator(r: &Release) -> 
         &[
             ("--metrics-addr", format!("127.0.0.1:{metrics}")),
             ("--webhook-addr", format!("127.0.0.1:{}", free_port())),
+            // Its pod's emptyDir: a directory of its own here.
+            (
+                "--data-dir",
+                r.work
+                    .path()
+                    .join("webhook-operator-0-data")
+                    .display()
+                    .to_string(),
+            ),
         ],
         &[format!("--watch-namespace=nothing-{}", r.suffix)],
         &r.downward("webhook-operator-0"),

@@ -66,6 +66,28 @@ async fn node_client(c: &Cluster, node: &str, dir: &Path) -> (kube::Client, Path
     (client, kubeconfig)
 }
 
+/// The flags that make an agent take its secrets from the operator's deliveries and pass its
+/// writes on to the operator (the chart's, with the webhook): a token of the agent's
+/// ServiceAccount bound to `node` for the operator's audience, in a file under `dir`.
+async fn delivery_args(c: &Cluster, node: &str, dir: &Path) -> Vec<String> {
+    let ns = cluster::master_key_namespace();
+    let token = agent_identity::node_bound_token_for(
+        &c.client(),
+        ns,
+        node,
+        &[claw_secrets::k8s::delivery::AUDIENCE],
+    )
+    .await;
+    let file = dir.join(format!("{node}.delivery-token"));
+    std::fs::write(&file, token).unwrap();
+    vec![
+        "--delivery-token-file".to_owned(),
+        file.display().to_string(),
+        "--operator-service".to_owned(),
+        format!("{ns}/claw-secrets-webhook:443"),
+    ]
+}
+
 /// The key the agent keeps in its data dir.
 fn node_key_of(agent: &Agent) -> Keyring {
     let path = agent.data_dir().join(NODE_KEY_FILE);
@@ -112,9 +134,13 @@ async fn each_agent_publishes_its_own_key_and_can_write_no_other() {
     let (client_a, kubeconfig_a) = node_client(&c, &node_a, scratch.path()).await;
     let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
     let local = Ipv4Addr::LOCALHOST.into();
+    let (args_a, args_b) = (
+        delivery_args(&c, &node_a, scratch.path()).await,
+        delivery_args(&c, &node_b, scratch.path()).await,
+    );
     let (mut a, b) = tokio::join!(
-        c.start_agent(&node_a, &kubeconfig_a, local),
-        c.start_agent(&node_b, &kubeconfig_b, local),
+        c.start_agent_with(&node_a, &kubeconfig_a, local, args_a),
+        c.start_agent_with(&node_b, &kubeconfig_b, local, args_b),
     );
 
     // Each publishes the key it generated, owned by its Node; the two keys differ.
@@ -262,36 +288,55 @@ async fn may(c: &Cluster, user: &str, verb: &str, ns: &str) -> bool {
         .allowed
 }
 
-/// node.invoke writes are made with the caller's token: the agent's own token can create,
-/// change or delete no ClawSecret (SubjectAccessReviews and real 403s), and an authorized
-/// caller's create, rotate and delete through an agent with that token alone still work.
+/// node.invoke writes are carried by the operator and made with the caller's token: the
+/// agent's own token can read no ClawSecret and create, change or delete none
+/// (SubjectAccessReviews and real 403s), and an authorized caller's create, rotate and delete
+/// through an agent with that token alone still work, and reach the API server as her.
 #[tokio::test]
 async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
-    let _lock = cluster::shared().await;
+    // Alone: the operator's Service for the agents lives in the shared agent namespace.
+    let _lock = cluster::exclusive().await;
     let c = Cluster::new("agent-writes").await;
     let ns = cluster::master_key_namespace();
     let agent_user = agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
+    let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
+        .await
+        .on_every_address();
+    let operator = hook.operator(&c).await;
     let scratch = tempfile::tempdir().unwrap();
     let node = c.node("a", &[]).await;
+    service_for_the_operator(&c, ns, &node, hook.port()).await;
     let (agent_client, kubeconfig) = node_client(&c, &node, scratch.path()).await;
+    let args = delivery_args(&c, &node, scratch.path()).await;
     let agent = c
-        .start_agent(&node, &kubeconfig, Ipv4Addr::LOCALHOST.into())
+        .start_agent_with(&node, &kubeconfig, Ipv4Addr::LOCALHOST.into(), args)
         .await;
     let alice = c.alice().await;
     let secrets: Api<claw_secrets::k8s::crd::ClawSecret> = Api::namespaced(c.client(), c.ns());
 
-    // What the agent's ServiceAccount may do, as the API server's authorizer says.
-    for verb in ["get", "list", "watch"] {
-        assert!(may(&c, &agent_user, verb, c.ns()).await, "{verb}");
-    }
-    for verb in ["create", "update", "patch", "delete", "deletecollection"] {
+    // What the agent's ServiceAccount may do, as the API server's authorizer says: nothing.
+    for verb in [
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "deletecollection",
+    ] {
         assert!(
             !may(&c, &agent_user, verb, c.ns()).await,
             "the agent may {verb}"
         );
     }
 
-    // An authorized caller's writes through the agent: made as her, named as the agent's.
+    // The API server itself says who makes a write: a policy refuses a secret named
+    // `as-alice` to alice alone, which the agent's write as her must meet.
+    let probe = "as-alice";
+    refuse_to_alice(&c, probe, scratch.path()).await;
+
+    // An authorized caller's writes through the agent, carried by the operator: made as her.
     agent
         .invoke(
             Some(&alice),
@@ -308,8 +353,30 @@ async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
         )
         .await
         .payload("secret.rotate as alice");
+    let refused_as_alice = agent
+        .invoke(
+            Some(&alice),
+            "secret.create",
+            serde_json::json!({ "name": probe, "namespace": c.ns(), "data": { "password": "x" } }),
+        )
+        .await
+        .expect_error(
+            "INVALID_ARGUMENT",
+            "a create the API server refuses to alice",
+        );
+    assert!(
+        refused_as_alice.contains("made as alice"),
+        "{refused_as_alice}"
+    );
     let obj = secrets.get("db-password").await.unwrap();
     assert_eq!(obj.spec.sealed.as_ref().map(|s| s.version), Some(2));
+    // Read back on the node right after the write: its delivery is in the node's store.
+    let got = agent
+        .get_secret(&alice, c.ns(), "db-password")
+        .await
+        .payload("secret.get right after the rotation");
+    assert_eq!(got["version"], serde_json::json!(2));
+    assert_eq!(got["data"]["password"], "second");
     let managers: Vec<_> = obj
         .metadata
         .managed_fields
@@ -318,7 +385,7 @@ async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
         .filter_map(|m| m.manager.as_deref())
         .collect();
     assert!(
-        managers.iter().all(|m| *m == "claw-secrets-agent"),
+        managers.iter().all(|m| *m == "claw-secrets-operator"),
         "{managers:?}"
     );
 
@@ -364,9 +431,116 @@ async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
         .await
         .payload("secret.delete as alice");
     assert!(secrets.get_opt("db-password").await.unwrap().is_none());
+    agent
+        .get_secret(&alice, c.ns(), "db-password")
+        .await
+        .expect_error("NOT_FOUND", "secret.get right after the delete");
 
-    drop(agent);
+    // Audited on the node before it was passed on, and by the operator before it was made.
+    let node_records: Vec<_> = agent
+        .audit()
+        .into_iter()
+        .filter(|r| r["command"] == "secret.rotate" && r["subject"] == "alice")
+        .map(|r| (r["phase"].clone(), r["reason"].clone()))
+        .collect();
+    assert_eq!(
+        node_records.first().map(|(p, r)| (p.as_str(), r.as_str())),
+        Some((
+            Some("intent"),
+            Some("authorized; passed on to the operator")
+        ))
+    );
+    let carried = std::fs::read_to_string(operator.data_dir().join("audit.log")).unwrap();
+    assert!(
+        carried
+            .lines()
+            .any(|l| l.contains("\"command\":\"secret.rotate\"")
+                && l.contains("\"subject\":\"alice\"")
+                && l.contains("\"phase\":\"intent\"")),
+        "{carried}"
+    );
+    assert!(
+        !carried.contains("second"),
+        "no value in the operator's audit log"
+    );
+
+    drop((agent, operator));
+    {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        let name = format!("claw-secrets-test-as-alice-{}", c.suffix());
+        let _ = Api::<ValidatingAdmissionPolicyBinding>::all(c.client())
+            .delete(&name, &DeleteParams::default())
+            .await;
+        let _ = Api::<ValidatingAdmissionPolicy>::all(c.client())
+            .delete(&name, &DeleteParams::default())
+            .await;
+    }
+    hook.remove().await;
     c.cleanup().await;
+}
+
+/// A ValidatingAdmissionPolicy that refuses to the user `alice` (and only to her) a ClawSecret
+/// named `name` in the test's namespace, with the message "made as alice"; waits until it is
+/// in force (a new policy takes a moment to reach the API server's admission).
+async fn refuse_to_alice(c: &Cluster, name: &str, dir: &Path) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let policy_name = format!("claw-secrets-test-as-alice-{}", c.suffix());
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": policy_name },
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": { "resourceRules": [{
+                "apiGroups": ["clawbernetes.io"], "apiVersions": ["*"],
+                "operations": ["CREATE"], "resources": ["clawsecrets"] }] },
+            "validations": [{
+                "expression": format!(
+                    "request.userInfo.username != 'alice' || object.metadata.name != '{name}' || object.metadata.namespace != '{}'",
+                    c.ns()
+                ),
+                "message": "made as alice",
+            }],
+        },
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": policy_name },
+        "spec": { "policyName": policy_name, "validationActions": ["Deny"] },
+    }))
+    .unwrap();
+    let apply = PatchParams::apply("claw-secrets-tests").force();
+    Api::<ValidatingAdmissionPolicy>::all(c.client())
+        .patch(&policy_name, &apply, &Patch::Apply(&policy))
+        .await
+        .unwrap();
+    Api::<ValidatingAdmissionPolicyBinding>::all(c.client())
+        .patch(&policy_name, &apply, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let as_alice: Api<claw_secrets::k8s::crd::ClawSecret> = Api::namespaced(
+        agent_identity::client_with_token(
+            &c.env.kubeconfig,
+            &c.user_token("alice"),
+            &dir.join("alice.kubeconfig"),
+        )
+        .await,
+        c.ns(),
+    );
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    eventually("the policy refusing alice in force", || async {
+        let probe = cluster::secret_with_data(name, &[("k", "v")]);
+        match as_alice.create(&dry_run, &probe).await {
+            Err(kube::Error::Api(s)) if s.message.contains("made as alice") => Ok(()),
+            other => Err(format!("{:?}", other.map(|_| "accepted"))),
+        }
+    })
+    .await;
 }
 
 /// The Service the chart puts in front of the operator's webhook, `claw-secrets-webhook` port
@@ -379,8 +553,10 @@ async fn service_for_the_operator(c: &Cluster, ns: &str, node: &str, port: u16) 
     let ip = host::proxyable_ip().to_string();
     let apply = PatchParams::apply("claw-secrets-tests").force();
     let pods: Api<Pod> = Api::namespaced(c.client(), ns);
+    // A Pod of its own per test (a Pod's spec cannot change), force-deleted if left over.
+    let pod_name = format!("claw-secrets-operator-test-{}", c.suffix());
     let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": "claw-secrets-operator-test", "namespace": ns },
+        "metadata": { "name": pod_name, "namespace": ns },
         "spec": {
             "nodeName": node,
             "containers": [{ "name": "operator", "image": "claw-secrets:test",
@@ -388,11 +564,11 @@ async fn service_for_the_operator(c: &Cluster, ns: &str, node: &str, port: u16) 
         },
     }))
     .unwrap();
-    pods.patch("claw-secrets-operator-test", &apply, &Patch::Apply(&pod))
+    pods.patch(&pod_name, &apply, &Patch::Apply(&pod))
         .await
         .expect("the operator's Pod");
     pods.patch_status(
-        "claw-secrets-operator-test",
+        &pod_name,
         &PatchParams::default(),
         &Patch::Merge(serde_json::json!({ "status": {
             "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }],
@@ -415,7 +591,7 @@ async fn service_for_the_operator(c: &Cluster, ns: &str, node: &str, port: u16) 
         "metadata": { "name": "claw-secrets-webhook", "namespace": ns },
         "subsets": [{
             "addresses": [{ "ip": ip, "nodeName": node, "targetRef": {
-                "kind": "Pod", "name": "claw-secrets-operator-test", "namespace": ns } }],
+                "kind": "Pod", "name": pod_name, "namespace": ns } }],
             "ports": [{ "name": "webhook", "port": port, "protocol": "TCP" }],
         }],
     }))
@@ -452,9 +628,13 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     let (client_a, kubeconfig_a) = node_client(&c, &node_a, scratch.path()).await;
     let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
     let local = Ipv4Addr::LOCALHOST.into();
+    let (args_a, args_b) = (
+        delivery_args(&c, &node_a, scratch.path()).await,
+        delivery_args(&c, &node_b, scratch.path()).await,
+    );
     let (a, b) = tokio::join!(
-        c.start_agent(&node_a, &kubeconfig_a, local),
-        c.start_agent(&node_b, &kubeconfig_b, local),
+        c.start_agent_with(&node_a, &kubeconfig_a, local, args_a),
+        c.start_agent_with(&node_b, &kubeconfig_b, local, args_b),
     );
     let (ring_a, ring_b) = (node_key_of(&a), node_key_of(&b));
     published(&c, &node_a, &ring_a).await;
@@ -737,7 +917,6 @@ async fn lacks(agent: &Agent, token: &str, ns: &str, name: &str) {
 /// server outage and a restart.
 #[tokio::test]
 async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
-    use claw_secrets::k8s::delivery::AUDIENCE;
     use serde_json::json;
     // Alone: the operator's Service for the agents lives in the shared agent namespace.
     let _lock = cluster::exclusive().await;
@@ -760,24 +939,11 @@ async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
         &scratch.path().join(format!("{node_a}.kubeconfig")),
     );
     let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
-    let delivery_args = |node: &str| {
-        let node = node.to_owned();
-        let scratch = scratch.path().to_owned();
-        let client = c.client();
-        async move {
-            let token = agent_identity::node_bound_token_for(&client, ns, &node, &[AUDIENCE]).await;
-            let file = scratch.join(format!("{node}.delivery-token"));
-            std::fs::write(&file, token).unwrap();
-            vec![
-                "--delivery-token-file".to_owned(),
-                file.display().to_string(),
-                "--operator-service".to_owned(),
-                format!("{ns}/claw-secrets-webhook:443"),
-            ]
-        }
-    };
     let local = Ipv4Addr::LOCALHOST.into();
-    let (args_a, args_b) = (delivery_args(&node_a).await, delivery_args(&node_b).await);
+    let (args_a, args_b) = (
+        delivery_args(&c, &node_a, scratch.path()).await,
+        delivery_args(&c, &node_b, scratch.path()).await,
+    );
     let (mut a, b) = tokio::join!(
         c.start_agent_with(&node_a, &kubeconfig_a, local, args_a),
         c.start_agent_with(&node_b, &kubeconfig_b, local, args_b),

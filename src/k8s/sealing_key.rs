@@ -45,3 +45,22 @@ pub async fn publish(
     .await?;
     Ok(public.master_key_id().to_string())
 }
+
+/// Reads the published public sealing key from `namespace` (what an agent seals the data of the
+/// writes it passes on to). `Err` names the ConfigMap and what is wrong.
+pub async fn fetch(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<crate::crypto::SealingPublicKey, String> {
+    let where_ = format!("ConfigMap {namespace}/{CONFIGMAP}");
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = api
+        .get(CONFIGMAP)
+        .await
+        .map_err(|e| format!("cannot read {where_}: {e}"))?;
+    let text = cm
+        .data
+        .and_then(|mut d| d.remove(CONFIGMAP_KEY))
+        .ok_or_else(|| format!("{where_} has no key {CONFIGMAP_KEY:?}"))?;
+    crate::crypto::SealingPublicKey::parse(&text).map_err(|e| format!("{where_}: {e}"))
+}

@@ -24,7 +24,7 @@ pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| StoreError::io(dir, e))
 }
 
-pub(super) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     check(Step::DirFsync)
         .and_then(|()| File::open(dir))
         .and_then(|d| d.sync_all())

@@ -25,7 +25,9 @@ mod manifest;
 mod records;
 pub mod writes;
 
-pub use files::{create_private_dir, ensure_private_file, write_atomic, write_private_file_atomic};
+pub use files::{
+    create_private_dir, ensure_private_file, fsync_dir, write_atomic, write_private_file_atomic,
+};
 pub use manifest::AuditAnchor;
 pub use records::{ConfigRecord, Origin, SecretRecord};
 pub use writes::{Fingerprint, RememberedWrite, WriteRecord};

@@ -1003,6 +1003,11 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Its `--data-dir` (when it serves a webhook): the audit log of the writes it carries.
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     /// Starts an operator using the master key Secret `master_key` (`NAMESPACE/NAME`) and the
     /// Lease `lease`, reconciling only `watch_namespace` if given, and waits for `/readyz`.
     pub async fn start(
@@ -1045,6 +1050,10 @@ impl Operator {
             command.arg("--watch-namespace").arg(watch);
         }
         command.args(extra);
+        // With its webhook's HTTPS server, it also carries nodes' writes, as the chart runs it.
+        if extra.iter().any(|a| a == "--webhook-addr") {
+            command.arg("--data-dir").arg(dir.path().join("data"));
+        }
         let child = command
             .env("KUBECONFIG", kubeconfig)
             .env("CLAW_SECRETS_LOG", LOG_FILTER)

@@ -11,10 +11,12 @@
 //! The command core's seams: [`KubeAuthorizer`] (TokenReview, SubjectAccessReview) and
 //! [`KubeRepository`] (the store for reads, the API server for writes).
 
+mod carrier;
 pub mod deliveries;
 mod metrics;
 pub mod node_key;
 pub mod receive;
+mod rekey;
 mod sync;
 
 pub use metrics::AgentMetrics;
@@ -192,19 +194,29 @@ pub async fn run(
         .map_err(|e| setup(format!("cannot build a Kubernetes client: {e}")))?;
     create_private_dir(&config.data_dir).map_err(|e| setup(e.to_string()))?;
     let node_key = node_key::load_or_create(&config.data_dir).map_err(setup)?;
-    let keyring = match cached_keyring(&config.data_dir.join("master.key")) {
-        Some(ring) => ring,
-        None => first_keyring(&client, &config).await,
+    let options = OpenOptions {
+        rebuild_manifest: config.rebuild_store_manifest,
     };
-    let keys = SharedKeyring::new(keyring);
-    let (store, report) = Store::open(
-        &config.data_dir,
-        keys.clone(),
-        OpenOptions {
-            rebuild_manifest: config.rebuild_store_manifest,
-        },
-    )
-    .map_err(|e| setup(e.to_string()))?;
+    // With deliveries, the node holds only its own key: its store is sealed under it, and its
+    // writes are carried by the operator. Without, it holds the master keyring (cached beside
+    // the store), as before.
+    let (keys, master_keys, (store, report)) = match &config.deliveries {
+        Some(_) => (
+            SharedKeyring::new(node_key.clone()),
+            None,
+            rekey::open_node_store(&config.data_dir, &node_key, options).map_err(setup)?,
+        ),
+        None => {
+            let keyring = match cached_keyring(&config.data_dir.join("master.key")) {
+                Some(ring) => ring,
+                None => first_keyring(&client, &config).await,
+            };
+            let keys = SharedKeyring::new(keyring);
+            let opened = Store::open(&config.data_dir, keys.clone(), options)
+                .map_err(|e| setup(e.to_string()))?;
+            (keys.clone(), Some(keys), opened)
+        }
+    };
     let store = Arc::new(store);
     let (audit, _) = crate::audit::open_anchored(
         &config.data_dir.join("audit.log"),
@@ -228,10 +240,12 @@ pub async fn run(
         "audit anchor",
         crate::audit::keep_anchored(audit.clone(), store.clone()),
     );
-    background.spawn(
-        "keyring refresh",
-        refresh_keyring(client.clone(), config.clone(), keys.clone()),
-    );
+    if let Some(master_keys) = &master_keys {
+        background.spawn(
+            "keyring refresh",
+            refresh_keyring(client.clone(), config.clone(), master_keys.clone()),
+        );
+    }
     background.spawn(
         "node key publication",
         node_key::publish(
@@ -267,7 +281,7 @@ pub async fn run(
             sync::mirror::<ClawSecret>(
                 client.clone(),
                 store.clone(),
-                keys.clone(),
+                master_keys.clone(),
                 metrics.clone(),
                 labels_rx.clone(),
             ),
@@ -278,7 +292,7 @@ pub async fn run(
         sync::mirror::<ClawConfig>(
             client.clone(),
             store.clone(),
-            keys.clone(),
+            master_keys.clone(),
             metrics.clone(),
             labels_rx,
         ),
@@ -295,6 +309,7 @@ pub async fn run(
         .with_metrics(metrics.token_reviews());
     let audit_handle = audit.clone();
     let anchored_store = store.clone();
+    let carried_store = store.clone();
     let repository = KubeRepository::new(
         bounded.clone(),
         &bounded_config,
@@ -310,6 +325,14 @@ pub async fn run(
         keys,
     );
     let mut dispatcher = Dispatcher::new(core);
+    if let Some(source) = &config.deliveries {
+        dispatcher = dispatcher.with_carrier(Arc::new(carrier::OperatorCarrier::new(
+            bounded.clone(),
+            source,
+            &config.node_name,
+            carried_store,
+        )));
+    }
     metrics.register(dispatcher.registry_mut());
     let dispatcher = Arc::new(dispatcher);
     let result = tokio::select! {

@@ -69,8 +69,13 @@ pub trait Mirrored: kube::Resource + Clone + Send + Sync + 'static {
     /// Writes the object into the store if it is newer than what the store holds (an invalid
     /// or not yet sealed object keeps the node's copy): `Ok(Some(when the object last
     /// changed))` if it wrote it, `Ok(None)` if there was nothing to write, `Err` for a write
-    /// that failed and should be tried again. `keyring` opens the writes the object remembers.
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<Option<Timestamp>, StoreError>;
+    /// that failed and should be tried again. `keyring` opens the writes the object remembers
+    /// (`None`: they are not kept, on a node whose writes the operator carries).
+    fn store_it(
+        &self,
+        store: &Store,
+        keyring: Option<&Keyring>,
+    ) -> Result<Option<Timestamp>, StoreError>;
     /// Removes the key's entry, if `expect` holds (see `removal_expectation`).
     fn remove(key: &ObjectKey, store: &Store, expect: Expect) -> Removal;
     fn stored_keys(store: &Store) -> Vec<ObjectKey>;
@@ -132,10 +137,16 @@ impl Mirrored for ClawSecret {
         self.spec.node_selector.as_ref()
     }
 
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<Option<Timestamp>, StoreError> {
-        let writes = match convert::secret_key(self) {
-            Ok(key) => convert::remembered_writes(&self.metadata, Kind::Secret, &key, keyring),
-            Err(_) => Vec::new(),
+    fn store_it(
+        &self,
+        store: &Store,
+        keyring: Option<&Keyring>,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        let writes = match (convert::secret_key(self), keyring) {
+            (Ok(key), Some(keyring)) => {
+                convert::remembered_writes(&self.metadata, Kind::Secret, &key, keyring)
+            }
+            _ => Vec::new(),
         };
         let record = match convert::secret_record(self, writes) {
             Ok(Some(r)) => r,
@@ -199,7 +210,11 @@ impl Mirrored for ClawConfig {
         self.spec.node_selector.as_ref()
     }
 
-    fn store_it(&self, store: &Store, keyring: &Keyring) -> Result<Option<Timestamp>, StoreError> {
+    fn store_it(
+        &self,
+        store: &Store,
+        keyring: Option<&Keyring>,
+    ) -> Result<Option<Timestamp>, StoreError> {
         // Only data the operator accepted (validated, and timestamped in status.acceptedTime,
         // the config's updatedAt) is delivered; until then a node keeps the copy it has.
         let accepted = self
@@ -209,9 +224,11 @@ impl Mirrored for ClawConfig {
         if accepted != Some(convert::data_hash(&self.spec.data).as_str()) {
             return Ok(None);
         }
-        let writes = match convert::config_key(self) {
-            Ok(key) => convert::remembered_writes(&self.metadata, Kind::Config, &key, keyring),
-            Err(_) => Vec::new(),
+        let writes = match (convert::config_key(self), keyring) {
+            (Ok(key), Some(keyring)) => {
+                convert::remembered_writes(&self.metadata, Kind::Config, &key, keyring)
+            }
+            _ => Vec::new(),
         };
         let record = match convert::config_record(self, writes) {
             Ok(r) => r,
@@ -280,7 +297,12 @@ impl Applied {
 }
 
 /// Applies one object: stored if it belongs on this node, removed otherwise.
-fn apply<K: Mirrored>(obj: &K, labels: &Labels, store: &Store, keyring: &Keyring) -> Applied {
+fn apply<K: Mirrored>(
+    obj: &K,
+    labels: &Labels,
+    store: &Store,
+    keyring: Option<&Keyring>,
+) -> Applied {
     let Some(key) = obj.key() else {
         return Applied::Removed;
     };
@@ -325,7 +347,7 @@ const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 pub async fn mirror<K>(
     client: kube::Client,
     store: Arc<Store>,
-    keys: SharedKeyring,
+    keys: Option<SharedKeyring>,
     metrics: Arc<AgentMetrics>,
     mut labels_rx: watch::Receiver<Option<Labels>>,
 ) where
@@ -368,12 +390,12 @@ pub async fn mirror<K>(
                     break;
                 }
                 _ = retry.tick(), if !failed.is_empty() => {
-                    let (store, labels, keyring) = (store.clone(), labels.clone(), keys.current());
+                    let (store, labels, keyring) = (store.clone(), labels.clone(), keys.as_ref().map(SharedKeyring::current));
                     let pending = std::mem::take(&mut failed);
                     failed = blocking(move || {
                         pending
                             .into_iter()
-                            .filter(|(_, obj)| matches!(apply(obj, &labels, &store, &keyring), Applied::Failed(_)))
+                            .filter(|(_, obj)| matches!(apply(obj, &labels, &store, keyring.as_deref()), Applied::Failed(_)))
                             .collect()
                     })
                     .await;
@@ -382,14 +404,14 @@ pub async fn mirror<K>(
                     let Some(event) = event else { return };
                     let store = store.clone();
                     let labels = labels.clone();
-                    let keyring = keys.current();
+                    let keyring = keys.as_ref().map(SharedKeyring::current);
                     match event {
                         Ok(Event::Init) => listed.clear(),
                         Ok(Event::InitApply(Err(kept))) => {
                             listed.extend(kept);
                         }
                         Ok(Event::InitApply(Ok(obj))) => {
-                            let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, &keyring), obj)).await;
+                            let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, keyring.as_deref()), obj)).await;
                             note(&mut failed, &applied, obj, &metrics);
                             if let Some(k) = applied.key() {
                                 listed.insert(k);
@@ -410,7 +432,7 @@ pub async fn mirror<K>(
                         }
                         Ok(Event::Apply(Err(_))) => {}
                         Ok(Event::Apply(Ok(obj))) => {
-                            let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, &keyring), obj)).await;
+                            let (applied, obj) = blocking(move || (apply(&obj, &labels, &store, keyring.as_deref()), obj)).await;
                             note(&mut failed, &applied, obj, &metrics);
                         }
                         Ok(Event::Delete(guarded)) => {
@@ -562,7 +584,7 @@ mod tests {
         };
 
         // Written now: stored, with when it last changed (its sealTime).
-        let first = apply(&db("uid-1", 10, 2, "two"), &labels, &store, &keyring);
+        let first = apply(&db("uid-1", 10, 2, "two"), &labels, &store, Some(&keyring));
         assert!(
             matches!(first, Applied::Stored(ref k, _) if *k == key()),
             "{first:?}"
@@ -573,7 +595,7 @@ mod tests {
         // API server) is ignored, and the key still counts as present (no sweep).
         let older = db("uid-1", 5, 1, "one");
         assert_eq!(
-            apply(&older, &labels, &store, &keyring),
+            apply(&older, &labels, &store, Some(&keyring)),
             Applied::Held(key())
         );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
@@ -581,7 +603,7 @@ mod tests {
         let mut unnumbered = db("uid-1", 0, 1, "one");
         unnumbered.metadata.resource_version = Some("opaque".into());
         assert_eq!(
-            apply(&unnumbered, &labels, &store, &keyring),
+            apply(&unnumbered, &labels, &store, Some(&keyring)),
             Applied::Held(key())
         );
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
@@ -589,11 +611,16 @@ mod tests {
         // Also after a restart (the store reopened from disk).
         drop(store);
         let (store, _) = open(dir.path(), &keyring);
-        apply(&older, &labels, &store, &keyring);
+        apply(&older, &labels, &store, Some(&keyring));
         assert_eq!(stored(&store, &keyring), v(2, "uid-1", "two"));
 
         // Newer versions move it forward.
-        apply(&db("uid-1", 20, 3, "three"), &labels, &store, &keyring);
+        apply(
+            &db("uid-1", 20, 3, "three"),
+            &labels,
+            &store,
+            Some(&keyring),
+        );
         assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
     }
 
@@ -606,31 +633,41 @@ mod tests {
         let db = |uid: &str, rv: u64, version: u64, value: &str| {
             sealed(&keyring, uid, rv, version, value)
         };
-        apply(&db("uid-1", 20, 3, "three"), &labels, &store, &keyring);
+        apply(
+            &db("uid-1", 20, 3, "three"),
+            &labels,
+            &store,
+            Some(&keyring),
+        );
 
         // Deleted at resourceVersion 25 and re-created (uid-2, 30), its history starting at 1:
         // stored, although its version is lower (the deletion may never have been seen).
-        apply(&db("uid-2", 30, 1, "fresh"), &labels, &store, &keyring);
+        apply(
+            &db("uid-2", 30, 1, "fresh"),
+            &labels,
+            &store,
+            Some(&keyring),
+        );
         assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
 
         // The predecessor's leftovers (a lagging API server's re-list, an event delivered
         // late) change nothing, and the key still counts as present: an update...
         let leftover = db("uid-1", 20, 3, "three");
         assert_eq!(
-            apply(&leftover, &labels, &store, &keyring),
+            apply(&leftover, &labels, &store, Some(&keyring)),
             Applied::Held(key())
         );
         assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
         // ... its deletion in progress, or a selector that no longer picks this node ...
         let being_deleted = deleting(db("uid-1", 25, 3, "three"));
         assert_eq!(
-            apply(&being_deleted, &labels, &store, &keyring),
+            apply(&being_deleted, &labels, &store, Some(&keyring)),
             Applied::Held(key())
         );
         let mut deselected = db("uid-1", 22, 3, "three");
         deselected.spec.node_selector = Some([("gpu".to_owned(), "true".to_owned())].into());
         assert_eq!(
-            apply(&deselected, &labels, &store, &keyring),
+            apply(&deselected, &labels, &store, Some(&keyring)),
             Applied::Held(key())
         );
         // ... and its Delete event.
@@ -644,14 +681,17 @@ mod tests {
         drop(store);
         let (store, _) = open(dir.path(), &keyring);
         assert_eq!(
-            apply(&leftover, &labels, &store, &keyring),
+            apply(&leftover, &labels, &store, Some(&keyring)),
             Applied::Held(key())
         );
         assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
 
         // The successor's own deletion removes it.
         let deleted = deleting(db("uid-2", 31, 1, "fresh"));
-        assert_eq!(apply(&deleted, &labels, &store, &keyring), Applied::Removed);
+        assert_eq!(
+            apply(&deleted, &labels, &store, Some(&keyring)),
+            Applied::Removed
+        );
         assert_eq!(stored(&store, &keyring), None);
     }
 
@@ -665,12 +705,12 @@ mod tests {
         // later, so a new uid is taken as the re-created object (as before).
         let mut old = sealed(&keyring, "uid-1", 20, 3, "three");
         old.metadata.resource_version = None;
-        apply(&old, &labels, &store, &keyring);
+        apply(&old, &labels, &store, Some(&keyring));
         apply(
             &sealed(&keyring, "uid-2", 30, 1, "fresh"),
             &labels,
             &store,
-            &keyring,
+            Some(&keyring),
         );
         assert_eq!(stored(&store, &keyring), v(1, "uid-2", "fresh"));
     }
@@ -703,20 +743,20 @@ mod tests {
         let (store, _) = open(dir.path(), &keyring);
         let gpu = Labels::from([("gpu".to_owned(), "true".to_owned())]);
         let mut obj = sealed(&keyring, "uid-1", 1, 1, "one");
-        apply(&obj, &gpu, &store, &keyring);
+        apply(&obj, &gpu, &store, Some(&keyring));
         assert!(store.secret(&key()).is_some());
 
         obj.spec.node_selector = Some([("gpu".to_owned(), "false".to_owned())].into());
-        assert_eq!(apply(&obj, &gpu, &store, &keyring), Applied::Removed);
+        assert_eq!(apply(&obj, &gpu, &store, Some(&keyring)), Applied::Removed);
         assert!(store.secret(&key()).is_none());
 
         obj.spec.node_selector = None;
-        apply(&obj, &gpu, &store, &keyring);
+        apply(&obj, &gpu, &store, Some(&keyring));
         assert!(store.secret(&key()).is_some());
         obj.metadata.deletion_timestamp = Some(
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
         );
-        assert_eq!(apply(&obj, &gpu, &store, &keyring), Applied::Removed);
+        assert_eq!(apply(&obj, &gpu, &store, Some(&keyring)), Applied::Removed);
         assert!(store.secret(&key()).is_none());
     }
 }
