@@ -1,15 +1,19 @@
-//! The node agent: one per node. It mirrors the ClawSecrets and ClawConfigs its node should
-//! hold into the node-local store (the same crash-safe store as dev mode), and serves
-//! `node.invoke` on the node: reads from the store, writes through the API server.
+//! The node agent: one per node. It keeps the ClawSecrets and ClawConfigs its node should hold
+//! in the node-local store (the same crash-safe store as dev mode), and serves `node.invoke` on
+//! the node: reads from the store, writes through the API server.
 //!
-//! Start-up order matters for the "serve reads within 100 ms, API server down" target: the
-//! cached keyring, the store, the saved token reviews and the audit log are local, so the
-//! server listens before the agent has talked to the API server at all; syncing and key
-//! refresh run in the background. Only an agent without a cached keyring (its first start)
-//! waits for the API server: its store can be neither checked nor opened without one.
+//! Two ways to hold secrets. With deliveries (`AgentConfig::deliveries`, the chart's default),
+//! the node holds only its own key: the operator delivers the node's secrets sealed to it
+//! ([`receive`]), the store is sealed under it, and writes are passed on to the operator, which
+//! holds the master keyring (`carrier.rs`). Without, the agent caches the master keyring, watches
+//! every ClawSecret (`sync.rs`) and makes writes itself ([`crate::k8s::backend`]). ClawConfigs
+//! (plain) are watched either way.
 //!
-//! The command core's seams: [`KubeAuthorizer`] (TokenReview, SubjectAccessReview) and
-//! [`KubeRepository`] (the store for reads, the API server for writes).
+//! Start-up order matters for the "serve reads within 100 ms, API server down" target: the node
+//! key (or the cached keyring), the store, the saved token reviews and the audit log are local,
+//! so the server listens before the agent has talked to the API server at all; syncing runs in
+//! the background. Only an agent without deliveries and without a cached keyring (its first
+//! start) waits for the API server: its store can be neither checked nor opened without one.
 
 mod carrier;
 pub mod deliveries;
