@@ -967,7 +967,12 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
     );
     assert_eq!(
         op["volumeMounts"],
-        json!([{"name": "data", "mountPath": flag(&args, "--data-dir")}])
+        json!([{"name": "data", "mountPath": "/var/lib/claw-secrets-operator"}])
+    );
+    assert_eq!(
+        flag(&args, "--data-dir"),
+        "/var/lib/claw-secrets-operator/data",
+        "a directory of its own in the emptyDir"
     );
     // Its RBAC: that configuration and that Secret, by name.
     let cluster_role = named(&objects, "ClusterRole", "claw-secrets-operator");

@@ -1051,3 +1051,254 @@ async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
     hook.remove().await;
     c.cleanup().await;
 }
+
+/// The compromise test (issue 16): with everything node-a can reach (its data dir, its node
+/// key, its agent's ServiceAccount tokens, and whatever they read through the API server and
+/// the operator), an attacker routine recovers the secrets meant for node-a (the routine is
+/// real: it finds those), and none of the secrets selected only for node-b or node-c, and none
+/// of the master keyring.
+#[tokio::test]
+async fn a_compromised_node_reveals_only_its_own_secrets() {
+    use base64::Engine;
+    use claw_secrets::crypto::{DeliveryScope, open_delivery};
+    use claw_secrets::k8s::delivery::NodeDeliveries;
+    use k8s_openapi::api::core::v1::Secret;
+    let _lock = cluster::exclusive().await;
+    let c = Cluster::new("compromise").await;
+    let ns = cluster::master_key_namespace();
+    agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
+    let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
+        .await
+        .on_every_address();
+    let operator = hook.operator(&c).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let zone = |z: &'static str| [(cluster::ZONE, z)];
+    let (node_a, node_b, node_c) = (
+        c.node("a", &zone("a")).await,
+        c.node("b", &zone("b")).await,
+        c.node("c", &zone("c")).await,
+    );
+    service_for_the_operator(&c, ns, &node_a, hook.port()).await;
+    let local: std::net::IpAddr = Ipv4Addr::LOCALHOST.into();
+    let mut agents = Vec::new();
+    for node in [&node_a, &node_b, &node_c] {
+        let (_, kubeconfig) = node_client(&c, node, scratch.path()).await;
+        let args = delivery_args(&c, node, scratch.path()).await;
+        agents.push(c.start_agent_with(node, &kubeconfig, local, args).await);
+    }
+
+    // One secret for every node, one for each node alone.
+    let canary = |what: &str| format!("canary-{what}-{}", random::random_hex(8));
+    let (for_all, for_a, for_b, for_c) = (canary("all"), canary("a"), canary("b"), canary("c"));
+    let secrets = c.secrets();
+    for (name, value, only) in [
+        ("for-all", &for_all, None),
+        ("for-a", &for_a, Some("a")),
+        ("for-b", &for_b, Some("b")),
+        ("for-c", &for_c, Some("c")),
+    ] {
+        let mut s = cluster::secret_with_data(name, &[("k", value)]);
+        s.spec.node_selector = only.map(|z| [(cluster::ZONE.to_owned(), z.to_owned())].into());
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let alice = c.alice().await;
+    for (agent, name, value) in [
+        (&agents[0], "for-a", &for_a),
+        (&agents[0], "for-all", &for_all),
+        (&agents[1], "for-b", &for_b),
+        (&agents[2], "for-c", &for_c),
+    ] {
+        holds(agent, &alice, c.ns(), name, 1, value).await;
+    }
+
+    // ---- The attacker, with node-a's root. ----
+    let mut seen: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut recovered: Vec<String> = Vec::new();
+    let a = &agents[0];
+    // 1. Its data dir, every file (the node key among them).
+    for file in files::files_under(&a.data_dir()) {
+        seen.push((file.display().to_string(), std::fs::read(&file).unwrap()));
+    }
+    let node_key = node_key_of(a);
+    // 2. Its store, opened with its node key (a copy: the agent still runs), every secret in it.
+    let copy = scratch.path().join("stolen");
+    std::fs::create_dir(&copy).unwrap();
+    for part in ["secrets", "configs", "store.manifest"] {
+        let from = a.data_dir().join(part);
+        let status = std::process::Command::new("cp")
+            .args([
+                "-a",
+                &from.display().to_string(),
+                &copy.display().to_string(),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let (store, _) = claw_secrets::store::Store::open(
+        &copy,
+        claw_secrets::crypto::SharedKeyring::new(node_key.clone()),
+        claw_secrets::store::OpenOptions::default(),
+    )
+    .expect("the stolen store opens with the stolen node key");
+    for key in store.secret_keys() {
+        let record = store.secret(&key).unwrap();
+        let identity = claw_secrets::crypto::SecretIdentity {
+            kind: claw_secrets::domain::Kind::Secret,
+            namespace: &key.namespace,
+            name: &key.name,
+            version: record.version,
+        };
+        let data = claw_secrets::crypto::open(&node_key, &identity, &record.envelope).unwrap();
+        recovered.push(serde_json::to_string(&data).unwrap());
+    }
+    // 3. Its agent's tokens: the API server's (as its kubeconfig holds it) and the operator's.
+    let (as_a, _) = node_client(&c, &node_a, scratch.path()).await;
+    let delivery_token =
+        std::fs::read_to_string(scratch.path().join(format!("{node_a}.delivery-token"))).unwrap();
+    let api_token = agent_identity::node_bound_token(&c.client(), ns, &node_a).await;
+    // Whatever the API token reads: ClawSecrets (any namespace), Secrets (the keyring), the
+    // public sealing key, ClawNodes, a token of its own ServiceAccount for another node.
+    let get = |path: String| {
+        let client = as_a.clone();
+        async move {
+            let req = hyper::Request::get(&path).body(Vec::new()).unwrap();
+            match client.request_text(req).await {
+                Ok(body) => (200u16, body),
+                Err(kube::Error::Api(s)) => (s.code, s.message),
+                Err(e) => (0, e.to_string()),
+            }
+        }
+    };
+    let mut refused = Vec::new();
+    for path in [
+        "/apis/clawbernetes.io/v1beta1/clawsecrets".to_owned(),
+        format!(
+            "/apis/clawbernetes.io/v1beta1/namespaces/{}/clawsecrets",
+            c.ns()
+        ),
+        format!(
+            "/apis/clawbernetes.io/v1beta1/namespaces/{}/clawsecrets/for-b",
+            c.ns()
+        ),
+        format!(
+            "/api/v1/namespaces/{ns}/secrets/{}",
+            cluster::MASTER_KEY_NAME
+        ),
+        format!("/api/v1/namespaces/{ns}/secrets"),
+        "/api/v1/secrets".to_owned(),
+        format!("/api/v1/namespaces/{ns}/configmaps"),
+        "/apis/clawbernetes.io/v1beta1/clawnodes".to_owned(),
+    ] {
+        let (status, body) = get(path.clone()).await;
+        if status == 403 {
+            refused.push(path.clone());
+        }
+        seen.push((format!("GET {path} ({status})"), body.into_bytes()));
+    }
+    assert_eq!(
+        refused.len(),
+        8,
+        "the agent's token reads none of them: {refused:?}"
+    );
+    let (status, body) = get(format!(
+        "/api/v1/namespaces/{ns}/configmaps/{}",
+        claw_secrets::k8s::sealing_key::CONFIGMAP
+    ))
+    .await;
+    assert_eq!(status, 200, "the public sealing key is public: {body}");
+    seen.push(("the sealing key".to_owned(), body.into_bytes()));
+    let sa_token = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(as_a.clone(), ns)
+        .create_token_request(
+            "claw-secrets-agent",
+            &PostParams::default(),
+            &Default::default(),
+        )
+        .await;
+    assert!(
+        matches!(&sa_token, Err(kube::Error::Api(s)) if s.code == 403),
+        "the agent's token mints no token for another node: {sa_token:?}"
+    );
+    // Its deliveries, through the API server's proxy, with each token it holds; each opened
+    // with the node key.
+    for (what, token) in [
+        ("delivery", delivery_token.trim()),
+        ("api", api_token.trim()),
+    ] {
+        let req = hyper::Request::get(format!(
+            "/api/v1/namespaces/{ns}/services/https:claw-secrets-webhook:443/proxy/v1/deliveries"
+        ))
+        .header("x-claw-secrets-authorization", format!("Bearer {token}"))
+        .body(Vec::new())
+        .unwrap();
+        let answer = as_a.request_text(req).await;
+        let Ok(body) = answer else {
+            assert_eq!(
+                what, "api",
+                "the delivery token gets node-a's deliveries: {answer:?}"
+            );
+            continue;
+        };
+        assert_eq!(what, "delivery", "the API token gets no deliveries: {body}");
+        let d: NodeDeliveries = serde_json::from_str(&body).unwrap();
+        for delivery in &d.secrets {
+            // Under every node name: the AAD binds the one it was sealed for.
+            for node in [&node_a, &node_b, &node_c] {
+                let scope = DeliveryScope {
+                    node,
+                    namespace: &delivery.namespace,
+                    name: &delivery.object,
+                    version: delivery.version,
+                };
+                if let Ok(data) = open_delivery(&node_key, &scope, &delivery.data) {
+                    recovered.push(serde_json::to_string(&data).unwrap());
+                }
+            }
+        }
+        seen.push(("node-a's deliveries".to_owned(), body.into_bytes()));
+    }
+
+    // ---- What it got. ----
+    let all: String = recovered.join("\n");
+    assert!(
+        all.contains(&for_a) && all.contains(&for_all),
+        "the routine recovers what node-a holds"
+    );
+    let others = canary::Canaries::of([for_b.clone(), for_c.clone()]);
+    others.assert_absent("what the routine opened", all.as_bytes());
+    for (what, bytes) in &seen {
+        others.assert_absent(what, bytes);
+    }
+    // No master key, in any form, anywhere it looked.
+    let keyring = Api::<Secret>::namespaced(c.client(), ns)
+        .get(cluster::MASTER_KEY_NAME)
+        .await
+        .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&keyring.data.unwrap()["keyring.json"].0).unwrap();
+    let keys: Vec<String> = json["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!keys.is_empty());
+    let master = canary::Canaries::of(keys.clone());
+    for (what, bytes) in &seen {
+        master.assert_absent(what, bytes);
+        for key in &keys {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(key)
+                .unwrap();
+            assert!(
+                !canary::contains_bytes(bytes, &raw),
+                "{what} holds a master key"
+            );
+        }
+    }
+    assert!(!a.data_dir().join("master.key").exists());
+
+    drop((agents, operator));
+    hook.remove().await;
+    c.cleanup().await;
+}
