@@ -944,7 +944,7 @@ async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
         delivery_args(&c, &node_a, scratch.path()).await,
         delivery_args(&c, &node_b, scratch.path()).await,
     );
-    let (mut a, b) = tokio::join!(
+    let (mut a, mut b) = tokio::join!(
         c.start_agent_with(&node_a, &kubeconfig_a, local, args_a),
         c.start_agent_with(&node_b, &kubeconfig_b, local, args_b),
     );
@@ -1032,6 +1032,16 @@ async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
         .await
         .unwrap();
     lacks(&b, &alice, c.ns(), "gpu-only").await;
+
+    // A replaced node (its data dir gone, so a new node key): its new key is published and its
+    // deliveries are sealed to it.
+    let old_key = node_key_of(&b);
+    b.kill();
+    std::fs::remove_dir_all(b.data_dir()).unwrap();
+    b.restart().await;
+    let new_key = node_key_of(&b);
+    assert_ne!(new_key.active().id(), old_key.active().id());
+    holds(&b, &alice, c.ns(), "everywhere", 2, &rotated).await;
 
     // Nothing in clear on either node's disk.
     let canaries = canary::Canaries::of([canary_all.clone(), canary_gpu.clone(), rotated.clone()]);
