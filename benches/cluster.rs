@@ -69,6 +69,9 @@ mod dev_server;
 #[path = "../tests/support/webhook.rs"]
 mod webhook;
 
+#[path = "../tests/support/host.rs"]
+mod host;
+
 #[path = "../tests/support/tokens.rs"]
 mod tokens;
 

@@ -46,6 +46,9 @@ mod tools;
 #[path = "support/webhook.rs"]
 mod webhook;
 
+#[path = "support/host.rs"]
+mod host;
+
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::Secret;

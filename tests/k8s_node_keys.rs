@@ -50,43 +50,11 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use cluster::{Agent, Cluster};
 use wait::eventually;
-
-/// The agent's Kubernetes client for `node`: the agent ServiceAccount's token bound to that
-/// Node, in a kubeconfig at `dir`.
-async fn node_client(c: &Cluster, node: &str, dir: &Path) -> (kube::Client, PathBuf) {
-    let ns = cluster::master_key_namespace();
-    let token = agent_identity::node_bound_token(&c.client(), ns, node).await;
-    let kubeconfig = dir.join(format!("{node}.kubeconfig"));
-    let client = agent_identity::client_with_token(&c.env.kubeconfig, &token, &kubeconfig).await;
-    (client, kubeconfig)
-}
-
-/// The flags that make an agent take its secrets from the operator's deliveries and pass its
-/// writes on to the operator (the chart's, with the webhook): a token of the agent's
-/// ServiceAccount bound to `node` for the operator's audience, in a file under `dir`.
-async fn delivery_args(c: &Cluster, node: &str, dir: &Path) -> Vec<String> {
-    let ns = cluster::master_key_namespace();
-    let token = agent_identity::node_bound_token_for(
-        &c.client(),
-        ns,
-        node,
-        &[claw_secrets::k8s::delivery::AUDIENCE],
-    )
-    .await;
-    let file = dir.join(format!("{node}.delivery-token"));
-    std::fs::write(&file, token).unwrap();
-    vec![
-        "--delivery-token-file".to_owned(),
-        file.display().to_string(),
-        "--operator-service".to_owned(),
-        format!("{ns}/claw-secrets-webhook:443"),
-    ]
-}
 
 /// The key the agent keeps in its data dir.
 fn node_key_of(agent: &Agent) -> Keyring {
@@ -131,12 +99,12 @@ async fn each_agent_publishes_its_own_key_and_can_write_no_other() {
     let scratch = tempfile::tempdir().unwrap();
 
     let (node_a, node_b) = (c.node("a", &[]).await, c.node("b", &[]).await);
-    let (client_a, kubeconfig_a) = node_client(&c, &node_a, scratch.path()).await;
-    let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
+    let (client_a, kubeconfig_a) = agent_identity::node_client(&c, &node_a, scratch.path()).await;
+    let (_, kubeconfig_b) = agent_identity::node_client(&c, &node_b, scratch.path()).await;
     let local = Ipv4Addr::LOCALHOST.into();
     let (args_a, args_b) = (
-        delivery_args(&c, &node_a, scratch.path()).await,
-        delivery_args(&c, &node_b, scratch.path()).await,
+        agent_identity::delivery_args(&c, &node_a, scratch.path()).await,
+        agent_identity::delivery_args(&c, &node_b, scratch.path()).await,
     );
     let (mut a, b) = tokio::join!(
         c.start_agent_with(&node_a, &kubeconfig_a, local, args_a),
@@ -305,9 +273,9 @@ async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
     let operator = hook.operator(&c).await;
     let scratch = tempfile::tempdir().unwrap();
     let node = c.node("a", &[]).await;
-    service_for_the_operator(&c, ns, &node, hook.port()).await;
-    let (agent_client, kubeconfig) = node_client(&c, &node, scratch.path()).await;
-    let args = delivery_args(&c, &node, scratch.path()).await;
+    hook.reachable_by_agents(&c, ns, &node).await;
+    let (agent_client, kubeconfig) = agent_identity::node_client(&c, &node, scratch.path()).await;
+    let args = agent_identity::delivery_args(&c, &node, scratch.path()).await;
     let agent = c
         .start_agent_with(&node, &kubeconfig, Ipv4Addr::LOCALHOST.into(), args)
         .await;
@@ -543,66 +511,6 @@ async fn refuse_to_alice(c: &Cluster, name: &str, dir: &Path) {
     .await;
 }
 
-/// The Service the chart puts in front of the operator's webhook, `claw-secrets-webhook` port
-/// 443, in `ns`, as the cluster would keep it for an operator pod on `node` at this host's
-/// proxyable address, serving on `port`. No kubelet or controller runs here, so the Pod's
-/// status and the Endpoints are written by hand; the API server's service proxy goes to an
-/// endpoint only if it names a Pod holding that address.
-async fn service_for_the_operator(c: &Cluster, ns: &str, node: &str, port: u16) {
-    use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
-    let ip = host::proxyable_ip().to_string();
-    let apply = PatchParams::apply("claw-secrets-tests").force();
-    let pods: Api<Pod> = Api::namespaced(c.client(), ns);
-    // A Pod of its own per test (a Pod's spec cannot change), force-deleted if left over.
-    let pod_name = format!("claw-secrets-operator-test-{}", c.suffix());
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": pod_name, "namespace": ns },
-        "spec": {
-            "nodeName": node,
-            "containers": [{ "name": "operator", "image": "claw-secrets:test",
-                             "ports": [{ "name": "webhook", "containerPort": port }] }],
-        },
-    }))
-    .unwrap();
-    pods.patch(&pod_name, &apply, &Patch::Apply(&pod))
-        .await
-        .expect("the operator's Pod");
-    pods.patch_status(
-        &pod_name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": {
-            "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }],
-            "conditions": [{ "type": "Ready", "status": "True" }],
-        }})),
-    )
-    .await
-    .expect("the operator Pod's status");
-    let service: Service = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": "claw-secrets-webhook", "namespace": ns },
-        "spec": { "ports": [{ "name": "webhook", "port": 443, "targetPort": port, "protocol": "TCP" }] },
-    }))
-    .unwrap();
-    Api::<Service>::namespaced(c.client(), ns)
-        .patch("claw-secrets-webhook", &apply, &Patch::Apply(&service))
-        .await
-        .expect("the operator's Service");
-    #[allow(deprecated)]
-    let endpoints: Endpoints = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": "claw-secrets-webhook", "namespace": ns },
-        "subsets": [{
-            "addresses": [{ "ip": ip, "nodeName": node, "targetRef": {
-                "kind": "Pod", "name": pod_name, "namespace": ns } }],
-            "ports": [{ "name": "webhook", "port": port, "protocol": "TCP" }],
-        }],
-    }))
-    .unwrap();
-    #[allow(deprecated)]
-    Api::<Endpoints>::namespaced(c.client(), ns)
-        .patch("claw-secrets-webhook", &apply, &Patch::Apply(&endpoints))
-        .await
-        .expect("its Endpoints");
-}
-
 /// The operator's delivery endpoint: each node gets the secrets that select it, sealed to its
 /// own key (node-b cannot open node-a's); only the agent's tokens bound to a node and for the
 /// operator's audience are answered; a wait ends when the node's set changes.
@@ -625,12 +533,12 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     let scratch = tempfile::tempdir().unwrap();
     let gpu = [(cluster::GPU, "true")];
     let (node_a, node_b) = (c.node("a", &gpu).await, c.node("b", &[]).await);
-    let (client_a, kubeconfig_a) = node_client(&c, &node_a, scratch.path()).await;
-    let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
+    let (client_a, kubeconfig_a) = agent_identity::node_client(&c, &node_a, scratch.path()).await;
+    let (_, kubeconfig_b) = agent_identity::node_client(&c, &node_b, scratch.path()).await;
     let local = Ipv4Addr::LOCALHOST.into();
     let (args_a, args_b) = (
-        delivery_args(&c, &node_a, scratch.path()).await,
-        delivery_args(&c, &node_b, scratch.path()).await,
+        agent_identity::delivery_args(&c, &node_a, scratch.path()).await,
+        agent_identity::delivery_args(&c, &node_b, scratch.path()).await,
     );
     let (a, b) = tokio::join!(
         c.start_agent_with(&node_a, &kubeconfig_a, local, args_a),
@@ -747,7 +655,7 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     // Service (here with an endpoint at this host's address), with the agent's own
     // credentials for the API server (its Role allows exactly that proxy) and the node's
     // token for the operator in the header the proxy passes on.
-    service_for_the_operator(&c, ns, &node_a, hook.port()).await;
+    hook.reachable_by_agents(&c, ns, &node_a).await;
     let token_file = scratch.path().join("delivery-token-a");
     std::fs::write(&token_file, &token_a).unwrap();
     let proxied = claw_secrets::k8s::agent::deliveries::DeliveryClient::new(
@@ -930,7 +838,7 @@ async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
     let scratch = tempfile::tempdir().unwrap();
     let gpu = [(cluster::GPU, "true")];
     let (node_a, node_b) = (c.node("a", &gpu).await, c.node("b", &[]).await);
-    service_for_the_operator(&c, ns, &node_a, hook.port()).await;
+    hook.reachable_by_agents(&c, ns, &node_a).await;
     // Node-a reaches the API server through a relay the test can black-hole.
     let (hole, relayed) = relay::BlackHole::in_front_of(&c.env.kubeconfig).await;
     let kubeconfig_a = tokens::kubeconfig_with_token(
@@ -938,11 +846,11 @@ async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
         &agent_identity::node_bound_token(&c.client(), ns, &node_a).await,
         &scratch.path().join(format!("{node_a}.kubeconfig")),
     );
-    let (_, kubeconfig_b) = node_client(&c, &node_b, scratch.path()).await;
+    let (_, kubeconfig_b) = agent_identity::node_client(&c, &node_b, scratch.path()).await;
     let local = Ipv4Addr::LOCALHOST.into();
     let (args_a, args_b) = (
-        delivery_args(&c, &node_a, scratch.path()).await,
-        delivery_args(&c, &node_b, scratch.path()).await,
+        agent_identity::delivery_args(&c, &node_a, scratch.path()).await,
+        agent_identity::delivery_args(&c, &node_b, scratch.path()).await,
     );
     let (mut a, mut b) = tokio::join!(
         c.start_agent_with(&node_a, &kubeconfig_a, local, args_a),
@@ -1088,13 +996,11 @@ async fn a_compromised_node_reveals_only_its_own_secrets() {
         c.node("b", &zone("b")).await,
         c.node("c", &zone("c")).await,
     );
-    service_for_the_operator(&c, ns, &node_a, hook.port()).await;
+    hook.reachable_by_agents(&c, ns, &node_a).await;
     let local: std::net::IpAddr = Ipv4Addr::LOCALHOST.into();
     let mut agents = Vec::new();
     for node in [&node_a, &node_b, &node_c] {
-        let (_, kubeconfig) = node_client(&c, node, scratch.path()).await;
-        let args = delivery_args(&c, node, scratch.path()).await;
-        agents.push(c.start_agent_with(node, &kubeconfig, local, args).await);
+        agents.push(agent_identity::delivered_agent(&c, node, scratch.path(), local).await);
     }
 
     // One secret for every node, one for each node alone.
@@ -1163,7 +1069,7 @@ async fn a_compromised_node_reveals_only_its_own_secrets() {
         recovered.push(serde_json::to_string(&data).unwrap());
     }
     // 3. Its agent's tokens: the API server's (as its kubeconfig holds it) and the operator's.
-    let (as_a, _) = node_client(&c, &node_a, scratch.path()).await;
+    let (as_a, _) = agent_identity::node_client(&c, &node_a, scratch.path()).await;
     let delivery_token =
         std::fs::read_to_string(scratch.path().join(format!("{node_a}.delivery-token"))).unwrap();
     let api_token = agent_identity::node_bound_token(&c.client(), ns, &node_a).await;

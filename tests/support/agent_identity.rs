@@ -19,7 +19,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use claw_secrets::k8s::crd::{ClawNode, ClawNodeSpec};
 
@@ -197,4 +197,54 @@ async fn token(
             })
     })
     .await
+}
+
+/// The agent's Kubernetes client for `node`: the agent ServiceAccount's token bound to that
+/// Node, in a kubeconfig at `dir`.
+pub async fn node_client(
+    c: &crate::cluster::Cluster,
+    node: &str,
+    dir: &Path,
+) -> (kube::Client, PathBuf) {
+    let ns = crate::cluster::master_key_namespace();
+    let token = node_bound_token(&c.client(), ns, node).await;
+    let kubeconfig = dir.join(format!("{node}.kubeconfig"));
+    let client = client_with_token(&c.env.kubeconfig, &token, &kubeconfig).await;
+    (client, kubeconfig)
+}
+
+/// The flags that make an agent take its secrets from the operator's deliveries and pass its
+/// writes on to the operator (the chart's, with the webhook): a token of the agent's
+/// ServiceAccount bound to `node` for the operator's audience, in a file under `dir`.
+pub async fn delivery_args(c: &crate::cluster::Cluster, node: &str, dir: &Path) -> Vec<String> {
+    let ns = crate::cluster::master_key_namespace();
+    let token = node_bound_token_for(
+        &c.client(),
+        ns,
+        node,
+        &[claw_secrets::k8s::delivery::AUDIENCE],
+    )
+    .await;
+    let file = dir.join(format!("{node}.delivery-token"));
+    std::fs::write(&file, token).unwrap();
+    vec![
+        "--delivery-token-file".to_owned(),
+        file.display().to_string(),
+        "--operator-service".to_owned(),
+        format!("{ns}/claw-secrets-webhook:443"),
+    ]
+}
+
+/// Starts an agent for `node` as the chart runs it with the webhook: its own identity (a token
+/// bound to the node), its secrets from the operator's deliveries, its writes carried by the
+/// operator (which must be reachable: [`crate::webhook::Webhook::reachable_by_agents`]).
+pub async fn delivered_agent(
+    c: &crate::cluster::Cluster,
+    node: &str,
+    dir: &Path,
+    ip: std::net::IpAddr,
+) -> crate::cluster::Agent {
+    let (_, kubeconfig) = node_client(c, node, dir).await;
+    let args = delivery_args(c, node, dir).await;
+    c.start_agent_with(node, &kubeconfig, ip, args).await
 }

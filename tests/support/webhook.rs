@@ -11,7 +11,7 @@
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::Client;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::cluster::{self, Cluster};
@@ -123,6 +123,68 @@ impl Webhook {
         })
         .await;
         op
+    }
+
+    /// Makes the operator reachable by agents as in a cluster: the Service the chart puts in front
+    /// of the operator's webhook, `claw-secrets-webhook` port
+    /// 443, in `ns`, as the cluster would keep it for an operator pod on `node` at this host's
+    /// proxyable address, serving on this webhook's port (listen `on_every_address`). No kubelet or controller runs here, so the Pod's
+    /// status and the Endpoints are written by hand; the API server's service proxy goes to an
+    /// endpoint only if it names a Pod holding that address.
+    pub async fn reachable_by_agents(&self, c: &Cluster, ns: &str, node: &str) {
+        let port = self.port;
+        use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+        let ip = crate::host::proxyable_ip().to_string();
+        let apply = PatchParams::apply("claw-secrets-tests").force();
+        let pods: Api<Pod> = Api::namespaced(c.client(), ns);
+        // A Pod of its own per test (a Pod's spec cannot change), force-deleted if left over.
+        let pod_name = format!("claw-secrets-operator-test-{}", c.suffix());
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": pod_name, "namespace": ns },
+            "spec": {
+                "nodeName": node,
+                "containers": [{ "name": "operator", "image": "claw-secrets:test",
+                                 "ports": [{ "name": "webhook", "containerPort": port }] }],
+            },
+        }))
+        .unwrap();
+        pods.patch(&pod_name, &apply, &Patch::Apply(&pod))
+            .await
+            .expect("the operator's Pod");
+        pods.patch_status(
+            &pod_name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }],
+                "conditions": [{ "type": "Ready", "status": "True" }],
+            }})),
+        )
+        .await
+        .expect("the operator Pod's status");
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "claw-secrets-webhook", "namespace": ns },
+            "spec": { "ports": [{ "name": "webhook", "port": 443, "targetPort": port, "protocol": "TCP" }] },
+        }))
+        .unwrap();
+        Api::<Service>::namespaced(c.client(), ns)
+            .patch("claw-secrets-webhook", &apply, &Patch::Apply(&service))
+            .await
+            .expect("the operator's Service");
+        #[allow(deprecated)]
+        let endpoints: Endpoints = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "claw-secrets-webhook", "namespace": ns },
+            "subsets": [{
+                "addresses": [{ "ip": ip, "nodeName": node, "targetRef": {
+                    "kind": "Pod", "name": pod_name, "namespace": ns } }],
+                "ports": [{ "name": "webhook", "port": port, "protocol": "TCP" }],
+            }],
+        }))
+        .unwrap();
+        #[allow(deprecated)]
+        Api::<Endpoints>::namespaced(c.client(), ns)
+            .patch("claw-secrets-webhook", &apply, &Patch::Apply(&endpoints))
+            .await
+            .expect("its Endpoints");
     }
 
     /// The port the operator serves the webhook (and deliveries) on, at 127.0.0.1.
