@@ -722,23 +722,51 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
         let c = Cluster::new("bench-burst").await;
         let ns = c.ns().to_owned();
         let alice = c.alice().await;
-        let mut agents = c.three_agents().await;
         let with_webhook = env_or("BENCH_BURST_WEBHOOK", 1u8) != 0;
+        let scratch = tempfile::tempdir().unwrap();
         let webhook = if with_webhook {
-            Some(webhook::Webhook::register(&c.client(), &[&ns]).await)
+            Some(
+                webhook::Webhook::register(&c.client(), &[&ns])
+                    .await
+                    .on_every_address(),
+            )
         } else {
             None
         };
-        let mut operator = match &webhook {
-            Some(w) => w.operator(&c).await,
+        let (mut agents, mut operator) = match &webhook {
+            // As the chart runs them with the webhook: each agent with its own identity, its
+            // secrets delivered by the operator (through the API server's proxy), no master key.
+            Some(w) => {
+                let keys_ns = cluster::master_key_namespace();
+                agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, keys_ns).await;
+                let operator = w.operator(&c).await;
+                let nodes = [
+                    c.node("a", &[(cluster::ZONE, "a"), (cluster::GPU, "true")])
+                        .await,
+                    c.node("b", &[(cluster::ZONE, "b"), (cluster::GPU, "true")])
+                        .await,
+                    c.node("c", &[(cluster::ZONE, "c")]).await,
+                ];
+                w.reachable_by_agents(&c, keys_ns, &nodes[0]).await;
+                let ip: std::net::IpAddr = std::net::Ipv4Addr::LOCALHOST.into();
+                let (a, b, cc) = tokio::join!(
+                    agent_identity::delivered_agent(&c, &nodes[0], scratch.path(), ip),
+                    agent_identity::delivered_agent(&c, &nodes[1], scratch.path(), ip),
+                    agent_identity::delivered_agent(&c, &nodes[2], scratch.path(), ip),
+                );
+                ([a, b, cc], operator)
+            }
+            // Without the webhook, agents watch every ClawSecret with the master keyring.
             None => {
-                cluster::Operator::start(
+                let agents = c.three_agents().await;
+                let operator = cluster::Operator::start(
                     &c.env.kubeconfig,
                     &c.master_key,
                     &format!("claw-bench-{}", c.suffix()),
                     Some(&ns),
                 )
-                .await
+                .await;
+                (agents, operator)
             }
         };
         let mut pids = vec![operator.pid().expect("operator pid")];
@@ -898,9 +926,9 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
                  {inflight} in flight, operator + 3 agents running, sealed {} (target: all sealed \
                  and on every agent <= 60 s; RSS operator <= 64 MiB, agent <= 48 MiB) ==",
                 if with_webhook {
-                    "at admission by the webhook"
+                    "at admission by the webhook, delivered to each agent by the operator"
                 } else {
-                    "by the reconcile loop (no webhook)"
+                    "by the reconcile loop (no webhook), watched by every agent"
                 }
             );
             if baseline.iter().any(|b| *b > 0) {
