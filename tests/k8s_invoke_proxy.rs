@@ -47,6 +47,12 @@ mod canary;
 #[path = "support/tokens.rs"]
 mod tokens;
 
+#[path = "support/agent_identity.rs"]
+mod agent_identity;
+
+#[path = "support/webhook.rs"]
+mod webhook;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -210,11 +216,49 @@ struct Setup {
     home: tempfile::TempDir,
 }
 
+/// What [`Setup::delivered`] adds: the operator, serving the webhook, the nodes' deliveries and
+/// their carried writes.
+struct Carrier {
+    hook: webhook::Webhook,
+    operator: cluster::Operator,
+    scratch: tempfile::TempDir,
+}
+
 impl Setup {
     async fn new(hint: &str) -> Setup {
         let c = Cluster::new(hint).await;
-        let agents = control_plane::test_env(&format!("{hint}-agents")).await;
         let agent = c.agent_on("x", &[], agent_ip()).await;
+        Setup::around(c, agent, hint).await
+    }
+
+    /// As the chart runs it with the webhook: the agent on deliveries with its own identity, no
+    /// master keyring, its writes carried by the operator. Run it alone (`cluster::exclusive`):
+    /// the operator's Service for agents lives in the shared agent namespace.
+    async fn delivered(hint: &str) -> (Setup, Carrier) {
+        let c = Cluster::new(hint).await;
+        let keys_ns = cluster::master_key_namespace();
+        agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, keys_ns).await;
+        let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
+            .await
+            .on_every_address();
+        let operator = hook.operator(&c).await;
+        let node = c.node("x", &[]).await;
+        hook.reachable_by_agents(&c, keys_ns, &node).await;
+        let scratch = tempfile::tempdir().unwrap();
+        let agent = agent_identity::delivered_agent(&c, &node, scratch.path(), agent_ip()).await;
+        let setup = Setup::around(c, agent, hint).await;
+        (
+            setup,
+            Carrier {
+                hook,
+                operator,
+                scratch,
+            },
+        )
+    }
+
+    async fn around(c: Cluster, agent: Agent, hint: &str) -> Setup {
+        let agents = control_plane::test_env(&format!("{hint}-agents")).await;
         let pod = agent_pod(&c.client(), &agents.namespace, &agent, true).await;
         // A leftover of a rolling update on the same Node, Pending: never chosen.
         agent_pod(&c.client(), &agents.namespace, &agent, false).await;
@@ -352,24 +396,30 @@ fn audited(agent: &Agent, subject: &str, command: &str, decision: &str, name: &s
 /// managedFields, status), the namespace's Events, and every file of etcd's data directory.
 #[tokio::test]
 async fn node_invoke_plaintext_reaches_no_log_object_or_etcd() {
-    let _lock = cluster::shared().await;
+    // Alone: as the chart runs them, the agents reach the operator through a Service in the
+    // shared agent namespace.
+    let _lock = cluster::exclusive().await;
     let test = "node_invoke_plaintext_reaches_no_log_object_or_etcd";
     let etcd_data = control_plane::local_control_plane(test)
         .state_dir()
         .expect("a local control plane has a state dir")
         .join("etcd-data");
-    let mut s = Setup::new("canary").await;
+    // The writing agent and the mirror on deliveries, the operator carrying their writes: the
+    // plaintext crosses the agent, the API server's proxy (sealed to the cluster's key) and the
+    // operator.
+    let (mut s, carrier) = Setup::delivered("canary").await;
     let ns = s.ns().to_owned();
     let client = s.c.client();
     let (token, kubeconfig) = s.deployer().await;
-    let mut mirror = s.c.agent("m", &[]).await;
-    let operator = cluster::Operator::start(
-        &s.c.env.kubeconfig,
-        &s.c.master_key,
-        &format!("canary-{}", random_hex(4)),
-        Some(&ns),
+    let mirror_node = s.c.node("m", &[]).await;
+    let mut mirror = agent_identity::delivered_agent(
+        &s.c,
+        &mirror_node,
+        carrier.scratch.path(),
+        std::net::Ipv4Addr::LOCALHOST.into(),
     )
     .await;
+    let operator = &carrier.operator;
     let (first, second) = (canary::canary("canary-a"), canary::canary("canary-b"));
     let canaries = Canaries::of([first.clone(), second.clone()]);
     // Each call with an idempotency key, so that the object carries remembered writes too.
@@ -493,8 +543,15 @@ async fn node_invoke_plaintext_reaches_no_log_object_or_etcd() {
         let files = canaries.assert_absent_under(&agent.data_dir());
         files::assert_holds_audit_and_secrets(&files);
     }
+    // The operator's data dir: the audit log of the writes it carried.
+    let carried = canaries.assert_absent_under(&operator.data_dir());
+    assert!(
+        carried.iter().any(|f| f.ends_with("audit.log")),
+        "{carried:?}"
+    );
     let stored = secrets.get(name).await.unwrap();
-    // Writes are attributed: the agent created and rotated it, the operator wrote the status.
+    // Writes are attributed: the operator made them (carried for the agent, with the caller's
+    // token), and wrote the status.
     let managers: Vec<(String, Option<String>)> = stored
         .metadata
         .managed_fields
@@ -503,7 +560,7 @@ async fn node_invoke_plaintext_reaches_no_log_object_or_etcd() {
         .map(|m| (m.manager.clone().unwrap_or_default(), m.subresource.clone()))
         .collect();
     for expected in [
-        ("claw-secrets-agent".to_owned(), None),
+        ("claw-secrets-operator".to_owned(), None),
         (
             "claw-secrets-operator".to_owned(),
             Some("status".to_owned()),
@@ -532,14 +589,16 @@ async fn node_invoke_plaintext_reaches_no_log_object_or_etcd() {
         etcd_data.display()
     );
     println!(
-        "CANARY: 2 canaries x {} forms not found in {} CLI outputs, 3 trace logs, 2 data dirs, \
+        "CANARY: 2 canaries x {} forms not found in {} CLI outputs, 3 trace logs, 3 data dirs, \
          the object, its Events, and {} files of etcd's data dir",
         canaries.forms(),
         outputs.len(),
         files.len()
     );
-    drop(operator);
     drop(mirror);
+    let Carrier { hook, operator, .. } = carrier;
+    drop(operator);
+    hook.remove().await;
     s.cleanup().await;
 }
 
