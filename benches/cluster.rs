@@ -724,50 +724,35 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
         let alice = c.alice().await;
         let with_webhook = env_or("BENCH_BURST_WEBHOOK", 1u8) != 0;
         let scratch = tempfile::tempdir().unwrap();
-        let webhook = if with_webhook {
-            Some(
-                webhook::Webhook::register(&c.client(), &[&ns])
-                    .await
-                    .on_every_address(),
-            )
-        } else {
-            None
-        };
-        let (mut agents, mut operator) = match &webhook {
+        let (mut agents, mut operator, webhook) = if with_webhook {
             // As the chart runs them with the webhook: each agent with its own identity, its
             // secrets delivered by the operator (through the API server's proxy), no master key.
-            Some(w) => {
-                let keys_ns = cluster::master_key_namespace();
-                agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, keys_ns).await;
-                let operator = w.operator(&c).await;
-                let nodes = [
-                    c.node("a", &[(cluster::ZONE, "a"), (cluster::GPU, "true")])
-                        .await,
-                    c.node("b", &[(cluster::ZONE, "b"), (cluster::GPU, "true")])
-                        .await,
-                    c.node("c", &[(cluster::ZONE, "c")]).await,
-                ];
-                w.reachable_by_agents(&c, keys_ns, &nodes[0]).await;
-                let ip: std::net::IpAddr = std::net::Ipv4Addr::LOCALHOST.into();
-                let (a, b, cc) = tokio::join!(
-                    agent_identity::delivered_agent(&c, &nodes[0], scratch.path(), ip),
-                    agent_identity::delivered_agent(&c, &nodes[1], scratch.path(), ip),
-                    agent_identity::delivered_agent(&c, &nodes[2], scratch.path(), ip),
-                );
-                ([a, b, cc], operator)
-            }
+            let nodes = [
+                c.node("a", &[(cluster::ZONE, "a"), (cluster::GPU, "true")])
+                    .await,
+                c.node("b", &[(cluster::ZONE, "b"), (cluster::GPU, "true")])
+                    .await,
+                c.node("c", &[(cluster::ZONE, "c")]).await,
+            ];
+            let (_, hook, operator) = agent_identity::operator_for_agents(&c, &nodes[0]).await;
+            let ip: std::net::IpAddr = std::net::Ipv4Addr::LOCALHOST.into();
+            let (a, b, cc) = tokio::join!(
+                agent_identity::delivered_agent(&c, &nodes[0], scratch.path(), ip),
+                agent_identity::delivered_agent(&c, &nodes[1], scratch.path(), ip),
+                agent_identity::delivered_agent(&c, &nodes[2], scratch.path(), ip),
+            );
+            ([a, b, cc], operator, Some(hook))
+        } else {
             // Without the webhook, agents watch every ClawSecret with the master keyring.
-            None => {
-                let agents = c.three_agents().await;
-                let operator = cluster::Operator::start(
-                    &c.env.kubeconfig,
-                    &c.master_key,
-                    &format!("claw-bench-{}", c.suffix()),
-                    Some(&ns),
-                )
-                .await;
-                (agents, operator)
-            }
+            let agents = c.three_agents().await;
+            let operator = cluster::Operator::start(
+                &c.env.kubeconfig,
+                &c.master_key,
+                &format!("claw-bench-{}", c.suffix()),
+                Some(&ns),
+            )
+            .await;
+            (agents, operator, None)
         };
         let mut pids = vec![operator.pid().expect("operator pid")];
         pids.extend(agents.iter().map(|a| a.pid().expect("agent pid")));

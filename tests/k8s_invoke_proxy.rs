@@ -236,14 +236,8 @@ impl Setup {
     /// the operator's Service for agents lives in the shared agent namespace.
     async fn delivered(hint: &str) -> (Setup, Carrier) {
         let c = Cluster::new(hint).await;
-        let keys_ns = cluster::master_key_namespace();
-        agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, keys_ns).await;
-        let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
-            .await
-            .on_every_address();
-        let operator = hook.operator(&c).await;
         let node = c.node("x", &[]).await;
-        hook.reachable_by_agents(&c, keys_ns, &node).await;
+        let (_, hook, operator) = agent_identity::operator_for_agents(&c, &node).await;
         let scratch = tempfile::tempdir().unwrap();
         let agent = agent_identity::delivered_agent(&c, &node, scratch.path(), agent_ip()).await;
         let setup = Setup::around(c, agent, hint).await;

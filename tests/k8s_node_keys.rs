@@ -265,15 +265,9 @@ async fn the_agent_token_changes_no_secret_and_writes_are_made_as_the_caller() {
     // Alone: the operator's Service for the agents lives in the shared agent namespace.
     let _lock = cluster::exclusive().await;
     let c = Cluster::new("agent-writes").await;
-    let ns = cluster::master_key_namespace();
-    let agent_user = agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
-    let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
-        .await
-        .on_every_address();
-    let operator = hook.operator(&c).await;
-    let scratch = tempfile::tempdir().unwrap();
     let node = c.node("a", &[]).await;
-    hook.reachable_by_agents(&c, ns, &node).await;
+    let (agent_user, hook, operator) = agent_identity::operator_for_agents(&c, &node).await;
+    let scratch = tempfile::tempdir().unwrap();
     let (agent_client, kubeconfig) = agent_identity::node_client(&c, &node, scratch.path()).await;
     let args = agent_identity::delivery_args(&c, &node, scratch.path()).await;
     let agent = c
@@ -524,15 +518,11 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
 
     let c = Cluster::new("deliveries").await;
     let ns = cluster::master_key_namespace();
-    agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
-    let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
-        .await
-        .on_every_address();
-    let operator = hook.operator(&c).await;
-    let ca = hook.ca_pem().await;
-    let scratch = tempfile::tempdir().unwrap();
     let gpu = [(cluster::GPU, "true")];
     let (node_a, node_b) = (c.node("a", &gpu).await, c.node("b", &[]).await);
+    let (_, hook, operator) = agent_identity::operator_for_agents(&c, &node_a).await;
+    let ca = hook.ca_pem().await;
+    let scratch = tempfile::tempdir().unwrap();
     let (client_a, kubeconfig_a) = agent_identity::node_client(&c, &node_a, scratch.path()).await;
     let (_, kubeconfig_b) = agent_identity::node_client(&c, &node_b, scratch.path()).await;
     let local = Ipv4Addr::LOCALHOST.into();
@@ -655,7 +645,6 @@ async fn each_node_is_delivered_its_own_secrets_sealed_to_its_own_key() {
     // Service (here with an endpoint at this host's address), with the agent's own
     // credentials for the API server (its Role allows exactly that proxy) and the node's
     // token for the operator in the header the proxy passes on.
-    hook.reachable_by_agents(&c, ns, &node_a).await;
     let token_file = scratch.path().join("delivery-token-a");
     std::fs::write(&token_file, &token_a).unwrap();
     let proxied = claw_secrets::k8s::agent::deliveries::DeliveryClient::new(
@@ -830,15 +819,10 @@ async fn agents_hold_what_is_delivered_to_them_and_nothing_else() {
     let _lock = cluster::exclusive().await;
     let c = Cluster::new("delivered").await;
     let ns = cluster::master_key_namespace();
-    agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
-    let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
-        .await
-        .on_every_address();
-    let operator = hook.operator(&c).await;
-    let scratch = tempfile::tempdir().unwrap();
     let gpu = [(cluster::GPU, "true")];
     let (node_a, node_b) = (c.node("a", &gpu).await, c.node("b", &[]).await);
-    hook.reachable_by_agents(&c, ns, &node_a).await;
+    let (_, hook, operator) = agent_identity::operator_for_agents(&c, &node_a).await;
+    let scratch = tempfile::tempdir().unwrap();
     // Node-a reaches the API server through a relay the test can black-hole.
     let (hole, relayed) = relay::BlackHole::in_front_of(&c.env.kubeconfig).await;
     let kubeconfig_a = tokens::kubeconfig_with_token(
@@ -984,19 +968,14 @@ async fn a_compromised_node_reveals_only_its_own_secrets() {
     let _lock = cluster::exclusive().await;
     let c = Cluster::new("compromise").await;
     let ns = cluster::master_key_namespace();
-    agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
-    let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
-        .await
-        .on_every_address();
-    let operator = hook.operator(&c).await;
-    let scratch = tempfile::tempdir().unwrap();
     let zone = |z: &'static str| [(cluster::ZONE, z)];
     let (node_a, node_b, node_c) = (
         c.node("a", &zone("a")).await,
         c.node("b", &zone("b")).await,
         c.node("c", &zone("c")).await,
     );
-    hook.reachable_by_agents(&c, ns, &node_a).await;
+    let (_, hook, operator) = agent_identity::operator_for_agents(&c, &node_a).await;
+    let scratch = tempfile::tempdir().unwrap();
     let local: std::net::IpAddr = Ipv4Addr::LOCALHOST.into();
     let mut agents = Vec::new();
     for node in [&node_a, &node_b, &node_c] {

@@ -248,3 +248,23 @@ pub async fn delivered_agent(
     let args = delivery_args(c, node, dir).await;
     c.start_agent_with(node, &kubeconfig, ip, args).await
 }
+
+/// The operator as the chart runs it for agents on deliveries: deploy/rbac/agent.yaml applied
+/// (in the master key's namespace), its webhook for `c`'s namespace served on every address
+/// (it also answers deliveries and carries writes), and reachable through the API server's
+/// service proxy as an operator pod on `node`. Returns the agents' user name, the webhook and
+/// the operator. The Service is in the shared agent namespace: run such tests alone
+/// (`cluster::exclusive`).
+pub async fn operator_for_agents(
+    c: &crate::cluster::Cluster,
+    node: &str,
+) -> (String, crate::webhook::Webhook, crate::cluster::Operator) {
+    let ns = crate::cluster::master_key_namespace();
+    let user = apply_agent_rbac(&c.client(), &c.env.kubeconfig, ns).await;
+    let hook = crate::webhook::Webhook::register(&c.client(), &[c.ns()])
+        .await
+        .on_every_address();
+    let operator = hook.operator(c).await;
+    hook.reachable_by_agents(c, ns, node).await;
+    (user, hook, operator)
+}
