@@ -204,6 +204,7 @@ impl Deliveries {
             );
             let secrets = watcher(secrets_api.clone(), watcher::Config::default())
                 .default_backoff()
+                .modify(for_deliveries)
                 .reflect(secrets_writer)
                 .for_each(move |event| {
                     let (secrets_api, log_w, b1) = (secrets_api.clone(), log_w.clone(), b1.clone());
@@ -230,10 +231,16 @@ impl Deliveries {
                         b1();
                     }
                 });
-            let nodes = cached(Api::<Node>::all(client.clone()), nodes_writer, bump.clone());
+            let nodes = cached(
+                Api::<Node>::all(client.clone()),
+                nodes_writer,
+                labels_only,
+                bump.clone(),
+            );
             let claw_nodes = cached(
                 Api::<ClawNode>::all(client.clone()),
                 claw_nodes_writer,
+                |n: &mut ClawNode| n.metadata.managed_fields = None,
                 bump,
             );
             async move {
@@ -529,8 +536,33 @@ impl Deliveries {
 }
 
 /// Keeps `writer`'s cache of `api` current, calling `changed` after every event.
-async fn cached<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: impl Fn())
-where
+/// What a delivery reads of a ClawSecret is kept, the rest dropped before it is cached: its
+/// managedFields, annotations (kubectl's last-applied copy, remembered writes), labels and
+/// status conditions are most of an object, and every replica caches every ClawSecret.
+fn for_deliveries(obj: &mut ClawSecret) {
+    obj.metadata.managed_fields = None;
+    obj.metadata.annotations = None;
+    obj.metadata.labels = None;
+    if let Some(status) = &mut obj.status {
+        status.conditions.clear();
+    }
+}
+
+/// A Node as deliveries read it: its name and labels (its status, with every image on the
+/// node, is most of the object).
+fn labels_only(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    node.spec = None;
+    node.status = None;
+}
+
+async fn cached<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    trim: impl FnMut(&mut K),
+    changed: impl Fn(),
+) where
     K: kube::Resource<DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
@@ -542,6 +574,7 @@ where
     use futures::StreamExt;
     watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(trim)
         .reflect(writer)
         .for_each(|_| {
             changed();
@@ -693,6 +726,72 @@ mod tests {
         // A relist forgets what it would no longer continue from.
         log.relisted(20);
         assert!(log.reselected_since(0).is_empty());
+    }
+
+    #[test]
+    fn a_trimmed_secret_delivers_as_the_whole_one() {
+        use crate::crypto::SealingPrivateKey;
+        let master = Keyring::generate().unwrap();
+        let node = Keyring::generate().unwrap();
+        let public = SealingPrivateKey::derive(node.active()).public_key();
+        let mut whole = crate::k8s::delivery::tests::sealed_secret(&master, "db", "canary-3", None);
+        whole.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+                "{}".to_owned(),
+            )]
+            .into(),
+        );
+        whole.metadata.managed_fields = Some(vec![Default::default()]);
+        whole.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-01-01T00:00:00Z".parse().unwrap(),
+            ));
+        let mut trimmed = whole.clone();
+        for_deliveries(&mut trimmed);
+        assert!(
+            trimmed.metadata.annotations.is_none() && trimmed.metadata.managed_fields.is_none()
+        );
+        let (a, b) = (
+            delivery::deliver("node-a", &public, &whole, &master).unwrap(),
+            delivery::deliver("node-a", &public, &trimmed, &master).unwrap(),
+        );
+        let open = |d: &delivery::Delivery| {
+            let scope = crate::crypto::DeliveryScope {
+                node: "node-a",
+                namespace: &d.namespace,
+                name: &d.object,
+                version: d.version,
+            };
+            crate::crypto::open_delivery(&node, &scope, &d.data).unwrap()
+        };
+        assert_eq!(open(&a), open(&b));
+        assert_eq!(
+            (
+                a.name,
+                a.uid,
+                a.resource_version,
+                a.version,
+                a.allowed_workloads,
+                a.created_at,
+                a.updated_at
+            ),
+            (
+                b.name,
+                b.uid,
+                b.resource_version,
+                b.version,
+                b.allowed_workloads,
+                b.created_at,
+                b.updated_at
+            )
+        );
+        let labels = Default::default();
+        assert_eq!(
+            delivery::meant_for(&whole, &labels),
+            delivery::meant_for(&trimmed, &labels)
+        );
+        assert_eq!(Selection::of(&whole), Selection::of(&trimmed));
     }
 
     #[test]
