@@ -28,8 +28,9 @@
 //! - BENCH_SECRETS         ClawSecrets in the burst and in `deliveries` (default 10000)
 //! - BENCH_BURST_INFLIGHT  creates in flight during the burst (default 32)
 //! - BENCH_BURST_PATIENCE  seconds the burst may take before it is reported as not done (600)
-//! - BENCH_BURST_WEBHOOK   1 (default): the operator seals at admission, as the chart installs
-//!   it; 0: no webhook, the reconcile loop seals what was stored (the "before" of issue 14)
+//! - BENCH_BURST_WEBHOOK   1 (default): as the chart installs it, the operator seals at
+//!   admission and delivers to the agents (their own identities, no master keyring); 0: no
+//!   webhook, the reconcile loop seals what was stored and the agents watch every ClawSecret
 //! - BENCH_STARTUP_RUNS    agent restarts with the API server down (default 10)
 //! - BENCH_BURST_RESTARTS  after the burst, restarts of node-c (10,001 secrets in its store)
 //!   with the API server down (default 5, on an external cluster 0: set there, it fails)
