@@ -176,7 +176,7 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
         {
             return match self
                 .core
-                .execute_carried(&caller, &request, req, carrier.as_ref())
+                .execute_carried(&caller, &request, carrier.as_ref())
                 .await
             {
                 Ok(payload) => InvokeResponse::success(request_id, payload),

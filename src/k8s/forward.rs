@@ -9,12 +9,20 @@
 //! id and the command.
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::crypto::{self, CryptoError, ForwardScope, Keyring, SealingPublicKey};
-use crate::domain::SecretData;
-use crate::invoke::ErrorBody;
+use crate::domain::{ConfigData, Name, Namespace, SecretData};
+use crate::invoke::{Command, ErrorBody};
+
+/// A config's data as JSON (plain by design).
+fn config_data(data: &ConfigData) -> Value {
+    Value::Object(
+        data.iter()
+            .map(|(k, v)| (k.as_str().to_owned(), Value::from(v.as_str())))
+            .collect(),
+    )
+}
 
 /// The operator's path for carried writes.
 pub const PATH: &str = "/v1/writes";
@@ -55,22 +63,11 @@ pub struct SealedField {
     pub data: String,
 }
 
-/// The params split into what travels in clear and the secret data.
-#[derive(Deserialize)]
-struct Split {
-    #[serde(default)]
-    data: Option<SecretData>,
-    #[serde(default, rename = "newData")]
-    new_data: Option<SecretData>,
-    #[serde(flatten)]
-    rest: Map<String, Value>,
-}
-
 /// Why a write could not be passed on or taken back.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("the params are not a JSON object: {0}")]
-    Params(String),
+    #[error("{0} is not a write: only writes are passed on")]
+    NotAWrite(String),
     #[error("sealing the data for the operator failed: {0}")]
     Seal(CryptoError),
     #[error(
@@ -82,46 +79,71 @@ pub enum ForwardError {
 }
 
 impl ForwardedWrite {
-    /// The write `command` with `params` (as the caller sent them) from `node`, its data sealed
-    /// to `cluster`. Values are read straight into zeroizing buffers, never into a JSON tree.
+    /// The write `command` (as this node parsed and checked it) from `node`, its secret data
+    /// sealed to `cluster`; the other params in clear, as typed values (no secret value is
+    /// ever put into a JSON tree).
     pub fn seal(
         node: &str,
         request_id: &str,
-        command: &str,
-        params: Option<&RawValue>,
+        command: &Command,
         idempotency_key: Option<&str>,
         cluster: &SealingPublicKey,
     ) -> Result<ForwardedWrite, ForwardError> {
-        let params = params.map_or("{}", RawValue::get);
-        let bad = |e: serde_json::Error| {
-            ForwardError::Params(crate::invoke::sanitize_serde_message(&e.to_string()))
+        let mut params = Map::new();
+        let mut target = |name: &Name, namespace: Option<&Namespace>| {
+            params.insert("name".to_owned(), Value::from(name.as_str()));
+            if let Some(ns) = namespace {
+                params.insert("namespace".to_owned(), Value::from(ns.as_str()));
+            }
         };
-        let Some(field) = data_field(command) else {
-            // A config command, or a delete: no secret data (a config's is plain by design).
-            return Ok(ForwardedWrite {
-                id: request_id.to_owned(),
-                command: command.to_owned(),
-                params: serde_json::from_str(params).map_err(bad)?,
-                idempotency_key: idempotency_key.map(str::to_owned),
-                sealed: None,
-            });
+        let secret: Option<(&str, &SecretData)> = match command {
+            Command::SecretCreate(p) => {
+                target(&p.name, p.namespace.as_ref());
+                let workloads: Vec<Value> = p
+                    .allowed_workloads
+                    .iter()
+                    .map(|w| Value::from(w.as_str()))
+                    .collect();
+                params.insert("allowed_workloads".to_owned(), Value::Array(workloads));
+                Some(("data", &p.data))
+            }
+            Command::SecretRotate(p) => {
+                target(&p.name, p.namespace.as_ref());
+                if let Some(v) = p.expected_version {
+                    params.insert("expectedVersion".to_owned(), Value::from(v.get()));
+                }
+                p.new_data.as_ref().map(|d| ("newData", d))
+            }
+            Command::SecretDelete(p) | Command::ConfigDelete(p) => {
+                target(&p.name, p.namespace.as_ref());
+                None
+            }
+            // A config's data is plain by design: it travels as it is.
+            Command::ConfigCreate(p) => {
+                target(&p.name, p.namespace.as_ref());
+                params.insert("data".to_owned(), config_data(&p.data));
+                params.insert("immutable".to_owned(), Value::from(p.immutable));
+                None
+            }
+            Command::ConfigUpdate(p) => {
+                target(&p.name, p.namespace.as_ref());
+                params.insert("data".to_owned(), config_data(&p.data));
+                if let Some(immutable) = p.immutable {
+                    params.insert("immutable".to_owned(), Value::from(immutable));
+                }
+                None
+            }
+            other => return Err(ForwardError::NotAWrite(other.name().to_owned())),
         };
-        let split: Split = serde_json::from_str(params).map_err(bad)?;
-        let mut rest = split.rest;
-        let data = if field == "data" {
-            split.data
-        } else {
-            split.new_data
-        };
-        let sealed = match data {
-            Some(data) => {
+        let sealed = match secret {
+            Some((field, data)) => {
                 let scope = ForwardScope {
                     node,
                     request_id,
-                    command,
+                    command: command.name(),
                 };
                 let text =
-                    crypto::seal_forwarded(cluster, &scope, &data).map_err(ForwardError::Seal)?;
+                    crypto::seal_forwarded(cluster, &scope, data).map_err(ForwardError::Seal)?;
                 Some(SealedField {
                     field: field.to_owned(),
                     data: text,
@@ -129,12 +151,10 @@ impl ForwardedWrite {
             }
             None => None,
         };
-        // The other field, if any, goes on for the command core to refuse by its rules.
-        rest.remove(field);
         Ok(ForwardedWrite {
             id: request_id.to_owned(),
-            command: command.to_owned(),
-            params: rest,
+            command: command.name().to_owned(),
+            params,
             idempotency_key: idempotency_key.map(str::to_owned),
             sealed,
         })
@@ -231,26 +251,18 @@ mod tests {
     use super::*;
     use crate::crypto::SealingPrivateKey;
 
-    fn raw(json: &str) -> Box<RawValue> {
-        RawValue::from_string(json.to_owned()).unwrap()
+    fn command(name: &str, params: serde_json::Value) -> Command {
+        let raw = serde_json::value::RawValue::from_string(params.to_string()).unwrap();
+        Command::parse(name, Some(&raw)).unwrap()
     }
 
     #[test]
     fn secret_data_travels_sealed_and_comes_back_as_the_request_it_was() {
         let master = Keyring::generate().unwrap();
         let cluster = SealingPrivateKey::derive(master.active()).public_key();
-        let params = raw(
-            r#"{"name":"db","namespace":"team-a","data":{"password":"canary-91c4"},"allowed_workloads":["api"]}"#,
-        );
-        let w = ForwardedWrite::seal(
-            "node-a",
-            "req-1",
-            "secret.create",
-            Some(&params),
-            Some("k-1"),
-            &cluster,
-        )
-        .unwrap();
+        let params = serde_json::json!({"name":"db","namespace":"team-a","data":{"password":"canary-91c4"},"allowed_workloads":["api"]});
+        let create = command("secret.create", params.clone());
+        let w = ForwardedWrite::seal("node-a", "req-1", &create, Some("k-1"), &cluster).unwrap();
         let wire = serde_json::to_string(&w).unwrap();
         assert!(!wire.contains("canary"), "{wire}");
         let back: ForwardedWrite = serde_json::from_str(&wire).unwrap();
@@ -265,11 +277,8 @@ mod tests {
             (Some("req-1"), Some("local"), "secret.create")
         );
         assert_eq!(req.idempotency_key.as_deref(), Some("k-1"));
-        let params: Value = serde_json::from_str(req.params.unwrap().get()).unwrap();
-        assert_eq!(
-            params,
-            serde_json::json!({"name":"db","namespace":"team-a","data":{"password":"canary-91c4"},"allowed_workloads":["api"]})
-        );
+        let got: serde_json::Value = serde_json::from_str(req.params.unwrap().get()).unwrap();
+        assert_eq!(got, params);
         // Presented as another node's: it does not open.
         assert!(matches!(
             back.open("node-b", &master),
@@ -285,31 +294,54 @@ mod tests {
     }
 
     #[test]
-    fn rotate_seals_new_data_and_configs_travel_as_they_came() {
+    fn every_write_travels_as_it_was_checked_and_reads_do_not() {
         let master = Keyring::generate().unwrap();
         let cluster = SealingPrivateKey::derive(master.active()).public_key();
-        let rotate = raw(r#"{"name":"db","newData":{"k":"canary-2"}}"#);
-        let w =
-            ForwardedWrite::seal("n", "r", "secret.rotate", Some(&rotate), None, &cluster).unwrap();
-        assert_eq!(w.sealed.as_ref().unwrap().field, "newData");
-        assert!(!serde_json::to_string(&w).unwrap().contains("canary"));
-        // A rotation without new data re-seals what is stored: nothing to seal.
-        let reseal = raw(r#"{"name":"db"}"#);
-        let w =
-            ForwardedWrite::seal("n", "r", "secret.rotate", Some(&reseal), None, &cluster).unwrap();
-        assert!(w.sealed.is_none());
-        let body = w.open("n", &master).unwrap();
-        let req: crate::invoke::InvokeRequest = serde_json::from_slice(&body).unwrap();
-        assert_eq!(req.params.unwrap().get(), r#"{"name":"db"}"#);
-        // Config data is plain by design, and a delete has none.
-        let config = raw(r#"{"name":"c","data":{"k":"v"}}"#);
-        let w =
-            ForwardedWrite::seal("n", "r", "config.create", Some(&config), None, &cluster).unwrap();
-        assert!(w.sealed.is_none());
-        assert_eq!(w.params["data"], serde_json::json!({"k": "v"}));
-        let delete = raw(r#"{"name":"db"}"#);
-        let w =
-            ForwardedWrite::seal("n", "r", "secret.delete", Some(&delete), None, &cluster).unwrap();
-        assert!(w.sealed.is_none());
+        let round_trip = |name: &str, params: serde_json::Value| {
+            let w = ForwardedWrite::seal("n", "r", &command(name, params), None, &cluster).unwrap();
+            let wire = serde_json::to_string(&w).unwrap();
+            assert!(!wire.contains("canary"), "{wire}");
+            let body = w.open("n", &master).unwrap();
+            let req: crate::invoke::InvokeRequest = serde_json::from_slice(&body).unwrap();
+            (
+                w.sealed.map(|s| s.field),
+                serde_json::from_str::<serde_json::Value>(req.params.unwrap().get()).unwrap(),
+            )
+        };
+        for (name, params, sealed) in [
+            (
+                "secret.rotate",
+                serde_json::json!({"name":"db","newData":{"k":"canary-2"},"expectedVersion":3}),
+                Some("newData"),
+            ),
+            // A rotation without new data re-seals what is stored: nothing to seal.
+            ("secret.rotate", serde_json::json!({"name":"db"}), None),
+            (
+                "secret.delete",
+                serde_json::json!({"name":"db","namespace":"team-a"}),
+                None,
+            ),
+            // A config's data is plain by design.
+            (
+                "config.create",
+                serde_json::json!({"name":"c","data":{"k":"v"},"immutable":true}),
+                None,
+            ),
+            (
+                "config.update",
+                serde_json::json!({"name":"c","data":{"k":"w"}}),
+                None,
+            ),
+            ("config.delete", serde_json::json!({"name":"c"}), None),
+        ] {
+            let (field, back) = round_trip(name, params.clone());
+            assert_eq!(field.as_deref(), sealed, "{name}");
+            assert_eq!(back, params, "{name}");
+        }
+        let read = command("secret.get", serde_json::json!({"name":"db"}));
+        assert!(matches!(
+            ForwardedWrite::seal("n", "r", &read, None, &cluster),
+            Err(ForwardError::NotAWrite(_))
+        ));
     }
 }

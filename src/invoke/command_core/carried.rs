@@ -8,18 +8,20 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use super::super::{Command, InvokeError, InvokeRequest, Payload, Resource, Verb};
+use super::super::{Command, InvokeError, Payload, Resource, Verb};
 use super::{Call, CommandCore, Request, Target};
-use crate::domain::Version;
+use crate::domain::{ObjectKey, Version};
 use crate::invoke::{Authorizer, Caller, Repository};
 
-/// Where writes are passed on. The answer is the carrier's payload (a write's: metadata only).
+/// Where writes are passed on: `request` as this server parsed and checked it, `target` the
+/// object it acts on (namespace resolved). The answer is the carrier's payload (a write's:
+/// metadata only).
 pub trait WriteCarrier: Send + Sync + 'static {
     fn carry<'a>(
         &'a self,
         caller: &'a Caller,
-        request: &'a InvokeRequest,
-        request_id: &'a str,
+        request: &'a Request,
+        target: &'a ObjectKey,
     ) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, InvokeError>> + Send + 'a>>;
 }
 
@@ -37,13 +39,12 @@ fn access_of(command: &Command) -> Option<(Verb, Resource)> {
 }
 
 impl<A: Authorizer, R: Repository> CommandCore<A, R> {
-    /// Runs the write `request` (parsed from `raw`) through `carrier`: authorized here, its
-    /// intent recorded, passed on, its outcome recorded.
+    /// Runs the write `request` through `carrier`: authorized here, its intent recorded,
+    /// passed on, its outcome recorded.
     pub async fn execute_carried(
         &self,
         caller: &Caller,
         request: &Request,
-        raw: &InvokeRequest,
         carrier: &dyn WriteCarrier,
     ) -> Result<Payload, InvokeError> {
         let call = Call {
@@ -53,7 +54,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
             idempotency_key: request.idempotency_key.as_ref(),
         };
         let mut target = Target::default();
-        let result = self.carried(&call, &mut target, raw, carrier).await;
+        let result = self.carried(&call, &mut target, request, carrier).await;
         if !target.recorded {
             // Refused before its intent (not authorized, the log unwritable): recorded as such.
             let (decision, reason) = match &result {
@@ -69,7 +70,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         &self,
         call: &Call<'_>,
         t: &mut Target,
-        request: &InvokeRequest,
+        request: &Request,
         carrier: &dyn WriteCarrier,
     ) -> Result<Payload, InvokeError> {
         let (Some((verb, resource)), Some(name)) =
@@ -80,7 +81,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
                 call.command.name()
             )));
         };
-        let (_key, _turn) = self
+        let (key, _turn) = self
             .begin_write(
                 call,
                 t,
@@ -95,7 +96,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
                 call,
                 t,
                 "authorized; passed on to the operator",
-                carrier.carry(call.caller, request, call.request_id),
+                carrier.carry(call.caller, request, &key),
                 |payload: &serde_json::Value| {
                     payload
                         .get("version")

@@ -455,15 +455,15 @@ impl super::WriteCarrier for FakeCarrier {
     fn carry<'a>(
         &'a self,
         caller: &'a Caller,
-        request: &'a crate::invoke::InvokeRequest,
-        request_id: &'a str,
+        request: &'a super::Request,
+        target: &'a ObjectKey,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, InvokeError>> + Send + 'a>>
     {
         Box::pin(async move {
             self.carried.lock().unwrap().push((
                 caller.subject.clone(),
-                request.command.clone(),
-                request_id.to_owned(),
+                format!("{} {target}", request.command.name()),
+                request.request_id.clone(),
             ));
             if self.fail {
                 Err(InvokeError::new(
@@ -522,7 +522,7 @@ async fn carried_writes_are_authorized_and_audited_here_and_made_elsewhere() {
             *carrier.carried.lock().unwrap(),
             [(
                 "alice".to_owned(),
-                "secret.rotate".to_owned(),
+                "secret.rotate prod/db".to_owned(),
                 "req-9".to_owned()
             )]
         );

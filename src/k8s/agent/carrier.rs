@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::crypto::SealingPublicKey;
-use crate::domain::{ErrorCode, Name, Namespace, ObjectKey, Version};
-use crate::invoke::{Caller, InvokeError, InvokeRequest, WriteCarrier};
+use crate::domain::{ErrorCode, ObjectKey, Version};
+use crate::invoke::{Caller, IdempotencyKey, InvokeError, Request, WriteCarrier};
 use crate::k8s::forward::{CALLER_HEADER, ForwardedAnswer, ForwardedWrite, PATH};
 use crate::store::Store;
 
@@ -90,19 +90,17 @@ impl OperatorCarrier {
     async fn post(
         &self,
         caller: &Caller,
-        request: &InvokeRequest,
-        request_id: &str,
+        request: &Request,
         key: &SealingPublicKey,
     ) -> Result<(u16, Vec<u8>), InvokeError> {
         let write = ForwardedWrite::seal(
             &self.node,
-            request_id,
+            &request.request_id,
             &request.command,
-            request.params.as_deref(),
-            request.idempotency_key.as_deref(),
+            request.idempotency_key.as_ref().map(IdempotencyKey::as_str),
             key,
         )
-        .map_err(|e| InvokeError::invalid(e.to_string()))?;
+        .map_err(|e| InvokeError::internal(e.to_string()))?;
         let credential = caller.credential.as_ref().ok_or_else(|| {
             InvokeError::internal("the caller's token was not kept for the write; this is a bug")
         })?;
@@ -142,14 +140,15 @@ impl OperatorCarrier {
     async fn carry_write(
         &self,
         caller: &Caller,
-        request: &InvokeRequest,
-        request_id: &str,
+        request: &Request,
+        target: &ObjectKey,
     ) -> Result<serde_json::Value, InvokeError> {
-        let before = self.held(request, caller);
+        let secret = request.command.name().starts_with("secret.");
+        let before = secret.then(|| self.store.secret(target).map(|s| s.version));
         let mut fresh = false;
         loop {
             let key = self.sealing_key(fresh).await?;
-            let (status, body) = self.post(caller, request, request_id, &key).await?;
+            let (status, body) = self.post(caller, request, &key).await?;
             let answer = match serde_json::from_slice::<ForwardedAnswer>(&body) {
                 Ok(answer) => answer,
                 // Sealed to a master key the operator does not hold (rotated since it was
@@ -175,7 +174,7 @@ impl OperatorCarrier {
             };
             return match (answer.ok, answer.payload, answer.error) {
                 (true, Some(payload), _) => {
-                    self.settle(request, &payload, before).await;
+                    self.settle(request, target, &payload, before).await;
                     Ok(payload)
                 }
                 (_, _, Some(error)) => Err(InvokeError::new(error.code, error.message)),
@@ -186,57 +185,26 @@ impl OperatorCarrier {
         }
     }
 
-    /// The store's version of the secret `request` names, if it is a secret command and the
-    /// store holds it (namespace as the core resolves it).
-    fn held(&self, request: &InvokeRequest, caller: &Caller) -> Option<Option<Version>> {
-        if !request.command.starts_with("secret.") {
-            return None;
-        }
-        let params: serde_json::Value =
-            serde_json::from_str(request.params.as_deref()?.get()).ok()?;
-        let name = Name::parse(params.get("name")?.as_str()?).ok()?;
-        let namespace = match params.get("namespace").and_then(|n| n.as_str()) {
-            Some(ns) => Namespace::parse(ns).ok()?,
-            None => caller
-                .namespace
-                .clone()
-                .unwrap_or_else(Namespace::default_namespace),
-        };
-        let key = ObjectKey::new(namespace, name);
-        Some(self.store.secret(&key).map(|s| s.version))
-    }
-
-    /// Waits for this node's store to show the write: a created secret (meant for every node),
-    /// a rotated one it held at the new version, a deleted one it held gone.
+    /// Waits for this node's store to show the write to `target` (`before`: the version it
+    /// held when the write began, for a secret command): a created secret (meant for every
+    /// node), a rotated one it held at the new version, a deleted one it held gone.
     async fn settle(
         &self,
-        request: &InvokeRequest,
+        request: &Request,
+        target: &ObjectKey,
         payload: &serde_json::Value,
         before: Option<Option<Version>>,
     ) {
         let Some(before) = before else { return };
-        let (Some(name), Some(namespace)) = (
-            payload
-                .get("name")
-                .and_then(|v| v.as_str())
-                .and_then(|n| Name::parse(n).ok()),
-            payload
-                .get("namespace")
-                .and_then(|v| v.as_str())
-                .and_then(|n| Namespace::parse(n).ok()),
-        ) else {
-            return;
-        };
-        let key = ObjectKey::new(namespace, name);
         let version = payload.get("version").and_then(|v| v.as_u64());
-        let shown = |store: &Store| match request.command.as_str() {
+        let shown = |store: &Store| match request.command.name() {
             "secret.create" => store
-                .secret(&key)
+                .secret(target)
                 .is_some_and(|s| Some(s.version.get()) >= version),
             "secret.rotate" if before.is_some() => store
-                .secret(&key)
+                .secret(target)
                 .is_none_or(|s| Some(s.version.get()) >= version),
-            "secret.delete" if before.is_some() => store.secret(&key).is_none(),
+            "secret.delete" if before.is_some() => store.secret(target).is_none(),
             _ => true,
         };
         let deadline = tokio::time::Instant::now() + SETTLE;
@@ -250,9 +218,9 @@ impl WriteCarrier for OperatorCarrier {
     fn carry<'a>(
         &'a self,
         caller: &'a Caller,
-        request: &'a InvokeRequest,
-        request_id: &'a str,
+        request: &'a Request,
+        target: &'a ObjectKey,
     ) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, InvokeError>> + Send + 'a>> {
-        Box::pin(self.carry_write(caller, request, request_id))
+        Box::pin(self.carry_write(caller, request, target))
     }
 }
