@@ -43,17 +43,22 @@ pub struct Applied {
     pub failed: usize,
 }
 
-/// The record the node's store keeps for `d`: its data opened with the node key and sealed
-/// under `store_keys`. Errors name the object, never a value.
+/// The store key `d` is kept under (checked as a ClawSecret's would be).
+pub fn key_of(d: &Delivery) -> Result<ObjectKey, String> {
+    convert::secret_key_of(Some(&d.name), &d.object, Some(d.namespace.clone()))
+        .map_err(|e| format!("delivery of {}/{}: {e}", d.namespace, d.object))
+}
+
+/// The record the node's store keeps for `d` under `key` ([`key_of`]): its data opened with
+/// the node key and sealed under `store_keys`. Errors name the object, never a value.
 pub fn record_of(
+    key: ObjectKey,
     d: &Delivery,
     node: &str,
     node_key: &Keyring,
     store_keys: &Keyring,
 ) -> Result<SecretRecord, String> {
     let what = format!("delivery of {}/{}", d.namespace, d.object);
-    let key = convert::secret_key_of(Some(&d.name), &d.object, Some(d.namespace.clone()))
-        .map_err(|e| format!("{what}: {e}"))?;
     let version =
         Version::new(d.version).ok_or_else(|| format!("{what}: version must be at least 1"))?;
     let time = |s: &str, field: &str| {
@@ -107,27 +112,27 @@ fn held(store: &Store, key: &ObjectKey, d: &Delivery) -> bool {
     })
 }
 
-/// Stores one delivery; `Ok(true)` if it was written, `Ok(false)` if it was held already.
+/// Stores one delivery under `key`; `Ok(true)` if it was written, `Ok(false)` if it was held
+/// already.
 fn store_one(
     store: &Store,
+    key: &ObjectKey,
     d: &Delivery,
     node: &str,
     node_key: &Keyring,
     store_keys: &Keyring,
-) -> Result<(ObjectKey, bool), String> {
-    let key = convert::secret_key_of(Some(&d.name), &d.object, Some(d.namespace.clone()))
-        .map_err(|e| format!("delivery of {}/{}: {e}", d.namespace, d.object))?;
-    if held(store, &key, d) {
-        return Ok((key, false));
+) -> Result<bool, String> {
+    if held(store, key, d) {
+        return Ok(false);
     }
-    let record = record_of(d, node, node_key, store_keys)?;
+    let record = record_of(key.clone(), d, node, node_key, store_keys)?;
     match store.put_secret(record, Expect::Any) {
         Ok(_) => {
             tracing::info!(%key, version = d.version, "secret stored on this node");
-            Ok((key, true))
+            Ok(true)
         }
         // A later state of the object is stored already (this agent's own write): kept.
-        Err(StoreError::Stale { .. }) => Ok((key, false)),
+        Err(StoreError::Stale { .. }) => Ok(false),
         Err(e) => Err(format!("{key}: the store refused it: {e}")),
     }
 }
@@ -157,28 +162,23 @@ pub fn apply(
     let mut applied = Applied::default();
     let mut delivered = HashSet::new();
     for d in &answer.secrets {
-        match store_one(store, d, &answer.node, node_key, store_keys) {
-            Ok((key, written)) => {
-                if written {
-                    applied.stored += 1;
-                    if let Ok(changed) = d.updated_at.parse() {
-                        metrics.mirrored("ClawSecret", changed);
-                    }
-                } else {
-                    applied.held += 1;
+        let stored = key_of(d).and_then(|key| {
+            // Not swept below, even if it fails: the node keeps its copy until it opens.
+            delivered.insert(key.clone());
+            store_one(store, &key, d, &answer.node, node_key, store_keys)
+        });
+        match stored {
+            Ok(true) => {
+                applied.stored += 1;
+                if let Ok(changed) = d.updated_at.parse() {
+                    metrics.mirrored("ClawSecret", changed);
                 }
-                delivered.insert(key);
             }
+            Ok(false) => applied.held += 1,
             Err(why) => {
                 applied.failed += 1;
                 metrics.mirror_failed("ClawSecret");
                 tracing::warn!(reason = %why, "a delivery could not be stored; keeping this node's copy, if any");
-                // Not swept below: the node keeps what it has until the delivery opens.
-                if let Ok(key) =
-                    convert::secret_key_of(Some(&d.name), &d.object, Some(d.namespace.clone()))
-                {
-                    delivered.insert(key);
-                }
             }
         }
     }
@@ -420,7 +420,14 @@ mod tests {
         assert_eq!((applied.stored, applied.failed, applied.removed), (0, 1, 0));
         assert_eq!(password(&a, "one"), "canary-1");
         // Relabelled as node-a's: the AAD binds the node, so it still does not open.
-        let err = record_of(&theirs, "node-a", &b.key, &a.store_keys).unwrap_err();
+        let err = record_of(
+            key_of(&theirs).unwrap(),
+            &theirs,
+            "node-a",
+            &b.key,
+            &a.store_keys,
+        )
+        .unwrap_err();
         assert!(err.contains("does not open"), "{err}");
         assert!(!err.contains("canary"), "{err}");
     }
