@@ -160,6 +160,7 @@ pub fn open_anchored(
                 ),
                 request_id: None,
                 idempotency_key: None,
+                gateway_node: None,
             };
             AuditLog::open_with_first(path, node, Some(reset))?
         }

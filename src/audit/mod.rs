@@ -70,6 +70,10 @@ pub struct AuditEvent {
     /// The client's idempotency key, for a write that carried one (not a secret).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The OpenClaw gateway node id, for a call that came through the gateway (its
+    /// `requestId` is then the gateway's invoke id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_node: Option<String>,
 }
 
 /// The audit log could not record an event, so the access it describes must not be answered.

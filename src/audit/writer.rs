@@ -148,6 +148,7 @@ impl ChainState {
             ),
             request_id: None,
             idempotency_key: None,
+            gateway_node: None,
         };
         state
             .write_batch(std::slice::from_ref(&repair))
@@ -384,6 +385,7 @@ mod tests {
             reason: "ok".into(),
             request_id: None,
             idempotency_key: None,
+            gateway_node: None,
         }
     }
 

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use super::{ClientConfig, client_config_path};
 use crate::audit;
 use crate::backends::local::tokens::{TokenEntry, TokenStore, add_token};
-use crate::backends::local::{StoreRepository, TOKENS_REFRESH, TokenAuthorizer};
+use crate::backends::local::{StoreRepository, TOKENS_REFRESH, TokenAuthorizer, TokensPrincipal};
 use crate::crypto::{Keyring, SharedKeyring};
+use crate::invoke::gateway::GatewayNode;
 use crate::invoke::{CommandCore, Dispatcher};
 use crate::store::{Store, create_private_dir, ensure_private_file, write_private_file_atomic};
 
@@ -42,6 +43,8 @@ pub struct DevArgs {
     accept_audit_reset: bool,
     #[command(flatten)]
     http: super::http_limits::HttpLimitArgs,
+    #[command(flatten)]
+    gateway: super::gateway::GatewayArgs,
 }
 
 pub fn run(args: DevArgs) -> ExitCode {
@@ -238,6 +241,20 @@ async fn serve(args: DevArgs) -> Result<(), String> {
 
     let tokens = Arc::new(tokens);
     tokio::spawn(tokens.clone().refresh_every(TOKENS_REFRESH));
+    let gateway = args
+        .gateway
+        .setup(&data_dir, format!("claw-secrets dev {node_id}"))?;
+    let principal = match &gateway {
+        Some(g) => {
+            let principal = TokensPrincipal::new(tokens.clone(), g.principal.clone());
+            // A principal that cannot act is a configuration mistake: say so now, not per call.
+            tokens
+                .lookup_subject(&g.principal)
+                .map_err(|why| format!("--gateway-principal: {why}"))?;
+            Some(principal)
+        }
+        None => None,
+    };
     let audit_handle = audit.clone();
     let core = CommandCore::new(
         TokenAuthorizer::new(tokens),
@@ -246,7 +263,32 @@ async fn serve(args: DevArgs) -> Result<(), String> {
         node_id.clone(),
         keys,
     );
-    let dispatcher = Arc::new(Dispatcher::new(core));
+    let mut dispatcher = Dispatcher::new(core);
+    if let Some(g) = &gateway {
+        dispatcher = dispatcher.with_readiness_note(g.readiness_note());
+    }
+    let dispatcher = Arc::new(dispatcher);
+    let stop_gateway = tokio_util::sync::CancellationToken::new();
+    let gateway_node = match (gateway, principal) {
+        (Some(g), Some(principal)) => {
+            let node = GatewayNode::new(
+                dispatcher.clone(),
+                principal,
+                g.identity,
+                g.config,
+                g.status.clone(),
+            )
+            .map_err(|e| e.to_string())?;
+            let line = format!(
+                "  gateway:     {} as node {} (calls act as {:?})",
+                g.status.url(),
+                node.node_id(),
+                g.principal
+            );
+            Some((line, tokio::spawn(node.run(stop_gateway.clone()))))
+        }
+        _ => None,
+    };
 
     println!("claw-secrets dev: node {node_id} listening on http://{addr}");
     println!("  data dir:    {}", data_dir.display());
@@ -257,6 +299,9 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     );
     println!("  admin token: {}", admin_token_path.display());
     println!("  audit log:   {}", audit_path.display());
+    if let Some((line, _)) = &gateway_node {
+        println!("{line}");
+    }
     println!(
         "  stored:      {} secrets, {} configs",
         report.secrets, report.configs
@@ -280,6 +325,11 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     crate::invoke::serve(listener, dispatcher, args.http.limits(), shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
+    // The gateway's calls in flight are answered (and audited) before the log is flushed.
+    stop_gateway.cancel();
+    if let Some((_, node)) = gateway_node {
+        let _ = node.await;
+    }
     // Outcome records of the last writes are queued, not yet synced: write them before exiting,
     // and anchor the last one, so nothing of the log can go missing unnoticed while stopped.
     audit_handle

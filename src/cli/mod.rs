@@ -5,6 +5,7 @@ mod audit;
 mod completions;
 mod dev;
 mod duration;
+mod gateway;
 mod http_limits;
 mod invoke;
 mod kubeconfig;

@@ -11,9 +11,11 @@
 //! - deliveries: the same HPKE suite to a node's own key, bound to the node, the secret and its
 //!   version ([`seal_delivery`], [`open_delivery`]);
 //! - forwarded writes: the same HPKE suite to the cluster's key, bound to the forwarding node,
-//!   the request id and the command ([`seal_forwarded`], [`open_forwarded`]).
+//!   the request id and the command ([`seal_forwarded`], [`open_forwarded`]);
+//! - a node's device identity on the OpenClaw gateway: an Ed25519 key ([`DeviceKey`]).
 
 mod delivery;
+mod device;
 mod digest;
 mod envelope;
 mod forward;
@@ -23,6 +25,7 @@ mod offline_seal;
 mod seal;
 
 pub use delivery::{DeliveryScope, open_delivery, seal_delivery};
+pub use device::DeviceKey;
 pub use digest::DataDigest;
 pub use envelope::{ALGORITHM_HKDF_SHA256_CHACHA20POLY1305, Envelope, FORMAT_V1};
 pub use forward::{ForwardScope, open_forwarded, seal_forwarded};

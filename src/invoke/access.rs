@@ -31,6 +31,9 @@ pub struct Caller {
     /// The node whose agent passed the call on, when the server answering is not that node
     /// (the operator carrying a node's write): for the records of the change.
     pub via_node: Option<String>,
+    /// The OpenClaw gateway node id this call arrived on, when it came through the gateway
+    /// (the caller is then the node's configured gateway principal): for the audit record.
+    pub gateway_node: Option<String>,
 }
 
 /// A caller's own bearer token: wiped when dropped, never printed (`Debug` shows that one is
@@ -68,6 +71,7 @@ impl Caller {
             extra: Default::default(),
             credential: None,
             via_node: None,
+            gateway_node: None,
         }
     }
 

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::domain::ErrorCode;
 use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 /// Accepted as a node id by every server, besides its own id (the seed's `node.invoke local`).
 pub const LOCAL_NODE_ALIAS: &str = "local";
@@ -19,7 +20,12 @@ pub struct Dispatcher<A, R> {
     carrier: Option<std::sync::Arc<dyn WriteCarrier>>,
     /// What `GET /metrics` shows: the core's metrics, and whatever the backend adds.
     registry: Registry,
+    /// Lines `GET /readyz` adds after its verdict (the gateway connection's state).
+    readiness_notes: Vec<ReadinessNote>,
 }
+
+/// A line of `GET /readyz` detail, as of the moment it is asked for.
+pub type ReadinessNote = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
 
 impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
     pub fn new(core: CommandCore<A, R>) -> Self {
@@ -29,6 +35,7 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
             core,
             carrier: None,
             registry,
+            readiness_notes: Vec::new(),
         }
     }
 
@@ -36,6 +43,17 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
     pub fn with_carrier(mut self, carrier: std::sync::Arc<dyn WriteCarrier>) -> Self {
         self.carrier = Some(carrier);
         self
+    }
+
+    /// Adds a line to what `GET /readyz` says.
+    pub fn with_readiness_note(mut self, note: ReadinessNote) -> Self {
+        self.readiness_notes.push(note);
+        self
+    }
+
+    /// The detail lines of `GET /readyz`.
+    pub fn readiness_notes(&self) -> impl Iterator<Item = String> + '_ {
+        self.readiness_notes.iter().map(|note| note())
     }
 
     /// The registry `GET /metrics` encodes, for the backend's own metrics (prefix
@@ -81,9 +99,21 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
         caller: Result<Caller, InvokeError>,
         body: &[u8],
     ) -> InvokeResponse {
-        let parsed: Result<InvokeRequest, _> = serde_json::from_slice(body);
+        self.handle_request(caller, serde_json::from_slice(body), None)
+            .await
+    }
+
+    /// Handles one request another transport has read (the gateway's `node.invoke.request`),
+    /// for a caller it has settled. `cancel`: cancelled when the asker gives up on the answer
+    /// (see [`Request::cancel`]).
+    pub async fn handle_request(
+        &self,
+        caller: Result<Caller, InvokeError>,
+        parsed: Result<InvokeRequest, serde_json::Error>,
+        cancel: Option<CancellationToken>,
+    ) -> InvokeResponse {
         let command = parsed.as_ref().map_or("", |r| r.command.as_str());
-        let response = self.answer(caller, &parsed).await;
+        let response = self.answer(caller, &parsed, cancel).await;
         self.count(command, &response);
         response
     }
@@ -105,6 +135,7 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
         &self,
         caller: Result<Caller, InvokeError>,
         parsed: &Result<InvokeRequest, serde_json::Error>,
+        cancel: Option<CancellationToken>,
     ) -> InvokeResponse {
         let request_id = match &parsed {
             Ok(InvokeRequest { id: Some(id), .. }) if valid_request_id(id) => id.clone(),
@@ -160,7 +191,7 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
                 ),
             );
         }
-        let request = match self.request(req, &request_id) {
+        let request = match self.request(req, &request_id, cancel) {
             Ok(request) => request,
             Err(err) => {
                 let err = if Command::is_audited(&req.command) {
@@ -190,7 +221,12 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
     }
 
     /// The envelope's command, params and idempotency key as a request for the core.
-    fn request(&self, req: &InvokeRequest, request_id: &str) -> Result<Request, InvokeError> {
+    fn request(
+        &self,
+        req: &InvokeRequest,
+        request_id: &str,
+        cancel: Option<CancellationToken>,
+    ) -> Result<Request, InvokeError> {
         let command = Command::parse(&req.command, req.params.as_deref())?;
         let idempotency_key = req
             .idempotency_key
@@ -203,6 +239,7 @@ impl<A: Authorizer, R: Repository> Dispatcher<A, R> {
             command,
             idempotency_key,
             request_id: request_id.to_owned(),
+            cancel,
         })
     }
 

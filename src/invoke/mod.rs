@@ -7,6 +7,7 @@ mod access;
 mod client;
 mod command_core;
 mod dispatch;
+pub mod gateway;
 mod metrics;
 mod params;
 mod protocol;
@@ -16,7 +17,7 @@ mod server;
 pub use access::{Access, Authorizer, Caller, Credential, Decision, Resource, Verb};
 pub use client::{ClientError, ClientTimeouts, InvokeClient};
 pub use command_core::{CommandCore, IdempotencyKey, Request, WriteCarrier};
-pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS};
+pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS, ReadinessNote};
 pub use metrics::InvokeMetrics;
 pub use params::{
     Command, ConfigCreate, ConfigUpdate, ListParams, NameParams, SecretCreate, SecretRotate,

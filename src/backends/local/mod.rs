@@ -8,7 +8,10 @@
 //! - [`StoreRepository`]: the node store is the source of truth; writes are checked against the
 //!   entry's store generation, under the store's write lock.
 
+mod principal;
 pub mod tokens;
+
+pub use principal::TokensPrincipal;
 
 use std::sync::Arc;
 

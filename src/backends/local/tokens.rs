@@ -241,11 +241,40 @@ impl TokenStore {
         let Some(entry) = state.tokens.get(&hash_token(token)) else {
             return Ok(None);
         };
-        Ok(Some(Caller {
-            namespace: entry.namespace.clone(),
-            workload: entry.workload.clone(),
-            admin: entry.admin,
-            ..Caller::named(entry.subject.clone())
-        }))
+        Ok(Some(caller_of(entry)))
+    }
+
+    /// The caller whose entries are named `subject` (the gateway principal of dev mode), or
+    /// why there is none: no entry, or entries of that subject that grant different things.
+    pub fn lookup_subject(&self, subject: &str) -> Result<Caller, String> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = &state.broken {
+            return Err(why.clone());
+        }
+        let mut callers = state
+            .tokens
+            .values()
+            .filter(|e| e.subject == subject)
+            .map(caller_of);
+        let Some(first) = callers.next() else {
+            return Err(format!(
+                "no token of the tokens file has the subject {subject:?} (create one with `claw-secrets token create`, or name an existing subject)"
+            ));
+        };
+        if callers.any(|other| other != first) {
+            return Err(format!(
+                "the tokens of subject {subject:?} grant different things (namespace, workload or admin): give the gateway principal a subject of its own"
+            ));
+        }
+        Ok(first)
+    }
+}
+
+fn caller_of(entry: &TokenEntry) -> Caller {
+    Caller {
+        namespace: entry.namespace.clone(),
+        workload: entry.workload.clone(),
+        admin: entry.admin,
+        ..Caller::named(entry.subject.clone())
     }
 }

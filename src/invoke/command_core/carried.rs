@@ -47,12 +47,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         request: &Request,
         carrier: &dyn WriteCarrier,
     ) -> Result<Payload, InvokeError> {
-        let call = Call {
-            caller,
-            command: &request.command,
-            request_id: &request.request_id,
-            idempotency_key: request.idempotency_key.as_ref(),
-        };
+        let call = Call::of(caller, request);
         let mut target = Target::default();
         let result = self.carried(&call, &mut target, request, carrier).await;
         if !target.recorded {

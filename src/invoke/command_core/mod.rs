@@ -25,6 +25,7 @@ use idempotency::KeyedWrite;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     Access, Authorizer, Caller, Command, Decision, InvokeError, InvokeMetrics, Payload, Repository,
@@ -47,6 +48,11 @@ pub struct Request {
     pub idempotency_key: Option<IdempotencyKey>,
     /// The protocol's request id, for the audit log.
     pub request_id: String,
+    /// Cancelled when whoever asked gives up on the answer (the gateway's `timeoutMs` passed,
+    /// or its `node.invoke.cancel`). Checked before the call starts and again between a write's
+    /// durable intent and its commit, never during the commit: a call given up on changes
+    /// nothing (its abort is on the record) or completes in full.
+    pub cancel: Option<CancellationToken>,
 }
 
 pub struct CommandCore<A, R> {
@@ -65,9 +71,31 @@ struct Call<'a> {
     command: &'a Command,
     request_id: &'a str,
     idempotency_key: Option<&'a IdempotencyKey>,
+    cancel: Option<&'a CancellationToken>,
 }
 
 impl<'a> Call<'a> {
+    fn of(caller: &'a Caller, request: &'a Request) -> Self {
+        Call {
+            caller,
+            command: &request.command,
+            request_id: &request.request_id,
+            idempotency_key: request.idempotency_key.as_ref(),
+            cancel: request.cancel.as_ref(),
+        }
+    }
+
+    /// UNAVAILABLE if the caller has given up on this call, so that nothing more is done.
+    fn still_wanted(&self) -> Result<(), InvokeError> {
+        match self.cancel {
+            Some(token) if token.is_cancelled() => Err(InvokeError::new(
+                ErrorCode::Unavailable,
+                "the call was given up (its deadline passed, or the gateway cancelled it) before anything changed; retrying it with the same idempotency key is safe",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The call as a keyed write in `namespace`, if it carries an idempotency key.
     fn keyed(&self, namespace: &'a Namespace) -> Option<KeyedWrite<'a>> {
         self.idempotency_key.map(|key| KeyedWrite {
@@ -148,26 +176,18 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
     /// Authorizes and runs one command; the answer is on the audit record (where the command is
     /// audited) before it is returned.
     pub async fn execute(&self, caller: &Caller, request: Request) -> Result<Payload, InvokeError> {
-        let call = Call {
-            caller,
-            command: &request.command,
-            request_id: &request.request_id,
-            idempotency_key: request.idempotency_key.as_ref(),
-        };
+        let call = Call::of(caller, &request);
         let audit = Command::is_audited(request.command.name());
         let mut target = Target::default();
         let t = &mut target;
-        let result = match &request.command {
-            Command::SecretGet(p) => self.secret_get(&call, p, t).await,
-            Command::SecretList(p) => self.secret_list(&call, p, t).await,
-            Command::SecretCreate(p) => self.secret_create(&call, p, t).await,
-            Command::SecretRotate(p) => self.secret_rotate(&call, p, t).await,
-            Command::SecretDelete(p) => self.delete(&call, p, Resource::Secrets, t).await,
-            Command::ConfigGet(p) => self.config_get(&call, p, t).await,
-            Command::ConfigList(p) => self.config_list(&call, p, t).await,
-            Command::ConfigCreate(p) => self.config_create(&call, p, t).await,
-            Command::ConfigUpdate(p) => self.config_update(&call, p, t).await,
-            Command::ConfigDelete(p) => self.delete(&call, p, Resource::Configs, t).await,
+        let result = match call.still_wanted() {
+            Err(given_up) => {
+                // On the record with what it would have acted on.
+                t.name = call.command.target_name().cloned();
+                t.namespace = call.command.requested_namespace().cloned();
+                Err(given_up)
+            }
+            Ok(()) => self.run(&call, t).await,
         };
         match &result {
             Ok(_) => tracing::debug!(
@@ -191,6 +211,22 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         };
         self.record(&call, &target, decision, None, reason).await?;
         result
+    }
+
+    /// The command's own work.
+    async fn run(&self, call: &Call<'_>, t: &mut Target) -> Result<Payload, InvokeError> {
+        match call.command {
+            Command::SecretGet(p) => self.secret_get(call, p, t).await,
+            Command::SecretList(p) => self.secret_list(call, p, t).await,
+            Command::SecretCreate(p) => self.secret_create(call, p, t).await,
+            Command::SecretRotate(p) => self.secret_rotate(call, p, t).await,
+            Command::SecretDelete(p) => self.delete(call, p, Resource::Secrets, t).await,
+            Command::ConfigGet(p) => self.config_get(call, p, t).await,
+            Command::ConfigList(p) => self.config_list(call, p, t).await,
+            Command::ConfigCreate(p) => self.config_create(call, p, t).await,
+            Command::ConfigUpdate(p) => self.config_update(call, p, t).await,
+            Command::ConfigDelete(p) => self.delete(call, p, Resource::Configs, t).await,
+        }
     }
 
     /// Records a call that was refused before it became a command (no valid token, params that
@@ -217,6 +253,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
             reason: format!("{}: {}", error.code, error.message),
             request_id: Some(request_id.to_owned()),
             idempotency_key: None,
+            gateway_node: caller.gateway_node.clone(),
         };
         self.audit
             .append(event)
@@ -262,6 +299,7 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
             reason,
             request_id: Some(call.request_id.to_owned()),
             idempotency_key: call.idempotency_key.map(|k| k.as_str().to_owned()),
+            gateway_node: call.caller.gateway_node.clone(),
         }
     }
 
@@ -296,7 +334,12 @@ impl<A: Authorizer, R: Repository> CommandCore<A, R> {
         )
         .await?;
         target.recorded = true;
-        let result = commit.await;
+        // The last point at which a call given up on can stop: after this, the commit runs to
+        // its end (a future not polled does nothing, so dropping `commit` here is clean).
+        let result = match call.still_wanted() {
+            Ok(()) => commit.await,
+            Err(given_up) => Err(given_up),
+        };
         if let Ok(done) = &result
             && let Some(version) = version_of(done)
         {

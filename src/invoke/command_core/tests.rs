@@ -21,6 +21,9 @@ struct FakeAuthorizer {
     callers: Vec<(&'static str, Caller)>,
     grants: Vec<(&'static str, &'static [Verb], Resource, &'static str)>,
     refused: Mutex<Vec<String>>,
+    /// Cancelled by the next authorization check: a caller giving up while its write is
+    /// under way (after the call started, before its intent is recorded).
+    give_up_at_check: Mutex<Option<tokio_util::sync::CancellationToken>>,
 }
 
 impl Authorizer for FakeAuthorizer {
@@ -33,6 +36,9 @@ impl Authorizer for FakeAuthorizer {
     }
 
     async fn check(&self, caller: &Caller, access: Access<'_>) -> Result<Decision, InvokeError> {
+        if let Some(token) = self.give_up_at_check.lock().unwrap().take() {
+            token.cancel();
+        }
         let granted = self.grants.iter().any(|(subject, verbs, resource, ns)| {
             *subject == caller.subject
                 && verbs.contains(&access.verb)
@@ -91,6 +97,7 @@ fn authorizer() -> FakeAuthorizer {
             ),
         ],
         refused: Mutex::new(Vec::new()),
+        give_up_at_check: Mutex::default(),
     }
 }
 
@@ -571,4 +578,113 @@ async fn carried_writes_are_authorized_and_audited_here_and_made_elsewhere() {
         let text = std::fs::read_to_string(&f.audit_path).unwrap();
         assert!(!text.contains("canary"));
     }
+}
+
+/// A call the gateway gave up on is stopped at the two points where stopping is clean: before
+/// it starts, and between its durable intent and its commit. Either way nothing changes, and
+/// the record says why.
+#[tokio::test]
+async fn a_call_given_up_on_changes_nothing_and_is_on_the_record() {
+    use tokio_util::sync::CancellationToken;
+    let f = fixture().await;
+    let admin = f.dispatcher.authenticate(Some("t-admin")).await;
+    let request = |command: &str, params: Value, id: &str| {
+        serde_json::from_value::<crate::invoke::InvokeRequest>(
+            json!({"id": id, "command": command, "params": params}),
+        )
+    };
+    let key = ObjectKey::new(
+        Namespace::parse("prod").unwrap(),
+        Name::parse("late").unwrap(),
+    );
+    let store = || f.dispatcher.core().repository().store();
+
+    // Given up before it reached the node's core: not started.
+    let gone = CancellationToken::new();
+    gone.cancel();
+    let answer = f
+        .dispatcher
+        .handle_request(
+            admin.clone(),
+            request(
+                "secret.create",
+                json!({"name": "late", "namespace": "prod", "data": {"k": "v"}}),
+                "r-before",
+            ),
+            Some(gone),
+        )
+        .await;
+    let answer = serde_json::to_value(&answer).unwrap();
+    assert_eq!(answer["error"]["code"], json!("UNAVAILABLE"), "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("given up")
+    );
+    assert!(store().secret(&key).is_none());
+
+    // Given up while the write was under way: its intent is durable, then it stops.
+    let midway = CancellationToken::new();
+    *f.dispatcher
+        .core()
+        .authorizer()
+        .give_up_at_check
+        .lock()
+        .unwrap() = Some(midway.clone());
+    let answer = f
+        .dispatcher
+        .handle_request(
+            admin.clone(),
+            request(
+                "secret.create",
+                json!({"name": "late", "namespace": "prod", "data": {"k": "v"}}),
+                "r-midway",
+            ),
+            Some(midway),
+        )
+        .await;
+    assert_eq!(
+        serde_json::to_value(&answer).unwrap()["error"]["code"],
+        json!("UNAVAILABLE")
+    );
+    assert!(
+        store().secret(&key).is_none(),
+        "a write given up on was made"
+    );
+
+    let records = f.audit().await;
+    let of = |id: &str| -> Vec<Value> {
+        records
+            .iter()
+            .filter(|r| r["requestId"] == json!(id))
+            .cloned()
+            .collect()
+    };
+    let before = of("r-before");
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["decision"], json!("error"));
+    assert_eq!(before[0]["name"], json!("late"));
+    assert!(before[0]["reason"].as_str().unwrap().contains("given up"));
+    let midway = of("r-midway");
+    let phases: Vec<&Value> = midway.iter().map(|r| &r["phase"]).collect();
+    assert_eq!(phases, [&json!("intent"), &json!("abort")], "{midway:?}");
+    assert!(midway[1]["reason"].as_str().unwrap().contains("given up"));
+
+    // A call not given up on is untouched by the token it carries.
+    let kept = CancellationToken::new();
+    let answer = f
+        .dispatcher
+        .handle_request(
+            admin,
+            request(
+                "secret.create",
+                json!({"name": "late", "namespace": "prod", "data": {"k": "v"}}),
+                "r-kept",
+            ),
+            Some(kept),
+        )
+        .await;
+    assert!(answer.ok);
+    assert!(store().secret(&key).is_some());
 }

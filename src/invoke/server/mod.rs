@@ -87,14 +87,19 @@ fn kib(bytes: usize) -> usize {
 }
 
 async fn readyz<A: Authorizer, R: Repository>(State(app): State<Arc<App<A, R>>>) -> Response {
-    match app.dispatcher.core().repository().readiness() {
-        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+    let (status, mut text) = match app.dispatcher.core().repository().readiness() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
-        )
-            .into_response(),
+        ),
+    };
+    // Detail that does not decide readiness: HTTP callers are served either way.
+    for note in app.dispatcher.readiness_notes() {
+        text.push_str(&note);
+        text.push('\n');
     }
+    (status, text).into_response()
 }
 
 async fn metrics<A: Authorizer, R: Repository>(State(app): State<Arc<App<A, R>>>) -> Response {
