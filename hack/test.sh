@@ -8,8 +8,9 @@
 # It installs what it needs: the Rust crates (cargo fetches them), the Go-built control plane
 # and node (kube-apiserver, etcd, kubectl, helm, kubelet, kube-proxy, controller-manager,
 # scheduler) through hack/control-plane.sh, containerd, runc and the CNI plugins from Debian
-# (hack/node.sh install, as root), cached outside the repo so the second run takes seconds;
-# and it builds the image (hack/image.sh) the node tests install.
+# (hack/node.sh install, as root), the OpenClaw gateway (Node 24 and openclaw from npm, through
+# hack/openclaw.sh), cached outside the repo so the second run takes seconds; and it builds the
+# image (hack/image.sh) the node tests install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,10 @@ if [ "$(id -u)" = 0 ]; then
 else
   bash hack/control-plane.sh install >/dev/null
 fi
+
+step "the OpenClaw gateway (hack/openclaw.sh install: Node 24 and openclaw from npm)"
+# The node.invoke tests run the real gateway; cached like the control plane.
+bash hack/openclaw.sh install
 
 step "the image (hack/image.sh, a release build)"
 bash hack/image.sh target/images/claw-secrets.tar

@@ -377,6 +377,113 @@ fn lint_and_template_pass_with_defaults_and_every_option() {
     assert_eq!(flag(&agent_args, "--http-body-timeout"), "20s");
     assert_eq!(flag(&agent_args, "--http-max-connections"), "2000");
     assert_eq!(flag(&agent_args, "--http-max-body-buffer-mib"), "16");
+    // agent.gateway.*: also a node of the gateway, as the principal, whose tokens (and no other
+    // account's) the agent may request, in the principal's namespace; the token and the CA
+    // mounted read-only, the setup code from its Secret.
+    assert_eq!(
+        flag(&agent_args, "--gateway"),
+        "wss://openclaw-gateway.openclaw.svc:18789"
+    );
+    assert_eq!(
+        flag(&agent_args, "--gateway-principal"),
+        "default/gateway-caller"
+    );
+    let by_name = |list: &Value, name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {list}"))
+            .clone()
+    };
+    for (volume, file, item, source) in [
+        (
+            "gateway-token",
+            flag(&agent_args, "--gateway-token-file"),
+            "token",
+            json!({"secret": {"secretName": "openclaw-gateway-token",
+                              "items": [{"key": "token", "path": "token"}]}}),
+        ),
+        (
+            "gateway-ca",
+            flag(&agent_args, "--gateway-ca-file"),
+            "ca.crt",
+            json!({"configMap": {"name": "openclaw-gateway-ca",
+                                 "items": [{"key": "ca.crt", "path": "ca.crt"}]}}),
+        ),
+    ] {
+        let mount = by_name(&agent_container["volumeMounts"], volume);
+        assert_eq!(mount["readOnly"], true, "{volume}");
+        let dir = mount["mountPath"].as_str().unwrap();
+        assert_eq!(file, format!("{dir}/{item}"), "{volume}");
+        let mut expected = source;
+        expected["name"] = json!(volume);
+        assert_eq!(by_name(&pod_spec(agent)["volumes"], volume), expected);
+    }
+    assert!(
+        agent_container["env"].as_array().unwrap().contains(&json!({
+            "name": "CLAW_SECRETS_GATEWAY_SETUP_CODE",
+            "valueFrom": {"secretKeyRef": {
+                "name": "openclaw-node-setup-code", "key": "setupCode", "optional": true}}
+        })),
+        "the setup code from its Secret"
+    );
+    assert!(
+        pod_spec(agent)["initContainers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| !a.as_str().unwrap().starts_with("--gateway")),
+        "the init container has nothing to do with the gateway"
+    );
+    let gateway_role = named(&every, "Role", "claw-all-agent-gateway");
+    assert_eq!(gateway_role["metadata"]["namespace"], "default");
+    assert_eq!(
+        gateway_role["rules"],
+        json!([{"apiGroups": [""], "resources": ["serviceaccounts/token"],
+                "resourceNames": ["gateway-caller"], "verbs": ["create"]}])
+    );
+    let gateway_binding = named(&every, "RoleBinding", "claw-all-agent-gateway");
+    assert_eq!(gateway_binding["metadata"]["namespace"], "default");
+    assert_eq!(gateway_binding["roleRef"]["name"], "claw-all-agent-gateway");
+    assert_eq!(
+        gateway_binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "claw-all-agent", "namespace": "ops"}])
+    );
+    // Without a principal, or without a way to pair, or with a gateway key but no url: refused.
+    for (sets, says) in [
+        (
+            vec!["agent.gateway.url=wss://gw.example:443"],
+            "agent.gateway.principal is required with agent.gateway.url",
+        ),
+        (
+            vec![
+                "agent.gateway.url=wss://gw.example:443",
+                "agent.gateway.principal=a/b",
+            ],
+            "needs agent.gateway.tokenSecret or agent.gateway.setupCodeSecret",
+        ),
+        (
+            vec!["agent.gateway.tokenSecret=t"],
+            "agent.gateway.tokenSecret needs agent.gateway.url",
+        ),
+        (
+            vec![
+                "agent.gateway.url=ws://gw.example:80",
+                "agent.gateway.principal=a/b",
+                "agent.gateway.tokenSecret=t",
+                "agent.gateway.caConfigMap=ca",
+            ],
+            "agent.gateway.caConfigMap needs a wss://",
+        ),
+    ] {
+        let mut extra = Vec::new();
+        for set in &sets {
+            extra.extend(["--set", set]);
+        }
+        let r = template("r", "ops", &extra);
+        assert!(!r.ok && r.stderr.contains(says), "{sets:?}: {}", r.stderr);
+    }
     assert_eq!(
         pod_spec(agent)["volumes"][0]["hostPath"]["path"],
         "/var/lib/claw-all"
@@ -801,6 +908,19 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
             vec!["--set", "webhook.certManager.enabled=true"],
         ),
         ("no webhook", vec!["--set", "webhook.enabled=false"]),
+        (
+            "gateway",
+            vec![
+                "--set",
+                "agent.gateway.url=wss://gw.example:443",
+                "--set",
+                "agent.gateway.principal=openclaw/caller",
+                "--set",
+                "agent.gateway.tokenSecret=gateway-token",
+                "--set",
+                "agent.gateway.caConfigMap=gateway-ca",
+            ],
+        ),
     ] {
         let objects = render("claw-secrets", "claw-secrets", &extra);
         for workload in ["Deployment", "DaemonSet"] {

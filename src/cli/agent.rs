@@ -56,6 +56,8 @@ pub struct AgentArgs {
     operator_service: String,
     #[command(flatten)]
     http: super::http_limits::HttpLimitArgs,
+    #[command(flatten)]
+    gateway: super::gateway::GatewayArgs,
 }
 
 /// `--prepare-data-dir`: create `dir` (0700) if missing and hand it to `owner`. No chmod of an
@@ -124,6 +126,16 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
             }
         },
     };
+    let gateway = match args.gateway.setup(
+        &args.data_dir,
+        format!("claw-secrets agent {}", args.node_name),
+    ) {
+        Ok(gateway) => gateway,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = AgentConfig {
         node_name: args.node_name,
         data_dir: args.data_dir,
@@ -158,7 +170,7 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match run(client, config, super::shutdown_signal()).await {
+        match run(client, config, gateway, super::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -271,20 +271,14 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     let stop_gateway = tokio_util::sync::CancellationToken::new();
     let gateway_node = match (gateway, principal) {
         (Some(g), Some(principal)) => {
-            let node = GatewayNode::new(
-                dispatcher.clone(),
-                principal,
-                g.identity,
-                g.config,
-                g.status.clone(),
-            )
-            .map_err(|e| e.to_string())?;
             let line = format!(
                 "  gateway:     {} as node {} (calls act as {:?})",
                 g.status.url(),
-                node.node_id(),
+                g.identity.node_id(),
                 g.principal
             );
+            let node =
+                GatewayNode::new(dispatcher.clone(), principal, g).map_err(|e| e.to_string())?;
             Some((line, tokio::spawn(node.run(stop_gateway.clone()))))
         }
         _ => None,

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
-use crate::invoke::ReadinessNote;
-use crate::invoke::gateway::{DeviceIdentity, Endpoint, GatewayConfig, GatewayStatus, SetupCode};
+use crate::invoke::gateway::{
+    DeviceIdentity, Endpoint, GatewayConfig, GatewaySetup, GatewayStatus, SetupCode,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
@@ -41,22 +42,6 @@ pub struct GatewayArgs {
     /// NAMESPACE/NAME, whose RBAC is checked like any caller's. Required with --gateway.
     #[arg(long, value_name = "PRINCIPAL", env = "CLAW_SECRETS_GATEWAY_PRINCIPAL")]
     pub gateway_principal: Option<String>,
-}
-
-/// The gateway node's configuration, read and checked at start-up.
-pub struct GatewaySetup {
-    pub config: GatewayConfig,
-    pub identity: DeviceIdentity,
-    pub status: Arc<GatewayStatus>,
-    pub principal: String,
-}
-
-impl GatewaySetup {
-    /// The `/readyz` line of the gateway connection.
-    pub fn readiness_note(&self) -> ReadinessNote {
-        let status = self.status.clone();
-        Arc::new(move || status.line())
-    }
 }
 
 impl GatewayArgs {

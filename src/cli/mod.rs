@@ -182,17 +182,38 @@ enum Commands {
     Completions(completions::CompletionsArgs),
 }
 
+/// Libraries whose most detailed log lines print what they carry: tungstenite traces every
+/// WebSocket frame, and a gateway frame can hold a secret's values (a `secret.get` answer, a
+/// `secret.create` request). Their lines are never more detailed than debug, whatever the
+/// filter asks for.
+const FRAME_LOGGING_TARGETS: [&str; 2] = ["tungstenite", "tokio_tungstenite"];
+
+fn logs_frames(target: &str) -> bool {
+    FRAME_LOGGING_TARGETS.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 /// Logs go to stderr; `CLAW_SECRETS_LOG` (or `RUST_LOG`) sets the filter, else `default`
 /// (`info` for the servers; for `invoke`, whose stderr carries the answer's error, only this
 /// crate's warnings: a library's own error line would repeat that error in another shape).
 fn init_logging(default: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("CLAW_SECRETS_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default.to_owned());
+    let no_frames = tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() <= tracing::Level::DEBUG || !logs_frames(meta.target())
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(no_frames)
         .try_init();
 }
 
@@ -286,6 +307,20 @@ pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_websocket_libraries_are_the_targets_kept_from_tracing_frames() {
+        for target in [
+            "tungstenite",
+            "tungstenite::protocol",
+            "tokio_tungstenite::compat",
+        ] {
+            assert!(super::logs_frames(target), "{target}");
+        }
+        for target in ["claw_secrets::invoke::gateway", "tungstenitex", "hyper"] {
+            assert!(!super::logs_frames(target), "{target}");
+        }
+    }
+
     use super::Cli;
     use clap::CommandFactory;
 

@@ -141,3 +141,29 @@ otherwise (webhook off, or cert-manager mode).
 {{- define "claw-secrets.webhookManaged" -}}
 {{- if and .Values.webhook.enabled (not .Values.webhook.certManager.enabled) }}true{{ end }}
 {{- end }}
+
+{{/*
+The agent's gateway principal (agent.gateway.principal, NAMESPACE/NAME) when agent.gateway.url
+is set, where it is required; empty otherwise. Also refuses what the agent would refuse at
+start: a gateway key without url, a CA for a plain ws:// gateway, and no way to pair a new node
+(neither the gateway token nor a setup code).
+*/}}
+{{- define "claw-secrets.gatewayPrincipal" -}}
+{{- $g := .Values.agent.gateway -}}
+{{- if $g.url -}}
+{{- if and $g.caConfigMap (not (hasPrefix "wss://" $g.url)) -}}
+{{- fail "agent.gateway.caConfigMap needs a wss:// agent.gateway.url (a CA verifies TLS, and ws:// has none)" -}}
+{{- end -}}
+{{- $principal := required "agent.gateway.principal is required with agent.gateway.url: the ServiceAccount, as NAMESPACE/NAME, that every call through the gateway acts as (the gateway does not pass on who its callers are)" $g.principal -}}
+{{- if not (or $g.tokenSecret $g.setupCodeSecret) -}}
+{{- fail "agent.gateway.url needs agent.gateway.tokenSecret or agent.gateway.setupCodeSecret: a new node pairs with the gateway's token or a setup code (then with the device token it saves in agent.hostPath)" -}}
+{{- end -}}
+{{- $principal -}}
+{{- else -}}
+{{- range $key := list "principal" "tokenSecret" "setupCodeSecret" "caConfigMap" -}}
+{{- if index $g $key -}}
+{{- fail (printf "agent.gateway.%s needs agent.gateway.url (the gateway's ws:// or wss:// URL)" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end }}

@@ -17,7 +17,7 @@ mod proof;
 
 pub use connection::Endpoint;
 pub use identity::DeviceIdentity;
-pub use node::{COMMANDS, GatewayConfig, GatewayNode, GatewayStatus, SetupCode};
+pub use node::{COMMANDS, GatewayConfig, GatewayNode, GatewaySetup, GatewayStatus, SetupCode};
 pub use principal::{Principal, PrincipalIdentity};
 pub use proof::{DeviceProof, ProofFields, prove, signature_payload};
 

@@ -94,6 +94,24 @@ impl SetupCode {
     }
 }
 
+/// A gateway node's configuration, read and checked at start-up, before the server it will
+/// serve through exists.
+pub struct GatewaySetup {
+    pub config: GatewayConfig,
+    pub identity: DeviceIdentity,
+    pub status: Arc<GatewayStatus>,
+    /// The principal as configured (`--gateway-principal`), for the backend to resolve.
+    pub principal: String,
+}
+
+impl GatewaySetup {
+    /// The `/readyz` line of the gateway connection.
+    pub fn readiness_note(&self) -> crate::invoke::ReadinessNote {
+        let status = self.status.clone();
+        Arc::new(move || status.line())
+    }
+}
+
 /// What `/readyz` and the logs say about the gateway connection.
 pub struct GatewayStatus {
     node_id: String,
@@ -185,10 +203,14 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
     pub fn new(
         dispatcher: Arc<Dispatcher<A, R>>,
         principal: P,
-        identity: DeviceIdentity,
-        config: GatewayConfig,
-        status: Arc<GatewayStatus>,
+        setup: GatewaySetup,
     ) -> Result<Self, GatewayError> {
+        let GatewaySetup {
+            config,
+            identity,
+            status,
+            ..
+        } = setup;
         let node_id: Arc<str> = identity.node_id().into();
         if config.gateway_token.is_none()
             && config.setup_code.is_none()

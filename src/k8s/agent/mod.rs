@@ -32,11 +32,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::crypto::{Keyring, SharedKeyring};
+use crate::invoke::gateway::{GatewayNode, GatewaySetup};
 use crate::invoke::{CommandCore, Dispatcher};
-use crate::k8s::backend::{InvokeEvents, KubeAuthorizer, KubeRepository};
+use crate::k8s::backend::{InvokeEvents, KubeAuthorizer, KubeRepository, ServiceAccountPrincipal};
 use crate::k8s::crd::{ClawConfig, ClawSecret};
 use crate::k8s::identity::KubeIdentity;
 use crate::store::{OpenOptions, Store, create_private_dir, write_private_file_atomic};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -185,6 +187,7 @@ pub const API_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(
     kube_config: kube::Config,
     config: AgentConfig,
+    gateway: Option<GatewaySetup>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let setup = |e: String| AgentError::Setup(e);
@@ -338,11 +341,34 @@ pub async fn run(
         )));
     }
     metrics.register(dispatcher.registry_mut());
+    if let Some(g) = &gateway {
+        dispatcher = dispatcher.with_readiness_note(g.readiness_note());
+    }
     let dispatcher = Arc::new(dispatcher);
+    let stop_gateway = CancellationToken::new();
+    let gateway_node = match gateway {
+        None => None,
+        Some(g) => {
+            let principal =
+                ServiceAccountPrincipal::parse(bounded.clone(), &g.principal).map_err(setup)?;
+            let node = GatewayNode::new(dispatcher.clone(), principal, g)
+                .map_err(|e| setup(e.to_string()))?;
+            tracing::info!(
+                node_id = node.node_id(),
+                "serving node.invoke through the OpenClaw gateway too"
+            );
+            Some(tokio::spawn(node.run(stop_gateway.clone())))
+        }
+    };
     let result = tokio::select! {
         served = crate::invoke::serve(listener, dispatcher, config.http, shutdown) => served.map_err(AgentError::Serve),
         ended = background.first_to_end() => Err(ended),
     };
+    // The gateway's calls in flight are answered (and audited) before the log is flushed.
+    stop_gateway.cancel();
+    if let Some(node) = gateway_node {
+        let _ = node.await;
+    }
     if let Err(e) = &result {
         tracing::error!(error = %e, "agent stopping");
     }

@@ -5,8 +5,10 @@
 
 mod authorizer;
 mod events;
+mod principal;
 mod repository;
 
 pub use authorizer::KubeAuthorizer;
 pub use events::InvokeEvents;
+pub use principal::ServiceAccountPrincipal;
 pub use repository::KubeRepository;
