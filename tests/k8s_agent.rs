@@ -41,6 +41,9 @@ mod tokens;
 #[path = "support/tools.rs"]
 mod tools;
 
+#[path = "support/openclaw.rs"]
+mod openclaw;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -2158,5 +2161,153 @@ async fn retries_through_any_node_and_replayed_keys_teach_nothing() {
     }
     assert!(!annotations.contains_key("clawbernetes.io/last-write"));
     assert!(writes.len() > 100, "{writes}");
+    c.cleanup().await;
+}
+
+/// node.invoke through the real OpenClaw gateway, answered by an agent
+/// (`claw-secrets agent --gateway`): a ClawSecret applied with kubectl is read through the
+/// gateway as the configured principal, a ServiceAccount whose RBAC alone decides (the agent
+/// itself runs as cluster-admin here, and lends none of it): a denied call is audited, names the
+/// principal and the gateway node, and becomes an AccessDenied Event.
+#[tokio::test]
+async fn the_agent_answers_the_openclaw_gateway_as_its_principal() {
+    let _lock = cluster::exclusive().await;
+    cluster::operator_available().unwrap_or_else(|e| panic!("this test needs the operator: {e}"));
+    // The gateway starts (10-15 s) while the cluster side is set up.
+    let gateway = tokio::task::spawn_blocking(|| {
+        let gw = openclaw::gateway();
+        (gw, gw.setup_code())
+    });
+    let c = Cluster::new("gateway").await;
+    let client = c.client();
+    let ns = c.ns().to_owned();
+    let principal = "gateway-caller";
+    let subject = format!("system:serviceaccount:{ns}:{principal}");
+    // The principal may read the one secret "shared" (by RBAC), and "private" lists another
+    // workload (so being a ServiceAccount of the namespace does not open it either).
+    cluster::service_account_token(&client, &ns, principal).await;
+    cluster::grant_rules(
+        &client,
+        &ns,
+        cluster::service_account_subject(&ns, principal),
+        "claw-test-gateway-reader",
+        vec![k8s_openapi::api::rbac::v1::PolicyRule {
+            api_groups: Some(vec!["clawbernetes.io".to_owned()]),
+            resources: Some(vec!["clawsecrets".to_owned()]),
+            resource_names: Some(vec!["shared".to_owned()]),
+            verbs: vec!["get".to_owned(), "reveal".to_owned()],
+            ..Default::default()
+        }],
+    )
+    .await;
+    let _operator = cluster::Operator::start(
+        &c.env.kubeconfig,
+        &c.master_key,
+        &format!("claw-test-{}", c.suffix()),
+        Some(&ns),
+    )
+    .await;
+    let (shared_value, private_value) = (secret_data(), secret_data());
+    let manifest = c
+        .env
+        .kubeconfig
+        .with_file_name(format!("gateway-{ns}.yaml"));
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: clawbernetes.io/v1beta1\nkind: ClawSecret\nmetadata:\n  name: shared\nspec:\n  data: {shared_value}\n---\napiVersion: clawbernetes.io/v1beta1\nkind: ClawSecret\nmetadata:\n  name: private\nspec:\n  allowedWorkloads: [api]\n  data: {private_value}\n"
+        ),
+    )
+    .unwrap();
+    must(
+        tools::kubectl(
+            &c.env.kubeconfig,
+            &["apply", "-n", &ns, "-f", manifest.to_str().unwrap()],
+        ),
+        "kubectl apply",
+    );
+    let _ = std::fs::remove_file(&manifest);
+
+    let (gw, setup_code) = gateway.await.unwrap();
+    let node = c.node("g", &[]).await;
+    let agent = c
+        .start_agent_with(
+            &node,
+            &c.env.kubeconfig,
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            vec![
+                format!("--gateway-setup-code={setup_code}"),
+                format!("--gateway-principal={ns}/{principal}"),
+            ],
+        )
+        .await;
+    let alice = c.alice().await;
+    wait_secret(&agent, &alice, &ns, "shared", 1, &shared_value).await;
+    wait_secret(&agent, &alice, &ns, "private", 1, &private_value).await;
+    let device: Value = serde_json::from_slice(
+        &std::fs::read(agent.data_dir().join("gateway/device.json")).unwrap(),
+    )
+    .unwrap();
+    let node_id = device["deviceId"].as_str().unwrap().to_owned();
+
+    let invoke = |name: &'static str| {
+        let (ns, node_id) = (ns.clone(), node_id.clone());
+        tokio::task::spawn_blocking(move || {
+            gw.nodes_invoke(
+                &node_id,
+                "secret.get",
+                &json!({"name": name, "namespace": ns}),
+                &[],
+            )
+        })
+    };
+    // The node may still be connecting: the first call waits for it.
+    let read = eventually("the shared secret through the gateway", || async {
+        let out = invoke("shared").await.unwrap();
+        match &out.json {
+            Some(v) if out.success() => Ok(v.clone()),
+            _ => Err(format!("{out:?}\n{}", agent.log_tail(20))),
+        }
+    })
+    .await;
+    assert_eq!(read["payload"]["data"], shared_value, "{read}");
+
+    let denied = invoke("private").await.unwrap();
+    assert!(!denied.success(), "{denied:?}");
+    let message = denied.json.as_ref().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.starts_with("PERMISSION_DENIED: "), "{message}");
+    assert!(message.contains(&subject), "{message}");
+    assert!(
+        !denied
+            .stdout
+            .contains(private_value["password"].as_str().unwrap())
+    );
+
+    let audit = agent.audit();
+    assert!(
+        audited_denial(&audit, &subject, "secret.get", &ns, Some("private")),
+        "{audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .filter(|r| r["subject"] == json!(subject))
+            .all(|r| r["gatewayNode"] == json!(node_id)),
+        "every gateway call names the gateway node: {audit:?}"
+    );
+    let events = eventually("an AccessDenied Event on private", || async {
+        let events = cluster::access_denied_events(&client, &ns, "private").await;
+        if events.is_empty() {
+            Err("none yet".to_owned())
+        } else {
+            Ok(events)
+        }
+    })
+    .await;
+    let note = events[0].note.clone().unwrap_or_default();
+    assert!(note.contains(&subject), "{note}");
     c.cleanup().await;
 }
