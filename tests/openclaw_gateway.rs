@@ -526,7 +526,8 @@ fn the_node_is_back_within_seconds_of_a_gateway_restart() {
     let start_took = gw.restart();
     let back_in = node.wait_connected();
     eprintln!(
-        "gateway restarted in {:.1} s; the node was connected again {:.2} s after it was ready",
+        "gateway down for {:.1} s (restart took {:.1} s); the node was connected again {:.2} s after the gateway was ready",
+        lost.elapsed().as_secs_f64(),
         start_took.as_secs_f64(),
         back_in.as_secs_f64()
     );

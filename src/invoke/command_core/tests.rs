@@ -599,29 +599,25 @@ async fn a_call_given_up_on_changes_nothing_and_is_on_the_record() {
     );
     let store = || f.dispatcher.core().repository().store();
 
-    // Given up before it reached the node's core: not started.
-    let gone = CancellationToken::new();
-    gone.cancel();
-    let answer = f
-        .dispatcher
-        .handle_request(
+    let create = |id: &'static str, cancel: CancellationToken| {
+        f.dispatcher.handle_request(
             admin.clone(),
             request(
                 "secret.create",
                 json!({"name": "late", "namespace": "prod", "data": {"k": "v"}}),
-                "r-before",
+                id,
             ),
-            Some(gone),
+            Some(cancel),
         )
-        .await;
-    let answer = serde_json::to_value(&answer).unwrap();
+    };
+
+    // Given up before it reached the node's core: not started.
+    let gone = CancellationToken::new();
+    gone.cancel();
+    let answer = serde_json::to_value(create("r-before", gone).await).unwrap();
     assert_eq!(answer["error"]["code"], json!("UNAVAILABLE"), "{answer}");
-    assert!(
-        answer["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("given up")
-    );
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("given up"), "{message}");
     assert!(store().secret(&key).is_none());
 
     // Given up while the write was under way: its intent is durable, then it stops.
@@ -632,22 +628,8 @@ async fn a_call_given_up_on_changes_nothing_and_is_on_the_record() {
         .give_up_at_check
         .lock()
         .unwrap() = Some(midway.clone());
-    let answer = f
-        .dispatcher
-        .handle_request(
-            admin.clone(),
-            request(
-                "secret.create",
-                json!({"name": "late", "namespace": "prod", "data": {"k": "v"}}),
-                "r-midway",
-            ),
-            Some(midway),
-        )
-        .await;
-    assert_eq!(
-        serde_json::to_value(&answer).unwrap()["error"]["code"],
-        json!("UNAVAILABLE")
-    );
+    let answer = serde_json::to_value(create("r-midway", midway).await).unwrap();
+    assert_eq!(answer["error"]["code"], json!("UNAVAILABLE"), "{answer}");
     assert!(
         store().secret(&key).is_none(),
         "a write given up on was made"
@@ -672,19 +654,7 @@ async fn a_call_given_up_on_changes_nothing_and_is_on_the_record() {
     assert!(midway[1]["reason"].as_str().unwrap().contains("given up"));
 
     // A call not given up on is untouched by the token it carries.
-    let kept = CancellationToken::new();
-    let answer = f
-        .dispatcher
-        .handle_request(
-            admin,
-            request(
-                "secret.create",
-                json!({"name": "late", "namespace": "prod", "data": {"k": "v"}}),
-                "r-kept",
-            ),
-            Some(kept),
-        )
-        .await;
+    let answer = create("r-kept", CancellationToken::new()).await;
     assert!(answer.ok);
     assert!(store().secret(&key).is_some());
 }

@@ -23,18 +23,7 @@ use super::{DeviceIdentity, GatewayError, Principal, PrincipalIdentity};
 use crate::invoke::{Authorizer, Command, Dispatcher, InvokeError, Repository};
 
 /// The commands a node declares: all ten, no more (the gateway drops any it does not allow).
-pub const COMMANDS: [&str; 10] = [
-    "secret.create",
-    "secret.get",
-    "secret.list",
-    "secret.rotate",
-    "secret.delete",
-    "config.create",
-    "config.get",
-    "config.list",
-    "config.update",
-    "config.delete",
-];
+pub const COMMANDS: [&str; 10] = Command::NAMES;
 
 /// Reconnection: from 250 ms, doubling, capped at 4 s, each wait drawn from its upper half
 /// (jitter, so a fleet does not reconnect in step after a gateway restart). The cap keeps a
