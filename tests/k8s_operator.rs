@@ -1444,3 +1444,99 @@ async fn the_legacy_finalizer_is_removed_and_held_deletions_complete() {
     assert_eq!(deleted[0].0, "Normal");
     env.cleanup().await;
 }
+
+/// Issue 18: a new active master key written into the keyring Secret is followed by the
+/// running operator, without a restart: what it seals from then on is sealed under the new key,
+/// the public sealing key it publishes is the new key's, and a secret sealed under the new key
+/// elsewhere is Ready (not "a key that is not in the keyring").
+#[tokio::test]
+async fn a_new_active_master_key_is_followed_without_a_restart() {
+    let env = setup("op-rekey").await;
+    let ns = env.namespace.as_str();
+    let api: Api<ClawSecret> = env.api();
+    let _op = Operator::start(&env, "op-rekey", 15);
+    api.create(
+        &PostParams::default(),
+        &secret_with_data("before", &[("k", "v1")]),
+    )
+    .await
+    .unwrap();
+    let before = sealed_at(&api, "before", 1).await;
+    let old_key = before.spec.sealed.as_ref().unwrap().key_id.clone();
+
+    // A new active key, written as `claw-secrets keys rotate` (or a person) would write it.
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
+    let mut stored = secrets.get(MASTER_KEY).await.unwrap();
+    let mut ring = claw_secrets::crypto::Keyring::from_json(
+        &stored.data.as_ref().unwrap()[claw_secrets::k8s::keyring::KEYRING_KEY].0,
+    )
+    .unwrap();
+    let new_key = claw_secrets::crypto::MasterKey::generate().unwrap();
+    let new_id = new_key.id().to_string();
+    ring.rotate_to(new_key);
+    stored.data.as_mut().unwrap().insert(
+        claw_secrets::k8s::keyring::KEYRING_KEY.to_owned(),
+        k8s_openapi::ByteString(ring.to_json().to_vec()),
+    );
+    secrets
+        .replace(MASTER_KEY, &PostParams::default(), &stored)
+        .await
+        .unwrap();
+    assert_ne!(old_key, new_id);
+
+    // What is sealed from now on is sealed under the new key.
+    let sealed_under = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            api.get(name)
+                .await
+                .ok()
+                .and_then(|s| s.spec.sealed.map(|x| x.key_id))
+        }
+    };
+    api.create(
+        &PostParams::default(),
+        &secret_with_data("after", &[("k", "v2")]),
+    )
+    .await
+    .unwrap();
+    sealed_at(&api, "after", 1).await;
+    assert_eq!(
+        sealed_under("after").await.as_deref(),
+        Some(new_id.as_str())
+    );
+    // The published public key follows, so `claw-secrets seal` encrypts to the new key.
+    eventually("the sealing key ConfigMap names the new key", || async {
+        let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(env.client.clone(), ns);
+        let text = maps
+            .get("claw-secrets-sealing-key")
+            .await
+            .map_err(|e| e.to_string())?
+            .data
+            .unwrap_or_default()
+            .into_values()
+            .collect::<String>();
+        if text.contains(&new_id) {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    // A rotation through the spec seals the new version under the new key too; the old
+    // version's key stays in the keyring (it may still be needed to open older envelopes).
+    api.patch(
+        "before",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "data": { "k": "v3" } } })),
+    )
+    .await
+    .unwrap();
+    sealed_at(&api, "before", 2).await;
+    assert_eq!(
+        sealed_under("before").await.as_deref(),
+        Some(new_id.as_str())
+    );
+    env.cleanup().await;
+}

@@ -8,7 +8,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use std::collections::BTreeMap;
 use zeroize::Zeroize;
 
-use crate::crypto::Keyring;
+use crate::crypto::{Keyring, SharedKeyring};
 
 /// The data key inside the Secret that holds the keyring document.
 pub const KEYRING_KEY: &str = "keyring.json";
@@ -134,5 +134,51 @@ pub async fn load_or_create(
             name: name.to_owned(),
             source,
         }),
+    }
+}
+
+/// Keeps `keys` equal to the keyring Secret `namespace/name` for the life of the process: a
+/// watch of that one Secret (RBAC: `list` and `watch` limited to its name), and each version of
+/// it that differs from the keyring held replaces it, after which `changed` is called with the
+/// new keyring. A version that cannot be read is logged and the keyring held is kept: sealing
+/// goes on under a key that still opens, rather than stop.
+pub async fn follow<F, Fut>(
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    keys: SharedKeyring,
+    changed: F,
+) where
+    F: Fn(std::sync::Arc<Keyring>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut versions = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+    while let Some(version) = versions.next().await {
+        let mut secret = match version {
+            Ok(secret) => secret,
+            Err(e) => {
+                tracing::debug!(error = %e, "watching the keyring Secret; retrying");
+                continue;
+            }
+        };
+        let parsed = parse(&secret, &namespace, &name);
+        wipe(&mut secret);
+        match parsed {
+            Ok(ring) => {
+                let active = ring.active().id().to_string();
+                if keys.replace(ring) {
+                    tracing::info!(secret = %format!("{namespace}/{name}"), active_key = %active,
+                        keys = keys.current().key_ids().count(), "the master keyring changed; following it");
+                    changed(keys.current()).await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the keyring Secret changed to something unreadable; keeping the keyring held")
+            }
+        }
     }
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::metrics::{Delivered, Metrics};
-use crate::crypto::{Keyring, SealingPublicKey};
+use crate::crypto::{SealingPublicKey, SharedKeyring};
 use crate::k8s::crd::{ClawNode, ClawSecret};
 use crate::k8s::delivery::{
     self, AUDIENCE, Cursor, NODE_NAME_EXTRA, NodeDeliveries, Removed, Selection,
@@ -158,7 +158,7 @@ impl ChangeLog {
 /// What the endpoint reads: kept current by watches, in every replica.
 pub struct Deliveries {
     client: kube::Client,
-    keyring: Arc<Keyring>,
+    keyring: SharedKeyring,
     metrics: Arc<Metrics>,
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_user: String,
@@ -183,7 +183,7 @@ impl Deliveries {
     /// endpoint is served).
     pub fn new(
         client: kube::Client,
-        keyring: Arc<Keyring>,
+        keyring: SharedKeyring,
         metrics: Arc<Metrics>,
         agent_user: String,
     ) -> (Arc<Deliveries>, impl Future<Output = ()> + Send + 'static) {
@@ -389,8 +389,10 @@ impl Deliveries {
             };
             if full || !chosen.is_empty() || !removed.is_empty() {
                 let mut secrets = Vec::with_capacity(chosen.len());
+                // One keyring for the whole answer (it may change under a running operator).
+                let keyring = self.keyring.current();
                 for obj in chosen {
-                    match delivery::deliver(&node, &public, obj, &self.keyring) {
+                    match delivery::deliver(&node, &public, obj, &keyring) {
                         Ok(d) => secrets.push(d),
                         Err(why) => {
                             self.metrics.undeliverable();
@@ -641,6 +643,7 @@ pub(super) fn reply(status: StatusCode, body: Vec<u8>, json: bool) -> Response<F
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::Keyring;
 
     #[test]
     fn the_query_is_parsed_strictly() {

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
-use crate::crypto::Keyring;
+use crate::crypto::{Keyring, SharedKeyring};
 use crate::k8s::component::Component;
 use crate::k8s::crd::{ClawConfig, ClawSecret};
 use crate::k8s::events;
@@ -93,7 +93,8 @@ pub struct OperatorConfig {
 /// What both reconcilers share.
 pub(crate) struct Context {
     client: kube::Client,
-    keyring: Arc<Keyring>,
+    /// Followed while the operator runs (a new active key, a key added or retired).
+    keyring: SharedKeyring,
     /// `namespace/name` of the master key Secret, for messages.
     keyring_secret: String,
     reporter: Reporter,
@@ -357,16 +358,31 @@ pub async fn run(
 
     // Every replica needs the keyring, leader or not: each serves the webhook.
     let keyring = tokio::select! {
-        r = load_keyring(&client, &config) => Arc::new(r?),
+        r = load_keyring(&client, &config) => SharedKeyring::new(r?),
         () = stopped(stop_rx.clone()) => return Ok(()),
     };
-    // Public by design; a failure only delays `claw-secrets seal --fetch-key` (retried at
-    // the next start), so it does not stop the operator.
-    match crate::k8s::sealing_key::publish(&client, &config.namespace, &keyring).await {
-        Ok(key_id) => tracing::info!(configmap = %format!("{}/{}", config.namespace,
-            crate::k8s::sealing_key::CONFIGMAP), %key_id, "published the public sealing key"),
-        Err(e) => tracing::warn!(error = %e, "could not publish the public sealing key"),
-    }
+    publish_sealing_key(&client, &config.namespace, &keyring.current()).await;
+    // Every replica follows the keyring Secret: a new active key seals from then on, without a
+    // restart; each change is published and makes the leader look at every ClawSecret again
+    // (one sealed under a key it lacked may now be Ready).
+    let (keyring_changed, keyring_changes) = watch::channel(0u64);
+    let _follow_keyring = AbortOnDrop(tokio::spawn(crate::k8s::keyring::follow(
+        client.clone(),
+        config.namespace.clone(),
+        config.master_key_secret.clone(),
+        keyring.clone(),
+        {
+            let (client, namespace) = (client.clone(), config.namespace.clone());
+            move |ring: Arc<Keyring>| {
+                let (client, namespace) = (client.clone(), namespace.clone());
+                let keyring_changed = keyring_changed.clone();
+                async move {
+                    publish_sealing_key(&client, &namespace, &ring).await;
+                    keyring_changed.send_modify(|n| *n += 1);
+                }
+            }
+        },
+    )));
     let webhook = match &config.webhook {
         Some(webhook) => {
             let bound = admission::Webhook::bind(&client, &config.namespace, webhook.clone())
@@ -437,6 +453,7 @@ pub async fn run(
         client,
         &config,
         keyring,
+        keyring_changes,
         metrics,
         health,
         stop_rx.clone()
@@ -469,7 +486,8 @@ pub async fn run(
 async fn elect_and_lead(
     client: kube::Client,
     config: &OperatorConfig,
-    keyring: Arc<Keyring>,
+    keyring: SharedKeyring,
+    keyring_changes: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     stop_rx: watch::Receiver<bool>,
@@ -486,7 +504,7 @@ async fn elect_and_lead(
         health.set_ready(false);
         metrics.set_leader(true);
         let result = tokio::select! {
-            r = lead(client.clone(), config, keyring.clone(), metrics.clone(), health.clone(), stop_rx.clone()) => r,
+            r = lead(client.clone(), config, keyring.clone(), keyring_changes.clone(), metrics.clone(), health.clone(), stop_rx.clone()) => r,
             lost = elector.hold() => Err(lost),
         };
         metrics.set_leader(false);
@@ -508,7 +526,8 @@ async fn elect_and_lead(
 async fn lead(
     client: kube::Client,
     config: &OperatorConfig,
-    keyring: Arc<Keyring>,
+    keyring: SharedKeyring,
+    keyring_changes: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     stop: watch::Receiver<bool>,
@@ -546,6 +565,7 @@ async fn lead(
         deleted_secrets,
     )
     .with_config(controller::Config::default().concurrency(CONCURRENCY))
+    .reconcile_all_on(changes_of(keyring_changes))
     .graceful_shutdown_on(stopped(stop.clone()))
     .run(
         |obj, ctx| guarded(obj, ctx, secrets::reconcile),
@@ -663,6 +683,26 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// Publishes the public key of `keyring`'s active master key. Public by design; a failure
+/// only delays `claw-secrets seal --fetch-key` (retried at the next change or start), so it
+/// does not stop the operator.
+async fn publish_sealing_key(client: &kube::Client, namespace: &str, keyring: &Keyring) {
+    match crate::k8s::sealing_key::publish(client, namespace, keyring).await {
+        Ok(key_id) => tracing::info!(configmap = %format!("{namespace}/{}",
+            crate::k8s::sealing_key::CONFIGMAP), %key_id, "published the public sealing key"),
+        Err(e) => tracing::warn!(error = %e, "could not publish the public sealing key"),
+    }
+}
+
+/// One item per change of the watched value (not for its first value).
+fn changes_of(mut changes: watch::Receiver<u64>) -> impl futures::Stream<Item = ()> + Send + Sync {
+    changes.mark_unchanged();
+    futures::stream::unfold(changes, |mut changes| async move {
+        changes.changed().await.ok()?;
+        Some(((), changes))
+    })
 }
 
 /// The master keyring, created on first start. Retries while the API server is unreachable;

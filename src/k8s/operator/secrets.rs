@@ -59,7 +59,7 @@ async fn apply(
             Err(invalid) => write_status(&obj, ctx, api, Err(invalid)).await,
         };
     }
-    let verdict = verdict(&obj, &ctx.keyring, &ctx.keyring_secret);
+    let verdict = verdict(&obj, &ctx.keyring.current(), &ctx.keyring_secret);
     write_status(&obj, ctx, api, verdict).await
 }
 
@@ -113,7 +113,9 @@ async fn seal_stored(
     ctx: &Context,
     api: &Api<ClawSecret>,
 ) -> Result<Result<(), Invalid>, Error> {
-    let data = match applied.data(obj, key, &ctx.keyring) {
+    // One keyring for the whole seal: it may change under a running operator.
+    let keyring = ctx.keyring.current();
+    let data = match applied.data(obj, key, &keyring) {
         Ok(d) => d,
         Err(invalid) => return Ok(Err(invalid)),
     };
@@ -123,7 +125,7 @@ async fn seal_stored(
         high_water: obj.status.as_ref().and_then(|s| s.version),
     };
     let sealing =
-        sealing::seal_applied(&ctx.keyring, key, current, &data).map_err(|source| Error::Seal {
+        sealing::seal_applied(&keyring, key, current, &data).map_err(|source| Error::Seal {
             namespace: key.namespace.to_string(),
             name: key.name.to_string(),
             source,

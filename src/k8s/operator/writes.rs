@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::deliveries::{Deliveries, reply};
-use crate::crypto::{Keyring, SharedKeyring};
+use crate::crypto::SharedKeyring;
 use crate::invoke::{CommandCore, Dispatcher, InvokeError};
 use crate::k8s::backend::{InvokeEvents, KubeAuthorizer, KubeRepository};
 use crate::k8s::component::Component;
@@ -45,7 +45,7 @@ const WRITES: &[&str] = &[
 pub struct Writes {
     dispatcher: Dispatcher<KubeAuthorizer, KubeRepository>,
     deliveries: Arc<Deliveries>,
-    keyring: Arc<Keyring>,
+    keyring: SharedKeyring,
 }
 
 impl Writes {
@@ -53,13 +53,14 @@ impl Writes {
     pub async fn open(
         client: kube::Client,
         config: &kube::Config,
-        keyring: Arc<Keyring>,
+        keyring: SharedKeyring,
         deliveries: Arc<Deliveries>,
         data_dir: &Path,
         identity: &str,
     ) -> Result<Writes, String> {
         create_private_dir(data_dir).map_err(|e| e.to_string())?;
-        let keys = SharedKeyring::new((*keyring).clone());
+        // The same keyring the operator follows: a new active key seals carried writes too.
+        let keys = keyring.clone();
         let (store, _) = Store::open(data_dir, keys.clone(), OpenOptions::default())
             .map_err(|e| format!("the operator's store in {}: {e}", data_dir.display()))?;
         let store = Arc::new(store);
@@ -134,7 +135,7 @@ impl Writes {
                 ),
             );
         }
-        let invoke_body = match write.open(&node, &self.keyring) {
+        let invoke_body = match write.open(&node, &self.keyring.current()) {
             Ok(b) => b,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
         };

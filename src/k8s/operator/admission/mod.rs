@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 use super::deliveries::Deliveries;
 use super::metrics::Metrics;
 use super::writes::Writes;
-use crate::crypto::Keyring;
+use crate::crypto::SharedKeyring;
 
 /// The path the webhook configuration calls.
 pub const PATH: &str = "/seal";
@@ -116,7 +116,7 @@ impl Webhook {
         self,
         client: kube::Client,
         namespace: String,
-        keyring: Arc<Keyring>,
+        keyring: SharedKeyring,
         metrics: Arc<Metrics>,
         nodes: NodeEndpoints,
         stop: impl Future<Output = ()> + Send + 'static,
@@ -215,7 +215,7 @@ fn tls_config(cert: Arc<CurrentCert>) -> ServerConfig {
 
 async fn handle(
     req: Request<Incoming>,
-    keyring: Arc<Keyring>,
+    keyring: SharedKeyring,
     metrics: Arc<Metrics>,
     nodes: NodeEndpoints,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
@@ -288,7 +288,7 @@ async fn handle(
     // The request holds plaintext: copied once into a buffer wiped on drop, and the original
     // wiped where it is ours alone.
     let body = wipe_after_copy(body);
-    match review::review(&body, &keyring) {
+    match review::review(&body, &keyring.current()) {
         Ok(answer) => {
             if let Some(result) = answer.result {
                 metrics.admitted(result);
