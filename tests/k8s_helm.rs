@@ -664,7 +664,12 @@ fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|r| r["resources"] == json!(["secrets"]) && r["verbs"] == json!(["get"]))
+            // Read-only rules (the webhook certificate's, get and update, is another matter).
+            .filter(|r| {
+                r["resources"] == json!(["secrets"])
+                    && (r["verbs"] == json!(["get"])
+                        || r["verbs"] == json!(["get", "list", "watch"]))
+            })
             .collect();
         let is_agent = id(role).2.ends_with("-agent");
         if is_agent && !agent_reads_it {
@@ -673,6 +678,8 @@ fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
         }
         assert_eq!(readable.len(), 1, "{}: one get rule on secrets", id(role).2);
         assert_eq!(readable[0]["resourceNames"], json!([name]));
+        // Read, and watched by name (the keyring is followed without a restart); never more.
+        assert_eq!(readable[0]["verbs"], json!(["get", "list", "watch"]));
     }
     name
 }

@@ -136,41 +136,25 @@ async fn first_keyring(client: &kube::Client, config: &AgentConfig) -> Keyring {
     }
 }
 
-/// Re-reads the keyring every few minutes (to pick up new master keys), caching it on disk
-/// for restarts without the API server.
+/// Follows the keyring Secret (a watch of it; a new master key is used as soon as it is
+/// written), caching each version on disk for restarts without the API server.
 async fn refresh_keyring(client: kube::Client, config: AgentConfig, keys: SharedKeyring) {
     let cache = config.data_dir.join("master.key");
-    let mut delay = Duration::from_secs(2);
-    loop {
-        tokio::time::sleep(delay).await;
-        match crate::k8s::keyring::load(
-            &client,
-            &config.master_key_namespace,
-            &config.master_key_secret,
-        )
-        .await
-        {
-            Ok(Some(ring)) => {
-                // Compared in place; serialized (into a wiped buffer) only when it changed.
-                if keys.replace(ring) {
-                    if let Err(e) = write_private_file_atomic(&cache, &keys.current().to_json()) {
-                        tracing::error!(error = %e, "could not cache the keyring");
-                    }
-                    tracing::info!("master keyring changed; loaded from the API server");
+    crate::k8s::keyring::follow(
+        client,
+        config.master_key_namespace.clone(),
+        config.master_key_secret.clone(),
+        keys,
+        move |ring| {
+            let cache = cache.clone();
+            async move {
+                if let Err(e) = write_private_file_atomic(&cache, &ring.to_json()) {
+                    tracing::error!(error = %e, "could not cache the keyring");
                 }
-                delay = Duration::from_secs(300);
             }
-            Ok(None) => {
-                tracing::warn!(namespace = %config.master_key_namespace, name = %config.master_key_secret,
-                    "master key Secret not found; keeping the keyring held");
-                delay = Duration::from_secs(30);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "keyring refresh failed; retrying");
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 /// Runs the agent until `shutdown` completes.
