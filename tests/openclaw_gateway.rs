@@ -442,8 +442,26 @@ fn a_principals_rights_are_checked_and_a_revoked_principal_is_refused() {
     );
     assert_eq!(denied.unwrap_err().0, "PERMISSION_DENIED");
 
-    // The principal's tokens removed from the tokens file: the gateway's calls are refused.
+    // A tokens file that cannot be read refuses everyone, through the gateway as over HTTP.
     let tokens_path = env.data_dir.join("tokens.json");
+    let good = std::fs::read(&tokens_path).unwrap();
+    std::fs::write(&tokens_path, b"{ not json").unwrap();
+    let read_mine = json!({"name": "mine", "namespace": "team"});
+    let broken =
+        poll_until(
+            "the broken tokens file to refuse gateway calls",
+            || match through_gateway("secret.get", read_mine.clone()) {
+                Err((code, message)) if code == "UNAVAILABLE" => Ok((code, message)),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    assert_eq!(Err(broken), as_workload("secret.get", read_mine.clone()));
+    std::fs::write(&tokens_path, &good).unwrap();
+    poll_until("the repaired tokens file", || {
+        through_gateway("secret.get", read_mine.clone()).map_err(|e| format!("{e:?}"))
+    });
+
+    // The principal's tokens removed from the tokens file: the gateway's calls are refused.
     let mut tokens: Value = serde_json::from_slice(&std::fs::read(&tokens_path).unwrap()).unwrap();
     tokens["tokens"]
         .as_array_mut()

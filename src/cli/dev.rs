@@ -250,6 +250,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
             // A principal that cannot act is a configuration mistake: say so now, not per call.
             tokens
                 .lookup_subject(&g.principal)
+                .and_then(|found| found)
                 .map_err(|why| format!("--gateway-principal: {why}"))?;
             Some(principal)
         }

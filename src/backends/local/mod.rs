@@ -39,6 +39,16 @@ impl TokenAuthorizer {
     }
 }
 
+/// The tokens file cannot be read: no caller is accepted until an admin fixes it.
+fn tokens_unreadable(why: String) -> InvokeError {
+    InvokeError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "the server's tokens file cannot be read, so no token is accepted until an admin fixes it ({why})"
+        ),
+    )
+}
+
 impl Authorizer for TokenAuthorizer {
     async fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, InvokeError> {
         let token = bearer.filter(|t| !t.is_empty()).ok_or_else(|| {
@@ -47,14 +57,7 @@ impl Authorizer for TokenAuthorizer {
                 "missing bearer token: send 'Authorization: Bearer <token>' (dev mode writes the admin token to <data-dir>/admin.token)",
             )
         })?;
-        let broken = |why: String| {
-            InvokeError::new(
-                ErrorCode::Unavailable,
-                format!(
-                    "the server's tokens file cannot be read, so no token is accepted until an admin fixes it ({why})"
-                ),
-            )
-        };
+        let broken = tokens_unreadable;
         if let Some(caller) = self.tokens.lookup(token).map_err(broken)? {
             return Ok(caller);
         }

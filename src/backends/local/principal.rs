@@ -22,15 +22,15 @@ impl TokensPrincipal {
 
 impl Principal for TokensPrincipal {
     async fn resolve(&self) -> Result<PrincipalIdentity, InvokeError> {
-        self.tokens
-            .lookup_subject(&self.subject)
-            .map(PrincipalIdentity::Caller)
-            .map_err(|why| {
-                InvokeError::new(
-                    ErrorCode::Unauthenticated,
-                    format!("the gateway principal cannot act: {why}"),
-                )
-            })
+        match self.tokens.lookup_subject(&self.subject) {
+            Ok(Ok(caller)) => Ok(PrincipalIdentity::Caller(caller)),
+            Ok(Err(why)) => Err(InvokeError::new(
+                ErrorCode::Unauthenticated,
+                format!("the gateway principal cannot act: {why}"),
+            )),
+            // As for a bearer token over HTTP.
+            Err(why) => Err(super::tokens_unreadable(why)),
+        }
     }
 
     fn describe(&self) -> String {

@@ -244,9 +244,10 @@ impl TokenStore {
         Ok(Some(caller_of(entry)))
     }
 
-    /// The caller whose entries are named `subject` (the gateway principal of dev mode), or
-    /// why there is none: no entry, or entries of that subject that grant different things.
-    pub fn lookup_subject(&self, subject: &str) -> Result<Caller, String> {
+    /// The caller whose entries are named `subject` (the gateway principal of dev mode):
+    /// `Ok(Err(why))` when there is none (no entry, or entries of that subject that grant
+    /// different things), `Err(why)` while the tokens file cannot be read.
+    pub fn lookup_subject(&self, subject: &str) -> Result<Result<Caller, String>, String> {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         if let Some(why) = &state.broken {
             return Err(why.clone());
@@ -257,16 +258,16 @@ impl TokenStore {
             .filter(|e| e.subject == subject)
             .map(caller_of);
         let Some(first) = callers.next() else {
-            return Err(format!(
+            return Ok(Err(format!(
                 "no token of the tokens file has the subject {subject:?} (create one with `claw-secrets token create`, or name an existing subject)"
-            ));
+            )));
         };
         if callers.any(|other| other != first) {
-            return Err(format!(
+            return Ok(Err(format!(
                 "the tokens of subject {subject:?} grant different things (namespace, workload or admin): give the gateway principal a subject of its own"
-            ));
+            )));
         }
-        Ok(first)
+        Ok(Ok(first))
     }
 }
 
