@@ -90,6 +90,21 @@ impl Operator {
         lease_seconds: u32,
         kubeconfig: &Path,
     ) -> Operator {
+        Operator::spawn(env, identity, lease_seconds, kubeconfig, &[])
+    }
+
+    /// Like [`Operator::start`], with further arguments.
+    fn start_args(env: &TestEnv, identity: &str, lease_seconds: u32, extra: &[&str]) -> Operator {
+        Operator::spawn(env, identity, lease_seconds, &env.kubeconfig, extra)
+    }
+
+    fn spawn(
+        env: &TestEnv,
+        identity: &str,
+        lease_seconds: u32,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Operator {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("{}-{identity}.log", env.namespace));
         let file = std::fs::File::create(&log).expect("operator log file");
@@ -100,6 +115,7 @@ impl Operator {
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .args(["--identity", identity])
             .args(["--lease-duration-seconds", &lease_seconds.to_string()])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             // Everything the operator logs, at every level of its own code, is checked for
             // plaintext by the tests that use canaries.
@@ -1538,5 +1554,127 @@ async fn a_new_active_master_key_is_followed_without_a_restart() {
         sealed_under("before").await.as_deref(),
         Some(new_id.as_str())
     );
+    env.cleanup().await;
+}
+
+/// Issue 18: after the active master key changes, every ClawSecret sealed under the retired
+/// key is sealed again under the new one in the background: the same version and data, an
+/// envelope only the new key opens. A user's rotation meanwhile is not lost, and an operator
+/// killed half-way is resumed by the next.
+#[tokio::test]
+async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
+    use claw_secrets::crypto::{Keyring, MasterKey};
+    let env = setup("op-reencrypt").await;
+    let ns = env.namespace.as_str();
+    let api: Api<ClawSecret> = env.api();
+    // Slow on purpose (40 objects take 4 s), so that a write and a restart land mid-way.
+    let rate = ["--reencrypt-per-second", "10"];
+    let mut op = Operator::start_args(&env, "op-reenc-1", 15, &rate);
+    let names: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    for name in &names {
+        api.create(
+            &PostParams::default(),
+            &secret_with_data(name, &[("k", &format!("value-of-{name}"))]),
+        )
+        .await
+        .unwrap();
+    }
+    for name in &names {
+        sealed_at(&api, name, 1).await;
+    }
+
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
+    let mut stored = secrets.get(MASTER_KEY).await.unwrap();
+    let keyring_key = claw_secrets::k8s::keyring::KEYRING_KEY;
+    let mut ring = Keyring::from_json(&stored.data.as_ref().unwrap()[keyring_key].0).unwrap();
+    let old_id = ring.active().id().to_string();
+    let new_key = MasterKey::generate().unwrap();
+    let new_id = new_key.id().to_string();
+    let only_new = Keyring::from_json(&Keyring::with_active(new_key.clone()).to_json()).unwrap();
+    ring.rotate_to(new_key);
+    stored.data.as_mut().unwrap().insert(
+        keyring_key.to_owned(),
+        k8s_openapi::ByteString(ring.to_json().to_vec()),
+    );
+    secrets
+        .replace(MASTER_KEY, &PostParams::default(), &stored)
+        .await
+        .unwrap();
+
+    // Mid-way: a user rotates one secret, and the operator is killed.
+    let under = |key: &str| {
+        let (api, key) = (api.clone(), key.to_owned());
+        async move {
+            api.list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter(|s| s.spec.sealed.as_ref().is_some_and(|x| x.key_id == key))
+                .count()
+        }
+    };
+    eventually("re-encryption to begin", || async {
+        match under(&new_id).await {
+            0 => Err("none yet".to_owned()),
+            n => Ok(n),
+        }
+    })
+    .await;
+    api.patch(
+        "s39",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "data": { "k": "rotated-by-a-user" } } })),
+    )
+    .await
+    .unwrap();
+    op.kill();
+    let left = under(&old_id).await;
+    eprintln!("killed the operator with {left} of 40 still under the old key");
+    let _next = Operator::start_args(&env, "op-reenc-2", 15, &rate);
+
+    eventually("every ClawSecret under the new key", || async {
+        match under(&old_id).await {
+            0 => Ok(()),
+            n => Err(format!("{n} still under {old_id}")),
+        }
+    })
+    .await;
+    let rotated = sealed_at(&api, "s39", 2).await;
+    assert_eq!(rotated.spec.sealed.as_ref().unwrap().key_id, new_id);
+    for name in &names {
+        let obj = api.get(name).await.unwrap();
+        let sealed = obj.spec.sealed.as_ref().unwrap();
+        assert_eq!(sealed.key_id, new_id, "{name}");
+        let version = if name == "s39" { 2 } else { 1 };
+        assert_eq!(
+            sealed.version, version,
+            "{name}: re-encryption keeps the version"
+        );
+        // The new key alone opens it, to the data it was given.
+        let key = claw_secrets::k8s::convert::secret_key(&obj).unwrap();
+        let identity = claw_secrets::crypto::SecretIdentity {
+            kind: claw_secrets::domain::Kind::Secret,
+            namespace: &key.namespace,
+            name: &key.name,
+            version: claw_secrets::domain::Version::new(version).unwrap(),
+        };
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&sealed.envelope)
+            .unwrap();
+        let envelope = claw_secrets::crypto::Envelope::from_bytes(&bytes).unwrap();
+        let data = claw_secrets::crypto::open(&only_new, &identity, &envelope).unwrap();
+        let want = if name == "s39" {
+            "rotated-by-a-user".to_owned()
+        } else {
+            format!("value-of-{name}")
+        };
+        let got: Vec<(String, String)> = data
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.expose().to_owned()))
+            .collect();
+        assert_eq!(got, [("k".to_owned(), want)], "{name}");
+    }
     env.cleanup().await;
 }

@@ -69,6 +69,11 @@ pub struct OperatorArgs {
     /// deleted objects in this directory (the chart: an emptyDir). Without it, none are carried.
     #[arg(long, requires = "webhook_addr")]
     data_dir: Option<std::path::PathBuf>,
+    /// After the active master key changes, re-encrypt at most this many ClawSecrets per
+    /// second under it (each a write to the API server; the same version and data in a new
+    /// envelope).
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    reencrypt_per_second: u32,
 }
 
 fn default_identity() -> String {
@@ -134,6 +139,7 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
         metrics_addr: args.metrics_addr,
         watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
         data_dir: args.data_dir,
+        reencrypt_per_second: args.reencrypt_per_second,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

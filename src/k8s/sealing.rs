@@ -64,6 +64,44 @@ pub fn seal_applied(
     })
 }
 
+/// The same version of a secret sealed under the keyring's active master key, when it is
+/// sealed under another (a retired one): same version number, same data, same seal time (the
+/// version's own `updatedAt`), a new envelope and digest. `Ok(None)` when it already is under
+/// the active key. The data is opened and sealed again in memory, and wiped.
+pub fn reseal(
+    keyring: &Keyring,
+    key: &ObjectKey,
+    sealed: &SealedData,
+) -> Result<Option<SealedData>, CryptoError> {
+    if sealed.key_id == keyring.active().id().as_str() {
+        return Ok(None);
+    }
+    let version = Version::new(sealed.version)
+        .ok_or(CryptoError::MalformedEnvelope("version 0 is not a version"))?;
+    let identity = SecretIdentity {
+        kind: Kind::Secret,
+        namespace: &key.namespace,
+        name: &key.name,
+        version,
+    };
+    let bytes = B64
+        .decode(&sealed.envelope)
+        .map_err(|_| CryptoError::MalformedEnvelope("spec.sealed.envelope is not base64"))?;
+    let data = crypto::open(keyring, &identity, &crypto::Envelope::from_bytes(&bytes)?)?;
+    let envelope = crypto::seal(keyring, &identity, &data)?;
+    Ok(Some(SealedData {
+        version: sealed.version,
+        key_id: envelope.key_id().to_string(),
+        envelope: B64.encode(envelope.to_bytes()),
+        seal_time: sealed.seal_time.clone(),
+        // Kept only where there was one (node.invoke's versions have none).
+        data_digest: sealed
+            .data_digest
+            .as_ref()
+            .map(|_| DataDigest::of(keyring, &identity, &data).to_string()),
+    }))
+}
+
 /// Opens `spec.encryptedData` (the output of `claw-secrets seal`) of the object named `object`
 /// (its metadata.name: what the file was sealed for) in `key`'s namespace. `Err` is the message
 /// for the user, the same at admission and in the reconcile loop.
@@ -201,5 +239,64 @@ mod tests {
         };
         let (v2, _) = new(seal_applied(&b, &key(), at_v1, &data("a")).unwrap());
         assert_eq!(v2.version, 2);
+    }
+}
+
+#[cfg(test)]
+mod reseal_tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+    use crate::domain::{DataKey, Name, Namespace, SecretValue};
+
+    #[test]
+    fn a_version_sealed_under_a_retired_key_is_resealed_as_the_same_version() {
+        let key = ObjectKey {
+            namespace: Namespace::parse("team").unwrap(),
+            name: Name::parse("db").unwrap(),
+        };
+        let mut ring = Keyring::generate().unwrap();
+        let data = SecretData::parse(
+            [(
+                DataKey::parse("password").unwrap(),
+                SecretValue::new("s3cret".into()),
+            )]
+            .into(),
+        )
+        .unwrap();
+        let current = Current {
+            sealed: None,
+            high_water: Some(4),
+        };
+        let Sealing::New { sealed: old, .. } = seal_applied(&ring, &key, current, &data).unwrap()
+        else {
+            panic!("new data is a new version")
+        };
+        assert_eq!(old.version, 5);
+        // Under the active key: nothing to do.
+        assert!(reseal(&ring, &key, &old).unwrap().is_none());
+
+        ring.rotate_to(MasterKey::generate().unwrap());
+        let new = reseal(&ring, &key, &old).unwrap().expect("resealed");
+        assert_eq!(new.version, old.version);
+        assert_eq!(new.seal_time, old.seal_time);
+        assert_eq!(new.key_id, ring.active().id().as_str());
+        assert_ne!(new.envelope, old.envelope);
+        // The same data, recognised by the new digest as the current version's.
+        let after = Current {
+            sealed: Some(&new),
+            high_water: Some(5),
+        };
+        assert!(matches!(
+            seal_applied(&ring, &key, after, &data).unwrap(),
+            Sealing::Unchanged
+        ));
+        // Bound to its object: another name does not open it.
+        let other = ObjectKey {
+            name: Name::parse("other").unwrap(),
+            ..key.clone()
+        };
+        let mut moved = new.clone();
+        moved.key_id = "k-elsewhere".to_owned();
+        assert!(reseal(&ring, &other, &moved).is_err());
     }
 }

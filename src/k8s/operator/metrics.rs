@@ -150,6 +150,11 @@ struct Admitted {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SealedUnder {
+    key_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Answered {
     answer: &'static str,
 }
@@ -187,6 +192,11 @@ pub struct Metrics {
     /// Secrets meant for a node that could not be delivered (invalid, or sealed with a master
     /// key the keyring lacks).
     undeliverable: Counter,
+    /// ClawSecrets by the master key their current version is sealed under, as the last
+    /// re-encryption pass counted them (a handful of key ids at most).
+    sealed_under: Family<SealedUnder, Gauge>,
+    /// Versions sealed again under the active master key by re-encryption.
+    reencrypted: Counter,
 }
 
 impl Default for Metrics {
@@ -206,6 +216,20 @@ impl Default for Metrics {
         let deliveries = Family::<Answered, Counter>::default();
         let secrets_delivered = Counter::default();
         let undeliverable = Counter::default();
+        let sealed_under = Family::<SealedUnder, Gauge>::default();
+        let reencrypted = Counter::default();
+        registry.register(
+            "sealed_objects",
+            "ClawSecrets by the master key their current version is sealed under, as the last \
+             re-encryption pass counted them: once a retired key is at 0, no ClawSecret needs it",
+            sealed_under.clone(),
+        );
+        registry.register(
+            "reencrypted",
+            "ClawSecret versions sealed again under the active master key (same version and data, \
+             a new envelope) by background re-encryption",
+            reencrypted.clone(),
+        );
         registry.register(
             "deliveries",
             "Nodes' GET /v1/deliveries answered by this replica: full (the node's whole set), \
@@ -296,6 +320,8 @@ impl Default for Metrics {
             });
         }
         Metrics {
+            sealed_under,
+            reencrypted,
             registry,
             leader,
             leadership_lost,
@@ -310,6 +336,24 @@ impl Default for Metrics {
             secrets_delivered,
             undeliverable,
         }
+    }
+}
+
+impl Metrics {
+    /// The counts of one re-encryption pass, replacing the last pass's.
+    pub fn set_sealed_under(&self, counts: &std::collections::BTreeMap<String, usize>) {
+        self.sealed_under.clear();
+        for (key_id, n) in counts {
+            self.sealed_under
+                .get_or_create(&SealedUnder {
+                    key_id: key_id.clone(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn reencrypted(&self) {
+        self.reencrypted.inc();
     }
 }
 

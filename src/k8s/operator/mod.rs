@@ -17,6 +17,7 @@ mod error;
 mod http;
 mod leader;
 mod metrics;
+mod reencrypt;
 mod secrets;
 mod writes;
 
@@ -88,6 +89,8 @@ pub struct OperatorConfig {
     /// Where this replica keeps the audit log (and store) of the node.invoke writes it carries
     /// for nodes' agents; `None`: it carries none (`POST /v1/writes` answers 503).
     pub data_dir: Option<std::path::PathBuf>,
+    /// ClawSecrets re-encrypted per second at most after the active master key changes.
+    pub reencrypt_per_second: u32,
 }
 
 /// What both reconcilers share.
@@ -560,6 +563,14 @@ async fn lead(
     let _deletions = AbortOnDrop(tokio::spawn(async move {
         deletions.await;
     }));
+    // Re-encryption under a new active key: the leader's, stopped with the leadership.
+    let _reencryption = AbortOnDrop(tokio::spawn(reencrypt::run(
+        ctx.clone(),
+        scoped_api::<ClawSecret>(&client, config),
+        keyring_changes.clone(),
+        config.reencrypt_per_second,
+        stop.clone(),
+    )));
     let secrets = lean_controller(
         scoped_api::<DeserializeGuard<ClawSecret>>(&client, config),
         deleted_secrets,
