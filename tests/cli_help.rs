@@ -119,6 +119,19 @@ const CASES: &[Case] = &[
         example: "claw-secrets migrate-storage",
     },
     Case {
+        args: &["keys"],
+        purpose: &["The master keyring in a cluster: rotate the active key"],
+        example: "claw-secrets keys rotate --namespace claw-secrets",
+    },
+    Case {
+        args: &["keys", "rotate"],
+        purpose: &[
+            "Make a new master key active; the current one is kept, retired",
+            "re-encrypts every ClawSecret still under the old one in the background",
+        ],
+        example: "claw-secrets keys rotate --namespace claw-secrets",
+    },
+    Case {
         args: &["crd"],
         purpose: &[
             "Print the ClawSecret and ClawConfig CustomResourceDefinitions as YAML",

@@ -1563,7 +1563,7 @@ async fn a_new_active_master_key_is_followed_without_a_restart() {
 /// killed half-way is resumed by the next.
 #[tokio::test]
 async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
-    use claw_secrets::crypto::{Keyring, MasterKey};
+    use claw_secrets::crypto::Keyring;
     let env = setup("op-reencrypt").await;
     let ns = env.namespace.as_str();
     let api: Api<ClawSecret> = env.api();
@@ -1583,23 +1583,41 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
         sealed_at(&api, name, 1).await;
     }
 
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
-    let mut stored = secrets.get(MASTER_KEY).await.unwrap();
-    let keyring_key = claw_secrets::k8s::keyring::KEYRING_KEY;
-    let mut ring = Keyring::from_json(&stored.data.as_ref().unwrap()[keyring_key].0).unwrap();
-    let old_id = ring.active().id().to_string();
-    let new_key = MasterKey::generate().unwrap();
-    let new_id = new_key.id().to_string();
-    let only_new = Keyring::from_json(&Keyring::with_active(new_key.clone()).to_json()).unwrap();
-    ring.rotate_to(new_key);
-    stored.data.as_mut().unwrap().insert(
-        keyring_key.to_owned(),
-        k8s_openapi::ByteString(ring.to_json().to_vec()),
-    );
-    secrets
-        .replace(MASTER_KEY, &PostParams::default(), &stored)
-        .await
+    // `claw-secrets keys rotate`: a new active key, the old one retired.
+    let keyring_of = || async {
+        let stored = Api::<Secret>::namespaced(env.client.clone(), ns)
+            .get(MASTER_KEY)
+            .await
+            .unwrap();
+        Keyring::from_json(
+            &stored.data.as_ref().unwrap()[claw_secrets::k8s::keyring::KEYRING_KEY].0,
+        )
+        .unwrap()
+    };
+    let old_id = keyring_of().await.active().id().to_string();
+    let rotated = Command::new(BIN)
+        .args(["keys", "rotate", "--namespace", ns])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .output()
         .unwrap();
+    let said = String::from_utf8_lossy(&rotated.stdout).into_owned();
+    assert!(
+        rotated.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let ring = keyring_of().await;
+    let new_id = ring.active().id().to_string();
+    assert_ne!(new_id, old_id);
+    assert!(
+        ring.key_ids().any(|id| id.as_str() == old_id),
+        "the old key is kept"
+    );
+    assert!(
+        said.contains(&format!("master key {new_id} is active")),
+        "{said}"
+    );
+    let only_new = Keyring::with_active(ring.active().clone());
 
     // Mid-way: a user rotates one secret, and the operator is killed.
     let under = |key: &str| {

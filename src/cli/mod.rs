@@ -8,6 +8,7 @@ mod duration;
 mod gateway;
 mod http_limits;
 mod invoke;
+mod keys;
 mod kubeconfig;
 mod migrate;
 mod operator;
@@ -147,6 +148,12 @@ enum Commands {
   claw-secrets crd | kubectl apply --server-side -f -
   claw-secrets migrate-storage")]
     MigrateStorage,
+    /// The master keyring in a cluster: rotate the active key
+    #[command(
+        subcommand,
+        after_help = "Example:\n  claw-secrets keys rotate --namespace claw-secrets"
+    )]
+    Keys(keys::KeysCommand),
     /// Encrypt a ClawSecret's data to the cluster's key: a manifest safe to commit
     ///
     /// Reads a plaintext ClawSecret manifest (-f, YAML or JSON), or data given with
@@ -257,6 +264,15 @@ pub fn main() -> ExitCode {
         Commands::MigrateStorage => {
             init_logging("claw_secrets=warn");
             migrate::run()
+        }
+        Commands::Keys(cmd) => {
+            init_logging("claw_secrets=warn");
+            // It holds the keyring while it works: no core dump of it.
+            if let Err(e) = harden_process() {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+            keys::run(cmd)
         }
         Commands::Seal(args) => {
             init_logging("claw_secrets=warn");

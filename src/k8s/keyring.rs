@@ -182,3 +182,51 @@ pub async fn follow<F, Fut>(
         }
     }
 }
+
+/// Makes a new master key the keyring Secret's active key; the one it replaces stays as a
+/// retired key (what it sealed must still open). The write is conditional on the Secret's
+/// `resourceVersion`, so a rotation made meanwhile by someone else is never overwritten.
+/// Returns the retired and the new active key ids.
+pub async fn rotate(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(String, String), KeyringError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let api_error = |source| KeyringError::Api {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
+    };
+    let mut secret =
+        api.get_opt(name)
+            .await
+            .map_err(api_error)?
+            .ok_or_else(|| KeyringError::Missing {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })?;
+    let parsed = parse(&secret, namespace, name);
+    wipe(&mut secret);
+    let mut ring = parsed?;
+    let retired = ring.active().id().to_string();
+    let key = crate::crypto::MasterKey::generate().map_err(|e| KeyringError::Invalid {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let active = key.id().to_string();
+    ring.rotate_to(key);
+    secret
+        .data
+        .get_or_insert_with(BTreeMap::new)
+        .insert(KEYRING_KEY.to_owned(), ByteString(ring.to_json().to_vec()));
+    // `replace` sends the resourceVersion read above: a 409 if the Secret changed since.
+    let written = api
+        .replace(name, &PostParams::default(), &secret)
+        .await
+        .map(|mut s| wipe(&mut s));
+    wipe(&mut secret);
+    written.map_err(api_error)?;
+    Ok((retired, active))
+}
