@@ -664,11 +664,16 @@ fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
             .as_array()
             .unwrap()
             .iter()
-            // Read-only rules (the webhook certificate's, get and update, is another matter).
+            // Rules that read a Secret other than the webhook's own certificate.
             .filter(|r| {
                 r["resources"] == json!(["secrets"])
-                    && (r["verbs"] == json!(["get"])
-                        || r["verbs"] == json!(["get", "list", "watch"]))
+                    && r["verbs"]
+                        .as_array()
+                        .is_some_and(|v| v.contains(&json!("get")))
+                    && !r["resourceNames"].as_array().is_some_and(|n| {
+                        n.iter()
+                            .any(|n| n.as_str().is_some_and(|n| n.ends_with("-webhook-tls")))
+                    })
             })
             .collect();
         let is_agent = id(role).2.ends_with("-agent");
@@ -678,8 +683,14 @@ fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
         }
         assert_eq!(readable.len(), 1, "{}: one get rule on secrets", id(role).2);
         assert_eq!(readable[0]["resourceNames"], json!([name]));
-        // Read, and watched by name (the keyring is followed without a restart); never more.
-        assert_eq!(readable[0]["verbs"], json!(["get", "list", "watch"]));
+        // Read, and watched by name (the keyring is followed without a restart); the operator
+        // also updates it (the scheduled rotation), nobody else.
+        let verbs = if is_agent {
+            json!(["get", "list", "watch"])
+        } else {
+            json!(["get", "list", "watch", "update"])
+        };
+        assert_eq!(readable[0]["verbs"], verbs, "{}", id(role).2);
     }
     name
 }

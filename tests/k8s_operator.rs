@@ -1696,3 +1696,73 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
     }
     env.cleanup().await;
 }
+
+/// Issue 18: with `--key-rotation-period`, the leader makes a new master key active once the
+/// current one is that old (the time is an annotation on the keyring Secret), says so with a
+/// KeyRotated Event, and what was sealed before moves to the new key.
+#[tokio::test]
+async fn the_master_key_is_rotated_on_schedule() {
+    use claw_secrets::crypto::Keyring;
+    let env = setup("op-schedule").await;
+    let ns = env.namespace.as_str();
+    let api: Api<ClawSecret> = env.api();
+    let mut op = Operator::start_args(&env, "op-schedule", 15, &["--key-rotation-period", "4s"]);
+    api.create(
+        &PostParams::default(),
+        &secret_with_data("early", &[("k", "v")]),
+    )
+    .await
+    .unwrap();
+    let first = sealed_at(&api, "early", 1).await;
+    let first_key = first.spec.sealed.unwrap().key_id;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
+    let (ring, rotated_at) = eventually("a rotation on schedule", || async {
+        let stored = secrets.get(MASTER_KEY).await.map_err(|e| e.to_string())?;
+        let ring = Keyring::from_json(
+            &stored.data.as_ref().unwrap()[claw_secrets::k8s::keyring::KEYRING_KEY].0,
+        )
+        .map_err(|e| e.to_string())?;
+        let at = stored
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(claw_secrets::k8s::keyring::ROTATED_AT)
+            .cloned();
+        match at {
+            Some(at) if ring.active().id().as_str() != first_key => Ok((ring, at)),
+            _ => Err(format!("active {}", ring.active().id().as_str())),
+        }
+    })
+    .await;
+    assert!(
+        ring.key_ids().any(|id| id.as_str() == first_key),
+        "the old key is kept"
+    );
+    assert!(
+        rotated_at.parse::<jiff::Timestamp>().is_ok(),
+        "{rotated_at}"
+    );
+    eventually("early re-encrypted under a newer key", || async {
+        let key = api
+            .get("early")
+            .await
+            .map_err(|e| e.to_string())?
+            .spec
+            .sealed
+            .map(|s| s.key_id)
+            .unwrap_or_default();
+        if key != first_key { Ok(()) } else { Err(key) }
+    })
+    .await;
+    let rotated = eventually("a KeyRotated Event", || async {
+        let events = events_for(&env.client, ns, MASTER_KEY, "KeyRotated").await;
+        events
+            .into_iter()
+            .find(|e| e.1.contains(&first_key))
+            .ok_or_else(|| "none yet".to_owned())
+    })
+    .await;
+    assert!(rotated.1.contains(&first_key), "{rotated:?}");
+    op.kill();
+    env.cleanup().await;
+}

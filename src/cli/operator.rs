@@ -74,6 +74,12 @@ pub struct OperatorArgs {
     /// envelope).
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     reencrypt_per_second: u32,
+    /// Make a new master key active once the current one has been active this long (30d, 12h,
+    /// 90m, 45s; 0: only by hand, with `claw-secrets keys rotate`). The old key stays, retired,
+    /// and every ClawSecret is re-encrypted under the new one. Needs update on the keyring
+    /// Secret.
+    #[arg(long, value_name = "PERIOD", default_value = "30d", value_parser = super::duration::parse_period)]
+    key_rotation_period: super::duration::Period,
 }
 
 fn default_identity() -> String {
@@ -140,6 +146,7 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
         watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
         data_dir: args.data_dir,
         reencrypt_per_second: args.reencrypt_per_second,
+        key_rotation_period: args.key_rotation_period.0,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -13,6 +13,10 @@ use crate::crypto::{Keyring, SharedKeyring};
 /// The data key inside the Secret that holds the keyring document.
 pub const KEYRING_KEY: &str = "keyring.json";
 
+/// The annotation on the keyring Secret saying when its active key was made active (absent:
+/// since the Secret was created).
+pub const ROTATED_AT: &str = "clawbernetes.io/key-rotated-at";
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
     #[error("reading master key Secret {namespace}/{name}: {source}")]
@@ -218,6 +222,11 @@ pub async fn rotate(
     let active = key.id().to_string();
     ring.rotate_to(key);
     secret
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ROTATED_AT.to_owned(), jiff::Timestamp::now().to_string());
+    secret
         .data
         .get_or_insert_with(BTreeMap::new)
         .insert(KEYRING_KEY.to_owned(), ByteString(ring.to_json().to_vec()));
@@ -229,4 +238,33 @@ pub async fn rotate(
     wipe(&mut secret);
     written.map_err(api_error)?;
     Ok((retired, active))
+}
+
+/// When the keyring Secret's active key was made active: its [`ROTATED_AT`] annotation, else
+/// the Secret's creation. `Ok(None)` if the Secret does not exist.
+pub async fn last_rotation(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<jiff::Timestamp>, KeyringError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let Some(mut secret) = api
+        .get_opt(name)
+        .await
+        .map_err(|source| KeyringError::Api {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            source,
+        })?
+    else {
+        return Ok(None);
+    };
+    wipe(&mut secret);
+    let annotated = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ROTATED_AT))
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+    Ok(annotated.or(secret.metadata.creation_timestamp.map(|t| t.0)))
 }

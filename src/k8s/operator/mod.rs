@@ -15,6 +15,7 @@ mod configs;
 mod deliveries;
 mod error;
 mod http;
+mod key_rotation;
 mod leader;
 mod metrics;
 mod reencrypt;
@@ -91,6 +92,9 @@ pub struct OperatorConfig {
     pub data_dir: Option<std::path::PathBuf>,
     /// ClawSecrets re-encrypted per second at most after the active master key changes.
     pub reencrypt_per_second: u32,
+    /// How long a master key stays active before the leader makes a new one active; `None`:
+    /// only by hand (`claw-secrets keys rotate`).
+    pub key_rotation_period: Option<Duration>,
 }
 
 /// What both reconcilers share.
@@ -126,6 +130,26 @@ impl Context {
                 name = regarding.name.as_deref().unwrap_or_default(),
                 reason, error = %e, "could not publish an Event"
             );
+        }
+    }
+
+    /// A Normal Event on the keyring Secret (a rotation, a re-encryption done), built from its
+    /// name alone: the Secret itself is not read for it.
+    async fn keyring_event(&self, reason: &str, action: &str, note: String) {
+        let (namespace, name) = self
+            .keyring_secret
+            .split_once('/')
+            .unwrap_or(("", self.keyring_secret.as_str()));
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Secret".to_owned()),
+            namespace: Some(namespace.to_owned()),
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        let event = events::event(EventType::Normal, reason, action, note);
+        if let Err(e) = events::emit(&self.client, &self.reporter, &regarding, &event).await {
+            tracing::warn!(reason, error = %e, "could not publish an Event on the keyring Secret");
         }
     }
 
@@ -563,7 +587,17 @@ async fn lead(
     let _deletions = AbortOnDrop(tokio::spawn(async move {
         deletions.await;
     }));
-    // Re-encryption under a new active key: the leader's, stopped with the leadership.
+    // Scheduled rotation of the master key, and re-encryption under a new active key: the
+    // leader's, stopped with the leadership.
+    let _rotation = config.key_rotation_period.map(|period| {
+        AbortOnDrop(tokio::spawn(key_rotation::run(
+            ctx.clone(),
+            config.namespace.clone(),
+            config.master_key_secret.clone(),
+            period,
+            stop.clone(),
+        )))
+    });
     let _reencryption = AbortOnDrop(tokio::spawn(reencrypt::run(
         ctx.clone(),
         scoped_api::<ClawSecret>(&client, config),

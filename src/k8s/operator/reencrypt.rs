@@ -9,9 +9,7 @@
 //! user (a rotation, a new version from node.invoke) is never overwritten: the API server
 //! answers 409 and the object is looked at again in the next pass.
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, ListParams, Patch};
-use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,7 +19,7 @@ use tokio::sync::watch;
 use super::Context;
 use crate::k8s::component::Component;
 use crate::k8s::crd::ClawSecret;
-use crate::k8s::{convert, events, sealing};
+use crate::k8s::{convert, sealing};
 
 /// A pass also runs this long after the last one without a keyring change (objects restored
 /// from a backup, a pass cut short by a lost leadership).
@@ -170,26 +168,12 @@ async fn reencrypt(
 
 /// An Event on the keyring Secret: nothing in scope is sealed under a retired key any more.
 async fn complete(ctx: &Context, active: &str, resealed: usize) {
-    let (namespace, name) = ctx
-        .keyring_secret
-        .split_once('/')
-        .unwrap_or(("", ctx.keyring_secret.as_str()));
-    let regarding = ObjectReference {
-        api_version: Some("v1".to_owned()),
-        kind: Some("Secret".to_owned()),
-        namespace: Some(namespace.to_owned()),
-        name: Some(name.to_owned()),
-        ..ObjectReference::default()
-    };
-    let event = events::event(
-        EventType::Normal,
+    ctx.keyring_event(
         "Reencrypted",
         "Reencrypt",
         format!(
-            "{resealed} ClawSecret versions sealed again under master key {active}; no ClawSecret is sealed under another key (`claw-secrets keys prune` may remove the retired ones)"
+            "{resealed} ClawSecret versions sealed again under master key {active}; no ClawSecret is sealed under another key"
         ),
-    );
-    if let Err(e) = events::emit(&ctx.client, &ctx.reporter, &regarding, &event).await {
-        tracing::warn!(error = %e, "could not publish the Reencrypted Event");
-    }
+    )
+    .await;
 }
