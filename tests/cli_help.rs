@@ -132,6 +132,14 @@ const CASES: &[Case] = &[
         example: "claw-secrets keys rotate --namespace claw-secrets",
     },
     Case {
+        args: &["keys", "prune"],
+        purpose: &[
+            "Remove retired master keys that no ClawSecret needs any more",
+            "refuse while one does",
+        ],
+        example: "claw-secrets keys prune --namespace claw-secrets",
+    },
+    Case {
         args: &["crd"],
         purpose: &[
             "Print the ClawSecret and ClawConfig CustomResourceDefinitions as YAML",

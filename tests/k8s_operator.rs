@@ -1618,6 +1618,29 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
         "{said}"
     );
     let only_new = Keyring::with_active(ring.active().clone());
+    let keys = |verb: &str| {
+        let out = Command::new(BIN)
+            .args(["keys", verb, "--namespace", ns])
+            .env("KUBECONFIG", &env.kubeconfig)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    // The old key is still needed: prune refuses, and removes nothing.
+    let (pruned, said) = keys("prune");
+    assert!(!pruned, "{said}");
+    assert!(
+        said.contains(&old_id) && said.contains("Nothing was removed"),
+        "{said}"
+    );
+    assert!(keyring_of().await.key_ids().any(|id| id.as_str() == old_id));
 
     // Mid-way: a user rotates one secret, and the operator is killed.
     let under = |key: &str| {
@@ -1694,6 +1717,16 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
             .collect();
         assert_eq!(got, [("k".to_owned(), want)], "{name}");
     }
+    // Nothing needs the old key any more: prune removes it, and only the new key is left.
+    let (pruned, said) = keys("prune");
+    assert!(pruned, "{said}");
+    assert!(said.contains(&old_id), "{said}");
+    let left: Vec<String> = keyring_of()
+        .await
+        .key_ids()
+        .map(|id| id.to_string())
+        .collect();
+    assert_eq!(left, [new_id.clone()]);
     env.cleanup().await;
 }
 

@@ -148,7 +148,7 @@ enum Commands {
   claw-secrets crd | kubectl apply --server-side -f -
   claw-secrets migrate-storage")]
     MigrateStorage,
-    /// The master keyring in a cluster: rotate the active key
+    /// The master keyring in a cluster: rotate the active key, prune retired keys
     #[command(
         subcommand,
         after_help = "Example:\n  claw-secrets keys rotate --namespace claw-secrets"

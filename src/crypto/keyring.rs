@@ -164,6 +164,12 @@ impl Keyring {
         self.keys.insert(key.id().clone(), key);
     }
 
+    /// Removes the retired key `id` (its bytes are wiped on drop); `false` for the active key
+    /// or a key the keyring does not hold.
+    pub fn remove_retired(&mut self, id: &KeyId) -> bool {
+        *id != self.active && self.keys.remove(id).is_some()
+    }
+
     /// Whether `other` holds exactly the same keys (ids and bytes) and the same active key.
     /// Compares in place: nothing is serialized, so no copy of a key is left behind.
     pub fn same_as(&self, other: &Keyring) -> bool {

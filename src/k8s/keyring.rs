@@ -268,3 +268,56 @@ pub async fn last_rotation(
         .and_then(|t| t.parse::<jiff::Timestamp>().ok());
     Ok(annotated.or(secret.metadata.creation_timestamp.map(|t| t.0)))
 }
+
+/// Removes from the keyring Secret every retired key not in `in_use` (the caller has checked
+/// what still needs which key). The write is conditional on the Secret's `resourceVersion`.
+/// Returns the ids removed (none: nothing written).
+pub async fn prune(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    in_use: &std::collections::BTreeSet<String>,
+) -> Result<Vec<String>, KeyringError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let api_error = |source| KeyringError::Api {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
+    };
+    let mut secret =
+        api.get_opt(name)
+            .await
+            .map_err(api_error)?
+            .ok_or_else(|| KeyringError::Missing {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })?;
+    let parsed = parse(&secret, namespace, name);
+    wipe(&mut secret);
+    let mut ring = parsed?;
+    let unused: Vec<crate::crypto::KeyId> = ring
+        .key_ids()
+        .filter(|id| *id != ring.active().id() && !in_use.contains(id.as_str()))
+        .cloned()
+        .collect();
+    let mut removed = Vec::new();
+    for id in unused {
+        if ring.remove_retired(&id) {
+            removed.push(id.to_string());
+        }
+    }
+    if removed.is_empty() {
+        return Ok(removed);
+    }
+    secret
+        .data
+        .get_or_insert_with(BTreeMap::new)
+        .insert(KEYRING_KEY.to_owned(), ByteString(ring.to_json().to_vec()));
+    let written = api
+        .replace(name, &PostParams::default(), &secret)
+        .await
+        .map(|mut s| wipe(&mut s));
+    wipe(&mut secret);
+    written.map_err(api_error)?;
+    Ok(removed)
+}
