@@ -1726,7 +1726,7 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
         .key_ids()
         .map(|id| id.to_string())
         .collect();
-    assert_eq!(left, [new_id.clone()]);
+    assert_eq!(left, std::slice::from_ref(&new_id));
     env.cleanup().await;
 }
 
