@@ -72,7 +72,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use loadgen::{
-    Conn, ConnResult, Load, LoadConfig, Phase, clock_ticks_per_second, env_or, load_average, ms,
+    ConnResult, Load, LoadConfig, Phase, clock_ticks_per_second, env_or, load_average, ms,
     request_bytes, system_cpu,
 };
 use openclaw::{Gateway, OperatorClient};
@@ -273,15 +273,8 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 }
 
 fn create_secret(client: &tokio::runtime::Runtime, node: &Node) {
-    let value = loadgen::bench_value(VALUE_LEN);
-    let body = format!(
-        r#"{{"nodeId":"local","command":"secret.create","params":{{"name":"{SECRET_NAME}","data":{{"value":"{value}"}}}}}}"#
-    );
-    let req = request_bytes(node.addr, &node.token, &body);
-    let (status, answer) = client.block_on(async {
-        let mut c = Conn::connect(&node.addr).await.expect("connect");
-        c.round_trip(&req).await.expect("secret.create")
-    });
+    let (status, answer) =
+        loadgen::create_bench_secret(client, node.addr, &node.token, SECRET_NAME, VALUE_LEN);
     assert!(
         loadgen::answer_ok(status, &answer),
         "secret.create failed: HTTP {status}: {}",
@@ -386,45 +379,10 @@ fn gateway_load<S: Send + 'static>(
     cfg: &LoadConfig,
     snapshot: fn() -> S,
 ) -> Load<S> {
-    let start = Instant::now();
-    let phase = Arc::new(Phase {
-        warm_end: start + cfg.warmup,
-        end: start + cfg.warmup + cfg.measured,
-        max_requests: cfg.max_requests,
-    });
     let node_id: Arc<str> = node_id.into();
-    let (results, window) = client.block_on(async {
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..cfg.connections {
-            tasks.spawn(gateway_drive(
-                operator.clone(),
-                node_id.clone(),
-                phase.clone(),
-            ));
-        }
-        tokio::time::sleep_until(phase.warm_end.into()).await;
-        let t0 = (Instant::now(), snapshot());
-        let end = tokio::time::sleep_until(phase.end.into());
-        tokio::pin!(end);
-        let mut t1 = None;
-        let mut results = Vec::new();
-        loop {
-            tokio::select! {
-                done = tasks.join_next() => match done {
-                    Some(r) => results.push(r.expect("gateway task")),
-                    None => break,
-                },
-                () = &mut end, if t1.is_none() => t1 = Some((Instant::now(), snapshot())),
-            }
-        }
-        let t1 = t1.unwrap_or_else(|| (Instant::now(), snapshot()));
-        (results, (t0, t1))
-    });
-    Load {
-        results,
-        measured_wall: start.elapsed().saturating_sub(cfg.warmup),
-        window,
-    }
+    loadgen::run_loops(client, cfg, snapshot, |phase| {
+        gateway_drive(operator.clone(), node_id.clone(), phase)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

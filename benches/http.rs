@@ -58,7 +58,7 @@ use claw_secrets::crypto::{Keyring, SharedKeyring};
 use claw_secrets::invoke::{CommandCore, Dispatcher};
 use claw_secrets::store::Store;
 use loadgen::{
-    Conn, LoadConfig, answer_ok, audit_counts, clock_ticks_per_second, env_or, load_average, ms,
+    LoadConfig, answer_ok, audit_counts, clock_ticks_per_second, env_or, load_average, ms,
     parse_stat, percentile, process_snapshot, request_bytes, system_cpu,
 };
 
@@ -458,15 +458,8 @@ fn run(
 }
 
 fn create_secret(client: &tokio::runtime::Runtime, server: &Server) {
-    let value = loadgen::bench_value(VALUE_LEN);
-    let body = format!(
-        r#"{{"nodeId":"local","command":"secret.create","params":{{"name":"{SECRET_NAME}","data":{{"value":"{value}"}}}}}}"#
-    );
-    let req = request_bytes(server.addr, &server.token, &body);
-    let (status, answer) = client.block_on(async {
-        let mut c = Conn::connect(&server.addr).await.expect("connect");
-        c.round_trip(&req).await.expect("secret.create")
-    });
+    let (status, answer) =
+        loadgen::create_bench_secret(client, server.addr, &server.token, SECRET_NAME, VALUE_LEN);
     let text = String::from_utf8_lossy(&answer);
     // An external server may hold the secret from an earlier run.
     assert!(

@@ -322,20 +322,37 @@ pub fn load<T: Target, S: Send + 'static>(
     cfg: &LoadConfig,
     snapshot: fn() -> S,
 ) -> Load<S> {
-    let start = Instant::now();
+    run_loops(client, cfg, snapshot, |phase| {
+        drive(target.clone(), req.clone(), ok, phase)
+    })
+}
+
+/// Runs `cfg.connections` closed loops, each the future `start` makes for the run's phases
+/// (a warm-up, then the measured window), with `snapshot()` taken at both edges of the window.
+pub fn run_loops<S, F>(
+    client: &tokio::runtime::Runtime,
+    cfg: &LoadConfig,
+    snapshot: fn() -> S,
+    mut start: impl FnMut(Arc<Phase>) -> F,
+) -> Load<S>
+where
+    S: Send + 'static,
+    F: Future<Output = ConnResult> + Send + 'static,
+{
+    let began = Instant::now();
     let phase = Arc::new(Phase {
-        warm_end: start + cfg.warmup,
-        end: start + cfg.warmup + cfg.measured,
+        warm_end: began + cfg.warmup,
+        end: began + cfg.warmup + cfg.measured,
         max_requests: cfg.max_requests,
     });
     let (results, window) = client.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..cfg.connections {
-            tasks.spawn(drive(target.clone(), req.clone(), ok, phase.clone()));
+            tasks.spawn(start(phase.clone()));
         }
         tokio::time::sleep_until(phase.warm_end.into()).await;
         let t0 = (Instant::now(), snapshot());
-        // The window ends at `end`, or when every connection is done (`max_requests`).
+        // The window ends at `end`, or when every loop is done (`max_requests`).
         let end = tokio::time::sleep_until(phase.end.into());
         tokio::pin!(end);
         let mut t1 = None;
@@ -343,7 +360,7 @@ pub fn load<T: Target, S: Send + 'static>(
         loop {
             tokio::select! {
                 done = tasks.join_next() => match done {
-                    Some(r) => results.push(r.expect("connection task")),
+                    Some(r) => results.push(r.expect("load task")),
                     None => break,
                 },
                 () = &mut end, if t1.is_none() => t1 = Some((Instant::now(), snapshot())),
@@ -352,6 +369,7 @@ pub fn load<T: Target, S: Send + 'static>(
         let t1 = t1.unwrap_or_else(|| (Instant::now(), snapshot()));
         (results, (t0, t1))
     });
+    let start = began;
     // Requests started before the end may finish after it; the rate counts them over the time
     // until the last one finished.
     Load {
@@ -500,4 +518,24 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 pub fn ms(ns: u64) -> String {
     format!("{:.3} ms", ns as f64 / 1e6)
+}
+
+/// `secret.create` of `name` holding a `value_len`-byte value over HTTP (admin `token`): the
+/// one secret a bench reads. Returns the HTTP status and the answer's body.
+pub fn create_bench_secret(
+    client: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    token: &str,
+    name: &str,
+    value_len: usize,
+) -> (u16, Vec<u8>) {
+    let value = bench_value(value_len);
+    let body = format!(
+        r#"{{"nodeId":"local","command":"secret.create","params":{{"name":"{name}","data":{{"value":"{value}"}}}}}}"#
+    );
+    let req = request_bytes(addr, token, &body);
+    client.block_on(async {
+        let mut c = Conn::connect(&addr).await.expect("connect");
+        c.round_trip(&req).await.expect("secret.create")
+    })
 }

@@ -7,7 +7,6 @@ use kube::api::{Api, ListParams};
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 
-use crate::k8s::component::Component;
 use crate::k8s::crd::ClawSecret;
 
 #[derive(Debug, Subcommand)]
@@ -53,34 +52,10 @@ pub enum KeysCommand {
 }
 
 pub fn run(cmd: KeysCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let client = match Component::Cli.client().await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let result = match cmd {
+    super::with_cluster(|client| async move {
+        match cmd {
             KeysCommand::Rotate { namespace, secret } => rotate(&client, &namespace, &secret).await,
             KeysCommand::Prune { namespace, secret } => prune(&client, &namespace, &secret).await,
-        };
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
         }
     })
 }

@@ -3,42 +3,17 @@
 
 use std::process::ExitCode;
 
-use crate::k8s::component::Component;
 use crate::k8s::migrate::migrate_storage;
 
 pub fn run() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
-            return ExitCode::FAILURE;
+    super::with_cluster(|client| async move {
+        let report = migrate_storage(&client).await.map_err(|e| e.to_string())?;
+        for m in report {
+            println!(
+                "{}: {} objects rewritten; status.storedVersions {:?} -> {:?}",
+                m.kind, m.objects, m.stored_before, m.stored_after
+            );
         }
-    };
-    runtime.block_on(async {
-        let client = match Component::Cli.client().await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        match migrate_storage(&client).await {
-            Ok(report) => {
-                for m in report {
-                    println!(
-                        "{}: {} objects rewritten; status.storedVersions {:?} -> {:?}",
-                        m.kind, m.objects, m.stored_before, m.stored_after
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        Ok(())
     })
 }

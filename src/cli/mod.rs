@@ -224,6 +224,39 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
+/// Runs `work` with a client of the cluster (KUBECONFIG, else the in-cluster account), on a
+/// runtime of its own: the one-shot cluster commands (`keys`, `migrate-storage`). Its error is
+/// printed as `error: ...`.
+fn with_cluster<F, Fut>(work: F) -> ExitCode
+where
+    F: FnOnce(kube::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let result = match crate::k8s::component::Component::Cli.client().await {
+            Ok(client) => work(client).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

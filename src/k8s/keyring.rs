@@ -197,22 +197,7 @@ pub async fn rotate(
     name: &str,
 ) -> Result<(String, String), KeyringError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let api_error = |source| KeyringError::Api {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        source,
-    };
-    let mut secret =
-        api.get_opt(name)
-            .await
-            .map_err(api_error)?
-            .ok_or_else(|| KeyringError::Missing {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            })?;
-    let parsed = parse(&secret, namespace, name);
-    wipe(&mut secret);
-    let mut ring = parsed?;
+    let (mut secret, mut ring) = read_for_update(&api, namespace, name).await?;
     let retired = ring.active().id().to_string();
     let key = crate::crypto::MasterKey::generate().map_err(|e| KeyringError::Invalid {
         namespace: namespace.to_owned(),
@@ -226,18 +211,57 @@ pub async fn rotate(
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(ROTATED_AT.to_owned(), jiff::Timestamp::now().to_string());
+    write_back(&api, namespace, name, secret, &ring).await?;
+    Ok((retired, active))
+}
+
+/// The keyring Secret as read for an update (its `resourceVersion` kept, so that the write
+/// back is conditional on it), its key bytes wiped, and the keyring they held.
+async fn read_for_update(
+    api: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+) -> Result<(Secret, Keyring), KeyringError> {
+    let mut secret = api
+        .get_opt(name)
+        .await
+        .map_err(|source| KeyringError::Api {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| KeyringError::Missing {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })?;
+    let parsed = parse(&secret, namespace, name);
+    wipe(&mut secret);
+    Ok((secret, parsed?))
+}
+
+/// Writes `ring` into `secret` and replaces the Secret with it: a 409 if the Secret changed
+/// since it was read. Every copy of the key bytes this makes is wiped.
+async fn write_back(
+    api: &Api<Secret>,
+    namespace: &str,
+    name: &str,
+    mut secret: Secret,
+    ring: &Keyring,
+) -> Result<(), KeyringError> {
     secret
         .data
         .get_or_insert_with(BTreeMap::new)
         .insert(KEYRING_KEY.to_owned(), ByteString(ring.to_json().to_vec()));
-    // `replace` sends the resourceVersion read above: a 409 if the Secret changed since.
     let written = api
         .replace(name, &PostParams::default(), &secret)
         .await
         .map(|mut s| wipe(&mut s));
     wipe(&mut secret);
-    written.map_err(api_error)?;
-    Ok((retired, active))
+    written.map_err(|source| KeyringError::Api {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
+    })
 }
 
 /// When the keyring Secret's active key was made active: its [`ROTATED_AT`] annotation, else
@@ -279,45 +303,19 @@ pub async fn prune(
     in_use: &std::collections::BTreeSet<String>,
 ) -> Result<Vec<String>, KeyringError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let api_error = |source| KeyringError::Api {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        source,
-    };
-    let mut secret =
-        api.get_opt(name)
-            .await
-            .map_err(api_error)?
-            .ok_or_else(|| KeyringError::Missing {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            })?;
-    let parsed = parse(&secret, namespace, name);
-    wipe(&mut secret);
-    let mut ring = parsed?;
+    let (secret, mut ring) = read_for_update(&api, namespace, name).await?;
     let unused: Vec<crate::crypto::KeyId> = ring
         .key_ids()
         .filter(|id| *id != ring.active().id() && !in_use.contains(id.as_str()))
         .cloned()
         .collect();
-    let mut removed = Vec::new();
-    for id in unused {
-        if ring.remove_retired(&id) {
-            removed.push(id.to_string());
-        }
+    let removed: Vec<String> = unused
+        .into_iter()
+        .filter(|id| ring.remove_retired(id))
+        .map(|id| id.to_string())
+        .collect();
+    if !removed.is_empty() {
+        write_back(&api, namespace, name, secret, &ring).await?;
     }
-    if removed.is_empty() {
-        return Ok(removed);
-    }
-    secret
-        .data
-        .get_or_insert_with(BTreeMap::new)
-        .insert(KEYRING_KEY.to_owned(), ByteString(ring.to_json().to_vec()));
-    let written = api
-        .replace(name, &PostParams::default(), &secret)
-        .await
-        .map(|mut s| wipe(&mut s));
-    wipe(&mut secret);
-    written.map_err(api_error)?;
     Ok(removed)
 }
