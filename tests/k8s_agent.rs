@@ -2311,3 +2311,144 @@ async fn the_agent_answers_the_openclaw_gateway_as_its_principal() {
     assert!(note.contains(&subject), "{note}");
     c.cleanup().await;
 }
+
+/// Issue 18: an agent (watching ClawSecrets, with the master keyring) keeps answering every read
+/// while the master key is rotated (`claw-secrets keys rotate`) and the operator re-encrypts
+/// every ClawSecret under the new key: both the keyring and the re-encrypted objects reach it by
+/// watches, in either order, and a reader loop throughout sees no error.
+#[tokio::test]
+async fn agents_keep_serving_reads_through_a_key_rotation() {
+    let _lock = cluster::exclusive().await;
+    cluster::operator_available().unwrap_or_else(|e| panic!("this test needs the operator: {e}"));
+    let c = Cluster::new("rekey-reads").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let agent = c.agent("r", &[]).await;
+    let _operator = cluster::Operator::start_with(
+        &c.env.kubeconfig,
+        &c.master_key,
+        &format!("claw-test-{}", c.suffix()),
+        Some(&ns),
+        &["--reencrypt-per-second".to_owned(), "100".to_owned()],
+    )
+    .await;
+    let names: Vec<String> = (0..100).map(|i| format!("r{i:03}")).collect();
+    let value = |name: &str| json!({ "password": format!("value-of-{name}") });
+    for name in &names {
+        agent
+            .invoke(
+                Some(&alice),
+                "secret.create",
+                json!({ "name": name, "namespace": ns, "data": value(name) }),
+            )
+            .await
+            .payload("secret.create");
+    }
+    for name in &names {
+        wait_secret(&agent, &alice, &ns, name, 1, &value(name)).await;
+    }
+
+    // A reader loop over all 100, from before the rotation to after the re-encryption.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (agent_addr, alice, ns, names, stop) = (
+            agent.addr(),
+            alice.clone(),
+            ns.clone(),
+            names.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let (mut reads, mut errors) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for name in &names {
+                    let body = serde_json::to_vec(&json!({
+                        "command": "secret.get", "params": { "name": name, "namespace": ns },
+                    }))
+                    .unwrap();
+                    let got = cluster::post_invoke(&agent_addr, Some(&alice), body).await;
+                    reads += 1;
+                    match got {
+                        Ok(r)
+                            if r.is_ok()
+                                && r.body["payload"]["data"]["password"]
+                                    == json!(format!("value-of-{name}")) => {}
+                        other => errors.push(format!("{name}: {other:?}")),
+                    }
+                }
+            }
+            (reads, errors)
+        })
+    };
+    let secrets_api = c.secrets();
+    let under = |key: String| {
+        let api = secrets_api.clone();
+        async move {
+            api.list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter(|s| s.spec.sealed.as_ref().is_some_and(|x| x.key_id == key))
+                .count()
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
+    let rotated = std::process::Command::new(cluster::BIN)
+        .args([
+            "keys",
+            "rotate",
+            "--namespace",
+            key_ns,
+            "--secret",
+            key_name,
+        ])
+        .env("KUBECONFIG", &c.env.kubeconfig)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&rotated.stdout).into_owned();
+    assert!(
+        rotated.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let new_key = said
+        .split_whitespace()
+        .nth(2)
+        .expect("master key <id> is active")
+        .to_owned();
+    let started = Instant::now();
+    eventually(
+        "every ClawSecret re-encrypted under the new key",
+        || async {
+            match under(new_key.clone()).await {
+                100 => Ok(()),
+                n => Err(format!("{n} of 100 under {new_key}")),
+            }
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    // And a while after, for the agent to have taken every new envelope.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, errors) = reader.await.unwrap();
+    println!(
+        "REKEY: 100 ClawSecrets re-encrypted in {:.1} s; the agent answered {reads} reads meanwhile",
+        took.as_secs_f64()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} of {reads} reads failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(reads >= 200, "the reader made only {reads} reads");
+    // The agent's copies are the new envelopes.
+    for name in &names {
+        let (_, stored) = agent.stored_secret(&ns, name).expect("stored");
+        assert!(stored.to_string().contains(&new_key), "{name}: {stored}");
+    }
+    c.cleanup().await;
+}

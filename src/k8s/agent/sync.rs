@@ -79,6 +79,10 @@ pub trait Mirrored: kube::Resource + Clone + Send + Sync + 'static {
     /// Removes the key's entry, if `expect` holds (see `removal_expectation`).
     fn remove(key: &ObjectKey, store: &Store, expect: Expect) -> Removal;
     fn stored_keys(store: &Store) -> Vec<ObjectKey>;
+    /// The master key the object's current version is sealed under, if it is sealed.
+    fn sealed_under(&self) -> Option<&str> {
+        None
+    }
     const KIND: &'static str;
 }
 
@@ -197,6 +201,10 @@ impl Mirrored for ClawSecret {
     fn stored_keys(store: &Store) -> Vec<ObjectKey> {
         store.secret_keys()
     }
+
+    fn sealed_under(&self) -> Option<&str> {
+        self.spec.sealed.as_ref().map(|s| s.key_id.as_str())
+    }
 }
 
 impl Mirrored for ClawConfig {
@@ -312,6 +320,15 @@ fn apply<K: Mirrored>(
             Removal::KeptNewer => Applied::Held(key),
             Removal::Done | Removal::Failed => Applied::Removed,
         };
+    }
+    // Sealed under a master key this node does not hold yet (a new active key, re-encryption,
+    // seen before the keyring itself: both come by watches): keep serving the copy, which
+    // the retired key still opens, and try again once the keyring has followed.
+    if let (Some(keyring), Some(id)) = (keyring, obj.sealed_under())
+        && !keyring.key_ids().any(|held| held.as_str() == id)
+    {
+        tracing::debug!(%key, key_id = id, "sealed under a master key this node does not hold yet; keeping its copy until the keyring follows");
+        return Applied::Failed(key);
     }
     match obj.store_it(store, keyring) {
         Ok(Some(changed)) => Applied::Stored(key, changed),
@@ -571,6 +588,45 @@ mod tests {
 
     fn open(dir: &std::path::Path, keyring: &Keyring) -> (Store, crate::store::OpenReport) {
         Store::open(dir, SharedKeyring::new(keyring.clone()), Default::default()).unwrap()
+    }
+
+    /// Issue 18: an agent may see a ClawSecret re-encrypted under a new master key before it
+    /// has the new keyring (both arrive by watches). It keeps serving its copy (the same data,
+    /// under the retired key it still holds) and takes the new envelope once it has the key,
+    /// rather than store what it cannot open.
+    #[test]
+    fn a_version_under_a_key_not_held_yet_keeps_the_copy_until_the_key_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Keyring::generate().unwrap();
+        let labels = Labels::new();
+        let (store, _) = open(dir.path(), &old);
+        let first = apply(
+            &sealed(&old, "uid-1", 10, 1, "one"),
+            &labels,
+            &store,
+            Some(&old),
+        );
+        assert!(matches!(first, Applied::Stored(..)), "{first:?}");
+
+        let mut new = old.clone();
+        new.rotate_to(crate::crypto::MasterKey::generate().unwrap());
+        let resealed = sealed(&new, "uid-1", 11, 1, "one");
+        // The keyring held is still the old one: the copy stays, and the object is retried.
+        assert_eq!(
+            apply(&resealed, &labels, &store, Some(&old)),
+            Applied::Failed(key())
+        );
+        assert_eq!(stored(&store, &old), v(1, "uid-1", "one"));
+        // Once the new keyring is held, the new envelope is stored.
+        assert!(matches!(
+            apply(&resealed, &labels, &store, Some(&new)),
+            Applied::Stored(..)
+        ));
+        assert_eq!(
+            store.secret(&key()).unwrap().envelope.key_id(),
+            new.active().id()
+        );
+        assert_eq!(stored(&store, &new), v(1, "uid-1", "one"));
     }
 
     #[test]
