@@ -1259,7 +1259,7 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
         role["rules"].as_array().unwrap().contains(&json!({
             "apiGroups": [""],
             "resources": ["configmaps"],
-            "resourceNames": ["claw-secrets-sealing-key"],
+            "resourceNames": ["claw-secrets-sealing-key", "claw-secrets-keyring-status"],
             "verbs": ["create", "patch"],
         })),
         "{}",

@@ -1717,6 +1717,30 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
             .collect();
         assert_eq!(got, [("k".to_owned(), want)], "{name}");
     }
+    // What `kubectl get configmap claw-secrets-keyring-status -o yaml` shows.
+    let status = eventually(
+        "the keyring status to say re-encryption is complete",
+        || async {
+            let data =
+                Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), ns)
+                    .get("claw-secrets-keyring-status")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .data
+                    .unwrap_or_default();
+            match data.get("reencryption") {
+                Some(r) if r.starts_with("complete") => Ok(data),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(status["activeKey"], new_id);
+    assert_eq!(
+        serde_json::from_str::<Value>(&status["sealedObjects"]).unwrap(),
+        json!({ new_id.clone(): 40 })
+    );
+
     // Nothing needs the old key any more: prune removes it, and only the new key is left.
     let (pruned, said) = keys("prune");
     assert!(pruned, "{said}");

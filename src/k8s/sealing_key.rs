@@ -64,3 +64,52 @@ pub async fn fetch(
         .ok_or_else(|| format!("{where_} has no key {CONFIGMAP_KEY:?}"))?;
     crate::crypto::SealingPublicKey::parse(&text).map_err(|e| format!("{where_}: {e}"))
 }
+
+/// The ConfigMap holding the keyring's status, in the operator's namespace:
+/// `kubectl get configmap claw-secrets-keyring-status -o yaml`.
+pub const STATUS_CONFIGMAP: &str = "claw-secrets-keyring-status";
+
+/// What the leader's last re-encryption pass found: the active key, ClawSecrets per key id,
+/// and whether re-encryption is done (no ClawSecret under a retired key). No secret in it.
+pub async fn publish_status(
+    client: &kube::Client,
+    namespace: &str,
+    active: &str,
+    sealed_objects: &std::collections::BTreeMap<String, usize>,
+) -> Result<(), kube::Error> {
+    let retired: usize = sealed_objects
+        .iter()
+        .filter(|(id, _)| id.as_str() != active)
+        .map(|(_, n)| n)
+        .sum();
+    let reencryption = if retired == 0 {
+        "complete: every ClawSecret is sealed under the active key".to_owned()
+    } else {
+        format!("in progress: {retired} ClawSecrets are still sealed under retired keys")
+    };
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let manifest = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": STATUS_CONFIGMAP,
+            "labels": { "app.kubernetes.io/managed-by": "claw-secrets-operator" },
+            "annotations": {
+                "clawbernetes.io/usage": "written by the operator's leader after each re-encryption pass; `claw-secrets keys prune` removes retired keys once no ClawSecret needs them",
+            },
+        },
+        "data": {
+            "activeKey": active,
+            "sealedObjects": serde_json::to_string(sealed_objects).expect("a map of counts"),
+            "reencryption": reencryption,
+            "observedAt": jiff::Timestamp::now().to_string(),
+        },
+    });
+    api.patch(
+        STATUS_CONFIGMAP,
+        &Component::Operator.apply().force(),
+        &Patch::Apply(&manifest),
+    )
+    .await?;
+    Ok(())
+}

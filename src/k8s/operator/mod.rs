@@ -104,6 +104,8 @@ pub(crate) struct Context {
     keyring: SharedKeyring,
     /// `namespace/name` of the master key Secret, for messages.
     keyring_secret: String,
+    /// Where the operator keeps what it publishes (the keyring's status).
+    operator_namespace: String,
     reporter: Reporter,
     metrics: Arc<Metrics>,
     /// Consecutive failures per object, for the error back-off; cleared on success.
@@ -563,6 +565,7 @@ async fn lead(
         client: client.clone(),
         keyring,
         keyring_secret: format!("{}/{}", config.namespace, config.master_key_secret),
+        operator_namespace: config.namespace.clone(),
         reporter: events::reporter(&Component::Operator.controller(), &config.lease.identity),
         metrics,
         failures: Mutex::default(),

@@ -32,7 +32,8 @@ pub struct Pass {
     /// Objects by the master key their current version is sealed under, after the pass.
     pub sealed_under: BTreeMap<String, usize>,
     pub resealed: usize,
-    /// Changed by someone else since they were read: left for the next pass.
+    /// Changed by someone else since they were read, or waiting for the reconciler (new data
+    /// to seal, a deletion): looked at again in a second.
     pub deferred: usize,
     /// Sealed under a key the keyring does not have, or not openable: reported, left as they are.
     pub failed: usize,
@@ -56,6 +57,16 @@ pub async fn run(
             Ok(pass) => {
                 ctx.metrics.set_sealed_under(&pass.sealed_under);
                 let active = ctx.keyring.current().active().id().to_string();
+                if let Err(e) = crate::k8s::sealing_key::publish_status(
+                    &ctx.client,
+                    &ctx.operator_namespace,
+                    &active,
+                    &pass.sealed_under,
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "could not publish the keyring status");
+                }
                 let retired: usize = pass
                     .sealed_under
                     .iter()
@@ -114,6 +125,10 @@ async fn reencrypt(
                 || obj.meta().deletion_timestamp.is_some()
             {
                 *pass.sealed_under.entry(sealed.key_id.clone()).or_default() += 1;
+                if sealed.key_id != keyring.active().id().as_str() {
+                    // Soon sealed anew (or gone): counted as it is now, looked at again soon.
+                    pass.deferred += 1;
+                }
                 continue;
             }
             let Ok(key) = convert::secret_key(obj) else {
