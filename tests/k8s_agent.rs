@@ -2381,18 +2381,6 @@ async fn agents_keep_serving_reads_through_a_key_rotation() {
         })
     };
     let secrets_api = c.secrets();
-    let under = |key: String| {
-        let api = secrets_api.clone();
-        async move {
-            api.list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .filter(|s| s.spec.sealed.as_ref().is_some_and(|x| x.key_id == key))
-                .count()
-        }
-    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
     let rotated = std::process::Command::new(cluster::BIN)
@@ -2422,7 +2410,7 @@ async fn agents_keep_serving_reads_through_a_key_rotation() {
     eventually(
         "every ClawSecret re-encrypted under the new key",
         || async {
-            match under(new_key.clone()).await {
+            match cluster::sealed_under(&secrets_api, &new_key).await {
                 100 => Ok(()),
                 n => Err(format!("{n} of 100 under {new_key}")),
             }

@@ -1643,20 +1643,8 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
     assert!(keyring_of().await.key_ids().any(|id| id.as_str() == old_id));
 
     // Mid-way: a user rotates one secret, and the operator is killed.
-    let under = |key: &str| {
-        let (api, key) = (api.clone(), key.to_owned());
-        async move {
-            api.list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .filter(|s| s.spec.sealed.as_ref().is_some_and(|x| x.key_id == key))
-                .count()
-        }
-    };
     eventually("re-encryption to begin", || async {
-        match under(&new_id).await {
+        match cluster::sealed_under(&api, &new_id).await {
             0 => Err("none yet".to_owned()),
             n => Ok(n),
         }
@@ -1670,12 +1658,12 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
     .await
     .unwrap();
     op.kill();
-    let left = under(&old_id).await;
+    let left = cluster::sealed_under(&api, &old_id).await;
     eprintln!("killed the operator with {left} of 40 still under the old key");
     let _next = Operator::start_args(&env, "op-reenc-2", 15, &rate);
 
     eventually("every ClawSecret under the new key", || async {
-        match under(&old_id).await {
+        match cluster::sealed_under(&api, &old_id).await {
             0 => Ok(()),
             n => Err(format!("{n} still under {old_id}")),
         }

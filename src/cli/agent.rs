@@ -147,15 +147,8 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
         http: args.http.limits(),
         deliveries,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = super::runtime(true) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         // Building a client reads the kubeconfig (or the in-cluster account) only; it does not

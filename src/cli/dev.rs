@@ -48,15 +48,8 @@ pub struct DevArgs {
 }
 
 pub fn run(args: DevArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = super::runtime(true) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(serve(args)) {
         Ok(()) => ExitCode::SUCCESS,

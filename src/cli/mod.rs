@@ -224,6 +224,21 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
+/// The async runtime of a command: a worker per core for the servers, one thread for a
+/// one-shot command. `None` (said on stderr) if the OS refuses it.
+fn runtime(servers: bool) -> Option<tokio::runtime::Runtime> {
+    let mut builder = if servers {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("error: could not start the async runtime: {e}"))
+        .ok()
+}
+
 /// Runs `work` with a client of the cluster (KUBECONFIG, else the in-cluster account), on a
 /// runtime of its own: the one-shot cluster commands (`keys`, `migrate-storage`). Its error is
 /// printed as `error: ...`.
@@ -232,15 +247,8 @@ where
     F: FnOnce(kube::Client) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
 {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(false) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         let result = match crate::k8s::component::Component::Cli.client().await {

@@ -148,15 +148,8 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
         reencrypt_per_second: args.reencrypt_per_second,
         key_rotation_period: args.key_rotation_period.0,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: could not start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = super::runtime(true) else {
+        return ExitCode::FAILURE;
     };
     let code = runtime.block_on(async move {
         let client = match Component::Operator.client().await {

@@ -40,6 +40,15 @@ pub enum KeyringError {
     },
 }
 
+/// An API error about the keyring Secret `namespace/name`.
+fn api_error<'a>(namespace: &'a str, name: &'a str) -> impl Fn(kube::Error) -> KeyringError + 'a {
+    move |source| KeyringError::Api {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        source,
+    }
+}
+
 fn parse(secret: &Secret, namespace: &str, name: &str) -> Result<Keyring, KeyringError> {
     let invalid = |reason: String| KeyringError::Invalid {
         namespace: namespace.to_owned(),
@@ -64,11 +73,7 @@ pub async fn load(
     let secret = api
         .get_opt(name)
         .await
-        .map_err(|source| KeyringError::Api {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            source,
-        })?;
+        .map_err(api_error(namespace, name))?;
     let Some(mut secret) = secret else {
         return Ok(None);
     };
@@ -133,11 +138,7 @@ pub async fn load_or_create(
                     })?;
             Ok((ring, false))
         }
-        Err(source) => Err(KeyringError::Api {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            source,
-        }),
+        Err(source) => Err(api_error(namespace, name)(source)),
     }
 }
 
@@ -225,11 +226,7 @@ async fn read_for_update(
     let mut secret = api
         .get_opt(name)
         .await
-        .map_err(|source| KeyringError::Api {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            source,
-        })?
+        .map_err(api_error(namespace, name))?
         .ok_or_else(|| KeyringError::Missing {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -257,11 +254,7 @@ async fn write_back(
         .await
         .map(|mut s| wipe(&mut s));
     wipe(&mut secret);
-    written.map_err(|source| KeyringError::Api {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        source,
-    })
+    written.map_err(api_error(namespace, name))
 }
 
 /// When the keyring Secret's active key was made active: its [`ROTATED_AT`] annotation, else
@@ -275,11 +268,7 @@ pub async fn last_rotation(
     let Some(mut secret) = api
         .get_opt(name)
         .await
-        .map_err(|source| KeyringError::Api {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            source,
-        })?
+        .map_err(api_error(namespace, name))?
     else {
         return Ok(None);
     };

@@ -37,12 +37,7 @@ pub async fn publish(
         },
         "data": { CONFIGMAP_KEY: text },
     });
-    api.patch(
-        CONFIGMAP,
-        &Component::Operator.apply().force(),
-        &Patch::Apply(&manifest),
-    )
-    .await?;
+    apply(&api, CONFIGMAP, &manifest).await?;
     Ok(public.master_key_id().to_string())
 }
 
@@ -105,11 +100,21 @@ pub async fn publish_status(
             "observedAt": jiff::Timestamp::now().to_string(),
         },
     });
+    apply(&api, STATUS_CONFIGMAP, &manifest).await
+}
+
+/// Server-side apply of one of the operator's ConfigMaps: every replica writes the same
+/// content, and the operator's field manager owns it.
+async fn apply(
+    api: &Api<ConfigMap>,
+    name: &str,
+    manifest: &serde_json::Value,
+) -> Result<(), kube::Error> {
     api.patch(
-        STATUS_CONFIGMAP,
+        name,
         &Component::Operator.apply().force(),
-        &Patch::Apply(&manifest),
+        &Patch::Apply(manifest),
     )
-    .await?;
-    Ok(())
+    .await
+    .map(|_| ())
 }

@@ -370,6 +370,18 @@ fn ignore_exists<T>(r: Result<T, kube::Error>, what: &str) {
     }
 }
 
+/// How many of the ClawSecrets `api` lists have their current version sealed under the master
+/// key `key_id`.
+pub async fn sealed_under(api: &Api<ClawSecret>, key_id: &str) -> usize {
+    api.list(&ListParams::default())
+        .await
+        .expect("listing ClawSecrets")
+        .items
+        .iter()
+        .filter(|s| s.spec.sealed.as_ref().is_some_and(|x| x.key_id == key_id))
+        .count()
+}
+
 /// Creates a Node object (nothing runs it: there is no kubelet) with `labels`.
 pub async fn create_node(client: &Client, name: &str, labels: &[(&str, &str)]) {
     let node = Node {

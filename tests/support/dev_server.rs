@@ -36,6 +36,11 @@ const SCRUBBED_ENV: &[&str] = &[
     "CLAW_SECRETS_LOG",
     "CLAW_SECRETS_TIMEOUT",
     "CLAW_SECRETS_CONNECT_TIMEOUT",
+    // A developer's gateway must not capture a test's server (`dev` reads these too).
+    "CLAW_SECRETS_GATEWAY",
+    "CLAW_SECRETS_GATEWAY_TOKEN_FILE",
+    "CLAW_SECRETS_GATEWAY_SETUP_CODE",
+    "CLAW_SECRETS_GATEWAY_PRINCIPAL",
     "RUST_LOG",
     // A developer's cluster must not capture `claw-secrets invoke` (it prefers a kubeconfig
     // over the dev server when no --addr is given).
