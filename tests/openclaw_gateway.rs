@@ -634,9 +634,53 @@ fn thirty_two_calls_in_flight_all_answer() {
     let _shared = shared();
     let gw = gateway();
     let env = DevEnv::new();
-    let node = start_node(&env, gw, Pairing::SetupCode, "admin");
+    let node = start_node_with(
+        &env,
+        gw,
+        Pairing::SetupCode,
+        "admin",
+        &[("CLAW_SECRETS_LOG", "debug,tungstenite=info")],
+    );
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(thirty_two_calls(gw, &node));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(thirty_two_calls(gw, &node))
+    }));
+    if let Err(panic) = outcome {
+        let log = node.server.stderr_text();
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        eprintln!("--- the node's log, last lines:");
+        for line in tail.iter().rev() {
+            eprintln!("{line}");
+        }
+        let gw_log = gw.log_text();
+        let gw_tail: Vec<&str> = gw_log.lines().rev().take(40).collect();
+        eprintln!("--- the gateway's log, last lines:");
+        for line in gw_tail.iter().rev() {
+            eprintln!("{line}");
+        }
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// `node.invoke` as a careful caller makes it: an UNAVAILABLE from the gateway itself (no
+/// `nodeError`: the call never reached the node; under pairing activity openclaw answers
+/// "Device pairing authority requires a current worker publication") is tried again, with the
+/// same idempotency key. What the node answers is returned as it is.
+async fn invoke_retrying(operator: &OperatorClient, params: Value) -> Result<Value, Value> {
+    let mut attempt = 0;
+    loop {
+        match operator.call("node.invoke", params.clone()).await {
+            Err(e)
+                if e["code"] == json!("UNAVAILABLE")
+                    && e["details"]["nodeError"].is_null()
+                    && attempt < 5 =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// 32 writes and 32 reads over one operator connection, all in flight at once.
@@ -647,18 +691,10 @@ async fn thirty_two_calls(gw: &Gateway, node: &Node) {
         let node_id = node.id.clone();
         tokio::spawn(async move {
             let name = format!("s{i}");
-            let created = operator
-                .call(
-                    "node.invoke",
-                    json!({"nodeId": node_id, "command": "secret.create", "params": {"name": name, "data": {"n": i.to_string()}}, "timeoutMs": 60000, "idempotencyKey": format!("c{i}")}),
-                )
-                .await;
-            let read = operator
-                .call(
-                    "node.invoke",
-                    json!({"nodeId": node_id, "command": "secret.get", "params": {"name": name}, "timeoutMs": 60000, "idempotencyKey": format!("g{i}")}),
-                )
-                .await;
+            let create = json!({"nodeId": node_id, "command": "secret.create", "params": {"name": name, "data": {"n": i.to_string()}}, "timeoutMs": 60000, "idempotencyKey": format!("c{i}")});
+            let created = invoke_retrying(&operator, create).await;
+            let get = json!({"nodeId": node_id, "command": "secret.get", "params": {"name": name}, "timeoutMs": 60000, "idempotencyKey": format!("g{i}")});
+            let read = invoke_retrying(&operator, get).await;
             (i, created, read)
         })
     });

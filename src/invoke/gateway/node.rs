@@ -179,6 +179,25 @@ pub struct GatewayNode<A, R, P> {
     refused: Mutex<HashSet<Using>>,
 }
 
+/// A `node.invoke.result` on its way: kept until the gateway acknowledges it, and sent again
+/// while the gateway refuses it for a passing reason (under pairing changes it answers
+/// UNAVAILABLE "node pairing changed before request dispatch") and the call's deadline allows.
+struct Outgoing {
+    /// The frame's request id, which the gateway's acknowledgement names.
+    id: String,
+    /// The frame (wiped when dropped: it may hold a secret's values).
+    text: Zeroizing<String>,
+    attempt: u32,
+    /// The call's deadline: no point in answering after it.
+    until: Instant,
+}
+
+/// The deadline of a call that came without `timeoutMs` (the gateway's own default).
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How often a refused result is sent again, at most.
+const RESULT_ATTEMPTS: u32 = 6;
+
 /// How a session ended.
 enum Ended {
     Stopped,
@@ -417,7 +436,8 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
         } = session;
         // Two ticks without a frame: the link is dead, whatever TCP believes.
         let silence = tick * 2 + Duration::from_secs(5);
-        let (answers, mut to_send) = mpsc::channel::<Zeroizing<String>>(256);
+        let (answers, mut to_send) = mpsc::channel::<Outgoing>(256);
+        let mut unacknowledged: HashMap<String, Outgoing> = HashMap::new();
         let mut calls = Calls::default();
         let mut tasks = JoinSet::new();
         let mut heard = Instant::now();
@@ -425,10 +445,12 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
         let ended = loop {
             tokio::select! {
                 _ = stop.cancelled() => break Ended::Stopped,
-                Some(mut text) = to_send.recv() => {
-                    if let Err(e) = socket.send(Message::text(std::mem::take(&mut *text))).await {
+                Some(out) = to_send.recv() => {
+                    // A copy goes to the socket; the frame is kept until acknowledged.
+                    if let Err(e) = socket.send(Message::text(out.text.as_str())).await {
                         break Ended::Lost { why: format!("sending failed: {e}"), back_in: Some(back_in) };
                     }
+                    unacknowledged.insert(out.id.clone(), out);
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = tokio::time::sleep_until((heard + silence).into()) => {
@@ -474,7 +496,7 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
                         .into_iter()
                         .partition(|f| matches!(f, Inbound::Event { event, .. } if event == "node.invoke.cancel"));
                     for frame in cancels.into_iter().chain(others) {
-                        if let Some(hint) = self.on_frame(frame, &mut calls, &mut tasks, &answers, max_payload) {
+                        if let Some(hint) = self.on_frame(frame, &mut calls, &mut tasks, &answers, &mut unacknowledged, max_payload) {
                             back_in = hint;
                         }
                     }
@@ -494,8 +516,8 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
             // Answer what is in flight, then say goodbye.
             let drained = tokio::time::timeout(DRAIN, async {
                 while tasks.join_next().await.is_some() {}
-                while let Ok(mut text) = to_send.try_recv() {
-                    let _ = socket.send(Message::text(std::mem::take(&mut *text))).await;
+                while let Ok(out) = to_send.try_recv() {
+                    let _ = socket.send(Message::text(out.text.as_str())).await;
                 }
             })
             .await;
@@ -519,7 +541,8 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
         frame: Inbound,
         calls: &mut Calls,
         tasks: &mut JoinSet<()>,
-        answers: &mpsc::Sender<Zeroizing<String>>,
+        answers: &mpsc::Sender<Outgoing>,
+        unacknowledged: &mut HashMap<String, Outgoing>,
         max_payload: usize,
     ) -> Option<Duration> {
         match frame {
@@ -557,16 +580,36 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
                     other => tracing::trace!(event = other, "gateway event ignored"),
                 }
             }
+            Inbound::Res { id, ok: true, .. } => {
+                unacknowledged.remove(&id);
+            }
             Inbound::Res {
                 id,
                 ok: false,
                 error,
                 ..
             } => {
+                let passing = error.as_ref().is_some_and(|e| e.code == "UNAVAILABLE");
                 let error = error.map_or_else(|| "no error given".to_owned(), |e| e.to_string());
-                tracing::warn!(request = %id, %error, "the gateway refused a frame of this node");
+                match unacknowledged.remove(&id) {
+                    Some(mut out)
+                        if passing
+                            && out.attempt + 1 < RESULT_ATTEMPTS
+                            && Instant::now() < out.until =>
+                    {
+                        tracing::debug!(request = %id, %error, attempt = out.attempt, "the gateway refused a result for now; sending it again");
+                        let answers = answers.clone();
+                        tasks.spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(50 << out.attempt)).await;
+                            out.attempt += 1;
+                            let _ = answers.send(out).await;
+                        });
+                    }
+                    _ => {
+                        tracing::warn!(request = %id, %error, "the gateway refused a frame of this node")
+                    }
+                }
             }
-            Inbound::Res { .. } => {}
             Inbound::Req { method } => {
                 tracing::debug!(%method, "a request from the gateway ignored (nodes answer events)")
             }
@@ -580,7 +623,7 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
         payload: &str,
         calls: &mut Calls,
         tasks: &mut JoinSet<()>,
-        answers: &mpsc::Sender<Zeroizing<String>>,
+        answers: &mpsc::Sender<Outgoing>,
         max_payload: usize,
     ) {
         let invoke = match serde_json::from_str::<InvokeEvent>(payload) {
@@ -601,14 +644,20 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
                                 "the node.invoke.request is malformed: {why}"
                             )),
                         );
+                        let frame_id = next_frame_id();
                         let text = frames::invoke_result(
-                            &next_frame_id(),
+                            &frame_id,
                             &id,
                             &self.node_id,
                             &response,
                             max_payload,
                         );
-                        let _ = answers.try_send(text);
+                        let _ = answers.try_send(Outgoing {
+                            id: frame_id,
+                            text,
+                            attempt: 0,
+                            until: Instant::now() + DEFAULT_DEADLINE,
+                        });
                     }
                     Err(_) => tracing::warn!(%why, "a node.invoke.request without an id; ignored"),
                 }
@@ -619,6 +668,7 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
         let budget = invoke
             .timeout_ms
             .map(|ms| Duration::from_millis(ms.max(0) as u64));
+        let until = Instant::now() + budget.unwrap_or(DEFAULT_DEADLINE);
         if budget == Some(Duration::ZERO) {
             cancel.cancel();
         }
@@ -649,8 +699,11 @@ impl<A: Authorizer, R: Repository, P: Principal> GatewayNode<A, R, P> {
                 tracing::info!(invoke = %invoke.id, command = %invoke.command, "invoke given up by the gateway; not answered");
                 return;
             }
-            let text = frames::invoke_result(&next_frame_id(), &invoke.id, &node_id, &response, max_payload);
-            let _ = answers.send(text).await;
+            let frame_id = next_frame_id();
+            let text = frames::invoke_result(&frame_id, &invoke.id, &node_id, &response, max_payload);
+            let _ = answers
+                .send(Outgoing { id: frame_id, text, attempt: 0, until })
+                .await;
         });
     }
 }
