@@ -937,7 +937,21 @@ impl Release<'_> {
         });
         let file = self.node.scratch.join(format!("{name}.json"));
         std::fs::write(&file, manifest.to_string()).unwrap();
-        self.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        // Right after pods are replaced, the webhook's Service may still route to a pod that is
+        // gone (kube-proxy's rules follow the endpoints a moment later): the API server then
+        // refuses the write (failurePolicy Fail), which loses nothing, and a client retries.
+        let apply = ["apply", "-f", file.to_str().unwrap()];
+        let mut attempt = 0;
+        loop {
+            let run = kubectl(&self.node.kubeconfig, &apply);
+            if run.ok || !run.stderr.contains("failed calling webhook") || attempt == 5 {
+                must(run, &format!("kubectl {}", apply.join(" ")));
+                break;
+            }
+            attempt += 1;
+            eprintln!("NODE: the webhook did not answer yet ({attempt}); applying again");
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
         std::fs::remove_file(&file).unwrap();
         let secrets: Api<ClawSecret> = Api::namespaced(self.client.clone(), ns);
         eventually(&format!("{ns}/{name} sealed by the operator"), || async {
