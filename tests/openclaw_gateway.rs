@@ -189,9 +189,21 @@ fn rpc_outcome(out: &CliInvoke) -> Outcome {
 }
 
 fn rpc(gw: &Gateway, node: &str, command: &str, params: &Value, key: &str) -> CliInvoke {
+    rpc_timed(gw, node, command, params, 30_000, key)
+}
+
+/// [`rpc`] with the caller's `timeoutMs`.
+fn rpc_timed(
+    gw: &Gateway,
+    node: &str,
+    command: &str,
+    params: &Value,
+    timeout_ms: u64,
+    key: &str,
+) -> CliInvoke {
     gw.gateway_call(
         "node.invoke",
-        &json!({"nodeId": node, "command": command, "params": params, "timeoutMs": 30000, "idempotencyKey": key}),
+        &json!({"nodeId": node, "command": command, "params": params, "timeoutMs": timeout_ms, "idempotencyKey": key}),
     )
 }
 
@@ -568,11 +580,11 @@ fn a_call_the_gateway_gives_up_on_changes_nothing() {
     // gateway has given up on the call: it then reads the request and its cancel together.
     // SAFETY: signals to the child process this test started.
     unsafe { libc::kill(node.server.pid as i32, libc::SIGSTOP) };
-    let timed_out = rpc_ish(
+    let timed_out = rpc_timed(
         gw,
         &node.id,
         "secret.create",
-        json!({"name": "late", "data": {"k": "v"}}),
+        &json!({"name": "late", "data": {"k": "v"}}),
         2000,
         "late-1",
     );
@@ -604,29 +616,15 @@ fn a_call_the_gateway_gives_up_on_changes_nothing() {
         .call("secret.get", json!({"name": "late"}))
         .expect_error("NOT_FOUND");
     // And the node still serves the gateway.
-    let ok = rpc_ish(
+    let ok = rpc_timed(
         gw,
         &node.id,
         "secret.create",
-        json!({"name": "late", "data": {"k": "v"}}),
+        &json!({"name": "late", "data": {"k": "v"}}),
         15000,
         "late-2",
     );
     assert_eq!(rpc_outcome(&ok).unwrap()["version"], json!(1));
-}
-
-fn rpc_ish(
-    gw: &Gateway,
-    node: &str,
-    command: &str,
-    params: Value,
-    timeout_ms: u64,
-    key: &str,
-) -> CliInvoke {
-    gw.gateway_call(
-        "node.invoke",
-        &json!({"nodeId": node, "command": command, "params": params, "timeoutMs": timeout_ms, "idempotencyKey": key}),
-    )
 }
 
 #[test]
