@@ -251,6 +251,21 @@ async fn sealed_at(api: &Api<ClawSecret>, name: &str, version: u64) -> ClawSecre
     .await
 }
 
+/// What `kubectl get configmap claw-secrets-keyring-status -o yaml` shows in `data`.
+async fn keyring_status(
+    client: &Client,
+    ns: &str,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    Ok(
+        Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+            .get("claw-secrets-keyring-status")
+            .await
+            .map_err(|e| e.to_string())?
+            .data
+            .unwrap_or_default(),
+    )
+}
+
 /// The object exactly as the API server stores it (all fields, annotations included), as JSON.
 async fn raw_json(client: &Client, ns: &str, name: &str) -> String {
     let api: Api<DynamicObject> =
@@ -1650,6 +1665,14 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
         }
     })
     .await;
+    // The status ConfigMap names the new active key as soon as re-encryption has begun (it
+    // once kept the last pass's "complete" under the old key until the next pass ended).
+    let begun = keyring_status(&env.client, ns).await.unwrap();
+    assert_eq!(begun["activeKey"], new_id, "{begun:?}");
+    assert!(
+        begun["reencryption"].starts_with("in progress"),
+        "{begun:?}"
+    );
     api.patch(
         "s39",
         &PatchParams::default(),
@@ -1709,13 +1732,7 @@ async fn a_new_active_key_reencrypts_every_secret_and_survives_a_restart() {
     let status = eventually(
         "the keyring status to say re-encryption is complete",
         || async {
-            let data =
-                Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(env.client.clone(), ns)
-                    .get("claw-secrets-keyring-status")
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .data
-                    .unwrap_or_default();
+            let data = keyring_status(&env.client, ns).await?;
             match data.get("reencryption") {
                 Some(r) if r.starts_with("complete") => Ok(data),
                 other => Err(format!("{other:?}")),

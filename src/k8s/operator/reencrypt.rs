@@ -29,6 +29,8 @@ const PAGE: u32 = 500;
 /// What one pass found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Pass {
+    /// The key it sealed under.
+    pub active: String,
     /// Objects by the master key their current version is sealed under, after the pass.
     pub sealed_under: BTreeMap<String, usize>,
     pub resealed: usize,
@@ -48,7 +50,29 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut reported_complete: Option<String> = None;
+    // The active key the status ConfigMap names: a new one is published, with the counts as
+    // they are, before its first re-encryption, so the status never says "complete" under a
+    // key that is no longer active while a long pass runs.
+    let mut published_active: Option<String> = None;
     loop {
+        let active = ctx.keyring.current().active().id().to_string();
+        if published_active.as_ref() != Some(&active) {
+            let survey = tokio::select! {
+                survey = survey(&api) => survey,
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            };
+            match survey {
+                Ok(sealed_under) => {
+                    ctx.metrics.set_sealed_under(&sealed_under);
+                    if publish(&ctx, &active, &sealed_under).await {
+                        published_active = Some(active);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not count the ClawSecrets per master key")
+                }
+            }
+        }
         let pass = tokio::select! {
             pass = reencrypt(&ctx, &api, per_second) => pass,
             _ = stop.wait_for(|stopped| *stopped) => return,
@@ -56,16 +80,10 @@ pub async fn run(
         match pass {
             Ok(pass) => {
                 ctx.metrics.set_sealed_under(&pass.sealed_under);
-                let active = ctx.keyring.current().active().id().to_string();
-                if let Err(e) = crate::k8s::sealing_key::publish_status(
-                    &ctx.client,
-                    &ctx.operator_namespace,
-                    &active,
-                    &pass.sealed_under,
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "could not publish the keyring status");
+                // The key the pass sealed under (a keyring change during it starts another).
+                let active = pass.active.clone();
+                if publish(&ctx, &active, &pass.sealed_under).await {
+                    published_active = Some(active.clone());
                 }
                 let retired: usize = pass
                     .sealed_under
@@ -106,15 +124,13 @@ async fn reencrypt(
 ) -> Result<Pass, kube::Error> {
     let keyring = ctx.keyring.current();
     let pause = Duration::from_secs(1) / per_second.max(1);
-    let mut pass = Pass::default();
-    let mut continue_token: Option<String> = None;
-    loop {
-        let mut params = ListParams::default().limit(PAGE);
-        if let Some(token) = &continue_token {
-            params = params.continue_token(token);
-        }
-        let page = api.list(&params).await?;
-        for obj in &page.items {
+    let mut pass = Pass {
+        active: keyring.active().id().to_string(),
+        ..Pass::default()
+    };
+    let mut pages = Pages::default();
+    while let Some(page) = pages.next(api).await? {
+        for obj in &page {
             let Some(sealed) = obj.spec.sealed.as_ref() else {
                 continue;
             };
@@ -174,9 +190,62 @@ async fn reencrypt(
             }
             tokio::time::sleep(pause).await;
         }
-        continue_token = page.metadata.continue_.filter(|t| !t.is_empty());
-        if continue_token.is_none() {
-            return Ok(pass);
+    }
+    Ok(pass)
+}
+
+/// ClawSecrets in scope by the master key their current version is sealed under, as they are.
+async fn survey(api: &Api<ClawSecret>) -> Result<BTreeMap<String, usize>, kube::Error> {
+    let mut sealed_under = BTreeMap::new();
+    let mut pages = Pages::default();
+    while let Some(page) = pages.next(api).await? {
+        for sealed in page.iter().filter_map(|obj| obj.spec.sealed.as_ref()) {
+            *sealed_under.entry(sealed.key_id.clone()).or_default() += 1;
+        }
+    }
+    Ok(sealed_under)
+}
+
+/// Every ClawSecret in scope, [`PAGE`] at a time (a list of 10,000 is not held at once).
+#[derive(Default)]
+struct Pages {
+    continue_token: Option<String>,
+    done: bool,
+}
+
+impl Pages {
+    async fn next(
+        &mut self,
+        api: &Api<ClawSecret>,
+    ) -> Result<Option<Vec<ClawSecret>>, kube::Error> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut params = ListParams::default().limit(PAGE);
+        if let Some(token) = &self.continue_token {
+            params = params.continue_token(token);
+        }
+        let page = api.list(&params).await?;
+        self.continue_token = page.metadata.continue_.filter(|t| !t.is_empty());
+        self.done = self.continue_token.is_none();
+        Ok(Some(page.items))
+    }
+}
+
+/// Writes the keyring status ConfigMap; says whether it was written.
+async fn publish(ctx: &Context, active: &str, sealed_under: &BTreeMap<String, usize>) -> bool {
+    match crate::k8s::sealing_key::publish_status(
+        &ctx.client,
+        &ctx.operator_namespace,
+        active,
+        sealed_under,
+    )
+    .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish the keyring status");
+            false
         }
     }
 }
