@@ -2,6 +2,7 @@
 //! operator, node agent and Kubernetes identity checks build on these.
 
 pub mod agent;
+pub mod agent_certs;
 pub mod backend;
 pub mod component;
 pub mod convert;
