@@ -135,6 +135,7 @@ fn start_in_process(server_threads: usize) -> Server {
                     listener,
                     dispatcher,
                     claw_secrets::invoke::HttpLimits::default(),
+                    None,
                     async {
                         let _ = stop_rx.await;
                     },

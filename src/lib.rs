@@ -29,6 +29,7 @@ pub mod hex;
 pub mod invoke;
 pub mod k8s;
 pub mod store;
+pub mod tls;
 pub mod trailer;
 
 #[cfg(test)]

@@ -988,8 +988,10 @@ async fn latency_of_invoke_through_the_api_server_and_directly() {
     .unwrap();
     let direct = claw_secrets::invoke::InvokeClient::new(
         &s.agent.addr(),
+        s.node(),
         &token,
         claw_secrets::invoke::ClientTimeouts::default(),
+        &Default::default(),
     )
     .unwrap();
     let (mut proxied, mut straight) = (Vec::new(), Vec::new());

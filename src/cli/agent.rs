@@ -22,7 +22,7 @@ pub struct AgentArgs {
         default_value = "/var/lib/claw-secrets"
     )]
     data_dir: PathBuf,
-    /// Address for node.invoke (plain HTTP).
+    /// Address for node.invoke (HTTPS with --tls-cert; plain HTTP without, for now).
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
     /// The master key Secret the operator creates, as NAMESPACE/NAME.
@@ -54,6 +54,8 @@ pub struct AgentArgs {
     /// through the API server's service proxy (RBAC: `get` on `services/proxy` for it).
     #[arg(long, default_value = "claw-secrets/claw-secrets-webhook:443")]
     operator_service: String,
+    #[command(flatten)]
+    tls: super::serve_tls::ServeTlsArgs,
     #[command(flatten)]
     http: super::http_limits::HttpLimitArgs,
     #[command(flatten)]
@@ -145,6 +147,7 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
         rebuild_store_manifest: args.rebuild_store_manifest,
         accept_audit_reset: args.accept_audit_reset,
         http: args.http.limits(),
+        tls: args.tls.files(),
         deliveries,
     };
     let Some(runtime) = super::runtime(true) else {

@@ -23,7 +23,8 @@ pub struct DevArgs {
     /// $XDG_DATA_HOME/claw-secrets/dev when XDG_DATA_HOME is set).
     #[arg(long, env = "CLAW_SECRETS_DATA_DIR", default_value_os_t = super::default_data_dir())]
     data_dir: PathBuf,
-    /// Address to listen on. Keep it on loopback: dev mode speaks plain HTTP.
+    /// Address to listen on. Keep it on loopback unless you serve HTTPS (--tls-cert): dev mode
+    /// speaks plain HTTP by default.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// This node's id, saved in the data dir (default: the saved one; on first start
@@ -41,6 +42,8 @@ pub struct DevArgs {
     /// you know why the log changed.
     #[arg(long)]
     accept_audit_reset: bool,
+    #[command(flatten)]
+    tls: super::serve_tls::ServeTlsArgs,
     #[command(flatten)]
     http: super::http_limits::HttpLimitArgs,
     #[command(flatten)]
@@ -212,12 +215,18 @@ async fn serve(args: DevArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "listening beyond loopback: dev mode speaks plain HTTP, so bearer tokens and secrets cross the network unencrypted");
+    let tls = args
+        .tls
+        .files()
+        .map(super::serve_tls::serve_files)
+        .transpose()?;
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening beyond loopback: dev mode speaks plain HTTP without --tls-cert, so bearer tokens and secrets cross the network unencrypted");
     }
+    let scheme = if tls.is_some() { "https" } else { "http" };
 
     let client_config = ClientConfig {
-        addr: format!("http://{addr}"),
+        addr: format!("{scheme}://{addr}"),
         node_id: node_id.clone(),
         token_file: admin_token_path.clone(),
         data_dir: data_dir.clone(),
@@ -278,7 +287,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
         _ => None,
     };
 
-    println!("claw-secrets dev: node {node_id} listening on http://{addr}");
+    println!("claw-secrets dev: node {node_id} listening on {scheme}://{addr}");
     println!("  data dir:    {}", data_dir.display());
     println!(
         "  master key:  {}{}",
@@ -310,7 +319,7 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     println!("  claw-secrets invoke {node_id} secret.get '{{\"name\":\"db.password\"}}'");
     println!("Ctrl-C stops the server.");
 
-    crate::invoke::serve(listener, dispatcher, args.http.limits(), shutdown)
+    crate::invoke::serve(listener, dispatcher, args.http.limits(), tls, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     // The gateway's calls in flight are answered (and audited) before the log is flushed.

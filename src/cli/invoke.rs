@@ -13,7 +13,7 @@ use super::duration::parse_duration;
 use super::kubeconfig::kubeconfig_bearer_token;
 use super::{ClientConfig, client_config_path};
 use crate::invoke::{
-    ClientError, ClientTimeouts, ErrorBody, InvokeClient, InvokeError, LOCAL_NODE_ALIAS,
+    ClientError, ClientTimeouts, ClientTls, ErrorBody, InvokeClient, InvokeError, LOCAL_NODE_ALIAS,
 };
 use crate::k8s::component::Component;
 use crate::k8s::proxy::{
@@ -55,6 +55,15 @@ pub struct InvokeArgs {
     /// A file holding the bearer token.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// The CA bundle that an `https://` server's certificate must chain to (default: the
+    /// system's CA certificates). For agents: `kubectl -n claw-secrets get configmap
+    /// claw-secrets-agent-ca -o jsonpath='{.data.ca\.crt}' > agent-ca.crt`.
+    #[arg(long, env = "CLAW_SECRETS_CA_FILE", value_name = "PATH")]
+    ca_file: Option<PathBuf>,
+    /// The name an `https://` server's certificate must carry (default: the address's host,
+    /// or the node id when the address is an IP: an agent's certificate names its node).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// Makes retrying this write safe: the server applies it once.
     #[arg(long)]
     idempotency_key: Option<String>,
@@ -237,7 +246,11 @@ pub fn run(args: InvokeArgs) -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return usage(e),
             };
-            let client = match InvokeClient::new(&addr, &token, timeouts) {
+            let tls = ClientTls {
+                ca_file: args.ca_file.clone(),
+                server_name: args.tls_server_name.clone(),
+            };
+            let client = match InvokeClient::new(&addr, &args.node_id, &token, timeouts, &tls) {
                 Ok(c) => c,
                 Err(e) => return usage(e),
             };

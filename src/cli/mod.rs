@@ -14,6 +14,7 @@ mod migrate;
 mod operator;
 mod paths;
 pub mod seal;
+mod serve_tls;
 mod token;
 
 use clap::{Parser, Subcommand};

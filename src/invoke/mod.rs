@@ -15,7 +15,7 @@ mod repository;
 mod server;
 
 pub use access::{Access, Authorizer, Caller, Credential, Decision, Resource, Verb};
-pub use client::{ClientError, ClientTimeouts, InvokeClient};
+pub use client::{ClientError, ClientTimeouts, ClientTls, InvokeClient};
 pub use command_core::{CommandCore, IdempotencyKey, Request, WriteCarrier};
 pub use dispatch::{Dispatcher, LOCAL_NODE_ALIAS, ReadinessNote};
 pub use metrics::InvokeMetrics;

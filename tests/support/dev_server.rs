@@ -632,13 +632,14 @@ impl DevEnv {
                 );
             }
         };
-        // claw-secrets dev: node NODE listening on http://127.0.0.1:PORT
-        let expected_prefix = format!(
-            "claw-secrets dev: node {} listening on http://127.0.0.1:",
-            self.node_id
-        );
+        // claw-secrets dev: node NODE listening on http://127.0.0.1:PORT (https with --tls-cert)
+        let expected_prefix = format!("claw-secrets dev: node {} listening on ", self.node_id);
         let port = first
             .strip_prefix(&expected_prefix)
+            .and_then(|p| {
+                p.strip_prefix("http://127.0.0.1:")
+                    .or_else(|| p.strip_prefix("https://127.0.0.1:"))
+            })
             .and_then(|p| p.parse::<u16>().ok())
             .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
         server.port = port;

@@ -60,7 +60,10 @@ impl Endpoint {
             .to_owned();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let tls = if tls {
-            Some(Arc::new(tls_config(ca_file)?))
+            Some(
+                crate::tls::client_config_from(ca_file)
+                    .map_err(|e| GatewayError::Tls(e.to_string()))?,
+            )
         } else {
             if ca_file.is_some() {
                 return Err(bad("--gateway-ca-file needs a wss:// URL"));
@@ -132,42 +135,6 @@ impl Endpoint {
         .map_err(|e| e.to_string())?;
         Ok(socket)
     }
-}
-
-fn tls_config(ca_file: Option<&Path>) -> Result<tokio_rustls::rustls::ClientConfig, GatewayError> {
-    use tokio_rustls::rustls::{
-        self, RootCertStore, pki_types::CertificateDer, pki_types::pem::PemObject,
-    };
-    let mut roots = RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| GatewayError::Tls(format!("{}: {e}", path.display())))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(GatewayError::Tls(format!(
-                    "{} holds no usable CA certificate (PEM)",
-                    path.display()
-                )));
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err(GatewayError::Tls(
-                    "no system CA certificates found: pass --gateway-ca-file".to_owned(),
-                ));
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| GatewayError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// Why a connection attempt ended without a session.

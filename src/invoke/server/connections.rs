@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
 use super::HttpLimits;
@@ -121,10 +122,13 @@ impl Registry {
 
 /// Serves `app` on `listener` until `shutdown` completes; then stops accepting, lets each
 /// connection finish the request it is on, and waits for them (at most a header timeout).
+/// With `tls`, every connection is TLS: its handshake must end within the header timeout,
+/// which counts against the same cap as a request's headers.
 pub(super) async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let registry = Arc::new(Registry {
@@ -167,9 +171,27 @@ pub(super) async fn serve(
         }
         let _ = stream.set_nodelay(true);
         let (id, tracked) = registry.add();
-        let (registry, app) = (registry.clone(), app.clone());
+        let (registry, app, tls) = (registry.clone(), app.clone(), tls.clone());
         tasks.spawn(async move {
-            serve_connection(stream, app, limits, &registry, &tracked).await;
+            match tls {
+                None => serve_connection(stream, app, limits, &registry, &tracked).await,
+                Some(tls) => {
+                    // A client that never finishes its handshake is cut off like one that never
+                    // sends its headers; a shed or a shutdown ends the wait too.
+                    let handshake = tokio::time::timeout(limits.header_timeout, tls.accept(stream));
+                    let accepted = tokio::select! {
+                        accepted = handshake => accepted,
+                        () = tracked.close.notified() => Ok(Err(std::io::ErrorKind::Interrupted.into())),
+                    };
+                    match accepted {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, app, limits, &registry, &tracked).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
             registry.remove(id);
         });
     }
@@ -182,13 +204,15 @@ pub(super) async fn serve(
     Ok(())
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     app: Router,
     limits: HttpLimits,
     registry: &Registry,
     tracked: &Arc<Tracked>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let counted = tracked.clone();
     let started = registry.started;
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {

@@ -241,13 +241,16 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Serves on `listener` until `shutdown` completes, then finishes the requests in flight.
+/// With `tls`, HTTPS only, presenting whatever certificate `tls` holds at each handshake.
 pub async fn serve<A: Authorizer, R: Repository>(
     listener: TcpListener,
     dispatcher: Arc<Dispatcher<A, R>>,
     limits: HttpLimits,
+    tls: Option<Arc<crate::tls::ServingCert>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    connections::serve(listener, router(dispatcher, limits), limits, shutdown).await
+    let tls = tls.map(|cert| tokio_rustls::TlsAcceptor::from(crate::tls::server_config(cert)));
+    connections::serve(listener, router(dispatcher, limits), limits, tls, shutdown).await
 }
 
 #[cfg(test)]

@@ -22,21 +22,18 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
-use tokio_rustls::rustls::{self, ServerConfig};
-use zeroize::Zeroizing;
 
 use super::deliveries::Deliveries;
 use super::metrics::Metrics;
 use super::writes::Writes;
 use crate::crypto::SharedKeyring;
+use crate::tls::ServingCert;
+use zeroize::Zeroizing;
 
 /// The path the webhook configuration calls.
 pub const PATH: &str = "/seal";
@@ -57,35 +54,20 @@ pub struct WebhookConfig {
     pub certs: CertSource,
 }
 
-/// The certificate the server presents; replaced in place when renewed.
-#[derive(Debug)]
-struct CurrentCert(RwLock<Arc<CertifiedKey>>);
-
-impl ResolvesServerCert for CurrentCert {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
-    }
-}
-
 fn certified_key(serving: &certs::Serving) -> Result<Arc<CertifiedKey>, String> {
-    let chain = CertificateDer::pem_slice_iter(serving.chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the serving certificate is not PEM: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(serving.key_pem.as_bytes())
-        .map_err(|e| format!("the serving key is not PEM: {e}"))?;
-    let provider = rustls::crypto::ring::default_provider();
-    let key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| format!("the serving key is not usable: {e}"))?;
-    Ok(Arc::new(CertifiedKey::new(chain, key)))
+    crate::tls::certified_key(
+        serving.chain_pem.as_bytes(),
+        serving.key_pem.as_bytes(),
+        "the webhook's serving certificate",
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Binds the webhook's port and gets its certificate: both must work before the operator
 /// reports itself started.
 pub struct Webhook {
     listener: TcpListener,
-    cert: Arc<CurrentCert>,
+    cert: Arc<ServingCert>,
     serving: certs::Serving,
     config: WebhookConfig,
 }
@@ -99,7 +81,7 @@ impl Webhook {
         let serving = certs::current(client, namespace, &config.certs)
             .await
             .map_err(|e| e.to_string())?;
-        let cert = Arc::new(CurrentCert(RwLock::new(certified_key(&serving)?)));
+        let cert = ServingCert::new(certified_key(&serving)?);
         let listener = TcpListener::bind(config.addr)
             .await
             .map_err(|e| format!("cannot serve the admission webhook on {}: {e}", config.addr))?;
@@ -135,7 +117,7 @@ impl Webhook {
                     match certs::current(&client, &namespace, &config.certs).await {
                         Ok(next) if next != serving => match certified_key(&next) {
                             Ok(key) => {
-                                *cert.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+                                cert.replace(key);
                                 serving = next;
                                 tracing::info!("the webhook serves a new certificate");
                             }
@@ -149,7 +131,7 @@ impl Webhook {
                 }
             }
         };
-        let acceptor = TlsAcceptor::from(Arc::new(tls_config(cert)));
+        let acceptor = TlsAcceptor::from(crate::tls::server_config(cert));
         let accept = async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -199,18 +181,6 @@ impl Webhook {
 pub struct NodeEndpoints {
     pub deliveries: Arc<Deliveries>,
     pub writes: Option<Arc<Writes>>,
-}
-
-/// TLS 1.2 and 1.3 (what kube-apiserver speaks), HTTP/1.1, the current certificate.
-fn tls_config(cert: Arc<CurrentCert>) -> ServerConfig {
-    let mut tls =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("the ring provider supports TLS 1.2 and 1.3")
-            .with_no_client_auth()
-            .with_cert_resolver(cert);
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tls
 }
 
 async fn handle(
@@ -317,27 +287,16 @@ fn wipe_after_copy(body: Bytes) -> Zeroizing<Vec<u8>> {
 mod tests {
     use super::*;
     use tokio_rustls::TlsConnector;
-    use tokio_rustls::rustls::pki_types::ServerName;
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
     /// A TLS handshake with the server's configuration serving `serving`, by a client that
     /// trusts only `ca_pem` (as the API server trusts only the caBundle) and asks for `host`.
     async fn handshake(serving: &certs::Serving, ca_pem: &str, host: &str) -> Result<(), String> {
-        let cert = Arc::new(CurrentCert(RwLock::new(certified_key(serving)?)));
-        let acceptor = TlsAcceptor::from(Arc::new(tls_config(cert)));
-        let mut roots = RootCertStore::empty();
-        for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-            roots.add(ca.unwrap()).unwrap();
-        }
-        let client =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        let connector = TlsConnector::from(Arc::new(client));
+        let cert = ServingCert::new(certified_key(serving)?);
+        let acceptor = TlsAcceptor::from(crate::tls::server_config(cert));
+        let client = crate::tls::client_config(ca_pem.as_bytes(), "the CA").unwrap();
+        let connector = TlsConnector::from(client);
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let name = ServerName::try_from(host.to_owned()).unwrap();
+        let name = crate::tls::server_name(host).unwrap();
         let (server, client) = tokio::join!(acceptor.accept(a), connector.connect(name, b));
         client.map_err(|e| e.to_string())?;
         server.map_err(|e| e.to_string())?;
