@@ -99,12 +99,11 @@ use kube::config::{AuthInfo, KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use serde_json::json;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use claw_secrets::k8s::crd::ClawSecret;
 use cluster::{Agent, Cluster};
-use loadgen::{LoadConfig, Target, env_or, ms};
+use loadgen::{LoadConfig, Tls, env_or, ms};
 use wait::PATIENCE;
 
 const SECRET_NAME: &str = "bench.secret";
@@ -236,21 +235,6 @@ fn cores_between(
 
 /// HTTPS to kube-apiserver, trusting the control plane's CA, presenting no client certificate
 /// (the request authenticates with its bearer token).
-#[derive(Clone)]
-struct Tls {
-    addr: SocketAddr,
-    connector: TlsConnector,
-}
-
-impl Target for Tls {
-    type Stream = TlsStream<tokio::net::TcpStream>;
-    async fn connect(&self) -> std::io::Result<Self::Stream> {
-        let tcp = self.addr.connect().await?;
-        let name = ServerName::IpAddress(self.addr.ip().into());
-        self.connector.connect(name, tcp).await
-    }
-}
-
 async fn apiserver_tls(kubeconfig: &Path) -> Tls {
     let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
     let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
@@ -269,6 +253,7 @@ async fn apiserver_tls(kubeconfig: &Path) -> Tls {
     .expect("the API server listens on an IP address");
     Tls {
         addr,
+        name: ServerName::IpAddress(addr.ip().into()),
         connector: TlsConnector::from(Arc::new(tls)),
     }
 }

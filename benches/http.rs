@@ -18,6 +18,10 @@
 //! loop, it sends less while the server stalls, so its tail latencies are a lower bound
 //! (coordinated omission), as with wrk.
 //!
+//! Every run is made twice, in one process against one server and one store: over plain HTTP
+//! and over HTTPS (the same server on a second port with a certificate of its own, TLS 1.3,
+//! the client verifying it), so the cost of TLS is read off one table (issue 18).
+//!
 //! Correctness checks printed with the figures: every answer is HTTP 200 with `"ok":true`,
 //! the audit log grew by exactly one record per answer, and its hash chain verifies.
 //!
@@ -35,7 +39,8 @@
 //! - BENCH_CLIENT_THREADS  load-generator worker threads (default 1)
 //! - BENCH_TMPDIR          where the in-process server's data dir is made (default: the system
 //!   temp dir, on disk here; /dev/shm shows the figures without the cost of fdatasync)
-//! - BENCH_ADDR + BENCH_DATA_DIR  drive an external `claw-secrets dev` (listening on
+//! - BENCH_TRANSPORTS      `http,https` (default), `http` or `https`
+//! - BENCH_ADDR + BENCH_DATA_DIR  drive an external `claw-secrets dev` (plain HTTP only) (listening on
 //!   BENCH_ADDR, with BENCH_DATA_DIR as its data dir: admin.token and audit.log are read from
 //!   there) instead of the in-process server.
 //!
@@ -58,8 +63,8 @@ use claw_secrets::crypto::{Keyring, SharedKeyring};
 use claw_secrets::invoke::{CommandCore, Dispatcher};
 use claw_secrets::store::Store;
 use loadgen::{
-    LoadConfig, answer_ok, audit_counts, clock_ticks_per_second, env_or, load_average, ms,
-    parse_stat, percentile, process_snapshot, request_bytes, system_cpu,
+    LoadConfig, Target, Tls, answer_ok, audit_counts, clock_ticks_per_second, env_or, load_average,
+    ms, parse_stat, percentile, process_snapshot, request_bytes, system_cpu,
 };
 
 const SECRET_NAME: &str = "bench.secret";
@@ -70,6 +75,8 @@ const VALUE_LEN: usize = 1024;
 
 struct Server {
     addr: SocketAddr,
+    /// The same server over HTTPS (in-process only).
+    tls: Option<Tls>,
     token: String,
     audit_path: PathBuf,
     /// Stops the in-process server (None for an external one).
@@ -122,29 +129,51 @@ fn start_in_process(server_threads: usize) -> Server {
         .enable_all()
         .build()
         .expect("server runtime");
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
+    let bind = || {
+        runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind")
+    };
+    let (listener, tls_listener) = (bind(), bind());
     let addr = listener.local_addr().expect("local addr");
+    let tls_addr = tls_listener.local_addr().expect("local addr");
+    let (cert, tls) = bench_certificate(tls_addr);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("bench-srv-main".to_owned())
         .spawn(move || {
-            runtime
-                .block_on(claw_secrets::invoke::serve(
+            runtime.block_on(async move {
+                let limits = claw_secrets::invoke::HttpLimits::default();
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                let plain = claw_secrets::invoke::serve(
                     listener,
-                    dispatcher,
-                    claw_secrets::invoke::HttpLimits::default(),
+                    dispatcher.clone(),
+                    limits,
                     None,
-                    async {
-                        let _ = stop_rx.await;
-                    },
-                ))
-                .expect("server");
+                    until_stopped(stopped.clone()),
+                );
+                let https = claw_secrets::invoke::serve(
+                    tls_listener,
+                    dispatcher,
+                    limits,
+                    Some(cert),
+                    until_stopped(stopped),
+                );
+                let signal = async move {
+                    let _ = stop_rx.await;
+                    let _ = stop.send(true);
+                };
+                let (a, b, ()) = tokio::join!(plain, https, signal);
+                a.and(b).expect("server");
+            });
         })
         .expect("server thread");
     Server {
         addr,
+        tls: Some(tls),
         token: token.as_str().to_owned(),
         audit_path,
         shutdown: Some((stop_tx, thread)),
@@ -152,11 +181,37 @@ fn start_in_process(server_threads: usize) -> Server {
     }
 }
 
+/// A self-signed serving certificate for `addr`'s IP, and a client that trusts only it.
+fn bench_certificate(addr: SocketAddr) -> (Arc<claw_secrets::tls::ServingCert>, Tls) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params = rcgen::CertificateParams::new(vec![addr.ip().to_string()]).expect("params");
+    let cert = params.self_signed(&key).expect("certificate");
+    let served = claw_secrets::tls::certified_key(
+        cert.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        "the bench certificate",
+    )
+    .expect("certified key");
+    let client = claw_secrets::tls::client_config(cert.pem().as_bytes(), "the bench certificate")
+        .expect("client config");
+    let mut client = (*client).clone();
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    (
+        claw_secrets::tls::ServingCert::new(served),
+        Tls {
+            addr,
+            name: tokio_rustls::rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        },
+    )
+}
+
 fn external(addr: &str, data_dir: &Path) -> Server {
     let token = std::fs::read_to_string(data_dir.join("admin.token"))
         .expect("BENCH_DATA_DIR/admin.token is readable");
     Server {
         addr: addr.parse().expect("BENCH_ADDR is host:port"),
+        tls: None,
         token: token.trim().to_owned(),
         audit_path: data_dir.join("audit.log"),
         shutdown: None,
@@ -258,6 +313,7 @@ struct RunConfig {
 }
 
 struct RunResult {
+    transport: &'static str,
     connections: usize,
     rps: f64,
     p50: u64,
@@ -302,9 +358,10 @@ impl Workload {
     }
 }
 
-fn run(
+fn run<T: Target>(
     client: &tokio::runtime::Runtime,
     server: &Server,
+    (transport, target): (&'static str, &T),
     workload: Workload,
     cfg: &RunConfig,
 ) -> RunResult {
@@ -313,7 +370,7 @@ fn run(
 
     let result = loadgen::load(
         client,
-        &server.addr,
+        target,
         req,
         answer_ok,
         &LoadConfig {
@@ -356,7 +413,7 @@ fn run(
         let secs = (w1 - w0).as_secs_f64();
         let hz = clock_ticks_per_second();
         println!(
-            "\n== {} keep-alive connections: {:.1} s warm-up, {:.1} s measured ==",
+            "\n== {transport}, {} keep-alive connections: {:.1} s warm-up, {:.1} s measured ==",
             cfg.connections,
             cfg.warmup.as_secs_f64(),
             measured_wall.as_secs_f64()
@@ -448,6 +505,7 @@ fn run(
         other_cores = others_total;
     }
     RunResult {
+        transport,
         connections: cfg.connections,
         rps,
         p50,
@@ -456,6 +514,29 @@ fn run(
         audit_match,
         other_cores,
     }
+}
+
+/// One run per transport in BENCH_TRANSPORTS (`http,https` by default; HTTPS needs the
+/// in-process server), one after the other on the same server.
+fn run_each(
+    client: &tokio::runtime::Runtime,
+    server: &Server,
+    workload: Workload,
+    cfg: &RunConfig,
+) -> Vec<RunResult> {
+    let wanted = std::env::var("BENCH_TRANSPORTS").unwrap_or_else(|_| "http,https".to_owned());
+    let mut results = Vec::new();
+    for transport in wanted.split(',').map(str::trim) {
+        match (transport, &server.tls) {
+            ("http", _) => results.push(run(client, server, ("http", &server.addr), workload, cfg)),
+            ("https", Some(tls)) => {
+                results.push(run(client, server, ("https", tls), workload, cfg))
+            }
+            ("https", None) => println!("https: skipped (an external server is driven over HTTP)"),
+            (other, _) => panic!("BENCH_TRANSPORTS lists http and https, not {other:?}"),
+        }
+    }
+    results
 }
 
 fn create_secret(client: &tokio::runtime::Runtime, server: &Server) {
@@ -489,8 +570,9 @@ fn main() {
     let workload = Workload::from_env();
 
     if !bench {
-        // Smoke run: a few requests on two connections; correctness only, never time.
-        let r = run(
+        // Smoke run: a few requests on two connections, over each transport; correctness
+        // only, never time.
+        for r in run_each(
             &client,
             &server,
             workload,
@@ -501,12 +583,14 @@ fn main() {
                 max_requests: Some(10),
                 verbose: false,
             },
-        );
-        assert_eq!(r.errors, 0, "smoke run had errors");
-        assert!(
-            r.audit_match,
-            "audit log does not hold one record per answer"
-        );
+        ) {
+            assert_eq!(r.errors, 0, "smoke run over {} had errors", r.transport);
+            assert!(
+                r.audit_match,
+                "audit log does not hold one record per answer ({})",
+                r.transport
+            );
+        }
         server.stop();
         println!("http bench: smoke run ok (run `cargo bench --bench http` to measure)");
         return;
@@ -543,7 +627,7 @@ fn main() {
 
     let mut summary = Vec::new();
     for &c in &connections {
-        summary.push(run(
+        summary.extend(run_each(
             &client,
             &server,
             workload,
@@ -567,11 +651,12 @@ fn main() {
         Workload::Rotate => println!("\nsummary ({}, no target)", workload.name()),
     }
     println!(
-        "connections   req/s     p50        p99        errors  audit==answers  other processes"
+        "transport  connections   req/s     p50        p99        errors  audit==answers  other processes"
     );
     for r in &summary {
         println!(
-            "{:<13} {:<9.0} {:<10} {:<10} {:<7} {:<15} {:.2} cores",
+            "{:<10} {:<13} {:<9.0} {:<10} {:<10} {:<7} {:<15} {:.2} cores",
+            r.transport,
             r.connections,
             r.rps,
             ms(r.p50),

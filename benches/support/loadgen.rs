@@ -65,6 +65,23 @@ impl Target for SocketAddr {
     }
 }
 
+/// TLS over [`SocketAddr`]'s TCP, checking the server's certificate for `name` against the
+/// connector's roots (no client certificate: requests carry bearer tokens).
+#[derive(Clone)]
+pub struct Tls {
+    pub addr: SocketAddr,
+    pub name: tokio_rustls::rustls::pki_types::ServerName<'static>,
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl Target for Tls {
+    type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+    async fn connect(&self) -> std::io::Result<Self::Stream> {
+        let tcp = self.addr.connect().await?;
+        self.connector.connect(self.name.clone(), tcp).await
+    }
+}
+
 /// `POST /v1/invoke` with a bearer token and a JSON body, as the CLI sends it.
 pub fn request_bytes(addr: SocketAddr, token: &str, body: &str) -> Arc<[u8]> {
     format!(
