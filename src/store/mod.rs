@@ -23,6 +23,7 @@
 mod files;
 mod manifest;
 mod records;
+mod rekey;
 pub mod writes;
 
 pub use files::{
@@ -30,6 +31,7 @@ pub use files::{
 };
 pub use manifest::AuditAnchor;
 pub use records::{ConfigRecord, Origin, SecretRecord};
+pub use rekey::{KeyUsage, Reencrypted};
 pub use writes::{Fingerprint, RememberedWrite, WriteRecord};
 
 use sha2::{Digest, Sha256};
@@ -202,6 +204,10 @@ trait Entry: Sized + Send + Sync + 'static {
     fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>>;
     fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>>;
     fn origin(&self) -> Option<&Origin>;
+    /// The master key the entry's data is sealed under (secrets; configs are not encrypted).
+    fn sealed_with(&self) -> Option<&KeyId> {
+        None
+    }
     /// Refuses a write that would move the entry backwards: a state of the Kubernetes object
     /// older than the stored one, including any state of an object that was deleted before the
     /// stored one was created (see `Origin::newer_than`).
@@ -258,6 +264,9 @@ impl Entry for SecretRecord {
     }
     fn origin(&self) -> Option<&Origin> {
         self.origin.as_ref()
+    }
+    fn sealed_with(&self) -> Option<&KeyId> {
+        Some(self.envelope.key_id())
     }
     /// As for any entry, and versions only move forward within one object's history (which is
     /// what decides when a revision is unknown); a re-created object (another uid) starts its
@@ -588,6 +597,17 @@ impl Store {
         let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
         let ring = self.keys.current();
         self.check_expect::<R>(record.key(), &expect)?;
+        // Sealed from a keyring snapshot taken before a retired key was pruned (under this
+        // lock, see `rekey`): stored, it could never be opened again.
+        if record
+            .sealed_with()
+            .is_some_and(|id| ring.get(id).is_none())
+        {
+            return Err(StoreError::Changed {
+                key: record.key().clone(),
+                why: "the master key it was sealed under was removed from the keyring meanwhile",
+            });
+        }
         let previous = self.lookup::<R>(record.key()).found();
         if let Some(stored) = &previous {
             R::check_forward(stored, &record)?;
