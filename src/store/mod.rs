@@ -178,6 +178,9 @@ pub struct Store {
     state: RwLock<State>,
     /// Every change goes through the manifest, one at a time: it hands out generations.
     manifest: Mutex<Manifest>,
+    /// Master keys pruned from the keyring while the store was open ([`Store::with_writes_held`]):
+    /// a write sealed under one of them is refused (see `put`).
+    pruned: Mutex<std::collections::BTreeSet<KeyId>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -381,6 +384,7 @@ impl Store {
                 keys,
                 state: RwLock::new(state),
                 manifest: Mutex::new(manifest),
+                pruned: Mutex::default(),
             },
             report,
         ))
@@ -598,16 +602,16 @@ impl Store {
         let ring = self.keys.current();
         self.check_expect::<R>(record.key(), &expect)?;
         // Sealed from a keyring snapshot taken before a retired key was pruned (under this
-        // lock, see `rekey`): stored, it could never be opened again.
-        if record
-            .sealed_with()
-            .is_some_and(|id| ring.get(id).is_none())
-        {
+        // lock, see `rekey`): stored, it could never be opened again. (Only pruned keys: an
+        // agent may store an envelope under a key its keyring is about to receive.)
+        let pruned = self.pruned.lock().unwrap_or_else(|e| e.into_inner());
+        if record.sealed_with().is_some_and(|id| pruned.contains(id)) {
             return Err(StoreError::Changed {
                 key: record.key().clone(),
                 why: "the master key it was sealed under was removed from the keyring meanwhile",
             });
         }
+        drop(pruned);
         let previous = self.lookup::<R>(record.key()).found();
         if let Some(stored) = &previous {
             R::check_forward(stored, &record)?;

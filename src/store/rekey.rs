@@ -144,11 +144,24 @@ impl Store {
 
     /// Runs `f` on the store's key usage while no store write can happen (each takes the
     /// manifest lock, and reads the keyring under it): what a prune decides on stays true until
-    /// `f` has replaced the keyring.
+    /// `f` has replaced the keyring. Keys `f` removes are remembered, and a later write sealed
+    /// under one of them is refused.
     pub fn with_writes_held<T>(&self, f: impl FnOnce(&KeyUsage) -> T) -> T {
         let manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
         let usage = self.usage_locked(&manifest);
-        f(&usage)
+        let before = self.keys.current();
+        let result = f(&usage);
+        // Keys `f` removed from the keyring: a later write sealed under one is refused.
+        let after = self.keys.current();
+        let mut pruned = self.pruned.lock().unwrap_or_else(|e| e.into_inner());
+        pruned.extend(
+            before
+                .key_ids()
+                .filter(|id| after.get(id).is_none())
+                .cloned(),
+        );
+        drop(manifest);
+        result
     }
 
     fn usage_locked(&self, manifest: &Manifest) -> KeyUsage {
