@@ -128,6 +128,8 @@ const CASES: &[Case] = &[
         purpose: &[
             "Make a new master key active; the current one is kept, retired",
             "re-encrypts every ClawSecret still under the old one in the background",
+            "With --data-dir, the dev data dir's master.key instead",
+            "If `claw-secrets dev` is running on that dir, it does this itself",
         ],
         example: "claw-secrets keys rotate --namespace claw-secrets",
     },
@@ -136,6 +138,7 @@ const CASES: &[Case] = &[
         purpose: &[
             "Remove retired master keys that no ClawSecret needs any more",
             "refuse while one does",
+            "a retired key is removed only when no secret, entry file or store manifest line",
         ],
         example: "claw-secrets keys prune --namespace claw-secrets",
     },

@@ -65,9 +65,20 @@ pub fn run(args: DevArgs) -> ExitCode {
 
 /// Holds an exclusive lock on the data dir for the server's lifetime, so two servers never
 /// write one store. The kernel releases it when the process dies, even by kill -9.
-struct DataDirLock(#[allow(dead_code)] fs::File);
+pub(super) struct DataDirLock(#[allow(dead_code)] fs::File);
 
 fn lock_data_dir(dir: &Path) -> Result<DataDirLock, String> {
+    try_lock_data_dir(dir)?.ok_or_else(|| {
+        format!(
+            "another claw-secrets server is using {}; stop it or pass another --data-dir",
+            dir.display()
+        )
+    })
+}
+
+/// The data dir's lock, or `None` while a server holds it (`keys --data-dir` then asks that
+/// server).
+pub(super) fn try_lock_data_dir(dir: &Path) -> Result<Option<DataDirLock>, String> {
     let path = dir.join("lock");
     let file = fs::OpenOptions::new()
         .create(true)
@@ -77,17 +88,14 @@ fn lock_data_dir(dir: &Path) -> Result<DataDirLock, String> {
         .open(&path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(DataDirLock(file)),
-        Err(fs::TryLockError::WouldBlock) => Err(format!(
-            "another claw-secrets server is using {}; stop it or pass another --data-dir",
-            dir.display()
-        )),
+        Ok(()) => Ok(Some(DataDirLock(file))),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
         Err(fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
     }
 }
 
 /// The data dir's keyring; a new one only for a data dir without a store.
-fn load_or_create_keyring(data_dir: &Path) -> Result<(Keyring, bool), String> {
+pub(super) fn load_or_create_keyring(data_dir: &Path) -> Result<(Keyring, bool), String> {
     let path = &data_dir.join("master.key");
     ensure_private_file(path).map_err(|e| e.to_string())?;
     match fs::read(path) {
@@ -209,6 +217,17 @@ async fn serve(args: DevArgs) -> Result<(), String> {
     let (audit, _) = audit::open_anchored(&audit_path, &node_id, &store, args.accept_audit_reset)
         .map_err(|e| e.to_string())?;
     tokio::spawn(audit::keep_anchored(audit.clone(), store.clone()));
+    // `claw-secrets keys --data-dir` reaches this server here (master-key rotation, pruning).
+    let _control = super::dev_control::serve(
+        &data_dir,
+        super::dev_keys::DataDirKeys::new(
+            data_dir.clone(),
+            node_id.clone(),
+            keys.clone(),
+            store.clone(),
+            audit.clone(),
+        ),
+    );
 
     let shutdown = super::shutdown_signal();
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -1,13 +1,22 @@
 //! `claw-secrets keys`: the master keyring's lifecycle in a cluster (docs/crypto.md, "Keyring"):
-//! rotate the active key, prune retired keys nothing needs.
+//! rotate the active key, prune retired keys nothing needs. With `--data-dir`, the same for a
+//! dev data dir ([`super::dev_keys`]): done here when no server uses the dir, else by the
+//! running `claw-secrets dev`, asked over its control socket.
 
 use clap::Subcommand;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use super::dev_control::Action;
+use super::dev_keys::{DataDirKeys, KEYRING_FILE, local_subject};
+use crate::audit;
+use crate::crypto::SharedKeyring;
 use crate::k8s::crd::ClawSecret;
+use crate::store::{OpenOptions, Store};
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -20,8 +29,15 @@ pub enum KeysCommand {
     /// (progress: the claw_secrets_operator_sealed_objects metric, and a Reencrypted Event on
     /// the Secret when done). Credentials: KUBECONFIG, else the in-cluster account; it needs
     /// get and update on that Secret.
+    ///
+    /// With --data-dir, the dev data dir's master.key instead: the new key is written beside the
+    /// old one (atomically, 0600), then every entry of the store under the old key is
+    /// re-encrypted under the new one, and the audit log records both. If `claw-secrets dev` is
+    /// running on that dir, it does this itself (asked over <data-dir>/control.sock) and keeps
+    /// serving meanwhile; otherwise this command does it.
     #[command(after_help = "Example:
-  claw-secrets keys rotate --namespace claw-secrets")]
+  claw-secrets keys rotate --namespace claw-secrets
+  claw-secrets keys rotate --data-dir ~/.local/share/claw-secrets/dev")]
     Rotate {
         /// The operator's namespace, where the keyring Secret is.
         #[arg(long, default_value = "claw-secrets")]
@@ -29,6 +45,9 @@ pub enum KeysCommand {
         /// The keyring Secret.
         #[arg(long, default_value = "claw-secrets-master-key")]
         secret: String,
+        /// A dev data dir (`claw-secrets dev --data-dir`) to act on instead of a cluster.
+        #[arg(long, conflicts_with_all = ["namespace", "secret"])]
+        data_dir: Option<PathBuf>,
     },
     /// Remove retired master keys that no ClawSecret needs any more; refuse while one does
     ///
@@ -39,8 +58,14 @@ pub enum KeysCommand {
     /// Event). Manifests made with `claw-secrets seal` before the rotation can no longer be
     /// applied once their key is removed: seal them again. Needs list on clawsecrets in every
     /// namespace, and get and update on the keyring Secret.
+    ///
+    /// With --data-dir, a dev data dir's master.key: a retired key is removed only when no
+    /// secret, entry file or store manifest line of that dir uses it (after the re-encryption
+    /// `keys rotate` runs); otherwise nothing is removed. Through the running `claw-secrets dev`
+    /// if there is one, as for rotate.
     #[command(after_help = "Example:
-  claw-secrets keys prune --namespace claw-secrets")]
+  claw-secrets keys prune --namespace claw-secrets
+  claw-secrets keys prune --data-dir ~/.local/share/claw-secrets/dev")]
     Prune {
         /// The operator's namespace, where the keyring Secret is.
         #[arg(long, default_value = "claw-secrets")]
@@ -48,16 +73,96 @@ pub enum KeysCommand {
         /// The keyring Secret.
         #[arg(long, default_value = "claw-secrets-master-key")]
         secret: String,
+        /// A dev data dir (`claw-secrets dev --data-dir`) to act on instead of a cluster.
+        #[arg(long, conflicts_with_all = ["namespace", "secret"])]
+        data_dir: Option<PathBuf>,
     },
 }
 
 pub fn run(cmd: KeysCommand) -> ExitCode {
-    super::with_cluster(|client| async move {
-        match cmd {
-            KeysCommand::Rotate { namespace, secret } => rotate(&client, &namespace, &secret).await,
-            KeysCommand::Prune { namespace, secret } => prune(&client, &namespace, &secret).await,
+    match cmd {
+        KeysCommand::Rotate {
+            data_dir: Some(dir),
+            ..
+        } => run_dev(&dir, Action::Rotate),
+        KeysCommand::Prune {
+            data_dir: Some(dir),
+            ..
+        } => run_dev(&dir, Action::Prune),
+        cmd => super::with_cluster(|client| async move {
+            match cmd {
+                KeysCommand::Rotate {
+                    namespace, secret, ..
+                } => rotate(&client, &namespace, &secret).await,
+                KeysCommand::Prune {
+                    namespace, secret, ..
+                } => prune(&client, &namespace, &secret).await,
+            }
+        }),
+    }
+}
+
+/// `keys rotate|prune --data-dir DIR`: by the server using DIR if there is one (online), else
+/// here, holding DIR's lock so no server starts meanwhile (offline).
+fn run_dev(data_dir: &Path, action: Action) -> ExitCode {
+    let Some(runtime) = super::runtime(false) else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(dev_action(data_dir, action)) {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
         }
-    })
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dev_action(data_dir: &Path, action: Action) -> Result<String, String> {
+    if !data_dir.join(KEYRING_FILE).is_file() {
+        return Err(format!(
+            "{} holds no {KEYRING_FILE}: not a claw-secrets dev data dir (`claw-secrets dev --data-dir DIR` creates one), so there is no key to {}",
+            data_dir.display(),
+            match action {
+                Action::Rotate => "rotate",
+                Action::Prune => "prune",
+            }
+        ));
+    }
+    let Some(_lock) = super::dev::try_lock_data_dir(data_dir)? else {
+        return super::dev_control::request(data_dir, action).await;
+    };
+    let (ring, _) = super::dev::load_or_create_keyring(data_dir)?;
+    let keys = SharedKeyring::new(ring);
+    let (store, _) =
+        Store::open(data_dir, keys.clone(), OpenOptions::default()).map_err(|e| e.to_string())?;
+    let store = Arc::new(store);
+    let node = std::fs::read_to_string(data_dir.join("node-id"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "dev".to_owned());
+    let (audit, _) = audit::open_anchored(&data_dir.join("audit.log"), &node, &store, false)
+        .map_err(|e| e.to_string())?;
+    let admin = DataDirKeys::new(
+        data_dir.to_owned(),
+        node,
+        keys,
+        store.clone(),
+        audit.clone(),
+    );
+    let subject = local_subject(rustix::process::geteuid().as_raw());
+    let result = match action {
+        Action::Rotate => admin.rotate(&subject).await,
+        Action::Prune => admin.prune(&subject).await,
+    };
+    // The outcome records are queued: durable, and anchored in the store, before exiting.
+    audit
+        .flush()
+        .await
+        .map_err(|e| format!("the audit log could not be flushed: {e}"))?;
+    audit::anchor_head(&audit, &store).map_err(|e| e.to_string())?;
+    result
 }
 
 async fn rotate(client: &kube::Client, namespace: &str, secret: &str) -> Result<(), String> {

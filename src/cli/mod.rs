@@ -4,6 +4,8 @@ mod agent;
 mod audit;
 mod completions;
 mod dev;
+mod dev_control;
+mod dev_keys;
 mod duration;
 mod gateway;
 mod http_limits;
@@ -149,10 +151,11 @@ enum Commands {
   claw-secrets crd | kubectl apply --server-side -f -
   claw-secrets migrate-storage")]
     MigrateStorage,
-    /// The master keyring in a cluster: rotate the active key, prune retired keys
+    /// The master keyring in a cluster: rotate the active key, prune retired keys (or a dev
+    /// data dir's, with --data-dir)
     #[command(
         subcommand,
-        after_help = "Example:\n  claw-secrets keys rotate --namespace claw-secrets"
+        after_help = "Example:\n  claw-secrets keys rotate --namespace claw-secrets\n  claw-secrets keys rotate --data-dir ~/.local/share/claw-secrets/dev"
     )]
     Keys(keys::KeysCommand),
     /// Encrypt a ClawSecret's data to the cluster's key: a manifest safe to commit

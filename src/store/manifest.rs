@@ -27,7 +27,7 @@
 //! writes.
 
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -109,6 +109,9 @@ pub(super) struct Manifest {
     /// Writes remembered by deleted objects, until their retention ends.
     tombstones: HashMap<(Kind, ObjectKey), Vec<WriteRecord>>,
     audit_anchor: Option<AuditAnchor>,
+    /// The master keys the journal's lines are authenticated under: a key named here cannot
+    /// leave the keyring until the journal is rewritten under another ([`Manifest::rewrite`]).
+    line_keys: BTreeSet<KeyId>,
 }
 
 fn open_file(path: &Path) -> Result<File, StoreError> {
@@ -153,6 +156,7 @@ impl Manifest {
             marks: HashMap::new(),
             tombstones: HashMap::new(),
             audit_anchor: None,
+            line_keys: BTreeSet::new(),
         };
         let mut keys: HashMap<KeyId, MacKey> = HashMap::new();
         for (i, raw) in bytes[..complete]
@@ -240,6 +244,7 @@ impl Manifest {
         self.seq = line.seq;
         self.prev = crate::hex::decode_32(&line.prev).expect("checked");
         self.lines += 1;
+        self.line_keys.insert(line.key_id.clone());
         if line.audit.is_some() {
             self.audit_anchor = line.audit;
         }
@@ -287,6 +292,7 @@ impl Manifest {
             marks: HashMap::new(),
             tombstones: HashMap::new(),
             audit_anchor: None,
+            line_keys: BTreeSet::new(),
         };
         manifest
             .file
@@ -295,7 +301,7 @@ impl Manifest {
         let header = manifest.snapshot_line(keyring, 1, GENESIS);
         let (bytes, mac) = seal_line(&header, keyring);
         manifest.append_bytes(&bytes)?;
-        manifest.after_append(header.seq, mac);
+        manifest.after_append(&header, mac);
         super::files::fsync_dir(path.parent().unwrap_or(Path::new(".")))?;
         Ok(manifest)
     }
@@ -340,7 +346,7 @@ impl Manifest {
         };
         let (bytes, mac) = seal_line(&line, keyring);
         self.append_bytes(&bytes)?;
-        self.after_append(line.seq, mac);
+        self.after_append(&line, mac);
         self.audit_anchor = Some(anchor);
         self.compact_if_large(keyring);
         Ok(())
@@ -444,7 +450,7 @@ impl Manifest {
         };
         let (bytes, mac) = seal_line(&line, keyring);
         self.append_bytes(&bytes)?;
-        self.after_append(line.seq, mac);
+        self.after_append(&line, mac);
         Ok(())
     }
 
@@ -465,10 +471,23 @@ impl Manifest {
         Ok(())
     }
 
-    fn after_append(&mut self, seq: u64, mac: [u8; 32]) {
-        self.seq = seq;
+    fn after_append(&mut self, line: &Line, mac: [u8; 32]) {
+        self.seq = line.seq;
         self.prev = mac;
         self.lines += 1;
+        self.line_keys.insert(line.key_id.clone());
+    }
+
+    /// The master keys the journal's lines are authenticated under.
+    pub fn line_keys(&self) -> &BTreeSet<KeyId> {
+        &self.line_keys
+    }
+
+    /// Rewrites the journal as a snapshot, every line under the keyring's active key (after a
+    /// rotation: so the retired key can leave the keyring). Atomic: a crash leaves the old
+    /// journal or the new one.
+    pub fn rewrite(&mut self, keyring: &Keyring) -> Result<(), StoreError> {
+        self.compact(keyring)
     }
 
     /// Rewrites the journal as a snapshot once it has grown well past the number of entries.
@@ -564,6 +583,7 @@ impl Manifest {
         self.seq = seq;
         self.prev = prev;
         self.lines = lines;
+        self.line_keys = BTreeSet::from([keyring.active().id().clone()]);
         tracing::debug!(lines, "store manifest compacted");
         Ok(())
     }

@@ -23,6 +23,7 @@
 mod files;
 mod manifest;
 mod records;
+mod rekey;
 pub mod writes;
 
 pub use files::{
@@ -30,6 +31,7 @@ pub use files::{
 };
 pub use manifest::AuditAnchor;
 pub use records::{ConfigRecord, Origin, SecretRecord};
+pub use rekey::{KeyUsage, Reencrypted};
 pub use writes::{Fingerprint, RememberedWrite, WriteRecord};
 
 use sha2::{Digest, Sha256};
@@ -176,6 +178,9 @@ pub struct Store {
     state: RwLock<State>,
     /// Every change goes through the manifest, one at a time: it hands out generations.
     manifest: Mutex<Manifest>,
+    /// Master keys pruned from the keyring while the store was open ([`Store::with_writes_held`]):
+    /// a write sealed under one of them is refused (see `put`).
+    pruned: Mutex<std::collections::BTreeSet<KeyId>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -202,6 +207,10 @@ trait Entry: Sized + Send + Sync + 'static {
     fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>>;
     fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>>;
     fn origin(&self) -> Option<&Origin>;
+    /// The master key the entry's data is sealed under (secrets; configs are not encrypted).
+    fn sealed_with(&self) -> Option<&KeyId> {
+        None
+    }
     /// Refuses a write that would move the entry backwards: a state of the Kubernetes object
     /// older than the stored one, including any state of an object that was deleted before the
     /// stored one was created (see `Origin::newer_than`).
@@ -258,6 +267,9 @@ impl Entry for SecretRecord {
     }
     fn origin(&self) -> Option<&Origin> {
         self.origin.as_ref()
+    }
+    fn sealed_with(&self) -> Option<&KeyId> {
+        Some(self.envelope.key_id())
     }
     /// As for any entry, and versions only move forward within one object's history (which is
     /// what decides when a revision is unknown); a re-created object (another uid) starts its
@@ -372,6 +384,7 @@ impl Store {
                 keys,
                 state: RwLock::new(state),
                 manifest: Mutex::new(manifest),
+                pruned: Mutex::default(),
             },
             report,
         ))
@@ -588,6 +601,17 @@ impl Store {
         let mut manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
         let ring = self.keys.current();
         self.check_expect::<R>(record.key(), &expect)?;
+        // Sealed from a keyring snapshot taken before a retired key was pruned (under this
+        // lock, see `rekey`): stored, it could never be opened again. (Only pruned keys: an
+        // agent may store an envelope under a key its keyring is about to receive.)
+        let pruned = self.pruned.lock().unwrap_or_else(|e| e.into_inner());
+        if record.sealed_with().is_some_and(|id| pruned.contains(id)) {
+            return Err(StoreError::Changed {
+                key: record.key().clone(),
+                why: "the master key it was sealed under was removed from the keyring meanwhile",
+            });
+        }
+        drop(pruned);
         let previous = self.lookup::<R>(record.key()).found();
         if let Some(stored) = &previous {
             R::check_forward(stored, &record)?;

@@ -155,6 +155,13 @@ fn authenticated_body(kind: Kind, bytes: &[u8], keys: &EntryKeys) -> Result<Body
     Ok(Body::Authentic(body))
 }
 
+/// The master key an entry file's MAC is under, as the file names it (unchecked: it only tells
+/// which entries a re-encryption still has to rewrite; `None` for a file without one).
+pub(crate) fn mac_key_id(bytes: &[u8]) -> Option<KeyId> {
+    let (body, _) = crate::trailer::split(bytes, MAC_FIELD)?;
+    key_id_of(&body).ok()
+}
+
 /// The `keyId` of an entry body, read before the body is trusted (it only picks the key).
 fn key_id_of(body: &[u8]) -> Result<KeyId, String> {
     #[derive(Deserialize)]
