@@ -513,9 +513,15 @@ fn get_row(
 // ---------------------------------------------------------------------------------------------
 
 /// Time from spawning `agent` until a `secret.get` (as sent in `req`) answers from its store,
-/// trying every millisecond.
+/// over HTTPS (the TLS handshake counts), trying every millisecond.
 async fn first_read(agent: &Agent, req: &Arc<[u8]>) -> Duration {
-    let addr = SocketAddr::new(agent.ip, agent.port);
+    let mut tls = (*cluster::test_ca().client_config()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let addr = Tls {
+        addr: SocketAddr::new(agent.ip, agent.port),
+        name: ServerName::IpAddress(agent.ip.into()),
+        connector: TlsConnector::from(Arc::new(tls)),
+    };
     loop {
         assert!(
             agent.spawned_at.elapsed() < PATIENCE,

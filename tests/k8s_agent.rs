@@ -720,7 +720,7 @@ impl Matrix {
         }
 
         // The agent's metrics count what happened, by closed labels only: no value, no name.
-        let (status, metrics) = process::http_get(agent.port, "/metrics").expect("GET /metrics");
+        let (status, metrics) = agent.get("/metrics").await.expect("GET /metrics");
         assert_eq!(status, 200, "{metrics}");
         for line in [
             "claw_secrets_requests_total{command=\"secret.get\",result=\"PERMISSION_DENIED\"}",

@@ -309,7 +309,7 @@ impl Setup {
     }
 
     /// `claw-secrets ARGS` with `KUBECONFIG=kubeconfig` (if any), the agents' namespace in
-    /// `CLAW_SECRETS_AGENT_NAMESPACE`, and `env`; nothing else from this process's environment
+    /// `CLAW_SECRETS_AGENT_NAMESPACE`, the test CA in `CLAW_SECRETS_CA_FILE`, and `env`; nothing else from this process's environment
     /// that the CLI reads.
     fn cli(&self, kubeconfig: Option<&Path>, env: &[(&str, &str)], args: &[&str]) -> Run {
         let mut cmd = Command::new(BIN);
@@ -318,6 +318,8 @@ impl Setup {
             .env("HOME", self.home.path())
             .env("XDG_CONFIG_HOME", self.home.path().join("config"))
             .env("CLAW_SECRETS_AGENT_NAMESPACE", &self.agents.namespace)
+            // Agents answer over HTTPS, with certificates from the test CA.
+            .env("CLAW_SECRETS_CA_FILE", &cluster::test_ca().file)
             .env_remove("KUBECONFIG")
             .env_remove("CLAW_SECRETS_ADDR")
             .env_remove("CLAW_SECRETS_TOKEN")

@@ -571,6 +571,28 @@ impl Drop for ApiServerCut<'_> {
 }
 
 impl Release<'_> {
+    /// node.invoke at `addr` (the agent's hostPort on the node's address), over HTTPS,
+    /// verifying the agent as every client does: its certificate, which the operator signed
+    /// through a CertificateSigningRequest, chains to the CA bundle the operator publishes
+    /// and names this node.
+    async fn invoke_on_host_port(
+        &self,
+        addr: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Reply, String> {
+        let ca = self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "configmap",
+            claw_secrets::k8s::agent_certs::CA_BUNDLE_CONFIGMAP,
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ]);
+        cluster::post_invoke_verified(addr, &ca, &self.node.name, token, body).await
+    }
+
     /// GET /metrics of a pod through the API server's pod proxy (as the admin).
     fn metrics_of(&self, pod: &str, port: u64) -> Result<String, String> {
         let path = format!("/api/v1/namespaces/{NAMESPACE}/pods/{pod}:{port}/proxy/metrics");
@@ -674,12 +696,12 @@ impl Release<'_> {
     /// node.invoke on the agent's hostPort (the node's address): a secret created, read back.
     async fn node_invoke_answers_on_the_host_port(&self, token: &str, ns: &str, value: &str) {
         self.step("node.invoke on the hostPort");
-        let addr = format!("http://{}:7443", self.node.ip);
+        let addr = format!("https://{}:7443", self.node.ip);
         let call = |command: &str, params: Value| {
             let body = json!({ "nodeId": self.node.name, "command": command, "params": params });
             let addr = addr.clone();
             async move {
-                cluster::post_invoke(&addr, Some(token), serde_json::to_vec(&body).unwrap())
+                self.invoke_on_host_port(&addr, Some(token), serde_json::to_vec(&body).unwrap())
                     .await
                     .unwrap_or_else(|e| panic!("{addr}: {e}"))
             }
@@ -757,7 +779,7 @@ impl Release<'_> {
     /// to `view` lists it but may not reveal it.
     async fn the_built_in_roles_include_the_chart_roles(&self, ns: &str) {
         self.step("built-in edit and view roles");
-        let addr = format!("http://{}:7443", self.node.ip);
+        let addr = format!("https://{}:7443", self.node.ip);
         let mut tokens = Vec::new();
         for (sa, role) in [("dev-edit", "edit"), ("dev-view", "view")] {
             tokens.push(cluster::service_account_token(&self.client, ns, sa).await);
@@ -775,7 +797,7 @@ impl Release<'_> {
             let body = json!({ "nodeId": self.node.name, "command": command, "params": params });
             let (addr, token) = (addr.clone(), token.to_owned());
             async move {
-                cluster::post_invoke(&addr, Some(&token), serde_json::to_vec(&body).unwrap())
+                self.invoke_on_host_port(&addr, Some(&token), serde_json::to_vec(&body).unwrap())
                     .await
                     .unwrap_or_else(|e| panic!("{addr}: {e}"))
             }
@@ -891,11 +913,11 @@ impl Release<'_> {
     }
 
     async fn node_invoke_answers_after_restart(&self, token: &str, ns: &str, value: &str) {
-        let addr = format!("http://{}:7443", self.node.ip);
+        let addr = format!("https://{}:7443", self.node.ip);
         let body = json!({ "nodeId": self.node.name, "command": "secret.get",
                            "params": { "name": "node.db", "namespace": ns } });
         let got = eventually("the new agent pod to serve node.db", || async {
-            cluster::post_invoke(&addr, Some(token), serde_json::to_vec(&body).unwrap())
+            self.invoke_on_host_port(&addr, Some(token), serde_json::to_vec(&body).unwrap())
                 .await?
                 .result()
         })

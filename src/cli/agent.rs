@@ -22,7 +22,10 @@ pub struct AgentArgs {
         default_value = "/var/lib/claw-secrets"
     )]
     data_dir: PathBuf,
-    /// Address for node.invoke (HTTPS with --tls-cert; plain HTTP without, for now).
+    /// Address for node.invoke, over HTTPS only. Its certificate: --tls-cert/--tls-key if
+    /// given, else one the operator signs (a CertificateSigningRequest for signer
+    /// clawbernetes.io/agent-serving naming this node, kept in DATA_DIR/tls and renewed at two
+    /// thirds of its lifetime).
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
     /// The master key Secret the operator creates, as NAMESPACE/NAME.
@@ -147,7 +150,10 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
         rebuild_store_manifest: args.rebuild_store_manifest,
         accept_audit_reset: args.accept_audit_reset,
         http: args.http.limits(),
-        tls: args.tls.files(),
+        tls: args.tls.files().map_or(
+            crate::k8s::agent::AgentTls::Issued,
+            crate::k8s::agent::AgentTls::Files,
+        ),
         deliveries,
     };
     let Some(runtime) = super::runtime(true) else {

@@ -26,3 +26,7 @@ pub const CA_BUNDLE_KEY: &str = "ca.crt";
 pub fn common_name(node: &str) -> String {
     format!("system:claw-secrets-agent:{node}")
 }
+
+/// The usages an agent's CSR asks for: exactly these two, and "key encipherment" may come too
+/// (RSA keys used to have it; it grants nothing an ECDSA or Ed25519 serving key could use).
+pub const USAGES: [&str; 2] = ["digital signature", "server auth"];

@@ -1,12 +1,16 @@
 //! `node.invoke` through the API server: find a Node's agent pod and call it through the pod
-//! proxy (`/api/v1/namespaces/NS/pods/POD:PORT/proxy/v1/invoke`), with the caller's own
+//! proxy (`/api/v1/namespaces/NS/pods/https:POD:PORT/proxy/v1/invoke`), with the caller's own
 //! kubeconfig credentials, so Kubernetes authenticates the caller and RBAC decides whether they
 //! may reach the agent at all (`list` on `pods` to find it, `create` on `pods/proxy` to call it).
 //!
 //! The API server removes the caller's `Authorization` header before it forwards a request, so
 //! the caller's bearer token also travels in [`FORWARDED_AUTHORIZATION`]; the agent checks it
 //! with TokenReview exactly like `Authorization`, and authorizes the call on that identity.
-//! See docs/architecture.md, "Invoking through the API server".
+//! The API server reaches the agent over HTTPS, but does not verify the agent's certificate
+//! (Kubernetes' pod proxy never does): that hop is encrypted, and the caller trusts the API
+//! server to reach the pod it named. A client that must verify the agent itself calls it
+//! directly (`--addr https://…` with the agents' CA bundle). See docs/architecture.md,
+//! "Invoking through the API server".
 
 use http_body_util::BodyExt;
 use hyper::body::Bytes;
@@ -56,10 +60,12 @@ pub struct AgentPod {
 }
 
 impl AgentPod {
-    /// The API server path that proxies to this pod's `POST /v1/invoke`.
+    /// The API server path that proxies to this pod's `POST /v1/invoke`, over HTTPS (the
+    /// `https:` scheme): agents answer nothing else, and the caller's token and the secret
+    /// cross the node network encrypted.
     fn invoke_path(&self) -> String {
         format!(
-            "/api/v1/namespaces/{}/pods/{}:{}/proxy/v1/invoke",
+            "/api/v1/namespaces/{}/pods/https:{}:{}/proxy/v1/invoke",
             self.namespace, self.name, self.port
         )
     }
@@ -327,7 +333,7 @@ mod tests {
     fn the_proxy_path_names_pod_and_port() {
         assert_eq!(
             agent().invoke_path(),
-            "/api/v1/namespaces/claw-secrets/pods/claw-secrets-agent-x1:7443/proxy/v1/invoke"
+            "/api/v1/namespaces/claw-secrets/pods/https:claw-secrets-agent-x1:7443/proxy/v1/invoke"
         );
     }
 

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -668,27 +669,146 @@ impl Reply {
     }
 }
 
-fn http_client() -> HttpClient<HttpConnector, Full<Bytes>> {
-    // No pooled connections: agents are stopped and restarted on the same port.
-    HttpClient::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(0)
-        .build_http()
+// ---------------------------------------------------------------------------------------------
+// The agents' certificates
+// ---------------------------------------------------------------------------------------------
+
+/// The CA this test process signs its agent processes' serving certificates with (agents
+/// answer over HTTPS only; their certificates from the operator are tested on their own), and
+/// the file clients are given to verify them with (`--ca-file`).
+pub struct TestCa {
+    pub pem: String,
+    pub file: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    _dir: tempfile::TempDir,
 }
 
-/// `POST ADDR/v1/invoke` with a raw body (ADDR: `http://HOST:PORT`): the answer, or why there
-/// was none.
-pub async fn post_invoke(addr: &str, token: Option<&str>, body: Vec<u8>) -> Result<Reply, String> {
-    let (status, bytes) = http("POST", &format!("{addr}/v1/invoke"), token, body).await?;
-    let body = serde_json::from_slice(&bytes).map_err(|e| {
+impl TestCa {
+    /// A serving certificate for `node` at `ip` (both named, so a client checks either),
+    /// written to `dir/tls.crt` and `dir/tls.key`; their paths.
+    pub fn issue(&self, node: &str, ip: IpAddr, dir: &Path) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = vec![
+            rcgen::SanType::DnsName(node.try_into().expect("a node name is a DNS name")),
+            rcgen::SanType::IpAddress(ip),
+        ];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer).expect("certificate");
+        let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+        std::fs::write(&key_path, key.serialize_pem()).expect("write tls.key");
+        std::fs::write(&cert_path, cert.pem()).expect("write tls.crt");
+        (cert_path, key_path)
+    }
+
+    /// A TLS client configuration that trusts only this CA.
+    pub fn client_config(&self) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+        claw_secrets::tls::client_config(self.pem.as_bytes(), "the test CA").expect("test CA")
+    }
+}
+
+pub fn test_ca() -> &'static TestCa {
+    static CA: OnceLock<TestCa> = OnceLock::new();
+    CA.get_or_init(|| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "claw-secrets test agents' CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let pem = params.self_signed(&key).expect("CA certificate").pem();
+        let dir = tempfile::Builder::new()
+            .prefix("claw-test-ca-")
+            .tempdir()
+            .expect("temp dir");
+        let file = dir.path().join("ca.crt");
+        std::fs::write(&file, &pem).expect("write ca.crt");
+        TestCa {
+            pem,
+            file,
+            issuer: rcgen::Issuer::new(params, key),
+            _dir: dir,
+        }
+    })
+}
+
+type Https = HttpClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// No pooled connections: agents are stopped and restarted on the same port. https:// is
+/// verified against `tls` (default: the test CA, the agents'), for `server_name` (default:
+/// the URL's host); http:// (the operator's metrics) is plain.
+fn http_client(
+    tls: Option<&tokio_rustls::rustls::ClientConfig>,
+    server_name: Option<&str>,
+) -> Https {
+    let config = tls
+        .cloned()
+        .unwrap_or_else(|| (*test_ca().client_config()).clone());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http();
+    let builder = match server_name {
+        Some(name) => {
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
+                claw_secrets::tls::server_name(name).expect("a server name"),
+            ))
+        }
+        None => builder,
+    };
+    HttpClient::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(builder.enable_http1().build())
+}
+
+/// `POST ADDR/v1/invoke` to an agent whose certificate the operator issued: verified against
+/// `ca_pem` (the published CA bundle) as node `node` (what the certificate names).
+pub async fn post_invoke_verified(
+    addr: &str,
+    ca_pem: &str,
+    node: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Reply, String> {
+    let tls = claw_secrets::tls::client_config(ca_pem.as_bytes(), "the agents' CA bundle")
+        .map_err(|e| e.to_string())?;
+    let client = http_client(Some(&tls), Some(node));
+    let (status, bytes) =
+        http_with(&client, "POST", &format!("{addr}/v1/invoke"), token, body).await?;
+    reply(status, &bytes)
+}
+
+fn reply(status: u16, bytes: &[u8]) -> Result<Reply, String> {
+    let body = serde_json::from_slice(bytes).map_err(|e| {
         format!(
             "HTTP {status} with a non-JSON body ({e}): {:?}",
-            String::from_utf8_lossy(&bytes)
+            String::from_utf8_lossy(bytes)
         )
     })?;
     Ok(Reply { status, body })
 }
 
+/// `POST ADDR/v1/invoke` with a raw body (ADDR: `https://HOST:PORT` for an agent, verified
+/// against [`test_ca`]): the answer, or why there was none.
+pub async fn post_invoke(addr: &str, token: Option<&str>, body: Vec<u8>) -> Result<Reply, String> {
+    let (status, bytes) = http("POST", &format!("{addr}/v1/invoke"), token, body).await?;
+    reply(status, &bytes)
+}
+
 async fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(u16, Bytes), String> {
+    http_with(&http_client(None, None), method, url, token, body).await
+}
+
+async fn http_with(
+    client: &Https,
     method: &str,
     url: &str,
     token: Option<&str>,
@@ -702,7 +822,7 @@ async fn http(
         req = req.header("authorization", format!("Bearer {t}"));
     }
     let req = req.body(Full::new(Bytes::from(body))).expect("request");
-    let resp = tokio::time::timeout(PATIENCE, http_client().request(req))
+    let resp = tokio::time::timeout(PATIENCE, client.request(req))
         .await
         .map_err(|_| format!("{method} {url}: no answer in {PATIENCE:?}"))?
         .map_err(|e| format!("{method} {url}: {e}"))?;
@@ -719,6 +839,10 @@ async fn http(
 // ---------------------------------------------------------------------------------------------
 // The agent process
 // ---------------------------------------------------------------------------------------------
+
+/// An [`Agent::start_with_args`] argument of the harness's own, not passed on: the agent gets
+/// no `--tls-cert` from the test CA and asks the operator for its certificate (a CSR).
+pub const TLS_FROM_OPERATOR: &str = "<tls from the operator>";
 
 /// A `claw-secrets agent` child process; killed when dropped. Its data dir (a temp dir) outlives
 /// restarts and is removed with the `Agent`.
@@ -805,8 +929,35 @@ impl Agent {
         self.dir.path().join("agent.log")
     }
 
+    /// `https://IP:PORT`: agents answer over HTTPS only, with a certificate from [`test_ca`]
+    /// naming both their node and their IP.
     pub fn addr(&self) -> String {
-        format!("http://{}", SocketAddr::new(self.ip, self.port))
+        format!("https://{}", SocketAddr::new(self.ip, self.port))
+    }
+
+    /// `--tls-cert`/`--tls-key` from [`test_ca`], made on first use; none when the test
+    /// passes its own (or none at all: `--tls-from-operator` asks the operator through a CSR).
+    fn tls_args(&self) -> Vec<String> {
+        if self
+            .args
+            .iter()
+            .any(|a| a == "--tls-cert" || a == TLS_FROM_OPERATOR)
+        {
+            return Vec::new();
+        }
+        let (cert, key) = (
+            self.dir.path().join("tls.crt"),
+            self.dir.path().join("tls.key"),
+        );
+        if !cert.exists() {
+            test_ca().issue(&self.node, self.ip, self.dir.path());
+        }
+        vec![
+            "--tls-cert".to_owned(),
+            cert.display().to_string(),
+            "--tls-key".to_owned(),
+            key.display().to_string(),
+        ]
     }
 
     /// Spawns the process (same node, port and data dir as before).
@@ -827,7 +978,8 @@ impl Agent {
             .arg(SocketAddr::new(self.ip, self.port).to_string())
             .arg("--master-key-secret")
             .arg(&self.master_key)
-            .args(&self.args)
+            .args(self.tls_args())
+            .args(self.args.iter().filter(|a| *a != TLS_FROM_OPERATOR))
             .env("KUBECONFIG", &self.kubeconfig)
             .env("CLAW_SECRETS_LOG", LOG_FILTER)
             .env_remove("RUST_LOG")
@@ -898,6 +1050,13 @@ impl Agent {
         let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// `GET PATH` (`/metrics`, `/readyz`): the status and the body as text.
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        let (status, bytes) =
+            http("GET", &format!("{}{path}", self.addr()), None, Vec::new()).await?;
+        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
 
     /// `POST /v1/invoke` with `nodeId` set to this agent's node.

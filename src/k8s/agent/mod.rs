@@ -21,6 +21,7 @@ mod metrics;
 pub mod node_key;
 pub mod receive;
 mod rekey;
+mod serving_cert;
 mod sync;
 
 pub use metrics::AgentMetrics;
@@ -55,11 +56,20 @@ pub struct AgentConfig {
     pub accept_audit_reset: bool,
     /// What the node.invoke server allows a client.
     pub http: crate::invoke::HttpLimits,
-    /// The serving certificate's files: node.invoke over HTTPS. Without, plain HTTP.
-    pub tls: Option<crate::tls::CertFiles>,
+    /// Where node.invoke's serving certificate comes from (HTTPS only).
+    pub tls: AgentTls,
     /// Where the node's secrets come from: the operator's deliveries (sealed to this node's
     /// key), or, without, a watch of every ClawSecret opened with the master keyring.
     pub deliveries: Option<DeliverySource>,
+}
+
+/// Where the agent's serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum AgentTls {
+    /// Issued through the CertificateSigningRequest API ([`serving_cert`]): the default.
+    Issued,
+    /// Files kept by someone else (cert-manager, a test's CA), read again when replaced.
+    Files(crate::tls::CertFiles),
 }
 
 /// The operator's delivery endpoint, reached through the API server's service proxy, and the
@@ -220,28 +230,32 @@ pub async fn run(
     .map_err(|e| setup(e.to_string()))?;
 
     // A certificate that does not load stops the start: never plain HTTP in its place.
-    let tls = match &config.tls {
-        Some(files) => Some(crate::tls::ServingCert::new(
-            files.load().map_err(|e| setup(e.to_string()))?,
-        )),
-        None => None,
+    let (tls, follow_tls) = match &config.tls {
+        AgentTls::Files(files) => {
+            let cert =
+                crate::tls::ServingCert::new(files.load().map_err(|e| setup(e.to_string()))?);
+            let follow = files.clone().follow(cert.clone(), crate::tls::FOLLOW_EVERY);
+            (cert, futures::future::Either::Left(follow))
+        }
+        AgentTls::Issued => {
+            let (cert, renew) =
+                serving_cert::obtain(bounded.clone(), config.node_name.clone(), &config.data_dir)
+                    .await
+                    .map_err(setup)?;
+            (cert, futures::future::Either::Right(renew))
+        }
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| setup(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr().map_err(|e| setup(e.to_string()))?;
-    tracing::info!(node = %config.node_name, %addr, tls = tls.is_some(), secrets = report.secrets, configs = report.configs,
+    tracing::info!(node = %config.node_name, %addr, secrets = report.secrets, configs = report.configs,
         refused = report.refused.len(), "agent serving node.invoke from its local store");
 
     let (labels_tx, labels_rx) = watch::channel(None);
     let metrics = Arc::new(AgentMetrics::default());
     let mut background = Supervised::default();
-    if let (Some(files), Some(cert)) = (&config.tls, &tls) {
-        background.spawn(
-            "certificate files",
-            files.clone().follow(cert.clone(), crate::tls::FOLLOW_EVERY),
-        );
-    }
+    background.spawn("serving certificate renewal", follow_tls);
     background.spawn(
         "audit anchor",
         crate::audit::keep_anchored(audit.clone(), store.clone()),
@@ -360,7 +374,7 @@ pub async fn run(
         }
     };
     let result = tokio::select! {
-        served = crate::invoke::serve(listener, dispatcher, config.http, tls, shutdown) => served.map_err(AgentError::Serve),
+        served = crate::invoke::serve(listener, dispatcher, config.http, Some(tls), shutdown) => served.map_err(AgentError::Serve),
         ended = background.first_to_end() => Err(ended),
     };
     // The gateway's calls in flight are answered (and audited) before the log is flushed.
