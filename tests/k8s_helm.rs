@@ -879,7 +879,7 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         "by default the operator may create the master key Secret"
     );
     // ... or the user's Secret. The operator then creates a Secret only for the webhook's own
-    // certificate (managed mode); without it (webhook off, or cert-manager) it may create none.
+    // certificate (managed mode) and for the agents' CA (always).
     let may_create_secrets = |objects: &[Value]| {
         named(objects, "Role", "mine-claw-secrets-operator")["rules"]
             .as_array()
@@ -911,9 +911,9 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         );
         assert_eq!(master_key_wiring(&existing, "ops"), "vault-keyring");
         assert!(
-            !may_create_secrets(&existing),
-            "with masterKey.existingSecret and {without_webhook_secret} the operator may not \
-             create Secrets"
+            may_create_secrets(&existing),
+            "with masterKey.existingSecret and {without_webhook_secret} the operator still \
+             creates the agents' CA Secret"
         );
     }
 
@@ -1202,6 +1202,11 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
             {"name": "webhook-tls", "secret": {"secretName": "r-claw-secrets-webhook-cert"}},
         ])
     );
+    // The agents' ServiceAccount, NAMESPACE/NAME: the release's, in the release namespace.
+    assert_eq!(
+        flag(&args, "--agent-service-account"),
+        "ops/r-claw-secrets-agent"
+    );
     let cluster_role = named(&cm, "ClusterRole", "r-claw-secrets-operator");
     assert!(
         !cluster_role["rules"]
@@ -1243,6 +1248,11 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
     assert!(
         !args.iter().any(|a| a.starts_with("--webhook")),
         "webhook off: {args:?}"
+    );
+    // The agents still get their serving certificates from the operator.
+    assert_eq!(
+        flag(&args, "--agent-service-account"),
+        "claw-secrets/claw-secrets-agent"
     );
     assert_eq!(op["ports"].as_array().map(Vec::len), Some(1));
     let cluster_role = named(&off, "ClusterRole", "claw-secrets-operator");
@@ -1460,7 +1470,9 @@ fn helm_test_reads_a_secret_back_through_the_agent() {
 /// columns: the backquoted resources, and the verbs named in the second).
 #[test]
 fn docs_rbac_tables_are_the_deployed_roles() {
-    const VERBS: [&str; 9] = [
+    const VERBS: [&str; 11] = [
+        "approve",
+        "sign",
         "get",
         "list",
         "watch",
