@@ -205,7 +205,8 @@ impl Signing {
 
     async fn finish(self) {
         let api = self.csrs();
-        for name in self.created.lock().unwrap().drain(..) {
+        let created: Vec<String> = std::mem::take(&mut *self.created.lock().unwrap());
+        for name in created {
             let _ = api.delete(&name, &DeleteParams::default()).await;
         }
         drop(self.operator);
