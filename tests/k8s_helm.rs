@@ -664,15 +664,19 @@ fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
             .as_array()
             .unwrap()
             .iter()
-            // Rules that read a Secret other than the webhook's own certificate.
+            // Rules that read a Secret other than the webhook's own certificate and the
+            // agents' CA.
             .filter(|r| {
                 r["resources"] == json!(["secrets"])
                     && r["verbs"]
                         .as_array()
                         .is_some_and(|v| v.contains(&json!("get")))
                     && !r["resourceNames"].as_array().is_some_and(|n| {
-                        n.iter()
-                            .any(|n| n.as_str().is_some_and(|n| n.ends_with("-webhook-tls")))
+                        n.iter().any(|n| {
+                            n.as_str().is_some_and(|n| {
+                                n.ends_with("-webhook-tls") || n == "claw-secrets-agent-ca"
+                            })
+                        })
                     })
             })
             .collect();
