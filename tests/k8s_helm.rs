@@ -2396,6 +2396,9 @@ async fn operator_and_agent_run_with_the_chart_identities(
 
 /// The ConfigMap the operator publishes the public sealing key in, in its namespace.
 const SEALING_KEY: &str = "claw-secrets-sealing-key";
+/// The agents' CA Secret and bundle ConfigMap, and their signer.
+const AGENT_CA: &str = claw_secrets::k8s::agent_certs::CA_SECRET;
+const AGENT_SIGNER: &str = claw_secrets::k8s::agent_certs::SIGNER_NAME;
 
 /// ClawSecret `helm.first`, applied before the upgrade: its value, and the key it was sealed
 /// with.
@@ -2615,6 +2618,46 @@ async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running
             (true, "create events.events.k8s.io", Some("default"), None),
             (true, "create configmaps", Some(ns), Some(SEALING_KEY)),
             (true, "patch configmaps", Some(ns), Some(SEALING_KEY)),
+            // The agents' serving certificates: their CA and bundle by name, the requests, and
+            // this signer only.
+            (true, "get secrets", Some(ns), Some(AGENT_CA)),
+            (true, "patch configmaps", Some(ns), Some(AGENT_CA)),
+            (
+                true,
+                "watch certificatesigningrequests.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "update certificatesigningrequests/approval.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "update certificatesigningrequests/status.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "sign signers.certificates.k8s.io",
+                None,
+                Some(AGENT_SIGNER),
+            ),
+            (
+                false,
+                "approve signers.certificates.k8s.io",
+                None,
+                Some("kubernetes.io/kubelet-serving"),
+            ),
+            (
+                false,
+                "create certificatesigningrequests.certificates.k8s.io",
+                None,
+                None,
+            ),
             // Nothing the operator does not use: it never reads the ConfigMap back, never
             // updates (PUT) the objects or their status, never patches an Event.
             (false, "get configmaps", Some(ns), Some(SEALING_KEY)),
@@ -2733,6 +2776,32 @@ async fn the_agent_role_allows_what_it_needs_and_no_more(r: &Release, running: &
             ),
             (true, "create clawnodes.clawbernetes.io", None, None),
             (true, "watch nodes", None, None),
+            // Its serving certificate: a request, read back; the bundle; never a decision.
+            (
+                true,
+                "create certificatesigningrequests.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "get certificatesigningrequests.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (true, "get configmaps", Some(ns), Some(AGENT_CA)),
+            (
+                false,
+                "update certificatesigningrequests/approval.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                false,
+                "approve signers.certificates.k8s.io",
+                None,
+                Some(AGENT_SIGNER),
+            ),
             (false, "get secrets", Some(ns), Some(&helm_secret)),
             (false, "list secrets", None, None),
             (false, "create secrets", Some(ns), None),
@@ -2893,7 +2962,7 @@ fn the_upgraded_workloads_get_the_upgraded_values(r: &Release, upgraded: &[Value
 }
 
 /// After the upgrade, the operator and the agent may read the existing master key Secret and
-/// no longer the generated one; the operator may no longer create Secrets.
+/// no longer the generated one; the operator still creates Secrets (the agents' CA).
 async fn the_roles_follow_the_master_key_to_the_existing_secret(r: &Release, running: &Running) {
     let ns = r.ns.as_str();
     expect_access(
@@ -2902,7 +2971,7 @@ async fn the_roles_follow_the_master_key_to_the_existing_secret(r: &Release, run
         &[
             (true, "get secrets", Some(ns), Some(RESTORED_MASTER_KEY)),
             (false, "get secrets", Some(ns), Some(&r.master_key)),
-            (false, "create secrets", Some(ns), None),
+            (true, "create secrets", Some(ns), None),
         ],
     )
     .await;
