@@ -664,15 +664,19 @@ fn master_key_wiring(objects: &[Value], namespace: &str) -> String {
             .as_array()
             .unwrap()
             .iter()
-            // Rules that read a Secret other than the webhook's own certificate.
+            // Rules that read a Secret other than the webhook's own certificate and the
+            // agents' CA.
             .filter(|r| {
                 r["resources"] == json!(["secrets"])
                     && r["verbs"]
                         .as_array()
                         .is_some_and(|v| v.contains(&json!("get")))
                     && !r["resourceNames"].as_array().is_some_and(|n| {
-                        n.iter()
-                            .any(|n| n.as_str().is_some_and(|n| n.ends_with("-webhook-tls")))
+                        n.iter().any(|n| {
+                            n.as_str().is_some_and(|n| {
+                                n.ends_with("-webhook-tls") || n == "claw-secrets-agent-ca"
+                            })
+                        })
                     })
             })
             .collect();
@@ -879,7 +883,7 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         "by default the operator may create the master key Secret"
     );
     // ... or the user's Secret. The operator then creates a Secret only for the webhook's own
-    // certificate (managed mode); without it (webhook off, or cert-manager) it may create none.
+    // certificate (managed mode) and for the agents' CA (always).
     let may_create_secrets = |objects: &[Value]| {
         named(objects, "Role", "mine-claw-secrets-operator")["rules"]
             .as_array()
@@ -911,9 +915,9 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         );
         assert_eq!(master_key_wiring(&existing, "ops"), "vault-keyring");
         assert!(
-            !may_create_secrets(&existing),
-            "with masterKey.existingSecret and {without_webhook_secret} the operator may not \
-             create Secrets"
+            may_create_secrets(&existing),
+            "with masterKey.existingSecret and {without_webhook_secret} the operator still \
+             creates the agents' CA Secret"
         );
     }
 
@@ -1202,6 +1206,11 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
             {"name": "webhook-tls", "secret": {"secretName": "r-claw-secrets-webhook-cert"}},
         ])
     );
+    // The agents' ServiceAccount, NAMESPACE/NAME: the release's, in the release namespace.
+    assert_eq!(
+        flag(&args, "--agent-service-account"),
+        "ops/r-claw-secrets-agent"
+    );
     let cluster_role = named(&cm, "ClusterRole", "r-claw-secrets-operator");
     assert!(
         !cluster_role["rules"]
@@ -1243,6 +1252,11 @@ fn the_webhook_is_scoped_to_writes_carrying_data() {
     assert!(
         !args.iter().any(|a| a.starts_with("--webhook")),
         "webhook off: {args:?}"
+    );
+    // The agents still get their serving certificates from the operator.
+    assert_eq!(
+        flag(&args, "--agent-service-account"),
+        "claw-secrets/claw-secrets-agent"
     );
     assert_eq!(op["ports"].as_array().map(Vec::len), Some(1));
     let cluster_role = named(&off, "ClusterRole", "claw-secrets-operator");
@@ -1460,7 +1474,9 @@ fn helm_test_reads_a_secret_back_through_the_agent() {
 /// columns: the backquoted resources, and the verbs named in the second).
 #[test]
 fn docs_rbac_tables_are_the_deployed_roles() {
-    const VERBS: [&str; 9] = [
+    const VERBS: [&str; 11] = [
+        "approve",
+        "sign",
         "get",
         "list",
         "watch",
@@ -2380,6 +2396,9 @@ async fn operator_and_agent_run_with_the_chart_identities(
 
 /// The ConfigMap the operator publishes the public sealing key in, in its namespace.
 const SEALING_KEY: &str = "claw-secrets-sealing-key";
+/// The agents' CA Secret and bundle ConfigMap, and their signer.
+const AGENT_CA: &str = claw_secrets::k8s::agent_certs::CA_SECRET;
+const AGENT_SIGNER: &str = claw_secrets::k8s::agent_certs::SIGNER_NAME;
 
 /// ClawSecret `helm.first`, applied before the upgrade: its value, and the key it was sealed
 /// with.
@@ -2599,6 +2618,46 @@ async fn the_operator_role_allows_what_it_needs_and_no_more(r: &Release, running
             (true, "create events.events.k8s.io", Some("default"), None),
             (true, "create configmaps", Some(ns), Some(SEALING_KEY)),
             (true, "patch configmaps", Some(ns), Some(SEALING_KEY)),
+            // The agents' serving certificates: their CA and bundle by name, the requests, and
+            // this signer only.
+            (true, "get secrets", Some(ns), Some(AGENT_CA)),
+            (true, "patch configmaps", Some(ns), Some(AGENT_CA)),
+            (
+                true,
+                "watch certificatesigningrequests.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "update certificatesigningrequests/approval.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "update certificatesigningrequests/status.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "sign signers.certificates.k8s.io",
+                None,
+                Some(AGENT_SIGNER),
+            ),
+            (
+                false,
+                "approve signers.certificates.k8s.io",
+                None,
+                Some("kubernetes.io/kubelet-serving"),
+            ),
+            (
+                false,
+                "create certificatesigningrequests.certificates.k8s.io",
+                None,
+                None,
+            ),
             // Nothing the operator does not use: it never reads the ConfigMap back, never
             // updates (PUT) the objects or their status, never patches an Event.
             (false, "get configmaps", Some(ns), Some(SEALING_KEY)),
@@ -2717,6 +2776,32 @@ async fn the_agent_role_allows_what_it_needs_and_no_more(r: &Release, running: &
             ),
             (true, "create clawnodes.clawbernetes.io", None, None),
             (true, "watch nodes", None, None),
+            // Its serving certificate: a request, read back; the bundle; never a decision.
+            (
+                true,
+                "create certificatesigningrequests.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                true,
+                "get certificatesigningrequests.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (true, "get configmaps", Some(ns), Some(AGENT_CA)),
+            (
+                false,
+                "update certificatesigningrequests/approval.certificates.k8s.io",
+                None,
+                None,
+            ),
+            (
+                false,
+                "approve signers.certificates.k8s.io",
+                None,
+                Some(AGENT_SIGNER),
+            ),
             (false, "get secrets", Some(ns), Some(&helm_secret)),
             (false, "list secrets", None, None),
             (false, "create secrets", Some(ns), None),
@@ -2877,7 +2962,7 @@ fn the_upgraded_workloads_get_the_upgraded_values(r: &Release, upgraded: &[Value
 }
 
 /// After the upgrade, the operator and the agent may read the existing master key Secret and
-/// no longer the generated one; the operator may no longer create Secrets.
+/// no longer the generated one; the operator still creates Secrets (the agents' CA).
 async fn the_roles_follow_the_master_key_to_the_existing_secret(r: &Release, running: &Running) {
     let ns = r.ns.as_str();
     expect_access(
@@ -2886,7 +2971,7 @@ async fn the_roles_follow_the_master_key_to_the_existing_secret(r: &Release, run
         &[
             (true, "get secrets", Some(ns), Some(RESTORED_MASTER_KEY)),
             (false, "get secrets", Some(ns), Some(&r.master_key)),
-            (false, "create secrets", Some(ns), None),
+            (true, "create secrets", Some(ns), None),
         ],
     )
     .await;

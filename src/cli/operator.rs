@@ -60,10 +60,27 @@ pub struct OperatorArgs {
     /// CA injector then keeps the caBundle). Re-read every 10 minutes.
     #[arg(long, conflicts_with_all = ["webhook_host", "webhook_configuration"])]
     webhook_cert_dir: Option<std::path::PathBuf>,
-    /// The node agents' ServiceAccount in --namespace: the webhook's HTTPS server answers
-    /// `GET /v1/deliveries` to its tokens bound to a node, with that node's deliveries.
-    #[arg(long, default_value = "claw-secrets-agent")]
+    /// The node agents' ServiceAccount, NAMESPACE/NAME (a NAME alone is in --namespace): the
+    /// webhook's HTTPS server answers `GET /v1/deliveries` to its tokens bound to a node, with
+    /// that node's deliveries, and the signer of the agents' certificates approves only its
+    /// CertificateSigningRequests.
+    #[arg(
+        long,
+        value_name = "[NAMESPACE/]NAME",
+        default_value = "claw-secrets-agent"
+    )]
     agent_service_account: String,
+    /// Approve and sign the node agents' serving certificates (CertificateSigningRequests of
+    /// signer clawbernetes.io/agent-serving), with a CA kept in Secret claw-secrets-agent-ca of
+    /// --namespace and published in ConfigMap claw-secrets-agent-ca. Requests are
+    /// cluster-wide, so one operator per cluster signs: by default one that reconciles every
+    /// namespace does, one confined by --watch-namespace does not.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    agent_signer: Option<bool>,
+    /// How long an agent's serving certificate is valid (30d, 12h, 90m, 45s; at most 365d).
+    /// Agents renew theirs at two thirds of it.
+    #[arg(long, value_name = "PERIOD", default_value = "30d", value_parser = parse_lifetime)]
+    agent_certificate_lifetime: Duration,
     /// Carry the node agents' node.invoke writes (`POST /v1/writes` on the webhook's HTTPS
     /// server: agents hold no master keyring), keeping their audit log and the writes of
     /// deleted objects in this directory (the chart: an emptyDir). Without it, none are carried.
@@ -80,6 +97,28 @@ pub struct OperatorArgs {
     /// Secret.
     #[arg(long, value_name = "PERIOD", default_value = "30d", value_parser = super::duration::parse_period)]
     key_rotation_period: super::duration::Period,
+}
+
+/// A certificate lifetime: a period (as --key-rotation-period) that is not off, at most a year.
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    match super::duration::parse_period(text)?.0 {
+        None => Err(format!("{text:?}: a certificate lifetime cannot be 0")),
+        Some(d) if d > Duration::from_secs(365 * 86_400) => {
+            Err(format!("{text:?} is longer than 365d"))
+        }
+        Some(d) => Ok(d),
+    }
+}
+
+/// The agents' ServiceAccount as the username of its tokens, from `[NAMESPACE/]NAME`.
+fn agent_user(account: &str, namespace: &str) -> Result<String, String> {
+    let (ns, name) = account.split_once('/').unwrap_or((namespace, account));
+    if ns.is_empty() || name.is_empty() || name.contains('/') {
+        return Err(format!(
+            "--agent-service-account {account:?} must be NAMESPACE/NAME or NAME"
+        ));
+    }
+    Ok(format!("system:serviceaccount:{ns}:{name}"))
 }
 
 fn default_identity() -> String {
@@ -127,9 +166,19 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let agent_user = match agent_user(&args.agent_service_account, &args.namespace) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let watch_namespace = args.watch_namespace.filter(|n| !n.is_empty());
     let config = OperatorConfig {
         webhook,
-        agent_service_account: args.agent_service_account,
+        agent_user,
+        agent_signer: args.agent_signer.unwrap_or(watch_namespace.is_none()),
+        agent_certificate_lifetime: args.agent_certificate_lifetime,
         lease: LeaseConfig {
             namespace: args.namespace.clone(),
             name: args.lease_name,
@@ -143,7 +192,7 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
         namespace: args.namespace,
         master_key_secret: args.master_key_secret,
         metrics_addr: args.metrics_addr,
-        watch_namespace: args.watch_namespace.filter(|n| !n.is_empty()),
+        watch_namespace,
         data_dir: args.data_dir,
         reencrypt_per_second: args.reencrypt_per_second,
         key_rotation_period: args.key_rotation_period.0,
@@ -174,4 +223,36 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
     // decision to stop.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_service_account_may_name_its_namespace() {
+        assert_eq!(
+            agent_user("claw-secrets-agent", "ops").unwrap(),
+            "system:serviceaccount:ops:claw-secrets-agent"
+        );
+        assert_eq!(
+            agent_user("claw-secrets/claw-secrets-agent", "ops").unwrap(),
+            "system:serviceaccount:claw-secrets:claw-secrets-agent"
+        );
+        for bad in ["", "/a", "a/", "a/b/c"] {
+            assert!(agent_user(bad, "ops").is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn certificate_lifetimes() {
+        assert_eq!(
+            parse_lifetime("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(parse_lifetime("90s").unwrap(), Duration::from_secs(90));
+        assert!(parse_lifetime("0").is_err());
+        assert!(parse_lifetime("366d").is_err());
+        assert!(parse_lifetime("5x").is_err());
+    }
 }

@@ -103,9 +103,9 @@ pub async fn publish_status(
     apply(&api, STATUS_CONFIGMAP, &manifest).await
 }
 
-/// Server-side apply of one of the operator's ConfigMaps: every replica writes the same
-/// content, and the operator's field manager owns it.
-async fn apply(
+/// Server-side apply of one of the operator's ConfigMaps (these and the agents' CA bundle):
+/// every replica writes the same content, and the operator's field manager owns it.
+pub(crate) async fn apply(
     api: &Api<ConfigMap>,
     name: &str,
     manifest: &serde_json::Value,

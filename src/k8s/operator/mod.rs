@@ -6,10 +6,14 @@
 //! - `admission/`: the webhook (every replica).
 //! - `leader.rs`: the Lease; the controllers run only while this replica holds it.
 //! - `secrets.rs`, `configs.rs`: the two reconcilers.
+//! - `agent_certs.rs`: the signer of the agents' serving certificates (leader only), with its
+//!   CA; `ca.rs`: the CAs the operator keeps (the webhook's and the agents').
 //! - `conditions.rs`: status conditions; `metrics.rs` and `http.rs`: `/metrics`, `/healthz`,
 //!   `/readyz`; `error.rs`: the error type.
 
 mod admission;
+mod agent_certs;
+mod ca;
 mod conditions;
 mod configs;
 mod deliveries;
@@ -85,8 +89,15 @@ pub struct OperatorConfig {
     /// reconcile loop seals what was stored with plaintext). Its HTTPS server also answers
     /// nodes' deliveries.
     pub webhook: Option<WebhookConfig>,
-    /// The agents' ServiceAccount in `namespace`: only its tokens get deliveries.
-    pub agent_service_account: String,
+    /// The agents' ServiceAccount as a username (`system:serviceaccount:NAMESPACE:NAME`): only
+    /// its node-bound tokens get deliveries, and certificates from the agents' signer.
+    pub agent_user: String,
+    /// Whether the leader approves and signs the agents' serving certificates (signer
+    /// `clawbernetes.io/agent-serving`). CertificateSigningRequests are cluster-wide: one
+    /// operator per cluster does it.
+    pub agent_signer: bool,
+    /// How long an agent's serving certificate is valid.
+    pub agent_certificate_lifetime: Duration,
     /// Where this replica keeps the audit log (and store) of the node.invoke writes it carries
     /// for nodes' agents; `None`: it carries none (`POST /v1/writes` answers 503).
     pub data_dir: Option<std::path::PathBuf>,
@@ -419,10 +430,7 @@ pub async fn run(
                 .map_err(|reason| Error::Webhook { reason })?;
             tracing::info!(addr = %webhook.addr, path = admission::PATH,
                 "serving the admission webhook");
-            let agent_user = format!(
-                "system:serviceaccount:{}:{}",
-                config.namespace, config.agent_service_account
-            );
+            let agent_user = config.agent_user.clone();
             let (deliveries, watching) = deliveries::Deliveries::new(
                 client.clone(),
                 keyring.clone(),
@@ -598,6 +606,18 @@ async fn lead(
             config.namespace.clone(),
             config.master_key_secret.clone(),
             period,
+            stop.clone(),
+        )))
+    });
+    // The agents' serving certificates: the leader's, stopped with the leadership.
+    let _agent_signer = config.agent_signer.then(|| {
+        AbortOnDrop(tokio::spawn(agent_certs::run(
+            ctx.clone(),
+            agent_certs::Settings {
+                namespace: config.namespace.clone(),
+                agent_user: config.agent_user.clone(),
+                lifetime: config.agent_certificate_lifetime,
+            },
             stop.clone(),
         )))
     });

@@ -20,17 +20,17 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta};
 
 use crate::k8s::component::Component;
+use crate::k8s::operator::ca::{self, CA_CERT, CA_KEY, Ca};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
-/// Keys of the managed Secret (the `kubernetes.io/tls` layout plus the CA's key).
-const CA_CERT: &str = "ca.crt";
-const CA_KEY: &str = "ca.key";
+/// Keys of the managed Secret (the `kubernetes.io/tls` layout plus the CA's `ca.crt` and
+/// `ca.key`, see `ca.rs`).
 const TLS_CERT: &str = "tls.crt";
 const TLS_KEY: &str = "tls.key";
 /// What the serving certificate was issued for, and until when (so that it is checked
@@ -38,7 +38,8 @@ const TLS_KEY: &str = "tls.key";
 const HOSTS_ANNOTATION: &str = "clawbernetes.io/webhook-hosts";
 const NOT_AFTER_ANNOTATION: &str = "clawbernetes.io/webhook-not-after";
 
-const CA_VALIDITY: SignedDuration = SignedDuration::from_hours(24 * 3650);
+/// The CA's subject (its parameters are rebuilt with it to sign renewals).
+const CA_NAME: &str = "claw-secrets webhook CA";
 const SERVING_VALIDITY: SignedDuration = SignedDuration::from_hours(24 * 365);
 /// A serving certificate this close to its end is replaced.
 const RENEW_BEFORE: SignedDuration = SignedDuration::from_hours(24 * 30);
@@ -139,7 +140,10 @@ async fn managed(
         // still serving the previous certificate.
         let (ca_cert, ca_key) = match &stored {
             Some(s) => (s.ca_cert.clone(), s.ca_key.clone()),
-            None => new_ca()?,
+            None => {
+                let ca = Ca::generate(CA_NAME)?;
+                (ca.cert_pem, ca.key_pem)
+            }
         };
         let (serving, not_after) = issue(&ca_key, hosts)?;
         let secret = Secret {
@@ -211,9 +215,11 @@ impl Stored {
                 .and_then(|b| String::from_utf8(b.0.clone()).ok())
         };
         let annotations = secret.metadata.annotations.as_ref()?;
+        // A CA key that does not parse cannot sign a renewal: start again.
+        let ca = Ca::read(secret)?;
         let stored = Stored {
-            ca_cert: text(CA_CERT)?,
-            ca_key: Zeroizing::new(text(CA_KEY)?),
+            ca_cert: ca.cert_pem,
+            ca_key: ca.key_pem,
             serving: Serving {
                 chain_pem: text(TLS_CERT)?,
                 key_pem: Zeroizing::new(text(TLS_KEY)?),
@@ -221,37 +227,13 @@ impl Stored {
             hosts: annotations.get(HOSTS_ANNOTATION)?.clone(),
             not_after: annotations.get(NOT_AFTER_ANNOTATION)?.parse().ok()?,
         };
-        // A CA key that does not parse cannot sign a renewal: start again.
-        KeyPair::from_pem(&stored.ca_key).ok()?;
         Some(stored)
     }
 }
 
-/// The CA's parameters. Rebuilt identically to sign renewals: its subject is what the serving
-/// certificates name as their issuer.
-fn ca_params() -> Result<CertificateParams, rcgen::Error> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "claw-secrets webhook CA");
-    dn.push(DnType::OrganizationName, "claw-secrets");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    Ok(params)
-}
-
-fn new_ca() -> Result<(String, Zeroizing<String>), CertError> {
-    let key = KeyPair::generate()?;
-    let mut params = ca_params()?;
-    let now = Timestamp::now();
-    set_validity(&mut params, now, now + CA_VALIDITY);
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
-}
-
 fn issue(ca_key_pem: &str, hosts: &[String]) -> Result<(Serving, Timestamp), CertError> {
     let ca_key = KeyPair::from_pem(ca_key_pem)?;
-    let issuer = Issuer::new(ca_params()?, ca_key);
+    let issuer = Issuer::new(ca::ca_params(CA_NAME)?, ca_key);
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
@@ -260,18 +242,12 @@ fn issue(ca_key_pem: &str, hosts: &[String]) -> Result<(Serving, Timestamp), Cer
         hosts.first().map_or("claw-secrets-webhook", String::as_str),
     );
     params.distinguished_name = dn;
-    params.subject_alt_names = hosts
-        .iter()
-        .map(|h| match h.parse::<std::net::IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => h.clone().try_into().map(SanType::DnsName),
-        })
-        .collect::<Result<_, _>>()?;
+    params.subject_alt_names = hosts.iter().map(|h| ca::san(h)).collect::<Result<_, _>>()?;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let now = Timestamp::now();
     let not_after = now + SERVING_VALIDITY;
-    set_validity(&mut params, now, not_after);
+    ca::set_validity_days(&mut params, now, not_after);
     let cert = params.signed_by(&key, &issuer)?;
     Ok((
         Serving {
@@ -280,21 +256,6 @@ fn issue(ca_key_pem: &str, hosts: &[String]) -> Result<(Serving, Timestamp), Cer
         },
         not_after,
     ))
-}
-
-/// Sets the validity at day granularity (rcgen's dates without a time crate of our own): from
-/// the day before `now`, so a clock a little behind still accepts it, to `until`'s day.
-fn set_validity(params: &mut CertificateParams, now: Timestamp, until: Timestamp) {
-    let day = |t: Timestamp| {
-        let d = t.to_zoned(jiff::tz::TimeZone::UTC).date();
-        rcgen::date_time_ymd(
-            i32::from(d.year()),
-            u8::try_from(d.month()).expect("1-12"),
-            u8::try_from(d.day()).expect("1-31"),
-        )
-    };
-    params.not_before = day(now - SignedDuration::from_hours(24));
-    params.not_after = day(until);
 }
 
 /// Writes `ca_pem` into every webhook of the configuration whose `caBundle` differs.
@@ -342,7 +303,8 @@ pub(super) mod tests {
 
     /// A CA as the operator makes one (PEM certificate, PEM key).
     pub fn new_ca_for_tests() -> (String, Zeroizing<String>) {
-        new_ca().unwrap()
+        let ca = Ca::generate(CA_NAME).unwrap();
+        (ca.cert_pem, ca.key_pem)
     }
 
     /// A serving certificate as the operator issues one.
