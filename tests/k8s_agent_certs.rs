@@ -81,11 +81,16 @@ struct Signing {
 
 impl Signing {
     async fn start(hint: &str) -> Signing {
+        Signing::start_with_lifetime(hint, LIFETIME_SECONDS).await
+    }
+
+    /// With `--agent-certificate-lifetime` of `lifetime_seconds`.
+    async fn start_with_lifetime(hint: &str, lifetime_seconds: i64) -> Signing {
         let c = Cluster::new(hint).await;
         let ns = cluster::master_key_namespace().to_owned();
         agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, &ns).await;
         let lease = format!("claw-secrets-operator-{}", c.suffix());
-        let lifetime = format!("{LIFETIME_SECONDS}s");
+        let lifetime = format!("{lifetime_seconds}s");
         let account = format!("{ns}/{}", agent_identity::AGENT_ACCOUNT);
         let operator = Operator::start_with(
             &c.env.kubeconfig,
@@ -139,6 +144,20 @@ impl Signing {
             .unwrap_or_else(|e| panic!("creating CSR {name}: {e}"));
         self.created.lock().unwrap().push(name.clone());
         name
+    }
+
+    /// The published CA bundle (`ca.crt` of ConfigMap claw-secrets-agent-ca), once there.
+    async fn bundle(&self) -> String {
+        let api = Api::<ConfigMap>::namespaced(self.c.client(), &self.ns);
+        eventually("the agents' CA bundle to be published", || async {
+            api.get(CA_BUNDLE_CONFIGMAP)
+                .await
+                .map_err(|e| e.to_string())?
+                .data
+                .and_then(|mut d| d.remove(CA_BUNDLE_KEY))
+                .ok_or_else(|| "no ca.crt".to_owned())
+        })
+        .await
     }
 
     fn csrs(&self) -> Api<CertificateSigningRequest> {
@@ -381,5 +400,151 @@ async fn csrs_from_other_users_or_with_other_names_are_denied() {
     let name = s.create(&agent, "control", &pem).await;
     let (_, condition) = s.decided(&name).await;
     assert_eq!(condition.type_, "Approved", "{condition:?}");
+    s.finish().await;
+}
+
+/// The whole path, as the chart runs it: the agent, with its node-bound token and no
+/// certificate of its own, asks the operator through a CSR and answers over HTTPS only. A
+/// client with the published CA bundle connects, checking the node's name; one without it,
+/// or expecting another node, fails verification; plain HTTP gets nothing. With a 30 s
+/// lifetime the agent renews at 20 s: a reader loop across two renewals sees no failed
+/// request, and new connections are shown the new certificate.
+#[tokio::test]
+async fn an_agent_answers_over_tls_with_its_issued_certificate_and_renews_it() {
+    let _lock = cluster::exclusive().await;
+    let s = Signing::start_with_lifetime("agent-certs-serve", 30).await;
+    let ca = s.bundle().await;
+    let node = s.c.node("a", &[]).await;
+    let (_, kubeconfig) = agent_identity::node_client(&s.c, &node, s.scratch.path()).await;
+    // Deliveries (as the chart runs it): the shipped RBAC gives the agent no master keyring.
+    let args = agent_identity::delivery_args(&s.c, &node, s.scratch.path()).await;
+    let dir = tempfile::Builder::new()
+        .prefix("claw-agent-certs-")
+        .tempdir()
+        .unwrap();
+    let agent = cluster::Agent::start_trusting(
+        &kubeconfig,
+        &node,
+        dir,
+        &s.c.master_key,
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        args,
+        Some(ca.clone()),
+    )
+    .await;
+    // Its certificate came through a CSR the operator approved for its node, and is kept.
+    let issued = agent.data_dir().join("tls/agent.crt");
+    assert!(
+        issued.exists(),
+        "no kept certificate at {}",
+        issued.display()
+    );
+    let csrs: Vec<_> = s
+        .csrs()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|c| c.spec.signer_name == SIGNER_NAME)
+        .collect();
+    assert!(
+        csrs.iter().any(|c| c
+            .spec
+            .extra
+            .as_ref()
+            .and_then(|e| e.get(claw_secrets::k8s::delivery::NODE_NAME_EXTRA))
+            .is_some_and(|n| n == &vec![node.clone()])),
+        "no CSR from the agent's node-bound token"
+    );
+
+    let port = agent.port;
+    let presented = || async {
+        let tls = claw_secrets::tls::client_config(ca.as_bytes(), "bundle").unwrap();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(claw_secrets::tls::server_name(&node).unwrap(), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let der = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        Ok::<_, String>(der)
+    };
+    let first = presented()
+        .await
+        .expect("a verified handshake with the bundle");
+
+    // Clients: the CLI with the bundle reaches it (an answer from the agent: the token is
+    // refused, which is an answer); without it, or for another node's name, it refuses.
+    let bundle_file = s.scratch.path().join("agent-ca.crt");
+    std::fs::write(&bundle_file, &ca).unwrap();
+    let cli = |extra: &[&str]| {
+        let out = std::process::Command::new(cluster::BIN)
+            .args([
+                "invoke",
+                &node,
+                "secret.get",
+                r#"{"name":"x","namespace":"default"}"#,
+                "--addr",
+                &agent.addr(),
+                "--token",
+                "not-a-token",
+            ])
+            .args(extra)
+            .env_remove("CLAW_SECRETS_CA_FILE")
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let with_bundle = cli(&["--ca-file", bundle_file.to_str().unwrap()]);
+    assert!(with_bundle.starts_with("UNAUTHENTICATED"), "{with_bundle}");
+    let without = cli(&[]);
+    assert!(without.contains("could not verify"), "{without}");
+    let other_node = cli(&[
+        "--ca-file",
+        bundle_file.to_str().unwrap(),
+        "--tls-server-name",
+        "another-node",
+    ]);
+    assert!(other_node.contains("could not verify"), "{other_node}");
+    // Plain HTTP: no answer.
+    let plain = process::http_get(port, "/healthz");
+    assert!(plain.is_none(), "plain HTTP was answered: {plain:?}");
+
+    // Renewal: a reader over one kept connection pool and fresh connections, across two
+    // renewals (at 20 s and 40 s of 30 s lifetimes).
+    let started = std::time::Instant::now();
+    let (mut answered, mut failed) = (0u32, Vec::new());
+    let mut seen = vec![first.clone()];
+    while started.elapsed() < Duration::from_secs(50) {
+        match agent.get("/healthz").await {
+            Ok((200, _)) => answered += 1,
+            other => failed.push(format!("{other:?}")),
+        }
+        if let Ok(der) = presented().await
+            && !seen.contains(&der)
+        {
+            seen.push(der);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        seen.len() >= 2,
+        "the certificate was not renewed within 50 s of a 30 s lifetime; agent log:\n{}",
+        agent.log_tail(30)
+    );
+    eprintln!(
+        "{answered} requests across {} certificates, none failed",
+        seen.len()
+    );
+    drop(agent);
     s.finish().await;
 }

@@ -1780,6 +1780,25 @@ impl Proc {
     }
 
     /// Waits until `GET path` on `port` answers 200 with a body containing `needle`.
+    /// Waits until the agent listening on `port` answers `GET /readyz` with 200, over HTTPS
+    /// (its certificate from the test CA).
+    async fn wait_ready_agent(&mut self, port: u16) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok((200, _)) = cluster::get(&format!("https://127.0.0.1:{port}/readyz")).await {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{}: not ready over HTTPS after {PATIENCE:?}; log:\n{}",
+                self.what,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn wait_for(&mut self, port: u16, path: &str, needle: &str) {
         let deadline = Instant::now() + PATIENCE;
         loop {
@@ -1846,6 +1865,8 @@ fn invoke(
         .env_remove("CLAW_SECRETS_ADDR")
         .env_remove("CLAW_SECRETS_TOKEN")
         .env_remove("KUBECONFIG")
+        // The agent's certificate comes from the test CA (see `Release::start_agent`).
+        .env("CLAW_SECRETS_CA_FILE", &cluster::test_ca().file)
         .stdin(Stdio::null())
         .output()
         .expect("running claw-secrets invoke");
@@ -2159,7 +2180,7 @@ impl Release {
             operator_kc: work.path().join("operator.kubeconfig"),
             agent_kc: work.path().join("agent.kubeconfig"),
             agent_port,
-            agent_addr: format!("http://127.0.0.1:{agent_port}"),
+            agent_addr: format!("https://127.0.0.1:{agent_port}"),
             data_dir: work.path().join("agent-data"),
             kc,
             suffix,
@@ -2246,16 +2267,28 @@ impl Release {
         )
     }
 
-    /// The agent as the DaemonSet of `objects` runs it, as pod `pod`.
+    /// The agent as the DaemonSet of `objects` runs it, as pod `pod`; with a serving
+    /// certificate from the test CA (the chart's agents ask the operator for theirs through a
+    /// CSR: tests/k8s_agent_certs.rs and the node test, where one operator signs for the
+    /// cluster; here several releases' operators run side by side, each with its own
+    /// `--watch-namespace`, so none signs).
     fn start_agent(&self, objects: &[Value], pod: &str) -> Proc {
         let container = &pod_spec(the(objects, "DaemonSet"))["containers"][0];
+        let (cert, key) = cluster::test_ca().issue(
+            &self.node,
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            self.work.path(),
+        );
         let (args, env) = local_command(
             container,
             &[
                 ("--data-dir", self.data_dir.display().to_string()),
                 ("--listen", format!("127.0.0.1:{}", self.agent_port)),
             ],
-            &[],
+            &[
+                format!("--tls-cert={}", cert.display()),
+                format!("--tls-key={}", key.display()),
+            ],
             &self.downward(pod),
         );
         let log = self.work.path().join(format!("{pod}.log"));
@@ -2296,7 +2329,7 @@ impl Running {
     async fn replace_agent(&mut self, r: &Release, started: Proc) {
         self.retired
             .push(std::mem::replace(&mut self.agent, started));
-        self.agent.wait_for(r.agent_port, "/readyz", "").await;
+        self.agent.wait_ready_agent(r.agent_port).await;
     }
 }
 
@@ -2383,7 +2416,7 @@ async fn operator_and_agent_run_with_the_chart_identities(
         "{published:?}"
     );
     let mut agent = r.start_agent(installed, "agent-0");
-    agent.wait_for(r.agent_port, "/readyz", "").await;
+    agent.wait_ready_agent(r.agent_port).await;
     let running = Running {
         operator_client,
         agent_client,

@@ -798,6 +798,13 @@ pub async fn post_invoke(addr: &str, token: Option<&str>, body: Vec<u8>) -> Resu
     reply(status, &bytes)
 }
 
+/// `GET URL` (an agent's https://, verified against [`test_ca`]): the status and the body as
+/// text.
+pub async fn get(url: &str) -> Result<(u16, String), String> {
+    let (status, bytes) = http("GET", url, None, Vec::new()).await?;
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
 async fn http(
     method: &str,
     url: &str,
@@ -856,6 +863,9 @@ pub struct Agent {
     master_key: String,
     /// Further arguments of every spawn.
     args: Vec<String>,
+    /// With [`TLS_FROM_OPERATOR`]: the CA bundle its certificate chains to (the operator's),
+    /// which clients check it against, for its node's name.
+    trust: Option<String>,
     child: Option<Child>,
     /// When the current process was spawned.
     pub spawned_at: Instant,
@@ -899,6 +909,24 @@ impl Agent {
         ip: IpAddr,
         args: Vec<String>,
     ) -> Agent {
+        Agent::start_trusting(kubeconfig, node, dir, master_key, ip, args, None).await
+    }
+
+    /// Like [`Agent::start_with_args`]; with `trust`, the agent asks the operator for its
+    /// certificate ([`TLS_FROM_OPERATOR`]) and is verified against `trust` (a CA bundle), for
+    /// its node's name, as every client of an agent does.
+    pub async fn start_trusting(
+        kubeconfig: &Path,
+        node: &str,
+        dir: tempfile::TempDir,
+        master_key: &str,
+        ip: IpAddr,
+        mut args: Vec<String>,
+        trust: Option<String>,
+    ) -> Agent {
+        if trust.is_some() {
+            args.push(TLS_FROM_OPERATOR.to_owned());
+        }
         let mut agent = Agent {
             node: node.to_owned(),
             ip,
@@ -907,6 +935,7 @@ impl Agent {
             kubeconfig: kubeconfig.to_owned(),
             master_key: master_key.to_owned(),
             args,
+            trust,
             child: None,
             spawned_at: Instant::now(),
         };
@@ -999,10 +1028,9 @@ impl Agent {
     /// secret command sent next is not turned away as UNAVAILABLE. Fails the test if the
     /// process exits first.
     pub async fn wait_ready(&mut self) {
-        let url = format!("{}/readyz", self.addr());
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if let Ok((200, _)) = http("GET", &url, None, Vec::new()).await {
+            if let Ok((200, _)) = self.get("/readyz").await {
                 return;
             }
             if let Some(status) = self
@@ -1054,9 +1082,22 @@ impl Agent {
 
     /// `GET PATH` (`/metrics`, `/readyz`): the status and the body as text.
     pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
-        let (status, bytes) =
-            http("GET", &format!("{}{path}", self.addr()), None, Vec::new()).await?;
+        let url = format!("{}{path}", self.addr());
+        let (status, bytes) = http_with(&self.client(), "GET", &url, None, Vec::new()).await?;
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// A client that verifies this agent: against the test CA, or against what it was told to
+    /// trust, for its node's name.
+    fn client(&self) -> Https {
+        match &self.trust {
+            None => http_client(None, None),
+            Some(ca) => {
+                let tls = claw_secrets::tls::client_config(ca.as_bytes(), "the agents' CA bundle")
+                    .expect("a CA bundle");
+                http_client(Some(&tls), Some(&self.node))
+            }
+        }
     }
 
     /// `POST /v1/invoke` with `nodeId` set to this agent's node.
@@ -1072,8 +1113,10 @@ impl Agent {
 
     /// `POST /v1/invoke` with a raw body.
     pub async fn post(&self, token: Option<&str>, body: Vec<u8>) -> Reply {
-        post_invoke(&self.addr(), token, body)
+        let url = format!("{}/v1/invoke", self.addr());
+        http_with(&self.client(), "POST", &url, token, body)
             .await
+            .and_then(|(status, bytes)| reply(status, &bytes))
             .unwrap_or_else(|e| panic!("agent {}: {e}; log:\n{}", self.node, self.log_tail(20)))
     }
 

@@ -33,13 +33,17 @@ struct Issued {
     key_pem: Zeroizing<String>,
     not_before: Timestamp,
     not_after: Timestamp,
+    /// When this process got it (issued, or read from disk).
+    received: Timestamp,
 }
 
 impl Issued {
-    /// When to ask for the next one: two thirds into its lifetime.
+    /// When to ask for the next one: two thirds into the time it was valid for when received
+    /// (a signer backdates notBefore for clients whose clocks lag, which is no reason to renew
+    /// earlier).
     fn renew_at(&self) -> Timestamp {
-        let lifetime = self.not_after.duration_since(self.not_before);
-        self.not_before + lifetime * 2 / 3
+        let start = self.not_before.max(self.received);
+        start + self.not_after.duration_since(start) * 2 / 3
     }
 
     fn certified(&self) -> Result<Arc<tokio_rustls::rustls::sign::CertifiedKey>, String> {
@@ -118,6 +122,7 @@ impl Files {
             key_pem,
             not_before,
             not_after,
+            received: Timestamp::now(),
         };
         if let Err(e) = issued.certified() {
             tracing::warn!(error = %e, "not using the kept certificate");
@@ -207,6 +212,7 @@ async fn request(client: &kube::Client, node: &str) -> Result<Issued, String> {
                 key_pem: Zeroizing::new(key.serialize_pem()),
                 not_before,
                 not_after,
+                received: Timestamp::now(),
             };
             issued.certified()?;
             tracing::info!(csr = %name, %not_after, "serving certificate issued");
@@ -281,4 +287,31 @@ pub async fn obtain(
         }
     };
     Ok((cert, renew))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issued(not_before: i64, not_after: i64, received: i64) -> Issued {
+        let at = |s| Timestamp::from_second(s).unwrap();
+        Issued {
+            chain_pem: String::new(),
+            key_pem: Zeroizing::new(String::new()),
+            not_before: at(not_before),
+            not_after: at(not_after),
+            received: at(received),
+        }
+    }
+
+    #[test]
+    fn renewal_comes_two_thirds_into_the_time_left_when_received() {
+        // Valid 30 s from receipt, backdated a minute: renewed 20 s after receipt, not at once.
+        let backdated = issued(1_000, 1_090, 1_060);
+        assert_eq!(backdated.renew_at().as_second(), 1_080);
+        // Not backdated: two thirds of the lifetime.
+        assert_eq!(issued(0, 300, 0).renew_at().as_second(), 200);
+        // Read from disk part-way: two thirds of what is left.
+        assert_eq!(issued(0, 300, 150).renew_at().as_second(), 250);
+    }
 }

@@ -12,7 +12,9 @@
 //!   csrcleaner does (a cluster without one would keep them forever).
 //!
 //! It also publishes the CA's certificate in ConfigMap `claw-secrets-agent-ca`, which clients
-//! of the agents trust. Key material (the CA key) stays in memory and in its Secret: nothing
+//! of the agents trust: in the operator's namespace and, as Kubernetes publishes
+//! `kube-root-ca.crt`, in every namespace (only the watched one with `--watch-namespace`), so a
+//! workload mounts it from its own namespace to verify its node's agent. Key material (the CA key) stays in memory and in its Secret: nothing
 //! here logs, reports or writes it anywhere else.
 
 use futures::StreamExt;
@@ -72,6 +74,9 @@ pub struct Settings {
     pub agent_user: String,
     /// How long a certificate is valid (`--agent-certificate-lifetime`).
     pub lifetime: Duration,
+    /// The namespace the operator watches (`--watch-namespace`), if only one: the bundle is
+    /// published there, else in every namespace.
+    pub scope: Option<String>,
 }
 
 struct Signer {
@@ -127,7 +132,7 @@ pub async fn run(ctx: Arc<Context>, settings: Settings, stop: watch::Receiver<bo
     };
     let mut delay = Duration::from_secs(1);
     loop {
-        match publish_bundle(&client, &settings.namespace, &ca).await {
+        match publish_bundle(&client, &settings.namespace, &ca.cert_pem).await {
             Ok(()) => {
                 tracing::info!(configmap = %format!("{}/{CA_BUNDLE_CONFIGMAP}", settings.namespace),
                     "published the CA bundle of the agents' certificates");
@@ -141,6 +146,7 @@ pub async fn run(ctx: Arc<Context>, settings: Settings, stop: watch::Receiver<bo
         }
     }
 
+    let distribution = distribute(client.clone(), ca.cert_pem.clone(), settings.scope.clone());
     let api: Api<CertificateSigningRequest> = Api::all(client);
     let signer = Arc::new(Signer {
         ctx,
@@ -153,8 +159,8 @@ pub async fn run(ctx: Arc<Context>, settings: Settings, stop: watch::Receiver<bo
         signer = SIGNER_NAME,
         "signing the agents' serving certificates"
     );
-    Controller::new(api, watcher::Config::default().fields(&selector))
-        .graceful_shutdown_on(super::stopped(stop))
+    let signing = Controller::new(api, watcher::Config::default().fields(&selector))
+        .graceful_shutdown_on(super::stopped(stop.clone()))
         .run(reconcile, error_policy, signer)
         .for_each(|r| async move {
             match r {
@@ -165,8 +171,57 @@ pub async fn run(ctx: Arc<Context>, settings: Settings, stop: watch::Receiver<bo
                 Err(e) => tracing::warn!(kind = "CertificateSigningRequest", error = %e,
                     "watching failed; retrying"),
             }
-        })
-        .await;
+        });
+    let mut stopped = stop.clone();
+    tokio::select! {
+        () = signing => {}
+        () = distribution => {}
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+}
+
+/// Publishes the bundle in `scope`, or in every namespace as namespaces come (a watch of their
+/// metadata); a namespace that refuses it (terminating) is skipped, and looked at again when
+/// the watch lists it again.
+async fn distribute(client: kube::Client, ca_pem: String, scope: Option<String>) {
+    if let Some(namespace) = scope {
+        let mut delay = Duration::from_secs(1);
+        while let Err(e) = publish_bundle(&client, &namespace, &ca_pem).await {
+            tracing::warn!(%namespace, error = %e, "cannot publish the agents' CA bundle; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        return std::future::pending().await;
+    }
+    use kube::runtime::WatchStreamExt;
+    let namespaces: Api<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>> =
+        Api::all(client.clone());
+    let mut published = std::collections::HashSet::new();
+    let events = watcher::watcher(namespaces, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    futures::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        let namespace = match event {
+            Ok(ns) if ns.metadata.deletion_timestamp.is_none() => ns.name_any(),
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching namespaces failed; retrying");
+                continue;
+            }
+        };
+        if published.contains(&namespace) {
+            continue;
+        }
+        match publish_bundle(&client, &namespace, &ca_pem).await {
+            Ok(()) => {
+                tracing::debug!(%namespace, "published the agents' CA bundle");
+                published.insert(namespace);
+            }
+            Err(e) => tracing::warn!(%namespace, error = %e,
+                "cannot publish the agents' CA bundle in this namespace; check the operator's ClusterRole (configmaps, resourceNames [claw-secrets-agent-ca])"),
+        }
+    }
 }
 
 /// Sleeps `delay` (doubling it up to 30 s for the next time); `true` if `stop` came first.
@@ -184,7 +239,7 @@ async fn sleep_or_stop(delay: &mut Duration, stop: &watch::Receiver<bool>) -> bo
 async fn publish_bundle(
     client: &kube::Client,
     namespace: &str,
-    ca: &Ca,
+    ca_pem: &str,
 ) -> Result<(), kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let manifest = json!({
@@ -197,7 +252,7 @@ async fn publish_bundle(
                 "clawbernetes.io/usage": "the CA of the node agents' serving certificates (signer clawbernetes.io/agent-serving): clients of an agent verify it with this bundle and check that it names the node they ask",
             },
         },
-        "data": { CA_BUNDLE_KEY: ca.cert_pem },
+        "data": { CA_BUNDLE_KEY: ca_pem },
     });
     crate::k8s::sealing_key::apply(&api, CA_BUNDLE_CONFIGMAP, &manifest).await
 }

@@ -617,6 +617,7 @@ async fn lead(
                 namespace: config.namespace.clone(),
                 agent_user: config.agent_user.clone(),
                 lifetime: config.agent_certificate_lifetime,
+                scope: config.watch_namespace.clone(),
             },
             stop.clone(),
         )))
