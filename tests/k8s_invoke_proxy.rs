@@ -993,7 +993,10 @@ async fn latency_of_invoke_through_the_api_server_and_directly() {
         s.node(),
         &token,
         claw_secrets::invoke::ClientTimeouts::default(),
-        &Default::default(),
+        &claw_secrets::invoke::ClientTls {
+            ca_file: Some(cluster::test_ca().file.clone()),
+            server_name: None,
+        },
     )
     .unwrap();
     let (mut proxied, mut straight) = (Vec::new(), Vec::new());
