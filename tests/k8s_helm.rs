@@ -790,14 +790,18 @@ fn rendered_pods_are_hardened_and_get_the_flags_the_binary_takes() {
         json!([{"name": "invoke", "containerPort": 7443, "hostPort": 7443, "protocol": "TCP"}])
     );
     assert_eq!(flag(&strings(&ag["args"]), "--listen"), "0.0.0.0:7443");
-    assert_eq!(
-        ag["livenessProbe"]["httpGet"],
-        json!({"path": "/healthz", "port": "invoke"})
-    );
-    assert_eq!(
-        ag["readinessProbe"]["httpGet"],
-        json!({"path": "/readyz", "port": "invoke"})
-    );
+    // Probes over HTTPS, the only thing the agent answers.
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        assert_eq!(
+            ag[probe]["httpGet"],
+            json!({"path": path, "port": "invoke", "scheme": "HTTPS"}),
+            "{probe}"
+        );
+    }
     // Its volumes: the data dir, and the node's token for the operator's deliveries (bound
     // to the pod, for the operator's audience only), which the agent is pointed at, with the
     // webhook Service its Role may proxy to.
@@ -1457,9 +1461,20 @@ fn helm_test_reads_a_secret_back_through_the_agent() {
     );
     let args = strings(&pod["spec"]["containers"][0]["args"]);
     assert_eq!(&args[..3], ["invoke", "$(NODE_NAME)", "secret.get"]);
+    // Over HTTPS, verifying the agent with the bundle the operator publishes in the namespace.
     assert!(
-        args.contains(&"http://$(HOST_IP):7443".to_owned()),
+        args.contains(&"https://$(HOST_IP):7443".to_owned())
+            && args.contains(&"/var/run/claw-ca/ca.crt".to_owned()),
         "{args:?}"
+    );
+    assert_eq!(
+        pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "agent-ca")
+            .map(|v| &v["configMap"]["name"]),
+        Some(&json!("claw-secrets-agent-ca"))
     );
     let off = show(&["--set", "agent.hostPort=0"]);
     assert!(

@@ -1342,11 +1342,18 @@ impl Release<'_> {
                         { "name": "NODE_NAME", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } },
                     ],
                     "command": ["/bin/sh", "-c"],
-                    "args": ["curl -s -H \"Authorization: Bearer $(cat /t/claw)\" --data \"{\\\"nodeId\\\": \\\"$NODE_NAME\\\", \\\"command\\\": \\\"secret.get\\\", \\\"params\\\": {\\\"name\\\": \\\"db.credentials\\\"}}\" http://$HOST_IP:7443/v1/invoke"],
+                    "args": ["curl -s -H \"Authorization: Bearer $(cat /t/claw)\" --data \"{\\\"nodeId\\\": \\\"$NODE_NAME\\\", \\\"command\\\": \\\"secret.get\\\", \\\"params\\\": {\\\"name\\\": \\\"db.credentials\\\"}}\" --cacert /ca/ca.crt --resolve \"$NODE_NAME:7443:$HOST_IP\" https://$NODE_NAME:7443/v1/invoke"],
                     "securityContext": { "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] } },
-                    "volumeMounts": [{ "name": "t", "mountPath": "/t", "readOnly": true }],
+                    "volumeMounts": [
+                        { "name": "t", "mountPath": "/t", "readOnly": true },
+                        { "name": "ca", "mountPath": "/ca", "readOnly": true },
+                    ],
                 }],
-                "volumes": [{ "name": "t", "projected": { "sources": [{ "serviceAccountToken": { "path": "claw", "expirationSeconds": 3600 } }] } }],
+                "volumes": [
+                    { "name": "t", "projected": { "sources": [{ "serviceAccountToken": { "path": "claw", "expirationSeconds": 3600 } }] } },
+                    // The bundle the operator publishes in every namespace.
+                    { "name": "ca", "configMap": { "name": "claw-secrets-agent-ca" } },
+                ],
             },
         });
         self.kubectl(&["-n", "claw-demo", "create", "serviceaccount", "intruder"]);
