@@ -497,6 +497,47 @@ impl Store {
         self.keys_of(Kind::Config)
     }
 
+    /// The generation the next write will get: every entry written from now on has this
+    /// generation or a later one.
+    pub fn next_generation(&self) -> u64 {
+        self.manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_generation()
+    }
+
+    /// Every secret key held, with its entry's generation (0 for a refused one).
+    pub fn secret_generations(&self) -> Vec<(ObjectKey, u64)> {
+        self.generations_of(Kind::Secret)
+    }
+
+    /// Every config key held, with its entry's generation (0 for a refused one).
+    pub fn config_generations(&self) -> Vec<(ObjectKey, u64)> {
+        self.generations_of(Kind::Config)
+    }
+
+    fn generations_of(&self, kind: Kind) -> Vec<(ObjectKey, u64)> {
+        let state = self.read();
+        let held: Vec<(ObjectKey, u64)> = match kind {
+            Kind::Secret => state
+                .secrets
+                .iter()
+                .map(|(k, r)| (k.clone(), r.generation))
+                .collect(),
+            Kind::Config => state
+                .configs
+                .iter()
+                .map(|(k, r)| (k.clone(), r.generation))
+                .collect(),
+        };
+        let refused = state
+            .quarantined
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, key)| (key.clone(), 0));
+        held.into_iter().chain(refused).collect()
+    }
+
     fn keys_of(&self, kind: Kind) -> Vec<ObjectKey> {
         let state = self.read();
         let held: Vec<ObjectKey> = match kind {

@@ -78,7 +78,8 @@ pub trait Mirrored: kube::Resource + Clone + Send + Sync + 'static {
     ) -> Result<Option<Timestamp>, StoreError>;
     /// Removes the key's entry, if `expect` holds (see `removal_expectation`).
     fn remove(key: &ObjectKey, store: &Store, expect: Expect) -> Removal;
-    fn stored_keys(store: &Store) -> Vec<ObjectKey>;
+    /// Every key the store holds of this kind, with its entry's generation.
+    fn stored_generations(store: &Store) -> Vec<(ObjectKey, u64)>;
     /// The master key the object's current version is sealed under, if it is sealed.
     fn sealed_under(&self) -> Option<&str> {
         None
@@ -198,8 +199,8 @@ impl Mirrored for ClawSecret {
         removal(key, "secret", store.delete_secret(key, expect, Vec::new()))
     }
 
-    fn stored_keys(store: &Store) -> Vec<ObjectKey> {
-        store.secret_keys()
+    fn stored_generations(store: &Store) -> Vec<(ObjectKey, u64)> {
+        store.secret_generations()
     }
 
     fn sealed_under(&self) -> Option<&str> {
@@ -276,8 +277,8 @@ impl Mirrored for ClawConfig {
         removal(key, "config", store.delete_config(key, expect, Vec::new()))
     }
 
-    fn stored_keys(store: &Store) -> Vec<ObjectKey> {
-        store.config_keys()
+    fn stored_generations(store: &Store) -> Vec<(ObjectKey, u64)> {
+        store.config_generations()
     }
 }
 
@@ -334,6 +335,20 @@ fn apply<K: Mirrored>(
         Ok(Some(changed)) => Applied::Stored(key, changed),
         Ok(None) => Applied::Held(key),
         Err(_) => Applied::Failed(key),
+    }
+}
+
+/// At the end of a (re-)list: whatever the store holds that the list did not show was deleted
+/// (or deselected) while the agent was not watching, and is removed; but only an entry written
+/// before the list began (generation below `began`), and only as it was then. An entry written
+/// since (this agent's own write through node.invoke, an object created after the list's
+/// snapshot) is newer than the list: removing it would make a secret the agent just held
+/// answer NOT_FOUND until its watch event came back.
+fn sweep<K: Mirrored>(store: &Store, seen: &HashSet<ObjectKey>, began: u64) {
+    for (key, generation) in K::stored_generations(store) {
+        if generation < began && !seen.contains(&key) {
+            K::remove(&key, store, Expect::Generation(generation));
+        }
     }
 }
 
@@ -395,6 +410,8 @@ pub async fn mirror<K>(
             })
             .boxed();
         let mut listed: HashSet<ObjectKey> = HashSet::new();
+        // The store's next generation when the current list began (see `sweep`).
+        let mut list_began: Option<u64> = None;
         // Objects whose store write failed, by key: written again every RETRY_EVERY, until it
         // succeeds or a newer event for the key supersedes them.
         let mut failed: HashMap<ObjectKey, K> = HashMap::new();
@@ -423,7 +440,10 @@ pub async fn mirror<K>(
                     let labels = labels.clone();
                     let keyring = keys.as_ref().map(SharedKeyring::current);
                     match event {
-                        Ok(Event::Init) => listed.clear(),
+                        Ok(Event::Init) => {
+                            listed.clear();
+                            list_began = Some(store.next_generation());
+                        }
                         Ok(Event::InitApply(Err(kept))) => {
                             listed.extend(kept);
                         }
@@ -435,16 +455,9 @@ pub async fn mirror<K>(
                             }
                         }
                         Ok(Event::InitDone) => {
-                            // Whatever the store holds that the list did not show was deleted
-                            // (or deselected) while we were not watching.
                             let seen = std::mem::take(&mut listed);
-                            blocking(move || {
-                                for key in K::stored_keys(&store) {
-                                    if !seen.contains(&key) {
-                                        K::remove(&key, &store, Expect::Any);
-                                    }
-                                }
-                            }).await;
+                            let began = list_began.take().unwrap_or(u64::MAX);
+                            blocking(move || sweep::<K>(&store, &seen, began)).await;
                             tracing::info!(kind = K::KIND, "in sync with the API server");
                         }
                         Ok(Event::Apply(Err(_))) => {}
@@ -678,6 +691,47 @@ mod tests {
             Some(&keyring),
         );
         assert_eq!(stored(&store, &keyring), v(3, "uid-1", "three"));
+    }
+
+    /// The end of a re-list removes what the list did not show, but not what was stored after
+    /// the list began: an object created since (or this agent's own write) answered NOT_FOUND
+    /// until its watch event came back (seen in a cluster test: reads of secrets the agent had
+    /// just written failed during a long re-list).
+    #[test]
+    fn a_relist_sweeps_only_what_was_stored_before_it_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let labels = Labels::new();
+        let (store, _) = open(dir.path(), &keyring);
+        // Held before the list began, and not in the list: deleted while not watched.
+        apply(
+            &sealed(&keyring, "uid-1", 10, 1, "one"),
+            &labels,
+            &store,
+            Some(&keyring),
+        );
+        let began = store.next_generation();
+        // Stored after the list began, and not in its snapshot.
+        let mut fresh = sealed(&keyring, "uid-2", 20, 1, "two");
+        fresh.metadata.name = Some("cache".into());
+        let fresh_key = fresh.key().unwrap();
+        assert!(matches!(
+            apply(&fresh, &labels, &store, Some(&keyring)),
+            Applied::Stored(..)
+        ));
+
+        sweep::<ClawSecret>(&store, &HashSet::new(), began);
+        assert!(
+            store.secret(&key()).is_none(),
+            "not listed, held before: swept"
+        );
+        assert!(
+            store.secret(&fresh_key).is_some(),
+            "stored after the list began: kept"
+        );
+        // The next list shows it, or the one after removes it.
+        sweep::<ClawSecret>(&store, &HashSet::new(), store.next_generation());
+        assert!(store.secret(&fresh_key).is_none());
     }
 
     #[test]
