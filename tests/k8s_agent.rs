@@ -2440,3 +2440,255 @@ async fn agents_keep_serving_reads_through_a_key_rotation() {
     }
     c.cleanup().await;
 }
+
+/// Issue 18's acceptance, at scale: 1,000 ClawSecrets, two operator replicas, a watch-mode
+/// agent answering a reader loop throughout. `claw-secrets keys rotate`; once re-encryption has
+/// begun, a user rotates one secret and the leader is SIGKILLed; `keys prune` refuses while
+/// any object is still under the old key; the other replica takes the Lease and finishes;
+/// every object then names the new key (the user's version 2 included, with its new data),
+/// the agent's copies too, the reader saw no error, and `keys prune` leaves only the new key.
+#[tokio::test]
+async fn a_rotation_of_1000_secrets_survives_a_leader_kill_while_agents_serve() {
+    const N: usize = 1000;
+    let _lock = cluster::exclusive().await;
+    cluster::operator_available().unwrap_or_else(|e| panic!("this test needs the operator: {e}"));
+    let c = Cluster::new("rekey-1000").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let agent = c.agent("k", &[]).await;
+    let lease = format!("claw-test-{}", c.suffix());
+    let args = [
+        "--reencrypt-per-second".to_owned(),
+        "50".to_owned(),
+        "--lease-duration-seconds".to_owned(),
+        "5".to_owned(),
+    ];
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(Some(
+            cluster::Operator::start_with(
+                &c.env.kubeconfig,
+                &c.master_key,
+                &lease,
+                Some(&ns),
+                &args,
+            )
+            .await,
+        ));
+    }
+    let api = c.secrets();
+    let names: Vec<String> = (0..N).map(|i| format!("k{i:04}")).collect();
+    let created: Vec<Result<(), String>> = futures::stream::iter(names.clone())
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                let obj =
+                    cluster::secret_with_data(&name, &[("password", &format!("value-of-{name}"))]);
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{name}: {e}"))
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(
+        created.iter().all(Result::is_ok),
+        "{:?}",
+        created.iter().find(|r| r.is_err())
+    );
+    let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
+    let old_key = {
+        let secret: k8s_openapi::api::core::v1::Secret = Api::namespaced(c.client(), key_ns)
+            .get(key_name)
+            .await
+            .unwrap();
+        let bytes = &secret.data.unwrap()["keyring.json"].0;
+        claw_secrets::crypto::Keyring::from_json(bytes)
+            .unwrap()
+            .active()
+            .id()
+            .to_string()
+    };
+    eventually("every ClawSecret sealed, and held by the agent", || async {
+        let sealed = cluster::sealed_under(&api, &old_key).await;
+        if sealed < N {
+            return Err(format!("{sealed} of {N} sealed"));
+        }
+        match agent.stored_secret_count(&ns) {
+            n if n >= N => Ok(()),
+            n => Err(format!("the agent holds {n} of {N}")),
+        }
+    })
+    .await;
+
+    // The reader: every secret in turn, as alice, through the agent, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (agent_addr, alice, ns, names, stop) = (
+            agent.addr(),
+            alice.clone(),
+            ns.clone(),
+            names.clone(),
+            stop.clone(),
+        );
+        let last = names[N - 1].clone();
+        tokio::spawn(async move {
+            let (mut reads, mut errors) = (0u64, Vec::new());
+            'outer: loop {
+                for name in &names {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break 'outer;
+                    }
+                    let body = serde_json::to_vec(&json!({
+                        "command": "secret.get", "params": { "name": name, "namespace": ns },
+                    }))
+                    .unwrap();
+                    reads += 1;
+                    let want = format!("value-of-{name}");
+                    match cluster::post_invoke(&agent_addr, Some(&alice), body).await {
+                        Ok(r)
+                            if r.is_ok()
+                                && r.body["payload"]["data"]["password"] == json!(want) => {}
+                        // The user's rotated secret may be read at either version.
+                        Ok(r) if r.is_ok() && *name == last => {}
+                        other => errors.push(format!("{name}: {other:?}")),
+                    }
+                }
+            }
+            (reads, errors)
+        })
+    };
+
+    let keys = |verb: &str| {
+        let out = std::process::Command::new(cluster::BIN)
+            .args(["keys", verb, "--namespace", key_ns, "--secret", key_name])
+            .env("KUBECONFIG", &c.env.kubeconfig)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (rotated, said) = keys("rotate");
+    assert!(rotated, "{said}");
+    let new_key = said
+        .split_whitespace()
+        .nth(2)
+        .expect("master key <id> is active")
+        .to_owned();
+    assert_ne!(new_key, old_key);
+    let started = Instant::now();
+    eventually("re-encryption to begin", || async {
+        match cluster::sealed_under(&api, &new_key).await {
+            0 => Err("none yet".to_owned()),
+            n => Ok(n),
+        }
+    })
+    .await;
+
+    // Mid-way: a user's rotation, and the leader killed.
+    let rotated_by_user = names[N - 1].clone();
+    api.patch(
+        &rotated_by_user,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": { "data": { "password": "rotated-by-a-user" } } })),
+    )
+    .await
+    .unwrap();
+    let leader = {
+        let mut found = None;
+        for (i, op) in replicas.iter().enumerate() {
+            let port = op.as_ref().unwrap().metrics_port;
+            if let Ok((200, m)) = cluster::get(&format!("http://127.0.0.1:{port}/metrics")).await
+                && m.lines().any(|l| l == "claw_secrets_operator_leader 1")
+            {
+                found = Some(i);
+            }
+        }
+        found.expect("one replica leads")
+    };
+    replicas[leader].take().unwrap().kill();
+    let left = cluster::sealed_under(&api, &old_key).await;
+    println!("REKEY-1000: killed the leader with {left} of {N} still under the old key");
+    assert!(
+        left > 0,
+        "re-encryption finished before the kill: raise N or lower the rate"
+    );
+    let (pruned, said) = keys("prune");
+    assert!(!pruned && said.contains("Nothing was removed"), "{said}");
+
+    eventually(
+        "every ClawSecret under the new key, under the new leader",
+        || async {
+            match cluster::sealed_under(&api, &old_key).await {
+                0 => Ok(()),
+                n => Err(format!("{n} still under {old_key}")),
+            }
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    let user = eventually("the user's rotation sealed at version 2", || async {
+        let obj = api.get(&rotated_by_user).await.map_err(|e| e.to_string())?;
+        match obj.spec.sealed.as_ref() {
+            Some(s) if s.version == 2 && obj.spec.data.is_none() => Ok(s.clone()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(user.key_id, new_key);
+    let got = eventually("the agent to serve the user's version 2", || async {
+        let r = agent.get_secret(&alice, &ns, &rotated_by_user).await;
+        match r.result() {
+            Ok(p) if p["version"] == json!(2) => Ok(p),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(got["data"]["password"], json!("rotated-by-a-user"));
+    // The agent's copies move to the new envelopes (its watch), then the reader stops.
+    eventually("the agent's copies under the new key", || async {
+        let stale = names
+            .iter()
+            .filter(|n| {
+                !agent
+                    .stored_secret(&ns, n)
+                    .is_some_and(|(_, v)| v.to_string().contains(&new_key))
+            })
+            .count();
+        if stale == 0 {
+            Ok(())
+        } else {
+            Err(format!("{stale} still old"))
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, errors) = reader.await.unwrap();
+    println!(
+        "REKEY-1000: {N} ClawSecrets re-encrypted in {:.1} s across a leader kill; the agent answered {reads} reads meanwhile, {} failed",
+        took.as_secs_f64(),
+        errors.len()
+    );
+    assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(5)]);
+    assert!(reads >= N as u64, "the reader made only {reads} reads");
+    for name in &names[..N - 1] {
+        assert_eq!(
+            api.get(name).await.unwrap().spec.sealed.unwrap().version,
+            1,
+            "{name}: re-encryption keeps the version"
+        );
+    }
+    let (pruned, said) = keys("prune");
+    assert!(pruned, "{said}");
+    assert!(said.contains(&old_key), "{said}");
+    drop(replicas);
+    c.cleanup().await;
+}
