@@ -2350,57 +2350,11 @@ async fn agents_keep_serving_reads_through_a_key_rotation() {
 
     // A reader loop over all 100, from before the rotation to after the re-encryption.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (agent_addr, alice, ns, names, stop) = (
-            agent.addr(),
-            alice.clone(),
-            ns.clone(),
-            names.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            let (mut reads, mut errors) = (0u64, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for name in &names {
-                    let body = serde_json::to_vec(&json!({
-                        "command": "secret.get", "params": { "name": name, "namespace": ns },
-                    }))
-                    .unwrap();
-                    let got = cluster::post_invoke(&agent_addr, Some(&alice), body).await;
-                    reads += 1;
-                    match got {
-                        Ok(r)
-                            if r.is_ok()
-                                && r.body["payload"]["data"]["password"]
-                                    == json!(format!("value-of-{name}")) => {}
-                        other => errors.push(format!("{name}: {other:?}")),
-                    }
-                }
-            }
-            (reads, errors)
-        })
-    };
+    let reader = read_until_stopped(&agent, &alice, &ns, &names, None, stop.clone());
     let secrets_api = c.secrets();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
-    let rotated = std::process::Command::new(cluster::BIN)
-        .args([
-            "keys",
-            "rotate",
-            "--namespace",
-            key_ns,
-            "--secret",
-            key_name,
-        ])
-        .env("KUBECONFIG", &c.env.kubeconfig)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&rotated.stdout).into_owned();
-    assert!(
-        rotated.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&rotated.stderr)
-    );
+    let (rotated, said) = keys(&c, "rotate");
+    assert!(rotated, "{said}");
     let new_key = said
         .split_whitespace()
         .nth(2)
@@ -2519,60 +2473,19 @@ async fn a_rotation_of_1000_secrets_survives_a_leader_kill_while_agents_serve() 
     })
     .await;
 
-    // The reader: every secret in turn, as alice, through the agent, until told to stop.
+    // The reader: every secret in turn, as alice, through the agent, until told to stop; the
+    // user's rotated secret may be read at either version.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (agent_addr, alice, ns, names, stop) = (
-            agent.addr(),
-            alice.clone(),
-            ns.clone(),
-            names.clone(),
-            stop.clone(),
-        );
-        let last = names[N - 1].clone();
-        tokio::spawn(async move {
-            let (mut reads, mut errors) = (0u64, Vec::new());
-            'outer: loop {
-                for name in &names {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        break 'outer;
-                    }
-                    let body = serde_json::to_vec(&json!({
-                        "command": "secret.get", "params": { "name": name, "namespace": ns },
-                    }))
-                    .unwrap();
-                    reads += 1;
-                    let want = format!("value-of-{name}");
-                    match cluster::post_invoke(&agent_addr, Some(&alice), body).await {
-                        Ok(r)
-                            if r.is_ok()
-                                && r.body["payload"]["data"]["password"] == json!(want) => {}
-                        // The user's rotated secret may be read at either version.
-                        Ok(r) if r.is_ok() && *name == last => {}
-                        other => errors.push(format!("{name}: {other:?}")),
-                    }
-                }
-            }
-            (reads, errors)
-        })
-    };
+    let reader = read_until_stopped(
+        &agent,
+        &alice,
+        &ns,
+        &names,
+        Some(names[N - 1].clone()),
+        stop.clone(),
+    );
 
-    let keys = |verb: &str| {
-        let out = std::process::Command::new(cluster::BIN)
-            .args(["keys", verb, "--namespace", key_ns, "--secret", key_name])
-            .env("KUBECONFIG", &c.env.kubeconfig)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
-    let (rotated, said) = keys("rotate");
+    let (rotated, said) = keys(&c, "rotate");
     assert!(rotated, "{said}");
     let new_key = said
         .split_whitespace()
@@ -2617,7 +2530,7 @@ async fn a_rotation_of_1000_secrets_survives_a_leader_kill_while_agents_serve() 
         left > 0,
         "re-encryption finished before the kill: raise N or lower the rate"
     );
-    let (pruned, said) = keys("prune");
+    let (pruned, said) = keys(&c, "prune");
     assert!(!pruned && said.contains("Nothing was removed"), "{said}");
 
     eventually(
@@ -2684,7 +2597,7 @@ async fn a_rotation_of_1000_secrets_survives_a_leader_kill_while_agents_serve() 
     }
     // Once every ClawSecret of the cluster is under the new key, prune removes the old one.
     let said = eventually("keys prune to remove the old key", || async {
-        match keys("prune") {
+        match keys(&c, "prune") {
             (true, said) => Ok(said),
             (false, said) => Err(said),
         }
@@ -2697,4 +2610,64 @@ async fn a_rotation_of_1000_secrets_survives_a_leader_kill_while_agents_serve() 
         .await
         .unwrap();
     c.cleanup().await;
+}
+
+/// `claw-secrets keys VERB` on the cluster's keyring Secret: whether it succeeded, and what it
+/// printed.
+fn keys(c: &Cluster, verb: &str) -> (bool, String) {
+    let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
+    let out = std::process::Command::new(cluster::BIN)
+        .args(["keys", verb, "--namespace", key_ns, "--secret", key_name])
+        .env("KUBECONFIG", &c.env.kubeconfig)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A reader through `agent` as `token`: `secret.get` of every name of `ns` in turn until
+/// `stop`. A read fails unless it answers `value-of-NAME` (any value for `any_value`'s name).
+/// Returns the reads made and the failures.
+fn read_until_stopped(
+    agent: &Agent,
+    token: &str,
+    ns: &str,
+    names: &[String],
+    any_value: Option<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    let (addr, token, ns, names) = (
+        agent.addr(),
+        token.to_owned(),
+        ns.to_owned(),
+        names.to_vec(),
+    );
+    tokio::spawn(async move {
+        let (mut reads, mut errors) = (0u64, Vec::new());
+        'outer: loop {
+            for name in &names {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break 'outer;
+                }
+                let body = serde_json::to_vec(&json!({
+                    "command": "secret.get", "params": { "name": name, "namespace": ns },
+                }))
+                .unwrap();
+                reads += 1;
+                let want = json!(format!("value-of-{name}"));
+                match cluster::post_invoke(&addr, Some(&token), body).await {
+                    Ok(r) if r.is_ok() && r.body["payload"]["data"]["password"] == want => {}
+                    Ok(r) if r.is_ok() && any_value.as_ref() == Some(name) => {}
+                    other => errors.push(format!("{name}: {other:?}")),
+                }
+            }
+        }
+        (reads, errors)
+    })
 }
