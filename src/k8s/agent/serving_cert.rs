@@ -19,9 +19,12 @@ use crate::k8s::agent_certs::{SIGNER_NAME, USAGES, common_name};
 use crate::store::{create_private_dir, write_private_file_atomic};
 use crate::tls::ServingCert;
 
-/// How often the CSR is looked at while the operator has not answered.
+/// How often the CSR is looked at while the operator has not answered: often at first (it
+/// signs within a second when it runs), then, past [`SIGN_PATIENCE`], seldom.
 const POLL: Duration = Duration::from_millis(500);
-/// A request not signed in this long is made again (the operator may have been down).
+const POLL_SLOW: Duration = Duration::from_secs(5);
+/// How long a request may stay pending before a warning (repeated as long as it does); the
+/// same request is kept, and looked at every [`POLL_SLOW`] from then on.
 const SIGN_PATIENCE: Duration = Duration::from_secs(120);
 /// Waits between failed attempts, doubling up to the cap.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -182,7 +185,8 @@ async fn request(client: &kube::Client, node: &str) -> Result<Issued, String> {
         .map_err(|e| format!("cannot create a CertificateSigningRequest: {e}"))?;
     let name = created.metadata.name.unwrap_or_default();
     tracing::info!(csr = %name, signer = SIGNER_NAME, "asked for a serving certificate");
-    let deadline = tokio::time::Instant::now() + SIGN_PATIENCE;
+    let mut deadline = tokio::time::Instant::now() + SIGN_PATIENCE;
+    let mut poll = POLL;
     loop {
         let csr = api
             .get(&name)
@@ -219,12 +223,15 @@ async fn request(client: &kube::Client, node: &str) -> Result<Issued, String> {
             return Ok(issued);
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "CertificateSigningRequest {name} was not signed within {} s: is the operator running (it signs {SIGNER_NAME})?",
-                SIGN_PATIENCE.as_secs()
-            ));
+            // Still pending: the same request is waited for (a new one would only pile up
+            // pending requests while the operator is away). Gone (deleted, or cleaned up by the
+            // controller manager) or refused, the caller asks again.
+            tracing::warn!(csr = %name, waited_s = SIGN_PATIENCE.as_secs(),
+                "the serving certificate request is not signed yet: is the operator running (it signs {SIGNER_NAME})? still waiting for it");
+            deadline = tokio::time::Instant::now() + SIGN_PATIENCE;
+            poll = POLL_SLOW;
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll).await;
     }
 }
 
