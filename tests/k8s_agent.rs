@@ -53,8 +53,9 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-use claw_secrets::k8s::crd::{ClawSecret, ClawSecretSpec};
+use claw_secrets::k8s::crd::{ClawNode, ClawSecret, ClawSecretSpec};
 use cluster::{Agent, Cluster, GPU};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use random::random_hex;
 use relay::BlackHole;
@@ -2395,6 +2396,175 @@ async fn agents_keep_serving_reads_through_a_key_rotation() {
     c.cleanup().await;
 }
 
+/// Issue 18: `keys prune` keeps a retired master key while a node's store still needs it. An
+/// agent without deliveries holds a secret and a config, reports the key its store is under in
+/// its ClawNode's `status.masterKeys`, and is down through a rotation. The operator re-encrypts
+/// every ClawSecret, but the node's store is still under the old key: prune refuses, naming the
+/// node, and removes nothing. Back up, the agent follows the new keyring, re-encrypts its store
+/// (the config too, which no watch event rewrites), and reports only the new key; prune then
+/// removes the old key, and the agent, restarted on the pruned keyring, still opens both.
+#[tokio::test]
+async fn prune_keeps_a_master_key_until_every_node_store_is_reencrypted() {
+    let _lock = cluster::exclusive().await;
+    cluster::operator_available().unwrap_or_else(|e| panic!("this test needs the operator: {e}"));
+    let c = Cluster::new("rekey-store").await;
+    let ns = c.ns().to_owned();
+    let alice = c.alice().await;
+    let mut agent = c.agent("k", &[]).await;
+    // Cluster-wide, as the chart's: prune looks at every ClawSecret of the cluster.
+    let _operator = cluster::Operator::start_with(
+        &c.env.kubeconfig,
+        &c.master_key,
+        &format!("claw-test-{}", c.suffix()),
+        None,
+        &["--reencrypt-per-second".to_owned(), "200".to_owned()],
+    )
+    .await;
+    let value = json!({ "password": "value-of-kept" });
+    agent
+        .invoke(
+            Some(&alice),
+            "secret.create",
+            json!({ "name": "kept", "namespace": ns, "data": value }),
+        )
+        .await
+        .payload("secret.create");
+    agent
+        .invoke(
+            Some(&alice),
+            "config.create",
+            json!({ "name": "kept.config", "namespace": ns, "data": { "mode": "fast" } }),
+        )
+        .await
+        .payload("config.create");
+    wait_secret(&agent, &alice, &ns, "kept", 1, &value).await;
+    let claw_nodes: Api<ClawNode> = Api::all(c.client());
+    let node = agent.node.clone();
+    let reported = |want: String| {
+        let (claw_nodes, node) = (claw_nodes.clone(), node.clone());
+        async move {
+            let got = claw_nodes
+                .get(&node)
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .map(|s| s.master_keys);
+            match got {
+                Some(keys) if keys == vec![want.clone()] => Ok(()),
+                other => Err(format!("status.masterKeys {other:?}, want [{want}]")),
+            }
+        }
+    };
+    let old_key = master_keyring(&c).await.active().id().to_string();
+    eventually("the node's ClawNode to report the old key", || {
+        reported(old_key.clone())
+    })
+    .await;
+
+    // Down through the rotation and the operator's re-encryption.
+    agent.kill();
+    let (rotated, said) = keys(&c, "rotate");
+    assert!(rotated, "{said}");
+    let new_key = said
+        .split_whitespace()
+        .nth(2)
+        .expect("master key <id> is active")
+        .to_owned();
+    let (key_ns, _) = c.master_key.split_once('/').unwrap();
+    let status_maps: Api<ConfigMap> = Api::namespaced(c.client(), key_ns);
+    eventually(
+        "every ClawSecret of the cluster under the new key",
+        || async {
+            let data = status_maps
+                .get("claw-secrets-keyring-status")
+                .await
+                .map_err(|e| e.to_string())?
+                .data
+                .unwrap_or_default();
+            let done = data.get("activeKey") == Some(&new_key)
+                && data
+                    .get("reencryption")
+                    .is_some_and(|r| r.starts_with("complete"));
+            if done {
+                Ok(())
+            } else {
+                Err(format!("{data:?}"))
+            }
+        },
+    )
+    .await;
+    let (pruned, said) = keys(&c, "prune");
+    assert!(
+        !pruned,
+        "prune with a node's store under the old key: {said}"
+    );
+    assert!(
+        said.contains(&old_key)
+            && said.contains(&format!("node {node}'s store"))
+            && said.contains("Nothing was removed"),
+        "{said}"
+    );
+    assert!(
+        master_keyring(&c)
+            .await
+            .key_ids()
+            .any(|id| id.as_str() == old_key),
+        "the old key is kept"
+    );
+
+    // Back: the agent re-encrypts its store and reports the new key alone.
+    agent.restart().await;
+    eventually("the node's ClawNode to report the new key alone", || {
+        reported(new_key.clone())
+    })
+    .await;
+    let (_, config) = agent
+        .stored_config(&ns, "kept.config")
+        .expect("config stored");
+    assert!(
+        config.to_string().contains(&new_key) && !config.to_string().contains(&old_key),
+        "the config's entry is under the new key: {config}"
+    );
+    let (pruned, said) = eventually("keys prune to remove the old key", || async {
+        match keys(&c, "prune") {
+            (true, said) => Ok((true, said)),
+            (false, said) => Err(said),
+        }
+    })
+    .await;
+    assert!(pruned && said.contains(&old_key), "{said}");
+    let ring = master_keyring(&c).await;
+    assert_eq!(
+        ring.key_ids().map(|id| id.to_string()).collect::<Vec<_>>(),
+        vec![new_key.clone()]
+    );
+
+    // Restarted on the pruned keyring (followed, and cached for restarts), the store opens.
+    eventually("the agent's cached keyring to lose the old key", || async {
+        let cached = std::fs::read_to_string(agent.data_dir().join("master.key"))
+            .map_err(|e| e.to_string())?;
+        if cached.contains(&old_key) {
+            Err("still there".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    agent.kill();
+    agent.restart().await;
+    wait_secret(&agent, &alice, &ns, "kept", 1, &value).await;
+    let got = agent
+        .invoke(
+            Some(&alice),
+            "config.get",
+            json!({ "name": "kept.config", "namespace": ns }),
+        )
+        .await
+        .payload("config.get");
+    assert_eq!(got["data"]["mode"], json!("fast"));
+    c.cleanup().await;
+}
+
 /// Issue 18's acceptance, at scale: 1,000 ClawSecrets, two operator replicas, a watch-mode
 /// agent answering a reader loop throughout. `claw-secrets keys rotate`; once re-encryption has
 /// begun, a user rotates one secret and the leader is SIGKILLed; `keys prune` refuses while
@@ -2448,19 +2618,7 @@ async fn a_rotation_of_1000_secrets_survives_a_leader_kill_while_agents_serve() 
         "{:?}",
         created.iter().find(|r| r.is_err())
     );
-    let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
-    let old_key = {
-        let secret: k8s_openapi::api::core::v1::Secret = Api::namespaced(c.client(), key_ns)
-            .get(key_name)
-            .await
-            .unwrap();
-        let bytes = &secret.data.unwrap()["keyring.json"].0;
-        claw_secrets::crypto::Keyring::from_json(bytes)
-            .unwrap()
-            .active()
-            .id()
-            .to_string()
-    };
+    let old_key = master_keyring(&c).await.active().id().to_string();
     eventually("every ClawSecret sealed, and held by the agent", || async {
         let sealed = cluster::sealed_under(&api, &old_key).await;
         if sealed < N {
@@ -2670,4 +2828,14 @@ fn read_until_stopped(
         }
         (reads, errors)
     })
+}
+
+/// The cluster's master keyring, as its Secret holds it now.
+async fn master_keyring(c: &Cluster) -> claw_secrets::crypto::Keyring {
+    let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
+    let secret: k8s_openapi::api::core::v1::Secret = Api::namespaced(c.client(), key_ns)
+        .get(key_name)
+        .await
+        .unwrap();
+    claw_secrets::crypto::Keyring::from_json(&secret.data.unwrap()["keyring.json"].0).unwrap()
 }

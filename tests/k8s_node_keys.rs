@@ -162,6 +162,7 @@ async fn each_agent_publishes_its_own_key_and_can_write_no_other() {
             public_key: published_a.spec.public_key.clone(),
             key_id: published_a.spec.key_id.clone(),
         },
+        status: None,
     };
     let (code, message) = refused(
         as_a.patch(
@@ -180,6 +181,41 @@ async fn each_agent_publishes_its_own_key_and_can_write_no_other() {
     assert!(message.contains(POLICY_MESSAGE), "{message}");
     let (code, message) = refused(as_a.delete(&node_b, &DeleteParams::default()).await);
     assert_eq!(code, 403, "{message}");
+    // Each agent reports, with its own identity, the master keys its store needs: none, on
+    // deliveries (what `keys prune` reads). Another node's report is not its to write: it
+    // could otherwise let prune remove a key that node's store still needs.
+    eventually(
+        "node-a's agent to report its store's master keys",
+        || async {
+            let admin: Api<ClawNode> = Api::all(c.client());
+            match admin.get(&node_a).await.map_err(|e| e.to_string())?.status {
+                Some(status) if status.master_keys.is_empty() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    // (A dry run, until refused: the policy was applied a moment ago, and the API server takes
+    // a moment to enforce a policy it was given.)
+    eventually(
+        "node-a's report on node-b's ClawNode to be refused",
+        || async {
+            let forged_report = as_a
+                .patch_status(
+                    &node_b,
+                    &dry_run,
+                    &Patch::Merge(serde_json::json!({ "status": { "masterKeys": [] } })),
+                )
+                .await;
+            match forged_report {
+                Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains(POLICY_MESSAGE) => {
+                    Ok(())
+                }
+                other => Err(format!("not refused by the policy: {other:?}")),
+            }
+        },
+    )
+    .await;
     let untouched: Api<ClawNode> = Api::all(c.client());
     assert_eq!(
         untouched.get(&node_b).await.unwrap().spec,

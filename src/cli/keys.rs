@@ -15,7 +15,7 @@ use super::dev_control::Action;
 use super::dev_keys::{DataDirKeys, KEYRING_FILE, local_subject};
 use crate::audit;
 use crate::crypto::SharedKeyring;
-use crate::k8s::crd::ClawSecret;
+use crate::k8s::crd::{ClawNode, ClawSecret};
 use crate::store::{OpenOptions, Store};
 
 #[derive(Debug, Subcommand)]
@@ -53,11 +53,13 @@ pub enum KeysCommand {
     ///
     /// Lists every ClawSecret in the cluster: a retired key that any current version is sealed
     /// under stays, and nothing is removed while any ClawSecret waits with spec.encryptedData
-    /// (it may be sealed to a retired key). Run it once re-encryption is done (the
+    /// (it may be sealed to a retired key). Lists every ClawNode too: a key a node's agent
+    /// reports its store still needs (status.masterKeys) stays, and nothing is removed while a
+    /// ClawNode has no report. Run it once re-encryption is done (the
     /// claw_secrets_operator_sealed_objects metric at 0 for the old key, or the Reencrypted
     /// Event). Manifests made with `claw-secrets seal` before the rotation can no longer be
     /// applied once their key is removed: seal them again. Needs list on clawsecrets in every
-    /// namespace, and get and update on the keyring Secret.
+    /// namespace and on clawnodes, and get and update on the keyring Secret.
     ///
     /// With --data-dir, a dev data dir's master.key: a retired key is removed only when no
     /// secret, entry file or store manifest line of that dir uses it (after the re-encryption
@@ -206,6 +208,36 @@ async fn prune(client: &kube::Client, namespace: &str, secret: &str) -> Result<(
                 .join(", ")
         ));
     }
+    // What each node's store still needs (an agent without deliveries keeps its store under
+    // the master keyring; one that was down through a rotation still needs the old key).
+    let nodes = Api::<ClawNode>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("listing ClawNodes: {e}"))?;
+    let mut unreported = Vec::new();
+    for node in &nodes.items {
+        let name = format!("node {}'s store", node.name_any());
+        match &node.status {
+            Some(status) => {
+                for key in &status.master_keys {
+                    in_use.entry(key.clone()).or_default().push(name.clone());
+                }
+            }
+            None => unreported.push(node.name_any()),
+        }
+    }
+    if !unreported.is_empty() {
+        return Err(format!(
+            "the agents of {} nodes have not reported which master keys their stores need (status.masterKeys of their ClawNode: {}); run again once they have (an agent reports within seconds of starting), or, for a node gone for good, `kubectl delete clawnode NAME`. Nothing was removed",
+            unreported.len(),
+            unreported
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let ring = crate::k8s::keyring::load(client, namespace, secret)
         .await
         .map_err(|e| e.to_string())?
@@ -222,7 +254,7 @@ async fn prune(client: &kube::Client, namespace: &str, secret: &str) -> Result<(
             .map(|id| format!("{id} by {} (e.g. {})", in_use[id].len(), in_use[id][0]))
             .collect();
         return Err(format!(
-            "retired keys are still needed: {}; wait for re-encryption (claw_secrets_operator_sealed_objects) and run again. Nothing was removed",
+            "retired keys are still needed: {}; wait for re-encryption (claw_secrets_operator_sealed_objects, and each node's agent: status.masterKeys of its ClawNode) and run again. Nothing was removed",
             what.join("; ")
         ));
     }

@@ -328,6 +328,7 @@ pub struct Condition {
     version = "v1beta1",
     kind = "ClawNode",
     plural = "clawnodes",
+    status = "ClawNodeStatus",
     shortname = "cnode",
     category = "claw",
     doc = "A Clawbernetes node's public key, published by the node's claw-secrets agent; secrets are sealed to it for that node alone.",
@@ -353,6 +354,28 @@ pub struct ClawNodeSpec {
     /// id means a new key (a replaced node, or a wiped data dir).
     #[schemars(regex(pattern = r"^k-[0-9a-f]{16}$"))]
     pub key_id: String,
+}
+
+/// What the node's agent reports about its store.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClawNodeStatus {
+    /// The master keys (ids) the node's store still needs to open or authenticate what it holds.
+    /// Empty for an agent on deliveries (its store is under the node key); an agent without
+    /// deliveries re-encrypts its store under each new active master key and reports again.
+    /// `claw-secrets keys prune` keeps every key listed by any ClawNode (docs/crypto.md,
+    /// "Keyring").
+    #[serde(default)]
+    #[schemars(
+        length(max = 64),
+        inner(regex(pattern = r"^k-[0-9a-f]{16}$")),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    pub master_keys: Vec<String>,
+    /// When the agent last looked at its store (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub observed_time: Option<String>,
 }
 
 /// Versions still served beside the types' own (the storage version), with the same schema, so

@@ -90,7 +90,7 @@ pub async fn publish_status(
             "name": STATUS_CONFIGMAP,
             "labels": { "app.kubernetes.io/managed-by": "claw-secrets-operator" },
             "annotations": {
-                "clawbernetes.io/usage": "written by the operator's leader after each re-encryption pass; `claw-secrets keys prune` removes retired keys once no ClawSecret needs them",
+                "clawbernetes.io/usage": "written by the operator's leader after each re-encryption pass; `claw-secrets keys prune` removes retired keys once no ClawSecret and no node's store (status.masterKeys of its ClawNode) needs them",
             },
         },
         "data": {

@@ -40,7 +40,7 @@ use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use claw_secrets::k8s::crd::{ClawConfig, ClawSecret};
+use claw_secrets::k8s::crd::{ClawConfig, ClawNode, ClawSecret};
 
 use crate::control_plane::{self, ControlPlane, TestEnv};
 use crate::process::free_port;
@@ -134,8 +134,15 @@ impl Cluster {
     pub async fn cleanup(self) {
         let nodes: Vec<String> = std::mem::take(&mut *self.nodes.lock().unwrap());
         let api = Api::<Node>::all(self.client());
+        // Each agent's ClawNode is owned by its Node: in a cluster the garbage collector
+        // deletes it with the Node; the test control plane has none, so this does (a leftover
+        // ClawNode names the master keys a deleted store needed, and `keys prune` keeps them).
+        let claw_nodes = Api::<ClawNode>::all(self.client());
         for node in nodes {
             let _ = api.delete(&node, &kube::api::DeleteParams::default()).await;
+            let _ = claw_nodes
+                .delete(&node, &kube::api::DeleteParams::default())
+                .await;
         }
         self.env.cleanup().await;
     }

@@ -22,6 +22,7 @@ pub mod node_key;
 pub mod receive;
 mod rekey;
 mod serving_cert;
+mod store_keys;
 mod sync;
 
 pub use metrics::AgentMetrics;
@@ -149,20 +150,28 @@ async fn first_keyring(client: &kube::Client, config: &AgentConfig) -> Keyring {
 }
 
 /// Follows the keyring Secret (a watch of it; a new master key is used as soon as it is
-/// written), caching each version on disk for restarts without the API server.
-async fn refresh_keyring(client: kube::Client, config: AgentConfig, keys: SharedKeyring) {
+/// written), caching each version on disk for restarts without the API server, and telling
+/// `changed`'s receivers (the store's re-encryption, [`store_keys`]).
+async fn refresh_keyring(
+    client: kube::Client,
+    config: AgentConfig,
+    keys: SharedKeyring,
+    changed: watch::Sender<()>,
+) {
     let cache = config.data_dir.join("master.key");
+    let changed = Arc::new(changed);
     crate::k8s::keyring::follow(
         client,
         config.master_key_namespace.clone(),
         config.master_key_secret.clone(),
         keys,
         move |ring| {
-            let cache = cache.clone();
+            let (cache, changed) = (cache.clone(), changed.clone());
             async move {
                 if let Err(e) = write_private_file_atomic(&cache, &ring.to_json()) {
                     tracing::error!(error = %e, "could not cache the keyring");
                 }
+                changed.send_replace(());
             }
         },
     )
@@ -260,12 +269,30 @@ pub async fn run(
         "audit anchor",
         crate::audit::keep_anchored(audit.clone(), store.clone()),
     );
+    let (keyring_changed, keyring_changes) = watch::channel(());
     if let Some(master_keys) = &master_keys {
         background.spawn(
             "keyring refresh",
-            refresh_keyring(client.clone(), config.clone(), master_keys.clone()),
+            refresh_keyring(
+                client.clone(),
+                config.clone(),
+                master_keys.clone(),
+                keyring_changed,
+            ),
         );
+    } else {
+        drop(keyring_changed);
     }
+    background.spawn(
+        "store key report",
+        store_keys::keep_reported(
+            client.clone(),
+            config.node_name.clone(),
+            store.clone(),
+            master_keys.clone(),
+            keyring_changes,
+        ),
+    );
     background.spawn(
         "node key publication",
         node_key::publish(

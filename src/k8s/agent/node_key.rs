@@ -83,6 +83,7 @@ pub fn claw_node(node: &str, node_uid: &str, ring: &Keyring) -> ClawNode {
             public_key: public_key(ring).to_text(),
             key_id: ring.active().id().to_string(),
         },
+        status: None,
     }
 }
 
