@@ -2737,6 +2737,22 @@ async fn a_rotation_of_1000_secrets_survives_a_leader_kill_while_agents_serve() 
         }
     })
     .await;
+    // Nothing on the node needs the old key: its agent says its store is under the new one.
+    let claw_nodes: Api<ClawNode> = Api::all(c.client());
+    eventually("the node's store to need only the new key", || async {
+        let keys = claw_nodes
+            .get(&agent.node)
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .map(|s| s.master_keys);
+        if keys.as_deref() == Some(&[new_key.clone()][..]) {
+            Ok(())
+        } else {
+            Err(format!("status.masterKeys {keys:?}"))
+        }
+    })
+    .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (reads, errors) = reader.await.unwrap();
     println!(
