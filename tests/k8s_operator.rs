@@ -2150,6 +2150,25 @@ async fn the_keyring_can_be_wrapped_by_a_kms_v2_plugin() {
         || served("after", "v2"),
     )
     .await;
+    // `keys prune` through the plugin, once re-encryption has moved every secret off the old
+    // key: the old key leaves the keyring, which stays wrapped, and what it sealed still opens.
+    eventually("keys prune removes the retired key", || async {
+        let out = keys_command(&env, &["prune", "--kms-plugin", &endpoint]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && text.contains(&format!("removed retired master keys {old_key}"))
+        {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    assert_only_wrapped(&secrets, &old_keys).await;
+    eventually("the agent serves the re-encrypted secret", || {
+        served("before", "v1")
+    })
+    .await;
 
     // The plugin gone: the operator goes on with the keyring it holds; a reader that needs the
     // plugin fails with an error saying so, without a panic or a key in it.
