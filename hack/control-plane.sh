@@ -2,7 +2,8 @@
 # A real Kubernetes control plane (etcd + kube-apiserver) for tests, built from the Go module
 # proxy. No Docker, no release downloads. See docs/control-plane.md.
 #
-#   hack/control-plane.sh install [--node]     build kube-apiserver, kubectl, etcd and helm once per
+#   hack/control-plane.sh install [--node]     build kube-apiserver, kubectl, etcd, helm and a test
+#                                              KMS v2 plugin (kms-plugin) once per
 #                                              version into the cache, with the CRDs every test
 #                                              control plane serves (crds/: the Prometheus
 #                                              Operator's ServiceMonitor); print the bin dir on stdout.
@@ -69,6 +70,8 @@ stamp_of() { # wrapper ldflags
     {
         printf '%s\n' "$2"
         cat "$WRAPPERS/$1/go.mod" "$WRAPPERS/$1/go.sum"
+        # A wrapper with code of its own (kms-plugin): its sources too.
+        find "$WRAPPERS/$1" -maxdepth 1 -name '*.go' -print0 | sort -z | xargs -0r cat
     } | sha256sum | cut -d' ' -f1
 }
 
@@ -150,7 +153,8 @@ cmd_install() {
     export CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" GOWORK=off
     local w m v
     for w in kubernetes:k8s.io/kubernetes:$K8S_VERSION node:k8s.io/kubernetes:$K8S_VERSION \
-        etcd:go.etcd.io/etcd/server/v3:$ETCD_VERSION helm:helm.sh/helm/v3:$HELM_VERSION; do
+        etcd:go.etcd.io/etcd/server/v3:$ETCD_VERSION helm:helm.sh/helm/v3:$HELM_VERSION \
+        "kms-plugin:k8s.io/kms:v0.${K8S_VERSION#v1.}"; do
         IFS=: read -r w m v <<<"$w"
         grep -qE "^[[:space:]]*(require[[:space:]]+)?$m $v( |\$)" "$WRAPPERS/$w/go.mod" ||
             die "hack/k8s-bin/$w/go.mod does not require $m $v (versions.env); run: bash hack/k8s-bin/update.sh"
@@ -189,6 +193,8 @@ cmd_install() {
         hv+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$cg_minor"
     done
     build_wrapper helm "-s -w $hv" helm=helm.sh/helm/v3/cmd/helm
+    # A KMS v2 plugin for the tests of --kms-plugin, on Kubernetes' own k8s.io/kms (small).
+    build_wrapper kms-plugin "-s -w" kms-plugin=claw-secrets/hack/k8s-bin/kms-plugin
     install_crds
 
     log "kube-apiserver: $("$BIN/kube-apiserver" --version 2>&1)"

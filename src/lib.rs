@@ -12,6 +12,8 @@
 //! - [`backends`]: the dev-mode seams (`local`: the tokens file and the node store).
 //! - [`k8s`]: CRDs, the operator, the node agent and its seams (TokenReview and
 //!   SubjectAccessReview; the API server for writes).
+//! - [`kms`]: a client of Kubernetes KMS v2 plugins, to wrap the master keyring (used by
+//!   [`k8s`]).
 //! - [`cli`]: the `claw-secrets` command line.
 //!
 //! [`hex`] and [`trailer`] are leaves every layer may use, and so is `faults` (the steps of a
@@ -28,6 +30,7 @@ mod faults;
 pub mod hex;
 pub mod invoke;
 pub mod k8s;
+pub mod kms;
 pub mod store;
 pub mod tls;
 pub mod trailer;

@@ -1418,6 +1418,92 @@ fn chart_rbac_is_deploy_rbac() {
     }
 }
 
+/// `masterKey.kmsPluginSocket`: off by default; set, the operator gets the socket's directory
+/// from the node, `--kms-plugin` naming the socket in it, and `update` on the keyring Secret
+/// (to wrap a plaintext keyring in place) even without scheduled rotation. The binary takes
+/// the flag.
+#[test]
+fn the_kms_plugin_socket_is_mounted_into_the_operator_and_named_by_its_flag() {
+    let operator_of = |objects: &[Value]| pod_spec(the(objects, "Deployment")).clone();
+    let keyring_verbs = |objects: &[Value]| {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == "Role")
+            .flat_map(|o| o["rules"].as_array().cloned().unwrap_or_default())
+            .filter(|r| r["resourceNames"] == json!(["claw-secrets-master-key"]))
+            .flat_map(|r| strings(&r["verbs"]))
+            .collect::<Vec<String>>()
+    };
+
+    let defaults = render(
+        "claw-secrets",
+        "claw-secrets",
+        &["--set-string", "operator.keyRotationPeriod=0"],
+    );
+    let spec = operator_of(&defaults);
+    let args = strings(&spec["containers"][0]["args"]);
+    assert!(
+        !args.iter().any(|a| a.starts_with("--kms-plugin")),
+        "{args:?}"
+    );
+    assert!(!spec.to_string().contains("hostPath"), "{spec}");
+    assert!(keyring_verbs(&defaults).contains(&"get".to_owned()));
+    assert!(!keyring_verbs(&defaults).contains(&"update".to_owned()));
+
+    let wrapped = render(
+        "claw-secrets",
+        "claw-secrets",
+        &[
+            "--set-string",
+            "operator.keyRotationPeriod=0",
+            "--set",
+            "masterKey.kmsPluginSocket=/var/run/kmsplugin/socket.sock",
+        ],
+    );
+    let spec = operator_of(&wrapped);
+    let container = &spec["containers"][0];
+    let args = strings(&container["args"]);
+    assert_eq!(
+        flag(&args, "--kms-plugin"),
+        "unix:///var/run/claw-secrets/kms/socket.sock"
+    );
+    let volume = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == "kms-plugin")
+        .expect("the kms-plugin volume");
+    assert_eq!(volume["hostPath"]["path"], "/var/run/kmsplugin");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == "kms-plugin")
+        .expect("the kms-plugin mount");
+    assert_eq!(mount["mountPath"], "/var/run/claw-secrets/kms");
+    assert!(keyring_verbs(&wrapped).contains(&"update".to_owned()));
+    // The agents (on deliveries) read no keyring: nothing of it for them.
+    assert!(
+        !pod_spec(the(&wrapped, "DaemonSet"))
+            .to_string()
+            .contains("kms")
+    );
+
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_claw-secrets"))
+        .args(["operator", "--help"])
+        .output()
+        .expect("claw-secrets operator --help");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--kms-plugin"));
+
+    // Not an absolute socket path: refused by the schema.
+    let r = template(
+        "claw-secrets",
+        "claw-secrets",
+        &["--set", "masterKey.kmsPluginSocket=socket.sock"],
+    );
+    assert!(!r.ok && r.stderr.contains("schema"), "{}", r.stderr);
+}
+
 /// `helm test`: a workload of the test's own reads a marker ClawSecret back through the agent
 /// on its node, as a workload would (hostIP and hostPort, projected token, named in
 /// allowedWorkloads); created before the pod, all deleted once it succeeds. Nothing without a

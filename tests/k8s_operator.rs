@@ -1828,3 +1828,381 @@ async fn the_master_key_is_rotated_on_schedule() {
     op.kill();
     env.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The keyring wrapped by a KMS v2 plugin (issue 18)
+// ---------------------------------------------------------------------------------------------
+
+/// The test KMS v2 plugin (`hack/k8s-bin/kms-plugin`: Kubernetes' own k8s.io/kms gRPC server
+/// around AES-GCM, built by `hack/control-plane.sh install`) on a Unix socket in a temp dir.
+/// Its Decrypt refuses a request without the key id and the annotations its Encrypt returned.
+struct KmsPluginProcess {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl KmsPluginProcess {
+    fn start() -> KmsPluginProcess {
+        let bin = control_plane::bin_dir().join("kms-plugin");
+        assert!(
+            bin.is_file(),
+            "{} is missing: build it with `bash hack/control-plane.sh install`",
+            bin.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("claw-kms-")
+            .tempdir()
+            .expect("temp dir");
+        let log = std::fs::File::create(dir.path().join("plugin.log")).expect("plugin log");
+        let child = Command::new(&bin)
+            .arg("--listen")
+            .arg(dir.path().join("kms.sock"))
+            .arg("--key-file")
+            .arg(dir.path().join("kek"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let mut plugin = KmsPluginProcess {
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while !plugin.dir.path().join("kms.sock").exists() {
+            if let Some(status) = plugin
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("the KMS plugin exited ({status}): {}", plugin.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the KMS plugin made no socket: {}",
+                plugin.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        plugin
+    }
+
+    /// `unix:///…/kms.sock`, as kube-apiserver's EncryptionConfiguration names a plugin.
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.dir.path().join("kms.sock").display())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("plugin.log")).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            crate::process::kill(child);
+        }
+    }
+}
+
+impl Drop for KmsPluginProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `claw-secrets keys ARGS --namespace NS` against the test's keyring Secret.
+fn keys_command(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("keys")
+        .args(args)
+        .args(["--namespace", &env.namespace, "--secret", MASTER_KEY])
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env_remove("CLAW_SECRETS_KMS_PLUGIN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running claw-secrets keys")
+}
+
+/// The base64 key texts of a keyring document.
+fn key_texts(keyring_json: &[u8]) -> Vec<String> {
+    let doc: Value = serde_json::from_slice(keyring_json).expect("keyring JSON");
+    doc["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["key"].as_str().expect("key").to_owned())
+        .collect()
+}
+
+fn holds(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// The keyring Secret holds the keyring only wrapped: one data key, `keyring.kms.json`, a
+/// wrapped document of the test plugin's key (with the annotation its Decrypt needs), neither
+/// it nor any other value a keyring or any of `keys`. Returns the wrapped document.
+async fn assert_only_wrapped(secrets: &Api<Secret>, keys: &[String]) -> claw_secrets::kms::Wrapped {
+    use claw_secrets::k8s::keyring::{KEYRING_KEY, KMS_KEYRING_KEY};
+    let stored = secrets.get(MASTER_KEY).await.unwrap();
+    let data = stored.data.clone().unwrap_or_default();
+    assert_eq!(
+        data.keys().collect::<Vec<_>>(),
+        [KMS_KEYRING_KEY],
+        "the keyring Secret's data keys (no {KEYRING_KEY})"
+    );
+    let raw = serde_json::to_vec(&stored).unwrap();
+    for (name, value) in &data {
+        assert!(
+            claw_secrets::crypto::Keyring::from_json(&value.0).is_err(),
+            "{name} is a plaintext keyring"
+        );
+        for key in keys {
+            assert!(!holds(&value.0, key), "{name} holds a master key");
+        }
+    }
+    for key in keys {
+        assert!(!holds(&raw, key), "the Secret holds a master key");
+    }
+    let wrapped = claw_secrets::kms::Wrapped::from_json(&data[KMS_KEYRING_KEY].0)
+        .expect("a wrapped keyring document");
+    assert!(
+        wrapped.key_id.starts_with("test-kek-"),
+        "{}",
+        wrapped.key_id
+    );
+    assert!(
+        wrapped
+            .annotations
+            .contains_key("nonce.kms.claw-secrets.test"),
+        "{:?}",
+        wrapped.annotations.keys()
+    );
+    wrapped
+}
+
+/// Issue 18: with `--kms-plugin`, the keyring Secret holds no plaintext key, only the KMS v2
+/// plugin's encryption of the keyring. An operator given the flag wraps a plaintext keyring in
+/// place; it, an agent without deliveries and `keys rotate` open and write it through the plugin
+/// (the real k8s.io/kms server, whose Decrypt needs the key id and annotations passed back);
+/// readers without the flag, and every reader once the plugin is gone, fail with an error that
+/// says what to do, and no key in it.
+#[tokio::test]
+async fn the_keyring_can_be_wrapped_by_a_kms_v2_plugin() {
+    use claw_secrets::k8s::keyring::{KEYRING_KEY, KMS_KEYRING_KEY};
+    let env = setup("op-kms").await;
+    let ns = env.namespace.as_str();
+    let api: Api<ClawSecret> = env.api();
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
+    let mut plugin = KmsPluginProcess::start();
+    let endpoint = plugin.endpoint();
+    let with_kms = ["--kms-plugin", endpoint.as_str()];
+
+    // Before: a keyring made without the plugin, in plaintext, and a secret sealed under it.
+    // (A short Lease: the next operator leads soon after this one is killed.)
+    let mut plain_op = Operator::start(&env, "op-plain", 5);
+    api.create(
+        &PostParams::default(),
+        &secret_with_data("before", &[("k", "v1")]),
+    )
+    .await
+    .unwrap();
+    let old_key = sealed_at(&api, "before", 1)
+        .await
+        .spec
+        .sealed
+        .unwrap()
+        .key_id;
+    let plain = secrets.get(MASTER_KEY).await.unwrap();
+    let old_keys = key_texts(&plain.data.as_ref().unwrap()[KEYRING_KEY].0);
+    assert_eq!(old_keys.len(), 1);
+    plain_op.kill();
+
+    // An operator with the plugin checks it, wraps the keyring in place and says so.
+    let mut op = Operator::start_args(&env, "op-kms", 15, &with_kms);
+    eventually(
+        "the operator wraps the plaintext keyring in place",
+        || async {
+            let log = op.log_text();
+            if log.contains("wrapped it in place") {
+                Ok(())
+            } else {
+                Err(op.log_tail())
+            }
+        },
+    )
+    .await;
+    let log = op.log_text();
+    assert!(log.contains("KMS plugin healthy"), "{log}");
+    assert!(
+        log.contains("test-kek-"),
+        "the plugin's key id is logged: {log}"
+    );
+    assert_only_wrapped(&secrets, &old_keys).await;
+    // Same keyring: what it seals now is under the same master key.
+    api.create(
+        &PostParams::default(),
+        &secret_with_data("wrapped", &[("k", "w1")]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        sealed_at(&api, "wrapped", 1)
+            .await
+            .spec
+            .sealed
+            .unwrap()
+            .key_id,
+        old_key
+    );
+
+    // An agent without deliveries opens it through the plugin, and serves both secrets.
+    let node = format!("node-kms-{}", &ns[ns.len() - 6..]);
+    cluster::create_node(&env.client, &node, &[]).await;
+    let agent_dir = tempfile::Builder::new()
+        .prefix("claw-agent-kms-")
+        .tempdir()
+        .expect("temp dir");
+    let agent = cluster::Agent::start_with_args(
+        &env.kubeconfig,
+        &node,
+        agent_dir,
+        &format!("{ns}/{MASTER_KEY}"),
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        with_kms.iter().map(|a| (*a).to_owned()).collect(),
+    )
+    .await;
+    let token = cluster::service_account_token(&env.client, ns, "app").await;
+    let served = |name: &'static str, want: &'static str| {
+        let (agent, token) = (&agent, &token);
+        async move {
+            let got = agent.get_secret(token, ns, name).await.result()?;
+            if got["data"]["k"] == json!(want) {
+                Ok(())
+            } else {
+                Err(got.to_string())
+            }
+        }
+    };
+    eventually("the agent serves the secret sealed before wrapping", || {
+        served("before", "v1")
+    })
+    .await;
+    eventually("the agent serves the secret sealed after", || {
+        served("wrapped", "w1")
+    })
+    .await;
+
+    // A reader without the flag is told which flag it needs: `keys`, and an operator.
+    let out = keys_command(&env, &["rotate"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "keys rotate without --kms-plugin");
+    assert!(
+        stderr.contains("--kms-plugin") && stderr.contains(KMS_KEYRING_KEY),
+        "{stderr}"
+    );
+    let mut blind = Operator::start_args(&env, "op-no-kms", 15, &[]);
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = blind.exited() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{}", blind.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    assert!(
+        blind.log_text().contains("--kms-plugin"),
+        "{}",
+        blind.log_tail()
+    );
+
+    // `keys rotate` through the plugin: a new active key, still wrapped, followed by the
+    // operator (it seals under it) and the agent (it opens what is sealed under it).
+    let out = keys_command(&env, &["rotate", "--kms-plugin", &endpoint]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "keys rotate: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_key = stdout
+        .split_whitespace()
+        .nth(2)
+        .expect("master key ID is active")
+        .to_owned();
+    assert_ne!(new_key, old_key);
+    assert_only_wrapped(&secrets, &old_keys).await;
+    api.create(
+        &PostParams::default(),
+        &secret_with_data("after", &[("k", "v2")]),
+    )
+    .await
+    .unwrap();
+    eventually("the operator seals under the rotated key", || async {
+        let s = sealed_at(&api, "after", 1).await;
+        let key = s.spec.sealed.map(|s| s.key_id).unwrap_or_default();
+        if key == new_key { Ok(()) } else { Err(key) }
+    })
+    .await;
+    eventually(
+        "the agent serves what is sealed under the rotated key",
+        || served("after", "v2"),
+    )
+    .await;
+    // `keys prune` through the plugin, once re-encryption has moved every secret off the old
+    // key: the old key leaves the keyring, which stays wrapped, and what it sealed still opens.
+    eventually("keys prune removes the retired key", || async {
+        let out = keys_command(&env, &["prune", "--kms-plugin", &endpoint]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && text.contains(&format!("removed retired master keys {old_key}"))
+        {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    assert_only_wrapped(&secrets, &old_keys).await;
+    eventually("the agent serves the re-encrypted secret", || {
+        served("before", "v1")
+    })
+    .await;
+
+    // The plugin gone: the operator goes on with the keyring it holds; a reader that needs the
+    // plugin fails with an error saying so, without a panic or a key in it.
+    plugin.stop();
+    let out = keys_command(&env, &["rotate", "--kms-plugin", &endpoint]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot reach the KMS plugin"), "{stderr}");
+    assert!(stderr.contains(&endpoint), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for key in &old_keys {
+        assert!(!stderr.contains(key.as_str()), "a key in: {stderr}");
+    }
+    api.create(
+        &PostParams::default(),
+        &secret_with_data("outage", &[("k", "v3")]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        sealed_at(&api, "outage", 1)
+            .await
+            .spec
+            .sealed
+            .unwrap()
+            .key_id,
+        new_key
+    );
+    assert!(op.exited().is_none(), "{}", op.log_tail());
+    assert!(!op.log_text().contains("panicked"), "{}", op.log_tail());
+
+    drop(agent);
+    let _ = Api::<k8s_openapi::api::core::v1::Node>::all(env.client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await;
+    env.cleanup().await;
+}

@@ -8,6 +8,8 @@
 #   etcd/        requires go.etcd.io/etcd/server/v3 (whose own go.mod has replace lines, so
 #                `go install ...@version` cannot build it).
 #   helm/        requires helm.sh/helm/v3.
+#   kms-plugin/  a test KMS v2 plugin of our own (main.go) on k8s.io/kms: only its require line
+#                is set here (the staging version of K8S_VERSION).
 #
 # Each wrapper names the binaries it builds with go.mod `tool` directives, so `go mod tidy`
 # records every dependency they need in go.sum, and `go build -mod=readonly` is reproducible.
@@ -20,7 +22,7 @@ export GOTOOLCHAIN=local GOFLAGS=-mod=mod GOWORK=off
 log() { printf 'update.sh: %s\n' "$*" >&2; }
 
 # WRAPPERS="node" regenerates only those wrappers (default: all of them).
-WRAPPERS="${WRAPPERS:-kubernetes node etcd helm}"
+WRAPPERS="${WRAPPERS:-kubernetes node etcd helm kms-plugin}"
 wanted() { [[ " $WRAPPERS " == *" $1 "* ]]; }
 
 # Minor release "v0.34.4" that matches "v1.34.4".
@@ -108,6 +110,8 @@ wanted helm && mkdir -p "$here/helm" && {
     echo
     echo "require helm.sh/helm/v3 $HELM_VERSION"
 } > "$here/helm/go.mod" && rm -f "$here/helm/go.sum"
+
+wanted kms-plugin && (cd "$here/kms-plugin" && go mod edit -require="k8s.io/kms@$staging_version")
 
 for w in $WRAPPERS; do
     log "go mod tidy in $w/"

@@ -63,6 +63,9 @@ pub struct AgentArgs {
     http: super::http_limits::HttpLimitArgs,
     #[command(flatten)]
     gateway: super::gateway::GatewayArgs,
+    // Only an agent without --delivery-token-file reads the master keyring.
+    #[command(flatten)]
+    kms: super::kms::KmsArgs,
 }
 
 /// `--prepare-data-dir`: create `dir` (0700) if missing and hand it to `owner`. No chmod of an
@@ -131,6 +134,13 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
             }
         },
     };
+    let kms = match args.kms.plugin() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("usage error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let gateway = match args.gateway.setup(
         &args.data_dir,
         format!("claw-secrets agent {}", args.node_name),
@@ -155,6 +165,7 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
             crate::k8s::agent::AgentTls::Files,
         ),
         deliveries,
+        kms,
     };
     let Some(runtime) = super::runtime(true) else {
         return ExitCode::FAILURE;
@@ -172,6 +183,15 @@ pub fn run_cli(args: AgentArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Not fatal here: an agent serves from its cached keyring with the plugin down; the
+        // plugin is needed when the keyring Secret changes (or on a first start).
+        if let Some(kms) = config.kms.clone() {
+            tokio::spawn(async move {
+                if let Err(e) = super::kms::check(&kms).await {
+                    tracing::warn!(error = %e, "the KMS plugin is not usable yet");
+                }
+            });
+        }
         match run(client, config, gateway, super::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

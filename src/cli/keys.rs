@@ -16,6 +16,7 @@ use super::dev_keys::{DataDirKeys, KEYRING_FILE, local_subject};
 use crate::audit;
 use crate::crypto::SharedKeyring;
 use crate::k8s::crd::{ClawNode, ClawSecret};
+use crate::kms::KmsPlugin;
 use crate::store::{OpenOptions, Store};
 
 #[derive(Debug, Subcommand)]
@@ -48,6 +49,9 @@ pub enum KeysCommand {
         /// A dev data dir (`claw-secrets dev --data-dir`) to act on instead of a cluster.
         #[arg(long, conflicts_with_all = ["namespace", "secret"])]
         data_dir: Option<PathBuf>,
+        // Cluster only.
+        #[command(flatten)]
+        kms: super::kms::KmsArgs,
     },
     /// Remove retired master keys that no ClawSecret needs any more; refuse while one does
     ///
@@ -78,6 +82,9 @@ pub enum KeysCommand {
         /// A dev data dir (`claw-secrets dev --data-dir`) to act on instead of a cluster.
         #[arg(long, conflicts_with_all = ["namespace", "secret"])]
         data_dir: Option<PathBuf>,
+        // Cluster only.
+        #[command(flatten)]
+        kms: super::kms::KmsArgs,
     },
 }
 
@@ -92,13 +99,19 @@ pub fn run(cmd: KeysCommand) -> ExitCode {
             ..
         } => run_dev(&dir, Action::Prune),
         cmd => super::with_cluster(|client| async move {
+            let (KeysCommand::Rotate { kms, .. } | KeysCommand::Prune { kms, .. }) = &cmd;
+            let kms = kms.plugin()?;
+            if let Some(kms) = &kms {
+                super::kms::check(kms).await?;
+            }
+            let kms = kms.as_ref();
             match cmd {
                 KeysCommand::Rotate {
                     namespace, secret, ..
-                } => rotate(&client, &namespace, &secret).await,
+                } => rotate(&client, &namespace, &secret, kms).await,
                 KeysCommand::Prune {
                     namespace, secret, ..
-                } => prune(&client, &namespace, &secret).await,
+                } => prune(&client, &namespace, &secret, kms).await,
             }
         }),
     }
@@ -167,8 +180,13 @@ async fn dev_action(data_dir: &Path, action: Action) -> Result<String, String> {
     result
 }
 
-async fn rotate(client: &kube::Client, namespace: &str, secret: &str) -> Result<(), String> {
-    let (retired, active) = crate::k8s::keyring::rotate(client, namespace, secret)
+async fn rotate(
+    client: &kube::Client,
+    namespace: &str,
+    secret: &str,
+    kms: Option<&KmsPlugin>,
+) -> Result<(), String> {
+    let (retired, active) = crate::k8s::keyring::rotate(client, namespace, secret, kms)
         .await
         .map_err(|e| e.to_string())?;
     println!(
@@ -180,7 +198,12 @@ async fn rotate(client: &kube::Client, namespace: &str, secret: &str) -> Result<
     Ok(())
 }
 
-async fn prune(client: &kube::Client, namespace: &str, secret: &str) -> Result<(), String> {
+async fn prune(
+    client: &kube::Client,
+    namespace: &str,
+    secret: &str,
+    kms: Option<&KmsPlugin>,
+) -> Result<(), String> {
     let objects = Api::<ClawSecret>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -238,7 +261,7 @@ async fn prune(client: &kube::Client, namespace: &str, secret: &str) -> Result<(
                 .join(", ")
         ));
     }
-    let ring = crate::k8s::keyring::load(client, namespace, secret)
+    let ring = crate::k8s::keyring::load(client, namespace, secret, kms)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("the keyring Secret {namespace}/{secret} does not exist"))?;
@@ -259,7 +282,7 @@ async fn prune(client: &kube::Client, namespace: &str, secret: &str) -> Result<(
         ));
     }
     let keys: BTreeSet<String> = in_use.into_keys().collect();
-    let removed = crate::k8s::keyring::prune(client, namespace, secret, &keys)
+    let removed = crate::k8s::keyring::prune(client, namespace, secret, &keys, kms)
         .await
         .map_err(|e| e.to_string())?;
     if removed.is_empty() {

@@ -11,6 +11,7 @@ mod gateway;
 mod http_limits;
 mod invoke;
 mod keys;
+mod kms;
 mod kubeconfig;
 mod migrate;
 mod operator;

@@ -97,6 +97,8 @@ pub struct OperatorArgs {
     /// Secret.
     #[arg(long, value_name = "PERIOD", default_value = "30d", value_parser = super::duration::parse_period)]
     key_rotation_period: super::duration::Period,
+    #[command(flatten)]
+    kms: super::kms::KmsArgs,
 }
 
 /// A certificate lifetime: a period (as --key-rotation-period) that is not off, at most a year.
@@ -173,6 +175,13 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let kms = match args.kms.plugin() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("usage error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let watch_namespace = args.watch_namespace.filter(|n| !n.is_empty());
     let config = OperatorConfig {
         webhook,
@@ -196,6 +205,7 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
         data_dir: args.data_dir,
         reencrypt_per_second: args.reencrypt_per_second,
         key_rotation_period: args.key_rotation_period.0,
+        kms,
     };
     let Some(runtime) = super::runtime(true) else {
         return ExitCode::FAILURE;
@@ -210,6 +220,13 @@ pub fn run_cli(args: OperatorArgs) -> ExitCode {
         };
         tracing::info!(identity = %config.lease.identity, namespace = %config.namespace,
             "claw-secrets operator starting");
+        if let Some(kms) = &config.kms
+            && let Err(e) = super::kms::check(kms).await
+        {
+            tracing::error!(error = %e, "the KMS plugin is not usable");
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
         match run(client, config, super::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -62,6 +62,9 @@ pub struct AgentConfig {
     /// Where the node's secrets come from: the operator's deliveries (sealed to this node's
     /// key), or, without, a watch of every ClawSecret opened with the master keyring.
     pub deliveries: Option<DeliverySource>,
+    /// The KMS v2 plugin the keyring Secret is wrapped with (`--kms-plugin`); only an agent
+    /// without deliveries reads the keyring.
+    pub kms: Option<crate::kms::KmsPlugin>,
 }
 
 /// Where the agent's serving certificate comes from.
@@ -117,14 +120,16 @@ fn cached_keyring(path: &Path) -> Option<Keyring> {
     }
 }
 
-/// Waits for the keyring Secret (first start: nothing cached), retrying with backoff.
-async fn first_keyring(client: &kube::Client, config: &AgentConfig) -> Keyring {
+/// Waits for the keyring Secret (first start: nothing cached), retrying with backoff; a
+/// keyring wrapped by a KMS plugin this agent was not given is fatal (it needs --kms-plugin).
+async fn first_keyring(client: &kube::Client, config: &AgentConfig) -> Result<Keyring, AgentError> {
     let mut delay = Duration::from_millis(500);
     loop {
         match crate::k8s::keyring::load(
             client,
             &config.master_key_namespace,
             &config.master_key_secret,
+            config.kms.as_ref(),
         )
         .await
         {
@@ -134,11 +139,14 @@ async fn first_keyring(client: &kube::Client, config: &AgentConfig) -> Keyring {
                     tracing::error!(error = %e, "could not cache the keyring");
                 }
                 tracing::info!("master keyring loaded from the API server");
-                return ring;
+                return Ok(ring);
             }
             Ok(None) => {
                 tracing::warn!(namespace = %config.master_key_namespace, name = %config.master_key_secret,
                 "master key Secret not found yet; is the operator running?")
+            }
+            Err(e @ crate::k8s::keyring::KeyringError::Wrapped { .. }) => {
+                return Err(AgentError::Setup(e.to_string()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "no cached keyring, and the API server has not given one yet; retrying")
@@ -164,6 +172,7 @@ async fn refresh_keyring(
         client,
         config.master_key_namespace.clone(),
         config.master_key_secret.clone(),
+        config.kms.clone(),
         keys,
         move |ring| {
             let (cache, changed) = (cache.clone(), changed.clone());
@@ -221,7 +230,7 @@ pub async fn run(
         None => {
             let keyring = match cached_keyring(&config.data_dir.join("master.key")) {
                 Some(ring) => ring,
-                None => first_keyring(&client, &config).await,
+                None => first_keyring(&client, &config).await?,
             };
             let keys = SharedKeyring::new(keyring);
             let opened = Store::open(&config.data_dir, keys.clone(), options)

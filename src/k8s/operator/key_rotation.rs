@@ -19,6 +19,7 @@ pub async fn run(
     ctx: Arc<Context>,
     namespace: String,
     name: String,
+    kms: Option<crate::kms::KmsPlugin>,
     period: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -27,7 +28,7 @@ pub async fn run(
             Ok(Some(at)) => {
                 let age = jiff::Timestamp::now().duration_since(at).unsigned_abs();
                 if age >= period {
-                    match keyring::rotate(&ctx.client, &namespace, &name).await {
+                    match keyring::rotate(&ctx.client, &namespace, &name, kms.as_ref()).await {
                         Ok((retired, active)) => {
                             tracing::info!(%retired, %active, period_s = period.as_secs(),
                                 "rotated the master key on schedule");

@@ -106,6 +106,9 @@ pub struct OperatorConfig {
     /// How long a master key stays active before the leader makes a new one active; `None`:
     /// only by hand (`claw-secrets keys rotate`).
     pub key_rotation_period: Option<Duration>,
+    /// The KMS v2 plugin that wraps the keyring in its Secret (`--kms-plugin`); `None`: the
+    /// Secret holds it in plaintext.
+    pub kms: Option<crate::kms::KmsPlugin>,
 }
 
 /// What both reconcilers share.
@@ -410,6 +413,7 @@ pub async fn run(
         client.clone(),
         config.namespace.clone(),
         config.master_key_secret.clone(),
+        config.kms.clone(),
         keyring.clone(),
         {
             let (client, namespace) = (client.clone(), config.namespace.clone());
@@ -605,6 +609,7 @@ async fn lead(
             ctx.clone(),
             config.namespace.clone(),
             config.master_key_secret.clone(),
+            config.kms.clone(),
             period,
             stop.clone(),
         )))
@@ -774,31 +779,38 @@ fn changes_of(mut changes: watch::Receiver<u64>) -> impl futures::Stream<Item = 
     })
 }
 
-/// The master keyring, created on first start. Retries while the API server is unreachable;
-/// an unreadable keyring is fatal (it needs a human).
+/// The master keyring, created on first start (wrapped in place with `--kms-plugin` if found
+/// in plaintext). Retries while the API server or the KMS plugin is unreachable; an unreadable
+/// keyring is fatal (it needs a human).
 async fn load_keyring(client: &kube::Client, config: &OperatorConfig) -> Result<Keyring, Error> {
+    use crate::k8s::keyring::Origin;
     let mut delay = Duration::from_millis(500);
     loop {
         match crate::k8s::keyring::load_or_create(
             client,
             &config.namespace,
             &config.master_key_secret,
+            config.kms.as_ref(),
         )
         .await
         {
-            Ok((keyring, created)) => {
+            Ok((keyring, origin)) => {
                 let active = keyring.active().id().to_string();
-                if created {
-                    tracing::info!(namespace = %config.namespace, secret = %config.master_key_secret,
-                        key_id = %active, "created the master key Secret (first start)");
-                } else {
-                    tracing::info!(namespace = %config.namespace, secret = %config.master_key_secret,
-                        key_id = %active, keys = keyring.key_ids().count(), "loaded the master keyring");
+                let (namespace, secret) = (&config.namespace, &config.master_key_secret);
+                let wrapped = config.kms.is_some();
+                match origin {
+                    Origin::Created => tracing::info!(%namespace, %secret, key_id = %active,
+                        kms_wrapped = wrapped, "created the master key Secret (first start)"),
+                    Origin::Loaded => tracing::info!(%namespace, %secret, key_id = %active,
+                        keys = keyring.key_ids().count(), kms_wrapped = wrapped, "loaded the master keyring"),
+                    Origin::Wrapped => tracing::warn!(%namespace, %secret, key_id = %active,
+                        data_key = crate::k8s::keyring::KMS_KEYRING_KEY,
+                        "the master keyring was stored in plaintext: wrapped it in place with the KMS plugin and removed the plaintext from the Secret (readers of it now need --kms-plugin; copies made before, such as etcd backups, still hold it in plaintext)"),
                 }
                 return Ok(keyring);
             }
-            Err(e @ crate::k8s::keyring::KeyringError::Api { .. }) => {
-                tracing::warn!(error = %e, "cannot read the master key Secret yet; retrying");
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "cannot read the master keyring yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
