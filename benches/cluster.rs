@@ -1704,6 +1704,26 @@ async fn reencrypt_phase(
     .await;
     let held_after = t.elapsed();
     let (before, _) = store_scan(&data_dir, &ns, None);
+    // A new operator works through every object when it starts, and a new agent through its
+    // first set: the baseline begins once both are idle (under 0.05 cores for 2 s in a row).
+    let quiet_pids = [
+        agent.pid().expect("agent pid"),
+        operator.pid().expect("operator pid"),
+    ];
+    let t = Instant::now();
+    let mut quiet_for = 0;
+    // (Not in the smoke run, which checks correctness only.)
+    while bench && quiet_for < 2 && t.elapsed() < Duration::from_secs(600) {
+        let a = (Instant::now(), cpu_snapshot());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (cores, _, _) = cores_between(&a, &(Instant::now(), cpu_snapshot()), &quiet_pids);
+        quiet_for = if cores.iter().all(|c| *c < 0.05) {
+            quiet_for + 1
+        } else {
+            0
+        };
+    }
+    let settled = (quiet_for >= 2).then(|| t.elapsed());
 
     // Each object's key, from a watch of the namespace.
     let tracker = Arc::new(Mutex::new(KeyTracker::default()));
@@ -1925,9 +1945,13 @@ async fn reencrypt_phase(
 
     if bench {
         println!(
-            "\n-- {label}: {} ({n} in its store after {:.1} s)",
+            "\n-- {label}: {} ({n} in its store after {:.1} s; agent and operator idle {})",
             agent.node,
-            held_after.as_secs_f64()
+            held_after.as_secs_f64(),
+            settled.map_or(
+                "NOT within 600 s: the baseline is not idle".to_owned(),
+                |d| { format!("{:.0} s later", d.as_secs_f64()) }
+            )
         );
         println!(
             "rotate          `keys rotate` took {:.2} s; new key {new_key}",
