@@ -16,6 +16,12 @@
 //! 4. `deliveries`: N sealed ClawSecrets split across 3 nodes by `nodeSelector`: the bytes and
 //!    objects every agent lists today (all of them) against each node's `GET /v1/deliveries`
 //!    (its share, sealed to its key), and the operator's time to answer.
+//! 5. `reencrypt`: N sealed ClawSecrets, the operator (webhook and deliveries, as the chart runs
+//!    it) and one agent at a time (on deliveries, then watching with the master keyring) serving
+//!    a closed-loop `secret.get` load: a baseline, then `claw-secrets keys rotate` and the time
+//!    until every object names the new key (objects/s), with the agent's read latency and
+//!    errors meanwhile, at each `--reencrypt-per-second` of BENCH_REENCRYPT_RATES. Not in the
+//!    default parts (at 10,000 and 50/s it takes over 7 minutes): `BENCH_PARTS=reencrypt`.
 //!
 //! Run with:
 //!
@@ -24,8 +30,13 @@
 //!
 //! Environment:
 //! - BENCH_PARTS           which parts, in this order (default get,startup,burst,deliveries;
-//!   the smoke run does get,burst,deliveries,startup)
-//! - BENCH_SECRETS         ClawSecrets in the burst and in `deliveries` (default 10000)
+//!   the smoke run does get,burst,deliveries,reencrypt,startup)
+//! - BENCH_SECRETS         ClawSecrets in the burst, `deliveries` and `reencrypt` (default 10000)
+//! - BENCH_REENCRYPT_RATES `--reencrypt-per-second` of each rotation (default 50,10000: the
+//!   default, and one high enough that the API server is the limit)
+//! - BENCH_REENCRYPT_AGENTS which agents read during each rotation (default deliveries,watch)
+//! - BENCH_REENCRYPT_CONNECTIONS  reader connections at the agent (default 4)
+//! - BENCH_REENCRYPT_PATIENCE  seconds beyond N / rate a re-encryption may take (default 600)
 //! - BENCH_BURST_INFLIGHT  creates in flight during the burst (default 32)
 //! - BENCH_BURST_PATIENCE  seconds the burst may take before it is reported as not done (600)
 //! - BENCH_BURST_WEBHOOK   1 (default): as the chart installs it, the operator seals at
@@ -35,13 +46,15 @@
 //! - BENCH_BURST_RESTARTS  after the burst, restarts of node-c (10,001 secrets in its store)
 //!   with the API server down (default 5, on an external cluster 0: set there, it fails)
 //! - BENCH_CONNECTIONS     connection counts for `get` (default as benches/http.rs)
-//! - BENCH_SECONDS / BENCH_WARMUP_SECONDS  measured / warm-up seconds per `get` run (10 / 3)
+//! - BENCH_SECONDS / BENCH_WARMUP_SECONDS  measured / warm-up seconds per `get` run, and the
+//!   baseline / warm-up before each rotation of `reencrypt` (10 / 3)
 //! - BENCH_CLIENT_THREADS  load-generator (and kube client) worker threads (default 1)
 //!
 //! Under `cargo bench` the binary the children run is target/release/claw-secrets (printed at
 //! the start). Without `--bench` (as `cargo test --all-targets` runs it) every part runs once,
-//! small (20 secrets, one restart, 100 requests on each of 2 connections per server), checking
-//! correctness only, never time. No secret value is ever printed.
+//! small (20 secrets, one restart, 100 requests on each of 2 connections per server; for
+//! `reencrypt` 20 secrets, one rotation per agent at 10000/s, 2 reader connections, no read may
+//! fail), checking correctness only, never time. No secret value is ever printed.
 
 #[path = "../tests/support/random.rs"]
 mod random;
@@ -116,7 +129,7 @@ fn main() {
     let default_parts = if bench {
         "get,startup,burst,deliveries"
     } else {
-        "get,burst,deliveries,startup"
+        "get,burst,deliveries,reencrypt,startup"
     };
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| default_parts.to_owned());
     let client = tokio::runtime::Builder::new_multi_thread()
@@ -151,9 +164,10 @@ fn main() {
             "startup" => startup(&client, bench, i + 1 == parts.len()),
             "burst" => burst(&client, bench, i + 1 == parts.len()),
             "deliveries" => deliveries(&client, bench),
-            other => {
-                panic!("BENCH_PARTS: unknown part {other:?} (get, startup, burst, deliveries)")
-            }
+            "reencrypt" => reencrypt(&client, bench),
+            other => panic!(
+                "BENCH_PARTS: unknown part {other:?} (get, startup, burst, deliveries, reencrypt)"
+            ),
         }
     }
     if !bench {
@@ -1052,6 +1066,73 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
     });
 }
 
+/// The cluster's master keyring, read from its Secret as the operator reads it.
+async fn master_keyring(c: &Cluster) -> claw_secrets::crypto::Keyring {
+    let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
+    let secret = Api::<Secret>::namespaced(c.client(), key_ns)
+        .get(key_name)
+        .await
+        .unwrap();
+    claw_secrets::crypto::Keyring::from_json(
+        &secret.data.unwrap()[claw_secrets::k8s::keyring::KEYRING_KEY].0,
+    )
+    .unwrap()
+}
+
+/// Creates `n` ClawSecrets `name(i)` in `c`'s namespace, each holding `{"token": value(i)}`
+/// already sealed at version 1 under the master keyring's active key (sealed here, as the
+/// operator seals: no admission or reconcile work), shaped by `shape` (a nodeSelector, allowed
+/// workloads), 32 creates in flight.
+async fn create_sealed(
+    c: &Cluster,
+    n: usize,
+    name: impl Fn(usize) -> String,
+    value: impl Fn(usize) -> String,
+    shape: impl Fn(usize, &mut ClawSecret),
+) {
+    use claw_secrets::crypto::SecretIdentity;
+    use claw_secrets::domain::{Kind, Name, Namespace, SecretData, Version};
+
+    let master = master_keyring(c).await;
+    let namespace = Namespace::parse(c.ns()).unwrap();
+    let api = c.secrets();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (api, master, namespace) = (api.clone(), &master, &namespace);
+            let (name, value) = (name(i), value(i));
+            let data: SecretData = serde_json::from_value(json!({ "token": value })).unwrap();
+            let key = Name::parse(&name).unwrap();
+            let identity = SecretIdentity {
+                kind: Kind::Secret,
+                namespace,
+                name: &key,
+                version: Version::new(1).unwrap(),
+            };
+            let envelope = claw_secrets::crypto::seal(master, &identity, &data).unwrap();
+            let mut obj = cluster::secret_with_data(&name, &[]);
+            obj.spec.data = None;
+            shape(i, &mut obj);
+            obj.spec.sealed = Some(claw_secrets::k8s::crd::SealedData {
+                version: 1,
+                key_id: envelope.key_id().to_string(),
+                envelope: base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    envelope.to_bytes(),
+                ),
+                seal_time: "2026-01-01T00:00:00Z".to_owned(),
+                data_digest: None,
+            });
+            async move {
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Part `deliveries`: what each node receives, before (every ClawSecret) and after (its share)
 // ---------------------------------------------------------------------------------------------
@@ -1062,8 +1143,7 @@ fn burst(client: &tokio::runtime::Runtime, bench: bool, last: bool) {
 /// sealed to its key), with the time the operator took to answer; then a re-check with its
 /// cursor (`304`), and the answer after one of its secrets changed (that one alone).
 fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
-    use claw_secrets::crypto::{Keyring, SecretIdentity};
-    use claw_secrets::domain::{Kind, Name, Namespace, SecretData, Version};
+    use claw_secrets::crypto::Keyring;
     use claw_secrets::k8s::crd::ClawNode;
     use claw_secrets::k8s::delivery::{AUDIENCE, NodeDeliveries};
 
@@ -1103,60 +1183,24 @@ fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
 
         // N sealed ClawSecrets (sealed here with the master keyring: no webhook work), a third
         // selecting each node.
-        let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
-        let secret = Api::<Secret>::namespaced(c.client(), key_ns)
-            .get(key_name)
-            .await
-            .unwrap();
-        let master = Keyring::from_json(
-            &secret.data.unwrap()[claw_secrets::k8s::keyring::KEYRING_KEY].0,
-        )
-        .unwrap();
-        let namespace = Namespace::parse(c.ns()).unwrap();
         let api = c.secrets();
         let started = Instant::now();
-        futures::stream::iter(0..n)
-            .map(|i| {
-                let (api, master, namespace) = (api.clone(), &master, &namespace);
-                async move {
-                    let name = format!("s-{i:05}");
-                    let data: SecretData = serde_json::from_value(
-                        json!({ "token": format!("canary-{}", random::random_hex(12)) }),
-                    )
-                    .unwrap();
-                    let key = Name::parse(&name).unwrap();
-                    let identity = SecretIdentity {
-                        kind: Kind::Secret,
-                        namespace,
-                        name: &key,
-                        version: Version::new(1).unwrap(),
-                    };
-                    let envelope = claw_secrets::crypto::seal(master, &identity, &data).unwrap();
-                    let mut obj = cluster::secret_with_data(&name, &[]);
-                    obj.spec.data = None;
-                    obj.spec.node_selector = Some(
-                        [(
-                            "bench.claw-secrets/node".to_owned(),
-                            letters[i % 3].to_owned(),
-                        )]
-                        .into(),
-                    );
-                    obj.spec.sealed = Some(claw_secrets::k8s::crd::SealedData {
-                        version: 1,
-                        key_id: envelope.key_id().to_string(),
-                        envelope: base64::Engine::encode(
-                            &base64::engine::general_purpose::STANDARD,
-                            envelope.to_bytes(),
-                        ),
-                        seal_time: "2026-01-01T00:00:00Z".to_owned(),
-                        data_digest: None,
-                    });
-                    api.create(&PostParams::default(), &obj).await.unwrap();
-                }
-            })
-            .buffer_unordered(32)
-            .collect::<Vec<()>>()
-            .await;
+        create_sealed(
+            &c,
+            n,
+            |i| format!("s-{i:05}"),
+            |_| format!("canary-{}", random::random_hex(12)),
+            |i, obj| {
+                obj.spec.node_selector = Some(
+                    [(
+                        "bench.claw-secrets/node".to_owned(),
+                        letters[i % 3].to_owned(),
+                    )]
+                    .into(),
+                );
+            },
+        )
+        .await;
         println!(
             "deliveries: {n} sealed ClawSecrets created in {:.1} s, a third selecting each of 3 nodes",
             started.elapsed().as_secs_f64()
@@ -1271,4 +1315,724 @@ fn letters_index(node: &str) -> usize {
         Some(b'b') => 1,
         _ => 2,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part `reencrypt`: a master-key rotation, re-encryption in the background, reads at an agent
+// ---------------------------------------------------------------------------------------------
+
+/// How the agent of a `reencrypt` phase gets its secrets.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AgentMode {
+    /// As the chart runs it with the webhook: its own identity, no master keyring, its secrets
+    /// delivered by the operator sealed to its node key.
+    Deliveries,
+    /// Watching every ClawSecret with the master keyring (no deliveries).
+    Watch,
+}
+
+impl AgentMode {
+    fn name(self) -> &'static str {
+        match self {
+            AgentMode::Deliveries => "deliveries",
+            AgentMode::Watch => "watch",
+        }
+    }
+}
+
+/// The reader loops' windows: a request belongs to the window it started in.
+const WARMUP: u8 = 0;
+const BASELINE: u8 = 1;
+const DURING: u8 = 2;
+const STOPPED: u8 = 3;
+
+/// What one reader loop saw, per window (warm-up, baseline, during).
+#[derive(Default)]
+struct Reads {
+    latencies: [Vec<u64>; 3],
+    errors: [u64; 3],
+    first_error: [Option<String>; 3],
+}
+
+/// One closed-loop reader: `secret.get` of every name in turn (from `start`) through `agent`
+/// as the workload `token`, over one keep-alive HTTPS connection, until the window is
+/// [`STOPPED`]. A read fails unless it answers `ok` with the value the name was created with.
+fn reader(
+    agent: &Agent,
+    token: &str,
+    ns: &str,
+    names: &Arc<Vec<(String, String)>>,
+    start: usize,
+    window: &Arc<std::sync::atomic::AtomicU8>,
+) -> impl std::future::Future<Output = Reads> + Send + 'static {
+    let mut tls = (*cluster::test_ca().client_config()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let target = Tls {
+        addr: SocketAddr::new(agent.ip, agent.port),
+        name: ServerName::IpAddress(agent.ip.into()),
+        connector: TlsConnector::from(Arc::new(tls)),
+    };
+    let (node, token, ns) = (agent.node.clone(), token.to_owned(), ns.to_owned());
+    let (names, window) = (names.clone(), window.clone());
+    async move {
+        let mut r = Reads::default();
+        let mut conn = None;
+        let mut i = start;
+        loop {
+            let w = window.load(Ordering::Relaxed);
+            if w >= STOPPED {
+                break;
+            }
+            let w = usize::from(w);
+            let c = match &mut conn {
+                Some(c) => c,
+                None => match loadgen::Conn::connect(&target).await {
+                    Ok(c) => conn.insert(c),
+                    Err(e) => {
+                        r.errors[w] += 1;
+                        r.first_error[w].get_or_insert(format!("connect: {e}"));
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let (name, value) = &names[i % names.len()];
+            i += 1;
+            let body = json!({
+                "nodeId": node, "command": "secret.get",
+                "params": { "name": name, "namespace": ns },
+            })
+            .to_string();
+            let req = loadgen::request_bytes(target.addr, &token, &body);
+            let expected = format!(r#""token":"{value}""#);
+            let t = Instant::now();
+            match c.round_trip(&req).await {
+                Ok((status, body)) => {
+                    r.latencies[w].push(t.elapsed().as_nanos() as u64);
+                    if !loadgen::answer_ok(status, &body)
+                        || loadgen::find(&body, expected.as_bytes()).is_none()
+                    {
+                        r.errors[w] += 1;
+                        r.first_error[w].get_or_insert_with(|| {
+                            format!("{name}: {}", loadgen::describe(status, &body))
+                        });
+                    }
+                }
+                Err(e) => {
+                    r.errors[w] += 1;
+                    r.first_error[w].get_or_insert(format!("{name}: i/o: {e}"));
+                    conn = None;
+                }
+            }
+        }
+        r
+    }
+}
+
+/// The agent's store files of namespace `ns`: each one's modification time, and how many of
+/// them name `key` (a master key id: a watching agent stores the object's envelope as it is).
+fn store_scan(
+    data_dir: &Path,
+    ns: &str,
+    key: Option<&str>,
+) -> (BTreeMap<std::path::PathBuf, std::time::SystemTime>, usize) {
+    let mut files = BTreeMap::new();
+    let mut with_key = 0;
+    let ns_field = format!(r#""namespace":"{ns}""#);
+    for entry in std::fs::read_dir(data_dir.join("secrets"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = entry.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let (Ok(bytes), Ok(meta)) = (std::fs::read(&path), entry.metadata()) else {
+            continue;
+        };
+        let compact = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        if !compact.contains(&ns_field) {
+            continue;
+        }
+        if key.is_some_and(|k| compact.contains(k)) {
+            with_key += 1;
+        }
+        files.insert(path, meta.modified().expect("mtime"));
+    }
+    (files, with_key)
+}
+
+/// Latency figures of the readers' `w` window over `secs` seconds.
+fn window_row(reads: &[Reads], w: usize, secs: f64) -> String {
+    let mut lat: Vec<u64> = reads
+        .iter()
+        .flat_map(|r| r.latencies[w].iter().copied())
+        .collect();
+    lat.sort_unstable();
+    let errors: u64 = reads.iter().map(|r| r.errors[w]).sum();
+    let first = reads.iter().find_map(|r| r.first_error[w].clone());
+    format!(
+        "secs={secs:.1} reads={} req/s={:.0} p50={} p99={} max={} errors={errors}{}",
+        lat.len(),
+        lat.len() as f64 / secs.max(1e-9),
+        ms(loadgen::percentile(&lat, 0.50)),
+        ms(loadgen::percentile(&lat, 0.99)),
+        ms(lat.last().copied().unwrap_or(0)),
+        first.map_or(String::new(), |e| format!(" (first: {e})"))
+    )
+}
+
+/// Everything about the N objects a watch saw: the master key each one is sealed under now,
+/// and when each changed key.
+#[derive(Default)]
+struct KeyTracker {
+    key_of: std::collections::HashMap<String, String>,
+    changes: Vec<(Instant, String)>,
+}
+
+/// N sealed ClawSecrets that the workload `app` may read, an operator (with its webhook and
+/// deliveries, as the chart runs it) per re-encryption rate, and per rate and agent kind a new
+/// agent serving them under a closed-loop `secret.get` load: a baseline without re-encryption,
+/// then `claw-secrets keys rotate` and the reads until every object names the new key (and a
+/// watching agent holds every new envelope).
+fn reencrypt(client: &tokio::runtime::Runtime, bench: bool) {
+    let n: usize = if bench {
+        env_or("BENCH_SECRETS", 10_000)
+    } else {
+        20
+    };
+    let list = |var: &str, default: &str| -> Vec<String> {
+        std::env::var(var)
+            .unwrap_or_else(|_| default.to_owned())
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let rates: Vec<u32> = if bench {
+        list("BENCH_REENCRYPT_RATES", "50,10000")
+            .iter()
+            .map(|r| r.parse().expect("BENCH_REENCRYPT_RATES: numbers"))
+            .collect()
+    } else {
+        vec![10_000]
+    };
+    let modes: Vec<AgentMode> = list("BENCH_REENCRYPT_AGENTS", "deliveries,watch")
+        .iter()
+        .map(|m| match m.as_str() {
+            "deliveries" => AgentMode::Deliveries,
+            "watch" => AgentMode::Watch,
+            other => panic!("BENCH_REENCRYPT_AGENTS: {other:?} (deliveries, watch)"),
+        })
+        .collect();
+    let connections: usize = if bench {
+        env_or("BENCH_REENCRYPT_CONNECTIONS", 4usize).max(1)
+    } else {
+        2
+    };
+    let (warmup, baseline) = if bench {
+        (
+            Duration::from_secs_f64(env_or("BENCH_WARMUP_SECONDS", 3.0)),
+            Duration::from_secs_f64(env_or("BENCH_SECONDS", 10.0)),
+        )
+    } else {
+        (Duration::from_millis(200), Duration::from_secs(1))
+    };
+    // Beyond N / rate, for the rotation to take effect and the slower of a rate and the API
+    // server's.
+    let patience_extra = Duration::from_secs_f64(env_or("BENCH_REENCRYPT_PATIENCE", 600.0));
+    cluster::operator_available()
+        .unwrap_or_else(|e| panic!("re-encryption needs the operator: {e}"));
+    // The readers on their own runtime: the watch and the polls below do not delay them.
+    let readers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(env_or("BENCH_CLIENT_THREADS", 1usize).max(1))
+        .thread_name("bench-reader")
+        .enable_all()
+        .build()
+        .expect("reader runtime");
+
+    client.block_on(async {
+        let c = Cluster::new("bench-reencrypt").await;
+        let ns = c.ns().to_owned();
+        let keys_ns = cluster::master_key_namespace();
+        agent_identity::apply_agent_rbac(&c.client(), &c.env.kubeconfig, keys_ns).await;
+        let hook = webhook::Webhook::register(&c.client(), &[c.ns()])
+            .await
+            .on_every_address();
+        let operator_node = c.node("op", &[]).await;
+        hook.reachable_by_agents(&c, keys_ns, &operator_node).await;
+        let operator_for = |rate: u32| {
+            let lease = format!("bench-reencrypt-{}", random::random_hex(4));
+            let args = ["--reencrypt-per-second".to_owned(), rate.to_string()];
+            let (c, hook) = (&c, &hook);
+            async move { hook.operator_with(c, &lease, &args).await }
+        };
+        let mut operator = operator_for(rates[0]).await;
+        let app = cluster::service_account_token(&c.client(), &ns, "app").await;
+
+        let run = random::random_hex(6);
+        let names: Arc<Vec<(String, String)>> = Arc::new(
+            (0..n)
+                .map(|i| (format!("r-{i:05}"), format!("reencrypt-{i}-{run}")))
+                .collect(),
+        );
+        let started = Instant::now();
+        create_sealed(
+            &c,
+            n,
+            |i| names[i].0.clone(),
+            |i| names[i].1.clone(),
+            |_, obj| obj.spec.allowed_workloads = vec!["app".to_owned()],
+        )
+        .await;
+        let api = c.secrets();
+        wait::eventually("every ClawSecret's status written", || async {
+            let listed = api
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let done = listed
+                .items
+                .iter()
+                .filter(|s| s.status.as_ref().and_then(|st| st.version) == Some(1))
+                .count();
+            (done == n).then_some(()).ok_or(format!("{done} of {n}"))
+        })
+        .await;
+        println!(
+            "\n== reencrypt: {n} sealed ClawSecrets (created and settled in {:.1} s), readable by \
+             workload `app`; operator with its webhook and deliveries (--watch-namespace, leader \
+             at once); rates {rates:?}/s; agents: {}; {connections} reader connections \
+             (closed loop, keep-alive HTTPS, secret.get of each name in turn as `app`), \
+             {:.0} s warm-up + {:.0} s baseline, then `claw-secrets keys rotate` ==",
+            started.elapsed().as_secs_f64(),
+            modes.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
+            warmup.as_secs_f64(),
+            baseline.as_secs_f64()
+        );
+
+        let scratch = tempfile::tempdir().unwrap();
+        let mut summary = Vec::new();
+        let mut phase = 0;
+        for (r, &rate) in rates.iter().enumerate() {
+            if r > 0 {
+                operator.kill();
+                operator = operator_for(rate).await;
+            }
+            for &mode in &modes {
+                phase += 1;
+                let agent = match mode {
+                    AgentMode::Deliveries => {
+                        let node = c.node(&format!("d{phase}"), &[]).await;
+                        agent_identity::delivered_agent(
+                            &c,
+                            &node,
+                            scratch.path(),
+                            std::net::Ipv4Addr::LOCALHOST.into(),
+                        )
+                        .await
+                    }
+                    AgentMode::Watch => c.agent(&format!("w{phase}"), &[]).await,
+                };
+                let line = reencrypt_phase(
+                    &c,
+                    &mut operator,
+                    &agent,
+                    mode,
+                    rate,
+                    &names,
+                    &app,
+                    (&readers, connections, warmup, baseline),
+                    patience_extra + Duration::from_secs_f64(n as f64 / f64::from(rate.max(1))),
+                    bench,
+                )
+                .await;
+                summary.push(line);
+                drop(agent);
+            }
+        }
+        if bench {
+            println!("\nreencrypt summary (objects/s: N / time from `keys rotate` until every object names the new key)");
+            for line in &summary {
+                println!("{line}");
+            }
+        }
+        // Leave no N objects for the agents of later parts to mirror (with the operator still
+        // up: its webhook is on the namespace).
+        api.delete_collection(
+            &kube::api::DeleteParams::default(),
+            &kube::api::ListParams::default(),
+        )
+        .await
+        .expect("deleting the ClawSecrets");
+        drop(operator);
+        hook.remove().await;
+        c.cleanup().await;
+    });
+}
+
+/// One rate and one agent: baseline, rotation, re-encryption. Returns the summary line.
+#[allow(clippy::too_many_arguments)]
+async fn reencrypt_phase(
+    c: &Cluster,
+    operator: &mut cluster::Operator,
+    agent: &Agent,
+    mode: AgentMode,
+    rate: u32,
+    names: &Arc<Vec<(String, String)>>,
+    app: &str,
+    (readers, connections, warmup, baseline): (&tokio::runtime::Runtime, usize, Duration, Duration),
+    patience: Duration,
+    bench: bool,
+) -> String {
+    let n = names.len();
+    let ns = c.ns().to_owned();
+    let api = c.secrets();
+    let data_dir = agent.data_dir();
+    let label = format!("rate={rate}/s agent={}", mode.name());
+    // The agent holds every object (a new agent's first list or first deliveries).
+    let t = Instant::now();
+    wait::eventually(&format!("{} to hold all {n}", agent.node), || async {
+        match store_scan(&data_dir, &ns, None).0.len() {
+            held if held >= n => Ok(()),
+            held => Err(format!("{held} of {n}")),
+        }
+    })
+    .await;
+    let held_after = t.elapsed();
+    let (before, _) = store_scan(&data_dir, &ns, None);
+    // A new operator works through every object when it starts, and a new agent through its
+    // first set: the baseline begins once both are idle (under 0.05 cores for 2 s in a row).
+    let quiet_pids = [
+        agent.pid().expect("agent pid"),
+        operator.pid().expect("operator pid"),
+    ];
+    let t = Instant::now();
+    let mut quiet_for = 0;
+    // (Not in the smoke run, which checks correctness only.)
+    while bench && quiet_for < 2 && t.elapsed() < Duration::from_secs(600) {
+        let a = (Instant::now(), cpu_snapshot());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (cores, _, _) = cores_between(&a, &(Instant::now(), cpu_snapshot()), &quiet_pids);
+        quiet_for = if cores.iter().all(|c| *c < 0.05) {
+            quiet_for + 1
+        } else {
+            0
+        };
+    }
+    let settled = (quiet_for >= 2).then(|| t.elapsed());
+
+    // Each object's key, from a watch of the namespace.
+    let tracker = Arc::new(Mutex::new(KeyTracker::default()));
+    let mut stream = watcher(api.clone(), watcher::Config::default()).boxed();
+    loop {
+        match stream.next().await {
+            Some(Ok(watcher::Event::InitApply(o))) => {
+                if let Some(s) = &o.spec.sealed {
+                    tracker.lock().unwrap().key_of.insert(
+                        o.metadata.name.clone().unwrap_or_default(),
+                        s.key_id.clone(),
+                    );
+                }
+            }
+            Some(Ok(watcher::Event::InitDone)) => break,
+            Some(_) => {}
+            None => panic!("the watch of ClawSecrets ended"),
+        }
+    }
+    let watch_task = {
+        let tracker = tracker.clone();
+        tokio::spawn(async move {
+            while let Some(event) = stream.next().await {
+                let Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) = event else {
+                    continue;
+                };
+                let Some(s) = &o.spec.sealed else { continue };
+                let mut t = tracker.lock().unwrap();
+                let name = o.metadata.name.clone().unwrap_or_default();
+                if t.key_of.get(&name) != Some(&s.key_id) {
+                    t.changes.push((Instant::now(), s.key_id.clone()));
+                    t.key_of.insert(name, s.key_id.clone());
+                }
+            }
+        })
+    };
+
+    // The readers: warm-up, baseline.
+    let window = Arc::new(std::sync::atomic::AtomicU8::new(WARMUP));
+    let tasks: Vec<_> = (0..connections)
+        .map(|i| readers.spawn(reader(agent, app, &ns, names, i * n / connections, &window)))
+        .collect();
+    let mut pids = vec![
+        agent.pid().expect("agent pid"),
+        operator.pid().expect("operator pid"),
+    ];
+    pids.extend(
+        ["kube-apiserver", "etcd"]
+            .into_iter()
+            .filter_map(recorded_pid),
+    );
+    pids.push(std::process::id());
+    tokio::time::sleep(warmup).await;
+    window.store(BASELINE, Ordering::Relaxed);
+    let cpu0 = (Instant::now(), cpu_snapshot());
+    tokio::time::sleep(baseline).await;
+
+    // The rotation, with the real CLI.
+    window.store(DURING, Ordering::Relaxed);
+    let cpu1 = (Instant::now(), cpu_snapshot());
+    let rotated_at = cpu1.0;
+    let (key_ns, key_name) = c.master_key.split_once('/').unwrap();
+    let kubeconfig = c.env.kubeconfig.clone();
+    let (key_ns, key_name) = (key_ns.to_owned(), key_name.to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(cluster::BIN)
+            .args([
+                "keys",
+                "rotate",
+                "--namespace",
+                &key_ns,
+                "--secret",
+                &key_name,
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("claw-secrets keys rotate")
+    })
+    .await
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "keys rotate: {said}");
+    let rotate_took = rotated_at.elapsed();
+    let new_key = said
+        .split_whitespace()
+        .nth(2)
+        .expect("master key <id> is active")
+        .to_owned();
+
+    // Until every object names the new key, and a watching agent stores every new envelope.
+    let status_api: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(c.client(), cluster::master_key_namespace());
+    let status_complete = || async {
+        status_api
+            .get_opt(claw_secrets::k8s::sealing_key::STATUS_CONFIGMAP)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|cm| cm.data)
+            .is_some_and(|d| {
+                d.get("activeKey") == Some(&new_key)
+                    && d.get("reencryption")
+                        .is_some_and(|r| r.starts_with("complete"))
+            })
+    };
+    let mut api_done: Option<Duration> = None;
+    let mut agent_done: Option<Duration> = None;
+    let mut status_done: Option<Duration> = None;
+    let mut last_report = Instant::now();
+    let mut polls = 0u64;
+    loop {
+        operator.assert_running();
+        let elapsed = rotated_at.elapsed();
+        assert!(
+            elapsed < patience,
+            "{label}: not done after {patience:?}: {} of {n} under the new key; operator log:\n{}",
+            tracker
+                .lock()
+                .unwrap()
+                .key_of
+                .values()
+                .filter(|k| **k == new_key)
+                .count(),
+            operator.log_tail(20)
+        );
+        let under_new = tracker
+            .lock()
+            .unwrap()
+            .key_of
+            .values()
+            .filter(|k| **k == new_key)
+            .count();
+        if api_done.is_none() && under_new >= n {
+            api_done = Some(elapsed);
+        }
+        if polls.is_multiple_of(10) && status_done.is_none() && status_complete().await {
+            status_done = Some(rotated_at.elapsed());
+        }
+        polls += 1;
+        if api_done.is_some() && agent_done.is_none() {
+            agent_done = match mode {
+                // Its store holds its own envelopes (node-local keys), no master key id.
+                AgentMode::Deliveries => api_done,
+                AgentMode::Watch => {
+                    let (_, new) = store_scan(&data_dir, &ns, Some(&new_key));
+                    (new >= n).then(|| rotated_at.elapsed())
+                }
+            };
+        }
+        if agent_done.is_some() {
+            break;
+        }
+        if bench && last_report.elapsed() >= Duration::from_secs(15) {
+            last_report = Instant::now();
+            println!(
+                "reencrypt: {label}: {under_new} of {n} under the new key at {:.0} s",
+                elapsed.as_secs_f64()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(if api_done.is_some() {
+            250
+        } else {
+            100
+        }))
+        .await;
+    }
+    window.store(STOPPED, Ordering::Relaxed);
+    let cpu2 = (Instant::now(), cpu_snapshot());
+    let mut reads = Vec::new();
+    for t in tasks {
+        reads.push(t.await.expect("reader"));
+    }
+    // The operator's own report (the status ConfigMap, written after its pass).
+    let status_deadline = Instant::now() + Duration::from_secs(30);
+    while status_done.is_none() && Instant::now() < status_deadline {
+        if status_complete().await {
+            status_done = Some(rotated_at.elapsed());
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    watch_task.abort();
+    let (after, _) = store_scan(&data_dir, &ns, None);
+    let rewritten = after
+        .iter()
+        .filter(|(p, t)| before.get(*p) != Some(*t))
+        .count();
+    let (first_change, last_change) = {
+        let t = tracker.lock().unwrap();
+        let mut new = t
+            .changes
+            .iter()
+            .filter(|(_, k)| *k == new_key)
+            .map(|(t, _)| *t);
+        let first = new.next();
+        (first, new.next_back().or(first))
+    };
+    let api_done = api_done.expect("done");
+    let agent_done = agent_done.expect("done");
+    let rate_overall = n as f64 / api_done.as_secs_f64();
+    let steady = match (first_change, last_change) {
+        (Some(a), Some(b)) if b > a => format!(
+            "{:.1}/s from the first to the last ({:.1} s, first at +{:.2} s)",
+            (n - 1) as f64 / (b - a).as_secs_f64(),
+            (b - a).as_secs_f64(),
+            (a - rotated_at).as_secs_f64()
+        ),
+        _ => "n/a".to_owned(),
+    };
+    let secs = |d: Option<Duration>| {
+        d.map_or("NOT SEEN".to_owned(), |d| {
+            format!("{:.1} s", d.as_secs_f64())
+        })
+    };
+
+    if bench {
+        println!(
+            "\n-- {label}: {} ({n} in its store after {:.1} s; agent and operator idle {})",
+            agent.node,
+            held_after.as_secs_f64(),
+            settled.map_or(
+                "NOT within 600 s: the baseline is not idle".to_owned(),
+                |d| { format!("{:.0} s later", d.as_secs_f64()) }
+            )
+        );
+        println!(
+            "rotate          `keys rotate` took {:.2} s; new key {new_key}",
+            rotate_took.as_secs_f64()
+        );
+        println!(
+            "reencrypted     all {n} under the new key {:.1} s after the rotation began: \
+             {rate_overall:.1} objects/s; {steady}",
+            api_done.as_secs_f64()
+        );
+        println!(
+            "status          ConfigMap {} says complete at {} (polled every ~1 s)",
+            claw_secrets::k8s::sealing_key::STATUS_CONFIGMAP,
+            secs(status_done)
+        );
+        println!(
+            "agent store     {rewritten} of {n} files rewritten during the re-encryption{}",
+            match mode {
+                AgentMode::Watch => format!(
+                    "; every copy names the new key at {:.1} s",
+                    agent_done.as_secs_f64()
+                ),
+                AgentMode::Deliveries => String::new(),
+            }
+        );
+        if mode == AgentMode::Deliveries && rewritten == 0 {
+            println!(
+                "                (re-encryption changes nothing a delivery agent stores or serves: \
+                 its copies are sealed under its own store keys, not the master key; it is sent \
+                 each re-encrypted object again, finds it held at that version and writes nothing)"
+            );
+        }
+        let base_secs = (cpu1.0 - cpu0.0).as_secs_f64();
+        let during_secs = (cpu2.0 - cpu1.0).as_secs_f64();
+        println!(
+            "reads baseline  {}",
+            window_row(&reads, usize::from(BASELINE), base_secs)
+        );
+        println!(
+            "reads during    {}",
+            window_row(&reads, usize::from(DURING), during_secs)
+        );
+        let labels = ["agent", "operator", "kube-apiserver", "etcd", "bench"];
+        for (what, a, b) in [("baseline", &cpu0, &cpu1), ("during", &cpu1, &cpu2)] {
+            let (cores, others, busy) = cores_between(a, b, &pids);
+            let used: Vec<String> = labels
+                .iter()
+                .zip(&cores)
+                .map(|(l, c)| format!("{l} {c:.2}"))
+                .collect();
+            println!(
+                "cpu {what:<11} {}, others {others:.2}; machine {:.0}% busy",
+                used.join(", "),
+                busy * 100.0
+            );
+        }
+    } else {
+        let errors: u64 = reads.iter().map(|r| r.errors[1] + r.errors[2]).sum();
+        let during: usize = reads.iter().map(|r| r.latencies[2].len()).sum();
+        assert_eq!(
+            errors,
+            0,
+            "{label}: reads failed: {:?}",
+            reads
+                .iter()
+                .find_map(|r| r.first_error[2].clone().or(r.first_error[1].clone()))
+        );
+        assert!(
+            status_done.is_some(),
+            "{label}: the status ConfigMap never said complete"
+        );
+        println!(
+            "reencrypt: {label}: {n} re-encrypted, {during} reads during it, none failed; \
+             {rewritten} store files rewritten"
+        );
+    }
+    let during_reads = window_row(&reads, usize::from(DURING), (cpu2.0 - cpu1.0).as_secs_f64());
+    format!(
+        "reencrypt rate={rate} agent={} n={n} objects_per_s={rate_overall:.1} all_new_key_s={:.1} agent_done_s={:.1} rewritten={rewritten} | during: {during_reads}",
+        mode.name(),
+        api_done.as_secs_f64(),
+        agent_done.as_secs_f64()
+    )
 }

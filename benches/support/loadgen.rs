@@ -300,7 +300,7 @@ pub async fn drive<T: Target>(
 
 /// An unexpected answer, for an error message: the body of an error status (an error message),
 /// but never that of a 200, which may hold a secret.
-fn describe(status: u16, body: &[u8]) -> String {
+pub fn describe(status: u16, body: &[u8]) -> String {
     if status == 200 {
         format!(
             "HTTP 200 without the expected content ({} bytes, not shown)",

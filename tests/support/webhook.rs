@@ -95,12 +95,25 @@ impl Webhook {
     /// [`Webhook::operator`] electing its leader with the Lease `lease` (shared with other
     /// replicas).
     pub async fn operator_on_lease(&self, c: &Cluster, lease: &str) -> cluster::Operator {
+        self.operator_with(c, lease, &[]).await
+    }
+
+    /// [`Webhook::operator_on_lease`] with further operator flags (`--reencrypt-per-second`,
+    /// say).
+    pub async fn operator_with(
+        &self,
+        c: &Cluster,
+        lease: &str,
+        extra: &[String],
+    ) -> cluster::Operator {
+        let mut args = self.operator_args();
+        args.extend_from_slice(extra);
         let op = cluster::Operator::start_with(
             &c.env.kubeconfig,
             &c.master_key,
             lease,
             Some(c.ns()),
-            &self.operator_args(),
+            &args,
         )
         .await;
         let api = c.secrets();
