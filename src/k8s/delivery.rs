@@ -95,22 +95,34 @@ pub struct Cursor {
     pub key_id: String,
     pub labels: String,
     pub revision: u64,
+    /// The operator's watch epoch the answer came from (0: none; `v1` cursors have none).
+    pub epoch: u64,
 }
 
 impl Cursor {
     pub fn parse(text: &str) -> Option<Cursor> {
-        let rest = text.strip_prefix("v1.")?;
+        let (rest, epoch) = match text.strip_prefix("v2.") {
+            Some(rest) => {
+                let (rest, epoch) = rest.rsplit_once('.')?;
+                (rest, epoch.parse().ok()?)
+            }
+            None => (text.strip_prefix("v1.")?, 0),
+        };
         let (rest, revision) = rest.rsplit_once('.')?;
         let (key_id, labels) = rest.rsplit_once('.')?;
         Some(Cursor {
             key_id: key_id.to_owned(),
             labels: labels.to_owned(),
             revision: revision.parse().ok()?,
+            epoch,
         })
     }
 
     pub fn to_text(&self) -> String {
-        format!("v1.{}.{}.{}", self.key_id, self.labels, self.revision)
+        format!(
+            "v2.{}.{}.{}.{}",
+            self.key_id, self.labels, self.revision, self.epoch
+        )
     }
 }
 
@@ -313,9 +325,20 @@ pub(crate) mod tests {
             key_id: "k-0123456789abcdef".to_owned(),
             labels: labels_digest(&[("gpu".to_owned(), "true".to_owned())].into()),
             revision: 4711,
+            epoch: 17,
         };
         assert_eq!(Cursor::parse(&c.to_text()), Some(c.clone()));
-        for bad in ["", "v2.k-1.ab.3", "v1.k-1.ab", "v1.k-1.ab.x"] {
+        // An operator of the previous release's cursor: no epoch.
+        let v1 = Cursor::parse("v1.k-1.ab.3").unwrap();
+        assert_eq!((v1.revision, v1.epoch), (3, 0));
+        for bad in [
+            "",
+            "v2.k-1.ab.3",
+            "v3.k-1.ab.3.1",
+            "v1.k-1.ab",
+            "v1.k-1.ab.x",
+            "v2.k-1.ab.3.x",
+        ] {
             assert_eq!(Cursor::parse(bad), None, "{bad}");
         }
         assert_ne!(labels_digest(&BTreeMap::new()), c.labels);

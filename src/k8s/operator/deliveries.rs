@@ -35,6 +35,14 @@ use crate::k8s::delivery::{
     self, AUDIENCE, Cursor, NODE_NAME_EXTRA, NodeDeliveries, Removed, Selection,
 };
 
+/// A new watch epoch ([`ChangeLog::epoch`]): random, so that no other replica's or earlier
+/// run's is taken for it, and never 0.
+fn new_epoch() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).expect("the system's random source");
+    u64::from_le_bytes(bytes).max(1)
+}
+
 /// The longest a request may wait for a change.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -57,6 +65,13 @@ struct ChangeLog {
     /// end, all at once.
     listing: u64,
     horizon: u64,
+    /// This watch's epoch: set anew when a (re)list's revision is known, 0 during a relist. A
+    /// cursor this epoch made was answered from this cache, so its node holds nothing the
+    /// list left out, and every deletion and selection change after it is in this log (unless
+    /// dropped: see `forgotten`); it continues whatever the `horizon`.
+    epoch: u64,
+    /// The highest revision of a deletion or selection change dropped from the log (the caps).
+    forgotten: u64,
     tombstones: VecDeque<(u64, Removed)>,
     /// Each object's selection as last seen, by namespace and name.
     selections: HashMap<(String, String), Selection>,
@@ -77,6 +92,8 @@ impl ChangeLog {
             max: 0,
             listing: 0,
             horizon: u64::MAX,
+            epoch: 0,
+            forgotten: 0,
             tombstones: VecDeque::new(),
             selections: HashMap::new(),
             reselections: VecDeque::new(),
@@ -99,7 +116,7 @@ impl ChangeLog {
                     if self.reselections.len() > MAX_TOMBSTONES
                         && let Some((dropped, _)) = self.reselections.pop_front()
                     {
-                        self.horizon = self.horizon.max(dropped);
+                        self.forget(dropped);
                     }
                 }
             }
@@ -115,13 +132,14 @@ impl ChangeLog {
                 if self.tombstones.len() > MAX_TOMBSTONES
                     && let Some((dropped, _)) = self.tombstones.pop_front()
                 {
-                    self.horizon = self.horizon.max(dropped);
+                    self.forget(dropped);
                 }
             }
             // A (re)list: deletions and selection changes before it were not seen. Until the
             // revision it reached is known (see `relisted`), no cursor is continued.
             watcher::Event::Init => {
                 self.horizon = u64::MAX;
+                self.epoch = 0;
                 self.listing = 0;
                 self.selections.clear();
             }
@@ -133,8 +151,28 @@ impl ChangeLog {
     /// list's own) is seen.
     fn relisted(&mut self, revision: u64) {
         self.horizon = revision;
+        self.epoch = new_epoch();
         self.tombstones.retain(|(at, _)| *at > revision);
         self.reselections.retain(|(at, _)| *at > revision);
+    }
+
+    /// A deletion or selection change at `revision` is no longer remembered.
+    fn forget(&mut self, revision: u64) {
+        self.horizon = self.horizon.max(revision);
+        self.forgotten = self.forgotten.max(revision);
+    }
+
+    /// Where an answer made now leaves its node: the revision and the epoch its cursor names.
+    fn position(&self) -> (u64, u64) {
+        (self.max, self.epoch)
+    }
+
+    /// Whether a cursor at `revision` of `epoch` can be continued: everything it needs to be
+    /// told since (deletions, selection changes) is in this log. Past the `horizon`, any
+    /// cursor (another replica's, an earlier epoch's); below it, one this epoch made.
+    fn continues(&self, revision: u64, epoch: u64) -> bool {
+        revision >= self.horizon
+            || (epoch != 0 && epoch == self.epoch && revision >= self.forgotten)
     }
 
     fn deleted_since(&self, since: u64) -> impl Iterator<Item = &Removed> {
@@ -358,16 +396,18 @@ impl Deliveries {
                     )
                 })?;
             // The revision first, then the objects: everything at or below it is in them.
-            let (now, horizon) = {
+            let ((now, epoch), cursor) = {
                 let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-                (log.max, log.horizon)
+                let continued = have
+                    .as_deref()
+                    .and_then(Cursor::parse)
+                    .filter(|c| log.continues(c.revision, c.epoch));
+                (log.position(), continued)
             };
             let all = self.secrets.state();
             let all = all.iter().map(|s| s.as_ref());
             let labels_digest = delivery::labels_digest(&labels);
-            let continued = have.as_deref().and_then(Cursor::parse).filter(|c| {
-                c.key_id == key_id && c.labels == labels_digest && c.revision >= horizon
-            });
+            let continued = cursor.filter(|c| c.key_id == key_id && c.labels == labels_digest);
             let (full, chosen, removed, since) = match &continued {
                 Some(c) => {
                     let (reselected, deleted) = {
@@ -407,6 +447,7 @@ impl Deliveries {
                     key_id: key_id.clone(),
                     labels: labels_digest,
                     revision: now.max(since),
+                    epoch,
                 };
                 let count = secrets.len();
                 let body = NodeDeliveries {
@@ -700,6 +741,38 @@ mod tests {
         // A relist forgets nothing it still needs, and continues no cursor until it is known.
         log.saw(&watcher::Event::Init);
         assert_eq!(log.horizon, u64::MAX);
+    }
+
+    /// The API server's revision moves with every kind (Events, Leases, ConfigMaps), so after a
+    /// (re)list it is usually past every ClawSecret's. A node given its set then must be asked
+    /// only for changes next, not given the whole set again at once: it would ask again at
+    /// once, and every node would spin until some ClawSecret changed.
+    #[test]
+    fn a_cursor_made_after_a_relist_is_continued_though_the_api_server_is_further_on() {
+        let mut log = ChangeLog::new();
+        log.saw(&watcher::Event::Init);
+        log.saw(&watcher::Event::InitApply(secret("a", 10)));
+        log.saw(&watcher::Event::InitDone);
+        log.relisted(500);
+        let (revision, epoch) = log.position();
+        assert_eq!(revision, 10);
+        assert!(
+            log.continues(revision, epoch),
+            "the node that got this answer is told only what changes"
+        );
+        // The same revision from before the relist, or from another replica: deletions before
+        // the list were not seen, so it gets the whole set.
+        assert!(!log.continues(revision, epoch.wrapping_add(1)));
+        assert!(!log.continues(revision, 0));
+        // At or past the list's revision, any cursor continues.
+        assert!(log.continues(500, 0));
+        // Deletions seen from then on are told.
+        log.saw(&watcher::Event::Delete(secret("a", 510)));
+        assert_eq!(log.deleted_since(revision).count(), 1);
+        // Once a relist begins, nothing made before it continues, until its own is known.
+        log.saw(&watcher::Event::Init);
+        assert!(!log.continues(revision, epoch));
+        assert!(!log.continues(600, 0));
     }
 
     #[test]
