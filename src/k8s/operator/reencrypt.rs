@@ -123,7 +123,10 @@ async fn reencrypt(
     per_second: u32,
 ) -> Result<Pass, kube::Error> {
     let keyring = ctx.keyring.current();
-    let pause = Duration::from_secs(1) / per_second.max(1);
+    // One write per tick: at most `per_second`, and as many as the API server takes when its
+    // answers are slower than that (a pause after each write would add the two up).
+    let mut ticks = tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pass = Pass {
         active: keyring.active().id().to_string(),
         ..Pass::default()
@@ -164,6 +167,7 @@ async fn reencrypt(
                     continue;
                 }
             };
+            ticks.tick().await;
             let patch = serde_json::json!({
                 "metadata": { "resourceVersion": obj.resource_version() },
                 "spec": { "sealed": resealed },
@@ -188,7 +192,6 @@ async fn reencrypt(
                 }
                 Err(e) => return Err(e),
             }
-            tokio::time::sleep(pause).await;
         }
     }
     Ok(pass)
