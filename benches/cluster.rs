@@ -1206,19 +1206,7 @@ fn deliveries(client: &tokio::runtime::Runtime, bench: bool) {
             started.elapsed().as_secs_f64()
         );
         // Settled: the operator has written every status (a status write is a change too).
-        wait::eventually("every ClawSecret's status written", || async {
-            let listed = api
-                .list(&kube::api::ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let done = listed
-                .items
-                .iter()
-                .filter(|s| s.status.as_ref().and_then(|st| st.version) == Some(1))
-                .count();
-            (done == n).then_some(()).ok_or(format!("{done} of {n}"))
-        })
-        .await;
+        statuses_written(&api, n).await;
 
         // Before: what every agent lists (its watch's initial list), all namespaces.
         let list = c
@@ -1589,19 +1577,7 @@ fn reencrypt(client: &tokio::runtime::Runtime, bench: bool) {
         )
         .await;
         let api = c.secrets();
-        wait::eventually("every ClawSecret's status written", || async {
-            let listed = api
-                .list(&kube::api::ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let done = listed
-                .items
-                .iter()
-                .filter(|s| s.status.as_ref().and_then(|st| st.version) == Some(1))
-                .count();
-            (done == n).then_some(()).ok_or(format!("{done} of {n}"))
-        })
-        .await;
+        statuses_written(&api, n).await;
         println!(
             "\n== reencrypt: {n} sealed ClawSecrets (created and settled in {:.1} s), readable by \
              workload `app`; operator with its webhook and deliveries (--watch-namespace, leader \
@@ -2035,4 +2011,22 @@ async fn reencrypt_phase(
         api_done.as_secs_f64(),
         agent_done.as_secs_f64()
     )
+}
+
+/// Waits until the operator has written the status of all `n` ClawSecrets of `api` (each at
+/// version 1): the objects are settled, a status write being a change too.
+async fn statuses_written(api: &kube::Api<ClawSecret>, n: usize) {
+    wait::eventually("every ClawSecret's status written", || async {
+        let listed = api
+            .list(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let done = listed
+            .items
+            .iter()
+            .filter(|s| s.status.as_ref().and_then(|st| st.version) == Some(1))
+            .count();
+        (done == n).then_some(()).ok_or(format!("{done} of {n}"))
+    })
+    .await;
 }
