@@ -529,13 +529,7 @@ fn get_row(
 /// Time from spawning `agent` until a `secret.get` (as sent in `req`) answers from its store,
 /// over HTTPS (the TLS handshake counts), trying every millisecond.
 async fn first_read(agent: &Agent, req: &Arc<[u8]>) -> Duration {
-    let mut tls = (*cluster::test_ca().client_config()).clone();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let addr = Tls {
-        addr: SocketAddr::new(agent.ip, agent.port),
-        name: ServerName::IpAddress(agent.ip.into()),
-        connector: TlsConnector::from(Arc::new(tls)),
-    };
+    let addr = https_target(agent);
     loop {
         assert!(
             agent.spawned_at.elapsed() < PATIENCE,
@@ -1353,13 +1347,7 @@ fn reader(
     start: usize,
     window: &Arc<std::sync::atomic::AtomicU8>,
 ) -> impl std::future::Future<Output = Reads> + Send + 'static {
-    let mut tls = (*cluster::test_ca().client_config()).clone();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let target = Tls {
-        addr: SocketAddr::new(agent.ip, agent.port),
-        name: ServerName::IpAddress(agent.ip.into()),
-        connector: TlsConnector::from(Arc::new(tls)),
-    };
+    let target = https_target(agent);
     let (node, token, ns) = (agent.node.clone(), token.to_owned(), ns.to_owned());
     let (names, window) = (names.clone(), window.clone());
     async move {
@@ -2029,4 +2017,16 @@ async fn statuses_written(api: &kube::Api<ClawSecret>, n: usize) {
         (done == n).then_some(()).ok_or(format!("{done} of {n}"))
     })
     .await;
+}
+
+/// The load generator's HTTPS target for `agent`: its address, verified against the test CA
+/// by its IP, HTTP/1.1.
+fn https_target(agent: &Agent) -> Tls {
+    let mut tls = (*cluster::test_ca().client_config()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Tls {
+        addr: SocketAddr::new(agent.ip, agent.port),
+        name: ServerName::IpAddress(agent.ip.into()),
+        connector: TlsConnector::from(Arc::new(tls)),
+    }
 }
