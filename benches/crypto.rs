@@ -1,4 +1,4 @@
-//! Seal and open of a 1 KiB secret (DESIGN.md "Targets": <= 10 us each).
+//! Seal and open of a 1 KiB secret (DESIGN.md "Targets": <= 2 us each).
 //!
 //!     cargo bench --bench crypto
 //!
@@ -166,5 +166,5 @@ fn main() {
         });
         report(&format!("open {label}"), &s);
     }
-    println!("target (DESIGN.md): seal and open of a 1 KiB secret <= 10 us (10000 ns) each");
+    println!("target (DESIGN.md): seal and open of a 1 KiB secret <= 2 us (2000 ns) each");
 }

@@ -14,6 +14,7 @@
 //!   the request id and the command ([`seal_forwarded`], [`open_forwarded`]);
 //! - a node's device identity on the OpenClaw gateway: an Ed25519 key ([`DeviceKey`]).
 
+mod aead;
 mod delivery;
 mod device;
 mod digest;
@@ -59,7 +60,60 @@ pub enum CryptoError {
     Random(String),
 }
 
-/// Fills `buf` from the OS CSPRNG.
+/// Fills `buf` from the OS CSPRNG. For keys and anything else that stays secret.
 pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<(), CryptoError> {
     getrandom::getrandom(buf).map_err(|e| CryptoError::Random(e.to_string()))
+}
+
+/// Fills `buf` with OS CSPRNG bytes that will be public: an envelope's salt and nonce, which
+/// are stored in clear beside the ciphertext. They come from a per-thread pool refilled from the
+/// OS 4 KiB at a time, because a `getrandom` system call per seal was a fifth of sealing a
+/// 1 KiB secret (BENCHMARKS.md, "Seal and open"). Each byte is handed out once. What they need
+/// is to be unpredictable and never repeat, which the pool keeps as long as no process forks
+/// without exec (this one never does: it spawns nothing but whole programs). Never use it for
+/// key material: the pool is not wiped.
+pub(crate) fn random_public_bytes(buf: &mut [u8]) -> Result<(), CryptoError> {
+    const POOL: usize = 4096;
+    struct Pool {
+        bytes: [u8; POOL],
+        next: usize,
+    }
+    thread_local! {
+        static PUBLIC_RANDOM: std::cell::RefCell<Pool> =
+            const { std::cell::RefCell::new(Pool { bytes: [0; POOL], next: POOL }) };
+    }
+    if buf.len() > POOL / 4 {
+        return random_bytes(buf);
+    }
+    PUBLIC_RANDOM.with_borrow_mut(|pool| {
+        if POOL - pool.next < buf.len() {
+            random_bytes(&mut pool.bytes)?;
+            pool.next = 0;
+        }
+        let end = pool.next + buf.len();
+        buf.copy_from_slice(&pool.bytes[pool.next..end]);
+        // Zeroed once handed out, so no byte can be handed out twice even by a bug here.
+        pool.bytes[pool.next..end].fill(0);
+        pool.next = end;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_random_bytes_never_repeat_across_refills() {
+        let mut seen = std::collections::HashSet::new();
+        // 28 bytes per seal: about 150 per pool, so this crosses many refills.
+        for _ in 0..2000 {
+            let mut b = [0u8; 28];
+            random_public_bytes(&mut b).unwrap();
+            assert!(seen.insert(b), "salt and nonce repeated");
+        }
+        let mut big = [0u8; 2048];
+        random_public_bytes(&mut big).unwrap();
+        assert!(big.iter().any(|&b| b != 0));
+    }
 }

@@ -1,14 +1,13 @@
 //! Seal and open: the only code that turns plaintext into ciphertext and back.
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use super::aead;
 use super::envelope::{NONCE_LEN, SALT_LEN, TAG_LEN};
-use super::{CryptoError, Envelope, Keyring, MasterKey, random_bytes};
-use crate::domain::{DataKey, Kind, Name, Namespace, SecretData, SecretValue, Version};
+use super::{CryptoError, Envelope, Keyring, MasterKey, random_public_bytes};
+use crate::domain::{DataKey, Kind, Name, Namespace, SecretData, SecretValue, Version, wipe_bytes};
 
 /// Everything a ciphertext is bound to. Opening under any other identity fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,14 +87,15 @@ fn seal_buffer(
     mut buf: Zeroizing<Vec<u8>>,
 ) -> Result<Envelope, CryptoError> {
     let master = keyring.active();
-    let mut salt = [0u8; SALT_LEN];
-    let mut nonce = [0u8; NONCE_LEN];
-    random_bytes(&mut salt)?;
+    // Salt and nonce are stored in clear in the envelope: public randomness will do.
+    let mut random = [0u8; SALT_LEN + NONCE_LEN];
+    random_public_bytes(&mut random)?;
+    let (salt, nonce) = random.split_at(SALT_LEN);
+    let salt: [u8; SALT_LEN] = salt.try_into().expect("split at SALT_LEN");
     // The key is unique per write (fresh salt), so the nonce could be fixed; a random one costs
     // nothing and keeps us safe even if a salt ever repeated.
-    random_bytes(&mut nonce)?;
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("the rest is NONCE_LEN");
     let key = derive_key(master, &salt, labels, identity);
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_ref()));
     let mut envelope = Envelope {
         key_id: master.id().clone(),
         salt,
@@ -103,10 +103,10 @@ fn seal_buffer(
         ciphertext: Vec::new(),
     };
     let aad = aad(&envelope, labels, identity);
-    let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buf)
+    let tag = aead::seal_in_place(&key, &nonce, &aad, &mut buf)
         .map_err(|_| CryptoError::AuthenticationFailed)?;
-    // `buf` now holds ciphertext only; moving it out leaves no plaintext behind.
+    // `buf` now holds ciphertext only; moving it out leaves no plaintext behind. It was sized
+    // with room for the tag, so appending it does not reallocate.
     let mut ciphertext = std::mem::take(&mut *buf);
     ciphertext.extend_from_slice(&tag);
     envelope.ciphertext = ciphertext;
@@ -125,7 +125,6 @@ fn open_buffer(
         .get(&envelope.key_id)
         .ok_or_else(|| CryptoError::UnknownKey(envelope.key_id.to_string()))?;
     let key = derive_key(master, &envelope.salt, labels, identity);
-    let cipher = ChaCha20Poly1305::new(Key::from_slice(key.as_ref()));
     let aad = aad(envelope, labels, identity);
     let split = envelope
         .ciphertext
@@ -133,15 +132,10 @@ fn open_buffer(
         .checked_sub(TAG_LEN)
         .ok_or(CryptoError::MalformedEnvelope("shorter than its tag"))?;
     let (ct, tag) = envelope.ciphertext.split_at(split);
+    let tag: &[u8; TAG_LEN] = tag.try_into().expect("split TAG_LEN from the end");
     let mut buf = Zeroizing::new(Vec::with_capacity(ct.len()));
     buf.extend_from_slice(ct);
-    cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&envelope.nonce),
-            &aad,
-            &mut buf,
-            Tag::from_slice(tag),
-        )
+    aead::open_in_place(&key, &envelope.nonce, &aad, &mut buf, tag)
         .map_err(|_| CryptoError::AuthenticationFailed)?;
     Ok(buf)
 }
@@ -217,8 +211,11 @@ pub fn open(
     identity: &SecretIdentity<'_>,
     envelope: &Envelope,
 ) -> Result<SecretData, CryptoError> {
-    let buf = open_buffer(keyring, &SECRET_DATA, &identity.encode(), envelope)?;
-    decode_plaintext(&buf)
+    let mut buf = open_buffer(keyring, &SECRET_DATA, &identity.encode(), envelope)?;
+    let data = decode_plaintext(&buf);
+    // In bulk now, so that `Zeroizing`'s byte-by-byte pass finds nothing left to do.
+    wipe_bytes(&mut buf);
+    data
 }
 
 /// The object a set of write records belongs to: kind, namespace and name, length-prefixed.

@@ -8,7 +8,7 @@ mod error;
 mod name;
 mod version;
 
-pub use data::{ConfigData, DataKey, MAX_DATA_BYTES, SecretData, SecretValue};
+pub use data::{ConfigData, DataKey, MAX_DATA_BYTES, SecretData, SecretValue, wipe_bytes};
 pub use error::{DomainError, ErrorCode};
 pub use name::{MAX_NAME_LEN, Name, NamePrefix, Namespace, Workload, WorkloadSet};
 pub use version::Version;
