@@ -65,13 +65,13 @@ pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<(), CryptoError> {
     getrandom::getrandom(buf).map_err(|e| CryptoError::Random(e.to_string()))
 }
 
-/// Fills `buf` with OS CSPRNG bytes that will be public: an envelope's salt and nonce, which
-/// are stored in clear beside the ciphertext. They come from a per-thread pool refilled from the
-/// OS 4 KiB at a time, because a `getrandom` system call per seal was a fifth of sealing a
-/// 1 KiB secret (BENCHMARKS.md, "Seal and open"). Each byte is handed out once. What they need
-/// is to be unpredictable and never repeat, which the pool keeps as long as no process forks
-/// without exec (this one never does: it spawns nothing but whole programs). Never use it for
-/// key material: the pool is not wiped.
+/// Fills `buf` with OS CSPRNG bytes that will be public: an envelope's salt and nonce, stored
+/// in clear beside the ciphertext, or a request id. They come from a per-thread pool refilled
+/// from the OS 4 KiB at a time, because a `getrandom` system call per seal was a fifth of
+/// sealing a 1 KiB secret (BENCHMARKS.md, "Seal and open"). Each byte is handed out once. What
+/// they need is to be unpredictable and never repeat, which the pool keeps as long as no process
+/// forks without exec (this one never does: it spawns nothing but whole programs). Never use it
+/// for key material: the pool is not wiped.
 pub(crate) fn random_public_bytes(buf: &mut [u8]) -> Result<(), CryptoError> {
     const POOL: usize = 4096;
     struct Pool {
