@@ -256,8 +256,11 @@ impl Deliveries {
                 .reflect(secrets_writer)
                 .for_each(move |event| {
                     let (secrets_api, log_w, b1) = (secrets_api.clone(), log_w.clone(), b1.clone());
-                    if let Ok(event) = &event {
-                        follow.saw(event);
+                    match &event {
+                        Ok(event) => follow.saw(event),
+                        // Said here since the controller that said it follows this watch now.
+                        Err(e) => tracing::warn!(kind = "ClawSecret", error = %e,
+                            "watching failed; retrying"),
                     }
                     async move {
                         if let Ok(event) = &event {
