@@ -1553,6 +1553,35 @@ mod tests {
     }
 
     #[test]
+    fn an_authentic_entry_in_another_entrys_file_is_refused() {
+        // The file name is checked on the threads that load the entries: a copy of one entry
+        // under another's name is still found, and the entry in its own file still served.
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        store
+            .put_secret(secret(&keyring, "here", 1), Expect::Absent)
+            .unwrap();
+        drop(store);
+        let secrets = dir.path().join("secrets");
+        let elsewhere = secrets.join(file_name(Kind::Secret, &key("elsewhere")));
+        std::fs::copy(
+            secrets.join(file_name(Kind::Secret, &key("here"))),
+            &elsewhere,
+        )
+        .unwrap();
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.quarantined.len(), 1, "{report:?}");
+        assert!(!elsewhere.exists());
+        assert_eq!(store.secret(&key("here")).unwrap().version.get(), 1);
+        assert!(matches!(
+            store.secret_entry(&key("elsewhere")),
+            Lookup::Missing
+        ));
+        assert_eq!(store.counts().secrets, 1);
+    }
+
+    #[test]
     fn entries_of_the_old_format_are_migrated_once() {
         let dir = tempfile::tempdir().unwrap();
         let keyring = Keyring::generate().unwrap();
