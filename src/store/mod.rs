@@ -349,15 +349,22 @@ impl Store {
                 .map_err(|e| StoreError::io(&manifest_path, e))?;
             tracing::warn!(old = %aside.display(), "store manifest set aside; rebuilding it from the entries on disk");
         }
-        let existing = Manifest::open(&manifest_path, &ring)?;
-
         let entry_keys = EntryKeys::of(&ring);
         let mut report = OpenReport::default();
-        let secrets = files::read_entries(&secrets_dir, &mut report, |b| {
-            SecretRecord::from_file_bytes(b, &entry_keys)
-        })?;
-        let configs = files::read_entries(&configs_dir, &mut report, |b| {
-            ConfigRecord::from_file_bytes(b, &entry_keys)
+        // The manifest is read and checked on a thread of its own while the entry files are
+        // read (on every core): neither needs the other until both are sorted below.
+        let (existing, secrets, configs) = std::thread::scope(|scope| {
+            let manifest = scope.spawn(|| Manifest::open(&manifest_path, &ring));
+            let secrets = files::read_entries(&secrets_dir, &mut report, |name, b| {
+                SecretRecord::from_file_bytes(b, &entry_keys).map(|d| in_its_file(d, name))
+            });
+            let configs = files::read_entries(&configs_dir, &mut report, |name, b| {
+                ConfigRecord::from_file_bytes(b, &entry_keys).map(|d| in_its_file(d, name))
+            });
+            let existing = manifest
+                .join()
+                .expect("the store manifest's loading thread panicked");
+            Ok::<_, StoreError>((existing?, secrets?, configs?))
         })?;
 
         let mut opening = Opening {
@@ -762,6 +769,17 @@ fn list<R>(
         .collect()
 }
 
+/// An entry file as decoded, and whether it is the file its entry belongs in (always true of
+/// what is not an authenticated entry: nothing to tell). Checked while the files are read, on
+/// every core: the file name is a hash of the entry's key.
+fn in_its_file<R: Entry>(decoded: Decoded<R>, file: &str) -> (Decoded<R>, bool) {
+    let in_place = match &decoded {
+        Decoded::Authentic(record) => file_name(R::KIND, record.key()) == file,
+        Decoded::Legacy(_) | Decoded::ForeignKey(_) => true,
+    };
+    (decoded, in_place)
+}
+
 /// Start-up: entries read from disk, sorted into accepted, refused and pending, then checked
 /// against the manifest.
 struct Opening<'a> {
@@ -844,9 +862,13 @@ impl Opening<'_> {
     /// Sorts the entries of one kind.
     fn sort<R: IntoPending>(
         &mut self,
-        loaded: Vec<files::Parsed<Decoded<R>>>,
+        loaded: Vec<files::Parsed<(Decoded<R>, bool)>>,
     ) -> Result<(), StoreError> {
         for (path, parsed) in loaded {
+            let (parsed, in_place) = match parsed {
+                Ok((decoded, in_place)) => (Ok(decoded), in_place),
+                Err(why) => (Err(why), true),
+            };
             let record = match parsed {
                 Err(why) => {
                     self.refuse_file(&path, &format!("unreadable: {why}"))?;
@@ -862,8 +884,7 @@ impl Opening<'_> {
                 }
                 Ok(Decoded::Authentic(record)) => record,
             };
-            let expected_name = file_name(R::KIND, record.key());
-            if path.file_name().and_then(|n| n.to_str()) != Some(expected_name.as_str()) {
+            if !in_place {
                 self.refuse_file(
                     &path,
                     &format!("it holds {}, which belongs in another file", record.key()),
@@ -879,7 +900,7 @@ impl Opening<'_> {
                 Some(m) if !m.deleted && m.generation == generation => self.accept(record),
                 Some(m) if m.deleted && generation < m.generation => {
                     // A delete that a crash interrupted after its manifest line.
-                    files::remove_durably(self.dir(R::KIND), &expected_name)?;
+                    files::remove_durably(self.dir(R::KIND), &file_name(R::KIND, record.key()))?;
                 }
                 _ if generation == manifest.next_generation() => {
                     self.candidates.push(R::pending(path, record));
@@ -1529,6 +1550,35 @@ mod tests {
         // A keyring that did not write the store cannot vouch for it.
         let foreign = open(dir.path(), &Keyring::generate().unwrap());
         assert!(foreign.is_err(), "{:?}", foreign.map(|(_, r)| r));
+    }
+
+    #[test]
+    fn an_authentic_entry_in_another_entrys_file_is_refused() {
+        // The file name is checked on the threads that load the entries: a copy of one entry
+        // under another's name is still found, and the entry in its own file still served.
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        store
+            .put_secret(secret(&keyring, "here", 1), Expect::Absent)
+            .unwrap();
+        drop(store);
+        let secrets = dir.path().join("secrets");
+        let elsewhere = secrets.join(file_name(Kind::Secret, &key("elsewhere")));
+        std::fs::copy(
+            secrets.join(file_name(Kind::Secret, &key("here"))),
+            &elsewhere,
+        )
+        .unwrap();
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.quarantined.len(), 1, "{report:?}");
+        assert!(!elsewhere.exists());
+        assert_eq!(store.secret(&key("here")).unwrap().version.get(), 1);
+        assert!(matches!(
+            store.secret_entry(&key("elsewhere")),
+            Lookup::Missing
+        ));
+        assert_eq!(store.counts().secrets, 1);
     }
 
     #[test]
