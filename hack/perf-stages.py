@@ -13,16 +13,21 @@ LEAF_RULES = [
     ("allocation (malloc, free)", r"^(malloc|free|cfree|realloc|calloc|_int_malloc|_int_free|_int_realloc|malloc_consolidate|__libc_malloc|__libc_free|__libc_calloc|__libc_realloc|tcache_|unlink_chunk|alloc::raw_vec::finish_grow|__rust_alloc|__rust_dealloc|__rust_realloc|sysmalloc)"),
     ("copies (memcpy, memmove)", r"^(__memmove|__memcpy|memcpy|memmove)"),
 ]
+# A sample in the kernel is named by the system call it is in, read off the first user-space
+# frame (the libc wrapper: the kernel's own entry points are inlined), else by the kernel frame.
 SYSCALL_RULES = [
-    ("audit: fdatasync and write (kernel)", r"__x64_sys_(fdatasync|fsync|pwrite64|write)$", "audit-writer"),
-    ("socket read (kernel)", r"__x64_sys_(read|recvfrom|recvmsg)$", None),
-    ("socket write (kernel)", r"__x64_sys_(write|writev|sendto|sendmsg)$", None),
-    ("scheduling: epoll, futex, wake-ups (kernel)", r"__x64_sys_(epoll_wait|epoll_pwait|futex|sched_yield|epoll_ctl)$", None),
-    ("other system calls (kernel)", r"__x64_sys_", None),
+    ("audit: fdatasync and write (kernel)", r"fdatasync|fsync|pwritev2|pwrite"),
+    ("socket write (kernel, loopback TCP)", r"writev|__libc_write|__write|send"),
+    ("socket read (kernel)", r"__libc_read|__read|recv"),
+    ("scheduling: epoll, futex, wake-ups (kernel)", r"epoll|^syscall$|futex|pthread_cond|lll_lock|sched_yield|nanosleep|clock_nanosleep"),
+]
+KERNEL_RULES = [
+    ("audit: fdatasync and write (kernel)", r"ext4|jbd2|virtio|blk_|bio_|iowrite"),
+    ("socket write (kernel, loopback TCP)", r"tcp_|sock_|skb|ip_|net_rx|napi|netif|__dev_queue"),
+    ("scheduling: epoll, futex, wake-ups (kernel)", r"finish_task_switch|schedule|try_to_wake_up|_raw_spin_unlock_irq|futex|ep_poll"),
 ]
 STAGE_RULES = [
-    ("audit: serialize record (JSON)", r"audit::writer::.*write_batch.*|serde_json::ser.*AuditEvent|audit::.*Serialize"),
-    ("audit: hash chain (SHA-256)", r"audit::chain::"),
+        ("audit: hash chain (SHA-256)", r"audit::chain::"),
     ("open: HKDF + ChaCha20-Poly1305 + decode", r"crypto::seal::|crypto::aead::|hkdf::|ring_core_.*chacha|poly1305"),
     ("authentication (token)", r"backends::local::tokens|TokenAuthorizer|authenticate"),
     ("store lookup", r"claw_secrets::store::"),
@@ -37,28 +42,29 @@ STAGE_RULES = [
 
 def stage_of(comm, frames):
     syms = [s for s, _ in frames]
-    if comm == "audit-writer":
-        for s in syms:
-            if re.search(r"__x64_sys_(fdatasync|fsync)$|ext4_sync_file|blkdev|virtio", s):
-                return "audit: fdatasync and write (kernel)"
+    in_kernel = bool(frames) and frames[0][1].startswith("[kernel")
+    if in_kernel:
+        user = next((s for s, dso in frames if not dso.startswith("[kernel")), None)
+        if comm == "audit-writer" and any(re.search(KERNEL_RULES[0][1], s) for s in syms):
+            return KERNEL_RULES[0][0]
+        for name, rx in SYSCALL_RULES:
+            if user and re.search(rx, user):
+                if comm == "audit-writer" and not name.startswith(("audit", "scheduling")):
+                    return "audit: fdatasync and write (kernel)"
+                return name
+        for name, rx in KERNEL_RULES:
+            if re.search(rx, syms[0]):
+                return name
+        return "kernel: interrupts, softirq, other"
     for name, rx in LEAF_RULES:
         if syms and re.search(rx, syms[0]):
             return name
     for s in syms:
-        for rule in SYSCALL_RULES:
-            name, rx, thread = rule
-            if re.search(rx, s) and (thread is None or thread == comm):
-                if thread is None and name.startswith("socket write") and comm == "audit-writer":
-                    return "audit: fdatasync and write (kernel)"
-                return name
-    for s in syms:
         for name, rx in STAGE_RULES:
             if re.search(rx, s):
                 if comm == "audit-writer" and not name.startswith("audit"):
-                    return "audit writer: other"
+                    return "audit: serialize record, the rest of the writer"
                 return name
-    if any(dso.startswith("[kernel") for _, dso in frames[:1]):
-        return "kernel: interrupts, softirq, other"
     return "other"
 
 def samples(lines):
@@ -89,7 +95,7 @@ for comm, frames in samples(sys.stdin):
     by_stage[stage] += 1
     by_thread[comm] += 1
     total += 1
-    if stage in ("other", "audit writer: other") and frames:
+    if stage in ("other", "audit: serialize record, the rest of the writer") and frames:
         unmatched[frames[0][0][:80]] += 1
 if not total:
     sys.exit("no samples")
