@@ -18,14 +18,9 @@ use std::time::{Duration, Instant};
 use claw_secrets::crypto::{Envelope, Keyring, SecretIdentity, open, seal};
 use claw_secrets::domain::{Kind, Name, Namespace, SecretData, Version};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
+#[path = "support/env.rs"]
+mod env;
+use env::env_usize;
 
 /// One key whose value is `value_len` bytes (printable ASCII, as a password or PEM would be).
 fn secret_data(value_len: usize) -> SecretData {

@@ -22,14 +22,9 @@ use claw_secrets::crypto::{Keyring, SecretIdentity, SharedKeyring, seal};
 use claw_secrets::domain::{Kind, Name, Namespace, ObjectKey, SecretData, Version};
 use claw_secrets::store::{Expect, OpenOptions, Origin, SecretRecord, Store};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
+#[path = "support/env.rs"]
+mod env;
+use env::env_usize;
 
 fn name(i: usize) -> Name {
     Name::parse(&format!("burst-{i:05}")).expect("name")
