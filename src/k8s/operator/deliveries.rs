@@ -20,7 +20,6 @@ use hyper::{Response, StatusCode};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
-use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use sha2::{Digest, Sha256};
@@ -30,7 +29,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::metrics::{Delivered, Metrics};
-use super::secret_cache::{self, Cached, SharedSecrets};
 use crate::crypto::{SealingPublicKey, SharedKeyring};
 use crate::k8s::crd::{ClawNode, ClawSecret};
 use crate::k8s::delivery::{
@@ -102,11 +100,9 @@ impl ChangeLog {
         }
     }
 
-    /// An event of the cache's watch. An object this version cannot read is not delivered, so
-    /// it is left out here too.
-    fn saw(&mut self, event: &watcher::Event<Cached>) {
+    fn saw(&mut self, event: &watcher::Event<ClawSecret>) {
         match event {
-            watcher::Event::Apply(DeserializeGuard(Ok(o))) => {
+            watcher::Event::Apply(o) => {
                 let at = delivery::revision(o).unwrap_or(0);
                 self.max = self.max.max(at);
                 // A new object was on no node; one whose selection moved may be on nodes it no
@@ -124,11 +120,11 @@ impl ChangeLog {
                     }
                 }
             }
-            watcher::Event::InitApply(DeserializeGuard(Ok(o))) => {
+            watcher::Event::InitApply(o) => {
                 self.listing = self.listing.max(delivery::revision(o).unwrap_or(0));
                 self.selections.insert(object_key(o), Selection::of(o));
             }
-            watcher::Event::Delete(DeserializeGuard(Ok(o))) => {
+            watcher::Event::Delete(o) => {
                 let at = delivery::revision(o).unwrap_or(self.max);
                 self.max = self.max.max(at);
                 self.selections.remove(&object_key(o));
@@ -148,8 +144,6 @@ impl ChangeLog {
                 self.selections.clear();
             }
             watcher::Event::InitDone => self.max = self.max.max(self.listing),
-            watcher::Event::Apply(_) | watcher::Event::InitApply(_) | watcher::Event::Delete(_) => {
-            }
         }
     }
 
@@ -206,9 +200,7 @@ pub struct Deliveries {
     metrics: Arc<Metrics>,
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_user: String,
-    /// The replica's one ClawSecret cache; the leader's controller follows it too.
-    secrets: Store<Cached>,
-    shared: SharedSecrets,
+    secrets: Store<ClawSecret>,
     nodes: Store<Node>,
     claw_nodes: Store<ClawNode>,
     changes: watch::Receiver<u64>,
@@ -234,8 +226,7 @@ impl Deliveries {
         agent_user: String,
     ) -> (Arc<Deliveries>, impl Future<Output = ()> + Send + 'static) {
         let (changed, changes) = watch::channel(0u64);
-        let (secrets, secrets_writer) = reflector::store::<Cached>();
-        let shared = SharedSecrets::new(secrets.clone());
+        let (secrets, secrets_writer) = reflector::store::<ClawSecret>();
         let (nodes, nodes_writer) = reflector::store::<Node>();
         let (claw_nodes, claw_nodes_writer) = reflector::store::<ClawNode>();
         let log = Arc::new(Mutex::new(ChangeLog::new()));
@@ -244,24 +235,17 @@ impl Deliveries {
             let bump = move || {
                 changed.send_modify(|n| *n = n.wrapping_add(1));
             };
-            let (secrets_api, log_w, b1, follow) = (
-                Api::<Cached>::all(client.clone()),
+            let (secrets_api, log_w, b1) = (
+                Api::<ClawSecret>::all(client.clone()),
                 log.clone(),
                 bump.clone(),
-                shared.clone(),
             );
             let secrets = watcher(secrets_api.clone(), watcher::Config::default())
                 .default_backoff()
-                .modify(secret_cache::lean)
+                .modify(for_deliveries)
                 .reflect(secrets_writer)
                 .for_each(move |event| {
                     let (secrets_api, log_w, b1) = (secrets_api.clone(), log_w.clone(), b1.clone());
-                    match &event {
-                        Ok(event) => follow.saw(event),
-                        // Said here since the controller that said it follows this watch now.
-                        Err(e) => tracing::warn!(kind = "ClawSecret", error = %e,
-                            "watching failed; retrying"),
-                    }
                     async move {
                         if let Ok(event) = &event {
                             log_w.lock().unwrap_or_else(|p| p.into_inner()).saw(event);
@@ -307,7 +291,6 @@ impl Deliveries {
             metrics,
             agent_user,
             secrets,
-            shared,
             nodes,
             claw_nodes,
             changes,
@@ -315,11 +298,6 @@ impl Deliveries {
             reviews: Mutex::new(HashMap::new()),
         });
         (endpoint, watched)
-    }
-
-    /// The ClawSecret cache, for the leader's controller to follow.
-    pub(super) fn shared_secrets(&self) -> SharedSecrets {
-        self.shared.clone()
     }
 
     /// The node a request's token (`X-Claw-Secrets-Authorization`) stands for, as for a
@@ -427,7 +405,7 @@ impl Deliveries {
                 (log.position(), continued)
             };
             let all = self.secrets.state();
-            let all = all.iter().filter_map(|s| s.0.as_ref().ok());
+            let all = all.iter().map(|s| s.as_ref());
             let labels_digest = delivery::labels_digest(&labels);
             let continued = cursor.filter(|c| c.key_id == key_id && c.labels == labels_digest);
             let (full, chosen, removed, since) = match &continued {
@@ -600,6 +578,19 @@ impl Deliveries {
     }
 }
 
+/// Keeps `writer`'s cache of `api` current, calling `changed` after every event.
+/// What a delivery reads of a ClawSecret is kept, the rest dropped before it is cached: its
+/// managedFields, annotations (kubectl's last-applied copy, remembered writes), labels and
+/// status conditions are most of an object, and every replica caches every ClawSecret.
+fn for_deliveries(obj: &mut ClawSecret) {
+    obj.metadata.managed_fields = None;
+    obj.metadata.annotations = None;
+    obj.metadata.labels = None;
+    if let Some(status) = &mut obj.status {
+        status.conditions.clear();
+    }
+}
+
 /// A Node as deliveries read it: its name and labels (its status, with every image on the
 /// node, is most of the object).
 fn labels_only(node: &mut Node) {
@@ -609,7 +600,6 @@ fn labels_only(node: &mut Node) {
     node.status = None;
 }
 
-/// Keeps `writer`'s cache of `api` current, calling `changed` after every event.
 async fn cached<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
@@ -724,9 +714,7 @@ mod tests {
     fn deletions_are_remembered_only_from_where_the_watch_saw_them_all() {
         let mut log = ChangeLog::new();
         log.saw(&watcher::Event::Init);
-        log.saw(&watcher::Event::InitApply(DeserializeGuard(Ok(secret(
-            "a", 10,
-        )))));
+        log.saw(&watcher::Event::InitApply(secret("a", 10)));
         assert_eq!(
             log.max, 0,
             "listed objects reach the cache at the list's end"
@@ -740,12 +728,8 @@ mod tests {
         );
         log.relisted(20);
         assert_eq!(log.horizon, 20);
-        log.saw(&watcher::Event::Delete(DeserializeGuard(Ok(secret(
-            "b", 25,
-        )))));
-        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(secret(
-            "c", 30,
-        )))));
+        log.saw(&watcher::Event::Delete(secret("b", 25)));
+        log.saw(&watcher::Event::Apply(secret("c", 30)));
         assert_eq!(log.max, 30);
         let names = |since| {
             log.deleted_since(since)
@@ -767,9 +751,7 @@ mod tests {
     fn a_cursor_made_after_a_relist_is_continued_though_the_api_server_is_further_on() {
         let mut log = ChangeLog::new();
         log.saw(&watcher::Event::Init);
-        log.saw(&watcher::Event::InitApply(DeserializeGuard(Ok(secret(
-            "a", 10,
-        )))));
+        log.saw(&watcher::Event::InitApply(secret("a", 10)));
         log.saw(&watcher::Event::InitDone);
         log.relisted(500);
         let (revision, epoch) = log.position();
@@ -785,9 +767,7 @@ mod tests {
         // At or past the list's revision, any cursor continues.
         assert!(log.continues(500, 0));
         // Deletions seen from then on are told.
-        log.saw(&watcher::Event::Delete(DeserializeGuard(Ok(secret(
-            "a", 510,
-        )))));
+        log.saw(&watcher::Event::Delete(secret("a", 510)));
         assert_eq!(log.deleted_since(revision).count(), 1);
         // Once a relist begins, nothing made before it continues, until its own is known.
         log.saw(&watcher::Event::Init);
@@ -799,30 +779,24 @@ mod tests {
     fn only_selection_changes_are_removals_for_other_nodes() {
         let mut log = ChangeLog::new();
         log.saw(&watcher::Event::Init);
-        log.saw(&watcher::Event::InitApply(DeserializeGuard(Ok(secret(
-            "a", 10,
-        )))));
+        log.saw(&watcher::Event::InitApply(secret("a", 10)));
         log.saw(&watcher::Event::InitDone);
         log.relisted(10);
         // A status write, a data change: the selection is the same.
-        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(secret(
-            "a", 11,
-        )))));
+        log.saw(&watcher::Event::Apply(secret("a", 11)));
         // A new object: it was on no node.
-        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(secret(
-            "b", 12,
-        )))));
+        log.saw(&watcher::Event::Apply(secret("b", 12)));
         assert!(log.reselected_since(10).is_empty());
         // a's selector moves: nodes it selected before may hold it.
         let mut moved = secret("a", 13);
         moved.spec.node_selector = Some([("gpu".to_owned(), "true".to_owned())].into());
-        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(moved.clone()))));
+        log.saw(&watcher::Event::Apply(moved.clone()));
         let key = ("team-a".to_owned(), "a".to_owned());
         assert_eq!(log.reselected_since(12), [key.clone()].into());
         assert!(log.reselected_since(13).is_empty());
         // Its status written afterwards: still named to a cursor from before the move.
         moved.metadata.resource_version = Some("14".to_owned());
-        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(moved))));
+        log.saw(&watcher::Event::Apply(moved));
         assert_eq!(log.reselected_since(12), [key].into());
         assert!(log.reselected_since(13).is_empty());
         // A relist forgets what it would no longer continue from.
@@ -849,9 +823,8 @@ mod tests {
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 "2026-01-01T00:00:00Z".parse().unwrap(),
             ));
-        let mut trimmed = DeserializeGuard(Ok(whole.clone()));
-        secret_cache::lean(&mut trimmed);
-        let trimmed = trimmed.0.unwrap();
+        let mut trimmed = whole.clone();
+        for_deliveries(&mut trimmed);
         assert!(
             trimmed.metadata.annotations.is_none() && trimmed.metadata.managed_fields.is_none()
         );

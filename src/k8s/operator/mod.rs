@@ -23,7 +23,6 @@ mod key_rotation;
 mod leader;
 mod metrics;
 mod reencrypt;
-mod secret_cache;
 mod secrets;
 mod writes;
 
@@ -428,8 +427,6 @@ pub async fn run(
             }
         },
     )));
-    // With the delivery endpoint, its ClawSecret cache is the controller's too.
-    let mut shared_secrets = None;
     let webhook = match &config.webhook {
         Some(webhook) => {
             let bound = admission::Webhook::bind(&client, &config.namespace, webhook.clone())
@@ -444,7 +441,6 @@ pub async fn run(
                 metrics.clone(),
                 agent_user,
             );
-            shared_secrets = Some(deliveries.shared_secrets());
             let writes = match &config.data_dir {
                 Some(dir) => {
                     let kube_config = Component::Operator
@@ -494,14 +490,15 @@ pub async fn run(
         }
     };
 
-    let replica = Replica {
+    let mut operate = std::pin::pin!(elect_and_lead(
+        client,
+        &config,
         keyring,
         keyring_changes,
-        secrets: shared_secrets,
         metrics,
         health,
-    };
-    let mut operate = std::pin::pin!(elect_and_lead(client, &config, replica, stop_rx.clone()));
+        stop_rx.clone()
+    ));
     // The metrics and health server runs for the operator's whole life (it stops at shutdown):
     // if it stops before, so does the operator (its probes would fail anyway).
     tokio::select! {
@@ -523,17 +520,6 @@ pub async fn run(
     }
 }
 
-/// What a replica keeps for whenever it leads.
-struct Replica {
-    keyring: SharedKeyring,
-    /// One item per change of the keyring.
-    keyring_changes: watch::Receiver<u64>,
-    /// The delivery endpoint's ClawSecret cache, when it is served.
-    secrets: Option<secret_cache::SharedSecrets>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-}
-
 /// Stands by for the Lease, then leads until shutdown; a leader that loses the Lease stops
 /// acting at once (its controllers are dropped, mid-reconcile included) and stands by again,
 /// rather than exit: an API server that blips now and then must not put the operator into
@@ -541,12 +527,12 @@ struct Replica {
 async fn elect_and_lead(
     client: kube::Client,
     config: &OperatorConfig,
-    replica: Replica,
+    keyring: SharedKeyring,
+    keyring_changes: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     stop_rx: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let Replica {
-        metrics, health, ..
-    } = &replica;
     let mut elector = LeaderElector::new(client.clone(), config.lease.clone());
     loop {
         let leading = tokio::select! {
@@ -559,7 +545,7 @@ async fn elect_and_lead(
         health.set_ready(false);
         metrics.set_leader(true);
         let result = tokio::select! {
-            r = lead(client.clone(), config, &replica, stop_rx.clone()) => r,
+            r = lead(client.clone(), config, keyring.clone(), keyring_changes.clone(), metrics.clone(), health.clone(), stop_rx.clone()) => r,
             lost = elector.hold() => Err(lost),
         };
         metrics.set_leader(false);
@@ -581,11 +567,12 @@ async fn elect_and_lead(
 async fn lead(
     client: kube::Client,
     config: &OperatorConfig,
-    replica: &Replica,
+    keyring: SharedKeyring,
+    keyring_changes: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let (keyring, keyring_changes) = (replica.keyring.clone(), replica.keyring_changes.clone());
-    let (metrics, health) = (replica.metrics.clone(), &replica.health);
     let ctx = Arc::new(Context {
         client: client.clone(),
         keyring,
@@ -647,39 +634,22 @@ async fn lead(
         config.reencrypt_per_second,
         stop.clone(),
     )));
-    // One cache of ClawSecrets per process: the deliveries' when they are served (it holds
-    // every namespace's: objects outside --watch-namespace are left alone), else its own.
-    let secrets = match &replica.secrets {
-        Some(shared) => shared.controller(config.watch_namespace.clone(), deleted_secrets),
-        None => lean_controller(
-            scoped_api::<secret_cache::Cached>(&client, config),
-            deleted_secrets,
-            secret_cache::lean,
-        ),
-    };
-    let scope = config.watch_namespace.clone();
-    let secrets = secrets
-        .with_config(controller::Config::default().concurrency(CONCURRENCY))
-        .reconcile_all_on(changes_of(keyring_changes))
-        .graceful_shutdown_on(stopped(stop.clone()))
-        .run(
-            move |obj, ctx| {
-                let in_scope = secret_cache::in_scope(scope.as_deref(), &obj);
-                async move {
-                    if !in_scope {
-                        return Ok(Action::await_change());
-                    }
-                    guarded(obj, ctx, secrets::reconcile).await
-                }
-            },
-            error_policy,
-            ctx.clone(),
-        )
-        .for_each(|r| async move { log_result("ClawSecret", r) });
+    let secrets = lean_controller(
+        scoped_api::<DeserializeGuard<ClawSecret>>(&client, config),
+        deleted_secrets,
+    )
+    .with_config(controller::Config::default().concurrency(CONCURRENCY))
+    .reconcile_all_on(changes_of(keyring_changes))
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(
+        |obj, ctx| guarded(obj, ctx, secrets::reconcile),
+        error_policy,
+        ctx.clone(),
+    )
+    .for_each(|r| async move { log_result("ClawSecret", r) });
     let configs = lean_controller(
         scoped_api::<DeserializeGuard<ClawConfig>>(&client, config),
         deleted_configs,
-        |obj| obj.managed_fields_mut().clear(),
     )
     .with_config(controller::Config::default().concurrency(CONCURRENCY))
     .graceful_shutdown_on(stopped(stop.clone()))
@@ -734,17 +704,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A controller over every object of `api`, whose cache keeps objects as `trim` leaves them:
-/// without what the reconcilers never read (`metadata.managedFields` at least: at 10,000
-/// ClawSecrets they were most of the operator's memory, BENCHMARKS.md).
+/// A controller over every object of `api`, whose cache keeps objects without their
+/// `metadata.managedFields`. The reconcilers never read them, and at 10,000 ClawSecrets they
+/// were most of the operator's memory (BENCHMARKS.md); everything else is kept as the API
+/// server sent it, so the reconcilers see the same objects as with `Controller::new`.
 ///
 /// Every object the watch sees deleted is sent to `deleted` (the Deleted Event: there is no
 /// finalizer to hold the object back for a reconcile).
-fn lean_controller<K>(
-    api: Api<K>,
-    deleted: mpsc::UnboundedSender<K>,
-    trim: fn(&mut K),
-) -> Controller<K>
+fn lean_controller<K>(api: Api<K>, deleted: mpsc::UnboundedSender<K>) -> Controller<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -752,7 +719,7 @@ where
     let trigger = reflector(
         writer,
         watcher(api, watcher::Config::default().any_semantic())
-            .modify(trim)
+            .modify(|obj: &mut K| obj.managed_fields_mut().clear())
             .inspect(move |event| {
                 if let Ok(watcher::Event::Delete(obj)) = event {
                     let _ = deleted.send(obj.clone());
