@@ -20,6 +20,7 @@ use hyper::{Response, StatusCode};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use sha2::{Digest, Sha256};
@@ -28,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+use super::listed::Listed;
 use super::metrics::{Delivered, Metrics};
+use super::secret_cache::{self, Cached, SharedSecrets};
 use crate::crypto::{SealingPublicKey, SharedKeyring};
 use crate::k8s::crd::{ClawNode, ClawSecret};
 use crate::k8s::delivery::{
@@ -100,9 +103,11 @@ impl ChangeLog {
         }
     }
 
-    fn saw(&mut self, event: &watcher::Event<ClawSecret>) {
+    /// An event of the cache's watch. An object this version cannot read is not delivered, so
+    /// it is left out here too.
+    fn saw(&mut self, event: &watcher::Event<Cached>) {
         match event {
-            watcher::Event::Apply(o) => {
+            watcher::Event::Apply(DeserializeGuard(Ok(o))) => {
                 let at = delivery::revision(o).unwrap_or(0);
                 self.max = self.max.max(at);
                 // A new object was on no node; one whose selection moved may be on nodes it no
@@ -120,11 +125,11 @@ impl ChangeLog {
                     }
                 }
             }
-            watcher::Event::InitApply(o) => {
+            watcher::Event::InitApply(DeserializeGuard(Ok(o))) => {
                 self.listing = self.listing.max(delivery::revision(o).unwrap_or(0));
                 self.selections.insert(object_key(o), Selection::of(o));
             }
-            watcher::Event::Delete(o) => {
+            watcher::Event::Delete(DeserializeGuard(Ok(o))) => {
                 let at = delivery::revision(o).unwrap_or(self.max);
                 self.max = self.max.max(at);
                 self.selections.remove(&object_key(o));
@@ -144,6 +149,8 @@ impl ChangeLog {
                 self.selections.clear();
             }
             watcher::Event::InitDone => self.max = self.max.max(self.listing),
+            watcher::Event::Apply(_) | watcher::Event::InitApply(_) | watcher::Event::Delete(_) => {
+            }
         }
     }
 
@@ -200,9 +207,14 @@ pub struct Deliveries {
     metrics: Arc<Metrics>,
     /// `system:serviceaccount:<namespace>:<name>` of the agents.
     agent_user: String,
-    secrets: Store<ClawSecret>,
+    /// The replica's one ClawSecret cache; the leader's controller follows it too.
+    secrets: Store<Cached>,
+    shared: SharedSecrets,
     nodes: Store<Node>,
     claw_nodes: Store<ClawNode>,
+    /// Set once `nodes` and `claw_nodes` hold their first list.
+    nodes_listed: Listed,
+    claw_nodes_listed: Listed,
     changes: watch::Receiver<u64>,
     log: Arc<Mutex<ChangeLog>>,
     /// Recent answers by SHA-256 of the token (never the token).
@@ -226,26 +238,35 @@ impl Deliveries {
         agent_user: String,
     ) -> (Arc<Deliveries>, impl Future<Output = ()> + Send + 'static) {
         let (changed, changes) = watch::channel(0u64);
-        let (secrets, secrets_writer) = reflector::store::<ClawSecret>();
+        let (secrets, secrets_writer) = reflector::store::<Cached>();
+        let shared = SharedSecrets::new(secrets.clone());
         let (nodes, nodes_writer) = reflector::store::<Node>();
         let (claw_nodes, claw_nodes_writer) = reflector::store::<ClawNode>();
+        let (nodes_listed, claw_nodes_listed) = (Listed::new(), Listed::new());
         let log = Arc::new(Mutex::new(ChangeLog::new()));
         let watched = {
             use futures::StreamExt;
             let bump = move || {
                 changed.send_modify(|n| *n = n.wrapping_add(1));
             };
-            let (secrets_api, log_w, b1) = (
-                Api::<ClawSecret>::all(client.clone()),
+            let (secrets_api, log_w, b1, follow) = (
+                Api::<Cached>::all(client.clone()),
                 log.clone(),
                 bump.clone(),
+                shared.clone(),
             );
             let secrets = watcher(secrets_api.clone(), watcher::Config::default())
                 .default_backoff()
-                .modify(for_deliveries)
+                .modify(secret_cache::lean)
                 .reflect(secrets_writer)
                 .for_each(move |event| {
                     let (secrets_api, log_w, b1) = (secrets_api.clone(), log_w.clone(), b1.clone());
+                    match &event {
+                        Ok(event) => follow.saw(event),
+                        // Said here since the controller that said it follows this watch now.
+                        Err(e) => tracing::warn!(kind = "ClawSecret", error = %e,
+                            "watching failed; retrying"),
+                    }
                     async move {
                         if let Ok(event) = &event {
                             log_w.lock().unwrap_or_else(|p| p.into_inner()).saw(event);
@@ -272,12 +293,14 @@ impl Deliveries {
             let nodes = cached(
                 Api::<Node>::all(client.clone()),
                 nodes_writer,
+                nodes_listed.clone(),
                 labels_only,
                 bump.clone(),
             );
             let claw_nodes = cached(
                 Api::<ClawNode>::all(client.clone()),
                 claw_nodes_writer,
+                claw_nodes_listed.clone(),
                 |n: &mut ClawNode| n.metadata.managed_fields = None,
                 bump,
             );
@@ -291,13 +314,21 @@ impl Deliveries {
             metrics,
             agent_user,
             secrets,
+            shared,
             nodes,
             claw_nodes,
+            nodes_listed,
+            claw_nodes_listed,
             changes,
             log,
             reviews: Mutex::new(HashMap::new()),
         });
         (endpoint, watched)
+    }
+
+    /// The ClawSecret cache, for the leader's controller to follow.
+    pub(super) fn shared_secrets(&self) -> SharedSecrets {
+        self.shared.clone()
     }
 
     /// The node a request's token (`X-Claw-Secrets-Authorization`) stands for, as for a
@@ -362,12 +393,12 @@ impl Deliveries {
         let node = self.node_of(token).await?;
         let (have, wait) = parse_query(query)?;
         let ready = async {
-            let (a, b, c) = tokio::join!(
-                self.secrets.wait_until_ready(),
-                self.nodes.wait_until_ready(),
-                self.claw_nodes.wait_until_ready(),
+            // Not the stores' own readiness, which wakes one waiter only (see `Listed`).
+            tokio::join!(
+                self.shared.wait_listed(),
+                self.nodes_listed.wait(),
+                self.claw_nodes_listed.wait(),
             );
-            a.and(b).and(c)
         };
         let starting = || {
             Refusal(
@@ -377,7 +408,6 @@ impl Deliveries {
         };
         tokio::time::timeout(Duration::from_secs(5), ready)
             .await
-            .map_err(|_| starting())?
             .map_err(|_| starting())?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.changes.clone();
@@ -405,7 +435,7 @@ impl Deliveries {
                 (log.position(), continued)
             };
             let all = self.secrets.state();
-            let all = all.iter().map(|s| s.as_ref());
+            let all = all.iter().filter_map(|s| s.0.as_ref().ok());
             let labels_digest = delivery::labels_digest(&labels);
             let continued = cursor.filter(|c| c.key_id == key_id && c.labels == labels_digest);
             let (full, chosen, removed, since) = match &continued {
@@ -578,19 +608,6 @@ impl Deliveries {
     }
 }
 
-/// Keeps `writer`'s cache of `api` current, calling `changed` after every event.
-/// What a delivery reads of a ClawSecret is kept, the rest dropped before it is cached: its
-/// managedFields, annotations (kubectl's last-applied copy, remembered writes), labels and
-/// status conditions are most of an object, and every replica caches every ClawSecret.
-fn for_deliveries(obj: &mut ClawSecret) {
-    obj.metadata.managed_fields = None;
-    obj.metadata.annotations = None;
-    obj.metadata.labels = None;
-    if let Some(status) = &mut obj.status {
-        status.conditions.clear();
-    }
-}
-
 /// A Node as deliveries read it: its name and labels (its status, with every image on the
 /// node, is most of the object).
 fn labels_only(node: &mut Node) {
@@ -600,9 +617,12 @@ fn labels_only(node: &mut Node) {
     node.status = None;
 }
 
+/// Keeps `writer`'s cache of `api` current, calling `changed` after every event; `listed` is
+/// set once the first list is in the cache.
 async fn cached<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
+    listed: Listed,
     trim: impl FnMut(&mut K),
     changed: impl Fn(),
 ) where
@@ -619,7 +639,10 @@ async fn cached<K>(
         .default_backoff()
         .modify(trim)
         .reflect(writer)
-        .for_each(|_| {
+        .for_each(|event| {
+            if let Ok(watcher::Event::InitDone) = event {
+                listed.set();
+            }
             changed();
             futures::future::ready(())
         })
@@ -714,7 +737,9 @@ mod tests {
     fn deletions_are_remembered_only_from_where_the_watch_saw_them_all() {
         let mut log = ChangeLog::new();
         log.saw(&watcher::Event::Init);
-        log.saw(&watcher::Event::InitApply(secret("a", 10)));
+        log.saw(&watcher::Event::InitApply(DeserializeGuard(Ok(secret(
+            "a", 10,
+        )))));
         assert_eq!(
             log.max, 0,
             "listed objects reach the cache at the list's end"
@@ -728,8 +753,12 @@ mod tests {
         );
         log.relisted(20);
         assert_eq!(log.horizon, 20);
-        log.saw(&watcher::Event::Delete(secret("b", 25)));
-        log.saw(&watcher::Event::Apply(secret("c", 30)));
+        log.saw(&watcher::Event::Delete(DeserializeGuard(Ok(secret(
+            "b", 25,
+        )))));
+        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(secret(
+            "c", 30,
+        )))));
         assert_eq!(log.max, 30);
         let names = |since| {
             log.deleted_since(since)
@@ -751,7 +780,9 @@ mod tests {
     fn a_cursor_made_after_a_relist_is_continued_though_the_api_server_is_further_on() {
         let mut log = ChangeLog::new();
         log.saw(&watcher::Event::Init);
-        log.saw(&watcher::Event::InitApply(secret("a", 10)));
+        log.saw(&watcher::Event::InitApply(DeserializeGuard(Ok(secret(
+            "a", 10,
+        )))));
         log.saw(&watcher::Event::InitDone);
         log.relisted(500);
         let (revision, epoch) = log.position();
@@ -767,7 +798,9 @@ mod tests {
         // At or past the list's revision, any cursor continues.
         assert!(log.continues(500, 0));
         // Deletions seen from then on are told.
-        log.saw(&watcher::Event::Delete(secret("a", 510)));
+        log.saw(&watcher::Event::Delete(DeserializeGuard(Ok(secret(
+            "a", 510,
+        )))));
         assert_eq!(log.deleted_since(revision).count(), 1);
         // Once a relist begins, nothing made before it continues, until its own is known.
         log.saw(&watcher::Event::Init);
@@ -779,24 +812,30 @@ mod tests {
     fn only_selection_changes_are_removals_for_other_nodes() {
         let mut log = ChangeLog::new();
         log.saw(&watcher::Event::Init);
-        log.saw(&watcher::Event::InitApply(secret("a", 10)));
+        log.saw(&watcher::Event::InitApply(DeserializeGuard(Ok(secret(
+            "a", 10,
+        )))));
         log.saw(&watcher::Event::InitDone);
         log.relisted(10);
         // A status write, a data change: the selection is the same.
-        log.saw(&watcher::Event::Apply(secret("a", 11)));
+        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(secret(
+            "a", 11,
+        )))));
         // A new object: it was on no node.
-        log.saw(&watcher::Event::Apply(secret("b", 12)));
+        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(secret(
+            "b", 12,
+        )))));
         assert!(log.reselected_since(10).is_empty());
         // a's selector moves: nodes it selected before may hold it.
         let mut moved = secret("a", 13);
         moved.spec.node_selector = Some([("gpu".to_owned(), "true".to_owned())].into());
-        log.saw(&watcher::Event::Apply(moved.clone()));
+        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(moved.clone()))));
         let key = ("team-a".to_owned(), "a".to_owned());
         assert_eq!(log.reselected_since(12), [key.clone()].into());
         assert!(log.reselected_since(13).is_empty());
         // Its status written afterwards: still named to a cursor from before the move.
         moved.metadata.resource_version = Some("14".to_owned());
-        log.saw(&watcher::Event::Apply(moved));
+        log.saw(&watcher::Event::Apply(DeserializeGuard(Ok(moved))));
         assert_eq!(log.reselected_since(12), [key].into());
         assert!(log.reselected_since(13).is_empty());
         // A relist forgets what it would no longer continue from.
@@ -823,8 +862,9 @@ mod tests {
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 "2026-01-01T00:00:00Z".parse().unwrap(),
             ));
-        let mut trimmed = whole.clone();
-        for_deliveries(&mut trimmed);
+        let mut trimmed = DeserializeGuard(Ok(whole.clone()));
+        secret_cache::lean(&mut trimmed);
+        let trimmed = trimmed.0.unwrap();
         assert!(
             trimmed.metadata.annotations.is_none() && trimmed.metadata.managed_fields.is_none()
         );

@@ -21,8 +21,10 @@ mod error;
 mod http;
 mod key_rotation;
 mod leader;
+mod listed;
 mod metrics;
 mod reencrypt;
+mod secret_cache;
 mod secrets;
 mod writes;
 
@@ -427,6 +429,8 @@ pub async fn run(
             }
         },
     )));
+    // With the delivery endpoint, its ClawSecret cache is the controller's too.
+    let mut shared_secrets = None;
     let webhook = match &config.webhook {
         Some(webhook) => {
             let bound = admission::Webhook::bind(&client, &config.namespace, webhook.clone())
@@ -441,6 +445,7 @@ pub async fn run(
                 metrics.clone(),
                 agent_user,
             );
+            shared_secrets = Some(deliveries.shared_secrets());
             let writes = match &config.data_dir {
                 Some(dir) => {
                     let kube_config = Component::Operator
@@ -490,15 +495,14 @@ pub async fn run(
         }
     };
 
-    let mut operate = std::pin::pin!(elect_and_lead(
-        client,
-        &config,
+    let replica = Replica {
         keyring,
         keyring_changes,
+        secrets: shared_secrets,
         metrics,
         health,
-        stop_rx.clone()
-    ));
+    };
+    let mut operate = std::pin::pin!(elect_and_lead(client, &config, replica, stop_rx.clone()));
     // The metrics and health server runs for the operator's whole life (it stops at shutdown):
     // if it stops before, so does the operator (its probes would fail anyway).
     tokio::select! {
@@ -520,6 +524,17 @@ pub async fn run(
     }
 }
 
+/// What a replica keeps for whenever it leads.
+struct Replica {
+    keyring: SharedKeyring,
+    /// One item per change of the keyring.
+    keyring_changes: watch::Receiver<u64>,
+    /// The delivery endpoint's ClawSecret cache, when it is served.
+    secrets: Option<secret_cache::SharedSecrets>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
 /// Stands by for the Lease, then leads until shutdown; a leader that loses the Lease stops
 /// acting at once (its controllers are dropped, mid-reconcile included) and stands by again,
 /// rather than exit: an API server that blips now and then must not put the operator into
@@ -527,12 +542,12 @@ pub async fn run(
 async fn elect_and_lead(
     client: kube::Client,
     config: &OperatorConfig,
-    keyring: SharedKeyring,
-    keyring_changes: watch::Receiver<u64>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    replica: Replica,
     stop_rx: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    let Replica {
+        metrics, health, ..
+    } = &replica;
     let mut elector = LeaderElector::new(client.clone(), config.lease.clone());
     loop {
         let leading = tokio::select! {
@@ -545,7 +560,7 @@ async fn elect_and_lead(
         health.set_ready(false);
         metrics.set_leader(true);
         let result = tokio::select! {
-            r = lead(client.clone(), config, keyring.clone(), keyring_changes.clone(), metrics.clone(), health.clone(), stop_rx.clone()) => r,
+            r = lead(client.clone(), config, &replica, stop_rx.clone()) => r,
             lost = elector.hold() => Err(lost),
         };
         metrics.set_leader(false);
@@ -567,12 +582,11 @@ async fn elect_and_lead(
 async fn lead(
     client: kube::Client,
     config: &OperatorConfig,
-    keyring: SharedKeyring,
-    keyring_changes: watch::Receiver<u64>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    replica: &Replica,
     stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    let (keyring, keyring_changes) = (replica.keyring.clone(), replica.keyring_changes.clone());
+    let (metrics, health) = (replica.metrics.clone(), &replica.health);
     let ctx = Arc::new(Context {
         client: client.clone(),
         keyring,
@@ -634,22 +648,47 @@ async fn lead(
         config.reencrypt_per_second,
         stop.clone(),
     )));
-    let secrets = lean_controller(
-        scoped_api::<DeserializeGuard<ClawSecret>>(&client, config),
-        deleted_secrets,
-    )
-    .with_config(controller::Config::default().concurrency(CONCURRENCY))
-    .reconcile_all_on(changes_of(keyring_changes))
-    .graceful_shutdown_on(stopped(stop.clone()))
-    .run(
-        |obj, ctx| guarded(obj, ctx, secrets::reconcile),
-        error_policy,
-        ctx.clone(),
-    )
-    .for_each(|r| async move { log_result("ClawSecret", r) });
+    // One cache of ClawSecrets per process: the deliveries' when they are served (it holds
+    // every namespace's: objects outside --watch-namespace are left alone), else its own.
+    let scope = config.watch_namespace.clone();
+    let (secrets_ctx, secrets_stop, secrets_client) = (ctx.clone(), stop.clone(), client.clone());
+    let secrets = async move {
+        let controller = match &replica.secrets {
+            // Made once the shared cache holds the first list (see `SharedSecrets::controller`).
+            Some(shared) => tokio::select! {
+                controller = shared.controller(scope.clone(), deleted_secrets) => controller,
+                () = stopped(secrets_stop.clone()) => return,
+            },
+            None => lean_controller(
+                scoped_api::<secret_cache::Cached>(&secrets_client, config),
+                deleted_secrets,
+                secret_cache::lean,
+            ),
+        };
+        controller
+            .with_config(controller::Config::default().concurrency(CONCURRENCY))
+            .reconcile_all_on(changes_of(keyring_changes))
+            .graceful_shutdown_on(stopped(secrets_stop))
+            .run(
+                move |obj, ctx| {
+                    let in_scope = secret_cache::in_scope(scope.as_deref(), &obj);
+                    async move {
+                        if !in_scope {
+                            return Ok(Action::await_change());
+                        }
+                        guarded(obj, ctx, secrets::reconcile).await
+                    }
+                },
+                error_policy,
+                secrets_ctx,
+            )
+            .for_each(|r| async move { log_result("ClawSecret", r) })
+            .await
+    };
     let configs = lean_controller(
         scoped_api::<DeserializeGuard<ClawConfig>>(&client, config),
         deleted_configs,
+        |obj| obj.managed_fields_mut().clear(),
     )
     .with_config(controller::Config::default().concurrency(CONCURRENCY))
     .graceful_shutdown_on(stopped(stop.clone()))
@@ -704,14 +743,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A controller over every object of `api`, whose cache keeps objects without their
-/// `metadata.managedFields`. The reconcilers never read them, and at 10,000 ClawSecrets they
-/// were most of the operator's memory (BENCHMARKS.md); everything else is kept as the API
-/// server sent it, so the reconcilers see the same objects as with `Controller::new`.
+/// A controller over every object of `api`, whose cache keeps objects as `trim` leaves them:
+/// without what the reconcilers never read (`metadata.managedFields` at least: at 10,000
+/// ClawSecrets they were most of the operator's memory, BENCHMARKS.md).
 ///
 /// Every object the watch sees deleted is sent to `deleted` (the Deleted Event: there is no
 /// finalizer to hold the object back for a reconcile).
-fn lean_controller<K>(api: Api<K>, deleted: mpsc::UnboundedSender<K>) -> Controller<K>
+fn lean_controller<K>(
+    api: Api<K>,
+    deleted: mpsc::UnboundedSender<K>,
+    trim: fn(&mut K),
+) -> Controller<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -719,7 +761,7 @@ where
     let trigger = reflector(
         writer,
         watcher(api, watcher::Config::default().any_semantic())
-            .modify(|obj: &mut K| obj.managed_fields_mut().clear())
+            .modify(trim)
             .inspect(move |event| {
                 if let Ok(watcher::Event::Delete(obj)) = event {
                     let _ = deleted.send(obj.clone());
