@@ -15,10 +15,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
 
+use super::Context;
 use super::conditions::{self, READY};
 use super::error::{Error, is_conflict};
 use super::metrics::ObjectKind;
-use super::{Context, RESYNC};
 use crate::k8s::component::Component;
 use crate::k8s::convert::{self, Invalid};
 use crate::k8s::crd::{ClawConfig, ClawConfigStatus};
@@ -96,10 +96,9 @@ async fn apply(obj: &ClawConfig, ctx: &Context, api: &Api<ClawConfig>) -> Result
             }
         }
     }
-    Ok(match verdict {
-        Ok(()) => Action::requeue(RESYNC),
-        Err(_) => Action::await_change(),
-    })
+    // Looked at again on its next change, or at the next resync sweep.
+    let _ = verdict;
+    Ok(Action::await_change())
 }
 
 /// The status a config should have: computed from its spec, keeping from the current status

@@ -24,6 +24,7 @@ mod leader;
 mod listed;
 mod metrics;
 mod reencrypt;
+mod resync;
 mod secret_cache;
 mod secrets;
 mod writes;
@@ -63,8 +64,8 @@ use metrics::{Metrics, ObjectKind, Outcome};
 /// removes it wherever it finds it. Deletions are reported from the watch instead.
 pub const LEGACY_FINALIZER: &str = "clawbernetes.io/cleanup";
 
-/// How often a healthy object is looked at again without any change (a safety net against
-/// missed watch events; it writes nothing when nothing changed).
+/// How often every object is looked at again without any change (a safety net against missed
+/// watch events; it writes nothing when nothing changed): one paced sweep ([`resync`]).
 const RESYNC: Duration = Duration::from_secs(3600);
 
 /// Reconciliations in flight at once, per kind.
@@ -665,9 +666,11 @@ async fn lead(
                 secret_cache::lean,
             ),
         };
+        let resync = resync::sweep(controller.store(), RESYNC);
         controller
             .with_config(controller::Config::default().concurrency(CONCURRENCY))
             .reconcile_all_on(changes_of(keyring_changes))
+            .reconcile_on(resync)
             .graceful_shutdown_on(stopped(secrets_stop))
             .run(
                 move |obj, ctx| {
@@ -689,15 +692,18 @@ async fn lead(
         scoped_api::<DeserializeGuard<ClawConfig>>(&client, config),
         deleted_configs,
         |obj| obj.managed_fields_mut().clear(),
-    )
-    .with_config(controller::Config::default().concurrency(CONCURRENCY))
-    .graceful_shutdown_on(stopped(stop.clone()))
-    .run(
-        |obj, ctx| guarded(obj, ctx, configs::reconcile),
-        error_policy,
-        ctx,
-    )
-    .for_each(|r| async move { log_result("ClawConfig", r) });
+    );
+    let configs_resync = resync::sweep(configs.store(), RESYNC);
+    let configs = configs
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
+        .reconcile_on(configs_resync)
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(
+            |obj, ctx| guarded(obj, ctx, configs::reconcile),
+            error_policy,
+            ctx,
+        )
+        .for_each(|r| async move { log_result("ClawConfig", r) });
 
     health.set_ready(true);
     tracing::info!(

@@ -10,10 +10,10 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::Context;
 use super::conditions::{self, READY};
 use super::error::{Error, is_conflict};
 use super::metrics::ObjectKind;
-use super::{Context, RESYNC};
 use crate::crypto::{KeyId, Keyring};
 use crate::domain::{ObjectKey, SecretData};
 use crate::k8s::component::Component;
@@ -55,7 +55,7 @@ async fn apply(
         return match seal_stored(&obj, applied, &key, ctx, api).await? {
             // The status follows from the watch event of this very write: writing it now,
             // from here, would race that event's reconciliation (a 409 for one of them).
-            Ok(()) => Ok(Action::requeue(RESYNC)),
+            Ok(()) => Ok(Action::await_change()),
             Err(invalid) => write_status(&obj, ctx, api, Err(invalid)).await,
         };
     }
@@ -306,7 +306,7 @@ async fn write_status(
     let current = obj.status.clone().unwrap_or_default();
     let desired = desired_status(obj, &verdict, Timestamp::now());
     if desired == current {
-        return Ok(next_action(&verdict));
+        return Ok(Action::await_change());
     }
     let name = obj.name_any();
     let patch = json!({
@@ -369,15 +369,9 @@ async fn write_status(
             .await;
         }
     }
-    Ok(next_action(&verdict))
-}
-
-/// A broken object waits for its next change instead of being retried in a loop.
-fn next_action(verdict: &Result<Ready, Invalid>) -> Action {
-    match verdict {
-        Ok(_) => Action::requeue(RESYNC),
-        Err(_) => Action::await_change(),
-    }
+    // Looked at again on its next change, or at the next resync sweep (a broken object is not
+    // retried in a loop).
+    Ok(Action::await_change())
 }
 
 /// The Deleted Event of a secret the watch saw deleted.
