@@ -331,6 +331,29 @@ mod tests {
         assert!(shared.follower.lock().unwrap().is_none());
     }
 
+    /// Runs `controller`, recording the name of each object it reconciles.
+    async fn record_reconciles(controller: Controller<Cached>, seen: Arc<Mutex<Vec<String>>>) {
+        controller
+            .run(
+                move |obj: Arc<Cached>, _ctx: Arc<()>| {
+                    let seen = seen.clone();
+                    async move {
+                        use kube::Resource;
+                        seen.lock()
+                            .unwrap()
+                            .push(obj.meta().name.clone().unwrap_or_default());
+                        Ok::<_, std::convert::Infallible>(
+                            kube::runtime::controller::Action::await_change(),
+                        )
+                    }
+                },
+                |_, _, _| kube::runtime::controller::Action::await_change(),
+                Arc::new(()),
+            )
+            .for_each(|_| async {})
+            .await;
+    }
+
     #[tokio::test]
     async fn a_new_controller_starts_from_everything_cached_in_its_scope() {
         let (store, mut writer) = reflector::store::<Cached>();
@@ -347,24 +370,7 @@ mod tests {
         let (deleted, _deletions) = mpsc::unbounded_channel();
         let controller = shared.controller(Some("team-a".to_owned()), deleted).await;
         let reconciled = Arc::new(Mutex::new(Vec::new()));
-        let seen = reconciled.clone();
-        let run = controller.run(
-            move |obj: Arc<Cached>, _ctx: Arc<()>| {
-                let seen = seen.clone();
-                async move {
-                    use kube::Resource;
-                    seen.lock()
-                        .unwrap()
-                        .push(obj.meta().name.clone().unwrap_or_default());
-                    Ok::<_, std::convert::Infallible>(
-                        kube::runtime::controller::Action::await_change(),
-                    )
-                }
-            },
-            |_, _, _| kube::runtime::controller::Action::await_change(),
-            Arc::new(()),
-        );
-        let mut run = Box::pin(run.for_each(|_| async {}));
+        let mut run = Box::pin(record_reconciles(controller, reconciled.clone()));
         let follow = async {
             while reconciled.lock().unwrap().is_empty() {
                 tokio::task::yield_now().await;
@@ -399,30 +405,11 @@ mod tests {
         };
         apply(&mut writer, watcher::Event::Init);
         let reconciled = Arc::new(Mutex::new(Vec::new()));
-        let seen = reconciled.clone();
         let (deleted, _deletions) = mpsc::unbounded_channel();
-        let leader = shared.clone();
+        let (leader, seen) = (shared.clone(), reconciled.clone());
         let mut run = Box::pin(async move {
             let controller = leader.controller(None, deleted).await;
-            controller
-                .run(
-                    move |obj: Arc<Cached>, _ctx: Arc<()>| {
-                        let seen = seen.clone();
-                        async move {
-                            use kube::Resource;
-                            seen.lock()
-                                .unwrap()
-                                .push(obj.meta().name.clone().unwrap_or_default());
-                            Ok::<_, std::convert::Infallible>(
-                                kube::runtime::controller::Action::await_change(),
-                            )
-                        }
-                    },
-                    |_, _, _| kube::runtime::controller::Action::await_change(),
-                    Arc::new(()),
-                )
-                .for_each(|_| async {})
-                .await
+            record_reconciles(controller, seen).await;
         });
         let list = async {
             // The controller waits first, then a delivery request in another task.
