@@ -7,7 +7,10 @@
 //!     BENCH_STORE_DIR=/tmp/store-10k cargo bench --bench store   # keep (and reuse) the store
 //!
 //! Each open is timed whole (the store is dropped between opens; the files stay in the page
-//! cache, as they are on a restart of a running node). Prints median, min and max.
+//! cache, as they are on a restart of a running node). Prints median, min and max, twice:
+//! without a store image (`store.image` removed before each open: every entry file read and
+//! every manifest line checked) and with one (taken once, as the store's own writer takes it
+//! when the store has been quiet; the store opened from it, as after a restart).
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it fills 20 secrets, opens the
 //! store twice and checks what it holds: a smoke test, asserting nothing about time.
@@ -110,10 +113,40 @@ fn main() {
         Ok(json) => Keyring::from_json(&json).expect("the bench keyring"),
         Err(_) => fill(&dir, n),
     };
+    let image = dir.join("store.image");
+    let _ = std::fs::remove_file(&image);
+    let without = measure(&dir, &keyring, n, opens, || {
+        let _ = std::fs::remove_file(&image);
+    });
+    {
+        let store = open(&dir, &keyring);
+        // The files must have settled (a file changed within the last 200 ms is left out).
+        std::thread::sleep(Duration::from_millis(250));
+        let imaged = store.write_image().expect("image").expect("written");
+        assert_eq!(imaged, n, "every entry is in the image");
+    }
+    let with = measure(&dir, &keyring, n, opens, || {});
+    if !bench {
+        println!("store: {n} secrets put, opened {opens} times without and with an image");
+        return;
+    }
+    report(n, opens, "without an image", without);
+    report(n, opens, "with an image", with);
+}
+
+/// Opens the store `opens` times (`before` runs before each, untimed).
+fn measure(
+    dir: &Path,
+    keyring: &Keyring,
+    n: usize,
+    opens: usize,
+    before: impl Fn(),
+) -> Vec<Duration> {
     let mut samples: Vec<Duration> = Vec::new();
     for _ in 0..opens {
+        before();
         let t = Instant::now();
-        let store = open(&dir, &keyring);
+        let store = open(dir, keyring);
         samples.push(t.elapsed());
         let counts = store.counts();
         assert_eq!(
@@ -128,14 +161,14 @@ fn main() {
         assert_eq!(got.version.get(), 1);
         drop(store);
     }
-    if !bench {
-        println!("store: {n} secrets put, opened {opens} times");
-        return;
-    }
+    samples
+}
+
+fn report(n: usize, opens: usize, what: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "Store::open of {n} secrets, {opens} times: median {:.1} ms, min {:.1} ms, max {:.1} ms \
+        "Store::open of {n} secrets {what}, {opens} times: median {:.1} ms, min {:.1} ms, max {:.1} ms \
          ({:.2} us per entry at the median)",
         ms(&samples[samples.len() / 2]),
         ms(&samples[0]),

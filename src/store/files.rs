@@ -7,6 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::image::FileId;
 use super::{OpenReport, StoreError};
 use crate::faults::{Step, check};
 
@@ -130,12 +131,18 @@ pub(super) fn remove_durably(dir: &Path, name: &str) -> Result<(), StoreError> {
 /// An entry file read at start-up: its path, and what parsing it gave (or why it failed).
 pub(super) type Parsed<T> = (PathBuf, Result<T, String>);
 
+/// What a store image knows of an entry file, given its name and identity: what reading and
+/// parsing it would give, or `None` (then it is read).
+pub(super) type KnownFile<'a, T> = &'a (dyn Fn(&str, &FileId) -> Option<T> + Sync);
+
 /// Reads and parses every entry file of `dir`; `parse` is given the file's name and bytes.
 /// Interrupted temp files are removed (their writes were never acknowledged). What could not
-/// be parsed comes back as `Err(reason)`.
+/// be parsed comes back as `Err(reason)`. With `known` (a store image), each file's identity
+/// is looked up first, and a file it knows is not read.
 pub(super) fn read_entries<T: Send>(
     dir: &Path,
     report: &mut OpenReport,
+    known: Option<KnownFile<'_, T>>,
     parse: impl Fn(&str, &[u8]) -> Result<T, String> + Sync,
 ) -> Result<Vec<Parsed<T>>, StoreError> {
     let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
@@ -172,6 +179,14 @@ pub(super) fn read_entries<T: Send>(
                 scope.spawn(move || {
                     part.iter()
                         .map(|path| {
+                            if let Some(known) = known
+                                && let Ok(meta) = fs::symlink_metadata(path)
+                            {
+                                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                                if let Some(t) = known(name, &FileId::of(&meta)) {
+                                    return Ok((path.clone(), Ok(t)));
+                                }
+                            }
                             let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
                             // Read one byte past the limit, to tell a file over it. Room for a
                             // typical entry up front: one read fills it and one more finds the
