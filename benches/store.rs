@@ -16,7 +16,8 @@
 //! store twice and checks what it holds: a smoke test, asserting nothing about time.
 //!
 //! Environment: BENCH_SECRETS (default 10000), BENCH_OPENS (default 30), BENCH_STORE_DIR (a
-//! directory to fill once and reuse; default a temporary one).
+//! directory to fill once and reuse; default a temporary one), BENCH_IMAGE (`with` or
+//! `without`: only that one; default both).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -113,11 +114,16 @@ fn main() {
         Ok(json) => Keyring::from_json(&json).expect("the bench keyring"),
         Err(_) => fill(&dir, n),
     };
+    // BENCH_IMAGE=with or =without measures only that (to profile one path).
+    let only = std::env::var("BENCH_IMAGE").ok().filter(|_| bench);
     let image = dir.join("store.image");
     let _ = std::fs::remove_file(&image);
-    let without = measure(&dir, &keyring, n, opens, || {
-        let _ = std::fs::remove_file(&image);
-    });
+    let without = match only.as_deref() {
+        Some("with") => Vec::new(),
+        _ => measure(&dir, &keyring, n, opens, || {
+            let _ = std::fs::remove_file(&image);
+        }),
+    };
     {
         let store = open(&dir, &keyring);
         // The files must have settled (a file changed within the last 200 ms is left out).
@@ -125,13 +131,19 @@ fn main() {
         let imaged = store.write_image().expect("image").expect("written");
         assert_eq!(imaged, n, "every entry is in the image");
     }
-    let with = measure(&dir, &keyring, n, opens, || {});
+    let with = match only.as_deref() {
+        Some("without") => Vec::new(),
+        _ => measure(&dir, &keyring, n, opens, || {}),
+    };
     if !bench {
         println!("store: {n} secrets put, opened {opens} times without and with an image");
         return;
     }
-    report(n, opens, "without an image", without);
-    report(n, opens, "with an image", with);
+    for (what, samples) in [("without an image", without), ("with an image", with)] {
+        if !samples.is_empty() {
+            report(n, opens, what, samples);
+        }
+    }
 }
 
 /// Opens the store `opens` times (`before` runs before each, untimed).

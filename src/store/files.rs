@@ -169,6 +169,12 @@ pub(super) fn read_entries<T: Send>(
     // Reading and parsing (and checking each entry's MAC) is what a start-up with thousands of
     // entries spends its time on (the agent serves nothing until it is done), so it runs on
     // every core.
+    // With a store image, each file's identity is looked up relative to the directory.
+    let dir_file = match known {
+        Some(_) => Some(File::open(dir).map_err(|e| StoreError::io(dir, e))?),
+        None => None,
+    };
+    let dir_file = dir_file.as_ref();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = paths.len().div_ceil(threads).max(256);
     let parse = &parse;
@@ -179,11 +185,11 @@ pub(super) fn read_entries<T: Send>(
                 scope.spawn(move || {
                     part.iter()
                         .map(|path| {
-                            if let Some(known) = known
-                                && let Ok(meta) = fs::symlink_metadata(path)
-                            {
+                            if let (Some(known), Some(dir)) = (known, dir_file) {
                                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                                if let Some(t) = known(name, &FileId::of(&meta)) {
+                                if let Some(id) = FileId::at(dir, name)
+                                    && let Some(t) = known(name, &id)
+                                {
                                     return Ok((path.clone(), Ok(t)));
                                 }
                             }

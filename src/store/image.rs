@@ -28,7 +28,6 @@
 //! its position. The image is written by a thread of the store's own, never by a read or a
 //! write (see [`Keeper`]).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -76,14 +75,27 @@ pub(super) struct FileId {
 }
 
 impl FileId {
-    pub fn of(meta: &std::fs::Metadata) -> FileId {
-        FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
+    /// The identity of `dir`'s entry `name` (not following a symlink); `None` if it cannot be
+    /// told (gone, or a file system that does not give every part of it).
+    pub fn at(dir: &std::fs::File, name: &str) -> Option<FileId> {
+        use rustix::fs::{AtFlags, StatxFlags};
+        let want = StatxFlags::INO | StatxFlags::SIZE | StatxFlags::MTIME | StatxFlags::CTIME;
+        let st = rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, want).ok()?;
+        if !StatxFlags::from_bits_retain(st.stx_mask).contains(want) {
+            return None;
         }
+        Some(FileId {
+            dev: (u64::from(st.stx_dev_major) << 32) | u64::from(st.stx_dev_minor),
+            ino: st.stx_ino,
+            size: st.stx_size,
+            mtime: (st.stx_mtime.tv_sec, i64::from(st.stx_mtime.tv_nsec)),
+            ctime: (st.stx_ctime.tv_sec, i64::from(st.stx_ctime.tv_nsec)),
+        })
+    }
+
+    /// The later of its mtime and ctime: when it last changed.
+    fn changed(&self) -> (i64, i64) {
+        self.mtime.max(self.ctime)
     }
 
     fn write(&self, w: &mut Writer) {
@@ -371,7 +383,8 @@ pub(super) struct Image {
     bytes: Vec<u8>,
     /// The master keys the entry files' MACs are under.
     mac_keys: Vec<KeyId>,
-    base: Option<Base>,
+    /// Where the manifest's state is (decoded on the manifest's own thread).
+    base: std::ops::Range<usize>,
     /// Sorted by file name.
     entries: Vec<Indexed>,
 }
@@ -422,7 +435,10 @@ impl Image {
         for _ in 0..r.u8()? {
             mac_keys.push(r.key_id()?);
         }
-        let base = Base::decode(&mut r)?;
+        let base_len = r.u32()? as usize;
+        let base_start = r.pos;
+        r.take(base_len)?;
+        let base = base_start..base_start + base_len;
         let n = r.u32()? as usize;
         let mut entries = Vec::with_capacity(n.min(1 << 20));
         for _ in 0..n {
@@ -451,14 +467,27 @@ impl Image {
         Ok(Image {
             bytes,
             mac_keys,
-            base: Some(base),
+            base,
             entries,
         })
     }
 
-    /// The manifest's state the image carries (once).
-    pub fn take_base(&mut self) -> Option<Base> {
-        self.base.take()
+    /// The manifest's state the image carries; `None` (and a WARN line) if it cannot be
+    /// decoded: then the whole manifest is read, and the entries are still taken from the
+    /// image.
+    pub fn base(&self) -> Option<Base> {
+        let mut r = Reader::new(&self.bytes[self.base.clone()]);
+        match Base::decode(&mut r) {
+            Ok(base) if r.pos == self.base.len() => Some(base),
+            Ok(_) => None,
+            Err(why) => {
+                tracing::warn!(
+                    why,
+                    "store image's manifest state ignored; reading the whole manifest"
+                );
+                None
+            }
+        }
     }
 
     fn find(&self, file_name: &str, id: &FileId) -> Option<&Indexed> {
@@ -541,7 +570,7 @@ impl Source {
     /// entry files were looked at; the rest runs with nothing held.
     pub fn write(&self, stop: &AtomicBool) -> Result<Result<usize, NotWritten>, StoreError> {
         let started = std::time::SystemTime::now();
-        let (mut base, at, secrets, configs) = {
+        let (base, at, secrets, configs) = {
             let manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
             let mut base = Writer::default();
             manifest.encode_base(&mut base);
@@ -552,13 +581,19 @@ impl Source {
         };
         let settled_before = started
             .checked_sub(SETTLED)
-            .unwrap_or(std::time::UNIX_EPOCH);
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or((0, 0), |d| {
+                (d.as_secs() as i64, i64::from(d.subsec_nanos()))
+            });
+        let open_dir = |dir: &Path| std::fs::File::open(dir).map_err(|e| StoreError::io(dir, e));
+        let (secrets_dir, configs_dir) =
+            (open_dir(&self.secrets_dir)?, open_dir(&self.configs_dir)?);
         let mut mac_keys: Vec<KeyId> = Vec::new();
         let mut entries: Vec<([u8; 32], Vec<u8>)> =
             Vec::with_capacity(secrets.len() + configs.len());
         let mut seen = 0usize;
         let mut add = |kind: Kind,
-                       dir: &Path,
+                       dir: &std::fs::File,
                        key: &ObjectKey,
                        mac_key: &KeyId,
                        encode: &dyn Fn(&mut Writer)|
@@ -568,22 +603,11 @@ impl Source {
                 return Err(NotWritten::Stopped);
             }
             let file = super::file_name(kind, key);
-            let Ok(meta) = std::fs::symlink_metadata(dir.join(&file)) else {
-                // Gone (refused at the next start as today): nothing to record.
+            let Some(id) = FileId::at(dir, &file) else {
+                // Gone (refused at the next start, as without an image): nothing to record.
                 return Ok(());
             };
-            let changed = meta
-                .created()
-                .ok()
-                .into_iter()
-                .chain(meta.modified().ok())
-                .chain(std::iter::once(
-                    std::time::UNIX_EPOCH
-                        + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec() as u32),
-                ))
-                .max()
-                .unwrap_or(std::time::UNIX_EPOCH);
-            if changed >= settled_before {
+            if id.changed() >= settled_before {
                 return Ok(());
             }
             let name = crate::hex::decode_32(file.trim_end_matches(".json")).expect("a hash");
@@ -596,7 +620,7 @@ impl Source {
             };
             let mut w = Writer::default();
             w.bytes32(&name);
-            FileId::of(&meta).write(&mut w);
+            id.write(&mut w);
             w.u8(ix as u8);
             let mut record = Writer::default();
             encode(&mut record);
@@ -607,23 +631,15 @@ impl Source {
         let result = (|| {
             for held in &secrets {
                 let r = &held.record;
-                add(
-                    Kind::Secret,
-                    &self.secrets_dir,
-                    &r.key,
-                    &held.mac_key,
-                    &|w| write_secret(w, r),
-                )?;
+                add(Kind::Secret, &secrets_dir, &r.key, &held.mac_key, &|w| {
+                    write_secret(w, r)
+                })?;
             }
             for held in &configs {
                 let r = &held.record;
-                add(
-                    Kind::Config,
-                    &self.configs_dir,
-                    &r.key,
-                    &held.mac_key,
-                    &|w| write_config(w, r),
-                )?;
+                add(Kind::Config, &configs_dir, &r.key, &held.mac_key, &|w| {
+                    write_config(w, r)
+                })?;
             }
             Ok(())
         })();
@@ -650,7 +666,7 @@ impl Source {
         for k in &mac_keys {
             w.str8(k.as_str());
         }
-        w.0.append(&mut base.0);
+        w.blob(&base.0);
         w.u32(entries.len() as u32);
         let count = entries.len();
         for (_, bytes) in entries {

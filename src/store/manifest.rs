@@ -107,7 +107,7 @@ pub(super) struct Manifest {
     prev: [u8; 32],
     next_generation: u64,
     lines: u64,
-    marks: HashMap<(Kind, ObjectKey), Mark>,
+    marks: Marks,
     /// Writes remembered by deleted objects, until their retention ends.
     tombstones: HashMap<(Kind, ObjectKey), Vec<WriteRecord>>,
     audit_anchor: Option<AuditAnchor>,
@@ -132,10 +132,50 @@ pub(super) struct Base {
     prev: [u8; 32],
     next_generation: u64,
     lines: u64,
-    marks: HashMap<(Kind, ObjectKey), Mark>,
+    marks: Marks,
     tombstones: HashMap<(Kind, ObjectKey), Vec<WriteRecord>>,
     audit_anchor: Option<AuditAnchor>,
     line_keys: BTreeSet<KeyId>,
+}
+
+/// The marks, one map per kind (so a look-up borrows the key instead of copying it).
+#[derive(Default)]
+struct Marks {
+    secrets: HashMap<ObjectKey, Mark>,
+    configs: HashMap<ObjectKey, Mark>,
+}
+
+impl Marks {
+    fn of(&self, kind: Kind) -> &HashMap<ObjectKey, Mark> {
+        match kind {
+            Kind::Secret => &self.secrets,
+            Kind::Config => &self.configs,
+        }
+    }
+
+    fn insert(&mut self, (kind, key): (Kind, ObjectKey), mark: Mark) {
+        match kind {
+            Kind::Secret => self.secrets.insert(key, mark),
+            Kind::Config => self.configs.insert(key, mark),
+        };
+    }
+
+    fn len(&self) -> usize {
+        self.secrets.len() + self.configs.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = ((Kind, &ObjectKey), &Mark)> {
+        let tag = |kind: Kind| move |(key, mark)| ((kind, key), mark);
+        self.secrets
+            .iter()
+            .map(tag(Kind::Secret))
+            .chain(self.configs.iter().map(tag(Kind::Config)))
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(Kind, &ObjectKey, &Mark) -> bool) {
+        self.secrets.retain(|k, m| keep(Kind::Secret, k, m));
+        self.configs.retain(|k, m| keep(Kind::Config, k, m));
+    }
 }
 
 /// How a manifest was opened: from a store image's [`Base`] and the lines after it, or whole.
@@ -194,7 +234,7 @@ impl Manifest {
             prev: GENESIS,
             next_generation: 1,
             lines: 0,
-            marks: HashMap::new(),
+            marks: Marks::default(),
             tombstones: HashMap::new(),
             audit_anchor: None,
             line_keys: BTreeSet::new(),
@@ -292,8 +332,8 @@ impl Manifest {
             None => w.u8(0),
         }
         w.u32(self.marks.len() as u32);
-        for ((kind, key), mark) in &self.marks {
-            w.kind(*kind);
+        for ((kind, key), mark) in self.marks.iter() {
+            w.kind(kind);
             w.key(key);
             w.u64(mark.generation);
             w.u8(mark.deleted as u8);
@@ -413,7 +453,7 @@ impl Manifest {
             prev: GENESIS,
             next_generation,
             lines: 0,
-            marks: HashMap::new(),
+            marks: Marks::default(),
             tombstones: HashMap::new(),
             audit_anchor: None,
             line_keys: BTreeSet::new(),
@@ -479,7 +519,7 @@ impl Manifest {
     }
 
     pub fn mark(&self, kind: Kind, key: &ObjectKey) -> Option<Mark> {
-        self.marks.get(&(kind, key.clone())).copied()
+        self.marks.of(kind).get(key).copied()
     }
 
     /// Every object the manifest says exists, with its generation.
@@ -487,7 +527,7 @@ impl Manifest {
         self.marks
             .iter()
             .filter(|(_, m)| !m.deleted)
-            .map(|((kind, key), m)| (*kind, key, m.generation))
+            .map(|((kind, key), m)| (kind, key, m.generation))
     }
 
     /// Writes remembered by deleted objects.
@@ -638,8 +678,9 @@ impl Manifest {
         // A deleted object's mark is kept only while it remembers writes: an older copy of its
         // entry is refused anyway, as every entry the manifest does not name is.
         let tombstones = &self.tombstones;
-        self.marks
-            .retain(|key, mark| !mark.deleted || tombstones.contains_key(key));
+        self.marks.retain(|kind, key, mark| {
+            !mark.deleted || tombstones.contains_key(&(kind, key.clone()))
+        });
 
         let mut seq = self.seq + 1;
         let header = self.snapshot_line(keyring, seq, self.prev);
@@ -648,20 +689,20 @@ impl Manifest {
         let mut marks: Vec<_> = self.marks.iter().collect();
         // Deletes first: an object deleted and created again is live after replay.
         marks.sort_by_key(|((kind, key), mark)| {
-            (!mark.deleted, mark.generation, *kind, key.clone())
+            (!mark.deleted, mark.generation, *kind, (*key).clone())
         });
         for ((kind, key), mark) in marks {
             seq += 1;
             let line = Line {
                 seq,
                 op: if mark.deleted { Op::Delete } else { Op::Put },
-                kind: Some(*kind),
+                kind: Some(kind),
                 namespace: Some(key.namespace.clone()),
                 name: Some(key.name.clone()),
                 generation: mark.generation,
                 writes: if mark.deleted {
                     self.tombstones
-                        .get(&(*kind, key.clone()))
+                        .get(&(kind, key.clone()))
                         .cloned()
                         .unwrap_or_default()
                 } else {
@@ -740,7 +781,7 @@ impl Base {
             }),
         };
         let n = r.u32()? as usize;
-        let mut marks = HashMap::with_capacity(n.min(1 << 20));
+        let mut marks = Marks::default();
         for _ in 0..n {
             let kind = r.kind()?;
             let key = r.key()?;

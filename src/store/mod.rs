@@ -389,14 +389,13 @@ impl Store {
             tracing::warn!(old = %aside.display(), "store manifest set aside; rebuilding it from the entries on disk");
         }
         let image_path = data_dir.join(image::FILE_NAME);
-        let mut image = if options.rebuild_manifest {
+        let image = if options.rebuild_manifest {
             // What it says of the manifest set aside is void; nothing of it is used.
             image::remove(data_dir)?;
             None
         } else {
             image::Image::read(&image_path, &ring)
         };
-        let base = image.as_mut().and_then(|i| i.take_base());
         let image = image.as_ref();
         let entry_keys = EntryKeys::of(&ring);
         let mut report = OpenReport::default();
@@ -424,7 +423,10 @@ impl Store {
         // file the image knows (the same identity as when it was taken) is not read: the
         // image's record of it is what reading it would give.
         let (existing, secrets, configs) = std::thread::scope(|scope| {
-            let manifest = scope.spawn(|| Manifest::open_from(&manifest_path, &ring, base));
+            let manifest = scope.spawn(|| {
+                let base = image.and_then(|i| i.base());
+                Manifest::open_from(&manifest_path, &ring, base)
+            });
             let secrets = files::read_entries(
                 &secrets_dir,
                 &mut report,
@@ -1188,9 +1190,16 @@ impl Opening<'_> {
             }
         }
         let manifest = self.manifest.take().expect("opened or created");
-        // Objects the manifest says exist but whose entry was not accepted.
+        // Objects the manifest says exist but whose entry was not accepted. Every entry held
+        // and every object refused has a live mark (that is how it was held or refused), so
+        // when they are as many as the live marks, none is missing (the usual case: not
+        // looked up one by one).
+        let accounted =
+            self.state.secrets.len() + self.state.configs.len() + self.state.quarantined.len();
+        let none_missing = manifest.live().count() == accounted;
         let missing: Vec<(Kind, ObjectKey)> = manifest
             .live()
+            .filter(|_| !none_missing)
             .filter(|(kind, key, _)| {
                 let held = match kind {
                     Kind::Secret => self.state.secrets.contains_key(*key),
