@@ -372,6 +372,8 @@ pub(super) struct Known<R> {
 }
 
 struct Indexed {
+    /// The name's first 8 bytes: what the search compares (the rest only when they are equal).
+    prefix: u64,
     name: [u8; 32],
     id: FileId,
     mac_key: u8,
@@ -452,6 +454,7 @@ impl Image {
             let start = r.pos;
             r.take(len)?;
             entries.push(Indexed {
+                prefix: prefix_of(&name),
                 name,
                 id,
                 mac_key,
@@ -492,8 +495,12 @@ impl Image {
 
     fn find(&self, file_name: &str, id: &FileId) -> Option<&Indexed> {
         let hex = file_name.strip_suffix(".json")?;
-        let name = crate::hex::decode_32(hex)?;
-        let i = self.entries.binary_search_by(|e| e.name.cmp(&name)).ok()?;
+        let name = decode_name(hex.as_bytes())?;
+        let prefix = prefix_of(&name);
+        let i = self
+            .entries
+            .binary_search_by(|e| e.prefix.cmp(&prefix).then_with(|| e.name.cmp(&name)))
+            .ok()?;
         let e = &self.entries[i];
         (e.id == *id).then_some(e)
     }
@@ -542,6 +549,40 @@ impl Image {
     ) -> Option<Known<ConfigRecord>> {
         self.known(file_name, id, keyring, read_config)
     }
+}
+
+fn prefix_of(name: &[u8; 32]) -> u64 {
+    u64::from_be_bytes(name[..8].try_into().expect("8 bytes"))
+}
+
+/// An entry file's name (64 lowercase hex digits) as its 32 bytes; the same as
+/// `crate::hex::decode_32`, by table, as it runs once per entry file at start-up.
+fn decode_name(hex: &[u8]) -> Option<[u8; 32]> {
+    const NIBBLE: [u8; 256] = {
+        let mut t = [0xff; 256];
+        let mut i = 0;
+        while i < 10 {
+            t[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            t[b'a' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        t
+    };
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    let mut bad = 0u8;
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let (hi, lo) = (NIBBLE[pair[0] as usize], NIBBLE[pair[1] as usize]);
+        bad |= hi | lo;
+        *byte = (hi << 4) | (lo & 0x0f);
+    }
+    (bad & 0xf0 == 0).then_some(out)
 }
 
 /// What the image writer needs of the store (shared with it).
@@ -819,6 +860,28 @@ fn run(source: &Source, control: &Control) {
             let mut p = control.pending.lock().unwrap_or_else(|e| e.into_inner());
             p.entries += 1;
             p.last_change = Some(Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_file_names_decode_as_the_hex_module_reads_them() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
+        let hex = crate::hex::encode(&bytes);
+        assert_eq!(decode_name(hex.as_bytes()), Some(bytes));
+        assert_eq!(decode_name(hex.to_uppercase().as_bytes()), None);
+        let bad = [
+            hex[..62].to_owned(),
+            "g".repeat(64),
+            format!("{}x", &hex[..63]),
+        ];
+        for bad in &bad {
+            assert_eq!(decode_name(bad.as_bytes()), None, "{bad}");
+            assert_eq!(crate::hex::decode_32(bad), None);
         }
     }
 }
