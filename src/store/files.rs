@@ -38,7 +38,9 @@ pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 
 /// Atomically replaces `dir/name` with `bytes` (mode 0600), durably.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    write_atomic_tracked(dir, name, bytes).map_err(|failed| failed.error)
+    write_atomic_tracked(dir, name, bytes)
+        .map(|_| ())
+        .map_err(|failed| failed.error)
 }
 
 /// A write of [`write_atomic_tracked`] that failed, and whether the new content had already
@@ -49,12 +51,13 @@ pub(super) struct FailedWrite {
     pub replaced: bool,
 }
 
-/// [`write_atomic`], telling how far a failed write got.
+/// [`write_atomic`], telling how far a failed write got; on success, the identity of the file
+/// written, taken through its descriptor right after the rename (which changes its ctime).
 pub(super) fn write_atomic_tracked(
     dir: &Path,
     name: &str,
     bytes: &[u8],
-) -> Result<(), FailedWrite> {
+) -> Result<Option<FileId>, FailedWrite> {
     let mut suffix = [0u8; 8];
     let target = dir.join(name);
     let before_rename = |error: StoreError| FailedWrite {
@@ -77,16 +80,21 @@ pub(super) fn write_atomic_tracked(
         check(Step::Fsync)?;
         f.sync_all()?;
         check(Step::Rename)?;
-        fs::rename(&tmp, &target)
+        fs::rename(&tmp, &target)?;
+        Ok(FileId::of(&f))
     })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(before_rename(StoreError::io(&target, e)));
-    }
+    let file = match result {
+        Ok(file) => file,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(before_rename(StoreError::io(&target, e)));
+        }
+    };
     fsync_dir(dir).map_err(|error| FailedWrite {
         error,
         replaced: true,
-    })
+    })?;
+    Ok(file)
 }
 
 /// Refuses a file that holds keys or tokens if its group or other users may read or write it,
@@ -143,7 +151,7 @@ pub(super) fn read_entries<T: Send>(
     dir: &Path,
     report: &mut OpenReport,
     known: Option<KnownFile<'_, T>>,
-    parse: impl Fn(&str, &[u8]) -> Result<T, String> + Sync,
+    parse: impl Fn(&str, &[u8], Option<FileId>) -> Result<T, String> + Sync,
 ) -> Result<Vec<Parsed<T>>, StoreError> {
     let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
     let mut paths: Vec<PathBuf> = Vec::new();
@@ -194,6 +202,9 @@ pub(super) fn read_entries<T: Send>(
                                 }
                             }
                             let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+                            // Its identity before its content: a change after this is seen
+                            // at the next start (another identity), never recorded as this.
+                            let id = FileId::of(&file);
                             // Read one byte past the limit, to tell a file over it. Room for a
                             // typical entry up front: one read fills it and one more finds the
                             // end (an empty buffer costs a probing read and a regrowth).
@@ -211,7 +222,7 @@ pub(super) fn read_entries<T: Send>(
                                 return Ok((path.clone(), Err(why)));
                             }
                             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                            Ok((path.clone(), parse(name, &bytes)))
+                            Ok((path.clone(), parse(name, &bytes, id)))
                         })
                         .collect::<Result<Vec<_>, StoreError>>()
                 })

@@ -78,9 +78,18 @@ impl FileId {
     /// The identity of `dir`'s entry `name` (not following a symlink); `None` if it cannot be
     /// told (gone, or a file system that does not give every part of it).
     pub fn at(dir: &std::fs::File, name: &str) -> Option<FileId> {
-        use rustix::fs::{AtFlags, StatxFlags};
+        Self::statx(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+    }
+
+    /// The identity of an open file.
+    pub fn of(file: &std::fs::File) -> Option<FileId> {
+        Self::statx(file, "", rustix::fs::AtFlags::EMPTY_PATH)
+    }
+
+    fn statx(fd: &std::fs::File, name: &str, flags: rustix::fs::AtFlags) -> Option<FileId> {
+        use rustix::fs::StatxFlags;
         let want = StatxFlags::INO | StatxFlags::SIZE | StatxFlags::MTIME | StatxFlags::CTIME;
-        let st = rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, want).ok()?;
+        let st = rustix::fs::statx(fd, name, flags, want).ok()?;
         if !StatxFlags::from_bits_retain(st.stx_mask).contains(want) {
             return None;
         }
@@ -588,8 +597,6 @@ fn decode_name(hex: &[u8]) -> Option<[u8; 32]> {
 /// What the image writer needs of the store (shared with it).
 pub(super) struct Source {
     pub image_path: PathBuf,
-    pub secrets_dir: PathBuf,
-    pub configs_dir: PathBuf,
     pub keys: SharedKeyring,
     pub state: Arc<RwLock<State>>,
     pub manifest: Arc<Mutex<Manifest>>,
@@ -598,27 +605,27 @@ pub(super) struct Source {
 /// Why an image was not written (not an error: the store is as good without it).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum NotWritten {
-    /// The store changed while the image was taken; the next one will be.
-    Changed,
+    /// Entry files are under more master keys than an image names (never, in practice).
+    TooManyKeys,
     /// The store is closing.
     Stopped,
 }
 
 impl Source {
     /// Takes an image of the store as it is and writes it (atomically, durably). The manifest
-    /// lock is held twice, briefly: to copy the manifest's state and the list of held records
-    /// (under a millisecond at 10,000 entries), and to check that no write happened while the
-    /// entry files were looked at; the rest runs with nothing held.
+    /// lock (which every write takes) is held once, briefly: to copy the manifest's state and
+    /// the list of held records with their files' identities (well under a millisecond at
+    /// 10,000 entries), so the three agree; the rest runs with nothing held.
     pub fn write(&self, stop: &AtomicBool) -> Result<Result<usize, NotWritten>, StoreError> {
         let started = std::time::SystemTime::now();
-        let (base, at, secrets, configs) = {
+        let (base, secrets, configs) = {
             let manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
             let mut base = Writer::default();
             manifest.encode_base(&mut base);
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
             let secrets: Vec<Held<SecretRecord>> = state.secrets.values().cloned().collect();
             let configs: Vec<Held<ConfigRecord>> = state.configs.values().cloned().collect();
-            (base, manifest.position(), secrets, configs)
+            (base, secrets, configs)
         };
         let settled_before = started
             .checked_sub(SETTLED)
@@ -626,31 +633,29 @@ impl Source {
             .map_or((0, 0), |d| {
                 (d.as_secs() as i64, i64::from(d.subsec_nanos()))
             });
-        let open_dir = |dir: &Path| std::fs::File::open(dir).map_err(|e| StoreError::io(dir, e));
-        let (secrets_dir, configs_dir) =
-            (open_dir(&self.secrets_dir)?, open_dir(&self.configs_dir)?);
         let mut mac_keys: Vec<KeyId> = Vec::new();
         let mut entries: Vec<([u8; 32], Vec<u8>)> =
             Vec::with_capacity(secrets.len() + configs.len());
         let mut seen = 0usize;
         let mut add = |kind: Kind,
-                       dir: &std::fs::File,
                        key: &ObjectKey,
                        mac_key: &KeyId,
+                       file: Option<FileId>,
                        encode: &dyn Fn(&mut Writer)|
          -> Result<(), NotWritten> {
             seen += 1;
             if seen.is_multiple_of(256) && stop.load(Ordering::Relaxed) {
                 return Err(NotWritten::Stopped);
             }
-            let file = super::file_name(kind, key);
-            let Some(id) = FileId::at(dir, &file) else {
-                // Gone (refused at the next start, as without an image): nothing to record.
+            // The identity the store saw when it read or wrote the file: the image vouches for
+            // nothing the store did not check or write itself.
+            let Some(id) = file else {
                 return Ok(());
             };
             if id.changed() >= settled_before {
                 return Ok(());
             }
+            let file = super::file_name(kind, key);
             let name = crate::hex::decode_32(file.trim_end_matches(".json")).expect("a hash");
             let ix = match mac_keys.iter().position(|k| k == mac_key) {
                 Some(i) => i,
@@ -672,13 +677,13 @@ impl Source {
         let result = (|| {
             for held in &secrets {
                 let r = &held.record;
-                add(Kind::Secret, &secrets_dir, &r.key, &held.mac_key, &|w| {
+                add(Kind::Secret, &r.key, &held.mac_key, held.file, &|w| {
                     write_secret(w, r)
                 })?;
             }
             for held in &configs {
                 let r = &held.record;
-                add(Kind::Config, &configs_dir, &r.key, &held.mac_key, &|w| {
+                add(Kind::Config, &r.key, &held.mac_key, held.file, &|w| {
                     write_config(w, r)
                 })?;
             }
@@ -688,13 +693,7 @@ impl Source {
             return Ok(Err(e));
         }
         if mac_keys.len() > u8::MAX as usize {
-            return Ok(Err(NotWritten::Changed));
-        }
-        {
-            let manifest = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
-            if manifest.position() != at {
-                return Ok(Err(NotWritten::Changed));
-            }
+            return Ok(Err(NotWritten::TooManyKeys));
         }
         entries.sort_unstable_by_key(|e| e.0);
         let ring = self.keys.current();
@@ -850,7 +849,7 @@ fn run(source: &Source, control: &Control) {
                 false
             }
             Ok(Err(NotWritten::Stopped)) => return,
-            Ok(Err(NotWritten::Changed)) => true,
+            Ok(Err(NotWritten::TooManyKeys)) => false,
             Err(e) => {
                 tracing::warn!(error = %e, "store image could not be written; the next start reads every entry it cannot vouch for");
                 true

@@ -174,6 +174,11 @@ pub enum Expect {
 struct Held<R> {
     record: Arc<R>,
     mac_key: Arc<KeyId>,
+    /// The identity of its file as the store saw it when it read or wrote it (before reading
+    /// it; right after renaming it into place): what a store image records, so that an image
+    /// only ever vouches for a file the store has checked or written itself. `None` when it
+    /// could not be told.
+    file: Option<image::FileId>,
 }
 
 impl<R> Clone for Held<R> {
@@ -181,8 +186,17 @@ impl<R> Clone for Held<R> {
         Held {
             record: self.record.clone(),
             mac_key: self.mac_key.clone(),
+            file: self.file,
         }
     }
+}
+
+/// What the store knows of an entry's file besides its content: the master key its MAC is
+/// under (`None` for a format-1 file) and its identity.
+#[derive(Clone, Default)]
+struct Facts {
+    mac_key: Option<KeyId>,
+    file: Option<image::FileId>,
 }
 
 #[derive(Default)]
@@ -401,18 +415,26 @@ impl Store {
         let mut report = OpenReport::default();
         let from_image = std::sync::atomic::AtomicUsize::new(0);
         let known_secret = |name: &str, id: &image::FileId| {
-            let known = image?
-                .secret(name, id, &ring)
-                .map(|k| (k.decoded, true, Some(k.mac_key)));
+            let known = image?.secret(name, id, &ring).map(|k| {
+                let facts = Facts {
+                    mac_key: Some(k.mac_key),
+                    file: Some(*id),
+                };
+                (k.decoded, true, facts)
+            });
             if known.is_some() {
                 from_image.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             known
         };
         let known_config = |name: &str, id: &image::FileId| {
-            let known = image?
-                .config(name, id, &ring)
-                .map(|k| (k.decoded, true, Some(k.mac_key)));
+            let known = image?.config(name, id, &ring).map(|k| {
+                let facts = Facts {
+                    mac_key: Some(k.mac_key),
+                    file: Some(*id),
+                };
+                (k.decoded, true, facts)
+            });
             if known.is_some() {
                 from_image.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
@@ -431,18 +453,18 @@ impl Store {
                 &secrets_dir,
                 &mut report,
                 image.map(|_| &known_secret as files::KnownFile<'_, _>),
-                |name, b| {
+                |name, b, file| {
                     SecretRecord::from_file_bytes_keyed(b, &entry_keys)
-                        .map(|(d, k)| in_its_file(d, name, k))
+                        .map(|(d, mac_key)| in_its_file(d, name, Facts { mac_key, file }))
                 },
             );
             let configs = files::read_entries(
                 &configs_dir,
                 &mut report,
                 image.map(|_| &known_config as files::KnownFile<'_, _>),
-                |name, b| {
+                |name, b, file| {
                     ConfigRecord::from_file_bytes_keyed(b, &entry_keys)
-                        .map(|(d, k)| in_its_file(d, name, k))
+                        .map(|(d, mac_key)| in_its_file(d, name, Facts { mac_key, file }))
                 },
             );
             let existing = manifest
@@ -487,8 +509,6 @@ impl Store {
         let manifest = Arc::new(Mutex::new(manifest));
         let image_source = Arc::new(image::Source {
             image_path,
-            secrets_dir: secrets_dir.clone(),
-            configs_dir: configs_dir.clone(),
             keys: keys.clone(),
             state: state.clone(),
             manifest: manifest.clone(),
@@ -509,7 +529,8 @@ impl Store {
     }
 
     /// Takes a store image now (the store's own thread takes them in the background; this is
-    /// for tests and benchmarks). `Ok(None)`: the store changed meanwhile, and none was written.
+    /// for tests and benchmarks): the number of entries in it. `Ok(None)`: none was written
+    /// (entry files under more master keys than an image can name).
     pub fn write_image(&self) -> Result<Option<usize>, StoreError> {
         let never = std::sync::atomic::AtomicBool::new(false);
         Ok(self.image_source.write(&never)?.ok())
@@ -806,12 +827,15 @@ impl Store {
                     "a failed store write could not be undone; it will reappear after a restart");
             }
         };
-        if let Err(failed) = files::write_atomic_tracked(dir, &name, &record.to_file_bytes(&mac)) {
-            if failed.replaced {
-                undo();
+        let file = match files::write_atomic_tracked(dir, &name, &record.to_file_bytes(&mac)) {
+            Ok(file) => file,
+            Err(failed) => {
+                if failed.replaced {
+                    undo();
+                }
+                return Err(failed.error);
             }
-            return Err(failed.error);
-        }
+        };
         if let Err(e) = manifest.record_put(&ring, R::KIND, record.key(), generation) {
             undo();
             return Err(e);
@@ -831,6 +855,7 @@ impl Store {
             Held {
                 record: record.clone(),
                 mac_key,
+                file,
             },
         );
         drop(state);
@@ -916,17 +941,17 @@ fn list<R>(
 /// An entry file as decoded, and whether it is the file its entry belongs in (always true of
 /// what is not an authenticated entry: nothing to tell). Checked while the files are read, on
 /// every core: the file name is a hash of the entry's key.
-fn in_its_file<R: Entry>(decoded: Decoded<R>, file: &str, mac_key: Option<KeyId>) -> Loaded<R> {
+fn in_its_file<R: Entry>(decoded: Decoded<R>, file: &str, facts: Facts) -> Loaded<R> {
     let in_place = match &decoded {
         Decoded::Authentic(record) => file_name(R::KIND, record.key()) == file,
         Decoded::Legacy(_) | Decoded::ForeignKey(_) => true,
     };
-    (decoded, in_place, mac_key)
+    (decoded, in_place, facts)
 }
 
-/// An entry file as loaded: decoded, whether it is in its own file, and the master key its MAC
-/// is under (`None` for a format-1 file).
-type Loaded<R> = (Decoded<R>, bool, Option<KeyId>);
+/// An entry file as loaded: decoded, whether it is in its own file, and what else is known of
+/// the file.
+type Loaded<R> = (Decoded<R>, bool, Facts);
 
 /// Start-up: entries read from disk, sorted into accepted, refused and pending, then checked
 /// against the manifest.
@@ -952,25 +977,24 @@ struct Opening<'a> {
 }
 
 /// An entry not yet accepted.
-/// (The master key of its file's MAC: `None` for a format-1 file, which is rewritten.)
 enum Pending {
-    Secret(PathBuf, SecretRecord, Option<KeyId>),
-    Config(PathBuf, ConfigRecord, Option<KeyId>),
+    Secret(PathBuf, SecretRecord, Facts),
+    Config(PathBuf, ConfigRecord, Facts),
 }
 
 trait IntoPending: Entry {
-    fn pending(path: PathBuf, record: Self, mac_key: Option<KeyId>) -> Pending;
+    fn pending(path: PathBuf, record: Self, facts: Facts) -> Pending;
 }
 
 impl IntoPending for SecretRecord {
-    fn pending(path: PathBuf, record: Self, mac_key: Option<KeyId>) -> Pending {
-        Pending::Secret(path, record, mac_key)
+    fn pending(path: PathBuf, record: Self, facts: Facts) -> Pending {
+        Pending::Secret(path, record, facts)
     }
 }
 
 impl IntoPending for ConfigRecord {
-    fn pending(path: PathBuf, record: Self, mac_key: Option<KeyId>) -> Pending {
-        Pending::Config(path, record, mac_key)
+    fn pending(path: PathBuf, record: Self, facts: Facts) -> Pending {
+        Pending::Config(path, record, facts)
     }
 }
 
@@ -1003,14 +1027,16 @@ impl Opening<'_> {
         self.report.refused.push((kind, key.clone(), reason));
     }
 
-    fn accept<R: Entry>(&mut self, record: R, mac_key: &KeyId) {
+    fn accept<R: Entry>(&mut self, record: R, facts: Facts) {
         index_writes(&mut self.state, R::KIND, record.key(), record.writes());
-        let mac_key = self.state.mac_key(mac_key);
+        let mac_key = facts.mac_key.expect("an accepted entry is authenticated");
+        let mac_key = self.state.mac_key(&mac_key);
         R::map_mut(&mut self.state).insert(
             record.key().clone(),
             Held {
                 record: Arc::new(record),
                 mac_key,
+                file: facts.file,
             },
         );
     }
@@ -1021,9 +1047,9 @@ impl Opening<'_> {
         loaded: Vec<files::Parsed<Loaded<R>>>,
     ) -> Result<(), StoreError> {
         for (path, parsed) in loaded {
-            let (parsed, in_place, mac_key) = match parsed {
-                Ok((decoded, in_place, mac_key)) => (Ok(decoded), in_place, mac_key),
-                Err(why) => (Err(why), true, None),
+            let (parsed, in_place, facts) = match parsed {
+                Ok((decoded, in_place, facts)) => (Ok(decoded), in_place, facts),
+                Err(why) => (Err(why), true, Facts::default()),
             };
             let record = match parsed {
                 Err(why) => {
@@ -1031,7 +1057,7 @@ impl Opening<'_> {
                     continue;
                 }
                 Ok(Decoded::Legacy(record)) => {
-                    self.legacy.push(R::pending(path, record, None));
+                    self.legacy.push(R::pending(path, record, facts));
                     continue;
                 }
                 Ok(Decoded::ForeignKey(id)) => {
@@ -1047,24 +1073,19 @@ impl Opening<'_> {
                 )?;
                 continue;
             }
-            let mac_key = mac_key.expect("an authentic entry names its key");
             let Some(manifest) = &self.manifest else {
-                self.unmanifested
-                    .push(R::pending(path, record, Some(mac_key)));
+                self.unmanifested.push(R::pending(path, record, facts));
                 continue;
             };
             let generation = record.generation();
             match manifest.mark(R::KIND, record.key()) {
-                Some(m) if !m.deleted && m.generation == generation => {
-                    self.accept(record, &mac_key)
-                }
+                Some(m) if !m.deleted && m.generation == generation => self.accept(record, facts),
                 Some(m) if m.deleted && generation < m.generation => {
                     // A delete that a crash interrupted after its manifest line.
                     files::remove_durably(self.dir(R::KIND), &file_name(R::KIND, record.key()))?;
                 }
                 _ if generation == manifest.next_generation() => {
-                    self.candidates
-                        .push(R::pending(path, record, Some(mac_key)));
+                    self.candidates.push(R::pending(path, record, facts));
                 }
                 Some(m) if generation < m.generation => {
                     let why = format!(
@@ -1086,12 +1107,8 @@ impl Opening<'_> {
 
     fn adopt(&mut self, pending: Pending, generation: Option<u64>) -> Result<(), StoreError> {
         match pending {
-            Pending::Secret(path, record, mac_key) => {
-                self.adopt_one(path, record, mac_key, generation)
-            }
-            Pending::Config(path, record, mac_key) => {
-                self.adopt_one(path, record, mac_key, generation)
-            }
+            Pending::Secret(path, record, facts) => self.adopt_one(path, record, facts, generation),
+            Pending::Config(path, record, facts) => self.adopt_one(path, record, facts, generation),
         }
     }
 
@@ -1101,25 +1118,27 @@ impl Opening<'_> {
         &mut self,
         path: PathBuf,
         mut record: R,
-        mac_key: Option<KeyId>,
+        mut facts: Facts,
         generation: Option<u64>,
     ) -> Result<(), StoreError> {
         let manifest = self.manifest.as_mut().expect("created before adopting");
-        let mut mac_key = mac_key;
         if let Some(g) = generation {
             record.set_generation(g);
             let mac = MacKey::active(self.ring, Purpose::StoreEntry);
-            mac_key = Some(mac.key_id().clone());
             let dir = path.parent().unwrap_or(Path::new("."));
-            write_atomic(
+            let file = files::write_atomic_tracked(
                 dir,
                 &file_name(R::KIND, record.key()),
                 &record.to_file_bytes(&mac),
-            )?;
+            )
+            .map_err(|failed| failed.error)?;
+            facts = Facts {
+                mac_key: Some(mac.key_id().clone()),
+                file,
+            };
         }
         manifest.record_put(self.ring, R::KIND, record.key(), record.generation())?;
-        let mac_key = mac_key.expect("an adopted entry is authenticated, or rewritten");
-        self.accept(record, &mac_key);
+        self.accept(record, facts);
         Ok(())
     }
 
@@ -1811,10 +1830,7 @@ mod tests {
     /// Takes an image of `store` (after its files are old enough to be put in one).
     fn take_image(store: &Store) -> usize {
         std::thread::sleep(image::SETTLED + std::time::Duration::from_millis(20));
-        store
-            .write_image()
-            .unwrap()
-            .expect("nothing changed meanwhile")
+        store.write_image().unwrap().expect("an image is written")
     }
 
     /// What an open gave, in a form to compare (not the paths, which name temp dirs).
@@ -2162,5 +2178,44 @@ mod tests {
         assert_eq!(with, without);
         assert!(with.is_err());
         assert_eq!(from_image, 0);
+    }
+
+    /// An image never vouches for a file changed behind the store's back while it runs: it
+    /// records the identity the store saw when it read or wrote each file, so a file rolled
+    /// back or edited before the image was taken is still read, and refused, at the next start.
+    #[test]
+    fn an_entry_tampered_with_while_the_store_runs_is_refused_after_an_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        store
+            .put_secret(secret(&keyring, "rb", 1), Expect::Absent)
+            .unwrap();
+        let v1 = std::fs::read(secret_file(dir.path(), "rb")).unwrap();
+        store
+            .put_secret(secret(&keyring, "rb", 2), Expect::Any)
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "edited", 1), Expect::Absent)
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "fine", 1), Expect::Absent)
+            .unwrap();
+        std::fs::write(secret_file(dir.path(), "rb"), &v1).unwrap();
+        let f = secret_file(dir.path(), "edited");
+        let text = std::fs::read_to_string(&f).unwrap();
+        std::fs::write(&f, text.replace("\"version\":1", "\"version\":9")).unwrap();
+        assert_eq!(take_image(&store), 3);
+        drop(store);
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.from_image, 1, "only fine's file is vouched for");
+        let mut refused: Vec<String> = report
+            .refused
+            .iter()
+            .map(|(_, k, _)| k.name.to_string())
+            .collect();
+        refused.sort();
+        assert_eq!(refused, ["edited", "rb"], "{report:?}");
+        assert_eq!(store.secret(&key("fine")).unwrap().version.get(), 1);
     }
 }
