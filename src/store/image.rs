@@ -3,8 +3,9 @@
 //! (docs/crypto.md, "The node store").
 //!
 //! It holds every held entry, decoded, in a compact binary encoding (a secret's envelope as its
-//! bytes: ciphertext only, as in its entry file), each with the **identity of its file** when
-//! the image was taken (device, inode, size, mtime and ctime in nanoseconds), and the
+//! bytes: ciphertext only, as in its entry file), each with the **identity of its file**
+//! (device, inode, size, mtime and ctime in nanoseconds) as the store saw it when it last read
+//! or wrote the file (never by looking again when the image is taken), and the
 //! manifest's state at a position of its journal (the marks, the deletes that remember writes,
 //! the audit anchor, the next generation), with the journal's length there, the SHA-256 of its
 //! bytes up to there and its last MAC. One HMAC-SHA256 (its own key, [`Purpose::StoreImage`],
@@ -64,14 +65,18 @@ const MAX_LINES_SINCE: u64 = 1024;
 /// same size, the same stamps).
 pub(super) const SETTLED: Duration = Duration::from_millis(if cfg!(test) { 30 } else { 200 });
 
-/// A file's identity: what changes whenever its content may have.
+const _: () = assert!(std::mem::size_of::<Option<FileId>>() == 40);
+
+/// A file's identity: what changes whenever its content may have. 40 bytes (the store keeps
+/// one per entry; `Option<FileId>` is no larger: an inode number is never 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct FileId {
     dev: u64,
-    ino: u64,
+    ino: std::num::NonZeroU64,
     size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
+    /// Nanoseconds since the epoch.
+    mtime: i64,
+    ctime: i64,
 }
 
 impl FileId {
@@ -93,25 +98,30 @@ impl FileId {
         if !StatxFlags::from_bits_retain(st.stx_mask).contains(want) {
             return None;
         }
+        let ns = |t: rustix::fs::StatxTimestamp| {
+            t.tv_sec
+                .checked_mul(1_000_000_000)?
+                .checked_add(i64::from(t.tv_nsec))
+        };
         Some(FileId {
             dev: (u64::from(st.stx_dev_major) << 32) | u64::from(st.stx_dev_minor),
-            ino: st.stx_ino,
+            ino: std::num::NonZeroU64::new(st.stx_ino)?,
             size: st.stx_size,
-            mtime: (st.stx_mtime.tv_sec, i64::from(st.stx_mtime.tv_nsec)),
-            ctime: (st.stx_ctime.tv_sec, i64::from(st.stx_ctime.tv_nsec)),
+            mtime: ns(st.stx_mtime)?,
+            ctime: ns(st.stx_ctime)?,
         })
     }
 
-    /// The later of its mtime and ctime: when it last changed.
-    fn changed(&self) -> (i64, i64) {
+    /// The later of its mtime and ctime (nanoseconds since the epoch): when it last changed.
+    fn changed(&self) -> i64 {
         self.mtime.max(self.ctime)
     }
 
     fn write(&self, w: &mut Writer) {
-        for v in [self.dev, self.ino, self.size] {
+        for v in [self.dev, self.ino.get(), self.size] {
             w.u64(v);
         }
-        for v in [self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1] {
+        for v in [self.mtime, self.ctime] {
             w.u64(v as u64);
         }
     }
@@ -119,10 +129,10 @@ impl FileId {
     fn read(r: &mut Reader) -> Result<FileId, String> {
         Ok(FileId {
             dev: r.u64()?,
-            ino: r.u64()?,
+            ino: std::num::NonZeroU64::new(r.u64()?).ok_or("inode 0")?,
             size: r.u64()?,
-            mtime: (r.u64()? as i64, r.u64()? as i64),
-            ctime: (r.u64()? as i64, r.u64()? as i64),
+            mtime: r.u64()? as i64,
+            ctime: r.u64()? as i64,
         })
     }
 }
@@ -630,9 +640,7 @@ impl Source {
         let settled_before = started
             .checked_sub(SETTLED)
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or((0, 0), |d| {
-                (d.as_secs() as i64, i64::from(d.subsec_nanos()))
-            });
+            .map_or(0, |d| d.as_nanos() as i64);
         let mut mac_keys: Vec<KeyId> = Vec::new();
         let mut entries: Vec<([u8; 32], Vec<u8>)> =
             Vec::with_capacity(secrets.len() + configs.len());

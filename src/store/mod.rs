@@ -492,6 +492,7 @@ impl Store {
             candidates: Vec::new(),
             legacy: Vec::new(),
             foreign_keys: Default::default(),
+            accepted: Default::default(),
         };
         opening.sort(secrets)?;
         opening.sort(configs)?;
@@ -974,6 +975,30 @@ struct Opening<'a> {
     legacy: Vec<Pending>,
     /// Master keys that authenticated entries but are not in the keyring.
     foreign_keys: std::collections::BTreeSet<crate::crypto::KeyId>,
+    /// Entries accepted, until the maps are built.
+    accepted: AcceptedEntries,
+}
+
+/// Where accepted entries wait until the maps are built ([`Opening::build_maps`]).
+type AcceptedEntries = (
+    Vec<(ObjectKey, Held<SecretRecord>)>,
+    Vec<(ObjectKey, Held<ConfigRecord>)>,
+);
+
+trait Accepted: Sized {
+    fn accepted(all: &mut AcceptedEntries) -> &mut Vec<(ObjectKey, Held<Self>)>;
+}
+
+impl Accepted for SecretRecord {
+    fn accepted(all: &mut AcceptedEntries) -> &mut Vec<(ObjectKey, Held<Self>)> {
+        &mut all.0
+    }
+}
+
+impl Accepted for ConfigRecord {
+    fn accepted(all: &mut AcceptedEntries) -> &mut Vec<(ObjectKey, Held<Self>)> {
+        &mut all.1
+    }
 }
 
 /// An entry not yet accepted.
@@ -982,7 +1007,7 @@ enum Pending {
     Config(PathBuf, ConfigRecord, Facts),
 }
 
-trait IntoPending: Entry {
+trait IntoPending: Entry + Accepted {
     fn pending(path: PathBuf, record: Self, facts: Facts) -> Pending;
 }
 
@@ -1027,18 +1052,36 @@ impl Opening<'_> {
         self.report.refused.push((kind, key.clone(), reason));
     }
 
-    fn accept<R: Entry>(&mut self, record: R, facts: Facts) {
+    fn accept<R: Entry + Accepted>(&mut self, record: R, facts: Facts) {
         index_writes(&mut self.state, R::KIND, record.key(), record.writes());
         let mac_key = facts.mac_key.expect("an accepted entry is authenticated");
         let mac_key = self.state.mac_key(&mac_key);
-        R::map_mut(&mut self.state).insert(
-            record.key().clone(),
-            Held {
-                record: Arc::new(record),
-                mac_key,
-                file: facts.file,
-            },
-        );
+        let held = Held {
+            record: Arc::new(record),
+            mac_key,
+            file: facts.file,
+        };
+        R::accepted(&mut self.accepted).push((held.record.key().clone(), held));
+    }
+
+    /// Puts the accepted entries in the store's maps: at once, sorted (building a B-tree from
+    /// sorted entries is a fraction of inserting them one by one in file-name order).
+    fn build_maps(&mut self) {
+        fn build<R: Entry>(
+            map: &mut BTreeMap<ObjectKey, Held<R>>,
+            mut v: Vec<(ObjectKey, Held<R>)>,
+        ) {
+            v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let built: BTreeMap<_, _> = v.into_iter().collect();
+            if map.is_empty() {
+                *map = built;
+            } else {
+                map.extend(built);
+            }
+        }
+        let (secrets, configs) = std::mem::take(&mut self.accepted);
+        build(&mut self.state.secrets, secrets);
+        build(&mut self.state.configs, configs);
     }
 
     /// Sorts the entries of one kind.
@@ -1114,7 +1157,7 @@ impl Opening<'_> {
 
     /// Records an entry in the manifest: as it is (`generation` None), or rewritten at a new
     /// generation (a migrated format-1 entry).
-    fn adopt_one<R: Entry>(
+    fn adopt_one<R: Entry + Accepted>(
         &mut self,
         path: PathBuf,
         mut record: R,
@@ -1208,6 +1251,7 @@ impl Opening<'_> {
                 )?;
             }
         }
+        self.build_maps();
         let manifest = self.manifest.take().expect("opened or created");
         // Objects the manifest says exist but whose entry was not accepted. Every entry held
         // and every object refused has a live mark (that is how it was held or refused), so
