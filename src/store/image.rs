@@ -641,72 +641,39 @@ impl Source {
             .checked_sub(SETTLED)
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as i64);
-        let mut mac_keys: Vec<KeyId> = Vec::new();
-        let mut entries: Vec<([u8; 32], Vec<u8>)> =
-            Vec::with_capacity(secrets.len() + configs.len());
-        let mut seen = 0usize;
-        let mut add = |kind: Kind,
-                       key: &ObjectKey,
-                       mac_key: &KeyId,
-                       file: Option<FileId>,
-                       encode: &dyn Fn(&mut Writer)|
-         -> Result<(), NotWritten> {
-            seen += 1;
-            if seen.is_multiple_of(256) && stop.load(Ordering::Relaxed) {
-                return Err(NotWritten::Stopped);
-            }
-            // The identity the store saw when it read or wrote the file: the image vouches for
-            // nothing the store did not check or write itself.
-            let Some(id) = file else {
-                return Ok(());
-            };
-            if id.changed() >= settled_before {
-                return Ok(());
-            }
+        // What goes in: entries whose file's identity the store knows and that settled, in
+        // file-name order. Encoded straight into one buffer (one large allocation, returned to
+        // the system when freed: the writer leaves no fragments behind in the heap).
+        let mut mac_keys: Vec<&KeyId> = Vec::new();
+        let mut order: Vec<([u8; 32], Kind, usize)> = Vec::new();
+        let included = |file: &Option<FileId>| file.is_some_and(|id| id.changed() < settled_before);
+        let name_of = |kind: Kind, key: &ObjectKey| {
             let file = super::file_name(kind, key);
-            let name = crate::hex::decode_32(file.trim_end_matches(".json")).expect("a hash");
-            let ix = match mac_keys.iter().position(|k| k == mac_key) {
-                Some(i) => i,
-                None => {
-                    mac_keys.push(mac_key.clone());
-                    mac_keys.len() - 1
-                }
-            };
-            let mut w = Writer::default();
-            w.bytes32(&name);
-            id.write(&mut w);
-            w.u8(ix as u8);
-            let mut record = Writer::default();
-            encode(&mut record);
-            w.blob(&record.0);
-            entries.push((name, w.0));
-            Ok(())
+            crate::hex::decode_32(file.trim_end_matches(".json")).expect("a hash")
         };
-        let result = (|| {
-            for held in &secrets {
-                let r = &held.record;
-                add(Kind::Secret, &r.key, &held.mac_key, held.file, &|w| {
-                    write_secret(w, r)
-                })?;
+        for (i, held) in secrets.iter().enumerate() {
+            if included(&held.file) {
+                order.push((name_of(Kind::Secret, &held.record.key), Kind::Secret, i));
+                if !mac_keys.contains(&&*held.mac_key) {
+                    mac_keys.push(&held.mac_key);
+                }
             }
-            for held in &configs {
-                let r = &held.record;
-                add(Kind::Config, &r.key, &held.mac_key, held.file, &|w| {
-                    write_config(w, r)
-                })?;
+        }
+        for (i, held) in configs.iter().enumerate() {
+            if included(&held.file) {
+                order.push((name_of(Kind::Config, &held.record.key), Kind::Config, i));
+                if !mac_keys.contains(&&*held.mac_key) {
+                    mac_keys.push(&held.mac_key);
+                }
             }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            return Ok(Err(e));
         }
         if mac_keys.len() > u8::MAX as usize {
             return Ok(Err(NotWritten::TooManyKeys));
         }
-        entries.sort_unstable_by_key(|e| e.0);
+        order.sort_unstable_by_key(|e| e.0);
         let ring = self.keys.current();
         let key = MacKey::active(&ring, Purpose::StoreImage);
-        let mut w = Writer::default();
+        let mut w = Writer(Vec::with_capacity(base.0.len() + order.len() * 400 + 1024));
         w.0.extend_from_slice(MAGIC);
         w.u8(VERSION);
         w.str8(key.key_id().as_str());
@@ -715,10 +682,35 @@ impl Source {
             w.str8(k.as_str());
         }
         w.blob(&base.0);
-        w.u32(entries.len() as u32);
-        let count = entries.len();
-        for (_, bytes) in entries {
-            w.0.extend_from_slice(&bytes);
+        drop(base);
+        w.u32(order.len() as u32);
+        let count = order.len();
+        let mut record = Writer::default();
+        for (n, (name, kind, i)) in order.into_iter().enumerate() {
+            if n % 256 == 255 && stop.load(Ordering::Relaxed) {
+                return Ok(Err(NotWritten::Stopped));
+            }
+            record.0.clear();
+            let (mac_key, file) = match kind {
+                Kind::Secret => {
+                    let held = &secrets[i];
+                    write_secret(&mut record, &held.record);
+                    (&held.mac_key, held.file)
+                }
+                Kind::Config => {
+                    let held = &configs[i];
+                    write_config(&mut record, &held.record);
+                    (&held.mac_key, held.file)
+                }
+            };
+            let ix = mac_keys
+                .iter()
+                .position(|k| *k == &**mac_key)
+                .expect("listed");
+            w.bytes32(&name);
+            file.expect("included").write(&mut w);
+            w.u8(ix as u8);
+            w.blob(&record.0);
         }
         let tag = key.tag(&[&w.0]);
         w.0.extend_from_slice(&tag);
