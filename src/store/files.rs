@@ -143,16 +143,12 @@ pub(super) type Parsed<T> = (PathBuf, Result<T, String>);
 /// parsing it would give, or `None` (then it is read).
 pub(super) type KnownFile<'a, T> = &'a (dyn Fn(&str, &FileId) -> Option<T> + Sync);
 
-/// Reads and parses every entry file of `dir`; `parse` is given the file's name and bytes.
-/// Interrupted temp files are removed (their writes were never acknowledged). What could not
-/// be parsed comes back as `Err(reason)`. With `known` (a store image), each file's identity
-/// is looked up first, and a file it knows is not read.
-pub(super) fn read_entries<T: Send>(
+/// The entry files of `dir`, sorted by name, for [`read_entries`]. Interrupted temp files are
+/// removed (their writes were never acknowledged).
+pub(super) fn list_entries(
     dir: &Path,
     report: &mut OpenReport,
-    known: Option<KnownFile<'_, T>>,
-    parse: impl Fn(&str, &[u8], Option<FileId>) -> Result<T, String> + Sync,
-) -> Result<Vec<Parsed<T>>, StoreError> {
+) -> Result<Vec<PathBuf>, StoreError> {
     let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in entries {
@@ -173,7 +169,18 @@ pub(super) fn read_entries<T: Send>(
     // compares component by component, which at 10,000 entries took as long as reading a
     // quarter of them.
     paths.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    Ok(paths)
+}
 
+/// Reads and parses the entry files `paths` of `dir` (from [`list_entries`]); `parse` is given
+/// the file's name, bytes and identity. What could not be parsed comes back as `Err(reason)`. With `known` (a store image), each file's identity
+/// is looked up first, and a file it knows is not read.
+pub(super) fn read_entries<T: Send>(
+    dir: &Path,
+    paths: Vec<PathBuf>,
+    known: Option<KnownFile<'_, T>>,
+    parse: impl Fn(&str, &[u8], Option<FileId>) -> Result<T, String> + Sync,
+) -> Result<Vec<Parsed<T>>, StoreError> {
     // Reading and parsing (and checking each entry's MAC) is what a start-up with thousands of
     // entries spends its time on (the agent serves nothing until it is done), so it runs on
     // every core.

@@ -403,16 +403,28 @@ impl Store {
             tracing::warn!(old = %aside.display(), "store manifest set aside; rebuilding it from the entries on disk");
         }
         let image_path = data_dir.join(image::FILE_NAME);
-        let image = if options.rebuild_manifest {
+        if options.rebuild_manifest {
             // What it says of the manifest set aside is void; nothing of it is used.
             image::remove(data_dir)?;
-            None
-        } else {
-            image::Image::read(&image_path, &ring)
-        };
+        }
+        let mut report = OpenReport::default();
+        // The image is read and authenticated while the entry directories are listed.
+        let (image, secret_paths, config_paths) = std::thread::scope(|scope| {
+            let image = scope.spawn(|| {
+                (!options.rebuild_manifest)
+                    .then(|| image::Image::read(&image_path, &ring))
+                    .flatten()
+            });
+            let secrets = files::list_entries(&secrets_dir, &mut report);
+            let configs = files::list_entries(&configs_dir, &mut report);
+            let image = image
+                .join()
+                .expect("the store image's loading thread panicked");
+            (image, secrets, configs)
+        });
+        let (secret_paths, config_paths) = (secret_paths?, config_paths?);
         let image = image.as_ref();
         let entry_keys = EntryKeys::of(&ring);
-        let mut report = OpenReport::default();
         let from_image = std::sync::atomic::AtomicUsize::new(0);
         let known_secret = |name: &str, id: &image::FileId| {
             let known = image?.secret(name, id, &ring).map(|k| {
@@ -451,7 +463,7 @@ impl Store {
             });
             let secrets = files::read_entries(
                 &secrets_dir,
-                &mut report,
+                secret_paths,
                 image.map(|_| &known_secret as files::KnownFile<'_, _>),
                 |name, b, file| {
                     SecretRecord::from_file_bytes_keyed(b, &entry_keys)
@@ -460,7 +472,7 @@ impl Store {
             );
             let configs = files::read_entries(
                 &configs_dir,
-                &mut report,
+                config_paths,
                 image.map(|_| &known_config as files::KnownFile<'_, _>),
                 |name, b, file| {
                     ConfigRecord::from_file_bytes_keyed(b, &entry_keys)
