@@ -7,13 +7,17 @@
 //!     BENCH_STORE_DIR=/tmp/store-10k cargo bench --bench store   # keep (and reuse) the store
 //!
 //! Each open is timed whole (the store is dropped between opens; the files stay in the page
-//! cache, as they are on a restart of a running node). Prints median, min and max.
+//! cache, as they are on a restart of a running node). Prints median, min and max, twice:
+//! without a store image (`store.image` removed before each open: every entry file read and
+//! every manifest line checked) and with one (taken once, as the store's own writer takes it
+//! when the store has been quiet; the store opened from it, as after a restart).
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it fills 20 secrets, opens the
 //! store twice and checks what it holds: a smoke test, asserting nothing about time.
 //!
 //! Environment: BENCH_SECRETS (default 10000), BENCH_OPENS (default 30), BENCH_STORE_DIR (a
-//! directory to fill once and reuse; default a temporary one).
+//! directory to fill once and reuse; default a temporary one), BENCH_IMAGE (`with` or
+//! `without`: only that one; default both).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -110,10 +114,51 @@ fn main() {
         Ok(json) => Keyring::from_json(&json).expect("the bench keyring"),
         Err(_) => fill(&dir, n),
     };
+    // BENCH_IMAGE=with or =without measures only that (to profile one path).
+    let only = std::env::var("BENCH_IMAGE").ok().filter(|_| bench);
+    let image = dir.join("store.image");
+    let _ = std::fs::remove_file(&image);
+    let without = match only.as_deref() {
+        Some("with") => Vec::new(),
+        _ => measure(&dir, &keyring, n, opens, || {
+            let _ = std::fs::remove_file(&image);
+        }),
+    };
+    {
+        let store = open(&dir, &keyring);
+        // The files must have settled (a file changed within the last 200 ms is left out).
+        std::thread::sleep(Duration::from_millis(250));
+        let imaged = store.write_image().expect("image").expect("written");
+        assert_eq!(imaged, n, "every entry is in the image");
+    }
+    let with = match only.as_deref() {
+        Some("without") => Vec::new(),
+        _ => measure(&dir, &keyring, n, opens, || {}),
+    };
+    if !bench {
+        println!("store: {n} secrets put, opened {opens} times without and with an image");
+        return;
+    }
+    for (what, samples) in [("without an image", without), ("with an image", with)] {
+        if !samples.is_empty() {
+            report(n, opens, what, samples);
+        }
+    }
+}
+
+/// Opens the store `opens` times (`before` runs before each, untimed).
+fn measure(
+    dir: &Path,
+    keyring: &Keyring,
+    n: usize,
+    opens: usize,
+    before: impl Fn(),
+) -> Vec<Duration> {
     let mut samples: Vec<Duration> = Vec::new();
     for _ in 0..opens {
+        before();
         let t = Instant::now();
-        let store = open(&dir, &keyring);
+        let store = open(dir, keyring);
         samples.push(t.elapsed());
         let counts = store.counts();
         assert_eq!(
@@ -128,14 +173,14 @@ fn main() {
         assert_eq!(got.version.get(), 1);
         drop(store);
     }
-    if !bench {
-        println!("store: {n} secrets put, opened {opens} times");
-        return;
-    }
+    samples
+}
+
+fn report(n: usize, opens: usize, what: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "Store::open of {n} secrets, {opens} times: median {:.1} ms, min {:.1} ms, max {:.1} ms \
+        "Store::open of {n} secrets {what}, {opens} times: median {:.1} ms, min {:.1} ms, max {:.1} ms \
          ({:.2} us per entry at the median)",
         ms(&samples[samples.len() / 2]),
         ms(&samples[0]),

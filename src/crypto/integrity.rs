@@ -25,6 +25,9 @@ pub enum Purpose {
     WriteFingerprint,
     /// The keyed digest of the data a secret version was sealed from ([`super::DataDigest`]).
     DataDigest,
+    /// The store image: one file holding the store's decoded entries and the manifest's state,
+    /// read at start-up instead of every entry file (`store::image`).
+    StoreImage,
 }
 
 impl Purpose {
@@ -34,6 +37,7 @@ impl Purpose {
             Purpose::StoreManifest => b"claw-secrets/v1/mac/store-manifest",
             Purpose::WriteFingerprint => b"claw-secrets/v1/mac/write-fingerprint",
             Purpose::DataDigest => b"claw-secrets/v1/mac/data-digest",
+            Purpose::StoreImage => b"claw-secrets/v1/mac/store-image",
         }
     }
 }

@@ -7,6 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::image::FileId;
 use super::{OpenReport, StoreError};
 use crate::faults::{Step, check};
 
@@ -37,7 +38,9 @@ pub fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
 
 /// Atomically replaces `dir/name` with `bytes` (mode 0600), durably.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    write_atomic_tracked(dir, name, bytes).map_err(|failed| failed.error)
+    write_atomic_tracked(dir, name, bytes)
+        .map(|_| ())
+        .map_err(|failed| failed.error)
 }
 
 /// A write of [`write_atomic_tracked`] that failed, and whether the new content had already
@@ -48,12 +51,13 @@ pub(super) struct FailedWrite {
     pub replaced: bool,
 }
 
-/// [`write_atomic`], telling how far a failed write got.
+/// [`write_atomic`], telling how far a failed write got; on success, the identity of the file
+/// written, taken through its descriptor right after the rename (which changes its ctime).
 pub(super) fn write_atomic_tracked(
     dir: &Path,
     name: &str,
     bytes: &[u8],
-) -> Result<(), FailedWrite> {
+) -> Result<Option<FileId>, FailedWrite> {
     let mut suffix = [0u8; 8];
     let target = dir.join(name);
     let before_rename = |error: StoreError| FailedWrite {
@@ -76,16 +80,21 @@ pub(super) fn write_atomic_tracked(
         check(Step::Fsync)?;
         f.sync_all()?;
         check(Step::Rename)?;
-        fs::rename(&tmp, &target)
+        fs::rename(&tmp, &target)?;
+        Ok(FileId::of(&f))
     })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(before_rename(StoreError::io(&target, e)));
-    }
+    let file = match result {
+        Ok(file) => file,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(before_rename(StoreError::io(&target, e)));
+        }
+    };
     fsync_dir(dir).map_err(|error| FailedWrite {
         error,
         replaced: true,
-    })
+    })?;
+    Ok(file)
 }
 
 /// Refuses a file that holds keys or tokens if its group or other users may read or write it,
@@ -130,14 +139,16 @@ pub(super) fn remove_durably(dir: &Path, name: &str) -> Result<(), StoreError> {
 /// An entry file read at start-up: its path, and what parsing it gave (or why it failed).
 pub(super) type Parsed<T> = (PathBuf, Result<T, String>);
 
-/// Reads and parses every entry file of `dir`; `parse` is given the file's name and bytes.
-/// Interrupted temp files are removed (their writes were never acknowledged). What could not
-/// be parsed comes back as `Err(reason)`.
-pub(super) fn read_entries<T: Send>(
+/// What a store image knows of an entry file, given its name and identity: what reading and
+/// parsing it would give, or `None` (then it is read).
+pub(super) type KnownFile<'a, T> = &'a (dyn Fn(&str, &FileId) -> Option<T> + Sync);
+
+/// The entry files of `dir`, sorted by name, for [`read_entries`]. Interrupted temp files are
+/// removed (their writes were never acknowledged).
+pub(super) fn list_entries(
     dir: &Path,
     report: &mut OpenReport,
-    parse: impl Fn(&str, &[u8]) -> Result<T, String> + Sync,
-) -> Result<Vec<Parsed<T>>, StoreError> {
+) -> Result<Vec<PathBuf>, StoreError> {
     let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
     let mut paths: Vec<PathBuf> = Vec::new();
     for entry in entries {
@@ -158,10 +169,27 @@ pub(super) fn read_entries<T: Send>(
     // compares component by component, which at 10,000 entries took as long as reading a
     // quarter of them.
     paths.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    Ok(paths)
+}
 
+/// Reads and parses the entry files `paths` of `dir` (from [`list_entries`]); `parse` is given
+/// the file's name, bytes and identity. What could not be parsed comes back as `Err(reason)`. With `known` (a store image), each file's identity
+/// is looked up first, and a file it knows is not read.
+pub(super) fn read_entries<T: Send>(
+    dir: &Path,
+    paths: Vec<PathBuf>,
+    known: Option<KnownFile<'_, T>>,
+    parse: impl Fn(&str, &[u8], Option<FileId>) -> Result<T, String> + Sync,
+) -> Result<Vec<Parsed<T>>, StoreError> {
     // Reading and parsing (and checking each entry's MAC) is what a start-up with thousands of
     // entries spends its time on (the agent serves nothing until it is done), so it runs on
     // every core.
+    // With a store image, each file's identity is looked up relative to the directory.
+    let dir_file = match known {
+        Some(_) => Some(File::open(dir).map_err(|e| StoreError::io(dir, e))?),
+        None => None,
+    };
+    let dir_file = dir_file.as_ref();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = paths.len().div_ceil(threads).max(256);
     let parse = &parse;
@@ -172,7 +200,18 @@ pub(super) fn read_entries<T: Send>(
                 scope.spawn(move || {
                     part.iter()
                         .map(|path| {
+                            if let (Some(known), Some(dir)) = (known, dir_file) {
+                                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                                if let Some(id) = FileId::at(dir, name)
+                                    && let Some(t) = known(name, &id)
+                                {
+                                    return Ok((path.clone(), Ok(t)));
+                                }
+                            }
                             let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+                            // Its identity before its content: a change after this is seen
+                            // at the next start (another identity), never recorded as this.
+                            let id = FileId::of(&file);
                             // Read one byte past the limit, to tell a file over it. Room for a
                             // typical entry up front: one read fills it and one more finds the
                             // end (an empty buffer costs a probing read and a regrowth).
@@ -190,7 +229,7 @@ pub(super) fn read_entries<T: Send>(
                                 return Ok((path.clone(), Err(why)));
                             }
                             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                            Ok((path.clone(), parse(name, &bytes)))
+                            Ok((path.clone(), parse(name, &bytes, id)))
                         })
                         .collect::<Result<Vec<_>, StoreError>>()
                 })

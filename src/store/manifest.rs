@@ -27,6 +27,7 @@
 //! writes.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -34,6 +35,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::StoreError;
+use super::image::{Reader, Writer};
 use super::writes::{WriteRecord, retained};
 use crate::crypto::{KeyId, Keyring, MacKey, Purpose};
 use crate::domain::{Kind, Name, Namespace, ObjectKey};
@@ -105,13 +107,84 @@ pub(super) struct Manifest {
     prev: [u8; 32],
     next_generation: u64,
     lines: u64,
-    marks: HashMap<(Kind, ObjectKey), Mark>,
+    marks: Marks,
     /// Writes remembered by deleted objects, until their retention ends.
     tombstones: HashMap<(Kind, ObjectKey), Vec<WriteRecord>>,
     audit_anchor: Option<AuditAnchor>,
     /// The master keys the journal's lines are authenticated under: a key named here cannot
     /// leave the keyring until the journal is rewritten under another ([`Manifest::rewrite`]).
     line_keys: BTreeSet<KeyId>,
+    /// SHA-256 of the journal's bytes (`..len`): a store image taken now names it, so a later
+    /// start can tell that the journal still begins with exactly these lines (`image`).
+    digest: Sha256,
+    /// Incremented each time the journal is replaced by a snapshot: an image taken before
+    /// names a journal that is gone.
+    epoch: u64,
+}
+
+/// The manifest's state at a position of its journal, as a store image carries it: what
+/// [`Manifest::open_from`] derives from the lines up to `len`, so that only the lines after it need
+/// reading and checking.
+pub(super) struct Base {
+    len: u64,
+    digest: [u8; 32],
+    seq: u64,
+    prev: [u8; 32],
+    next_generation: u64,
+    lines: u64,
+    marks: Marks,
+    tombstones: HashMap<(Kind, ObjectKey), Vec<WriteRecord>>,
+    audit_anchor: Option<AuditAnchor>,
+    line_keys: BTreeSet<KeyId>,
+}
+
+/// The marks, one map per kind (so a look-up borrows the key instead of copying it).
+#[derive(Default)]
+struct Marks {
+    secrets: HashMap<ObjectKey, Mark>,
+    configs: HashMap<ObjectKey, Mark>,
+}
+
+impl Marks {
+    fn of(&self, kind: Kind) -> &HashMap<ObjectKey, Mark> {
+        match kind {
+            Kind::Secret => &self.secrets,
+            Kind::Config => &self.configs,
+        }
+    }
+
+    fn insert(&mut self, (kind, key): (Kind, ObjectKey), mark: Mark) {
+        match kind {
+            Kind::Secret => self.secrets.insert(key, mark),
+            Kind::Config => self.configs.insert(key, mark),
+        };
+    }
+
+    fn len(&self) -> usize {
+        self.secrets.len() + self.configs.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = ((Kind, &ObjectKey), &Mark)> {
+        let tag = |kind: Kind| move |(key, mark)| ((kind, key), mark);
+        self.secrets
+            .iter()
+            .map(tag(Kind::Secret))
+            .chain(self.configs.iter().map(tag(Kind::Config)))
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(Kind, &ObjectKey, &Mark) -> bool) {
+        self.secrets.retain(|k, m| keep(Kind::Secret, k, m));
+        self.configs.retain(|k, m| keep(Kind::Config, k, m));
+    }
+}
+
+/// How a manifest was opened: from a store image's [`Base`] and the lines after it, or whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Opened {
+    /// No base was offered, or it did not match the journal (the reason was logged).
+    Whole,
+    /// From the base, then this many lines after it.
+    FromBase { lines_after: u64 },
 }
 
 fn open_file(path: &Path) -> Result<File, StoreError> {
@@ -126,8 +199,16 @@ fn open_file(path: &Path) -> Result<File, StoreError> {
 }
 
 impl Manifest {
-    /// Reads and checks the manifest at `path`; `Ok(None)` if there is none.
-    pub fn open(path: &Path, keyring: &Keyring) -> Result<Option<Manifest>, StoreError> {
+    /// Reads and checks the manifest at `path` (`Ok(None)` if there is none), starting from `base` (a store image's record of the journal at a
+    /// position) when the journal still begins with exactly the bytes `base` was taken from
+    /// (their SHA-256) and every key its lines were authenticated with is in the keyring: then
+    /// only the lines after it are read and checked, chained from its last MAC. Otherwise the
+    /// whole journal is, as without a base.
+    pub fn open_from(
+        path: &Path,
+        keyring: &Keyring,
+        base: Option<Base>,
+    ) -> Result<Option<(Manifest, Opened)>, StoreError> {
         let mut file = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -153,13 +234,51 @@ impl Manifest {
             prev: GENESIS,
             next_generation: 1,
             lines: 0,
-            marks: HashMap::new(),
+            marks: Marks::default(),
             tombstones: HashMap::new(),
             audit_anchor: None,
             line_keys: BTreeSet::new(),
+            digest: Sha256::new(),
+            epoch: 0,
         };
+        let mut start = 0;
+        let mut opened = Opened::Whole;
+        if let Some(base) = base {
+            let why_not = if base.len > complete as u64 {
+                Some("it is shorter than when the image was taken (cut short, or replaced)")
+            } else if base.line_keys.iter().any(|id| keyring.get(id).is_none()) {
+                Some("its lines were authenticated with a key the keyring does not hold")
+            } else {
+                manifest.digest.update(&bytes[..base.len as usize]);
+                let digest: [u8; 32] = manifest.digest.clone().finalize().into();
+                (digest != base.digest).then_some(
+                    "it does not begin with the lines the image was taken from (compacted, rebuilt, or changed)",
+                )
+            };
+            match why_not {
+                Some(why) => {
+                    tracing::warn!(path = %path.display(), why,
+                        "store image does not match the store manifest; reading the whole manifest");
+                    manifest.digest = Sha256::new();
+                }
+                None => {
+                    start = base.len as usize;
+                    manifest.seq = base.seq;
+                    manifest.prev = base.prev;
+                    manifest.next_generation = base.next_generation;
+                    manifest.lines = base.lines;
+                    manifest.marks = base.marks;
+                    manifest.tombstones = base.tombstones;
+                    manifest.audit_anchor = base.audit_anchor;
+                    manifest.line_keys = base.line_keys;
+                    opened = Opened::FromBase { lines_after: 0 };
+                }
+            }
+        }
+        manifest.digest.update(&bytes[start..complete]);
+        let lines_before = manifest.lines;
         let mut keys: HashMap<KeyId, MacKey> = HashMap::new();
-        for (i, raw) in bytes[..complete]
+        for (i, raw) in bytes[start..complete]
             .split_inclusive(|b| *b == b'\n')
             .enumerate()
         {
@@ -168,7 +287,7 @@ impl Manifest {
                 StoreError::Integrity(format!(
                     "store manifest {}, line {}: {reason}. The manifest vouches for every entry's version, so the store cannot be trusted: restore the data directory from a backup, or start with --rebuild-store-manifest to accept the entries as they are",
                     path.display(),
-                    i + 1
+                    lines_before + i as u64 + 1
                 ))
             };
             let line = manifest
@@ -179,7 +298,52 @@ impl Manifest {
                 })?;
             manifest.apply(line);
         }
-        Ok(Some(manifest))
+        if let Opened::FromBase { lines_after } = &mut opened {
+            *lines_after = manifest.lines - lines_before;
+        }
+        Ok(Some((manifest, opened)))
+    }
+
+    /// Where the journal ends now, as an image names it: its length and its last line's
+    /// sequence number and the epoch (a compaction since changes it).
+    pub fn position(&self) -> (u64, u64, u64) {
+        (self.len, self.seq, self.epoch)
+    }
+
+    /// Writes the manifest's state at its current end, for a store image (read back by
+    /// [`Base::decode`]).
+    pub fn encode_base(&self, w: &mut Writer) {
+        w.u64(self.len);
+        w.bytes32(&self.digest.clone().finalize().into());
+        w.u64(self.seq);
+        w.bytes32(&self.prev);
+        w.u64(self.next_generation);
+        w.u64(self.lines);
+        w.u32(self.line_keys.len() as u32);
+        for id in &self.line_keys {
+            w.str8(id.as_str());
+        }
+        match &self.audit_anchor {
+            Some(a) => {
+                w.u8(1);
+                w.u64(a.seq);
+                w.str16(&a.hash);
+            }
+            None => w.u8(0),
+        }
+        w.u32(self.marks.len() as u32);
+        for ((kind, key), mark) in self.marks.iter() {
+            w.kind(kind);
+            w.key(key);
+            w.u64(mark.generation);
+            w.u8(mark.deleted as u8);
+        }
+        w.u32(self.tombstones.len() as u32);
+        for ((kind, key), writes) in &self.tombstones {
+            w.kind(*kind);
+            w.key(key);
+            w.json(writes);
+        }
     }
 
     /// Checks one line's MAC and its place in the chain.
@@ -289,10 +453,12 @@ impl Manifest {
             prev: GENESIS,
             next_generation,
             lines: 0,
-            marks: HashMap::new(),
+            marks: Marks::default(),
             tombstones: HashMap::new(),
             audit_anchor: None,
             line_keys: BTreeSet::new(),
+            digest: Sha256::new(),
+            epoch: 0,
         };
         manifest
             .file
@@ -353,7 +519,7 @@ impl Manifest {
     }
 
     pub fn mark(&self, kind: Kind, key: &ObjectKey) -> Option<Mark> {
-        self.marks.get(&(kind, key.clone())).copied()
+        self.marks.of(kind).get(key).copied()
     }
 
     /// Every object the manifest says exists, with its generation.
@@ -361,7 +527,7 @@ impl Manifest {
         self.marks
             .iter()
             .filter(|(_, m)| !m.deleted)
-            .map(|((kind, key), m)| (*kind, key, m.generation))
+            .map(|((kind, key), m)| (kind, key, m.generation))
     }
 
     /// Writes remembered by deleted objects.
@@ -468,6 +634,7 @@ impl Manifest {
             return Err(StoreError::io(&self.path, e));
         }
         self.len += bytes.len() as u64;
+        self.digest.update(bytes);
         Ok(())
     }
 
@@ -511,8 +678,9 @@ impl Manifest {
         // A deleted object's mark is kept only while it remembers writes: an older copy of its
         // entry is refused anyway, as every entry the manifest does not name is.
         let tombstones = &self.tombstones;
-        self.marks
-            .retain(|key, mark| !mark.deleted || tombstones.contains_key(key));
+        self.marks.retain(|kind, key, mark| {
+            !mark.deleted || tombstones.contains_key(&(kind, key.clone()))
+        });
 
         let mut seq = self.seq + 1;
         let header = self.snapshot_line(keyring, seq, self.prev);
@@ -521,20 +689,20 @@ impl Manifest {
         let mut marks: Vec<_> = self.marks.iter().collect();
         // Deletes first: an object deleted and created again is live after replay.
         marks.sort_by_key(|((kind, key), mark)| {
-            (!mark.deleted, mark.generation, *kind, key.clone())
+            (!mark.deleted, mark.generation, *kind, (*key).clone())
         });
         for ((kind, key), mark) in marks {
             seq += 1;
             let line = Line {
                 seq,
                 op: if mark.deleted { Op::Delete } else { Op::Put },
-                kind: Some(*kind),
+                kind: Some(kind),
                 namespace: Some(key.namespace.clone()),
                 name: Some(key.name.clone()),
                 generation: mark.generation,
                 writes: if mark.deleted {
                     self.tombstones
-                        .get(&(*kind, key.clone()))
+                        .get(&(kind, key.clone()))
                         .cloned()
                         .unwrap_or_default()
                 } else {
@@ -580,12 +748,71 @@ impl Manifest {
         super::files::fsync_dir(dir)?;
         self.file = file;
         self.len = out.len() as u64;
+        self.digest = Sha256::new();
+        self.digest.update(&out);
+        self.epoch += 1;
         self.seq = seq;
         self.prev = prev;
         self.lines = lines;
         self.line_keys = BTreeSet::from([keyring.active().id().clone()]);
         tracing::debug!(lines, "store manifest compacted");
         Ok(())
+    }
+}
+
+impl Base {
+    /// Reads what [`Manifest::encode_base`] wrote.
+    pub fn decode(r: &mut Reader) -> Result<Base, String> {
+        let len = r.u64()?;
+        let digest = r.bytes32()?;
+        let seq = r.u64()?;
+        let prev = r.bytes32()?;
+        let next_generation = r.u64()?;
+        let lines = r.u64()?;
+        let mut line_keys = BTreeSet::new();
+        for _ in 0..r.u32()? {
+            line_keys.insert(r.key_id()?);
+        }
+        let audit_anchor = match r.u8()? {
+            0 => None,
+            _ => Some(AuditAnchor {
+                seq: r.u64()?,
+                hash: r.str16()?.to_owned(),
+            }),
+        };
+        let n = r.u32()? as usize;
+        let mut marks = Marks::default();
+        for _ in 0..n {
+            let kind = r.kind()?;
+            let key = r.key()?;
+            let generation = r.u64()?;
+            let deleted = r.u8()? != 0;
+            marks.insert(
+                (kind, key),
+                Mark {
+                    generation,
+                    deleted,
+                },
+            );
+        }
+        let mut tombstones = HashMap::new();
+        for _ in 0..r.u32()? {
+            let kind = r.kind()?;
+            let key = r.key()?;
+            tombstones.insert((kind, key), r.json()?);
+        }
+        Ok(Base {
+            len,
+            digest,
+            seq,
+            prev,
+            next_generation,
+            lines,
+            marks,
+            tombstones,
+            audit_anchor,
+            line_keys,
+        })
     }
 }
 

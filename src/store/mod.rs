@@ -7,6 +7,9 @@
 //! secrets/<sha256(kind/namespace/name)>.json   metadata + base64 envelope (ciphertext only), MAC'd
 //! configs/<sha256(kind/namespace/name)>.json   plain config data (configs are not encrypted), MAC'd
 //! store.manifest                               every entry's high-water mark, MAC-chained
+//! store.image                                  every held entry decoded, with its file's identity, and
+//!                                              the manifest's state: read at start-up instead of
+//!                                              every file ([`image`]), MAC'd
 //! quarantine/                                  files refused at start-up, kept
 //! ```
 //!
@@ -21,6 +24,7 @@
 //! instead of data, until it is written or deleted again.
 
 mod files;
+mod image;
 mod manifest;
 mod records;
 mod rekey;
@@ -119,6 +123,9 @@ pub struct OpenReport {
     pub refused: Vec<(Kind, ObjectKey, String)>,
     /// Entries of the unauthenticated format 1, migrated (MAC'd, given a generation).
     pub migrated: usize,
+    /// Entry files not read because the store image knew them (same identity as when it was
+    /// taken); every other file was read and checked.
+    pub from_image: usize,
 }
 
 /// How many entries the store holds, and how many it refused at start-up.
@@ -162,22 +169,68 @@ pub enum Expect {
     NoNewerThan(Origin),
 }
 
+/// An entry held, and the master key its file's MAC is under (what key usage counts, and what
+/// an image records), shared between the entries that have the same.
+struct Held<R> {
+    record: Arc<R>,
+    mac_key: Arc<KeyId>,
+    /// The identity of its file as the store saw it when it read or wrote it (before reading
+    /// it; right after renaming it into place): what a store image records, so that an image
+    /// only ever vouches for a file the store has checked or written itself. `None` when it
+    /// could not be told.
+    file: Option<image::FileId>,
+}
+
+impl<R> Clone for Held<R> {
+    fn clone(&self) -> Self {
+        Held {
+            record: self.record.clone(),
+            mac_key: self.mac_key.clone(),
+            file: self.file,
+        }
+    }
+}
+
+/// What the store knows of an entry's file besides its content: the master key its MAC is
+/// under (`None` for a format-1 file) and its identity.
+#[derive(Clone, Default)]
+struct Facts {
+    mac_key: Option<KeyId>,
+    file: Option<image::FileId>,
+}
+
 #[derive(Default)]
 struct State {
-    secrets: BTreeMap<ObjectKey, Arc<SecretRecord>>,
-    configs: BTreeMap<ObjectKey, Arc<ConfigRecord>>,
+    secrets: BTreeMap<ObjectKey, Held<SecretRecord>>,
+    configs: BTreeMap<ObjectKey, Held<ConfigRecord>>,
+    /// The master keys entry files are authenticated under, one copy each.
+    mac_keys: Vec<Arc<KeyId>>,
     quarantined: HashMap<(Kind, ObjectKey), Arc<str>>,
     /// Remembered writes by idempotency key, from live entries and from deleted objects.
     writes: HashMap<String, RememberedWrite>,
+}
+
+impl State {
+    fn mac_key(&mut self, id: &KeyId) -> Arc<KeyId> {
+        if let Some(k) = self.mac_keys.iter().find(|k| ***k == *id) {
+            return k.clone();
+        }
+        let k = Arc::new(id.clone());
+        self.mac_keys.push(k.clone());
+        k
+    }
 }
 
 pub struct Store {
     secrets_dir: PathBuf,
     configs_dir: PathBuf,
     keys: SharedKeyring,
-    state: RwLock<State>,
+    state: Arc<RwLock<State>>,
     /// Every change goes through the manifest, one at a time: it hands out generations.
-    manifest: Mutex<Manifest>,
+    manifest: Arc<Mutex<Manifest>>,
+    /// Takes store images in the background (dropped first: it holds the state too).
+    image: image::Keeper,
+    image_source: Arc<image::Source>,
     /// Master keys pruned from the keyring while the store was open ([`Store::with_writes_held`]):
     /// a write sealed under one of them is refused (see `put`).
     pruned: Mutex<std::collections::BTreeSet<KeyId>>,
@@ -204,8 +257,8 @@ trait Entry: Sized + Send + Sync + 'static {
     fn set_generation(&mut self, generation: u64);
     fn writes(&self) -> &[WriteRecord];
     fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8>;
-    fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>>;
-    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>>;
+    fn map(state: &State) -> &BTreeMap<ObjectKey, Held<Self>>;
+    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Held<Self>>;
     fn origin(&self) -> Option<&Origin>;
     /// The master key the entry's data is sealed under (secrets; configs are not encrypted).
     fn sealed_with(&self) -> Option<&KeyId> {
@@ -259,10 +312,10 @@ impl Entry for SecretRecord {
     fn to_file_bytes(&self, mac: &MacKey) -> Vec<u8> {
         SecretRecord::to_file_bytes(self, mac)
     }
-    fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>> {
+    fn map(state: &State) -> &BTreeMap<ObjectKey, Held<Self>> {
         &state.secrets
     }
-    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
+    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Held<Self>> {
         &mut state.secrets
     }
     fn origin(&self) -> Option<&Origin> {
@@ -315,10 +368,10 @@ impl Entry for ConfigRecord {
     fn origin(&self) -> Option<&Origin> {
         self.origin.as_ref()
     }
-    fn map(state: &State) -> &BTreeMap<ObjectKey, Arc<Self>> {
+    fn map(state: &State) -> &BTreeMap<ObjectKey, Held<Self>> {
         &state.configs
     }
-    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Arc<Self>> {
+    fn map_mut(state: &mut State) -> &mut BTreeMap<ObjectKey, Held<Self>> {
         &mut state.configs
     }
 }
@@ -349,23 +402,94 @@ impl Store {
                 .map_err(|e| StoreError::io(&manifest_path, e))?;
             tracing::warn!(old = %aside.display(), "store manifest set aside; rebuilding it from the entries on disk");
         }
-        let entry_keys = EntryKeys::of(&ring);
+        let image_path = data_dir.join(image::FILE_NAME);
+        if options.rebuild_manifest {
+            // What it says of the manifest set aside is void; nothing of it is used.
+            image::remove(data_dir)?;
+        }
         let mut report = OpenReport::default();
+        // The image is read and authenticated while the entry directories are listed.
+        let (image, secret_paths, config_paths) = std::thread::scope(|scope| {
+            let image = scope.spawn(|| {
+                (!options.rebuild_manifest)
+                    .then(|| image::Image::read(&image_path, &ring))
+                    .flatten()
+            });
+            let secrets = files::list_entries(&secrets_dir, &mut report);
+            let configs = files::list_entries(&configs_dir, &mut report);
+            let image = image
+                .join()
+                .expect("the store image's loading thread panicked");
+            (image, secrets, configs)
+        });
+        let (secret_paths, config_paths) = (secret_paths?, config_paths?);
+        let image = image.as_ref();
+        let entry_keys = EntryKeys::of(&ring);
+        let from_image = std::sync::atomic::AtomicUsize::new(0);
+        let known_secret = |name: &str, id: &image::FileId| {
+            let known = image?.secret(name, id, &ring).map(|k| {
+                let facts = Facts {
+                    mac_key: Some(k.mac_key),
+                    file: Some(*id),
+                };
+                (k.decoded, true, facts)
+            });
+            if known.is_some() {
+                from_image.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            known
+        };
+        let known_config = |name: &str, id: &image::FileId| {
+            let known = image?.config(name, id, &ring).map(|k| {
+                let facts = Facts {
+                    mac_key: Some(k.mac_key),
+                    file: Some(*id),
+                };
+                (k.decoded, true, facts)
+            });
+            if known.is_some() {
+                from_image.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            known
+        };
         // The manifest is read and checked on a thread of its own while the entry files are
-        // read (on every core): neither needs the other until both are sorted below.
+        // read (on every core): neither needs the other until both are sorted below. An entry
+        // file the image knows (the same identity as when it was taken) is not read: the
+        // image's record of it is what reading it would give.
         let (existing, secrets, configs) = std::thread::scope(|scope| {
-            let manifest = scope.spawn(|| Manifest::open(&manifest_path, &ring));
-            let secrets = files::read_entries(&secrets_dir, &mut report, |name, b| {
-                SecretRecord::from_file_bytes(b, &entry_keys).map(|d| in_its_file(d, name))
+            let manifest = scope.spawn(|| {
+                let base = image.and_then(|i| i.base());
+                Manifest::open_from(&manifest_path, &ring, base)
             });
-            let configs = files::read_entries(&configs_dir, &mut report, |name, b| {
-                ConfigRecord::from_file_bytes(b, &entry_keys).map(|d| in_its_file(d, name))
-            });
+            let secrets = files::read_entries(
+                &secrets_dir,
+                secret_paths,
+                image.map(|_| &known_secret as files::KnownFile<'_, _>),
+                |name, b, file| {
+                    SecretRecord::from_file_bytes_keyed(b, &entry_keys)
+                        .map(|(d, mac_key)| in_its_file(d, name, Facts { mac_key, file }))
+                },
+            );
+            let configs = files::read_entries(
+                &configs_dir,
+                config_paths,
+                image.map(|_| &known_config as files::KnownFile<'_, _>),
+                |name, b, file| {
+                    ConfigRecord::from_file_bytes_keyed(b, &entry_keys)
+                        .map(|(d, mac_key)| in_its_file(d, name, Facts { mac_key, file }))
+                },
+            );
             let existing = manifest
                 .join()
                 .expect("the store manifest's loading thread panicked");
             Ok::<_, StoreError>((existing?, secrets?, configs?))
         })?;
+        report.from_image = from_image.into_inner();
+        let image_was_taken_from = match &existing {
+            Some((_, manifest::Opened::FromBase { lines_after })) => Some(*lines_after),
+            _ => None,
+        };
+        let existing = existing.map(|(m, _)| m);
 
         let mut opening = Opening {
             dirs: [(Kind::Secret, &secrets_dir), (Kind::Config, &configs_dir)],
@@ -380,21 +504,49 @@ impl Store {
             candidates: Vec::new(),
             legacy: Vec::new(),
             foreign_keys: Default::default(),
+            accepted: Default::default(),
         };
         opening.sort(secrets)?;
         opening.sort(configs)?;
         let (state, manifest, report) = opening.finish(manifest_path)?;
+        // The image read is the store's state when its manifest lines all came from it and
+        // every entry from it, nothing was refused or removed, and nothing was written since
+        // (an adopted put appends a line); otherwise a new one is taken once the store is quiet.
+        let current = image_was_taken_from == Some(0)
+            && report.from_image == report.secrets + report.configs
+            && report.quarantined.is_empty()
+            && report.refused.is_empty()
+            && report.removed_temp_files == 0
+            && report.migrated == 0;
+        let state = Arc::new(RwLock::new(state));
+        let manifest = Arc::new(Mutex::new(manifest));
+        let image_source = Arc::new(image::Source {
+            image_path,
+            keys: keys.clone(),
+            state: state.clone(),
+            manifest: manifest.clone(),
+        });
         Ok((
             Store {
                 secrets_dir,
                 configs_dir,
                 keys,
-                state: RwLock::new(state),
-                manifest: Mutex::new(manifest),
+                state,
+                manifest,
+                image: image::Keeper::start(image_source.clone(), !current),
+                image_source,
                 pruned: Mutex::default(),
             },
             report,
         ))
+    }
+
+    /// Takes a store image now (the store's own thread takes them in the background; this is
+    /// for tests and benchmarks): the number of entries in it. `Ok(None)`: none was written
+    /// (entry files under more master keys than an image can name).
+    pub fn write_image(&self) -> Result<Option<usize>, StoreError> {
+        let never = std::sync::atomic::AtomicBool::new(false);
+        Ok(self.image_source.write(&never)?.ok())
     }
 
     /// The audit chain's head as the manifest last recorded it (`None` before the audit log
@@ -411,7 +563,10 @@ impl Store {
         if manifest.audit_anchor() == Some(&anchor) {
             return Ok(());
         }
-        manifest.record_audit_anchor(&self.keys.current(), anchor)
+        let epoch = manifest.position().2;
+        manifest.record_audit_anchor(&self.keys.current(), anchor)?;
+        self.noted(&manifest, epoch, image::Change::Line);
+        Ok(())
     }
 
     /// Whether `data_dir` holds a store (a manifest or an entry), without opening it: a data
@@ -449,8 +604,8 @@ impl Store {
 
     fn lookup<R: Entry>(&self, key: &ObjectKey) -> Lookup<R> {
         let state = self.read();
-        if let Some(r) = R::map(&state).get(key) {
-            return Lookup::Found(r.clone());
+        if let Some(h) = R::map(&state).get(key) {
+            return Lookup::Found(h.record.clone());
         }
         match state.quarantined.get(&(R::KIND, key.clone())) {
             Some(why) => Lookup::Quarantined(why.clone()),
@@ -529,12 +684,12 @@ impl Store {
             Kind::Secret => state
                 .secrets
                 .iter()
-                .map(|(k, r)| (k.clone(), r.generation))
+                .map(|(k, h)| (k.clone(), h.record.generation))
                 .collect(),
             Kind::Config => state
                 .configs
                 .iter()
-                .map(|(k, r)| (k.clone(), r.generation))
+                .map(|(k, h)| (k.clone(), h.record.generation))
                 .collect(),
         };
         let refused = state
@@ -665,6 +820,7 @@ impl Store {
             R::check_forward(stored, &record)?;
         }
         let generation = manifest.next_generation();
+        let epoch = manifest.position().2;
         record.set_generation(generation);
         let mac = MacKey::active(&ring, Purpose::StoreEntry);
         let dir = self.dir(R::KIND);
@@ -684,12 +840,15 @@ impl Store {
                     "a failed store write could not be undone; it will reappear after a restart");
             }
         };
-        if let Err(failed) = files::write_atomic_tracked(dir, &name, &record.to_file_bytes(&mac)) {
-            if failed.replaced {
-                undo();
+        let file = match files::write_atomic_tracked(dir, &name, &record.to_file_bytes(&mac)) {
+            Ok(file) => file,
+            Err(failed) => {
+                if failed.replaced {
+                    undo();
+                }
+                return Err(failed.error);
             }
-            return Err(failed.error);
-        }
+        };
         if let Err(e) = manifest.record_put(&ring, R::KIND, record.key(), generation) {
             undo();
             return Err(e);
@@ -703,8 +862,28 @@ impl Store {
         }
         index_writes(&mut state, R::KIND, record.key(), record.writes());
         state.quarantined.remove(&(R::KIND, record.key().clone()));
-        R::map_mut(&mut state).insert(record.key().clone(), record.clone());
+        let mac_key = state.mac_key(mac.key_id());
+        R::map_mut(&mut state).insert(
+            record.key().clone(),
+            Held {
+                record: record.clone(),
+                mac_key,
+                file,
+            },
+        );
+        drop(state);
+        self.noted(&manifest, epoch, image::Change::Entry);
         Ok(record)
+    }
+
+    /// Tells the image writer of a change (after it is made; never waiting for it).
+    fn noted(&self, manifest: &Manifest, epoch_before: u64, change: image::Change) {
+        let compacted = manifest.position().2 != epoch_before;
+        self.image.note(if compacted {
+            image::Change::Compacted
+        } else {
+            change
+        });
     }
 
     fn delete<R: Entry>(
@@ -725,6 +904,7 @@ impl Store {
             current.iter().flat_map(|r| r.writes().to_vec()).collect();
         writes.extend(extra_writes);
         let writes = writes::retained(writes, jiff::Timestamp::now());
+        let epoch = manifest.position().2;
         manifest.record_delete(&ring, R::KIND, key, writes.clone())?;
         let dir = self.dir(R::KIND);
         if let Err(e) = files::remove_durably(dir, &file_name(R::KIND, key)) {
@@ -740,6 +920,8 @@ impl Store {
         index_writes(&mut state, R::KIND, key, &writes);
         state.quarantined.remove(&(R::KIND, key.clone()));
         R::map_mut(&mut state).remove(key);
+        drop(state);
+        self.noted(&manifest, epoch, image::Change::Entry);
         Ok(current)
     }
 }
@@ -758,27 +940,31 @@ fn index_writes(state: &mut State, kind: Kind, key: &ObjectKey, writes: &[WriteR
 }
 
 fn list<R>(
-    map: &BTreeMap<ObjectKey, Arc<R>>,
+    map: &BTreeMap<ObjectKey, Held<R>>,
     namespace: &Namespace,
     prefix: &NamePrefix,
 ) -> Vec<Arc<R>> {
     // Keys sort by namespace, then name: one namespace is a contiguous, name-sorted range.
     map.iter()
         .filter(|(k, _)| &k.namespace == namespace && prefix.matches(&k.name))
-        .map(|(_, r)| r.clone())
+        .map(|(_, h)| h.record.clone())
         .collect()
 }
 
 /// An entry file as decoded, and whether it is the file its entry belongs in (always true of
 /// what is not an authenticated entry: nothing to tell). Checked while the files are read, on
 /// every core: the file name is a hash of the entry's key.
-fn in_its_file<R: Entry>(decoded: Decoded<R>, file: &str) -> (Decoded<R>, bool) {
+fn in_its_file<R: Entry>(decoded: Decoded<R>, file: &str, facts: Facts) -> Loaded<R> {
     let in_place = match &decoded {
         Decoded::Authentic(record) => file_name(R::KIND, record.key()) == file,
         Decoded::Legacy(_) | Decoded::ForeignKey(_) => true,
     };
-    (decoded, in_place)
+    (decoded, in_place, facts)
 }
+
+/// An entry file as loaded: decoded, whether it is in its own file, and what else is known of
+/// the file.
+type Loaded<R> = (Decoded<R>, bool, Facts);
 
 /// Start-up: entries read from disk, sorted into accepted, refused and pending, then checked
 /// against the manifest.
@@ -801,27 +987,51 @@ struct Opening<'a> {
     legacy: Vec<Pending>,
     /// Master keys that authenticated entries but are not in the keyring.
     foreign_keys: std::collections::BTreeSet<crate::crypto::KeyId>,
+    /// Entries accepted, until the maps are built.
+    accepted: AcceptedEntries,
+}
+
+/// Where accepted entries wait until the maps are built ([`Opening::build_maps`]).
+type AcceptedEntries = (
+    Vec<(ObjectKey, Held<SecretRecord>)>,
+    Vec<(ObjectKey, Held<ConfigRecord>)>,
+);
+
+trait Accepted: Sized {
+    fn accepted(all: &mut AcceptedEntries) -> &mut Vec<(ObjectKey, Held<Self>)>;
+}
+
+impl Accepted for SecretRecord {
+    fn accepted(all: &mut AcceptedEntries) -> &mut Vec<(ObjectKey, Held<Self>)> {
+        &mut all.0
+    }
+}
+
+impl Accepted for ConfigRecord {
+    fn accepted(all: &mut AcceptedEntries) -> &mut Vec<(ObjectKey, Held<Self>)> {
+        &mut all.1
+    }
 }
 
 /// An entry not yet accepted.
 enum Pending {
-    Secret(PathBuf, SecretRecord),
-    Config(PathBuf, ConfigRecord),
+    Secret(PathBuf, SecretRecord, Facts),
+    Config(PathBuf, ConfigRecord, Facts),
 }
 
-trait IntoPending: Entry {
-    fn pending(path: PathBuf, record: Self) -> Pending;
+trait IntoPending: Entry + Accepted {
+    fn pending(path: PathBuf, record: Self, facts: Facts) -> Pending;
 }
 
 impl IntoPending for SecretRecord {
-    fn pending(path: PathBuf, record: Self) -> Pending {
-        Pending::Secret(path, record)
+    fn pending(path: PathBuf, record: Self, facts: Facts) -> Pending {
+        Pending::Secret(path, record, facts)
     }
 }
 
 impl IntoPending for ConfigRecord {
-    fn pending(path: PathBuf, record: Self) -> Pending {
-        Pending::Config(path, record)
+    fn pending(path: PathBuf, record: Self, facts: Facts) -> Pending {
+        Pending::Config(path, record, facts)
     }
 }
 
@@ -854,20 +1064,47 @@ impl Opening<'_> {
         self.report.refused.push((kind, key.clone(), reason));
     }
 
-    fn accept<R: Entry>(&mut self, record: R) {
+    fn accept<R: Entry + Accepted>(&mut self, record: R, facts: Facts) {
         index_writes(&mut self.state, R::KIND, record.key(), record.writes());
-        R::map_mut(&mut self.state).insert(record.key().clone(), Arc::new(record));
+        let mac_key = facts.mac_key.expect("an accepted entry is authenticated");
+        let mac_key = self.state.mac_key(&mac_key);
+        let held = Held {
+            record: Arc::new(record),
+            mac_key,
+            file: facts.file,
+        };
+        R::accepted(&mut self.accepted).push((held.record.key().clone(), held));
+    }
+
+    /// Puts the accepted entries in the store's maps: at once, sorted (building a B-tree from
+    /// sorted entries is a fraction of inserting them one by one in file-name order).
+    fn build_maps(&mut self) {
+        fn build<R: Entry>(
+            map: &mut BTreeMap<ObjectKey, Held<R>>,
+            mut v: Vec<(ObjectKey, Held<R>)>,
+        ) {
+            v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let built: BTreeMap<_, _> = v.into_iter().collect();
+            if map.is_empty() {
+                *map = built;
+            } else {
+                map.extend(built);
+            }
+        }
+        let (secrets, configs) = std::mem::take(&mut self.accepted);
+        build(&mut self.state.secrets, secrets);
+        build(&mut self.state.configs, configs);
     }
 
     /// Sorts the entries of one kind.
     fn sort<R: IntoPending>(
         &mut self,
-        loaded: Vec<files::Parsed<(Decoded<R>, bool)>>,
+        loaded: Vec<files::Parsed<Loaded<R>>>,
     ) -> Result<(), StoreError> {
         for (path, parsed) in loaded {
-            let (parsed, in_place) = match parsed {
-                Ok((decoded, in_place)) => (Ok(decoded), in_place),
-                Err(why) => (Err(why), true),
+            let (parsed, in_place, facts) = match parsed {
+                Ok((decoded, in_place, facts)) => (Ok(decoded), in_place, facts),
+                Err(why) => (Err(why), true, Facts::default()),
             };
             let record = match parsed {
                 Err(why) => {
@@ -875,7 +1112,7 @@ impl Opening<'_> {
                     continue;
                 }
                 Ok(Decoded::Legacy(record)) => {
-                    self.legacy.push(R::pending(path, record));
+                    self.legacy.push(R::pending(path, record, facts));
                     continue;
                 }
                 Ok(Decoded::ForeignKey(id)) => {
@@ -892,18 +1129,18 @@ impl Opening<'_> {
                 continue;
             }
             let Some(manifest) = &self.manifest else {
-                self.unmanifested.push(R::pending(path, record));
+                self.unmanifested.push(R::pending(path, record, facts));
                 continue;
             };
             let generation = record.generation();
             match manifest.mark(R::KIND, record.key()) {
-                Some(m) if !m.deleted && m.generation == generation => self.accept(record),
+                Some(m) if !m.deleted && m.generation == generation => self.accept(record, facts),
                 Some(m) if m.deleted && generation < m.generation => {
                     // A delete that a crash interrupted after its manifest line.
                     files::remove_durably(self.dir(R::KIND), &file_name(R::KIND, record.key()))?;
                 }
                 _ if generation == manifest.next_generation() => {
-                    self.candidates.push(R::pending(path, record));
+                    self.candidates.push(R::pending(path, record, facts));
                 }
                 Some(m) if generation < m.generation => {
                     let why = format!(
@@ -925,17 +1162,18 @@ impl Opening<'_> {
 
     fn adopt(&mut self, pending: Pending, generation: Option<u64>) -> Result<(), StoreError> {
         match pending {
-            Pending::Secret(path, record) => self.adopt_one(path, record, generation),
-            Pending::Config(path, record) => self.adopt_one(path, record, generation),
+            Pending::Secret(path, record, facts) => self.adopt_one(path, record, facts, generation),
+            Pending::Config(path, record, facts) => self.adopt_one(path, record, facts, generation),
         }
     }
 
     /// Records an entry in the manifest: as it is (`generation` None), or rewritten at a new
     /// generation (a migrated format-1 entry).
-    fn adopt_one<R: Entry>(
+    fn adopt_one<R: Entry + Accepted>(
         &mut self,
         path: PathBuf,
         mut record: R,
+        mut facts: Facts,
         generation: Option<u64>,
     ) -> Result<(), StoreError> {
         let manifest = self.manifest.as_mut().expect("created before adopting");
@@ -943,14 +1181,19 @@ impl Opening<'_> {
             record.set_generation(g);
             let mac = MacKey::active(self.ring, Purpose::StoreEntry);
             let dir = path.parent().unwrap_or(Path::new("."));
-            write_atomic(
+            let file = files::write_atomic_tracked(
                 dir,
                 &file_name(R::KIND, record.key()),
                 &record.to_file_bytes(&mac),
-            )?;
+            )
+            .map_err(|failed| failed.error)?;
+            facts = Facts {
+                mac_key: Some(mac.key_id().clone()),
+                file,
+            };
         }
         manifest.record_put(self.ring, R::KIND, record.key(), record.generation())?;
-        self.accept(record);
+        self.accept(record, facts);
         Ok(())
     }
 
@@ -974,8 +1217,8 @@ impl Opening<'_> {
                 .unmanifested
                 .iter()
                 .map(|p| match p {
-                    Pending::Secret(_, r) => r.generation,
-                    Pending::Config(_, r) => r.generation,
+                    Pending::Secret(_, r, _) => r.generation,
+                    Pending::Config(_, r, _) => r.generation,
                 })
                 .max()
                 .unwrap_or(0)
@@ -999,7 +1242,7 @@ impl Opening<'_> {
         } else {
             for pending in std::mem::take(&mut self.legacy) {
                 let path = match &pending {
-                    Pending::Secret(p, _) | Pending::Config(p, _) => p.clone(),
+                    Pending::Secret(p, ..) | Pending::Config(p, ..) => p.clone(),
                 };
                 self.refuse_file(&path, "an entry in the old, unauthenticated format appeared beside an authenticated store (a downgrade)")?;
             }
@@ -1012,7 +1255,7 @@ impl Opening<'_> {
             }
             for other in candidates {
                 let path = match &other {
-                    Pending::Secret(p, _) | Pending::Config(p, _) => p.clone(),
+                    Pending::Secret(p, ..) | Pending::Config(p, ..) => p.clone(),
                 };
                 self.refuse_file(
                     &path,
@@ -1020,10 +1263,18 @@ impl Opening<'_> {
                 )?;
             }
         }
+        self.build_maps();
         let manifest = self.manifest.take().expect("opened or created");
-        // Objects the manifest says exist but whose entry was not accepted.
+        // Objects the manifest says exist but whose entry was not accepted. Every entry held
+        // and every object refused has a live mark (that is how it was held or refused), so
+        // when they are as many as the live marks, none is missing (the usual case: not
+        // looked up one by one).
+        let accounted =
+            self.state.secrets.len() + self.state.configs.len() + self.state.quarantined.len();
+        let none_missing = manifest.live().count() == accounted;
         let missing: Vec<(Kind, ObjectKey)> = manifest
             .live()
+            .filter(|_| !none_missing)
             .filter(|(kind, key, _)| {
                 let held = match kind {
                     Kind::Secret => self.state.secrets.contains_key(*key),
@@ -1610,5 +1861,417 @@ mod tests {
         drop(store);
         let (_, report) = open(dir.path(), &keyring).unwrap();
         assert_eq!((report.migrated, report.refused.len()), (0, 0));
+    }
+
+    // The store image (`image`): with one, start-up gives exactly what it gives without.
+
+    fn config(name: &str, value: &str) -> ConfigRecord {
+        ConfigRecord {
+            key: key(name),
+            data: serde_json::from_value(serde_json::json!({"v": value})).unwrap(),
+            immutable: false,
+            created_at: Timestamp::UNIX_EPOCH,
+            updated_at: Timestamp::UNIX_EPOCH,
+            origin: Some(Origin::of("uid-c", Some("7"))),
+            writes: vec![write_record(&format!("put-{name}"))],
+            generation: 0,
+        }
+    }
+
+    fn secret_file(dir: &Path, name: &str) -> PathBuf {
+        dir.join("secrets")
+            .join(file_name(Kind::Secret, &key(name)))
+    }
+
+    /// Takes an image of `store` (after its files are old enough to be put in one).
+    fn take_image(store: &Store) -> usize {
+        std::thread::sleep(image::SETTLED + std::time::Duration::from_millis(20));
+        store.write_image().unwrap().expect("an image is written")
+    }
+
+    /// What an open gave, in a form to compare (not the paths, which name temp dirs).
+    #[derive(Debug, PartialEq, Eq)]
+    struct Outcome {
+        refused: Vec<(Kind, String, String)>,
+        quarantined: usize,
+        removed_temp_files: usize,
+        secrets: Vec<(String, u64)>,
+        configs: Vec<(String, String)>,
+        writes: Vec<Option<String>>,
+        anchor: Option<AuditAnchor>,
+        next_generation: u64,
+        usage: KeyUsage,
+    }
+
+    fn outcome(dir: &Path, keyring: &Keyring) -> (Result<Outcome, String>, usize) {
+        match open(dir, keyring) {
+            Err(e) => (
+                Err(e.to_string().replace(&dir.display().to_string(), "<dir>")),
+                0,
+            ),
+            Ok((store, report)) => {
+                let mut refused: Vec<_> = report
+                    .refused
+                    .iter()
+                    .map(|(kind, k, why)| (*kind, k.name.to_string(), why.clone()))
+                    .collect();
+                refused.sort();
+                let configs = store
+                    .config_keys()
+                    .into_iter()
+                    .map(|k| {
+                        let v = store
+                            .config(&k)
+                            .map(|c| format!("{:?}", c.data))
+                            .unwrap_or_default();
+                        (k.name.to_string(), v)
+                    })
+                    .collect();
+                let writes = ["del-1", "put-app.settings"]
+                    .iter()
+                    .map(|k| store.remembered_write(k).map(|w| w.key.to_string()))
+                    .collect();
+                let outcome = Outcome {
+                    refused,
+                    quarantined: report.quarantined.len(),
+                    removed_temp_files: report.removed_temp_files,
+                    secrets: store
+                        .secret_keys()
+                        .into_iter()
+                        .map(|k| {
+                            let v = store.secret(&k).map_or(0, |r| r.version.get());
+                            (k.name.to_string(), v)
+                        })
+                        .collect(),
+                    configs,
+                    writes,
+                    anchor: store.audit_anchor(),
+                    next_generation: store.next_generation(),
+                    usage: store.key_usage(),
+                };
+                (Ok(outcome), report.from_image)
+            }
+        }
+    }
+
+    /// A store with a little of everything; with `image`, an image is taken at the end, and
+    /// an older one (after the first writes) kept as `old.image`.
+    fn build(dir: &Path, keyring: &Keyring, image: bool) {
+        let (store, _) = open(dir, keyring).unwrap();
+        store
+            .put_secret(secret(keyring, "rb", 1), Expect::Absent)
+            .unwrap();
+        store
+            .put_secret(secret(keyring, "edited", 1), Expect::Absent)
+            .unwrap();
+        std::fs::copy(secret_file(dir, "rb"), dir.join("rb.v1")).unwrap();
+        if image {
+            take_image(&store);
+            std::fs::copy(dir.join(image::FILE_NAME), dir.join("old.image")).unwrap();
+        }
+        store
+            .put_secret(secret(keyring, "rb", 2), Expect::Any)
+            .unwrap();
+        for name in ["gone", "fine", "del"] {
+            store
+                .put_secret(secret(keyring, name, 1), Expect::Absent)
+                .unwrap();
+        }
+        store
+            .put_config(config("app.settings", "x"), Expect::Absent)
+            .unwrap();
+        store
+            .delete_secret(&key("del"), Expect::Any, vec![write_record("del-1")])
+            .unwrap();
+        store.record_audit_anchor(anchor(3)).unwrap();
+        if image {
+            assert_eq!(take_image(&store), 5);
+        }
+        drop(store);
+        if !image {
+            // The store's own writer may have taken one meanwhile.
+            let _ = std::fs::remove_file(dir.join(image::FILE_NAME));
+        }
+    }
+
+    fn edit_line(path: &Path, line: usize, edit: impl Fn(&str) -> String) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        lines[line] = edit(&lines[line]);
+        std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    }
+
+    /// Every way of tampering with a store the tests above use, and with its image: the same
+    /// refusals (and the same store) with an image as without, and an image never makes a
+    /// tampered entry acceptable.
+    #[test]
+    fn with_an_image_every_tampering_is_refused_as_without() {
+        type Tamper = (&'static str, fn(&Path));
+        let tampers: &[Tamper] = &[
+            ("nothing", |_| {}),
+            ("an entry rolled back", |d| {
+                std::fs::copy(d.join("rb.v1"), secret_file(d, "rb")).unwrap();
+            }),
+            ("an entry edited", |d| {
+                let f = secret_file(d, "edited");
+                let text = std::fs::read_to_string(&f).unwrap();
+                std::fs::write(&f, text.replace("\"version\":1", "\"version\":9")).unwrap();
+            }),
+            ("an entry removed", |d| {
+                std::fs::remove_file(secret_file(d, "gone")).unwrap();
+            }),
+            ("an entry copied into another's file", |d| {
+                std::fs::copy(secret_file(d, "fine"), secret_file(d, "elsewhere")).unwrap();
+            }),
+            ("a deleted entry brought back", |d| {
+                std::fs::copy(secret_file(d, "fine"), secret_file(d, "del")).unwrap();
+            }),
+            ("a temp file left", |d| {
+                std::fs::write(d.join("secrets").join(".tmp-0123"), b"x").unwrap();
+            }),
+            ("the manifest's last line lost", |d| {
+                let p = d.join(manifest::FILE_NAME);
+                let text = std::fs::read_to_string(&p).unwrap();
+                let lines: Vec<&str> = text.lines().collect();
+                std::fs::write(&p, lines[..lines.len() - 1].join("\n") + "\n").unwrap();
+            }),
+            ("the manifest cut to its first lines", |d| {
+                let p = d.join(manifest::FILE_NAME);
+                let text = std::fs::read_to_string(&p).unwrap();
+                let lines: Vec<&str> = text.lines().collect();
+                std::fs::write(&p, lines[..3].join("\n") + "\n").unwrap();
+            }),
+            ("a manifest line edited", |d| {
+                edit_line(&d.join(manifest::FILE_NAME), 1, |l| {
+                    l.replacen("\"generation\":", "\"generation\":1", 1)
+                });
+            }),
+            ("the manifest removed", |d| {
+                std::fs::remove_file(d.join(manifest::FILE_NAME)).unwrap();
+            }),
+            ("the manifest replaced by an older copy", |d| {
+                let p = d.join(manifest::FILE_NAME);
+                let text = std::fs::read_to_string(&p).unwrap();
+                let lines: Vec<&str> = text.lines().collect();
+                std::fs::write(&p, lines[..4].join("\n") + "\n").unwrap();
+            }),
+            ("the image edited", |d| {
+                let p = d.join(image::FILE_NAME);
+                if let Ok(mut b) = std::fs::read(&p) {
+                    let at = b.len() / 2;
+                    b[at] ^= 1;
+                    std::fs::write(&p, b).unwrap();
+                }
+            }),
+            ("the image replaced by garbage", |d| {
+                std::fs::write(
+                    d.join(image::FILE_NAME),
+                    b"CLSI\x01 not an image at all, 32 bytes or more",
+                )
+                .unwrap();
+            }),
+            ("the image cut short", |d| {
+                let p = d.join(image::FILE_NAME);
+                if let Ok(b) = std::fs::read(&p) {
+                    std::fs::write(&p, &b[..b.len() - 40]).unwrap();
+                }
+            }),
+            ("an older image copied back", |d| {
+                if d.join("old.image").exists() {
+                    std::fs::copy(d.join("old.image"), d.join(image::FILE_NAME)).unwrap();
+                }
+            }),
+            ("an older image copied back and an entry rolled back", |d| {
+                if d.join("old.image").exists() {
+                    std::fs::copy(d.join("old.image"), d.join(image::FILE_NAME)).unwrap();
+                }
+                std::fs::copy(d.join("rb.v1"), secret_file(d, "rb")).unwrap();
+            }),
+        ];
+        for (what, tamper) in tampers {
+            let keyring = Keyring::generate().unwrap();
+            let plain = tempfile::tempdir().unwrap();
+            let imaged = tempfile::tempdir().unwrap();
+            build(plain.path(), &keyring, false);
+            build(imaged.path(), &keyring, true);
+            tamper(plain.path());
+            tamper(imaged.path());
+            let (without, read_from_image) = outcome(plain.path(), &keyring);
+            assert_eq!(read_from_image, 0, "{what}");
+            let (with, from_image) = outcome(imaged.path(), &keyring);
+            assert_eq!(with, without, "{what}");
+            match *what {
+                "nothing" => {
+                    assert_eq!(from_image, 5, "every entry from the image");
+                    let o = with.unwrap();
+                    assert!(o.refused.is_empty(), "{o:?}");
+                }
+                "an entry rolled back" | "an entry edited" | "an entry removed" => {
+                    assert_eq!(from_image, 4, "{what}: all but the one changed");
+                    assert_eq!(with.unwrap().refused.len(), 1, "{what}");
+                }
+                _ => {}
+            }
+            // And again: whatever the first open did (quarantined, adopted, an image taken or
+            // not), the second gives the same with or without the image.
+            let _ = std::fs::remove_file(plain.path().join(image::FILE_NAME));
+            let (without, _) = outcome(plain.path(), &keyring);
+            let (with, _) = outcome(imaged.path(), &keyring);
+            assert_eq!(with, without, "{what}, opened again");
+        }
+    }
+
+    /// A file written in place and given back its size and mtime is still a changed file:
+    /// its ctime is the kernel's, so the image does not vouch for it, and it is read.
+    #[test]
+    fn an_entry_edited_in_place_with_its_mtime_put_back_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        for name in ["a", "b"] {
+            store
+                .put_secret(secret(&keyring, name, 1), Expect::Absent)
+                .unwrap();
+        }
+        take_image(&store);
+        drop(store);
+        let f = secret_file(dir.path(), "a");
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        let text = std::fs::read_to_string(&f).unwrap();
+        let edited = text.replace("\"version\":1", "\"version\":7");
+        assert_eq!(edited.len(), text.len());
+        let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+        std::io::Write::write_all(&mut &file, edited.as_bytes()).unwrap();
+        file.set_modified(mtime).unwrap();
+        drop(file);
+        assert_eq!(std::fs::metadata(&f).unwrap().modified().unwrap(), mtime);
+
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.from_image, 1, "only b's file is vouched for");
+        assert_eq!(report.refused.len(), 1, "{report:?}");
+        assert!(matches!(
+            store.secret_entry(&key("a")),
+            Lookup::Quarantined(_)
+        ));
+        assert_eq!(store.secret(&key("b")).unwrap().version.get(), 1);
+    }
+
+    /// The image goes on being used across writes, compactions and restarts; what changed
+    /// since it was taken is read, the rest is not.
+    #[test]
+    fn an_image_stays_useful_across_writes_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        for i in 0..6 {
+            store
+                .put_secret(secret(&keyring, &format!("s{i}"), 1), Expect::Absent)
+                .unwrap();
+        }
+        take_image(&store);
+        store
+            .put_secret(secret(&keyring, "s0", 2), Expect::Any)
+            .unwrap();
+        let before = holding(&store);
+        drop(store);
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.from_image, 5, "all but the one written since");
+        assert_eq!(holding(&store), before);
+        // Enough writes to compact the journal: the image's journal is gone, so the whole
+        // manifest is read, but the entries it knows are still not.
+        for v in 3..40 {
+            store
+                .put_secret(secret(&keyring, "s0", v), Expect::Any)
+                .unwrap();
+        }
+        let before = holding(&store);
+        drop(store);
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.from_image, 5, "{report:?}");
+        assert!(report.refused.is_empty(), "{report:?}");
+        assert_eq!(holding(&store), before);
+        assert_eq!(take_image(&store), 6);
+        drop(store);
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.from_image, 6);
+        assert_eq!(holding(&store), before);
+        drop(store);
+        // Rebuilding the manifest removes the image.
+        let (store, report) = Store::open(
+            dir.path(),
+            SharedKeyring::new(keyring.clone()),
+            OpenOptions {
+                rebuild_manifest: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(report.from_image, 0);
+        assert_eq!(holding(&store), before);
+        assert!(!dir.path().join(image::FILE_NAME).exists());
+    }
+
+    /// An image written under a key that has since left the keyring is not used; one whose
+    /// entries are under a key the keyring lacks refuses as reading the files does.
+    #[test]
+    fn an_image_under_another_keyring_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        store
+            .put_secret(secret(&keyring, "a", 1), Expect::Absent)
+            .unwrap();
+        take_image(&store);
+        drop(store);
+        let other = Keyring::generate().unwrap();
+        let (without, _) = {
+            let copy = std::fs::read(dir.path().join(image::FILE_NAME)).unwrap();
+            std::fs::remove_file(dir.path().join(image::FILE_NAME)).unwrap();
+            let o = outcome(dir.path(), &other);
+            std::fs::write(dir.path().join(image::FILE_NAME), copy).unwrap();
+            o
+        };
+        let (with, from_image) = outcome(dir.path(), &other);
+        assert_eq!(with, without);
+        assert!(with.is_err());
+        assert_eq!(from_image, 0);
+    }
+
+    /// An image never vouches for a file changed behind the store's back while it runs: it
+    /// records the identity the store saw when it read or wrote each file, so a file rolled
+    /// back or edited before the image was taken is still read, and refused, at the next start.
+    #[test]
+    fn an_entry_tampered_with_while_the_store_runs_is_refused_after_an_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        store
+            .put_secret(secret(&keyring, "rb", 1), Expect::Absent)
+            .unwrap();
+        let v1 = std::fs::read(secret_file(dir.path(), "rb")).unwrap();
+        store
+            .put_secret(secret(&keyring, "rb", 2), Expect::Any)
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "edited", 1), Expect::Absent)
+            .unwrap();
+        store
+            .put_secret(secret(&keyring, "fine", 1), Expect::Absent)
+            .unwrap();
+        std::fs::write(secret_file(dir.path(), "rb"), &v1).unwrap();
+        let f = secret_file(dir.path(), "edited");
+        let text = std::fs::read_to_string(&f).unwrap();
+        std::fs::write(&f, text.replace("\"version\":1", "\"version\":9")).unwrap();
+        assert_eq!(take_image(&store), 3);
+        drop(store);
+        let (store, report) = open(dir.path(), &keyring).unwrap();
+        assert_eq!(report.from_image, 1, "only fine's file is vouched for");
+        let mut refused: Vec<String> = report
+            .refused
+            .iter()
+            .map(|(_, k, _)| k.name.to_string())
+            .collect();
+        refused.sort();
+        assert_eq!(refused, ["edited", "rb"], "{report:?}");
+        assert_eq!(store.secret(&key("fine")).unwrap().version.get(), 1);
     }
 }

@@ -125,7 +125,8 @@ pub(crate) enum Decoded<R> {
 
 /// What the MAC of an entry file says.
 enum Body {
-    Authentic(Vec<u8>),
+    /// The body, and the master key its MAC is under.
+    Authentic(Vec<u8>, KeyId),
     /// No MAC at all (format 1).
     Unauthenticated,
     ForeignKey(KeyId),
@@ -152,14 +153,7 @@ fn authenticated_body(kind: Kind, bytes: &[u8], keys: &EntryKeys) -> Result<Body
                 .to_owned(),
         );
     }
-    Ok(Body::Authentic(body))
-}
-
-/// The master key an entry file's MAC is under, as the file names it (unchecked: it only tells
-/// which entries a re-encryption still has to rewrite; `None` for a file without one).
-pub(crate) fn mac_key_id(bytes: &[u8]) -> Option<KeyId> {
-    let (body, _) = crate::trailer::split(bytes, MAC_FIELD)?;
-    key_id_of(&body).ok()
+    Ok(Body::Authentic(body, key_id))
 }
 
 /// The `keyId` of an entry body, read before the body is trusted (it only picks the key).
@@ -252,42 +246,58 @@ impl SecretRecord {
         seal(Kind::Secret, body, mac)
     }
 
+    #[cfg(test)]
     pub(crate) fn from_file_bytes(bytes: &[u8], keys: &EntryKeys) -> Result<Decoded<Self>, String> {
-        let body = match authenticated_body(Kind::Secret, bytes, keys)? {
-            Body::ForeignKey(id) => return Ok(Decoded::ForeignKey(id)),
-            Body::Unauthenticated => None,
-            Body::Authentic(body) => Some(body),
+        Self::from_file_bytes_keyed(bytes, keys).map(|(decoded, _)| decoded)
+    }
+
+    /// [`Self::from_file_bytes`], and the master key the file's MAC is under (`None` for an
+    /// unauthenticated, format-1 file).
+    pub(crate) fn from_file_bytes_keyed(
+        bytes: &[u8],
+        keys: &EntryKeys,
+    ) -> Result<(Decoded<Self>, Option<KeyId>), String> {
+        let (body, key_id) = match authenticated_body(Kind::Secret, bytes, keys)? {
+            Body::ForeignKey(id) => return Ok((Decoded::ForeignKey(id.clone()), Some(id))),
+            Body::Unauthenticated => (None, None),
+            Body::Authentic(body, key_id) => (Some(body), Some(key_id)),
         };
         if let Some(body) = body {
             let file: SecretFile =
                 serde_json::from_slice(&body).map_err(|e| parse_error("secret", e))?;
             check_format(file.format, FORMAT)?;
-            return Ok(Decoded::Authentic(SecretRecord {
+            return Ok((
+                Decoded::Authentic(SecretRecord {
+                    key: ObjectKey::new(file.namespace, file.name),
+                    version: file.version,
+                    created_at: file.created_at,
+                    updated_at: file.updated_at,
+                    allowed_workloads: file.allowed_workloads,
+                    envelope: decode_envelope(&file.envelope)?,
+                    origin: Origin::from_file(file.origin, file.origin_revision),
+                    writes: file.writes,
+                    generation: file.generation,
+                }),
+                key_id,
+            ));
+        }
+        let file: LegacySecretFile =
+            serde_json::from_slice(bytes).map_err(|e| parse_error("secret", e))?;
+        check_format(file.format, LEGACY_FORMAT)?;
+        Ok((
+            Decoded::Legacy(SecretRecord {
                 key: ObjectKey::new(file.namespace, file.name),
                 version: file.version,
                 created_at: file.created_at,
                 updated_at: file.updated_at,
                 allowed_workloads: file.allowed_workloads,
                 envelope: decode_envelope(&file.envelope)?,
-                origin: Origin::from_file(file.origin, file.origin_revision),
-                writes: file.writes,
-                generation: file.generation,
-            }));
-        }
-        let file: LegacySecretFile =
-            serde_json::from_slice(bytes).map_err(|e| parse_error("secret", e))?;
-        check_format(file.format, LEGACY_FORMAT)?;
-        Ok(Decoded::Legacy(SecretRecord {
-            key: ObjectKey::new(file.namespace, file.name),
-            version: file.version,
-            created_at: file.created_at,
-            updated_at: file.updated_at,
-            allowed_workloads: file.allowed_workloads,
-            envelope: decode_envelope(&file.envelope)?,
-            origin: Origin::from_file(file.origin, None),
-            writes: Vec::new(),
-            generation: 0,
-        }))
+                origin: Origin::from_file(file.origin, None),
+                writes: Vec::new(),
+                generation: 0,
+            }),
+            None,
+        ))
     }
 }
 
@@ -357,39 +367,55 @@ impl ConfigRecord {
         seal(Kind::Config, body, mac)
     }
 
+    #[cfg(test)]
     pub(crate) fn from_file_bytes(bytes: &[u8], keys: &EntryKeys) -> Result<Decoded<Self>, String> {
-        let body = match authenticated_body(Kind::Config, bytes, keys)? {
-            Body::ForeignKey(id) => return Ok(Decoded::ForeignKey(id)),
-            Body::Unauthenticated => None,
-            Body::Authentic(body) => Some(body),
+        Self::from_file_bytes_keyed(bytes, keys).map(|(decoded, _)| decoded)
+    }
+
+    /// [`Self::from_file_bytes`], and the master key the file's MAC is under (`None` for an
+    /// unauthenticated, format-1 file).
+    pub(crate) fn from_file_bytes_keyed(
+        bytes: &[u8],
+        keys: &EntryKeys,
+    ) -> Result<(Decoded<Self>, Option<KeyId>), String> {
+        let (body, key_id) = match authenticated_body(Kind::Config, bytes, keys)? {
+            Body::ForeignKey(id) => return Ok((Decoded::ForeignKey(id.clone()), Some(id))),
+            Body::Unauthenticated => (None, None),
+            Body::Authentic(body, key_id) => (Some(body), Some(key_id)),
         };
         if let Some(body) = body {
             let file: ConfigFile =
                 serde_json::from_slice(&body).map_err(|e| parse_error("config", e))?;
             check_format(file.format, FORMAT)?;
-            return Ok(Decoded::Authentic(ConfigRecord {
+            return Ok((
+                Decoded::Authentic(ConfigRecord {
+                    key: ObjectKey::new(file.namespace, file.name),
+                    data: file.data,
+                    immutable: file.immutable,
+                    created_at: file.created_at,
+                    updated_at: file.updated_at,
+                    origin: Origin::from_file(file.origin, file.origin_revision),
+                    writes: file.writes,
+                    generation: file.generation,
+                }),
+                key_id,
+            ));
+        }
+        let file: LegacyConfigFile =
+            serde_json::from_slice(bytes).map_err(|e| parse_error("config", e))?;
+        check_format(file.format, LEGACY_FORMAT)?;
+        Ok((
+            Decoded::Legacy(ConfigRecord {
                 key: ObjectKey::new(file.namespace, file.name),
                 data: file.data,
                 immutable: file.immutable,
                 created_at: file.created_at,
                 updated_at: file.updated_at,
-                origin: Origin::from_file(file.origin, file.origin_revision),
-                writes: file.writes,
-                generation: file.generation,
-            }));
-        }
-        let file: LegacyConfigFile =
-            serde_json::from_slice(bytes).map_err(|e| parse_error("config", e))?;
-        check_format(file.format, LEGACY_FORMAT)?;
-        Ok(Decoded::Legacy(ConfigRecord {
-            key: ObjectKey::new(file.namespace, file.name),
-            data: file.data,
-            immutable: file.immutable,
-            created_at: file.created_at,
-            updated_at: file.updated_at,
-            origin: Origin::from_file(file.origin, None),
-            writes: Vec::new(),
-            generation: 0,
-        }))
+                origin: Origin::from_file(file.origin, None),
+                writes: Vec::new(),
+                generation: 0,
+            }),
+            None,
+        ))
     }
 }

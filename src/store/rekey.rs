@@ -17,8 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::manifest::Manifest;
-use super::records;
-use super::{ConfigRecord, Entry, Expect, SecretRecord, Store, StoreError, file_name};
+use super::{ConfigRecord, Entry, Expect, SecretRecord, Store, StoreError};
 use crate::crypto::{self, KeyId, Keyring, SecretIdentity};
 use crate::domain::{Kind, ObjectKey};
 
@@ -169,38 +168,30 @@ impl Store {
             manifest: manifest.line_keys().clone(),
             ..KeyUsage::default()
         };
-        let (secrets, configs) = {
-            let state = self.read();
-            (
-                state.secrets.values().cloned().collect::<Vec<_>>(),
-                state.configs.keys().cloned().collect::<Vec<_>>(),
-            )
-        };
-        for record in &secrets {
-            *usage
-                .sealed
-                .entry(record.envelope.key_id().clone())
-                .or_default() += 1;
+        // From memory: which key each envelope is sealed under is in its header, and which
+        // key each entry file's MAC is under was kept when the file was read or written (a
+        // file changed behind the store's back is refused at the next start anyway).
+        let state = self.read();
+        let mut sealed: BTreeMap<&KeyId, usize> = BTreeMap::new();
+        let mut authenticated: BTreeMap<&KeyId, usize> = BTreeMap::new();
+        for held in state.secrets.values() {
+            *sealed.entry(held.record.envelope.key_id()).or_default() += 1;
+            *authenticated.entry(&held.mac_key).or_default() += 1;
         }
-        let files = secrets
-            .iter()
-            .map(|r| (Kind::Secret, r.key.clone()))
-            .chain(configs.into_iter().map(|k| (Kind::Config, k)));
-        for (kind, key) in files {
-            // An unreadable file counts under no key; the store refuses it at the next start.
-            if let Some(id) = self.mac_key_of(kind, &key) {
-                *usage.authenticated.entry(id).or_default() += 1;
-            }
+        for held in state.configs.values() {
+            *authenticated.entry(&held.mac_key).or_default() += 1;
         }
+        let owned =
+            |m: BTreeMap<&KeyId, usize>| m.into_iter().map(|(k, n)| (k.clone(), n)).collect();
+        usage.sealed = owned(sealed);
+        usage.authenticated = owned(authenticated);
         usage
     }
 
-    /// The master key the entry file of `kind`/`key` names for its MAC.
-    fn mac_key_of(&self, kind: Kind, key: &ObjectKey) -> Option<KeyId> {
-        let path = self.dir(kind).join(file_name(kind, key));
-        std::fs::read(path)
-            .ok()
-            .and_then(|b| records::mac_key_id(&b))
+    /// The master key the entry file of `key` is authenticated with, as the store last read or
+    /// wrote it.
+    fn mac_key_of<R: Entry>(&self, key: &ObjectKey) -> Option<KeyId> {
+        R::map(&self.read()).get(key).map(|h| (*h.mac_key).clone())
     }
 
     /// Rewrites everything in the store that is under a key other than the keyring's active
@@ -252,7 +243,7 @@ impl Store {
                 return Ok(Step::Nothing);
             };
             let reseal = record.sealed_with().is_some_and(|id| id != active);
-            if !reseal && self.mac_key_of(R::KIND, key).as_ref() == Some(active) {
+            if !reseal && self.mac_key_of::<R>(key).as_ref() == Some(active) {
                 return Ok(Step::Nothing);
             }
             let ring = self.keys.current();
