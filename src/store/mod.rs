@@ -376,6 +376,24 @@ impl Entry for ConfigRecord {
     }
 }
 
+/// An entry file the image vouches for (its identity unchanged): the image's record, counted in
+/// `from_image`.
+fn vouched<R>(
+    known: Option<image::Known<R>>,
+    id: &image::FileId,
+    from_image: &std::sync::atomic::AtomicUsize,
+) -> Option<(Decoded<R>, bool, Facts)> {
+    let known = known.map(|k| {
+        let facts = Facts {
+            mac_key: Some(k.mac_key),
+            file: Some(*id),
+        };
+        (k.decoded, true, facts)
+    })?;
+    from_image.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Some(known)
+}
+
 impl Store {
     /// Opens (creating if needed) the store under `data_dir`, checks every entry against its MAC
     /// and the manifest, and loads what passes into memory.
@@ -427,30 +445,10 @@ impl Store {
         let entry_keys = EntryKeys::of(&ring);
         let from_image = std::sync::atomic::AtomicUsize::new(0);
         let known_secret = |name: &str, id: &image::FileId| {
-            let known = image?.secret(name, id, &ring).map(|k| {
-                let facts = Facts {
-                    mac_key: Some(k.mac_key),
-                    file: Some(*id),
-                };
-                (k.decoded, true, facts)
-            });
-            if known.is_some() {
-                from_image.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            known
+            vouched(image?.secret(name, id, &ring), id, &from_image)
         };
         let known_config = |name: &str, id: &image::FileId| {
-            let known = image?.config(name, id, &ring).map(|k| {
-                let facts = Facts {
-                    mac_key: Some(k.mac_key),
-                    file: Some(*id),
-                };
-                (k.decoded, true, facts)
-            });
-            if known.is_some() {
-                from_image.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            known
+            vouched(image?.config(name, id, &ring), id, &from_image)
         };
         // The manifest is read and checked on a thread of its own while the entry files are
         // read (on every core): neither needs the other until both are sorted below. An entry
