@@ -1319,6 +1319,18 @@ impl Opening<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Opens the store with `--rebuild-store-manifest`.
+    fn open_rebuilding(dir: &Path, keyring: &Keyring) -> (Store, OpenReport) {
+        Store::open(
+            dir,
+            SharedKeyring::new(keyring.clone()),
+            OpenOptions {
+                rebuild_manifest: true,
+            },
+        )
+        .unwrap()
+    }
     use crate::crypto::{self, SecretIdentity};
     use crate::domain::{Name, Version, WorkloadSet};
     use jiff::Timestamp;
@@ -1780,14 +1792,7 @@ mod tests {
         let err = open(dir.path(), &keyring).unwrap_err().to_string();
         assert!(err.contains("--rebuild-store-manifest"), "{err}");
         // Rebuilt on request, from the entries as they are.
-        let (store, _) = Store::open(
-            dir.path(),
-            SharedKeyring::new(keyring.clone()),
-            OpenOptions {
-                rebuild_manifest: true,
-            },
-        )
-        .unwrap();
+        let (store, _) = open_rebuilding(dir.path(), &keyring);
         assert_eq!(store.secret(&key("a")).unwrap().version.get(), 2);
         drop(store);
         // And a missing manifest with entries present refuses too.
@@ -2195,14 +2200,7 @@ mod tests {
         assert_eq!(holding(&store), before);
         drop(store);
         // Rebuilding the manifest removes the image.
-        let (store, report) = Store::open(
-            dir.path(),
-            SharedKeyring::new(keyring.clone()),
-            OpenOptions {
-                rebuild_manifest: true,
-            },
-        )
-        .unwrap();
+        let (store, report) = open_rebuilding(dir.path(), &keyring);
         assert_eq!(report.from_image, 0);
         assert_eq!(holding(&store), before);
         assert!(!dir.path().join(image::FILE_NAME).exists());
