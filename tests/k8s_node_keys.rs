@@ -129,14 +129,25 @@ async fn each_agent_publishes_its_own_key_and_can_write_no_other() {
         (owner.kind.as_str(), Some(&owner.uid)),
         ("Node", node_uid.as_ref())
     );
+    // Only the agent ever wrote it: its key (the object) and, once it has reported key usage,
+    // its status, which the API server records as a second entry for the `status` subresource.
     let managers: Vec<_> = published_a
         .metadata
         .managed_fields
         .iter()
         .flatten()
-        .filter_map(|m| m.manager.as_deref())
+        .map(|m| (m.manager.as_deref(), m.subresource.as_deref().unwrap_or("")))
         .collect();
-    assert_eq!(managers, ["claw-secrets-agent"]);
+    assert!(
+        managers.contains(&(Some("claw-secrets-agent"), "")),
+        "the agent manages the ClawNode's key: {managers:?}"
+    );
+    assert!(
+        managers
+            .iter()
+            .all(|(manager, _)| *manager == Some("claw-secrets-agent")),
+        "no one but the agent wrote the ClawNode: {managers:?}"
+    );
 
     // Node-a's own credentials: RBAC lets the agent's ServiceAccount write ClawNodes, the
     // admission policy only its own node's. Its own passes (dry run, nothing changes) ...
