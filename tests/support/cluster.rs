@@ -51,14 +51,22 @@ use crate::wait::{PATIENCE, eventually};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
 
-/// The log filter of every agent and operator started here: in tests, everything this crate
-/// can log (trace), so that the canary tests read all of it; in the cluster benchmark (built
-/// without cfg(test)) info, since logging would be part of what it measures.
-const LOG_FILTER: &str = if cfg!(test) {
-    "info,claw_secrets=trace"
-} else {
-    "info"
-};
+/// The log filter of every agent and operator started here: in tests (and a bench's smoke
+/// run), everything this crate can log (trace), so that the canary tests read all of it; in a
+/// measuring bench run (`--bench`) info, since logging would be part of what it measures.
+/// Decided at run time: Cargo builds benches with `cfg(test)` too, even without a harness, so
+/// `cfg!(test)` cannot tell them apart (it had every cluster bench run logging at trace).
+/// `BENCH_CHILD_LOG` overrides it (to look into a bench run, or to measure what logging costs).
+fn log_filter() -> String {
+    if let Ok(filter) = std::env::var("BENCH_CHILD_LOG") {
+        return filter;
+    }
+    if std::env::args().any(|a| a == "--bench") {
+        "info".to_owned()
+    } else {
+        "info,claw_secrets=trace".to_owned()
+    }
+}
 
 /// A ClawSecret named `name` with plaintext `data` (what a user applies).
 pub fn secret_with_data(name: &str, data: &[(&str, &str)]) -> ClawSecret {
@@ -1017,7 +1025,7 @@ impl Agent {
             .args(self.tls_args())
             .args(self.args.iter().filter(|a| *a != TLS_FROM_OPERATOR))
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("CLAW_SECRETS_LOG", LOG_FILTER)
+            .env("CLAW_SECRETS_LOG", log_filter())
             .env_remove("RUST_LOG")
             .env_remove("NODE_NAME")
             .env_remove("CLAW_SECRETS_DATA_DIR")
@@ -1277,7 +1285,7 @@ impl Operator {
         }
         let child = command
             .env("KUBECONFIG", kubeconfig)
-            .env("CLAW_SECRETS_LOG", LOG_FILTER)
+            .env("CLAW_SECRETS_LOG", log_filter())
             .env_remove("RUST_LOG")
             .env_remove("POD_NAMESPACE")
             .env_remove("POD_NAME")
