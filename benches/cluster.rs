@@ -45,8 +45,8 @@
 //! - BENCH_STARTUP_RUNS    agent restarts with the API server down (default 10)
 //! - BENCH_BURST_RESTARTS  after the burst, restarts of node-c (10,001 secrets in its store)
 //!   with the API server down (default 5, on an external cluster 0: set there, it fails)
-//! - BENCH_CHILD_LOG       the log filter of the agents and operator it starts (default
-//!   `info` when measuring, trace for this crate in the smoke run)
+//! - BENCH_CHILD_LOG       the log filter of the agents and operator it starts when measuring
+//!   (default `info`; the smoke run always logs this crate at trace, as the tests do)
 //! - BENCH_CONNECTIONS     connection counts for `get` (default as benches/http.rs)
 //! - BENCH_SECONDS / BENCH_WARMUP_SECONDS  measured / warm-up seconds per `get` run, and the
 //!   baseline / warm-up before each rotation of `reencrypt` (10 / 3)

@@ -56,13 +56,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_claw-secrets");
 /// measuring bench run (`--bench`) info, since logging would be part of what it measures.
 /// Decided at run time: Cargo builds benches with `cfg(test)` too, even without a harness, so
 /// `cfg!(test)` cannot tell them apart (it had every cluster bench run logging at trace).
-/// `BENCH_CHILD_LOG` overrides it (to look into a bench run, or to measure what logging costs).
+/// In a measuring run `BENCH_CHILD_LOG` overrides it (to look into a bench run, or to measure
+/// what logging costs); tests always log everything, for the canaries.
 fn log_filter() -> String {
-    if let Ok(filter) = std::env::var("BENCH_CHILD_LOG") {
-        return filter;
-    }
     if std::env::args().any(|a| a == "--bench") {
-        "info".to_owned()
+        std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "info".to_owned())
     } else {
         "info,claw_secrets=trace".to_owned()
     }
