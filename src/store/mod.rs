@@ -383,15 +383,13 @@ fn vouched<R>(
     id: &image::FileId,
     from_image: &std::sync::atomic::AtomicUsize,
 ) -> Option<(Decoded<R>, bool, Facts)> {
-    let known = known.map(|k| {
-        let facts = Facts {
-            mac_key: Some(k.mac_key),
-            file: Some(*id),
-        };
-        (k.decoded, true, facts)
-    })?;
+    let known = known?;
     from_image.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Some(known)
+    let facts = Facts {
+        mac_key: Some(known.mac_key),
+        file: Some(*id),
+    };
+    Some((known.decoded, true, facts))
 }
 
 impl Store {
@@ -1319,6 +1317,9 @@ impl Opening<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{self, SecretIdentity};
+    use crate::domain::{Name, Version, WorkloadSet};
+    use jiff::Timestamp;
 
     /// Opens the store with `--rebuild-store-manifest`.
     fn open_rebuilding(dir: &Path, keyring: &Keyring) -> (Store, OpenReport) {
@@ -1331,9 +1332,6 @@ mod tests {
         )
         .unwrap()
     }
-    use crate::crypto::{self, SecretIdentity};
-    use crate::domain::{Name, Version, WorkloadSet};
-    use jiff::Timestamp;
 
     fn key(name: &str) -> ObjectKey {
         ObjectKey::new(Namespace::default_namespace(), Name::parse(name).unwrap())
