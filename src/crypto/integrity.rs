@@ -128,6 +128,39 @@ impl Tagger {
     pub fn verify(self, tag: &[u8]) -> bool {
         self.0.verify_slice(tag).is_ok()
     }
+
+    /// A part of `len` bytes given piece by piece ([`StreamedPart::update`]), for a part too
+    /// large to hold whole: its tag is that of [`Tagger::part`] of the same bytes. The length
+    /// is part of the MAC's input before the bytes, so it must be known first.
+    pub fn streamed_part(mut self, len: u64) -> StreamedPart {
+        self.0.update(&len.to_be_bytes());
+        StreamedPart {
+            tagger: self,
+            left: Some(len),
+        }
+    }
+}
+
+/// See [`Tagger::streamed_part`].
+pub struct StreamedPart {
+    tagger: Tagger,
+    /// Bytes still owed; `None` once more were given than declared.
+    left: Option<u64>,
+}
+
+impl StreamedPart {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.left = self
+            .left
+            .and_then(|left| left.checked_sub(bytes.len() as u64));
+        self.tagger.0.update(bytes);
+    }
+
+    /// The tagger with the part done; `None` if the bytes given were not exactly the length
+    /// declared (their tag would match no reader's).
+    pub fn finish(self) -> Option<Tagger> {
+        (self.left == Some(0)).then_some(self.tagger)
+    }
 }
 
 impl std::fmt::Debug for MacKey {
@@ -164,5 +197,23 @@ mod tests {
             MacKey::for_key(&Keyring::generate().unwrap(), &first, Purpose::StoreEntry),
             Err(CryptoError::UnknownKey(_))
         ));
+    }
+
+    #[test]
+    fn a_streamed_part_tags_as_the_whole_part_and_only_at_its_declared_length() {
+        let key = MacKey::active(&Keyring::generate().unwrap(), Purpose::StoreImage);
+        let whole = b"header|entry one|entry two";
+        let mut streamed = key.tagger().streamed_part(whole.len() as u64);
+        for piece in whole.chunks(5) {
+            streamed.update(piece);
+        }
+        assert_eq!(streamed.finish().unwrap().finish(), key.tag(&[whole]));
+
+        let mut short = key.tagger().streamed_part(whole.len() as u64);
+        short.update(&whole[..10]);
+        assert!(short.finish().is_none());
+        let mut long = key.tagger().streamed_part(3);
+        long.update(whole);
+        assert!(long.finish().is_none());
     }
 }

@@ -30,7 +30,7 @@ pub use device::DeviceKey;
 pub use digest::DataDigest;
 pub use envelope::{ALGORITHM_HKDF_SHA256_CHACHA20POLY1305, Envelope, FORMAT_V1};
 pub use forward::{ForwardScope, open_forwarded, seal_forwarded};
-pub use integrity::{MacKey, Purpose, TAG_LEN as MAC_TAG_LEN, Tagger};
+pub use integrity::{MacKey, Purpose, StreamedPart, TAG_LEN as MAC_TAG_LEN, Tagger};
 pub use keyring::{KeyId, Keyring, MasterKey, SharedKeyring};
 pub use offline_seal::{
     SealScope, SealingPrivateKey, SealingPublicKey, open_offline, seal_offline,

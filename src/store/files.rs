@@ -58,6 +58,17 @@ pub(super) fn write_atomic_tracked(
     name: &str,
     bytes: &[u8],
 ) -> Result<Option<FileId>, FailedWrite> {
+    write_atomic_with(dir, name, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic_tracked`] of content that `write` produces into the temp file as it goes
+/// (the store image, megabytes at 10,000 entries, is never whole in memory). An error from
+/// `write` abandons the write: the temp file is removed and the target is untouched.
+pub(super) fn write_atomic_with(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<Option<FileId>, FailedWrite> {
     let mut suffix = [0u8; 8];
     let target = dir.join(name);
     let before_rename = |error: StoreError| FailedWrite {
@@ -76,7 +87,7 @@ pub(super) fn write_atomic_tracked(
             .mode(0o600)
             .open(&tmp)?;
         check(Step::Write)?;
-        f.write_all(bytes)?;
+        write(&mut f)?;
         check(Step::Fsync)?;
         f.sync_all()?;
         check(Step::Rename)?;
@@ -263,4 +274,39 @@ pub(super) fn quarantine(
         "store entry refused; moved to quarantine");
     fs::rename(path, &to).map_err(|e| StoreError::io(path, e))?;
     Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Content produced as it is written (the store image's way) that fails partway leaves
+    /// the old content in place and no temp file behind.
+    #[test]
+    fn a_write_that_fails_partway_leaves_the_old_content_and_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(dir.path(), "image", b"old").unwrap();
+        let failed = write_atomic_with(dir.path(), "image", |f| {
+            f.write_all(b"half of the new")?;
+            Err(std::io::Error::other("stopped"))
+        });
+        assert!(failed.is_err_and(|failed| !failed.replaced));
+        assert_eq!(fs::read(dir.path().join("image")).unwrap(), b"old");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["image"]);
+
+        write_atomic_with(dir.path(), "image", |f| {
+            f.write_all(b"new, ")?;
+            f.write_all(b"in two pieces")
+        })
+        .map_err(|failed| failed.error)
+        .unwrap();
+        assert_eq!(
+            fs::read(dir.path().join("image")).unwrap(),
+            b"new, in two pieces"
+        );
+    }
 }

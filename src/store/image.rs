@@ -29,6 +29,7 @@
 //! its position. The image is written by a thread of the store's own, never by a read or a
 //! write (see [`Keeper`]).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -642,8 +643,7 @@ impl Source {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as i64);
         // What goes in: entries whose file's identity the store knows and that settled, in
-        // file-name order. Encoded straight into one buffer (one large allocation, returned to
-        // the system when freed: the writer leaves no fragments behind in the heap).
+        // file-name order.
         let mut mac_keys: Vec<&KeyId> = Vec::new();
         let mut order: Vec<([u8; 32], Kind, usize)> = Vec::new();
         let included = |file: &Option<FileId>| file.is_some_and(|id| id.changed() < settled_before);
@@ -673,32 +673,31 @@ impl Source {
         order.sort_unstable_by_key(|e| e.0);
         let ring = self.keys.current();
         let key = MacKey::active(&ring, Purpose::StoreImage);
-        let mut w = Writer(Vec::with_capacity(base.0.len() + order.len() * 400 + 1024));
-        w.0.extend_from_slice(MAGIC);
-        w.u8(VERSION);
-        w.str8(key.key_id().as_str());
-        w.u8(mac_keys.len() as u8);
+        let mut head = Writer(Vec::with_capacity(base.0.len() + 1024));
+        head.0.extend_from_slice(MAGIC);
+        head.u8(VERSION);
+        head.str8(key.key_id().as_str());
+        head.u8(mac_keys.len() as u8);
         for k in &mac_keys {
-            w.str8(k.as_str());
+            head.str8(k.as_str());
         }
-        w.blob(&base.0);
+        head.blob(&base.0);
         drop(base);
-        w.u32(order.len() as u32);
+        head.u32(order.len() as u32);
         let count = order.len();
+        // One entry's bytes, encoded into `out` (cleared first); `record` is scratch.
         let mut record = Writer::default();
-        for (n, (name, kind, i)) in order.into_iter().enumerate() {
-            if n % 256 == 255 && stop.load(Ordering::Relaxed) {
-                return Ok(Err(NotWritten::Stopped));
-            }
+        let mut encode = |(name, kind, i): &([u8; 32], Kind, usize), out: &mut Writer| {
+            out.0.clear();
             record.0.clear();
             let (mac_key, file) = match kind {
                 Kind::Secret => {
-                    let held = &secrets[i];
+                    let held = &secrets[*i];
                     write_secret(&mut record, &held.record);
                     (&held.mac_key, held.file)
                 }
                 Kind::Config => {
-                    let held = &configs[i];
+                    let held = &configs[*i];
                     write_config(&mut record, &held.record);
                     (&held.mac_key, held.file)
                 }
@@ -707,15 +706,52 @@ impl Source {
                 .iter()
                 .position(|k| *k == &**mac_key)
                 .expect("listed");
-            w.bytes32(&name);
-            file.expect("included").write(&mut w);
-            w.u8(ix as u8);
-            w.blob(&record.0);
+            out.bytes32(name);
+            file.expect("included").write(out);
+            out.u8(ix as u8);
+            out.blob(&record.0);
+        };
+        // The image is tagged as one part, whose length goes into the MAC before its bytes;
+        // it is streamed to the file rather than assembled (at 10,000 entries it is megabytes:
+        // the agent's largest allocation, for a moment every few minutes, was this buffer). So
+        // entries are encoded twice: once to add up their lengths, once to write and tag them.
+        // Encoding is cheap next to the write and its fsync.
+        let mut entry = Writer(Vec::with_capacity(1024));
+        let mut len = head.0.len() as u64;
+        for (n, e) in order.iter().enumerate() {
+            if n % 256 == 255 && stop.load(Ordering::Relaxed) {
+                return Ok(Err(NotWritten::Stopped));
+            }
+            encode(e, &mut entry);
+            len += entry.0.len() as u64;
         }
-        let tag = key.tag(&[&w.0]);
-        w.0.extend_from_slice(&tag);
+        let stopped = || std::io::Error::other("the store is closing");
         let dir = self.image_path.parent().unwrap_or(Path::new("."));
-        files::write_atomic(dir, FILE_NAME, &w.0)?;
+        let written = files::write_atomic_with(dir, FILE_NAME, |file| {
+            let mut out = std::io::BufWriter::with_capacity(64 << 10, file);
+            let mut tagged = key.tagger().streamed_part(len);
+            out.write_all(&head.0)?;
+            tagged.update(&head.0);
+            for (n, e) in order.iter().enumerate() {
+                if n % 256 == 255 && stop.load(Ordering::Relaxed) {
+                    return Err(stopped());
+                }
+                encode(e, &mut entry);
+                out.write_all(&entry.0)?;
+                tagged.update(&entry.0);
+            }
+            let tagger = tagged.finish().ok_or_else(|| {
+                std::io::Error::other("the store image's length was miscounted (a bug)")
+            })?;
+            out.write_all(&tagger.finish())?;
+            out.into_inner().map_err(|e| e.into_error())?;
+            Ok(())
+        });
+        match written {
+            Ok(_) => {}
+            Err(_) if stop.load(Ordering::Relaxed) => return Ok(Err(NotWritten::Stopped)),
+            Err(failed) => return Err(failed.error),
+        }
         Ok(Ok(count))
     }
 }
