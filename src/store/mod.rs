@@ -1097,18 +1097,21 @@ impl Opening<'_> {
         &mut self,
         loaded: Vec<files::Parsed<Loaded<R>>>,
     ) -> Result<(), StoreError> {
-        for (path, parsed) in loaded {
+        // Most entries are accepted, and need no path: one is built for the others.
+        let dir = self.dir(R::KIND).to_owned();
+        for (name, parsed) in loaded {
+            let path = || dir.join(&name);
             let (parsed, in_place, facts) = match parsed {
                 Ok((decoded, in_place, facts)) => (Ok(decoded), in_place, facts),
                 Err(why) => (Err(why), true, Facts::default()),
             };
             let record = match parsed {
                 Err(why) => {
-                    self.refuse_file(&path, &format!("unreadable: {why}"))?;
+                    self.refuse_file(&path(), &format!("unreadable: {why}"))?;
                     continue;
                 }
                 Ok(Decoded::Legacy(record)) => {
-                    self.legacy.push(R::pending(path, record, facts));
+                    self.legacy.push(R::pending(path(), record, facts));
                     continue;
                 }
                 Ok(Decoded::ForeignKey(id)) => {
@@ -1119,13 +1122,13 @@ impl Opening<'_> {
             };
             if !in_place {
                 self.refuse_file(
-                    &path,
+                    &path(),
                     &format!("it holds {}, which belongs in another file", record.key()),
                 )?;
                 continue;
             }
             let Some(manifest) = &self.manifest else {
-                self.unmanifested.push(R::pending(path, record, facts));
+                self.unmanifested.push(R::pending(path(), record, facts));
                 continue;
             };
             let generation = record.generation();
@@ -1136,7 +1139,7 @@ impl Opening<'_> {
                     files::remove_durably(self.dir(R::KIND), &file_name(R::KIND, record.key()))?;
                 }
                 _ if generation == manifest.next_generation() => {
-                    self.candidates.push(R::pending(path, record, facts));
+                    self.candidates.push(R::pending(path(), record, facts));
                 }
                 Some(m) if generation < m.generation => {
                     let why = format!(
@@ -1144,12 +1147,12 @@ impl Opening<'_> {
                         m.generation
                     );
                     let key = record.key().clone();
-                    self.refuse_file(&path, &why)?;
+                    self.refuse_file(&path(), &why)?;
                     self.refuse_object(R::KIND, &key, why);
                 }
                 _ => {
                     let why = "the store manifest has no record of this entry (restored from elsewhere, or forged)".to_owned();
-                    self.refuse_file(&path, &why)?;
+                    self.refuse_file(&path(), &why)?;
                 }
             }
         }
