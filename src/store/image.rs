@@ -224,6 +224,25 @@ pub(super) struct Reader<'a> {
     pos: usize,
 }
 
+thread_local! {
+    /// The namespace this thread decoded last: an image's entries and marks are in a few
+    /// namespaces, usually in runs, and sharing one saves an allocation and a check at start-up
+    /// and a copy in memory per entry (two with the manifest's marks).
+    static LAST_NAMESPACE: std::cell::RefCell<Option<Namespace>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn shared_namespace(s: &str) -> Result<Namespace, String> {
+    LAST_NAMESPACE.with_borrow_mut(|last| match last {
+        Some(namespace) if namespace.as_str() == s => Ok(namespace.clone()),
+        _ => {
+            let namespace = Namespace::parse(s).map_err(|e| e.to_string())?;
+            *last = Some(namespace.clone());
+            Ok(namespace)
+        }
+    })
+}
+
 fn short() -> String {
     "it ends early".to_owned()
 }
@@ -276,7 +295,7 @@ impl<'a> Reader<'a> {
         }
     }
     pub fn key(&mut self) -> Result<ObjectKey, String> {
-        let namespace = Namespace::parse(self.str16()?).map_err(|e| e.to_string())?;
+        let namespace = shared_namespace(self.str16()?)?;
         let name = Name::parse(self.str16()?).map_err(|e| e.to_string())?;
         Ok(ObjectKey::new(namespace, name))
     }
