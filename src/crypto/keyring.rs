@@ -11,9 +11,11 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use super::{CryptoError, random_bytes};
 
 /// Names a master key inside envelopes, so a retired key can be found again. Not secret.
+/// Shared: every envelope sealed under a key holds a copy of its id, and a copy then costs a
+/// reference count, not an allocation.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct KeyId(String);
+pub struct KeyId(std::sync::Arc<str>);
 
 impl KeyId {
     pub const MAX_LEN: usize = 64;
@@ -27,7 +29,7 @@ impl KeyId {
                 "key id {s:?} must be 1-64 characters of letters, digits and '-'"
             )));
         }
-        Ok(KeyId(s.to_owned()))
+        Ok(KeyId(s.into()))
     }
 
     /// A fresh id: `k-` and 16 random hex digits.
@@ -35,7 +37,7 @@ impl KeyId {
         let mut b = [0u8; 8];
         random_bytes(&mut b)?;
         let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-        Ok(KeyId(format!("k-{hex}")))
+        Ok(KeyId(format!("k-{hex}").into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -52,7 +54,7 @@ impl TryFrom<String> for KeyId {
 
 impl From<KeyId> for String {
     fn from(k: KeyId) -> String {
-        k.0
+        k.0.as_ref().to_owned()
     }
 }
 
