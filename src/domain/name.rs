@@ -112,18 +112,19 @@ impl NamePrefix {
     }
 }
 
-fn parse_dns(
+/// `s` itself if `valid` holds (each type then holds it as it holds strings).
+fn parse_dns<'a>(
     what: &str,
-    s: &str,
+    s: &'a str,
     valid: fn(&str) -> bool,
     rule: &str,
-) -> Result<String, DomainError> {
+) -> Result<&'a str, DomainError> {
     if !valid(s) {
         return Err(DomainError::new(format!(
             "{what} {s:?} is invalid: it must be {rule}"
         )));
     }
-    Ok(s.to_owned())
+    Ok(s)
 }
 
 /// A Kubernetes namespace (DNS-1123 label). Dev mode keeps everything in `default`. Shared, as
@@ -179,7 +180,8 @@ pub struct Workload(String);
 
 impl Workload {
     pub fn parse(s: &str) -> Result<Self, DomainError> {
-        parse_dns("workload", s, dns::is_subdomain, dns::SUBDOMAIN_RULE).map(Workload)
+        parse_dns("workload", s, dns::is_subdomain, dns::SUBDOMAIN_RULE)
+            .map(|s| Workload(s.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
