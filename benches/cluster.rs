@@ -646,7 +646,8 @@ async fn restarts_with_apiserver_down(
 }
 
 /// The timings the agent logged when it began serving (`store_open_ms=…` and the like, from
-/// its last start), to tell where a restart's time went.
+/// its last start), and how many entries its store image vouched for, to tell where a
+/// restart's time went.
 fn own_account(agent: &Agent) -> String {
     let log = agent.log_tail(200);
     let Some(line) = log
@@ -660,7 +661,7 @@ fn own_account(agent: &Agent) -> String {
         .filter(|field| {
             field
                 .split_once('=')
-                .is_some_and(|(k, _)| k.ends_with("_ms"))
+                .is_some_and(|(k, _)| k.ends_with("_ms") || k == "from_image")
         })
         .collect::<Vec<_>>()
         .join(" ")

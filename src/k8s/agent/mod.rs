@@ -215,6 +215,7 @@ pub async fn run(
     bounded_config.reset_reader_on_write = true;
     let bounded = kube::Client::try_from(bounded_config.clone())
         .map_err(|e| setup(format!("cannot build a Kubernetes client: {e}")))?;
+    let clients_built = started.elapsed();
     create_private_dir(&config.data_dir).map_err(|e| setup(e.to_string()))?;
     let node_key = node_key::load_or_create(&config.data_dir).map_err(setup)?;
     let options = OpenOptions {
@@ -274,7 +275,8 @@ pub async fn run(
     let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
     tracing::info!(node = %config.node_name, %addr, secrets = report.secrets, configs = report.configs,
         refused = report.refused.len(), from_image = report.from_image,
-        store_open_ms = ms(store_opened), audit_open_ms = ms(audit_opened - store_opened),
+        clients_ms = ms(clients_built), store_open_ms = ms(store_opened - clients_built),
+        audit_open_ms = ms(audit_opened - store_opened),
         listening_after_ms = ms(started.elapsed()),
         "agent serving node.invoke from its local store");
 
