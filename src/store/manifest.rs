@@ -198,6 +198,20 @@ fn open_file(path: &Path) -> Result<File, StoreError> {
         .map_err(|e| StoreError::io(path, e))
 }
 
+/// Feeds the first `len` bytes of `file` (read from its start) to `digest`, 64 KiB at a time.
+fn hash_prefix(file: &mut File, len: u64, digest: &mut Sha256) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        file.read_exact(&mut chunk[..want])?;
+        digest.update(&chunk[..want]);
+        left -= want as u64;
+    }
+    Ok(())
+}
+
 impl Manifest {
     /// Reads and checks the manifest at `path` (`Ok(None)` if there is none), starting from `base` (a store image's record of the journal at a
     /// position) when the journal still begins with exactly the bytes `base` was taken from
@@ -214,22 +228,55 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io(path, e)),
         };
+        let io = |e| StoreError::io(path, e);
+        let file_len = file.metadata().map_err(io)?.len();
+        // The prefix a base vouches for is only hashed, as it streams by: it is most of the
+        // journal (megabytes at 10,000 entries), and nothing in it needs reading again.
+        let mut digest = Sha256::new();
+        let base = match base {
+            Some(base) => {
+                let why_not = if base.len > file_len {
+                    Some("it is shorter than when the image was taken (cut short, or replaced)")
+                } else if base.line_keys.iter().any(|id| keyring.get(id).is_none()) {
+                    Some("its lines were authenticated with a key the keyring does not hold")
+                } else {
+                    hash_prefix(&mut file, base.len, &mut digest).map_err(io)?;
+                    let prefix: [u8; 32] = digest.clone().finalize().into();
+                    (prefix != base.digest).then_some(
+                        "it does not begin with the lines the image was taken from (compacted, rebuilt, or changed)",
+                    )
+                };
+                match why_not {
+                    Some(why) => {
+                        tracing::warn!(path = %path.display(), why,
+                            "store image does not match the store manifest; reading the whole manifest");
+                        digest = Sha256::new();
+                        None
+                    }
+                    None => Some(base),
+                }
+            }
+            None => None,
+        };
+        // What is left to read and check: everything after the base, or the whole journal.
+        let start = base.as_ref().map_or(0, |b| b.len);
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .map_err(|e| StoreError::io(path, e))?;
+        file.read_to_end(&mut bytes).map_err(io)?;
         let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         if complete < bytes.len() {
             // A line cut short by a crash: its change was never acknowledged.
             tracing::warn!(path = %path.display(), discarded_bytes = bytes.len() - complete,
                 "store manifest ended in a line cut short by a crash; cut off");
-            file.set_len(complete as u64)
+            file.set_len(start + complete as u64)
                 .and_then(|()| file.sync_data())
-                .map_err(|e| StoreError::io(path, e))?;
+                .map_err(io)?;
         }
+        bytes.truncate(complete);
         let mut manifest = Manifest {
             path: path.to_owned(),
             file,
-            len: complete as u64,
+            len: start + complete as u64,
             seq: 0,
             prev: GENESIS,
             next_generation: 1,
@@ -238,50 +285,25 @@ impl Manifest {
             tombstones: HashMap::new(),
             audit_anchor: None,
             line_keys: BTreeSet::new(),
-            digest: Sha256::new(),
+            digest,
             epoch: 0,
         };
-        let mut start = 0;
         let mut opened = Opened::Whole;
         if let Some(base) = base {
-            let why_not = if base.len > complete as u64 {
-                Some("it is shorter than when the image was taken (cut short, or replaced)")
-            } else if base.line_keys.iter().any(|id| keyring.get(id).is_none()) {
-                Some("its lines were authenticated with a key the keyring does not hold")
-            } else {
-                manifest.digest.update(&bytes[..base.len as usize]);
-                let digest: [u8; 32] = manifest.digest.clone().finalize().into();
-                (digest != base.digest).then_some(
-                    "it does not begin with the lines the image was taken from (compacted, rebuilt, or changed)",
-                )
-            };
-            match why_not {
-                Some(why) => {
-                    tracing::warn!(path = %path.display(), why,
-                        "store image does not match the store manifest; reading the whole manifest");
-                    manifest.digest = Sha256::new();
-                }
-                None => {
-                    start = base.len as usize;
-                    manifest.seq = base.seq;
-                    manifest.prev = base.prev;
-                    manifest.next_generation = base.next_generation;
-                    manifest.lines = base.lines;
-                    manifest.marks = base.marks;
-                    manifest.tombstones = base.tombstones;
-                    manifest.audit_anchor = base.audit_anchor;
-                    manifest.line_keys = base.line_keys;
-                    opened = Opened::FromBase { lines_after: 0 };
-                }
-            }
+            manifest.seq = base.seq;
+            manifest.prev = base.prev;
+            manifest.next_generation = base.next_generation;
+            manifest.lines = base.lines;
+            manifest.marks = base.marks;
+            manifest.tombstones = base.tombstones;
+            manifest.audit_anchor = base.audit_anchor;
+            manifest.line_keys = base.line_keys;
+            opened = Opened::FromBase { lines_after: 0 };
         }
-        manifest.digest.update(&bytes[start..complete]);
+        manifest.digest.update(&bytes);
         let lines_before = manifest.lines;
         let mut keys: HashMap<KeyId, MacKey> = HashMap::new();
-        for (i, raw) in bytes[start..complete]
-            .split_inclusive(|b| *b == b'\n')
-            .enumerate()
-        {
+        for (i, raw) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
             let raw = &raw[..raw.len() - 1];
             let corrupt = |reason: String| {
                 StoreError::Integrity(format!(

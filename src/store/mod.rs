@@ -2207,6 +2207,39 @@ mod tests {
         assert!(!dir.path().join(image::FILE_NAME).exists());
     }
 
+    /// With an image, the journal up to its position is only hashed and the lines after it
+    /// read: a line cut short there by a crash is cut off as without an image, and the image
+    /// is still used.
+    #[test]
+    fn a_line_cut_short_after_the_images_position_is_cut_off_and_the_image_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        for i in 0..4 {
+            store
+                .put_secret(secret(&keyring, &format!("s{i}"), 1), Expect::Absent)
+                .unwrap();
+        }
+        take_image(&store);
+        store
+            .put_secret(secret(&keyring, "s0", 2), Expect::Any)
+            .unwrap();
+        let before = holding(&store);
+        drop(store);
+        let path = dir.path().join(manifest::FILE_NAME);
+        let complete = std::fs::metadata(&path).unwrap().len();
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.extend_from_slice(b"{\"seq\":99,\"op");
+        std::fs::write(&path, &torn).unwrap();
+        for _ in 0..2 {
+            let (store, report) = open(dir.path(), &keyring).unwrap();
+            assert_eq!(report.from_image, 3, "all but the one written since");
+            assert!(report.refused.is_empty(), "{report:?}");
+            assert_eq!(holding(&store), before);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), complete);
+        }
+    }
+
     /// An image written under a key that has since left the keyring is not used; one whose
     /// entries are under a key the keyring lacks refuses as reading the files does.
     #[test]
