@@ -8,10 +8,24 @@ const DIGITS: &[u8; 16] = b"0123456789abcdef";
 pub fn encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
     for &b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        out.push(char::from(digit(b >> 4)));
+        out.push(char::from(digit(b)));
     }
     out
+}
+
+/// The lowercase digit of the low four bits of `nibble`.
+pub fn digit(nibble: u8) -> u8 {
+    DIGITS[usize::from(nibble & 0x0f)]
+}
+
+/// The value of a lowercase hex digit; `None` for anything else (an uppercase one included).
+pub fn value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None,
+    }
 }
 
 /// The 32 bytes written as 64 lowercase hex digits, or `None` for anything else. Only the form
@@ -22,11 +36,6 @@ pub fn decode_32(s: &str) -> Option<[u8; 32]> {
     if digits.len() != 64 {
         return None;
     }
-    let value = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
     let mut out = [0u8; 32];
     for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
         *byte = (value(pair[0])? << 4) | value(pair[1])?;

@@ -40,7 +40,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::manifest::{Base, Manifest};
-use super::records::{ConfigRecord, Decoded, Origin, SecretRecord};
+use super::records::{ConfigRecord, Decoded, Origin, SecretRecord, Uid};
 use super::writes::WriteRecord;
 use super::{Held, State, StoreError, files};
 use crate::crypto::{Envelope, KeyId, Keyring, MacKey, Purpose, SharedKeyring};
@@ -204,7 +204,7 @@ impl Writer {
             None => self.u8(0),
             Some(o) => {
                 self.u8(1);
-                self.str16(&o.uid);
+                o.uid.with_text(|uid| self.str16(uid));
                 match o.revision {
                     None => self.u8(0),
                     Some(r) => {
@@ -321,7 +321,7 @@ impl<'a> Reader<'a> {
         if self.u8()? == 0 {
             return Ok(None);
         }
-        let uid = self.str16()?.to_owned();
+        let uid = Uid::new(self.str16()?);
         let revision = match self.u8()? {
             0 => None,
             _ => Some(self.u64()?),

@@ -34,7 +34,7 @@ pub use files::{
     create_private_dir, ensure_private_file, fsync_dir, write_atomic, write_private_file_atomic,
 };
 pub use manifest::AuditAnchor;
-pub use records::{ConfigRecord, Origin, SecretRecord};
+pub use records::{ConfigRecord, Origin, SecretRecord, Uid};
 pub use rekey::{KeyUsage, Reencrypted};
 pub use writes::{Fingerprint, RememberedWrite, WriteRecord};
 

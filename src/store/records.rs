@@ -49,13 +49,95 @@ pub struct ConfigRecord {
     pub generation: u64,
 }
 
+/// A Kubernetes object's uid. The API server makes them as UUIDs in their canonical form
+/// (`8-4-4-4-12` lowercase hex digits), which this holds as their 16 bytes, not as 36 bytes of
+/// text on the heap: a node's store keeps one per entry. Any other text is kept as it is, so a
+/// uid always reads back exactly as it was given, and two uids are equal when their texts are.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Uid(UidForm);
+
+#[derive(Clone, PartialEq, Eq)]
+enum UidForm {
+    Uuid([u8; 16]),
+    Text(Box<str>),
+}
+
+/// Where a canonical UUID has its dashes.
+const UUID_DASHES: [usize; 4] = [8, 13, 18, 23];
+
+impl Uid {
+    pub fn new(text: &str) -> Uid {
+        Uid(match Self::canonical_uuid(text) {
+            Some(bytes) => UidForm::Uuid(bytes),
+            None => UidForm::Text(text.into()),
+        })
+    }
+
+    /// The 16 bytes of `text` if it is a UUID written exactly as [`Uid::with_text`] writes one
+    /// back (lowercase, dashed), else `None`.
+    fn canonical_uuid(text: &str) -> Option<[u8; 16]> {
+        let t = text.as_bytes();
+        if t.len() != 36 || UUID_DASHES.iter().any(|&i| t[i] != b'-') {
+            return None;
+        }
+        let mut digits = t
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !UUID_DASHES.contains(i))
+            .map(|(_, &c)| crate::hex::value(c));
+        let mut bytes = [0u8; 16];
+        for byte in &mut bytes {
+            *byte = (digits.next()?? << 4) | digits.next()??;
+        }
+        Some(bytes)
+    }
+
+    /// Calls `f` with the uid's text (written on the stack for a UUID: no allocation).
+    pub fn with_text<T>(&self, f: impl FnOnce(&str) -> T) -> T {
+        match &self.0 {
+            UidForm::Text(text) => f(text),
+            UidForm::Uuid(bytes) => {
+                let mut digits = bytes.iter().flat_map(|b| [b >> 4, *b]);
+                let mut text = [b'-'; 36];
+                for (i, slot) in text.iter_mut().enumerate() {
+                    if !UUID_DASHES.contains(&i) {
+                        *slot = crate::hex::digit(digits.next().unwrap_or(0));
+                    }
+                }
+                f(std::str::from_utf8(&text).expect("hex digits and dashes are ASCII"))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.with_text(|text| f.write_str(text))
+    }
+}
+
+impl std::fmt::Debug for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.with_text(|text| write!(f, "{text:?}"))
+    }
+}
+
+impl PartialEq<str> for Uid {
+    fn eq(&self, other: &str) -> bool {
+        match &self.0 {
+            UidForm::Text(text) => **text == *other,
+            UidForm::Uuid(bytes) => Self::canonical_uuid(other).is_some_and(|b| b == *bytes),
+        }
+    }
+}
+
 /// Which Kubernetes object, and which state of it, a stored entry mirrors: what decides
 /// whether an event the agent receives is news or a leftover (see `Origin::newer_than`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
     /// The object's uid: a deleted and re-created object under the same name has another, and
     /// starts its own version history.
-    pub uid: String,
+    pub uid: Uid,
     /// The object's `resourceVersion` when this copy was taken, when it is a number (it is
     /// etcd's revision of the write: it grows with every write to any object of the kind, so a
     /// re-created object's is above everything its predecessor ever had). `None` from an API
@@ -67,7 +149,7 @@ impl Origin {
     /// The origin of an object with this uid and `resourceVersion`.
     pub fn of(uid: &str, resource_version: Option<&str>) -> Origin {
         Origin {
-            uid: uid.to_owned(),
+            uid: Uid::new(uid),
             revision: resource_version.and_then(|rv| rv.parse().ok()),
         }
     }
@@ -80,13 +162,16 @@ impl Origin {
 
     fn to_file(origin: Option<&Origin>) -> (Option<String>, Option<u64>) {
         match origin {
-            Some(o) => (Some(o.uid.clone()), o.revision),
+            Some(o) => (Some(o.uid.to_string()), o.revision),
             None => (None, None),
         }
     }
 
     fn from_file(uid: Option<String>, revision: Option<u64>) -> Option<Origin> {
-        uid.map(|uid| Origin { uid, revision })
+        uid.map(|uid| Origin {
+            uid: Uid::new(&uid),
+            revision,
+        })
     }
 }
 
@@ -417,5 +502,53 @@ impl ConfigRecord {
             }),
             None,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uid_reads_back_exactly_as_it_was_given() {
+        let given = [
+            "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            // Not in the canonical form: kept as text, never rewritten.
+            "0F8FAD5B-D9CB-469F-A165-70867728950E",
+            "0f8fad5bd9cb469fa16570867728950e",
+            "0f8fad5b-d9cb-469f-a165-70867728950",
+            "0f8fad5b-d9cb-469f-a165-70867728950g",
+            "0f8fad5b_d9cb-469f-a165-70867728950e",
+            "",
+            "u-1",
+        ];
+        for text in given {
+            let uid = Uid::new(text);
+            assert_eq!(uid.to_string(), text);
+            assert!(uid == *text, "{text}");
+            assert_eq!(format!("{uid:?}"), format!("{text:?}"));
+        }
+        assert!(matches!(Uid::new(given[0]).0, UidForm::Uuid(_)));
+        assert!(matches!(Uid::new(given[3]).0, UidForm::Text(_)));
+    }
+
+    #[test]
+    fn uids_are_equal_exactly_when_their_texts_are() {
+        let a = Uid::new("0f8fad5b-d9cb-469f-a165-70867728950e");
+        assert_eq!(a, Uid::new("0f8fad5b-d9cb-469f-a165-70867728950e"));
+        assert_ne!(a, Uid::new("0f8fad5b-d9cb-469f-a165-70867728950f"));
+        assert_ne!(a, Uid::new("0F8FAD5B-D9CB-469F-A165-70867728950E"));
+        assert!(a != *"0F8FAD5B-D9CB-469F-A165-70867728950E");
+        assert!(a != *"u-1");
+        assert!(Uid::new("u-1") == *"u-1");
+        assert!(Uid::new("u-1") != *"u-2");
+    }
+
+    #[test]
+    fn a_uuid_uid_is_held_without_text_on_the_heap() {
+        assert!(std::mem::size_of::<Uid>() <= 24);
+        assert_eq!(std::mem::size_of::<Origin>(), 40);
     }
 }

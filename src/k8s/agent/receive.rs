@@ -101,8 +101,12 @@ pub fn record_of(
 /// Whether the store holds `d` already: the same object at the same version, with the same
 /// workloads and seal time (so nothing needs opening).
 fn held(store: &Store, key: &ObjectKey, d: &Delivery) -> bool {
+    let same_object = |s: &SecretRecord| match (&s.origin, d.uid.as_deref()) {
+        (Some(origin), Some(uid)) => origin.uid == *uid,
+        (origin, uid) => origin.is_none() && uid.is_none(),
+    };
     store.secret(key).is_some_and(|s| {
-        s.origin.as_ref().map(|o| o.uid.as_str()) == d.uid.as_deref()
+        same_object(&s)
             && s.version.get() == d.version
             && s.updated_at.to_string() == d.updated_at
             && s.allowed_workloads
@@ -144,7 +148,7 @@ fn stored_key_of(store: &Store, removed: &Removed) -> Option<ObjectKey> {
         k.namespace.as_str() == removed.namespace
             && object_name(&k.name) == removed.object
             && match (&removed.uid, store.secret(k).and_then(|s| s.origin.clone())) {
-                (Some(uid), Some(origin)) => *uid == origin.uid,
+                (Some(uid), Some(origin)) => origin.uid == **uid,
                 _ => true,
             }
     })

@@ -594,7 +594,10 @@ mod tests {
         .unwrap();
         Some((
             r.version.get(),
-            r.origin.clone().map(|o| o.uid).unwrap_or_default(),
+            r.origin
+                .as_ref()
+                .map(|o| o.uid.to_string())
+                .unwrap_or_default(),
             data.get("password").unwrap().expose().to_owned(),
         ))
     }

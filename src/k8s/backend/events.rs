@@ -186,7 +186,7 @@ impl InvokeEvents {
             action: action.to_owned(),
             secondary: Some(caller_reference(caller)),
         };
-        let reference = regarding(kind, access.namespace, name, Some(origin.uid));
+        let reference = regarding(kind, access.namespace, name, Some(origin.uid.to_string()));
         let recorder = self.recorder.clone();
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &reference).await {
