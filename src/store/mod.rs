@@ -253,6 +253,7 @@ fn file_name(kind: Kind, key: &ObjectKey) -> String {
 trait Entry: Sized + Send + Sync + 'static {
     const KIND: Kind;
     fn key(&self) -> &ObjectKey;
+    fn key_mut(&mut self) -> &mut ObjectKey;
     fn generation(&self) -> u64;
     fn set_generation(&mut self, generation: u64);
     fn writes(&self) -> &[WriteRecord];
@@ -299,6 +300,9 @@ impl Entry for SecretRecord {
     const KIND: Kind = Kind::Secret;
     fn key(&self) -> &ObjectKey {
         &self.key
+    }
+    fn key_mut(&mut self) -> &mut ObjectKey {
+        &mut self.key
     }
     fn generation(&self) -> u64 {
         self.generation
@@ -352,6 +356,9 @@ impl Entry for ConfigRecord {
     const KIND: Kind = Kind::Config;
     fn key(&self) -> &ObjectKey {
         &self.key
+    }
+    fn key_mut(&mut self) -> &mut ObjectKey {
+        &mut self.key
     }
     fn generation(&self) -> u64 {
         self.generation
@@ -811,6 +818,7 @@ impl Store {
             });
         }
         drop(pruned);
+        self.share_namespace(record.key_mut());
         let previous = self.lookup::<R>(record.key()).found();
         if let Some(stored) = &previous {
             R::check_forward(stored, &record)?;
@@ -870,6 +878,27 @@ impl Store {
         drop(state);
         self.noted(&manifest, epoch, image::Change::Entry);
         Ok(record)
+    }
+
+    /// Gives `key` the namespace string an entry beside it in the store already holds, if it
+    /// has the same: a namespace's entries then share one copy of its name (in the map, in
+    /// the record and in the manifest's marks) instead of each holding its own.
+    fn share_namespace(&self, key: &mut ObjectKey) {
+        fn beside<V>(map: &BTreeMap<ObjectKey, V>, key: &ObjectKey) -> Option<Namespace> {
+            let before = map.range(..key).next_back().map(|(k, _)| k);
+            let after = map.range(key..).next().map(|(k, _)| k);
+            [before, after]
+                .into_iter()
+                .flatten()
+                .find(|k| k.namespace == key.namespace)
+                .map(|k| k.namespace.clone())
+        }
+        let state = self.read();
+        let shared = beside(&state.secrets, key).or_else(|| beside(&state.configs, key));
+        drop(state);
+        if let Some(namespace) = shared {
+            key.namespace = namespace;
+        }
     }
 
     /// Tells the image writer of a change (after it is made; never waiting for it).
@@ -1341,7 +1370,10 @@ mod tests {
     }
 
     fn secret(keyring: &Keyring, name: &str, version: u64) -> SecretRecord {
-        let key = key(name);
+        secret_at(keyring, key(name), version)
+    }
+
+    fn secret_at(keyring: &Keyring, key: ObjectKey, version: u64) -> SecretRecord {
         let version = Version::new(version).unwrap();
         let data = serde_json::from_value(serde_json::json!({"v": version.to_string()})).unwrap();
         let identity = SecretIdentity {
@@ -1403,6 +1435,31 @@ mod tests {
                 (k.name.to_string(), v)
             })
             .collect()
+    }
+
+    /// Entries of one namespace share one copy of its name, however each write spelled it; an
+    /// entry of another namespace keeps its own.
+    #[test]
+    fn entries_of_a_namespace_share_one_copy_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Keyring::generate().unwrap();
+        let (store, _) = open(dir.path(), &keyring).unwrap();
+        let at = |namespace: &str, name: &str| {
+            ObjectKey::new(
+                Namespace::parse(namespace).unwrap(),
+                Name::parse(name).unwrap(),
+            )
+        };
+        for (namespace, name) in [("team-a", "db"), ("team-b", "db"), ("team-a", "api")] {
+            store
+                .put_secret(secret_at(&keyring, at(namespace, name), 1), Expect::Absent)
+                .unwrap();
+        }
+        let held = |namespace: &str, name: &str| store.secret(&at(namespace, name)).unwrap();
+        let copy = |r: &SecretRecord| r.key.namespace.as_str().as_ptr();
+        assert_eq!(copy(&held("team-a", "db")), copy(&held("team-a", "api")));
+        assert_ne!(copy(&held("team-a", "db")), copy(&held("team-b", "db")));
+        assert_eq!(held("team-a", "api").key, at("team-a", "api"));
     }
 
     /// A config (which has no version of its own) is not moved back either: not by an older
