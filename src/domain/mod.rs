@@ -46,6 +46,14 @@ impl ObjectKey {
     pub fn new(namespace: Namespace, name: Name) -> Self {
         Self { namespace, name }
     }
+
+    /// Takes `other`'s copy of the namespace's name if it is the same namespace: keys then
+    /// share one string (a `Namespace` is a shared string).
+    pub fn share_namespace(&mut self, other: &ObjectKey) {
+        if self.namespace == other.namespace {
+            self.namespace.clone_from(&other.namespace);
+        }
+    }
 }
 
 impl std::fmt::Display for ObjectKey {

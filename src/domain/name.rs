@@ -216,11 +216,13 @@ impl std::fmt::Debug for Workload {
 
 /// The `allowed_workloads` of a secret: empty means every workload of the namespace may read it.
 ///
-/// Sorted and without duplicates, in one boxed slice: every held secret has one, and a
-/// `BTreeSet` of one name costs about 280 B more (a whole tree node); lookups are a binary search.
+/// Sorted and without duplicates, in one shared slice (none when empty): every held secret has
+/// one, a `BTreeSet` of one name costs about 280 B more (a whole tree node), and the secrets of
+/// a namespace mostly allow the same workloads, so the store keeps one copy of a set for the
+/// entries that have it ([`WorkloadSet::share`]). Lookups are a binary search.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "Vec<Workload>", into = "Vec<Workload>")]
-pub struct WorkloadSet(Box<[Workload]>);
+pub struct WorkloadSet(Option<Arc<[Workload]>>);
 
 impl WorkloadSet {
     /// More than this many entries is almost certainly a mistake (use a namespace instead).
@@ -237,20 +239,39 @@ impl WorkloadSet {
         let mut list = list;
         list.sort_unstable();
         list.dedup();
-        Ok(WorkloadSet(list.into_boxed_slice()))
+        Ok(WorkloadSet((!list.is_empty()).then(|| list.into())))
     }
 
     /// Whether `workload` may read a secret guarded by this set.
     pub fn permits(&self, workload: &Workload) -> bool {
-        self.0.is_empty() || self.0.binary_search(workload).is_ok()
+        self.is_empty() || self.as_slice().binary_search(workload).is_ok()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.is_none()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Workload> {
-        self.0.iter()
+        self.as_slice().iter()
+    }
+
+    /// Takes `other`'s copy if it names the same workloads: both then share one.
+    pub fn share(&mut self, other: &WorkloadSet) {
+        if self == other {
+            self.0.clone_from(&other.0);
+        }
+    }
+
+    /// Whether both are one copy (see [`WorkloadSet::share`]).
+    pub fn is_shared_with(&self, other: &WorkloadSet) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        }
+    }
+
+    fn as_slice(&self) -> &[Workload] {
+        self.0.as_deref().unwrap_or_default()
     }
 }
 
@@ -263,7 +284,7 @@ impl TryFrom<Vec<Workload>> for WorkloadSet {
 
 impl From<WorkloadSet> for Vec<Workload> {
     fn from(s: WorkloadSet) -> Vec<Workload> {
-        s.0.into_vec()
+        s.as_slice().to_vec()
     }
 }
 
@@ -282,6 +303,23 @@ mod tests {
         assert!(WorkloadSet::default().permits(&w("batch")));
         // Serialized as the sorted list it always was (entry files' MACs cover it).
         assert_eq!(serde_json::to_string(&set).unwrap(), r#"["api","web"]"#);
+        let empty: WorkloadSet = serde_json::from_str("[]").unwrap();
+        assert!(empty.is_empty() && empty.iter().next().is_none());
+        assert_eq!(serde_json::to_string(&empty).unwrap(), "[]");
+    }
+
+    #[test]
+    fn a_workload_set_takes_another_copy_only_of_the_same_workloads() {
+        let w = |s: &str| Workload::parse(s).unwrap();
+        let a = WorkloadSet::parse(vec![w("web"), w("api")]).unwrap();
+        let mut b = WorkloadSet::parse(vec![w("api"), w("web")]).unwrap();
+        assert!(!b.is_shared_with(&a));
+        b.share(&a);
+        assert!(b.is_shared_with(&a));
+        let mut c = WorkloadSet::parse(vec![w("api")]).unwrap();
+        c.share(&a);
+        assert!(!c.is_shared_with(&a));
+        assert_eq!(Vec::from(c), [w("api")]);
     }
 
     #[test]

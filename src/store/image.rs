@@ -230,6 +230,9 @@ thread_local! {
     /// and a copy in memory per entry (two with the manifest's marks).
     static LAST_NAMESPACE: std::cell::RefCell<Option<Namespace>> =
         const { std::cell::RefCell::new(None) };
+    /// The same for the allowed workloads: a namespace's secrets mostly allow the same ones.
+    static LAST_WORKLOADS: std::cell::RefCell<WorkloadSet> =
+        std::cell::RefCell::new(WorkloadSet::default());
 }
 
 fn shared_namespace(s: &str) -> Result<Namespace, String> {
@@ -241,6 +244,14 @@ fn shared_namespace(s: &str) -> Result<Namespace, String> {
             Ok(namespace)
         }
     })
+}
+
+fn shared_workloads(mut set: WorkloadSet) -> WorkloadSet {
+    LAST_WORKLOADS.with_borrow_mut(|last| {
+        set.share(last);
+        last.clone_from(&set);
+    });
+    set
 }
 
 fn short() -> String {
@@ -360,7 +371,8 @@ fn read_secret(r: &mut Reader) -> Result<SecretRecord, String> {
     for _ in 0..n {
         workloads.push(Workload::parse(r.str16()?).map_err(|e| e.to_string())?);
     }
-    let allowed_workloads = WorkloadSet::parse(workloads).map_err(|e| e.to_string())?;
+    let allowed_workloads =
+        shared_workloads(WorkloadSet::parse(workloads).map_err(|e| e.to_string())?);
     let envelope = Envelope::from_bytes(r.blob()?).map_err(|e| e.to_string())?;
     Ok(SecretRecord {
         key,

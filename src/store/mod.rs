@@ -253,7 +253,9 @@ fn file_name(kind: Kind, key: &ObjectKey) -> String {
 trait Entry: Sized + Send + Sync + 'static {
     const KIND: Kind;
     fn key(&self) -> &ObjectKey;
-    fn key_mut(&mut self) -> &mut ObjectKey;
+    /// Takes `beside`'s copies of what both hold (the namespace's name; a secret's allowed
+    /// workloads), so that entries share them instead of each holding its own.
+    fn share_with(&mut self, beside: &Self);
     fn generation(&self) -> u64;
     fn set_generation(&mut self, generation: u64);
     fn writes(&self) -> &[WriteRecord];
@@ -301,8 +303,9 @@ impl Entry for SecretRecord {
     fn key(&self) -> &ObjectKey {
         &self.key
     }
-    fn key_mut(&mut self) -> &mut ObjectKey {
-        &mut self.key
+    fn share_with(&mut self, beside: &Self) {
+        self.key.share_namespace(&beside.key);
+        self.allowed_workloads.share(&beside.allowed_workloads);
     }
     fn generation(&self) -> u64 {
         self.generation
@@ -357,8 +360,8 @@ impl Entry for ConfigRecord {
     fn key(&self) -> &ObjectKey {
         &self.key
     }
-    fn key_mut(&mut self) -> &mut ObjectKey {
-        &mut self.key
+    fn share_with(&mut self, beside: &Self) {
+        self.key.share_namespace(&beside.key);
     }
     fn generation(&self) -> u64 {
         self.generation
@@ -818,7 +821,7 @@ impl Store {
             });
         }
         drop(pruned);
-        self.share_namespace(record.key_mut());
+        self.share_with_neighbours(&mut record);
         let previous = self.lookup::<R>(record.key()).found();
         if let Some(stored) = &previous {
             R::check_forward(stored, &record)?;
@@ -880,24 +883,19 @@ impl Store {
         Ok(record)
     }
 
-    /// Gives `key` the namespace string an entry beside it in the store already holds, if it
-    /// has the same: a namespace's entries then share one copy of its name (in the map, in
-    /// the record and in the manifest's marks) instead of each holding its own.
-    fn share_namespace(&self, key: &mut ObjectKey) {
-        fn beside<V>(map: &BTreeMap<ObjectKey, V>, key: &ObjectKey) -> Option<Namespace> {
-            let before = map.range(..key).next_back().map(|(k, _)| k);
-            let after = map.range(key..).next().map(|(k, _)| k);
-            [before, after]
-                .into_iter()
-                .flatten()
-                .find(|k| k.namespace == key.namespace)
-                .map(|k| k.namespace.clone())
-        }
+    /// Lets `record` share what it has in common with the entries beside it in the store
+    /// (see [`Entry::share_with`]): a namespace's entries then hold one copy of its name (in
+    /// the map, the records and the manifest's marks) and of the workloads they allow.
+    fn share_with_neighbours<R: Entry>(&self, record: &mut R) {
+        let key = record.key().clone();
         let state = self.read();
-        let shared = beside(&state.secrets, key).or_else(|| beside(&state.configs, key));
+        let map = R::map(&state);
+        let before = map.range(..&key).next_back().map(|(_, h)| h.record.clone());
+        // From `key` on: the entry's own previous version first.
+        let after = map.range(&key..).next().map(|(_, h)| h.record.clone());
         drop(state);
-        if let Some(namespace) = shared {
-            key.namespace = namespace;
+        for beside in [before, after].into_iter().flatten() {
+            record.share_with(&beside);
         }
     }
 
@@ -1437,10 +1435,11 @@ mod tests {
             .collect()
     }
 
-    /// Entries of one namespace share one copy of its name, however each write spelled it; an
-    /// entry of another namespace keeps its own.
+    /// Entries of one namespace share one copy of its name, and secrets that allow the same
+    /// workloads one copy of the set, however each write spelled them; an entry of another
+    /// namespace, or with other workloads, keeps its own.
     #[test]
-    fn entries_of_a_namespace_share_one_copy_of_its_name() {
+    fn entries_share_their_namespace_and_workloads_with_the_entries_beside_them() {
         let dir = tempfile::tempdir().unwrap();
         let keyring = Keyring::generate().unwrap();
         let (store, _) = open(dir.path(), &keyring).unwrap();
@@ -1450,16 +1449,49 @@ mod tests {
                 Name::parse(name).unwrap(),
             )
         };
-        for (namespace, name) in [("team-a", "db"), ("team-b", "db"), ("team-a", "api")] {
-            store
-                .put_secret(secret_at(&keyring, at(namespace, name), 1), Expect::Absent)
-                .unwrap();
+        let workloads = |names: &[&str]| {
+            WorkloadSet::parse(
+                names
+                    .iter()
+                    .map(|n| crate::domain::Workload::parse(n).unwrap())
+                    .collect(),
+            )
+            .unwrap()
+        };
+        for (namespace, name, allowed) in [
+            ("team-a", "db", ["app"]),
+            ("team-b", "db", ["app"]),
+            ("team-a", "api", ["app"]),
+            ("team-a", "cache", ["web"]),
+        ] {
+            let mut record = secret_at(&keyring, at(namespace, name), 1);
+            record.allowed_workloads = workloads(&allowed);
+            store.put_secret(record, Expect::Absent).unwrap();
         }
         let held = |namespace: &str, name: &str| store.secret(&at(namespace, name)).unwrap();
         let copy = |r: &SecretRecord| r.key.namespace.as_str().as_ptr();
-        assert_eq!(copy(&held("team-a", "db")), copy(&held("team-a", "api")));
-        assert_ne!(copy(&held("team-a", "db")), copy(&held("team-b", "db")));
-        assert_eq!(held("team-a", "api").key, at("team-a", "api"));
+        let (db, api, cache) = (
+            held("team-a", "db"),
+            held("team-a", "api"),
+            held("team-a", "cache"),
+        );
+        assert_eq!(copy(&db), copy(&api));
+        assert_eq!(copy(&db), copy(&cache));
+        assert_ne!(copy(&db), copy(&held("team-b", "db")));
+        assert_eq!(api.key, at("team-a", "api"));
+        assert!(api.allowed_workloads.is_shared_with(&db.allowed_workloads));
+        assert!(
+            !cache
+                .allowed_workloads
+                .is_shared_with(&api.allowed_workloads)
+        );
+        assert_eq!(cache.allowed_workloads, workloads(&["web"]));
+        // A new version shares with the one it replaces.
+        let mut v2 = secret_at(&keyring, at("team-a", "db"), 2);
+        v2.allowed_workloads = workloads(&["app"]);
+        store.put_secret(v2, Expect::Any).unwrap();
+        let db2 = held("team-a", "db");
+        assert!(db2.allowed_workloads.is_shared_with(&api.allowed_workloads));
     }
 
     /// A config (which has no version of its own) is not moved back either: not by an older
