@@ -2249,14 +2249,13 @@ mod tests {
         assert_eq!(store.secret(&key("b")).unwrap().version.get(), 1);
     }
 
-    /// The image goes on being used across writes, compactions and restarts; what changed
-    /// since it was taken is read, the rest is not.
-    #[test]
-    fn an_image_stays_useful_across_writes_and_compaction() {
+    /// A store of `n` secrets closed after an image was taken and `s0` written again (the image
+    /// knows all but that one): its directory, keyring and what it holds.
+    fn closed_with_an_image(n: usize) -> (tempfile::TempDir, Keyring, Vec<(String, u64)>) {
         let dir = tempfile::tempdir().unwrap();
         let keyring = Keyring::generate().unwrap();
         let (store, _) = open(dir.path(), &keyring).unwrap();
-        for i in 0..6 {
+        for i in 0..n {
             store
                 .put_secret(secret(&keyring, &format!("s{i}"), 1), Expect::Absent)
                 .unwrap();
@@ -2267,6 +2266,14 @@ mod tests {
             .unwrap();
         let before = holding(&store);
         drop(store);
+        (dir, keyring, before)
+    }
+
+    /// The image goes on being used across writes, compactions and restarts; what changed
+    /// since it was taken is read, the rest is not.
+    #[test]
+    fn an_image_stays_useful_across_writes_and_compaction() {
+        let (dir, keyring, before) = closed_with_an_image(6);
         let (store, report) = open(dir.path(), &keyring).unwrap();
         assert_eq!(report.from_image, 5, "all but the one written since");
         assert_eq!(holding(&store), before);
@@ -2301,20 +2308,7 @@ mod tests {
     /// is still used.
     #[test]
     fn a_line_cut_short_after_the_images_position_is_cut_off_and_the_image_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let keyring = Keyring::generate().unwrap();
-        let (store, _) = open(dir.path(), &keyring).unwrap();
-        for i in 0..4 {
-            store
-                .put_secret(secret(&keyring, &format!("s{i}"), 1), Expect::Absent)
-                .unwrap();
-        }
-        take_image(&store);
-        store
-            .put_secret(secret(&keyring, "s0", 2), Expect::Any)
-            .unwrap();
-        let before = holding(&store);
-        drop(store);
+        let (dir, keyring, before) = closed_with_an_image(4);
         let path = dir.path().join(manifest::FILE_NAME);
         let complete = std::fs::metadata(&path).unwrap().len();
         let mut torn = std::fs::read(&path).unwrap();
