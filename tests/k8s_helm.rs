@@ -1704,7 +1704,7 @@ async fn every_option_is_accepted_by_the_api_server() {
             .map(|o| serde_json::to_string(o).unwrap())
             .collect();
         std::fs::write(file.path(), stream.join("\n---\n")).unwrap();
-        let out = must(
+        let apply = || {
             kubectl(
                 &kc,
                 &[
@@ -1713,9 +1713,20 @@ async fn every_option_is_accepted_by_the_api_server() {
                     "-f",
                     file.path().to_str().unwrap(),
                 ],
-            ),
-            &format!("kubectl apply --dry-run=server ({what})"),
-        );
+            )
+        };
+        // The release test of this binary installs the chart's CRDs on the same API server,
+        // maybe at this moment: kubectl's apply reads an object, then creates it if it was
+        // absent, and a create that loses that race is refused as AlreadyExists. Seen once in
+        // CI; the next attempt finds the object and checks it as an update.
+        let mut applied = apply();
+        for _ in 0..3 {
+            if applied.ok || !applied.stderr.contains("(AlreadyExists)") {
+                break;
+            }
+            applied = apply();
+        }
+        let out = must(applied, &format!("kubectl apply --dry-run=server ({what})"));
         assert_eq!(
             out.lines()
                 .filter(|l| l.ends_with("(server dry run)"))
